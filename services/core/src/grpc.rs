@@ -1,0 +1,111 @@
+//! Serving a gRPC service the way every Streamer process does.
+//!
+//! Every server carries `grpc.health.v1.Health` (status for "" and for each
+//! service's full name) and server reflection (v1 and v1alpha, so both new
+//! and older grpcurl builds can `list` and `describe`). Health starts
+//! NOT_SERVING, turns SERVING once the store answers, and turns NOT_SERVING
+//! again the moment shutdown begins, before the listener closes, so load
+//! balancers stop sending new work while in-flight calls drain.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::shutdown::Shutdown;
+
+/// How long in-flight calls may take to finish once shutdown begins.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds a TCP listener, with a message that names the address on failure.
+pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
+
+/// Serves `routes` on `listener` until `shutdown` is cancelled.
+///
+/// `services` are the full names of the services in `routes`; `ready`
+/// resolves once the service can do its work (its store answered), at
+/// which point health turns SERVING.
+pub async fn serve<R>(
+    listener: TcpListener,
+    routes: Routes,
+    services: &[&'static str],
+    ready: R,
+    shutdown: Shutdown,
+) -> anyhow::Result<()>
+where
+    R: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_all(&reporter, services, ServingStatus::NotServing).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(streamer_api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(streamer_api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let local = listener.local_addr()?;
+    let names = services.to_vec();
+    {
+        let reporter = reporter.clone();
+        let names = names.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                result = ready => match result {
+                    Ok(()) => set_all(&reporter, &names, ServingStatus::Serving).await,
+                    Err(error) => tracing::error!(%error, "service not ready; health stays NOT_SERVING"),
+                },
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
+
+    let stopping = {
+        let reporter = reporter.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            set_all(&reporter, &names, ServingStatus::NotServing).await;
+        }
+    };
+
+    tracing::info!(address = %local, services = ?services, "grpc server listening");
+    let server = tonic::transport::Server::builder()
+        .add_routes(routes)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
+
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result?,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => {
+            tracing::warn!(address = %local, "drain timed out; closing remaining calls");
+        }
+    }
+    tracing::info!(address = %local, "grpc server stopped");
+    Ok(())
+}
+
+async fn set_all(reporter: &HealthReporter, services: &[&'static str], status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    for name in services {
+        reporter.set_service_status(*name, status).await;
+    }
+}

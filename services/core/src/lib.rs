@@ -1,0 +1,25 @@
+//! What every Streamer service shares.
+//!
+//! - [`store`]: the storage interface and its embedded (redb) backend.
+//! - [`grpc`]: serving a tonic service with health, reflection and graceful
+//!   shutdown, the same way in every process.
+//! - [`telemetry`]: structured logs and the Prometheus endpoint.
+//! - [`shutdown`]: the one future that says "stop".
+//!
+//! Invariant: nothing here knows about a particular service; services depend
+//! on this crate, never the other way around.
+
+#![forbid(unsafe_code)]
+
+pub mod grpc;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+/// A timestamp for the wire from the store's milliseconds.
+pub fn timestamp(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}

@@ -1,0 +1,628 @@
+//! The embedded backend: one redb file in the data directory.
+//!
+//! redb is synchronous, so every call runs on tokio's blocking pool. Records
+//! are JSON; secondary indexes are separate tables whose keys are the index
+//! fields joined by NUL (which no id, user or tenant may contain), so a
+//! prefix range lists one tenant or one user in id order.
+//!
+//! redb serialises write transactions, which is what makes each
+//! read-check-write below (idempotent create, versioned update) atomic.
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+
+use super::{
+    ConnectionRecord, Created, Durability, RequestRecord, Store, StoreError, StoreResult, now_ms,
+};
+
+const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
+/// `tenant \0 connection_id`
+const CONNECTIONS_BY_TENANT: TableDefinition<&str, ()> = TableDefinition::new("connections_by_tenant");
+/// `tenant \0 user \0 connection_id`
+const CONNECTIONS_BY_USER: TableDefinition<&str, ()> = TableDefinition::new("connections_by_user");
+/// `edge \0 connection_id`
+const CONNECTIONS_BY_EDGE: TableDefinition<&str, ()> = TableDefinition::new("connections_by_edge");
+const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests");
+/// `tenant \0 user \0 client_request_id` -> request id
+const REQUESTS_BY_CLIENT_ID: TableDefinition<&str, &str> =
+    TableDefinition::new("requests_by_client_id");
+/// ids of requests that are not final
+const REQUESTS_UNFINISHED: TableDefinition<&str, ()> = TableDefinition::new("requests_unfinished");
+
+const SEP: char = '\0';
+
+/// A cheap-to-clone handle to the database file.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").finish_non_exhaustive()
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> StoreResult<Vec<u8>> {
+    serde_json::to_vec(value).map_err(backend)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Backend(format!("corrupt record: {e}")))
+}
+
+fn key(parts: &[&str]) -> String {
+    parts.join(&SEP.to_string())
+}
+
+/// The keys of an index table that start with `prefix`, strictly after
+/// `prefix + after` when given, with the prefix stripped.
+fn suffixes_after<T: ReadableTable<&'static str, ()>>(
+    table: &T,
+    prefix: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> StoreResult<Vec<String>> {
+    let start = match after {
+        Some(after) => Bound::Excluded(format!("{prefix}{after}")),
+        None => Bound::Included(prefix.to_owned()),
+    };
+    let start = match &start {
+        Bound::Excluded(s) => Bound::Excluded(s.as_str()),
+        Bound::Included(s) => Bound::Included(s.as_str()),
+        Bound::Unbounded => Bound::Unbounded,
+    };
+    let mut out = Vec::new();
+    for entry in table
+        .range::<&str>((start, Bound::Unbounded))
+        .map_err(backend)?
+    {
+        let (k, ()) = entry.map_err(backend).map(|(k, v)| (k, v.value()))?;
+        let Some(rest) = k.value().strip_prefix(prefix) else {
+            break;
+        };
+        out.push(rest.to_owned());
+        if out.len() >= limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) `<dir>/streamer.redb`, creating `dir` if needed.
+    pub fn open(dir: &Path) -> StoreResult<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| backend(format!("cannot create data directory {}: {e}", dir.display())))?;
+        let path = dir.join("streamer.redb");
+        let db = Database::create(&path)
+            .map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(backend)?;
+        {
+            // Create every table up front so readers never meet a missing one.
+            txn.open_table(CONNECTIONS).map_err(backend)?;
+            txn.open_table(CONNECTIONS_BY_TENANT).map_err(backend)?;
+            txn.open_table(CONNECTIONS_BY_USER).map_err(backend)?;
+            txn.open_table(CONNECTIONS_BY_EDGE).map_err(backend)?;
+            txn.open_table(REQUESTS).map_err(backend)?;
+            txn.open_table(REQUESTS_BY_CLIENT_ID).map_err(backend)?;
+            txn.open_table(REQUESTS_UNFINISHED).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> StoreResult<T> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| backend(format!("store task failed: {e}")))?
+    }
+
+    async fn write<T, F>(&self, durability: Durability, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> StoreResult<T> + Send + 'static,
+    {
+        self.blocking(move |db| {
+            let mut txn = db.begin_write().map_err(backend)?;
+            if durability == Durability::Relaxed {
+                txn.set_durability(redb::Durability::None).map_err(backend)?;
+            }
+            let out = f(&txn)?;
+            txn.commit().map_err(backend)?;
+            Ok(out)
+        })
+        .await
+    }
+}
+
+fn remove_connection_in(
+    txn: &WriteTransaction,
+    connection_id: &str,
+) -> StoreResult<Option<ConnectionRecord>> {
+    let mut table = txn.open_table(CONNECTIONS).map_err(backend)?;
+    let old = match table.remove(connection_id).map_err(backend)? {
+        Some(bytes) => Some(decode::<ConnectionRecord>(bytes.value())?),
+        None => None,
+    };
+    if let Some(old) = &old {
+        let id = old.connection_id.as_str();
+        txn.open_table(CONNECTIONS_BY_TENANT)
+            .map_err(backend)?
+            .remove(key(&[&old.tenant_id, id]).as_str())
+            .map_err(backend)?;
+        txn.open_table(CONNECTIONS_BY_USER)
+            .map_err(backend)?
+            .remove(key(&[&old.tenant_id, &old.user_id, id]).as_str())
+            .map_err(backend)?;
+        txn.open_table(CONNECTIONS_BY_EDGE)
+            .map_err(backend)?
+            .remove(key(&[&old.edge_id, id]).as_str())
+            .map_err(backend)?;
+    }
+    Ok(old)
+}
+
+fn put_request_in(txn: &WriteTransaction, record: &RequestRecord) -> StoreResult<()> {
+    txn.open_table(REQUESTS)
+        .map_err(backend)?
+        .insert(record.id.as_str(), encode(record)?.as_slice())
+        .map_err(backend)?;
+    let mut unfinished = txn.open_table(REQUESTS_UNFINISHED).map_err(backend)?;
+    if record.status.is_final() {
+        unfinished.remove(record.id.as_str()).map_err(backend)?;
+    } else {
+        unfinished.insert(record.id.as_str(), ()).map_err(backend)?;
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Store for EmbeddedStore {
+    async fn ping(&self) -> StoreResult<()> {
+        self.blocking(|db| db.begin_read().map(drop).map_err(backend))
+            .await
+    }
+
+    async fn flush(&self) -> StoreResult<()> {
+        // An empty immediate commit makes every earlier relaxed one durable.
+        self.write(Durability::Immediate, |_| Ok(())).await
+    }
+
+    async fn put_connection(&self, record: ConnectionRecord) -> StoreResult<()> {
+        self.write(Durability::Relaxed, move |txn| {
+            remove_connection_in(txn, &record.connection_id)?;
+            let id = record.connection_id.as_str();
+            txn.open_table(CONNECTIONS)
+                .map_err(backend)?
+                .insert(id, encode(&record)?.as_slice())
+                .map_err(backend)?;
+            txn.open_table(CONNECTIONS_BY_TENANT)
+                .map_err(backend)?
+                .insert(key(&[&record.tenant_id, id]).as_str(), ())
+                .map_err(backend)?;
+            txn.open_table(CONNECTIONS_BY_USER)
+                .map_err(backend)?
+                .insert(key(&[&record.tenant_id, &record.user_id, id]).as_str(), ())
+                .map_err(backend)?;
+            txn.open_table(CONNECTIONS_BY_EDGE)
+                .map_err(backend)?
+                .insert(key(&[&record.edge_id, id]).as_str(), ())
+                .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_connection(&self, connection_id: &str) -> StoreResult<Option<ConnectionRecord>> {
+        let id = connection_id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(CONNECTIONS).map_err(backend)?;
+            let Some(bytes) = table.get(id.as_str()).map_err(backend)? else {
+                return Ok(None);
+            };
+            let record: ConnectionRecord = decode(bytes.value())?;
+            Ok((!record.is_expired(now_ms())).then_some(record))
+        })
+        .await
+    }
+
+    async fn delete_connection(
+        &self,
+        connection_id: &str,
+    ) -> StoreResult<Option<ConnectionRecord>> {
+        let id = connection_id.to_owned();
+        self.write(Durability::Relaxed, move |txn| remove_connection_in(txn, &id))
+            .await
+    }
+
+    async fn touch_connection(&self, connection_id: &str, now_ms: u64) -> StoreResult<bool> {
+        let id = connection_id.to_owned();
+        self.write(Durability::Relaxed, move |txn| {
+            let mut table = txn.open_table(CONNECTIONS).map_err(backend)?;
+            let record = match table.get(id.as_str()).map_err(backend)? {
+                Some(bytes) => decode::<ConnectionRecord>(bytes.value())?,
+                None => return Ok(false),
+            };
+            let record = ConnectionRecord {
+                last_seen_ms: now_ms.max(record.last_seen_ms),
+                ..record
+            };
+            table
+                .insert(id.as_str(), encode(&record)?.as_slice())
+                .map_err(backend)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn list_connections(
+        &self,
+        tenant_id: &str,
+        user_id: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConnectionRecord>> {
+        let tenant = tenant_id.to_owned();
+        let user = user_id.map(str::to_owned);
+        let after = after.map(str::to_owned);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let records = txn.open_table(CONNECTIONS).map_err(backend)?;
+            let now = now_ms();
+            let mut out = Vec::new();
+            let mut cursor = after;
+            // Expired records are skipped, so read index pages until the
+            // page is full or the index runs out.
+            loop {
+                let ids = match &user {
+                    Some(user) => suffixes_after(
+                        &txn.open_table(CONNECTIONS_BY_USER).map_err(backend)?,
+                        &format!("{tenant}{SEP}{user}{SEP}"),
+                        cursor.as_deref(),
+                        limit,
+                    )?,
+                    None => suffixes_after(
+                        &txn.open_table(CONNECTIONS_BY_TENANT).map_err(backend)?,
+                        &format!("{tenant}{SEP}"),
+                        cursor.as_deref(),
+                        limit,
+                    )?,
+                };
+                let exhausted = ids.len() < limit;
+                for id in &ids {
+                    if let Some(bytes) = records.get(id.as_str()).map_err(backend)? {
+                        let record: ConnectionRecord = decode(bytes.value())?;
+                        if !record.is_expired(now) && out.len() < limit {
+                            out.push(record);
+                        }
+                    }
+                }
+                cursor = ids.last().cloned();
+                if exhausted || out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+        })
+        .await
+    }
+
+    async fn connections_of_edge(&self, edge_id: &str) -> StoreResult<Vec<String>> {
+        let prefix = format!("{edge_id}{SEP}");
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(CONNECTIONS_BY_EDGE).map_err(backend)?;
+            suffixes_after(&table, &prefix, None, usize::MAX)
+        })
+        .await
+    }
+
+    async fn sweep_connections(&self, now_ms: u64) -> StoreResult<usize> {
+        self.write(Durability::Relaxed, move |txn| {
+            let expired: Vec<String> = {
+                let table = txn.open_table(CONNECTIONS).map_err(backend)?;
+                let mut ids = Vec::new();
+                for entry in table.iter().map_err(backend)? {
+                    let (k, v) = entry.map_err(backend)?;
+                    let record: ConnectionRecord = decode(v.value())?;
+                    if record.is_expired(now_ms) {
+                        ids.push(k.value().to_owned());
+                    }
+                }
+                ids
+            };
+            for id in &expired {
+                remove_connection_in(txn, id)?;
+            }
+            Ok(expired.len())
+        })
+        .await
+    }
+
+    async fn create_request(&self, record: RequestRecord) -> StoreResult<Created> {
+        self.write(Durability::Immediate, move |txn| {
+            let client_key = key(&[
+                &record.tenant_id,
+                &record.user_id,
+                &record.client_request_id,
+            ]);
+            let mut by_client = txn.open_table(REQUESTS_BY_CLIENT_ID).map_err(backend)?;
+            let existing_id = by_client
+                .get(client_key.as_str())
+                .map_err(backend)?
+                .map(|v| v.value().to_owned());
+            if let Some(existing_id) = existing_id {
+                let table = txn.open_table(REQUESTS).map_err(backend)?;
+                if let Some(bytes) = table.get(existing_id.as_str()).map_err(backend)? {
+                    return Ok(Created {
+                        record: decode(bytes.value())?,
+                        duplicate: true,
+                    });
+                }
+            }
+            by_client
+                .insert(client_key.as_str(), record.id.as_str())
+                .map_err(backend)?;
+            put_request_in(txn, &record)?;
+            Ok(Created {
+                record,
+                duplicate: false,
+            })
+        })
+        .await
+    }
+
+    async fn get_request(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(REQUESTS).map_err(backend)?;
+            match table.get(id.as_str()).map_err(backend)? {
+                Some(bytes) => {
+                    let record: RequestRecord = decode(bytes.value())?;
+                    Ok((record.expires_at_ms() > now_ms()).then_some(record))
+                }
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn find_request(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        client_request_id: &str,
+    ) -> StoreResult<Option<RequestRecord>> {
+        let client_key = key(&[tenant_id, user_id, client_request_id]);
+        let id = self
+            .blocking(move |db| {
+                let txn = db.begin_read().map_err(backend)?;
+                let table = txn.open_table(REQUESTS_BY_CLIENT_ID).map_err(backend)?;
+                Ok(table
+                    .get(client_key.as_str())
+                    .map_err(backend)?
+                    .map(|v| v.value().to_owned()))
+            })
+            .await?;
+        match id {
+            Some(id) => self.get_request(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn update_request(
+        &self,
+        record: RequestRecord,
+        durability: Durability,
+    ) -> StoreResult<RequestRecord> {
+        self.write(durability, move |txn| {
+            let current: Option<RequestRecord> = {
+                let table = txn.open_table(REQUESTS).map_err(backend)?;
+                let bytes = table.get(record.id.as_str()).map_err(backend)?;
+                bytes.map(|b| decode(b.value())).transpose()?
+            };
+            match current {
+                Some(current) if current.version == record.version => {}
+                _ => return Err(StoreError::Conflict),
+            }
+            let record = RequestRecord {
+                version: record.version + 1,
+                ..record
+            };
+            put_request_in(txn, &record)?;
+            Ok(record)
+        })
+        .await
+    }
+
+    async fn unfinished_requests(&self) -> StoreResult<Vec<RequestRecord>> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let ids = txn.open_table(REQUESTS_UNFINISHED).map_err(backend)?;
+            let table = txn.open_table(REQUESTS).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in ids.iter().map_err(backend)? {
+                let (id, ()) = entry.map_err(backend).map(|(k, v)| (k, v.value()))?;
+                if let Some(bytes) = table.get(id.value()).map_err(backend)? {
+                    out.push(decode(bytes.value())?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RequestStatus;
+
+    fn connection(id: &str, tenant: &str, user: &str) -> ConnectionRecord {
+        ConnectionRecord {
+            connection_id: id.into(),
+            user_id: user.into(),
+            tenant_id: tenant.into(),
+            permissions: vec!["read".into()],
+            edge_id: "edge-1".into(),
+            connected_at_ms: now_ms(),
+            last_seen_ms: now_ms(),
+            user_agent: "test".into(),
+            client_ip: "127.0.0.1".into(),
+        }
+    }
+
+    fn request(id: &str, client_id: &str) -> RequestRecord {
+        RequestRecord {
+            id: id.into(),
+            client_request_id: client_id.into(),
+            user_id: "u1".into(),
+            tenant_id: "t1".into(),
+            connection_id: "c1".into(),
+            action: "generate_report".into(),
+            payload: serde_json::json!({"pages": 3}),
+            metadata: Default::default(),
+            status: RequestStatus::Pending,
+            attempts: 0,
+            max_attempts: 3,
+            processor_id: None,
+            lease_expires_at_ms: None,
+            progress: None,
+            result: None,
+            error: None,
+            created_at_ms: now_ms(),
+            updated_at_ms: now_ms(),
+            sequence: 0,
+            version: 0,
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, EmbeddedStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn lists_by_tenant_and_user_in_pages_and_isolates_tenants() {
+        let (_dir, store) = store();
+        for (id, tenant, user) in [
+            ("c1", "t1", "alice"),
+            ("c2", "t1", "bob"),
+            ("c3", "t1", "alice"),
+            ("c4", "t2", "alice"),
+        ] {
+            store.put_connection(connection(id, tenant, user)).await.unwrap();
+        }
+        let ids = |v: Vec<ConnectionRecord>| -> Vec<String> {
+            v.into_iter().map(|c| c.connection_id).collect()
+        };
+        let all = store.list_connections("t1", None, None, 100).await.unwrap();
+        assert_eq!(ids(all), ["c1", "c2", "c3"]);
+        let alice = store.list_connections("t1", Some("alice"), None, 100).await.unwrap();
+        assert_eq!(ids(alice), ["c1", "c3"]);
+        let page1 = store.list_connections("t1", None, None, 2).await.unwrap();
+        assert_eq!(ids(page1), ["c1", "c2"]);
+        let page2 = store.list_connections("t1", None, Some("c2"), 2).await.unwrap();
+        assert_eq!(ids(page2), ["c3"]);
+        // A tenant that is a prefix of another sees nothing of it.
+        assert!(store.list_connections("t", None, None, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn delete_removes_record_and_indexes() {
+        let (_dir, store) = store();
+        store.put_connection(connection("c1", "t1", "alice")).await.unwrap();
+        assert!(store.delete_connection("c1").await.unwrap().is_some());
+        assert!(store.get_connection("c1").await.unwrap().is_none());
+        assert!(store.list_connections("t1", None, None, 10).await.unwrap().is_empty());
+        assert!(store.connections_of_edge("edge-1").await.unwrap().is_empty());
+        assert!(store.delete_connection("c1").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn expired_connections_are_invisible_and_swept() {
+        let (_dir, store) = store();
+        let mut old = connection("c1", "t1", "alice");
+        old.last_seen_ms = 1;
+        store.put_connection(old).await.unwrap();
+        assert!(store.get_connection("c1").await.unwrap().is_none());
+        assert!(store.list_connections("t1", None, None, 10).await.unwrap().is_empty());
+        assert_eq!(store.sweep_connections(now_ms()).await.unwrap(), 1);
+        // Touching slides the expiry.
+        let mut stale = connection("c2", "t1", "alice");
+        stale.last_seen_ms = 1;
+        store.put_connection(stale).await.unwrap();
+        assert!(store.touch_connection("c2", now_ms()).await.unwrap());
+        assert!(store.get_connection("c2").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn create_request_is_idempotent_per_user_and_client_id() {
+        let (_dir, store) = store();
+        let first = store.create_request(request("r1", "job-1")).await.unwrap();
+        assert!(!first.duplicate);
+        let again = store.create_request(request("r2", "job-1")).await.unwrap();
+        assert!(again.duplicate);
+        assert_eq!(again.record.id, "r1");
+        assert!(store.get_request("r2").await.unwrap().is_none());
+        let mut other_user = request("r3", "job-1");
+        other_user.user_id = "u2".into();
+        assert!(!store.create_request(other_user).await.unwrap().duplicate);
+        assert_eq!(
+            store.find_request("t1", "u1", "job-1").await.unwrap().unwrap().id,
+            "r1"
+        );
+        assert!(store.find_request("t1", "u9", "job-1").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn update_is_conditional_on_version() {
+        let (_dir, store) = store();
+        let created = store.create_request(request("r1", "job-1")).await.unwrap().record;
+        let mut a = created.clone();
+        a.status = RequestStatus::Processing;
+        let a = store.update_request(a, Durability::Immediate).await.unwrap();
+        assert_eq!(a.version, 1);
+        let mut stale = created;
+        stale.status = RequestStatus::Cancelled;
+        assert!(matches!(
+            store.update_request(stale, Durability::Immediate).await,
+            Err(StoreError::Conflict)
+        ));
+        assert_eq!(store.unfinished_requests().await.unwrap().len(), 1);
+        let mut done = a;
+        done.status = RequestStatus::Completed;
+        store.update_request(done, Durability::Immediate).await.unwrap();
+        assert!(store.unfinished_requests().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            store.create_request(request("r1", "job-1")).await.unwrap();
+            let mut r = store.get_request("r1").await.unwrap().unwrap();
+            r.sequence = 7;
+            store.update_request(r, Durability::Relaxed).await.unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(store.get_request("r1").await.unwrap().unwrap().sequence, 7);
+    }
+}

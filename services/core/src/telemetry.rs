@@ -1,0 +1,76 @@
+//! Logs and metrics, set up once per process.
+//!
+//! Logs are structured (`tracing`), JSON by default so a log pipeline can
+//! index fields, or plain text for a terminal. The filter comes from
+//! `STREAMER_LOG` (falling back to `RUST_LOG`, then `info`). Metrics are
+//! Prometheus text on `GET /metrics` of a small HTTP listener.
+
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::shutdown::Shutdown;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Human-readable lines.
+    Plain,
+}
+
+/// Installs the global log subscriber. Safe to call more than once (later
+/// calls do nothing), which keeps tests that start several servers simple.
+pub fn init_logs(format: LogFormat) {
+    let filter = std::env::var("STREAMER_LOG")
+        .ok()
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Plain => builder.compact().try_init(),
+    };
+}
+
+/// Installs the global Prometheus recorder (once per process) and returns
+/// its handle.
+pub fn metrics_recorder() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test harness);
+            // then this handle simply renders nothing of it.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Serves `GET /metrics` (Prometheus text) and `GET /healthz` on `addr`
+/// until `shutdown`.
+pub async fn serve_metrics(addr: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
+    let handle = metrics_recorder();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let handle = handle.clone();
+                async move { handle.render() }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    let listener = crate::grpc::bind(addr).await?;
+    tracing::info!(address = %addr, "metrics listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
+}
