@@ -20,7 +20,8 @@ use super::{
 
 const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
 /// `tenant \0 connection_id`
-const CONNECTIONS_BY_TENANT: TableDefinition<&str, ()> = TableDefinition::new("connections_by_tenant");
+const CONNECTIONS_BY_TENANT: TableDefinition<&str, ()> =
+    TableDefinition::new("connections_by_tenant");
 /// `tenant \0 user \0 connection_id`
 const CONNECTIONS_BY_USER: TableDefinition<&str, ()> = TableDefinition::new("connections_by_user");
 /// `edge \0 connection_id`
@@ -99,8 +100,12 @@ fn suffixes_after<T: ReadableTable<&'static str, ()>>(
 impl EmbeddedStore {
     /// Opens (or creates) `<dir>/streamer.redb`, creating `dir` if needed.
     pub fn open(dir: &Path) -> StoreResult<Self> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| backend(format!("cannot create data directory {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            backend(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
         let path = dir.join("streamer.redb");
         let db = Database::create(&path)
             .map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?;
@@ -138,7 +143,8 @@ impl EmbeddedStore {
         self.blocking(move |db| {
             let mut txn = db.begin_write().map_err(backend)?;
             if durability == Durability::Relaxed {
-                txn.set_durability(redb::Durability::None).map_err(backend)?;
+                txn.set_durability(redb::Durability::None)
+                    .map_err(backend)?;
             }
             let out = f(&txn)?;
             txn.commit().map_err(backend)?;
@@ -245,8 +251,10 @@ impl Store for EmbeddedStore {
         connection_id: &str,
     ) -> StoreResult<Option<ConnectionRecord>> {
         let id = connection_id.to_owned();
-        self.write(Durability::Relaxed, move |txn| remove_connection_in(txn, &id))
-            .await
+        self.write(Durability::Relaxed, move |txn| {
+            remove_connection_in(txn, &id)
+        })
+        .await
     }
 
     async fn touch_connection(&self, connection_id: &str, now_ms: u64) -> StoreResult<bool> {
@@ -526,31 +534,61 @@ mod tests {
             ("c3", "t1", "alice"),
             ("c4", "t2", "alice"),
         ] {
-            store.put_connection(connection(id, tenant, user)).await.unwrap();
+            store
+                .put_connection(connection(id, tenant, user))
+                .await
+                .unwrap();
         }
         let ids = |v: Vec<ConnectionRecord>| -> Vec<String> {
             v.into_iter().map(|c| c.connection_id).collect()
         };
         let all = store.list_connections("t1", None, None, 100).await.unwrap();
         assert_eq!(ids(all), ["c1", "c2", "c3"]);
-        let alice = store.list_connections("t1", Some("alice"), None, 100).await.unwrap();
+        let alice = store
+            .list_connections("t1", Some("alice"), None, 100)
+            .await
+            .unwrap();
         assert_eq!(ids(alice), ["c1", "c3"]);
         let page1 = store.list_connections("t1", None, None, 2).await.unwrap();
         assert_eq!(ids(page1), ["c1", "c2"]);
-        let page2 = store.list_connections("t1", None, Some("c2"), 2).await.unwrap();
+        let page2 = store
+            .list_connections("t1", None, Some("c2"), 2)
+            .await
+            .unwrap();
         assert_eq!(ids(page2), ["c3"]);
         // A tenant that is a prefix of another sees nothing of it.
-        assert!(store.list_connections("t", None, None, 10).await.unwrap().is_empty());
+        assert!(
+            store
+                .list_connections("t", None, None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[tokio::test]
     async fn delete_removes_record_and_indexes() {
         let (_dir, store) = store();
-        store.put_connection(connection("c1", "t1", "alice")).await.unwrap();
+        store
+            .put_connection(connection("c1", "t1", "alice"))
+            .await
+            .unwrap();
         assert!(store.delete_connection("c1").await.unwrap().is_some());
         assert!(store.get_connection("c1").await.unwrap().is_none());
-        assert!(store.list_connections("t1", None, None, 10).await.unwrap().is_empty());
-        assert!(store.connections_of_edge("edge-1").await.unwrap().is_empty());
+        assert!(
+            store
+                .list_connections("t1", None, None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .connections_of_edge("edge-1")
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert!(store.delete_connection("c1").await.unwrap().is_none());
     }
 
@@ -561,7 +599,13 @@ mod tests {
         old.last_seen_ms = 1;
         store.put_connection(old).await.unwrap();
         assert!(store.get_connection("c1").await.unwrap().is_none());
-        assert!(store.list_connections("t1", None, None, 10).await.unwrap().is_empty());
+        assert!(
+            store
+                .list_connections("t1", None, None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(store.sweep_connections(now_ms()).await.unwrap(), 1);
         // Touching slides the expiry.
         let mut stale = connection("c2", "t1", "alice");
@@ -584,19 +628,37 @@ mod tests {
         other_user.user_id = "u2".into();
         assert!(!store.create_request(other_user).await.unwrap().duplicate);
         assert_eq!(
-            store.find_request("t1", "u1", "job-1").await.unwrap().unwrap().id,
+            store
+                .find_request("t1", "u1", "job-1")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
             "r1"
         );
-        assert!(store.find_request("t1", "u9", "job-1").await.unwrap().is_none());
+        assert!(
+            store
+                .find_request("t1", "u9", "job-1")
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[tokio::test]
     async fn update_is_conditional_on_version() {
         let (_dir, store) = store();
-        let created = store.create_request(request("r1", "job-1")).await.unwrap().record;
+        let created = store
+            .create_request(request("r1", "job-1"))
+            .await
+            .unwrap()
+            .record;
         let mut a = created.clone();
         a.status = RequestStatus::Processing;
-        let a = store.update_request(a, Durability::Immediate).await.unwrap();
+        let a = store
+            .update_request(a, Durability::Immediate)
+            .await
+            .unwrap();
         assert_eq!(a.version, 1);
         let mut stale = created;
         stale.status = RequestStatus::Cancelled;
@@ -607,7 +669,10 @@ mod tests {
         assert_eq!(store.unfinished_requests().await.unwrap().len(), 1);
         let mut done = a;
         done.status = RequestStatus::Completed;
-        store.update_request(done, Durability::Immediate).await.unwrap();
+        store
+            .update_request(done, Durability::Immediate)
+            .await
+            .unwrap();
         assert!(store.unfinished_requests().await.unwrap().is_empty());
     }
 

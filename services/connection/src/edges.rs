@@ -1,0 +1,161 @@
+//! The edges attached to this ConnectionService and the deliveries in
+//! flight to them.
+//!
+//! Each edge holds one `Attach` stream. Commands go down an mpsc channel
+//! that feeds the stream; a `deliver` command carries an id, and the edge's
+//! `DeliveryReport` with that id resolves the waiting caller, so `Send` and
+//! `Broadcast` report what really happened to each socket.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use streamer_api::v1::{self, DeliveryOutcome, DeliveryResult, EdgeCommand, edge_command::Command};
+use tokio::sync::{mpsc, oneshot};
+
+/// What flows down an Attach stream.
+pub type CommandSender = mpsc::Sender<Result<EdgeCommand, tonic::Status>>;
+
+/// One attached edge.
+#[derive(Debug)]
+pub struct EdgeLink {
+    pub edge_id: String,
+    /// Distinguishes a re-attached edge from its previous stream.
+    pub generation: u64,
+    commands: CommandSender,
+    /// Deliveries awaiting the edge's report. A std mutex: held only to
+    /// insert or remove one entry, never across an await.
+    pending: Mutex<HashMap<u64, oneshot::Sender<Vec<DeliveryResult>>>>,
+}
+
+impl EdgeLink {
+    fn outcome_all(ids: &[String], outcome: DeliveryOutcome) -> Vec<DeliveryResult> {
+        ids.iter()
+            .map(|id| DeliveryResult {
+                connection_id: id.clone(),
+                outcome: outcome as i32,
+            })
+            .collect()
+    }
+
+    /// Hands a payload to the edge for these sockets and waits for its
+    /// report. An edge that is gone or does not answer in `timeout` counts
+    /// as GONE for every target.
+    pub async fn deliver(
+        &self,
+        connection_ids: Vec<String>,
+        payload: v1::Payload,
+        timeout: Duration,
+    ) -> Vec<DeliveryResult> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let delivery_id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.lock_pending().insert(delivery_id, tx);
+        let command = EdgeCommand {
+            command: Some(Command::Deliver(v1::Deliver {
+                delivery_id,
+                connection_ids: connection_ids.clone(),
+                payload: Some(payload),
+            })),
+        };
+        let sent = tokio::time::timeout(timeout, self.commands.send(Ok(command))).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            self.lock_pending().remove(&delivery_id);
+            tracing::warn!(edge_id = %self.edge_id, "edge stream closed or full; delivery counted as gone");
+            return Self::outcome_all(&connection_ids, DeliveryOutcome::Gone);
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(results)) => results,
+            _ => {
+                self.lock_pending().remove(&delivery_id);
+                tracing::warn!(edge_id = %self.edge_id, delivery_id, "edge did not report a delivery in time");
+                Self::outcome_all(&connection_ids, DeliveryOutcome::Gone)
+            }
+        }
+    }
+
+    /// Resolves a waiting delivery with the edge's report.
+    pub fn report(&self, report: v1::DeliveryReport) {
+        if let Some(waiter) = self.lock_pending().remove(&report.delivery_id) {
+            let _ = waiter.send(report.results);
+        }
+    }
+
+    /// Queues a command that needs no answer.
+    pub async fn command(&self, command: Command) -> bool {
+        self.commands
+            .send(Ok(EdgeCommand {
+                command: Some(command),
+            }))
+            .await
+            .is_ok()
+    }
+
+    fn lock_pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Vec<DeliveryResult>>>> {
+        // A poisoned map only means a panic elsewhere mid-insert; the map
+        // itself is still consistent, so keep using it.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Every attached edge by id.
+#[derive(Debug, Default)]
+pub struct EdgeRegistry {
+    /// A std RwLock: lookups on every delivery, writes only on attach and
+    /// detach; never held across an await.
+    edges: RwLock<HashMap<String, Arc<EdgeLink>>>,
+    generations: AtomicU64,
+}
+
+impl EdgeRegistry {
+    /// Registers an edge's stream, replacing an older stream of the same edge.
+    pub fn attach(&self, edge_id: String, commands: CommandSender) -> Arc<EdgeLink> {
+        let link = Arc::new(EdgeLink {
+            edge_id: edge_id.clone(),
+            generation: self.generations.fetch_add(1, Ordering::Relaxed),
+            commands,
+            pending: Mutex::new(HashMap::new()),
+        });
+        self.write().insert(edge_id, link.clone());
+        metrics::gauge!("streamer_edges_attached").set(self.len() as f64);
+        link
+    }
+
+    /// Removes the edge if `link` is still its current stream. Returns
+    /// whether it was.
+    pub fn detach(&self, link: &EdgeLink) -> bool {
+        let mut edges = self.write();
+        let current = edges
+            .get(&link.edge_id)
+            .is_some_and(|l| l.generation == link.generation);
+        if current {
+            edges.remove(&link.edge_id);
+        }
+        drop(edges);
+        metrics::gauge!("streamer_edges_attached").set(self.len() as f64);
+        current
+    }
+
+    pub fn get(&self, edge_id: &str) -> Option<Arc<EdgeLink>> {
+        self.read().get(edge_id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<EdgeLink>>> {
+        self.edges.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<EdgeLink>>> {
+        self.edges.write().unwrap_or_else(|e| e.into_inner())
+    }
+}

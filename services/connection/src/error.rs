@@ -1,0 +1,41 @@
+//! Every way a ConnectionService call can fail, and the one place that
+//! decides which gRPC status each becomes.
+
+use streamer_core::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("invalid argument `{field}`: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("connection {0:?} not found")]
+    NotFound(String),
+    #[error("edge stream protocol violation: {0}")]
+    EdgeProtocol(String),
+    #[error("service is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ConnectionError {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<ConnectionError> for tonic::Status {
+    fn from(error: ConnectionError) -> Self {
+        let message = error.to_string();
+        match error {
+            ConnectionError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
+            ConnectionError::NotFound(_) => tonic::Status::not_found(message),
+            ConnectionError::EdgeProtocol(_) => tonic::Status::failed_precondition(message),
+            ConnectionError::ShuttingDown => tonic::Status::unavailable(message),
+            ConnectionError::Store(StoreError::Conflict) => tonic::Status::aborted(message),
+            ConnectionError::Store(StoreError::Backend(_)) => tonic::Status::unavailable(message),
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! ConnectionService: the registry of every open WebSocket connection, the
+//! engine that delivers to them, and the router of what clients send.
+//!
+//! Layout:
+//! - [`model`]: validation of every request on its way in (`TryFrom`).
+//! - [`edges`]: the attached edges and the deliveries in flight to them.
+//! - [`routers`]: the routers listening on `Receive`, by action.
+//! - [`service`]: the domain logic and the thin tonic adapter.
+//! - [`client_messages`]: the JSON this service writes to clients.
+//!
+//! Invariants: a connection record exists only for a socket an edge holds
+//! (edges announce sockets only after AuthService accepted their token, and
+//! records are removed when the socket or its edge goes); identity always
+//! comes from that record, never from a frame; a call scoped to a tenant
+//! only ever reaches that tenant's connections.
+
+#![forbid(unsafe_code)]
+
+pub mod client_messages;
+pub mod edges;
+pub mod error;
+pub mod model;
+pub mod routers;
+pub mod service;
+
+pub use error::ConnectionError;
+pub use service::{BUILTIN_ACTIONS, ConnectionConfig, ConnectionServer};

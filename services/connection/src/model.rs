@@ -1,0 +1,327 @@
+//! Wire types in, domain types out: every request is validated here, on its
+//! way in, so the service logic never sees a tonic type or an unchecked id.
+
+use streamer_api::v1;
+use streamer_core::store::ConnectionRecord;
+use streamer_core::timestamp;
+
+use crate::error::ConnectionError;
+
+/// Longest id, user, tenant or action accepted.
+pub const MAX_ID_BYTES: usize = 256;
+/// Largest page of `ListConnections`.
+pub const MAX_PAGE_SIZE: usize = 1000;
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Most connection ids in one `Broadcast`.
+pub const MAX_BROADCAST_IDS: usize = 10_000;
+/// Close reasons must fit a WebSocket close frame (123 bytes).
+pub const MAX_CLOSE_REASON_BYTES: usize = 120;
+
+/// Checks an identifier: present, bounded, and free of the NUL byte the
+/// store uses as its index separator.
+pub fn required_id(field: &'static str, value: String) -> Result<String, ConnectionError> {
+    if value.is_empty() {
+        return Err(ConnectionError::invalid(field, "is required"));
+    }
+    optional_id(field, value)?.ok_or_else(|| ConnectionError::invalid(field, "is required"))
+}
+
+/// Like [`required_id`], but empty means "not given".
+pub fn optional_id(field: &'static str, value: String) -> Result<Option<String>, ConnectionError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if value.len() > MAX_ID_BYTES {
+        return Err(ConnectionError::invalid(
+            field,
+            format!("is longer than {MAX_ID_BYTES} bytes"),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(ConnectionError::invalid(field, "contains a NUL character"));
+    }
+    Ok(Some(value))
+}
+
+fn required_payload(payload: Option<v1::Payload>) -> Result<v1::Payload, ConnectionError> {
+    match payload {
+        Some(p) if p.body.is_some() => Ok(p),
+        _ => Err(ConnectionError::invalid(
+            "payload",
+            "is required: set one of `json`, `text` or `binary`",
+        )),
+    }
+}
+
+#[derive(Debug)]
+pub struct SendCommand {
+    pub connection_id: String,
+    pub payload: v1::Payload,
+    pub tenant_id: Option<String>,
+}
+
+impl TryFrom<v1::SendRequest> for SendCommand {
+    type Error = ConnectionError;
+    fn try_from(r: v1::SendRequest) -> Result<Self, Self::Error> {
+        Ok(Self {
+            connection_id: required_id("connection_id", r.connection_id)?,
+            payload: required_payload(r.payload)?,
+            tenant_id: optional_id("tenant_id", r.tenant_id)?,
+        })
+    }
+}
+
+#[derive(Debug, PartialEq)]
+pub enum BroadcastTarget {
+    Connections(Vec<String>),
+    User { tenant_id: String, user_id: String },
+    Tenant(String),
+}
+
+#[derive(Debug)]
+pub struct BroadcastCommand {
+    pub target: BroadcastTarget,
+    pub payload: v1::Payload,
+    pub tenant_id: Option<String>,
+}
+
+impl TryFrom<v1::BroadcastRequest> for BroadcastCommand {
+    type Error = ConnectionError;
+    fn try_from(r: v1::BroadcastRequest) -> Result<Self, Self::Error> {
+        use v1::broadcast_request::Target;
+        let target = match r.target {
+            None => {
+                return Err(ConnectionError::invalid(
+                    "target",
+                    "is required: set one of `connections`, `user` or `tenant`",
+                ));
+            }
+            Some(Target::Connections(c)) => {
+                if c.ids.is_empty() {
+                    return Err(ConnectionError::invalid("connections.ids", "is empty"));
+                }
+                if c.ids.len() > MAX_BROADCAST_IDS {
+                    return Err(ConnectionError::invalid(
+                        "connections.ids",
+                        format!("has more than {MAX_BROADCAST_IDS} ids"),
+                    ));
+                }
+                let mut ids = c
+                    .ids
+                    .into_iter()
+                    .map(|id| required_id("connections.ids", id))
+                    .collect::<Result<Vec<_>, _>>()?;
+                // A connection named twice still gets the payload once.
+                let mut seen = std::collections::HashSet::new();
+                ids.retain(|id| seen.insert(id.clone()));
+                BroadcastTarget::Connections(ids)
+            }
+            Some(Target::User(u)) => BroadcastTarget::User {
+                tenant_id: required_id("user.tenant_id", u.tenant_id)?,
+                user_id: required_id("user.user_id", u.user_id)?,
+            },
+            Some(Target::Tenant(t)) => {
+                BroadcastTarget::Tenant(required_id("tenant.tenant_id", t.tenant_id)?)
+            }
+        };
+        Ok(Self {
+            target,
+            payload: required_payload(r.payload)?,
+            tenant_id: optional_id("tenant_id", r.tenant_id)?,
+        })
+    }
+}
+
+#[derive(Debug, PartialEq)]
+pub struct ListQuery {
+    pub tenant_id: String,
+    pub user_id: Option<String>,
+    pub page_size: usize,
+    pub after: Option<String>,
+}
+
+impl TryFrom<v1::ListConnectionsRequest> for ListQuery {
+    type Error = ConnectionError;
+    fn try_from(r: v1::ListConnectionsRequest) -> Result<Self, Self::Error> {
+        let page = r.page.unwrap_or_default();
+        let page_size = match page.page_size as usize {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(ConnectionError::invalid(
+                    "page.page_size",
+                    format!("must be at most {MAX_PAGE_SIZE}"),
+                ));
+            }
+            n => n,
+        };
+        Ok(Self {
+            tenant_id: required_id("tenant_id", r.tenant_id)?,
+            user_id: optional_id("user_id", r.user_id)?,
+            page_size,
+            after: optional_id("page.page_token", page.page_token)?,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct DisconnectCommand {
+    pub connection_id: String,
+    pub reason: String,
+    pub tenant_id: Option<String>,
+}
+
+impl TryFrom<v1::DisconnectRequest> for DisconnectCommand {
+    type Error = ConnectionError;
+    fn try_from(r: v1::DisconnectRequest) -> Result<Self, Self::Error> {
+        Ok(Self {
+            connection_id: required_id("connection_id", r.connection_id)?,
+            reason: truncate_utf8(r.reason, MAX_CLOSE_REASON_BYTES),
+            tenant_id: optional_id("tenant_id", r.tenant_id)?,
+        })
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+pub fn truncate_utf8(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// A record as the API shows it.
+pub fn connection_to_proto(r: ConnectionRecord) -> v1::Connection {
+    let expires_at = r.expires_at_ms();
+    v1::Connection {
+        identity: Some(v1::Identity {
+            user_id: r.user_id,
+            tenant_id: r.tenant_id,
+            permissions: r.permissions,
+        }),
+        connection_id: r.connection_id,
+        edge_id: r.edge_id,
+        connected_at: Some(timestamp(r.connected_at_ms)),
+        last_seen: Some(timestamp(r.last_seen_ms)),
+        user_agent: r.user_agent,
+        client_ip: r.client_ip,
+        expires_at: Some(timestamp(expires_at)),
+    }
+}
+
+/// A record from what an edge announced. The edge is trusted for identity:
+/// it only announces sockets whose token AuthService verified.
+pub fn connection_from_edge(
+    c: v1::Connection,
+    edge_id: &str,
+    now_ms: u64,
+) -> Result<ConnectionRecord, ConnectionError> {
+    let identity = c
+        .identity
+        .ok_or_else(|| ConnectionError::EdgeProtocol("connection without identity".into()))?;
+    let ms = |t: Option<prost_types::Timestamp>| {
+        t.map(|t| (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000)
+    };
+    let bad = |e: ConnectionError| ConnectionError::EdgeProtocol(e.to_string());
+    Ok(ConnectionRecord {
+        connection_id: required_id("connection_id", c.connection_id).map_err(bad)?,
+        user_id: required_id("user_id", identity.user_id).map_err(bad)?,
+        tenant_id: required_id("tenant_id", identity.tenant_id).map_err(bad)?,
+        permissions: identity.permissions,
+        edge_id: edge_id.to_owned(),
+        connected_at_ms: ms(c.connected_at).unwrap_or(now_ms),
+        last_seen_ms: ms(c.last_seen).unwrap_or(now_ms).max(now_ms),
+        user_agent: c.user_agent,
+        client_ip: c.client_ip,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload() -> Option<v1::Payload> {
+        Some(v1::Payload {
+            body: Some(v1::payload::Body::Text("hi".into())),
+        })
+    }
+
+    #[test]
+    fn send_requires_id_and_payload() {
+        let err = SendCommand::try_from(v1::SendRequest {
+            connection_id: String::new(),
+            payload: payload(),
+            tenant_id: String::new(),
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("connection_id"), "{err}");
+        let err = SendCommand::try_from(v1::SendRequest {
+            connection_id: "c1".into(),
+            payload: Some(v1::Payload { body: None }),
+            tenant_id: String::new(),
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("payload"), "{err}");
+    }
+
+    #[test]
+    fn ids_with_nul_or_too_long_are_refused() {
+        assert!(required_id("x", "a\0b".into()).is_err());
+        assert!(required_id("x", "a".repeat(MAX_ID_BYTES + 1)).is_err());
+        assert_eq!(required_id("x", "ok".into()).unwrap(), "ok");
+    }
+
+    #[test]
+    fn broadcast_dedups_ids_and_requires_a_target() {
+        let cmd = BroadcastCommand::try_from(v1::BroadcastRequest {
+            target: Some(v1::broadcast_request::Target::Connections(
+                v1::ConnectionIds {
+                    ids: vec!["a".into(), "b".into(), "a".into()],
+                },
+            )),
+            payload: payload(),
+            tenant_id: String::new(),
+        })
+        .unwrap();
+        assert_eq!(
+            cmd.target,
+            BroadcastTarget::Connections(vec!["a".into(), "b".into()])
+        );
+        assert!(
+            BroadcastCommand::try_from(v1::BroadcastRequest {
+                target: None,
+                payload: payload(),
+                tenant_id: String::new(),
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn page_size_is_bounded() {
+        let query = |size| {
+            ListQuery::try_from(v1::ListConnectionsRequest {
+                tenant_id: "t".into(),
+                user_id: String::new(),
+                page: Some(v1::PageRequest {
+                    page_size: size,
+                    page_token: String::new(),
+                }),
+            })
+        };
+        assert_eq!(query(0).unwrap().page_size, DEFAULT_PAGE_SIZE);
+        assert_eq!(query(5).unwrap().page_size, 5);
+        assert!(query(MAX_PAGE_SIZE as u32 + 1).is_err());
+    }
+
+    #[test]
+    fn close_reason_is_cut_on_a_char_boundary() {
+        let reason = "é".repeat(100); // 200 bytes
+        let cut = truncate_utf8(reason, MAX_CLOSE_REASON_BYTES);
+        assert!(cut.len() <= MAX_CLOSE_REASON_BYTES);
+        assert!(cut.chars().all(|c| c == 'é'));
+    }
+}

@@ -1,0 +1,169 @@
+//! The routers listening on `Receive`, by action.
+//!
+//! Each frame goes to exactly one router among those that declared its
+//! action, round robin; a router whose queue is full is skipped for the
+//! next one, and one whose stream has gone is forgotten.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use streamer_api::v1::InboundMessage;
+use tokio::sync::mpsc;
+
+pub type InboundSender = mpsc::Sender<Result<InboundMessage, tonic::Status>>;
+
+#[derive(Debug)]
+struct RouterLink {
+    key: u64,
+    router_id: String,
+    tx: InboundSender,
+}
+
+#[derive(Debug, Default)]
+pub struct RouterTable {
+    /// A std RwLock: read per inbound frame, written when routers come and
+    /// go; never held across an await.
+    by_action: RwLock<HashMap<String, Vec<RouterLink>>>,
+    next_key: AtomicU64,
+    cursor: AtomicUsize,
+}
+
+/// Why a frame could not be handed to a router.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RouteError {
+    /// No router declared the action.
+    NoRouter,
+    /// Every router of the action has a full queue.
+    Busy,
+}
+
+impl RouterTable {
+    /// Registers a router for `actions`; returns the key that unregisters it.
+    pub fn register(&self, router_id: &str, actions: &[String], tx: InboundSender) -> u64 {
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let mut table = self.write();
+        for action in actions {
+            table.entry(action.clone()).or_default().push(RouterLink {
+                key,
+                router_id: router_id.to_owned(),
+                tx: tx.clone(),
+            });
+        }
+        key
+    }
+
+    pub fn unregister(&self, key: u64) {
+        let mut table = self.write();
+        table.retain(|_, links| {
+            links.retain(|l| l.key != key);
+            !links.is_empty()
+        });
+    }
+
+    pub fn handles(&self, action: &str) -> bool {
+        self.read().contains_key(action)
+    }
+
+    /// Hands `message` to one router of its action.
+    pub fn dispatch(
+        &self,
+        message: InboundMessage,
+    ) -> Result<String, (RouteError, Box<InboundMessage>)> {
+        let mut message = message;
+        let mut closed = Vec::new();
+        let result = {
+            let table = self.read();
+            let Some(links) = table.get(&message.action) else {
+                return Err((RouteError::NoRouter, Box::new(message)));
+            };
+            let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+            let mut outcome = Err(RouteError::Busy);
+            for i in 0..links.len() {
+                let link = &links[(start + i) % links.len()];
+                match link.tx.try_send(Ok(message)) {
+                    Ok(()) => {
+                        outcome = Ok(link.router_id.clone());
+                        message = InboundMessage::default();
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Full(Ok(m))) => message = m,
+                    Err(mpsc::error::TrySendError::Closed(Ok(m))) => {
+                        closed.push(link.key);
+                        message = m;
+                    }
+                    // We only ever send Ok.
+                    Err(_) => return Err((RouteError::Busy, Box::default())),
+                }
+            }
+            if outcome.is_err() && closed.len() == links.len() {
+                outcome = Err(RouteError::NoRouter);
+            }
+            outcome
+        };
+        for key in closed {
+            self.unregister(key);
+        }
+        result.map_err(|e| (e, Box::new(message)))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Vec<RouterLink>>> {
+        self.by_action.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Vec<RouterLink>>> {
+        self.by_action.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(action: &str) -> InboundMessage {
+        InboundMessage {
+            action: action.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn round_robins_and_skips_full_and_closed_routers() {
+        let table = RouterTable::default();
+        let (tx_a, mut rx_a) = mpsc::channel(1);
+        let (tx_b, rx_b) = mpsc::channel(1);
+        table.register("a", &["echo".into()], tx_a);
+        let key_b = table.register("b", &["echo".into()], tx_b);
+        let first = table.dispatch(message("echo")).unwrap();
+        let second = table.dispatch(message("echo")).unwrap();
+        assert_ne!(first, second, "two routers share the load");
+        // Both queues are full now.
+        assert_eq!(
+            table.dispatch(message("echo")).unwrap_err().0,
+            RouteError::Busy
+        );
+        assert!(rx_a.try_recv().is_ok());
+        assert_eq!(table.dispatch(message("echo")).unwrap(), "a");
+        drop(rx_b);
+        assert!(rx_a.try_recv().is_ok());
+        table.dispatch(message("echo")).unwrap();
+        table.unregister(key_b);
+        assert_eq!(
+            table.dispatch(message("health")).unwrap_err().0,
+            RouteError::NoRouter
+        );
+    }
+
+    #[test]
+    fn a_router_whose_stream_closed_is_forgotten() {
+        let table = RouterTable::default();
+        let (tx, rx) = mpsc::channel(1);
+        table.register("a", &["echo".into()], tx);
+        drop(rx);
+        assert_eq!(
+            table.dispatch(message("echo")).unwrap_err().0,
+            RouteError::NoRouter
+        );
+        assert!(!table.handles("echo"));
+    }
+}
