@@ -1,0 +1,360 @@
+//! The edge's state: the sockets it holds, and its one Attach stream to
+//! ConnectionService, kept open (and re-opened with backoff) for the life of
+//! the process.
+//!
+//! Each socket has a bounded outbound queue. A delivery that finds the queue
+//! full does not wait: the client is a slow consumer, so it is closed with
+//! 1008 and the delivery reports THROTTLED. Nobody else is ever stalled.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use streamer_api::v1::{
+    self, DeliveryOutcome, DeliveryResult, EdgeCommand, EdgeEvent,
+    connection_service_client::ConnectionServiceClient, edge_command::Command, edge_event::Event,
+};
+use streamer_core::shutdown::Shutdown;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// What a socket's writer task is asked to do.
+#[derive(Debug)]
+pub enum Outbound {
+    Message(Message),
+    Close { code: u16, reason: String },
+}
+
+#[derive(Debug)]
+struct LocalConnection {
+    outbound: mpsc::Sender<Outbound>,
+    /// Cancelled to close the socket at once with 1008, skipping whatever
+    /// is still queued (a slow consumer).
+    evict: CancellationToken,
+    record: v1::Connection,
+}
+
+/// A registered connection's half that the socket task owns.
+#[derive(Debug)]
+pub struct Registered {
+    pub outbound: mpsc::Receiver<Outbound>,
+    pub evict: CancellationToken,
+}
+
+/// Why registering a new connection failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RegisterError {
+    /// No Attach stream is open right now.
+    Detached,
+    /// ConnectionService refused or did not answer in time.
+    Refused,
+}
+
+/// Shared by the HTTP handlers, the socket tasks and the Attach loop.
+pub struct Edge {
+    pub edge_id: String,
+    /// A std RwLock: looked up per delivery, written per connect and
+    /// disconnect; never held across an await.
+    connections: RwLock<HashMap<String, LocalConnection>>,
+    /// The current Attach stream's sender, None while detached.
+    upstream: RwLock<Option<mpsc::Sender<EdgeEvent>>>,
+    /// Registrations awaiting ConnectionService's answer.
+    registrations: Mutex<HashMap<String, oneshot::Sender<bool>>>,
+    outbound_queue: usize,
+}
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge")
+            .field("edge_id", &self.edge_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // A poisoned lock means a panic elsewhere mid-update of a plain map;
+    // the map is still consistent, so keep serving.
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The text a payload becomes on the socket.
+pub fn payload_message(payload: Option<v1::Payload>) -> Option<Message> {
+    match payload?.body? {
+        v1::payload::Body::Json(value) => Some(Message::Text(Utf8Bytes::from(
+            streamer_api::json::from_proto(value).to_string(),
+        ))),
+        v1::payload::Body::Text(text) => Some(Message::Text(Utf8Bytes::from(text))),
+        v1::payload::Body::Binary(bytes) => Some(Message::Binary(bytes::Bytes::from(bytes))),
+    }
+}
+
+impl Edge {
+    pub fn new(edge_id: String, outbound_queue: usize) -> Arc<Self> {
+        Arc::new(Self {
+            edge_id,
+            connections: RwLock::new(HashMap::new()),
+            upstream: RwLock::new(None),
+            registrations: Mutex::new(HashMap::new()),
+            outbound_queue,
+        })
+    }
+
+    pub fn is_attached(&self) -> bool {
+        read(&self.upstream).is_some()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        read(&self.connections).len()
+    }
+
+    /// Sends an event up, if attached.
+    pub async fn emit(&self, event: Event) -> bool {
+        let sender = read(&self.upstream).clone();
+        match sender {
+            Some(tx) => tx.send(EdgeEvent { event: Some(event) }).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// Announces a new connection and waits until ConnectionService has
+    /// recorded it, so that a client told "connected" can be found at once.
+    /// On success the connection is held locally and its outbound queue's
+    /// receiver is returned.
+    pub async fn register(
+        &self,
+        record: v1::Connection,
+        timeout: Duration,
+    ) -> Result<Registered, RegisterError> {
+        let id = record.connection_id.clone();
+        let (tx, rx) = mpsc::channel(self.outbound_queue);
+        let evict = CancellationToken::new();
+        // Held locally before the announcement so a delivery that races the
+        // registration answer already finds the queue.
+        write(&self.connections).insert(
+            id.clone(),
+            LocalConnection {
+                outbound: tx,
+                evict: evict.clone(),
+                record: record.clone(),
+            },
+        );
+        let (done, answer) = oneshot::channel();
+        self.lock_registrations().insert(id.clone(), done);
+        let announced = self
+            .emit(Event::Opened(v1::ConnectionOpened {
+                connection: Some(record),
+            }))
+            .await;
+        let outcome = if !announced {
+            Err(RegisterError::Detached)
+        } else {
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(Ok(true)) => Ok(Registered {
+                    outbound: rx,
+                    evict,
+                }),
+                _ => Err(RegisterError::Refused),
+            }
+        };
+        if outcome.is_err() {
+            self.lock_registrations().remove(&id);
+            self.forget(&id);
+            // In case it was recorded after all (a late answer).
+            self.emit(Event::Closed(v1::ConnectionClosed {
+                connection_id: id,
+                code: 1011,
+                reason: "registration failed".into(),
+            }))
+            .await;
+        } else {
+            metrics::gauge!("streamer_gateway_connections").set(self.connection_count() as f64);
+        }
+        outcome
+    }
+
+    /// Drops a connection from the local table (its socket is done).
+    pub fn forget(&self, connection_id: &str) -> bool {
+        let removed = write(&self.connections).remove(connection_id).is_some();
+        metrics::gauge!("streamer_gateway_connections").set(self.connection_count() as f64);
+        removed
+    }
+
+    /// Queues a message for one socket without waiting.
+    pub fn push(&self, connection_id: &str, out: Outbound) -> DeliveryOutcome {
+        let found = read(&self.connections)
+            .get(connection_id)
+            .map(|c| (c.outbound.clone(), c.evict.clone()));
+        let Some((sender, evict)) = found else {
+            return DeliveryOutcome::NotFound;
+        };
+        match sender.try_send(out) {
+            Ok(()) => DeliveryOutcome::Delivered,
+            Err(mpsc::error::TrySendError::Closed(_)) => DeliveryOutcome::NotFound,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("streamer_gateway_slow_consumer_closes_total").increment(1);
+                tracing::warn!(connection_id, "outbound queue full; closing slow consumer");
+                // The queue is full, so a close cannot wait behind it:
+                // eviction makes the writer close with 1008 at once.
+                evict.cancel();
+                self.forget(connection_id);
+                DeliveryOutcome::Throttled
+            }
+        }
+    }
+
+    /// Closes every socket (shutdown).
+    pub fn close_all(&self, code: u16, reason: &str) {
+        let ids: Vec<String> = read(&self.connections).keys().cloned().collect();
+        for id in ids {
+            self.push(
+                &id,
+                Outbound::Close {
+                    code,
+                    reason: reason.to_owned(),
+                },
+            );
+        }
+    }
+
+    fn snapshot(&self) -> Vec<v1::Connection> {
+        read(&self.connections)
+            .values()
+            .map(|c| c.record.clone())
+            .collect()
+    }
+
+    fn lock_registrations(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<bool>>> {
+        self.registrations.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn apply(&self, command: Command) {
+        match command {
+            Command::Registered(r) => {
+                if let Some(done) = self.lock_registrations().remove(&r.connection_id) {
+                    let _ = done.send(true);
+                }
+            }
+            Command::Close(close) => {
+                if let Some(done) = self.lock_registrations().remove(&close.connection_id) {
+                    let _ = done.send(false);
+                    return;
+                }
+                self.push(
+                    &close.connection_id,
+                    Outbound::Close {
+                        code: u16::try_from(close.code).unwrap_or(1000),
+                        reason: close.reason,
+                    },
+                );
+            }
+            Command::Deliver(deliver) => {
+                let results = match payload_message(deliver.payload) {
+                    Some(message) => deliver
+                        .connection_ids
+                        .into_iter()
+                        .map(|connection_id| {
+                            let outcome =
+                                self.push(&connection_id, Outbound::Message(message.clone()));
+                            DeliveryResult {
+                                connection_id,
+                                outcome: outcome as i32,
+                            }
+                        })
+                        .collect(),
+                    None => Vec::new(),
+                };
+                if deliver.delivery_id != 0 {
+                    self.emit(Event::Delivered(v1::DeliveryReport {
+                        delivery_id: deliver.delivery_id,
+                        results,
+                    }))
+                    .await;
+                }
+            }
+        }
+    }
+
+    /// Keeps the Attach stream open until `shutdown`, re-attaching with
+    /// exponential backoff (100 ms doubling to 5 s) whenever it drops.
+    pub async fn run_upstream(
+        self: Arc<Self>,
+        client: ConnectionServiceClient<Channel>,
+        shutdown: Shutdown,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let (tx, rx) = mpsc::channel(4096);
+            let hello = EdgeEvent {
+                event: Some(Event::Hello(v1::EdgeHello {
+                    edge_id: self.edge_id.clone(),
+                    connections: self.snapshot(),
+                })),
+            };
+            // The channel is fresh and empty, so this cannot fail.
+            let _ = tx.send(hello).await;
+            let mut client = client.clone();
+            let attached = tokio::select! {
+                r = client.attach(ReceiverStream::new(rx)) => r,
+                () = shutdown.cancelled() => return,
+            };
+            match attached {
+                Ok(response) => {
+                    *write(&self.upstream) = Some(tx);
+                    tracing::info!(edge_id = %self.edge_id, "attached to connection service");
+                    backoff = Duration::from_millis(100);
+                    let mut commands = response.into_inner();
+                    loop {
+                        let next = tokio::select! {
+                            next = commands.message() => next,
+                            () = shutdown.cancelled() => break,
+                        };
+                        match next {
+                            Ok(Some(EdgeCommand { command: Some(c) })) => self.apply(c).await,
+                            Ok(Some(_)) => {}
+                            Ok(None) => break,
+                            Err(status) => {
+                                tracing::warn!(error = %status, "attach stream failed");
+                                break;
+                            }
+                        }
+                    }
+                    *write(&self.upstream) = None;
+                    // Registrations in flight on the dead stream will never
+                    // be answered.
+                    for (_, done) in self.lock_registrations().drain() {
+                        let _ = done.send(false);
+                    }
+                    tracing::warn!(edge_id = %self.edge_id, "detached from connection service");
+                }
+                Err(status) => {
+                    tracing::warn!(error = %status, retry_in_ms = backoff.as_millis() as u64, "cannot attach to connection service");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// The close frame for an [`Outbound::Close`].
+pub fn close_message(code: u16, reason: String) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason),
+    }))
+}

@@ -1,0 +1,146 @@
+//! What the edge reads from clients and writes to them, independent of any
+//! socket: frame validation and the edge's own error messages.
+
+use serde_json::{Value, json};
+use streamer_api::v1;
+
+/// A client frame that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientFrame {
+    pub action: String,
+    pub id: String,
+    pub payload: Value,
+    pub metadata: serde_json::Map<String, Value>,
+}
+
+/// Why a frame was refused; the edge answers it with a VALIDATION_ERROR
+/// and keeps the socket open.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameError {
+    pub request_id: String,
+    pub message: String,
+}
+
+/// Parses and checks one text frame.
+pub fn parse(text: &str, max_bytes: usize) -> Result<ClientFrame, FrameError> {
+    let refuse = |request_id: &str, message: String| FrameError {
+        request_id: request_id.to_owned(),
+        message,
+    };
+    if text.len() > max_bytes {
+        return Err(refuse(
+            "",
+            format!(
+                "frame of {} bytes exceeds the limit of {max_bytes} bytes",
+                text.len()
+            ),
+        ));
+    }
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| refuse("", format!("malformed JSON: {e}")))?;
+    let Value::Object(mut object) = value else {
+        return Err(refuse("", "a frame must be a JSON object".into()));
+    };
+    let id = match object.remove("id") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s,
+        Some(Value::Number(n)) => n.to_string(),
+        Some(_) => return Err(refuse("", "`id` must be a string".into())),
+    };
+    let action = match object.remove("action") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s,
+        Some(Value::String(_)) | None | Some(Value::Null) => {
+            return Err(refuse(&id, "`action` is required".into()));
+        }
+        Some(_) => return Err(refuse(&id, "`action` must be a string".into())),
+    };
+    if action.len() > 256 || action.contains('\0') {
+        return Err(refuse(&id, "`action` is not a valid action name".into()));
+    }
+    let metadata = match object.remove("metadata") {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(refuse(&id, "`metadata` must be an object".into())),
+    };
+    Ok(ClientFrame {
+        action,
+        id,
+        payload: object.remove("payload").unwrap_or(Value::Null),
+        metadata,
+    })
+}
+
+/// `{"type":"error",...}` with the protocol's error codes.
+pub fn error_message(request_id: &str, code: &str, message: &str) -> String {
+    let mut value = json!({
+        "type": "error",
+        "error": { "code": code, "message": message },
+    });
+    if !request_id.is_empty() {
+        value["request_id"] = Value::String(request_id.to_owned());
+    }
+    value.to_string()
+}
+
+impl ClientFrame {
+    /// The frame as it goes up the Attach stream.
+    pub fn into_inbound(self, connection_id: &str) -> v1::InboundFrame {
+        v1::InboundFrame {
+            connection_id: connection_id.to_owned(),
+            action: self.action,
+            request_id: self.id,
+            payload: Some(streamer_api::json::to_proto(self.payload)),
+            metadata: Some(streamer_api::json::object_to_struct(self.metadata)),
+            received_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_a_full_frame() {
+        let f = parse(
+            r#"{"action":"echo","id":"r1","payload":{"x":1},"metadata":{"trace":"t"}}"#,
+            1024,
+        )
+        .unwrap();
+        assert_eq!(f.action, "echo");
+        assert_eq!(f.id, "r1");
+        assert_eq!(f.payload, json!({"x": 1}));
+        assert_eq!(f.metadata["trace"], "t");
+    }
+
+    #[test]
+    fn refuses_bad_frames_with_a_reason() {
+        let cases = [
+            ("not json", "malformed JSON"),
+            ("[1,2]", "JSON object"),
+            (r#"{"id":"r1"}"#, "`action` is required"),
+            (r#"{"action":""}"#, "`action` is required"),
+            (r#"{"action":5}"#, "must be a string"),
+            (r#"{"action":"a","metadata":[]}"#, "`metadata`"),
+            (r#"{"action":"a","id":{}}"#, "`id`"),
+        ];
+        for (text, expected) in cases {
+            let err = parse(text, 1024).unwrap_err();
+            assert!(err.message.contains(expected), "{text}: {}", err.message);
+        }
+        // The id is echoed when it could be read.
+        assert_eq!(parse(r#"{"id":"r9"}"#, 1024).unwrap_err().request_id, "r9");
+    }
+
+    #[test]
+    fn refuses_oversized_frames() {
+        let text = format!(r#"{{"action":"a","payload":"{}"}}"#, "x".repeat(100));
+        assert!(parse(&text, 50).unwrap_err().message.contains("exceeds"));
+        assert!(parse(&text, 1000).is_ok());
+    }
+
+    #[test]
+    fn numeric_ids_become_strings() {
+        assert_eq!(parse(r#"{"action":"a","id":7}"#, 100).unwrap().id, "7");
+    }
+}

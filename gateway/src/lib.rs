@@ -1,0 +1,339 @@
+//! The WebSocket edge.
+//!
+//! It is deliberately thin: it authenticates a client through AuthService
+//! before the upgrade, holds the socket, checks each frame's shape and size,
+//! and relays everything else over one bidirectional `Attach` stream to
+//! ConnectionService, which owns the registry, delivery and routing.
+//!
+//! Layout:
+//! - [`frames`]: frame validation and the edge's own error messages.
+//! - [`edge`]: local sockets, outbound queues, the Attach loop.
+//! - [`socket`]: one socket's read and write loops.
+//! - this file: configuration and the HTTP side (auth, upgrade, health).
+
+#![forbid(unsafe_code)]
+
+pub mod edge;
+pub mod frames;
+pub mod socket;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use streamer_api::v1::{
+    self, TokenFailure, auth_service_client::AuthServiceClient,
+    connection_service_client::ConnectionServiceClient,
+};
+use streamer_core::shutdown::Shutdown;
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::edge::{Edge, RegisterError};
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// AuthService URL.
+    pub auth_endpoint: String,
+    /// ConnectionService URL.
+    pub connection_endpoint: String,
+    /// Unique per edge process.
+    pub edge_id: String,
+    /// Largest text frame accepted from a client; larger ones are answered
+    /// with VALIDATION_ERROR and the socket stays open.
+    pub max_frame_bytes: usize,
+    /// Messages queued per socket before its client counts as slow.
+    pub outbound_queue: usize,
+    /// How long AuthService and ConnectionService may take at connect time
+    /// before the client gets 503.
+    pub control_plane_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            auth_endpoint: "http://127.0.0.1:50051".into(),
+            connection_endpoint: "http://127.0.0.1:50052".into(),
+            edge_id: format!("edge-{}", uuid::Uuid::new_v4().simple()),
+            max_frame_bytes: 1024 * 1024,
+            outbound_queue: 1024,
+            control_plane_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    edge: Arc<Edge>,
+    auth: AuthServiceClient<Channel>,
+    config: Arc<GatewayConfig>,
+    sockets: TaskTracker,
+}
+
+fn channel(url: &str, timeout: Duration) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .map_err(|e| anyhow::anyhow!("invalid URL {url:?}: {e}"))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+/// Serves the edge on `listener` until `shutdown`, then closes every socket
+/// with 1001 and waits (at most 10 s) for them to finish.
+pub async fn serve(
+    listener: TcpListener,
+    config: GatewayConfig,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let auth = AuthServiceClient::new(channel(
+        &config.auth_endpoint,
+        config.control_plane_timeout,
+    )?);
+    let connections = ConnectionServiceClient::new(channel(
+        &config.connection_endpoint,
+        config.control_plane_timeout,
+    )?);
+    let edge = Edge::new(config.edge_id.clone(), config.outbound_queue);
+    let upstream = tokio::spawn(edge.clone().run_upstream(connections, shutdown.clone()));
+    let sockets = TaskTracker::new();
+    let state = AppState {
+        edge: edge.clone(),
+        auth,
+        config: Arc::new(config),
+        sockets: sockets.clone(),
+    };
+    let app = Router::new()
+        .route("/", get(connect))
+        .route("/ws", get(connect))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(state);
+    let local = listener.local_addr()?;
+    tracing::info!(address = %local, edge_id = %edge.edge_id, "websocket edge listening");
+    let stopping = shutdown.clone();
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stopping.cancelled().await })
+    .await?;
+
+    edge.close_all(1001, "server shutting down");
+    sockets.close();
+    if tokio::time::timeout(Duration::from_secs(10), sockets.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("sockets still open after 10 s; closing anyway");
+    }
+    let _ = upstream.await;
+    tracing::info!(address = %local, "websocket edge stopped");
+    Ok(())
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    if state.edge.is_attached() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not attached to connection service",
+        )
+            .into_response()
+    }
+}
+
+fn unauthorized(reason: &str, message: &str) -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({ "error": message, "code": "UNAUTHORIZED", "reason": reason })),
+    )
+        .into_response()
+}
+
+fn unavailable(message: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, "1")],
+        Json(json!({ "error": message, "code": "UNAVAILABLE" })),
+    )
+        .into_response()
+}
+
+/// The token from `?Authorization=`, `?token=` or `Authorization: Bearer`.
+fn token(query: &std::collections::HashMap<String, String>, headers: &HeaderMap) -> Option<String> {
+    let from_query = query
+        .get("Authorization")
+        .or_else(|| query.get("authorization"))
+        .or_else(|| query.get("token"))
+        .cloned();
+    let from_header = || {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_owned())
+    };
+    from_query
+        .or_else(from_header)
+        .map(|t| t.strip_prefix("Bearer ").map(str::to_owned).unwrap_or(t))
+        .filter(|t| !t.is_empty())
+}
+
+/// The short reason and the message of a refusal.
+fn refusal(failure: TokenFailure, message: &str) -> (&'static str, String) {
+    match failure {
+        TokenFailure::Missing => ("missing_token", "missing token".into()),
+        TokenFailure::Expired => ("token_expired", "token expired".into()),
+        TokenFailure::TenantNotAllowed => ("tenant_not_allowed", "tenant not allowed".into()),
+        _ => ("invalid_token", format!("invalid token: {message}")),
+    }
+}
+
+async fn connect(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    // Authentication comes first: an unauthenticated caller learns nothing
+    // else, not even whether it spoke WebSocket correctly.
+    let Some(token) = token(&query, &headers) else {
+        metrics::counter!("streamer_gateway_auth_refused_total", "reason" => "missing_token")
+            .increment(1);
+        return unauthorized("missing_token", "missing token");
+    };
+    let mut auth = state.auth.clone();
+    let timeout = state.config.control_plane_timeout;
+    let answer = tokio::time::timeout(
+        timeout,
+        auth.validate_token(v1::ValidateTokenRequest { token }),
+    )
+    .await;
+    let claims = match answer {
+        Ok(Ok(answer)) => {
+            let answer = answer.into_inner();
+            match answer.claims {
+                Some(claims) if answer.valid => claims,
+                _ => {
+                    let failure = TokenFailure::try_from(answer.failure).unwrap_or_default();
+                    let (reason, message) = refusal(failure, &answer.message);
+                    metrics::counter!("streamer_gateway_auth_refused_total", "reason" => reason)
+                        .increment(1);
+                    return unauthorized(reason, &message);
+                }
+            }
+        }
+        Ok(Err(status)) => {
+            tracing::warn!(error = %status, "auth service call failed");
+            return unavailable("authentication service unavailable");
+        }
+        Err(_) => {
+            tracing::warn!("auth service timed out");
+            return unavailable("authentication service unavailable");
+        }
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+
+    let connection_id = uuid::Uuid::new_v4().to_string();
+    let now = prost_types::Timestamp::from(std::time::SystemTime::now());
+    let record = v1::Connection {
+        connection_id: connection_id.clone(),
+        identity: Some(v1::Identity {
+            user_id: claims.user_id,
+            tenant_id: claims.tenant_id,
+            permissions: claims.permissions,
+        }),
+        edge_id: state.edge.edge_id.clone(),
+        connected_at: Some(now),
+        last_seen: Some(now),
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .chars()
+            .take(256)
+            .collect(),
+        client_ip: peer.ip().to_string(),
+        expires_at: None,
+    };
+    let registered = match state.edge.register(record, timeout).await {
+        Ok(registered) => registered,
+        Err(RegisterError::Detached) => {
+            return unavailable("connection service unavailable");
+        }
+        Err(RegisterError::Refused) => {
+            return unavailable("connection could not be registered");
+        }
+    };
+    tracing::info!(connection_id = %connection_id, client_ip = %peer.ip(), "client connected");
+
+    let edge = state.edge.clone();
+    let failed_edge = state.edge.clone();
+    let failed_id = connection_id.clone();
+    let max = state.config.max_frame_bytes;
+    let sockets = state.sockets.clone();
+    upgrade
+        // Frames past our own limit are answered, not fatal; only frames
+        // far beyond it are cut off by the transport.
+        .max_message_size(max.saturating_mul(4).max(64 * 1024))
+        .on_failed_upgrade(move |error| {
+            tracing::info!(%error, connection_id = %failed_id, "upgrade failed");
+            failed_edge.forget(&failed_id);
+            let edge = failed_edge.clone();
+            let id = failed_id.clone();
+            tokio::spawn(async move {
+                edge.emit(v1::edge_event::Event::Closed(v1::ConnectionClosed {
+                    connection_id: id,
+                    code: 1006,
+                    reason: "upgrade failed".into(),
+                }))
+                .await;
+            });
+        })
+        .on_upgrade(move |socket| {
+            sockets.track_future(socket::run(socket, connection_id, registered, edge, max))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comes_from_query_or_header() {
+        let mut query = std::collections::HashMap::new();
+        let mut headers = HeaderMap::new();
+        assert_eq!(token(&query, &headers), None);
+        headers.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(token(&query, &headers).as_deref(), Some("abc"));
+        query.insert("token".into(), "def".into());
+        assert_eq!(token(&query, &headers).as_deref(), Some("def"));
+        query.insert("Authorization".into(), "Bearer ghi".into());
+        assert_eq!(token(&query, &headers).as_deref(), Some("ghi"));
+    }
+
+    #[test]
+    fn refusals_name_the_reason() {
+        assert_eq!(refusal(TokenFailure::Expired, "x").0, "token_expired");
+        assert_eq!(refusal(TokenFailure::Missing, "x").0, "missing_token");
+        assert_eq!(
+            refusal(TokenFailure::TenantNotAllowed, "x").0,
+            "tenant_not_allowed"
+        );
+        let (reason, message) = refusal(TokenFailure::BadSignature, "signature does not verify");
+        assert_eq!(reason, "invalid_token");
+        assert!(message.contains("signature"));
+    }
+}
