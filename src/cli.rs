@@ -1,0 +1,507 @@
+//! The command line: one binary, a subcommand per role.
+//!
+//! Every flag has a `STREAMER_*` environment variable, so the same image is
+//! configured by flags in a terminal and by environment in Kubernetes.
+//! Parsing turns flags into the typed configs of each crate; anything
+//! invalid stops the process at start with a message naming the flag.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use streamer_auth::AuthConfig;
+use streamer_auth::dev::MintOptions;
+use streamer_connection::ConnectionConfig;
+use streamer_core::shutdown::Shutdown;
+use streamer_core::telemetry::LogFormat;
+use streamer_gateway::GatewayConfig;
+use streamer_progress::ProgressConfig;
+
+use crate::{SystemAddrs, SystemConfig, SystemListeners, dial_addr};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "streamer",
+    version,
+    about = "Streamer: a control plane for real-time WebSocket applications",
+    long_about = "Streamer holds your clients' WebSockets and lets your backends reach them over gRPC.\n\n\
+                  Run `streamer all` for the whole system in one process, or one role per process \
+                  (auth, connection, progress, gateway) for a deployment."
+)]
+pub struct Cli {
+    /// Log format: one JSON object per line, or human-readable lines.
+    #[arg(long, env = "STREAMER_LOG_FORMAT", value_enum, default_value = "json", global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run AuthService (gRPC, default 0.0.0.0:50051).
+    Auth(AuthCmd),
+    /// Run ConnectionService (gRPC, default 0.0.0.0:50052).
+    Connection(ConnectionCmd),
+    /// Run ProgressService (gRPC, default 0.0.0.0:50053).
+    Progress(ProgressCmd),
+    /// Run the WebSocket edge (HTTP/WS, default 0.0.0.0:8080).
+    Gateway(GatewayCmd),
+    /// Run all four roles in one process with the embedded store.
+    All(AllCmd),
+    /// Mint a JWT with the local development key (for demos and tests).
+    Token(TokenCmd),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// Directory for the embedded store and the development key.
+    #[arg(long, env = "STREAMER_DATA_DIR", default_value = ".streamer")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeyArgs {
+    /// Public keys that verify tokens: PEM files (RSA PKCS#1 or PKIX, EC,
+    /// Ed25519), JWKS files, or directories of them; comma-separated. Files
+    /// are re-read when they change. Default: the development key in the
+    /// data directory, created on first run.
+    #[arg(long = "auth-keys", env = "STREAMER_AUTH_KEYS", value_delimiter = ',')]
+    pub keys: Vec<PathBuf>,
+    /// Required `iss` claim, when set.
+    #[arg(long = "auth-issuer", env = "STREAMER_AUTH_ISSUER")]
+    pub issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    #[arg(long = "auth-audience", env = "STREAMER_AUTH_AUDIENCE")]
+    pub audience: Option<String>,
+    /// Tenants allowed to connect, comma-separated; default: every tenant.
+    #[arg(long, env = "STREAMER_ALLOWED_TENANTS", value_delimiter = ',')]
+    pub allowed_tenants: Vec<String>,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
+    #[arg(long = "auth-leeway-secs", env = "STREAMER_AUTH_LEEWAY_SECS", default_value_t = 30)]
+    pub leeway_secs: u64,
+}
+
+impl KeyArgs {
+    fn config(&self, data_dir: &Path) -> anyhow::Result<AuthConfig> {
+        let key_paths = if self.keys.is_empty() {
+            streamer_auth::dev::ensure_dev_key(data_dir)
+                .context("cannot create the development key")?;
+            tracing::warn!(
+                path = %streamer_auth::dev::public_key_path(data_dir).display(),
+                "no --auth-keys given; using the development key (not for production)"
+            );
+            vec![streamer_auth::dev::public_key_path(data_dir)]
+        } else {
+            self.keys.clone()
+        };
+        Ok(AuthConfig {
+            key_paths,
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            allowed_tenants: (!self.allowed_tenants.is_empty())
+                .then(|| self.allowed_tenants.clone()),
+            leeway: Duration::from_secs(self.leeway_secs),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProgressArgs {
+    /// Most progress messages per second sent to a client per request
+    /// (newer progress replaces unsent older progress).
+    #[arg(long, env = "STREAMER_PROGRESS_RATE", default_value_t = 10.0)]
+    pub progress_rate: f64,
+    /// Lease given to processors that ask for none, in seconds.
+    #[arg(long, env = "STREAMER_LEASE_SECS", default_value_t = 30)]
+    pub lease_secs: u64,
+    /// Times a request is handed out before it fails for good.
+    #[arg(long, env = "STREAMER_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Actions queued as requests even before a processor has declared them,
+    /// comma-separated.
+    #[arg(long, env = "STREAMER_ASYNC_ACTIONS", value_delimiter = ',')]
+    pub async_actions: Vec<String>,
+}
+
+impl ProgressArgs {
+    fn config(&self, connection_endpoint: String) -> anyhow::Result<ProgressConfig> {
+        if !(self.progress_rate.is_finite() && self.progress_rate >= 0.0) {
+            anyhow::bail!("--progress-rate must be a number >= 0 (0 means unlimited)");
+        }
+        if self.lease_secs == 0 || self.lease_secs > 3600 {
+            anyhow::bail!("--lease-secs must be between 1 and 3600");
+        }
+        if self.max_attempts == 0 {
+            anyhow::bail!("--max-attempts must be at least 1");
+        }
+        Ok(ProgressConfig {
+            connection_endpoint,
+            progress_rate: self.progress_rate,
+            default_lease: Duration::from_secs(self.lease_secs),
+            max_attempts: self.max_attempts,
+            async_actions: self.async_actions.clone(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EdgeArgs {
+    /// Largest client frame accepted, in bytes; larger ones are answered
+    /// with VALIDATION_ERROR and the socket stays open.
+    #[arg(long, env = "STREAMER_MAX_FRAME_BYTES", default_value_t = 1024 * 1024)]
+    pub max_frame_bytes: usize,
+    /// Messages queued per socket before its client counts as a slow
+    /// consumer and is closed (1008).
+    #[arg(long, env = "STREAMER_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+    /// This edge's id (unique per process). Default: a random one.
+    #[arg(long, env = "STREAMER_EDGE_ID")]
+    pub edge_id: Option<String>,
+}
+
+impl EdgeArgs {
+    fn config(&self, auth_endpoint: String, connection_endpoint: String) -> anyhow::Result<GatewayConfig> {
+        if self.max_frame_bytes == 0 || self.outbound_queue == 0 {
+            anyhow::bail!("--max-frame-bytes and --outbound-queue must be at least 1");
+        }
+        let defaults = GatewayConfig::default();
+        Ok(GatewayConfig {
+            auth_endpoint,
+            connection_endpoint,
+            edge_id: self.edge_id.clone().unwrap_or(defaults.edge_id),
+            max_frame_bytes: self.max_frame_bytes,
+            outbound_queue: self.outbound_queue,
+            control_plane_timeout: defaults.control_plane_timeout,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AuthCmd {
+    /// Address to listen on.
+    #[arg(long = "listen", env = "STREAMER_AUTH_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics address.
+    #[arg(long, env = "STREAMER_METRICS_LISTEN", default_value = "0.0.0.0:9091")]
+    pub metrics_listen: SocketAddr,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectionCmd {
+    /// Address to listen on.
+    #[arg(long = "listen", env = "STREAMER_CONNECTION_LISTEN", default_value = "0.0.0.0:50052")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics address.
+    #[arg(long, env = "STREAMER_METRICS_LISTEN", default_value = "0.0.0.0:9092")]
+    pub metrics_listen: SocketAddr,
+    /// ProgressService URL, for async actions and the request actions.
+    #[arg(long, env = "STREAMER_PROGRESS_URL", default_value = "http://127.0.0.1:50053")]
+    pub progress_url: String,
+    #[command(flatten)]
+    pub data: DataArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ProgressCmd {
+    /// Address to listen on.
+    #[arg(long = "listen", env = "STREAMER_PROGRESS_LISTEN", default_value = "0.0.0.0:50053")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics address.
+    #[arg(long, env = "STREAMER_METRICS_LISTEN", default_value = "0.0.0.0:9093")]
+    pub metrics_listen: SocketAddr,
+    /// ConnectionService URL, for identities and delivery.
+    #[arg(long, env = "STREAMER_CONNECTION_URL", default_value = "http://127.0.0.1:50052")]
+    pub connection_url: String,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayCmd {
+    /// Address to listen on.
+    #[arg(long = "listen", env = "STREAMER_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics address.
+    #[arg(long, env = "STREAMER_METRICS_LISTEN", default_value = "0.0.0.0:9094")]
+    pub metrics_listen: SocketAddr,
+    /// AuthService URL.
+    #[arg(long, env = "STREAMER_AUTH_URL", default_value = "http://127.0.0.1:50051")]
+    pub auth_url: String,
+    /// ConnectionService URL.
+    #[arg(long, env = "STREAMER_CONNECTION_URL", default_value = "http://127.0.0.1:50052")]
+    pub connection_url: String,
+    #[command(flatten)]
+    pub edge: EdgeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct AllCmd {
+    /// AuthService address.
+    #[arg(long, env = "STREAMER_AUTH_LISTEN", default_value = "0.0.0.0:50051")]
+    pub auth_listen: SocketAddr,
+    /// ConnectionService address.
+    #[arg(long, env = "STREAMER_CONNECTION_LISTEN", default_value = "0.0.0.0:50052")]
+    pub connection_listen: SocketAddr,
+    /// ProgressService address.
+    #[arg(long, env = "STREAMER_PROGRESS_LISTEN", default_value = "0.0.0.0:50053")]
+    pub progress_listen: SocketAddr,
+    /// WebSocket edge address.
+    #[arg(long, env = "STREAMER_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub gateway_listen: SocketAddr,
+    /// Prometheus metrics address.
+    #[arg(long, env = "STREAMER_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
+    #[command(flatten)]
+    pub edge: EdgeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCmd {
+    /// `sub`: the user id.
+    #[arg(long, default_value = "demo-user")]
+    pub sub: String,
+    /// `tenant_id`.
+    #[arg(long, default_value = "demo-tenant")]
+    pub tenant: String,
+    /// `permissions`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "read,write")]
+    pub permissions: Vec<String>,
+    /// Lifetime, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl: u64,
+    /// Mint a token that expired an hour ago.
+    #[arg(long)]
+    pub expired: bool,
+    /// Set `nbf` this many seconds in the future (a not-yet-valid token).
+    #[arg(long)]
+    pub not_before: Option<u64>,
+    /// `iss`.
+    #[arg(long)]
+    pub issuer: Option<String>,
+    /// `aud`.
+    #[arg(long)]
+    pub audience: Option<String>,
+    #[command(flatten)]
+    pub data: DataArgs,
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    streamer_core::grpc::bind(addr).await
+}
+
+fn spawn_metrics(addr: SocketAddr, shutdown: Shutdown) {
+    tokio::spawn(async move {
+        if let Err(error) = streamer_core::telemetry::serve_metrics(addr, shutdown).await {
+            tracing::error!(error = %format!("{error:#}"), "metrics endpoint failed");
+        }
+    });
+}
+
+/// Runs the parsed command line to completion.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Token(cmd) = cli.command {
+        return token(cmd);
+    }
+    streamer_core::telemetry::init_logs(cli.log_format);
+    let shutdown = Shutdown::new();
+    streamer_core::shutdown::cancel_on_signal(shutdown.clone());
+    match cli.command {
+        Command::Token(_) => Ok(()),
+        Command::Auth(cmd) => {
+            let config = cmd.keys.config(&cmd.data.data_dir)?;
+            let listener = bind(cmd.listen).await?;
+            spawn_metrics(cmd.metrics_listen, shutdown.clone());
+            crate::run_auth(listener, config, shutdown).await
+        }
+        Command::Connection(cmd) => {
+            let store = crate::open_embedded_store(&cmd.data.data_dir.join("connection"))?;
+            let config = ConnectionConfig {
+                progress_endpoint: Some(cmd.progress_url),
+                ..ConnectionConfig::default()
+            };
+            let listener = bind(cmd.listen).await?;
+            spawn_metrics(cmd.metrics_listen, shutdown.clone());
+            let result = crate::run_connection(listener, store.clone(), config, shutdown).await;
+            store.flush().await?;
+            result
+        }
+        Command::Progress(cmd) => {
+            let store = crate::open_embedded_store(&cmd.data.data_dir.join("progress"))?;
+            let config = cmd.progress.config(cmd.connection_url)?;
+            let listener = bind(cmd.listen).await?;
+            spawn_metrics(cmd.metrics_listen, shutdown.clone());
+            let result = crate::run_progress(listener, store.clone(), config, shutdown).await;
+            store.flush().await?;
+            result
+        }
+        Command::Gateway(cmd) => {
+            let config = cmd.edge.config(cmd.auth_url, cmd.connection_url)?;
+            let listener = bind(cmd.listen).await?;
+            spawn_metrics(cmd.metrics_listen, shutdown.clone());
+            crate::run_gateway(listener, config, shutdown).await
+        }
+        Command::All(cmd) => all(cmd, shutdown).await,
+    }
+}
+
+async fn all(cmd: AllCmd, shutdown: Shutdown) -> anyhow::Result<()> {
+    let data_dir = cmd.data.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let dev_key = streamer_auth::dev::ensure_dev_key(&data_dir)
+        .context("cannot create the development key")?;
+    let placeholder = String::new();
+    let config = SystemConfig {
+        auth: cmd.keys.config(&data_dir)?,
+        connection: ConnectionConfig::default(),
+        progress: cmd.progress.config(placeholder.clone())?,
+        gateway: cmd.edge.config(placeholder.clone(), placeholder)?,
+        data_dir: data_dir.clone(),
+    };
+    let listeners = SystemListeners {
+        auth: bind(cmd.auth_listen).await?,
+        connection: bind(cmd.connection_listen).await?,
+        progress: bind(cmd.progress_listen).await?,
+        gateway: bind(cmd.gateway_listen).await?,
+    };
+    let metrics = bind(cmd.metrics_listen).await?;
+    let metrics_addr = metrics.local_addr()?;
+    drop(metrics);
+    spawn_metrics(metrics_addr, shutdown.clone());
+    let system = crate::start_system(listeners, config, shutdown).await?;
+    let demo = dev_key.mint(&MintOptions {
+        ttl: Duration::from_secs(24 * 3600),
+        ..MintOptions::default()
+    })?;
+    println!("{}", banner(&system.addrs, metrics_addr, &data_dir, &demo, cmd.keys.keys.is_empty()));
+    system.join().await
+}
+
+/// What `streamer all` prints once everything listens: where things are, a
+/// token that works, and commands to paste.
+pub fn banner(
+    addrs: &SystemAddrs,
+    metrics: SocketAddr,
+    data_dir: &Path,
+    demo_token: &str,
+    dev_key_in_use: bool,
+) -> String {
+    let ws = dial_addr(addrs.gateway);
+    let conn = dial_addr(addrs.connection);
+    let key_note = if dev_key_in_use {
+        format!(
+            "Tokens are verified with the development key in {} (`streamer token` mints more).",
+            data_dir.join("keys").display()
+        )
+    } else {
+        "Tokens are verified with the keys given by --auth-keys; the demo token below is signed \
+         with the development key and is refused unless that key is among them."
+            .to_owned()
+    };
+    let data = data_dir.display();
+    let auth = dial_addr(addrs.auth);
+    let progress = dial_addr(addrs.progress);
+    let metrics = dial_addr(metrics);
+    let token = demo_token;
+    [
+        String::new(),
+        format!("Streamer is running (embedded store in {data})"),
+        String::new(),
+        format!("  WebSocket          ws://{ws}/?Authorization=<token>"),
+        format!("  AuthService        {auth}"),
+        format!("  ConnectionService  {conn}"),
+        format!("  ProgressService    {progress}"),
+        format!("  Metrics            http://{metrics}/metrics"),
+        String::new(),
+        key_note,
+        "Demo token (user demo-user, tenant demo-tenant, valid 24 h):".to_owned(),
+        String::new(),
+        format!("  {token}"),
+        String::new(),
+        "Try it:".to_owned(),
+        format!("  python3 -m websockets 'ws://{ws}/?Authorization={token}'"),
+        format!(
+            "  grpcurl -plaintext -d '{{\"tenant_id\":\"demo-tenant\"}}' {conn} streamer.v1.ConnectionService/ListConnections"
+        ),
+        format!(
+            "  grpcurl -plaintext -d '{{\"tenant\":{{\"tenant_id\":\"demo-tenant\"}},\"payload\":{{\"json\":{{\"hello\":\"world\"}}}}}}' {conn} streamer.v1.ConnectionService/Broadcast"
+        ),
+        String::new(),
+    ]
+    .join("\n")
+}
+
+fn token(cmd: TokenCmd) -> anyhow::Result<()> {
+    let key = streamer_auth::dev::load_dev_key(&cmd.data.data_dir)?;
+    let token = key.mint(&MintOptions {
+        sub: cmd.sub,
+        tenant: cmd.tenant,
+        permissions: cmd.permissions,
+        ttl: Duration::from_secs(cmd.ttl),
+        expired: cmd.expired,
+        not_before: cmd.not_before.map(Duration::from_secs),
+        issuer: cmd.issuer,
+        audience: cmd.audience,
+    })?;
+    println!("{token}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_parse_into_configs() {
+        let cli = Cli::try_parse_from([
+            "streamer",
+            "all",
+            "--progress-rate",
+            "5",
+            "--async-actions",
+            "generate_report,export",
+            "--allowed-tenants",
+            "a,b",
+        ])
+        .unwrap();
+        let Command::All(cmd) = cli.command else {
+            panic!("expected all");
+        };
+        let progress = cmd.progress.config("http://x".into()).unwrap();
+        assert_eq!(progress.progress_rate, 5.0);
+        assert_eq!(progress.async_actions, ["generate_report", "export"]);
+        assert_eq!(cmd.keys.allowed_tenants, ["a", "b"]);
+    }
+
+    #[test]
+    fn invalid_values_are_refused_with_the_flag_named() {
+        let cli = Cli::try_parse_from(["streamer", "progress", "--lease-secs", "0"]).unwrap();
+        let Command::Progress(cmd) = cli.command else {
+            panic!("expected progress");
+        };
+        let err = cmd.progress.config("http://x".into()).unwrap_err();
+        assert!(err.to_string().contains("--lease-secs"), "{err}");
+        assert!(Cli::try_parse_from(["streamer", "gateway", "--listen", "nope"]).is_err());
+    }
+}

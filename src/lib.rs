@@ -1,0 +1,248 @@
+//! The `streamer` binary's library half: how the roles are put together.
+//!
+//! Each role (`auth`, `connection`, `progress`, `gateway`) is a function that
+//! serves one already-bound listener until a shutdown token is cancelled;
+//! [`start_system`] runs all four in one process on one embedded store, the
+//! way `streamer all` does. Tests and benches call the same functions with
+//! listeners bound to `127.0.0.1:0`, so nothing races for a port.
+//!
+//! The command line itself (flags, `STREAMER_*` variables, the banner) lives
+//! in [`cli`].
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use streamer_api::service_names;
+use streamer_auth::{AuthConfig, AuthServer, TokenValidator};
+use streamer_connection::{ConnectionConfig, ConnectionServer};
+use streamer_core::shutdown::Shutdown;
+use streamer_core::store::{EmbeddedStore, SharedStore};
+use streamer_gateway::GatewayConfig;
+use streamer_progress::{ProgressConfig, ProgressServer};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+/// Resolves once the store answers, so health turns SERVING only then.
+async fn store_ready(store: SharedStore) -> anyhow::Result<()> {
+    store.ping().await.context("store not reachable")
+}
+
+/// Serves AuthService until `shutdown`.
+pub async fn run_auth(
+    listener: TcpListener,
+    config: AuthConfig,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let validator = TokenValidator::new(config).context("cannot load the token keys")?;
+    let routes = tonic::service::Routes::new(AuthServer::new(validator).into_service());
+    streamer_core::grpc::serve(
+        listener,
+        routes,
+        &[service_names::AUTH],
+        async { Ok(()) },
+        shutdown,
+    )
+    .await
+}
+
+/// Serves ConnectionService until `shutdown`.
+pub async fn run_connection(
+    listener: TcpListener,
+    store: SharedStore,
+    config: ConnectionConfig,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let server = ConnectionServer::new(store.clone(), config, shutdown.clone())?;
+    let routes = tonic::service::Routes::new(server.into_service());
+    streamer_core::grpc::serve(
+        listener,
+        routes,
+        &[service_names::CONNECTION],
+        store_ready(store),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves ProgressService until `shutdown`.
+pub async fn run_progress(
+    listener: TcpListener,
+    store: SharedStore,
+    config: ProgressConfig,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let server = ProgressServer::start(store.clone(), config, shutdown.clone()).await?;
+    let routes = tonic::service::Routes::new(server.into_service());
+    streamer_core::grpc::serve(
+        listener,
+        routes,
+        &[service_names::PROGRESS],
+        store_ready(store),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves the WebSocket edge until `shutdown`.
+pub async fn run_gateway(
+    listener: TcpListener,
+    config: GatewayConfig,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    streamer_gateway::serve(listener, config, shutdown).await
+}
+
+/// Opens the embedded store in `dir`.
+pub fn open_embedded_store(dir: &std::path::Path) -> anyhow::Result<SharedStore> {
+    let store = EmbeddedStore::open(dir)
+        .with_context(|| format!("cannot open the embedded store in {}", dir.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// The four listeners of a whole system, bound by the caller.
+#[derive(Debug)]
+pub struct SystemListeners {
+    pub auth: TcpListener,
+    pub connection: TcpListener,
+    pub progress: TcpListener,
+    pub gateway: TcpListener,
+}
+
+impl SystemListeners {
+    /// Binds all four on 127.0.0.1 with ephemeral ports.
+    pub async fn ephemeral() -> anyhow::Result<Self> {
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        Ok(Self {
+            auth: TcpListener::bind(any).await?,
+            connection: TcpListener::bind(any).await?,
+            progress: TcpListener::bind(any).await?,
+            gateway: TcpListener::bind(any).await?,
+        })
+    }
+}
+
+/// Everything `streamer all` needs besides its listeners. The URLs by which
+/// the roles reach each other are filled in from the listeners.
+#[derive(Debug, Clone)]
+pub struct SystemConfig {
+    pub data_dir: PathBuf,
+    pub auth: AuthConfig,
+    pub connection: ConnectionConfig,
+    pub progress: ProgressConfig,
+    pub gateway: GatewayConfig,
+}
+
+impl SystemConfig {
+    /// Defaults, with the development key of `data_dir` (created if absent).
+    pub fn development(data_dir: PathBuf) -> anyhow::Result<Self> {
+        streamer_auth::dev::ensure_dev_key(&data_dir).context("cannot create the development key")?;
+        Ok(Self {
+            auth: AuthConfig::new([streamer_auth::dev::public_key_path(&data_dir)]),
+            data_dir,
+            connection: ConnectionConfig::default(),
+            progress: ProgressConfig::default(),
+            gateway: GatewayConfig::default(),
+        })
+    }
+}
+
+/// Where a running system listens.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemAddrs {
+    pub auth: SocketAddr,
+    pub connection: SocketAddr,
+    pub progress: SocketAddr,
+    pub gateway: SocketAddr,
+}
+
+/// A running system: its addresses and its tasks.
+pub struct RunningSystem {
+    pub addrs: SystemAddrs,
+    tasks: JoinSet<anyhow::Result<()>>,
+    store: SharedStore,
+    shutdown: Shutdown,
+}
+
+impl RunningSystem {
+    /// Waits for every role to stop, makes the store's relaxed writes
+    /// durable, and returns the first error; a role that panicked is
+    /// re-raised as an error. A role that fails stops the others, since a
+    /// system missing one role cannot do its work.
+    pub async fn join(mut self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        while let Some(result) = self.tasks.join_next().await {
+            let outcome = match result {
+                Ok(outcome) => outcome,
+                Err(join) => Err(anyhow::anyhow!("a role panicked: {join}")),
+            };
+            if let Err(error) = outcome {
+                self.shutdown.cancel();
+                tracing::error!(error = %format!("{error:#}"), "role failed");
+                first_error.get_or_insert(error);
+            }
+        }
+        self.store.flush().await.context("cannot flush the store")?;
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// An address other local processes can dial for a listener's address
+/// (0.0.0.0 becomes 127.0.0.1).
+pub fn dial_addr(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    }
+}
+
+/// Starts all four roles on one embedded store in `config.data_dir`.
+pub async fn start_system(
+    listeners: SystemListeners,
+    mut config: SystemConfig,
+    shutdown: Shutdown,
+) -> anyhow::Result<RunningSystem> {
+    let addrs = SystemAddrs {
+        auth: listeners.auth.local_addr()?,
+        connection: listeners.connection.local_addr()?,
+        progress: listeners.progress.local_addr()?,
+        gateway: listeners.gateway.local_addr()?,
+    };
+    let url = |addr| format!("http://{}", dial_addr(addr));
+    config.connection.progress_endpoint = Some(url(addrs.progress));
+    config.progress.connection_endpoint = url(addrs.connection);
+    config.gateway.auth_endpoint = url(addrs.auth);
+    config.gateway.connection_endpoint = url(addrs.connection);
+
+    let store = open_embedded_store(&config.data_dir)?;
+    // Fail fast on a bad key configuration, before anything listens.
+    TokenValidator::new(config.auth.clone()).context("cannot load the token keys")?;
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(run_auth(listeners.auth, config.auth, shutdown.clone()));
+    tasks.spawn(run_connection(
+        listeners.connection,
+        store.clone(),
+        config.connection,
+        shutdown.clone(),
+    ));
+    tasks.spawn(run_progress(
+        listeners.progress,
+        store.clone(),
+        config.progress,
+        shutdown.clone(),
+    ));
+    tasks.spawn(run_gateway(listeners.gateway, config.gateway, shutdown.clone()));
+    Ok(RunningSystem {
+        addrs,
+        tasks,
+        store,
+        shutdown,
+    })
+}
