@@ -32,7 +32,13 @@ use crate::{SystemAddrs, SystemConfig, SystemListeners, dial_addr};
 )]
 pub struct Cli {
     /// Log format: one JSON object per line, or human-readable lines.
-    #[arg(long, env = "STREAMER_LOG_FORMAT", value_enum, default_value = "json", global = true)]
+    #[arg(
+        long,
+        env = "STREAMER_LOG_FORMAT",
+        value_enum,
+        default_value = "json",
+        global = true
+    )]
     pub log_format: LogFormat,
 
     #[command(subcommand)]
@@ -80,7 +86,11 @@ pub struct KeyArgs {
     #[arg(long, env = "STREAMER_ALLOWED_TENANTS", value_delimiter = ',')]
     pub allowed_tenants: Vec<String>,
     /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
-    #[arg(long = "auth-leeway-secs", env = "STREAMER_AUTH_LEEWAY_SECS", default_value_t = 30)]
+    #[arg(
+        long = "auth-leeway-secs",
+        env = "STREAMER_AUTH_LEEWAY_SECS",
+        default_value_t = 30
+    )]
     pub leeway_secs: u64,
 }
 
@@ -163,7 +173,11 @@ pub struct EdgeArgs {
 }
 
 impl EdgeArgs {
-    fn config(&self, auth_endpoint: String, connection_endpoint: String) -> anyhow::Result<GatewayConfig> {
+    fn config(
+        &self,
+        auth_endpoint: String,
+        connection_endpoint: String,
+    ) -> anyhow::Result<GatewayConfig> {
         if self.max_frame_bytes == 0 || self.outbound_queue == 0 {
             anyhow::bail!("--max-frame-bytes and --outbound-queue must be at least 1");
         }
@@ -182,7 +196,11 @@ impl EdgeArgs {
 #[derive(Debug, Args)]
 pub struct AuthCmd {
     /// Address to listen on.
-    #[arg(long = "listen", env = "STREAMER_AUTH_LISTEN", default_value = "0.0.0.0:50051")]
+    #[arg(
+        long = "listen",
+        env = "STREAMER_AUTH_LISTEN",
+        default_value = "0.0.0.0:50051"
+    )]
     pub listen: SocketAddr,
     /// Prometheus metrics address.
     #[arg(long, env = "STREAMER_METRICS_LISTEN", default_value = "0.0.0.0:9091")]
@@ -196,13 +214,21 @@ pub struct AuthCmd {
 #[derive(Debug, Args)]
 pub struct ConnectionCmd {
     /// Address to listen on.
-    #[arg(long = "listen", env = "STREAMER_CONNECTION_LISTEN", default_value = "0.0.0.0:50052")]
+    #[arg(
+        long = "listen",
+        env = "STREAMER_CONNECTION_LISTEN",
+        default_value = "0.0.0.0:50052"
+    )]
     pub listen: SocketAddr,
     /// Prometheus metrics address.
     #[arg(long, env = "STREAMER_METRICS_LISTEN", default_value = "0.0.0.0:9092")]
     pub metrics_listen: SocketAddr,
     /// ProgressService URL, for async actions and the request actions.
-    #[arg(long, env = "STREAMER_PROGRESS_URL", default_value = "http://127.0.0.1:50053")]
+    #[arg(
+        long,
+        env = "STREAMER_PROGRESS_URL",
+        default_value = "http://127.0.0.1:50053"
+    )]
     pub progress_url: String,
     #[command(flatten)]
     pub data: DataArgs,
@@ -211,13 +237,21 @@ pub struct ConnectionCmd {
 #[derive(Debug, Args)]
 pub struct ProgressCmd {
     /// Address to listen on.
-    #[arg(long = "listen", env = "STREAMER_PROGRESS_LISTEN", default_value = "0.0.0.0:50053")]
+    #[arg(
+        long = "listen",
+        env = "STREAMER_PROGRESS_LISTEN",
+        default_value = "0.0.0.0:50053"
+    )]
     pub listen: SocketAddr,
     /// Prometheus metrics address.
     #[arg(long, env = "STREAMER_METRICS_LISTEN", default_value = "0.0.0.0:9093")]
     pub metrics_listen: SocketAddr,
     /// ConnectionService URL, for identities and delivery.
-    #[arg(long, env = "STREAMER_CONNECTION_URL", default_value = "http://127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "STREAMER_CONNECTION_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
     pub connection_url: String,
     #[command(flatten)]
     pub data: DataArgs,
@@ -228,16 +262,28 @@ pub struct ProgressCmd {
 #[derive(Debug, Args)]
 pub struct GatewayCmd {
     /// Address to listen on.
-    #[arg(long = "listen", env = "STREAMER_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long = "listen",
+        env = "STREAMER_GATEWAY_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
     pub listen: SocketAddr,
     /// Prometheus metrics address.
     #[arg(long, env = "STREAMER_METRICS_LISTEN", default_value = "0.0.0.0:9094")]
     pub metrics_listen: SocketAddr,
     /// AuthService URL.
-    #[arg(long, env = "STREAMER_AUTH_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "STREAMER_AUTH_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub auth_url: String,
     /// ConnectionService URL.
-    #[arg(long, env = "STREAMER_CONNECTION_URL", default_value = "http://127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "STREAMER_CONNECTION_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
     pub connection_url: String,
     #[command(flatten)]
     pub edge: EdgeArgs,
@@ -249,10 +295,18 @@ pub struct AllCmd {
     #[arg(long, env = "STREAMER_AUTH_LISTEN", default_value = "0.0.0.0:50051")]
     pub auth_listen: SocketAddr,
     /// ConnectionService address.
-    #[arg(long, env = "STREAMER_CONNECTION_LISTEN", default_value = "0.0.0.0:50052")]
+    #[arg(
+        long,
+        env = "STREAMER_CONNECTION_LISTEN",
+        default_value = "0.0.0.0:50052"
+    )]
     pub connection_listen: SocketAddr,
     /// ProgressService address.
-    #[arg(long, env = "STREAMER_PROGRESS_LISTEN", default_value = "0.0.0.0:50053")]
+    #[arg(
+        long,
+        env = "STREAMER_PROGRESS_LISTEN",
+        default_value = "0.0.0.0:50053"
+    )]
     pub progress_listen: SocketAddr,
     /// WebSocket edge address.
     #[arg(long, env = "STREAMER_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
@@ -317,7 +371,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Token(cmd) = cli.command {
         return token(cmd);
     }
-    streamer_core::telemetry::init_logs(cli.log_format);
+    streamer_core::telemetry::init_logs(cli.log_format, "info");
     let shutdown = Shutdown::new();
     streamer_core::shutdown::cancel_on_signal(shutdown.clone());
     match cli.command {
@@ -388,7 +442,16 @@ async fn all(cmd: AllCmd, shutdown: Shutdown) -> anyhow::Result<()> {
         ttl: Duration::from_secs(24 * 3600),
         ..MintOptions::default()
     })?;
-    println!("{}", banner(&system.addrs, metrics_addr, &data_dir, &demo, cmd.keys.keys.is_empty()));
+    println!(
+        "{}",
+        banner(
+            &system.addrs,
+            metrics_addr,
+            &data_dir,
+            &demo,
+            cmd.keys.keys.is_empty()
+        )
+    );
     system.join().await
 }
 

@@ -141,7 +141,8 @@ pub struct SystemConfig {
 impl SystemConfig {
     /// Defaults, with the development key of `data_dir` (created if absent).
     pub fn development(data_dir: PathBuf) -> anyhow::Result<Self> {
-        streamer_auth::dev::ensure_dev_key(&data_dir).context("cannot create the development key")?;
+        streamer_auth::dev::ensure_dev_key(&data_dir)
+            .context("cannot create the development key")?;
         Ok(Self {
             auth: AuthConfig::new([streamer_auth::dev::public_key_path(&data_dir)]),
             data_dir,
@@ -238,7 +239,11 @@ pub async fn start_system(
         config.progress,
         shutdown.clone(),
     ));
-    tasks.spawn(run_gateway(listeners.gateway, config.gateway, shutdown.clone()));
+    tasks.spawn(run_gateway(
+        listeners.gateway,
+        config.gateway,
+        shutdown.clone(),
+    ));
     Ok(RunningSystem {
         addrs,
         tasks,

@@ -21,14 +21,16 @@ pub enum LogFormat {
     Plain,
 }
 
-/// Installs the global log subscriber. Safe to call more than once (later
-/// calls do nothing), which keeps tests that start several servers simple.
-pub fn init_logs(format: LogFormat) {
+/// Installs the global log subscriber, filtered by `STREAMER_LOG` or
+/// `RUST_LOG`, else by `default_filter` (e.g. "info"). Safe to call more
+/// than once (later calls do nothing), which keeps tests that start several
+/// servers simple.
+pub fn init_logs(format: LogFormat, default_filter: &str) {
     let filter = std::env::var("STREAMER_LOG")
         .ok()
         .and_then(|s| EnvFilter::try_new(s).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .unwrap_or_else(|| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

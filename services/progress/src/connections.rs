@@ -1,0 +1,118 @@
+//! ProgressService's view of ConnectionService: who is behind a connection,
+//! and delivering one message to it.
+
+use std::time::Duration;
+
+use streamer_api::v1;
+use streamer_api::v1::connection_service_client::ConnectionServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::ProgressError;
+
+/// The verified identity behind a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConnectionIdentity {
+    pub tenant_id: String,
+    pub user_id: String,
+}
+
+/// What became of one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    Delivered,
+    /// The connection is gone (not found, closed, or closed as a slow
+    /// consumer): retrying cannot help.
+    Gone,
+    /// ConnectionService could not be reached or failed: retrying may help.
+    Unavailable,
+}
+
+/// A cheap-to-clone client; tonic channels multiplex, so clones share one
+/// HTTP/2 connection.
+#[derive(Clone)]
+pub(crate) struct ConnectionDirectory {
+    client: ConnectionServiceClient<Channel>,
+}
+
+impl ConnectionDirectory {
+    /// Connects lazily, so this service may start before ConnectionService.
+    pub fn lazy(endpoint: &str) -> anyhow::Result<Self> {
+        let endpoint = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| anyhow::anyhow!("invalid connection endpoint {endpoint:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(5))
+            // A hung call must not stall a request's outbox forever.
+            .timeout(Duration::from_secs(10));
+        Ok(Self {
+            client: ConnectionServiceClient::new(endpoint.connect_lazy()),
+        })
+    }
+
+    pub async fn identity(&self, connection_id: &str) -> Result<ConnectionIdentity, ProgressError> {
+        let reply = self
+            .client
+            .clone()
+            .get_connection(v1::GetConnectionRequest {
+                connection_id: connection_id.to_owned(),
+                tenant_id: String::new(),
+            })
+            .await;
+        match reply {
+            Ok(connection) => {
+                let identity = connection.into_inner().identity.unwrap_or_default();
+                if identity.user_id.is_empty() {
+                    return Err(ProgressError::ConnectionService(format!(
+                        "connection {connection_id:?} has no identity"
+                    )));
+                }
+                Ok(ConnectionIdentity {
+                    tenant_id: identity.tenant_id,
+                    user_id: identity.user_id,
+                })
+            }
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                Err(ProgressError::ConnectionNotFound(connection_id.to_owned()))
+            }
+            Err(status) => Err(ProgressError::ConnectionService(
+                status.message().to_owned(),
+            )),
+        }
+    }
+
+    /// Sends one JSON message to a connection of `tenant_id`.
+    pub async fn send(
+        &self,
+        connection_id: &str,
+        tenant_id: &str,
+        message: serde_json::Value,
+    ) -> Delivery {
+        let reply = self
+            .client
+            .clone()
+            .send(v1::SendRequest {
+                connection_id: connection_id.to_owned(),
+                payload: Some(v1::Payload {
+                    body: Some(v1::payload::Body::Json(streamer_api::json::to_proto(
+                        message,
+                    ))),
+                }),
+                tenant_id: tenant_id.to_owned(),
+            })
+            .await;
+        match reply {
+            Ok(reply) => match reply.into_inner().outcome() {
+                v1::DeliveryOutcome::Delivered => Delivery::Delivered,
+                v1::DeliveryOutcome::NotFound
+                | v1::DeliveryOutcome::Gone
+                | v1::DeliveryOutcome::Throttled => Delivery::Gone,
+                // An outcome this build does not know: assume the worst
+                // that retrying can fix.
+                v1::DeliveryOutcome::Unspecified => Delivery::Unavailable,
+            },
+            Err(status) if status.code() == tonic::Code::NotFound => Delivery::Gone,
+            Err(status) => {
+                tracing::debug!(connection_id, code = ?status.code(), error = status.message(), "send failed");
+                Delivery::Unavailable
+            }
+        }
+    }
+}

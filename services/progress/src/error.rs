@@ -1,0 +1,106 @@
+//! The one error type of the service, and the one place that decides which
+//! gRPC status each case becomes.
+
+use streamer_core::store::{RequestStatus, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProgressError {
+    /// A field of the call is missing or out of range.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+
+    /// No such request, or it belongs to someone else (the two are
+    /// deliberately indistinguishable, so ids reveal nothing).
+    #[error("request not found")]
+    RequestNotFound,
+
+    /// The connection named by the caller does not exist (or is another
+    /// user's, for a resume).
+    #[error("connection {0:?} not found")]
+    ConnectionNotFound(String),
+
+    /// Nothing would ever run the action.
+    #[error("no processor handles action {0:?}")]
+    UnknownAction(String),
+
+    /// The request already reached a final state.
+    #[error("request {id} is already {status}: a request is completed at most once")]
+    AlreadyFinished { id: String, status: &'static str },
+
+    /// The caller does not hold the request's lease.
+    #[error("processor {processor_id:?} does not hold the lease of request {id}")]
+    NotLeaseHolder { id: String, processor_id: String },
+
+    /// Conditional writes kept losing to other writers.
+    #[error("{0} is being changed concurrently; retry")]
+    Contended(String),
+
+    /// The store failed.
+    #[error("store unavailable: {0}")]
+    Store(String),
+
+    /// ConnectionService could not be reached or failed.
+    #[error("connection service unavailable: {0}")]
+    ConnectionService(String),
+
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl ProgressError {
+    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn already_finished(id: &str, status: RequestStatus) -> Self {
+        Self::AlreadyFinished {
+            id: id.to_owned(),
+            status: status_name(status),
+        }
+    }
+}
+
+/// The lowercase name of a status, for messages and the client protocol.
+pub(crate) fn status_name(status: RequestStatus) -> &'static str {
+    match status {
+        RequestStatus::Pending => "queued",
+        RequestStatus::Processing => "processing",
+        RequestStatus::Completed => "completed",
+        RequestStatus::Failed => "failed",
+        RequestStatus::Cancelled => "cancelled",
+    }
+}
+
+impl From<StoreError> for ProgressError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            // Callers retry conflicts themselves; one that escapes means the
+            // retries ran out, which the caller may try again.
+            StoreError::Conflict => Self::Contended("the request".to_owned()),
+            StoreError::Backend(message) => Self::Store(message),
+        }
+    }
+}
+
+impl From<ProgressError> for tonic::Status {
+    fn from(error: ProgressError) -> Self {
+        let message = error.to_string();
+        match error {
+            ProgressError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
+            ProgressError::RequestNotFound | ProgressError::ConnectionNotFound(_) => {
+                tonic::Status::not_found(message)
+            }
+            ProgressError::UnknownAction(_)
+            | ProgressError::AlreadyFinished { .. }
+            | ProgressError::NotLeaseHolder { .. } => tonic::Status::failed_precondition(message),
+            ProgressError::Contended(_) => tonic::Status::aborted(message),
+            ProgressError::Store(_)
+            | ProgressError::ConnectionService(_)
+            | ProgressError::ShuttingDown => tonic::Status::unavailable(message),
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! ProgressService: the lifecycle of long-running requests.
+//!
+//! A router submits a request for a client's connection; processors claim
+//! it under a lease, report progress, and complete or fail it; the client
+//! receives an `acknowledgment`, rate-limited and coalesced `progress`, and
+//! exactly one final `complete` or `error`, in that order, through
+//! ConnectionService.
+//!
+//! Layout:
+//! - [`model`]: the service's commands, validated out of the wire types
+//!   (`TryFrom`, where INVALID_ARGUMENT comes from).
+//! - `lifecycle`: every state change (conditional writes on the store), the
+//!   dispatcher that hands PENDING work to processors round robin, and the
+//!   sweeper that takes back lapsed leases.
+//! - `outbox`: one sender task per request that talks to its client, in
+//!   order, rate-limited, with the final message never dropped.
+//! - `messages`: the JSON the client sees.
+//! - `connections`: the ConnectionService client (identity and delivery).
+//! - `grpc`: the thin tonic adapter.
+//!
+//! Invariants: the store is the truth and every transition is a
+//! conditional write, so a request finishes at most once even with several
+//! replicas; user and tenant come from the connection's verified identity,
+//! never from the caller; nothing is sent to a client after its request's
+//! final message.
+
+#![forbid(unsafe_code)]
+
+mod connections;
+mod error;
+mod grpc;
+mod lifecycle;
+mod messages;
+pub mod model;
+mod outbox;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use streamer_api::v1::progress_service_server::ProgressServiceServer;
+use streamer_core::shutdown::Shutdown;
+use streamer_core::store::SharedStore;
+use tokio_util::task::TaskTracker;
+
+pub use error::ProgressError;
+
+use crate::connections::ConnectionDirectory;
+use crate::lifecycle::Lifecycle;
+
+/// How the service runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressConfig {
+    /// ConnectionService's URL, e.g. `http://127.0.0.1:50052`. Connected
+    /// lazily, so the two may start in any order.
+    pub connection_endpoint: String,
+    /// Most progress messages per second per request sent to the client;
+    /// 0 (or less) means no limit.
+    pub progress_rate: f64,
+    /// The lease of a processor that asks for none.
+    pub default_lease: Duration,
+    /// Hand-outs before a request whose leases keep lapsing fails.
+    pub max_attempts: u32,
+    /// Actions Submit accepts even before any processor declared them.
+    pub async_actions: Vec<String>,
+}
+
+impl Default for ProgressConfig {
+    fn default() -> Self {
+        Self {
+            connection_endpoint: "http://127.0.0.1:50052".to_owned(),
+            progress_rate: 10.0,
+            default_lease: Duration::from_secs(30),
+            max_attempts: 3,
+            async_actions: Vec::new(),
+        }
+    }
+}
+
+impl ProgressConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.max_attempts >= 1, "max_attempts must be at least 1");
+        let max_lease = Duration::from_secs(u64::from(model::MAX_LEASE_SECONDS));
+        anyhow::ensure!(
+            self.default_lease >= Duration::from_secs(1) && self.default_lease <= max_lease,
+            "default_lease must be 1 s..=1 h, not {:?}",
+            self.default_lease
+        );
+        anyhow::ensure!(
+            !self.progress_rate.is_nan(),
+            "progress_rate must be a number"
+        );
+        Ok(())
+    }
+}
+
+/// The running service. A cheap-to-clone handle.
+#[derive(Clone)]
+pub struct ProgressServer {
+    lifecycle: Arc<Lifecycle>,
+    tasks: TaskTracker,
+}
+
+impl ProgressServer {
+    /// Loads unfinished requests from the store (PENDING ones are queued
+    /// again; PROCESSING ones keep their lease until it lapses, so a
+    /// processor that reconnects can still complete them) and starts the
+    /// dispatcher and the lease sweeper. Every background task ends when
+    /// `shutdown` is cancelled.
+    pub async fn start(
+        store: SharedStore,
+        config: ProgressConfig,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<Self> {
+        config.validate()?;
+        let connections = ConnectionDirectory::lazy(&config.connection_endpoint)?;
+        let tasks = TaskTracker::new();
+        let lifecycle = Arc::new(Lifecycle::new(
+            store,
+            config,
+            connections,
+            shutdown,
+            tasks.clone(),
+        ));
+        lifecycle.start().await?;
+        Ok(Self { lifecycle, tasks })
+    }
+
+    pub fn into_service(self) -> ProgressServiceServer<Self> {
+        ProgressServiceServer::new(self)
+    }
+
+    /// Resolves once every background task has ended (after shutdown).
+    pub async fn stopped(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}

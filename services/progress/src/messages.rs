@@ -1,0 +1,99 @@
+//! The JSON messages the client receives, in the original Streamer
+//! clients' shapes. `sequence` orders them within a request: the
+//! acknowledgment is 0, every later update has a larger number (progress
+//! that was coalesced away leaves a gap).
+
+use serde_json::{Map, Value, json};
+use streamer_core::store::{RequestRecord, RequestStatus};
+use streamer_core::timestamp;
+
+use crate::error::status_name;
+
+/// ISO-8601 UTC, e.g. `2025-01-02T03:04:05.678Z`.
+pub(crate) fn iso8601(ms: u64) -> String {
+    timestamp(ms).to_string()
+}
+
+pub(crate) fn acknowledgment(record: &RequestRecord, duplicate: bool) -> Value {
+    let mut message = json!({
+        "type": "acknowledgment",
+        "request_id": record.client_request_id,
+        "id": record.id,
+        // A repeat tells the client where its request really is.
+        "status": if duplicate { status_name(record.status) } else { "queued" },
+        "sequence": 0,
+        "timestamp": iso8601(streamer_core::store::now_ms()),
+    });
+    if duplicate {
+        message["duplicate"] = Value::Bool(true);
+    }
+    message
+}
+
+/// The latest progress of `record`, when it has any.
+pub(crate) fn progress(record: &RequestRecord) -> Option<Value> {
+    let p = record.progress.as_ref()?;
+    let mut message = json!({
+        "type": "progress",
+        "request_id": record.client_request_id,
+        "percentage": p.percentage,
+        "message": p.message,
+        "timestamp": iso8601(p.updated_at_ms),
+        "sequence": p.sequence,
+    });
+    if !p.metadata.is_empty() {
+        message["metadata"] = Value::Object(p.metadata.clone());
+    }
+    Some(message)
+}
+
+/// The one final message of a finished request; `None` while it runs.
+pub(crate) fn final_message(record: &RequestRecord) -> Option<Value> {
+    match record.status {
+        RequestStatus::Pending | RequestStatus::Processing => None,
+        RequestStatus::Completed => Some(json!({
+            "type": "complete",
+            "request_id": record.client_request_id,
+            "result": record.result.clone().unwrap_or(Value::Null),
+            "timestamp": iso8601(record.updated_at_ms),
+            "sequence": record.sequence,
+        })),
+        RequestStatus::Failed => {
+            let (code, message, extra) = match &record.error {
+                Some(e) => (e.code.as_str(), e.message.as_str(), e.details.clone()),
+                None => ("PROCESSING_FAILED", "processing failed", Map::new()),
+            };
+            let mut details = Map::new();
+            details.insert("code".to_owned(), Value::from(code));
+            // The processor's own details, but never over its code.
+            for (k, v) in extra {
+                details.entry(k).or_insert(v);
+            }
+            Some(error(record, message, details))
+        }
+        RequestStatus::Cancelled => {
+            let mut details = Map::new();
+            details.insert("status".to_owned(), Value::from("cancelled"));
+            if let Some(reason) = record.error.as_ref().map(|e| &e.details)
+                && let Some(reason) = reason.get("reason")
+            {
+                details.insert("reason".to_owned(), reason.clone());
+            }
+            Some(error(record, "request cancelled", details))
+        }
+    }
+}
+
+fn error(record: &RequestRecord, message: &str, details: Map<String, Value>) -> Value {
+    json!({
+        "type": "error",
+        "request_id": record.client_request_id,
+        "error": {
+            "code": "PROCESSING_FAILED",
+            "message": message,
+            "details": details,
+        },
+        "timestamp": iso8601(record.updated_at_ms),
+        "sequence": record.sequence,
+    })
+}

@@ -1,0 +1,433 @@
+//! The service's own types, and the conversions to and from the wire.
+//!
+//! Every `TryFrom<proto>` here is where validation happens: the lifecycle
+//! only ever sees a command that is well formed, and a malformed call is
+//! INVALID_ARGUMENT before anything is read or written.
+
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use streamer_api::json::{from_proto, object_to_struct, struct_to_object, to_proto};
+use streamer_api::v1;
+use streamer_core::store::{RequestError, RequestRecord, RequestStatus};
+use streamer_core::timestamp;
+
+use crate::error::ProgressError;
+
+/// The longest action name, client request id or processor id accepted.
+const MAX_NAME_LEN: usize = 256;
+/// The most actions one processor may declare.
+const MAX_ACTIONS: usize = 256;
+/// The most requests one processor may hold at once.
+pub(crate) const MAX_IN_FLIGHT: u32 = 1000;
+/// The longest lease a processor may ask for.
+pub(crate) const MAX_LEASE_SECONDS: u32 = 3600;
+
+/// A name the store can index: non-empty, bounded, and free of NUL, which
+/// the store uses as its key separator.
+fn name(field: &'static str, value: String) -> Result<String, ProgressError> {
+    if value.is_empty() {
+        return Err(ProgressError::invalid(field, "is required"));
+    }
+    optional_name(field, value)
+}
+
+fn optional_name(field: &'static str, value: String) -> Result<String, ProgressError> {
+    if value.len() > MAX_NAME_LEN {
+        return Err(ProgressError::invalid(
+            field,
+            format!("is longer than {MAX_NAME_LEN} bytes"),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(ProgressError::invalid(field, "contains a NUL character"));
+    }
+    Ok(value)
+}
+
+fn object(s: Option<prost_types::Struct>) -> Map<String, Value> {
+    s.map(struct_to_object).unwrap_or_default()
+}
+
+fn json(v: Option<prost_types::Value>) -> Value {
+    v.map(from_proto).unwrap_or(Value::Null)
+}
+
+/// The identity a caller scopes a lookup to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub tenant_id: String,
+    pub user_id: String,
+}
+
+impl Owner {
+    pub(crate) fn owns(&self, record: &RequestRecord) -> bool {
+        self.tenant_id == record.tenant_id && self.user_id == record.user_id
+    }
+}
+
+impl TryFrom<v1::Identity> for Owner {
+    type Error = ProgressError;
+    fn try_from(identity: v1::Identity) -> Result<Self, Self::Error> {
+        Ok(Self {
+            user_id: name("owner.user_id", identity.user_id)?,
+            tenant_id: optional_name("owner.tenant_id", identity.tenant_id)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Submit {
+    pub connection_id: String,
+    pub action: String,
+    /// The client's id; `None` when the client gave none.
+    pub request_id: Option<String>,
+    pub payload: Value,
+    pub metadata: Map<String, Value>,
+}
+
+impl TryFrom<v1::SubmitRequest> for Submit {
+    type Error = ProgressError;
+    fn try_from(r: v1::SubmitRequest) -> Result<Self, Self::Error> {
+        let request_id = optional_name("request_id", r.request_id)?;
+        Ok(Self {
+            connection_id: name("connection_id", r.connection_id)?,
+            action: name("action", r.action)?,
+            request_id: (!request_id.is_empty()).then_some(request_id),
+            payload: json(r.payload),
+            metadata: object(r.metadata),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub processor_id: String,
+    pub actions: Vec<String>,
+    pub max_in_flight: usize,
+    /// `None`: the server's default lease.
+    pub lease: Option<Duration>,
+}
+
+impl TryFrom<v1::ClaimRequest> for Claim {
+    type Error = ProgressError;
+    fn try_from(r: v1::ClaimRequest) -> Result<Self, Self::Error> {
+        if r.actions.is_empty() {
+            return Err(ProgressError::invalid(
+                "actions",
+                "at least one is required",
+            ));
+        }
+        if r.actions.len() > MAX_ACTIONS {
+            return Err(ProgressError::invalid(
+                "actions",
+                format!("at most {MAX_ACTIONS} are allowed"),
+            ));
+        }
+        let actions = r
+            .actions
+            .into_iter()
+            .map(|a| name("actions", a))
+            .collect::<Result<Vec<_>, _>>()?;
+        if r.max_in_flight > MAX_IN_FLIGHT {
+            return Err(ProgressError::invalid(
+                "max_in_flight",
+                format!("must be at most {MAX_IN_FLIGHT}"),
+            ));
+        }
+        if r.lease_seconds > MAX_LEASE_SECONDS {
+            return Err(ProgressError::invalid(
+                "lease_seconds",
+                format!("must be 1..={MAX_LEASE_SECONDS} (0 for the default)"),
+            ));
+        }
+        Ok(Self {
+            processor_id: name("processor_id", r.processor_id)?,
+            actions,
+            max_in_flight: r.max_in_flight.max(1) as usize,
+            lease: (r.lease_seconds > 0).then(|| Duration::from_secs(u64::from(r.lease_seconds))),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub id: String,
+    pub processor_id: String,
+    pub percentage: f64,
+    pub message: String,
+    pub metadata: Map<String, Value>,
+}
+
+impl TryFrom<v1::ProgressReport> for Report {
+    type Error = ProgressError;
+    fn try_from(r: v1::ProgressReport) -> Result<Self, Self::Error> {
+        // The negated range check also refuses NaN.
+        if !(0.0..=100.0).contains(&r.percentage) {
+            return Err(ProgressError::invalid("percentage", "must be 0..=100"));
+        }
+        Ok(Self {
+            id: name("id", r.id)?,
+            processor_id: name("processor_id", r.processor_id)?,
+            percentage: r.percentage,
+            message: r.message,
+            metadata: object(r.metadata),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Complete {
+    pub id: String,
+    pub processor_id: String,
+    pub result: Value,
+}
+
+impl TryFrom<v1::CompleteRequest> for Complete {
+    type Error = ProgressError;
+    fn try_from(r: v1::CompleteRequest) -> Result<Self, Self::Error> {
+        Ok(Self {
+            id: name("id", r.id)?,
+            processor_id: name("processor_id", r.processor_id)?,
+            result: json(r.result),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Fail {
+    pub id: String,
+    pub processor_id: String,
+    pub error: RequestError,
+    pub retryable: bool,
+}
+
+impl TryFrom<v1::FailRequest> for Fail {
+    type Error = ProgressError;
+    fn try_from(r: v1::FailRequest) -> Result<Self, Self::Error> {
+        let error = r.error.unwrap_or_default();
+        Ok(Self {
+            id: name("id", r.id)?,
+            processor_id: name("processor_id", r.processor_id)?,
+            error: RequestError {
+                code: if error.code.is_empty() {
+                    "PROCESSING_FAILED".to_owned()
+                } else {
+                    error.code
+                },
+                message: if error.message.is_empty() {
+                    "processing failed".to_owned()
+                } else {
+                    error.message
+                },
+                details: object(error.details),
+            },
+            retryable: r.retryable,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Cancel {
+    pub id: String,
+    pub reason: String,
+    pub owner: Option<Owner>,
+}
+
+impl TryFrom<v1::CancelRequest> for Cancel {
+    type Error = ProgressError;
+    fn try_from(r: v1::CancelRequest) -> Result<Self, Self::Error> {
+        Ok(Self {
+            id: name("id", r.id)?,
+            reason: r.reason,
+            owner: r.owner.map(Owner::try_from).transpose()?,
+        })
+    }
+}
+
+/// How a caller names a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Id(String),
+    Client {
+        tenant_id: String,
+        user_id: String,
+        request_id: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub selector: Selector,
+    pub owner: Option<Owner>,
+    /// Resume delivery on this connection.
+    pub deliver_to: Option<String>,
+}
+
+impl TryFrom<v1::GetRequest> for Lookup {
+    type Error = ProgressError;
+    fn try_from(r: v1::GetRequest) -> Result<Self, Self::Error> {
+        let selector = match r.selector {
+            Some(v1::get_request::Selector::Id(id)) => Selector::Id(name("id", id)?),
+            Some(v1::get_request::Selector::Client(c)) => Selector::Client {
+                tenant_id: optional_name("client.tenant_id", c.tenant_id)?,
+                user_id: name("client.user_id", c.user_id)?,
+                request_id: name("client.request_id", c.request_id)?,
+            },
+            None => {
+                return Err(ProgressError::invalid(
+                    "selector",
+                    "id or client is required",
+                ));
+            }
+        };
+        let deliver_to = optional_name("deliver_to_connection_id", r.deliver_to_connection_id)?;
+        Ok(Self {
+            selector,
+            owner: r.owner.map(Owner::try_from).transpose()?,
+            deliver_to: (!deliver_to.is_empty()).then_some(deliver_to),
+        })
+    }
+}
+
+pub(crate) fn status_to_proto(status: RequestStatus) -> v1::RequestStatus {
+    match status {
+        RequestStatus::Pending => v1::RequestStatus::Pending,
+        RequestStatus::Processing => v1::RequestStatus::Processing,
+        RequestStatus::Completed => v1::RequestStatus::Completed,
+        RequestStatus::Failed => v1::RequestStatus::Failed,
+        RequestStatus::Cancelled => v1::RequestStatus::Cancelled,
+    }
+}
+
+/// A stored request as the wire shows it.
+pub(crate) fn request_to_proto(r: RequestRecord) -> v1::Request {
+    v1::Request {
+        id: r.id,
+        request_id: r.client_request_id,
+        identity: Some(v1::Identity {
+            user_id: r.user_id,
+            tenant_id: r.tenant_id,
+            permissions: Vec::new(),
+        }),
+        connection_id: r.connection_id,
+        action: r.action,
+        payload: Some(to_proto(r.payload)),
+        metadata: Some(object_to_struct(r.metadata)),
+        status: status_to_proto(r.status) as i32,
+        attempts: r.attempts,
+        progress: r.progress.map(|p| v1::Progress {
+            percentage: p.percentage,
+            message: p.message,
+            metadata: Some(object_to_struct(p.metadata)),
+            updated_at: Some(timestamp(p.updated_at_ms)),
+            sequence: p.sequence,
+        }),
+        result: r.result.map(to_proto),
+        error: r.error.map(|e| v1::RequestError {
+            code: e.code,
+            message: e.message,
+            details: Some(object_to_struct(e.details)),
+        }),
+        created_at: Some(timestamp(r.created_at_ms)),
+        updated_at: Some(timestamp(r.updated_at_ms)),
+        processor_id: r.processor_id.unwrap_or_default(),
+        lease_expires_at: r.lease_expires_at_ms.map(timestamp),
+        sequence: r.sequence,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_defaults_and_limits() {
+        let claim = Claim::try_from(v1::ClaimRequest {
+            processor_id: "p".into(),
+            actions: vec!["a".into()],
+            max_in_flight: 0,
+            lease_seconds: 0,
+        })
+        .unwrap();
+        assert_eq!(claim.max_in_flight, 1);
+        assert_eq!(claim.lease, None);
+
+        for bad in [
+            v1::ClaimRequest {
+                processor_id: String::new(),
+                actions: vec!["a".into()],
+                ..Default::default()
+            },
+            v1::ClaimRequest {
+                processor_id: "p".into(),
+                actions: vec![],
+                ..Default::default()
+            },
+            v1::ClaimRequest {
+                processor_id: "p".into(),
+                actions: vec!["a".into()],
+                lease_seconds: 3601,
+                ..Default::default()
+            },
+            v1::ClaimRequest {
+                processor_id: "p".into(),
+                actions: vec!["a".into()],
+                max_in_flight: 1001,
+                ..Default::default()
+            },
+        ] {
+            let err = Claim::try_from(bad).unwrap_err();
+            assert!(
+                matches!(err, ProgressError::InvalidArgument { .. }),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn report_percentage_must_be_in_range() {
+        for pct in [-0.5, 100.5, f64::NAN] {
+            let err = Report::try_from(v1::ProgressReport {
+                id: "r".into(),
+                processor_id: "p".into(),
+                percentage: pct,
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(matches!(
+                err,
+                ProgressError::InvalidArgument {
+                    field: "percentage",
+                    ..
+                }
+            ));
+        }
+    }
+
+    #[test]
+    fn submit_refuses_nul_in_request_id_and_empties_become_none() {
+        let err = Submit::try_from(v1::SubmitRequest {
+            connection_id: "c".into(),
+            action: "a".into(),
+            request_id: "x\0y".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            ProgressError::InvalidArgument {
+                field: "request_id",
+                ..
+            }
+        ));
+        let ok = Submit::try_from(v1::SubmitRequest {
+            connection_id: "c".into(),
+            action: "a".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(ok.request_id, None);
+        assert_eq!(ok.payload, Value::Null);
+    }
+}

@@ -1,0 +1,329 @@
+//! Per-request outboxes: the one place that decides what a client is sent,
+//! and when.
+//!
+//! Each request with something to say has one task that sends strictly in
+//! order, awaiting each `Send` before the next:
+//!
+//! 1. the acknowledgment, first;
+//! 2. progress, at most `progress_rate` per second, coalesced in a single
+//!    latest-wins slot (a newer update replaces an unsent older one);
+//! 3. the final `complete` or `error`, which is never dropped, discards any
+//!    unsent progress, and ends the task: nothing follows it.
+//!
+//! Messages go to the request's connection as stored *at send time*, so a
+//! client that resumed on a new connection gets what follows there.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::Value;
+use streamer_core::shutdown::Shutdown;
+use streamer_core::store::SharedStore;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use crate::connections::{ConnectionDirectory, Delivery};
+
+/// Attempts at an acknowledgment or final message while ConnectionService is
+/// unavailable.
+const IMPORTANT_ATTEMPTS: u32 = 5;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Acknowledgment,
+    Progress,
+    Final,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Acknowledgment => "acknowledgment",
+            Kind::Progress => "progress",
+            Kind::Final => "final",
+        }
+    }
+}
+
+/// What is waiting to be sent for one request.
+#[derive(Default)]
+struct Slots {
+    acknowledgment: Option<Value>,
+    /// Latest wins; with its sequence, so an older update arriving late
+    /// never replaces a newer one.
+    progress: Option<(u64, Value)>,
+    /// The highest progress sequence accepted so far.
+    progress_sequence: u64,
+    final_message: Option<Value>,
+    /// Set once the final message was taken: later pushes are ignored.
+    closed: bool,
+}
+
+struct Mailbox {
+    slots: Mutex<Slots>,
+    wake: Notify,
+}
+
+impl Mailbox {
+    /// The slots' lock guards a few field assignments and is never held
+    /// across an await; a poisoned one still holds consistent data.
+    fn slots(&self) -> MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Context {
+    store: SharedStore,
+    connections: ConnectionDirectory,
+    /// `None`: progress is not rate-limited.
+    min_interval: Option<Duration>,
+    shutdown: Shutdown,
+    tasks: TaskTracker,
+}
+
+/// Every live outbox, by request id. A cheap-to-clone handle.
+#[derive(Clone)]
+pub(crate) struct Outboxes {
+    ctx: Arc<Context>,
+    // A plain mutex: lookups and inserts only, never held across an await.
+    live: Arc<Mutex<HashMap<String, Arc<Mailbox>>>>,
+}
+
+impl Outboxes {
+    pub fn new(
+        store: SharedStore,
+        connections: ConnectionDirectory,
+        progress_rate: f64,
+        shutdown: Shutdown,
+        tasks: TaskTracker,
+    ) -> Self {
+        let min_interval = (progress_rate.is_finite() && progress_rate > 0.0)
+            .then(|| Duration::from_secs_f64(1.0 / progress_rate));
+        Self {
+            ctx: Arc::new(Context {
+                store,
+                connections,
+                min_interval,
+                shutdown,
+                tasks,
+            }),
+            live: Arc::default(),
+        }
+    }
+
+    fn live(&self) -> MutexGuard<'_, HashMap<String, Arc<Mailbox>>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The request's mailbox, starting its sender task if it has none.
+    fn mailbox(&self, id: &str, tenant_id: &str, connection_id: &str) -> Arc<Mailbox> {
+        let mut live = self.live();
+        if let Some(mailbox) = live.get(id) {
+            return mailbox.clone();
+        }
+        let mailbox = Arc::new(Mailbox {
+            slots: Mutex::default(),
+            wake: Notify::new(),
+        });
+        live.insert(id.to_owned(), mailbox.clone());
+        drop(live);
+        let sender = Sender {
+            outboxes: self.clone(),
+            mailbox: mailbox.clone(),
+            id: id.to_owned(),
+            tenant_id: tenant_id.to_owned(),
+            connection_id: connection_id.to_owned(),
+        };
+        self.ctx.tasks.spawn(sender.run());
+        mailbox
+    }
+
+    pub fn acknowledgment(&self, id: &str, tenant_id: &str, connection_id: &str, message: Value) {
+        let mailbox = self.mailbox(id, tenant_id, connection_id);
+        let mut slots = mailbox.slots();
+        if slots.closed {
+            return;
+        }
+        slots.acknowledgment = Some(message);
+        drop(slots);
+        mailbox.wake.notify_one();
+    }
+
+    pub fn progress(
+        &self,
+        id: &str,
+        tenant_id: &str,
+        connection_id: &str,
+        sequence: u64,
+        message: Value,
+    ) {
+        let mailbox = self.mailbox(id, tenant_id, connection_id);
+        let mut slots = mailbox.slots();
+        if slots.closed || slots.final_message.is_some() || sequence <= slots.progress_sequence {
+            return;
+        }
+        slots.progress_sequence = sequence;
+        if slots.progress.replace((sequence, message)).is_some() {
+            metrics::counter!("streamer_progress_coalesced_total").increment(1);
+        }
+        drop(slots);
+        mailbox.wake.notify_one();
+    }
+
+    pub fn final_message(&self, id: &str, tenant_id: &str, connection_id: &str, message: Value) {
+        let mailbox = self.mailbox(id, tenant_id, connection_id);
+        let mut slots = mailbox.slots();
+        if slots.closed {
+            return;
+        }
+        if slots.progress.take().is_some() {
+            metrics::counter!("streamer_progress_coalesced_total").increment(1);
+        }
+        slots.final_message = Some(message);
+        drop(slots);
+        mailbox.wake.notify_one();
+    }
+
+    fn remove(&self, id: &str, mailbox: &Arc<Mailbox>) {
+        let mut live = self.live();
+        if live.get(id).is_some_and(|m| Arc::ptr_eq(m, mailbox)) {
+            live.remove(id);
+        }
+    }
+}
+
+enum Next {
+    Send(Kind, Value),
+    WaitUntil(Instant),
+    Idle,
+}
+
+/// The task behind one mailbox.
+struct Sender {
+    outboxes: Outboxes,
+    mailbox: Arc<Mailbox>,
+    id: String,
+    tenant_id: String,
+    /// The connection known when the mailbox opened; used only when the
+    /// store cannot say which one is current.
+    connection_id: String,
+}
+
+impl Sender {
+    async fn run(self) {
+        let ctx = self.outboxes.ctx.clone();
+        let mut last_progress: Option<Instant> = None;
+        loop {
+            let next = {
+                let mut slots = self.mailbox.slots();
+                if let Some(message) = slots.acknowledgment.take() {
+                    Next::Send(Kind::Acknowledgment, message)
+                } else if let Some(message) = slots.final_message.take() {
+                    slots.closed = true;
+                    Next::Send(Kind::Final, message)
+                } else if slots.progress.is_some() {
+                    let due = match (last_progress, ctx.min_interval) {
+                        (Some(last), Some(interval)) => last + interval,
+                        _ => Instant::now(),
+                    };
+                    if due <= Instant::now() {
+                        match slots.progress.take() {
+                            Some((_, message)) => Next::Send(Kind::Progress, message),
+                            None => Next::Idle,
+                        }
+                    } else {
+                        Next::WaitUntil(due)
+                    }
+                } else {
+                    Next::Idle
+                }
+            };
+            match next {
+                Next::Send(kind, message) => {
+                    if kind == Kind::Progress {
+                        last_progress = Some(Instant::now());
+                    }
+                    self.deliver(kind, message).await;
+                    if kind == Kind::Final {
+                        break;
+                    }
+                }
+                Next::WaitUntil(due) => {
+                    tokio::select! {
+                        () = self.mailbox.wake.notified() => {}
+                        () = tokio::time::sleep_until(due) => {}
+                        () = ctx.shutdown.cancelled() => break,
+                    }
+                }
+                Next::Idle => {
+                    tokio::select! {
+                        () = self.mailbox.wake.notified() => {}
+                        () = ctx.shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+        {
+            // Whatever is still queued stays in the store, where a client
+            // that asks again finds it.
+            let mut slots = self.mailbox.slots();
+            slots.closed = true;
+        }
+        self.outboxes.remove(&self.id, &self.mailbox);
+    }
+
+    /// The connection the request's updates go to now.
+    async fn current_connection(&self) -> String {
+        match self.outboxes.ctx.store.get_request(&self.id).await {
+            Ok(Some(record)) => record.connection_id,
+            Ok(None) => self.connection_id.clone(),
+            Err(error) => {
+                tracing::warn!(request = %self.id, %error, "cannot read request; sending to its last known connection");
+                self.connection_id.clone()
+            }
+        }
+    }
+
+    async fn deliver(&self, kind: Kind, message: Value) {
+        let ctx = &self.outboxes.ctx;
+        let attempts = if kind == Kind::Progress {
+            // A newer update will follow, or the final one will.
+            1
+        } else {
+            IMPORTANT_ATTEMPTS
+        };
+        let mut backoff = FIRST_BACKOFF;
+        for attempt in 1..=attempts {
+            let connection_id = self.current_connection().await;
+            match ctx
+                .connections
+                .send(&connection_id, &self.tenant_id, message.clone())
+                .await
+            {
+                Delivery::Delivered => {
+                    metrics::counter!("streamer_progress_messages_total", "kind" => kind.label())
+                        .increment(1);
+                    return;
+                }
+                Delivery::Gone => {
+                    // The state is stored: the client can resume with Get.
+                    tracing::debug!(request = %self.id, connection_id, kind = kind.label(), "connection gone; message dropped");
+                    break;
+                }
+                Delivery::Unavailable if attempt < attempts && !ctx.shutdown.is_cancelled() => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Delivery::Unavailable => {
+                    tracing::warn!(request = %self.id, connection_id, kind = kind.label(), attempt, "connection service unavailable; message dropped");
+                    break;
+                }
+            }
+        }
+        metrics::counter!("streamer_progress_dropped_total", "kind" => kind.label()).increment(1);
+    }
+}

@@ -1,0 +1,262 @@
+//! The end-to-end harness: a whole Streamer system in this process, on
+//! listeners bound to `127.0.0.1:0` before the servers start (so there is
+//! never a port race), with real gRPC clients and real WebSocket clients.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+use streamer::{RunningSystem, SystemAddrs, SystemConfig, SystemListeners};
+use streamer_api::v1::{
+    connection_service_client::ConnectionServiceClient,
+    progress_service_client::ProgressServiceClient,
+};
+use streamer_auth::dev::{DevKey, MintOptions};
+use streamer_core::shutdown::Shutdown;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tonic::transport::Channel;
+
+/// How long any single awaited event may take before a test fails.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Awaits `future`, failing the test with `what` if it takes too long.
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(EVENT_TIMEOUT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Re-checks `check` until it holds, failing after [`EVENT_TIMEOUT`]. For
+/// state that has no event to await (a record removed by another process).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    within(what, async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+pub struct TestSystem {
+    pub addrs: SystemAddrs,
+    pub data_dir: Option<tempfile::TempDir>,
+    pub shutdown: Shutdown,
+    system: Option<RunningSystem>,
+    key: DevKey,
+}
+
+impl TestSystem {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a system whose configuration `adjust` may change first.
+    pub async fn start_with(adjust: impl FnOnce(&mut SystemConfig)) -> Self {
+        let data_dir = tempfile::tempdir().unwrap();
+        Self::start_in(data_dir, adjust).await
+    }
+
+    /// Starts a system on an existing data directory (a restart).
+    pub async fn start_in(
+        data_dir: tempfile::TempDir,
+        adjust: impl FnOnce(&mut SystemConfig),
+    ) -> Self {
+        streamer_core::telemetry::init_logs(streamer_core::telemetry::LogFormat::Plain, "warn");
+        let mut config = SystemConfig::development(data_dir.path().to_path_buf()).unwrap();
+        adjust(&mut config);
+        let key = streamer_auth::dev::load_dev_key(data_dir.path()).unwrap();
+        let shutdown = Shutdown::new();
+        let listeners = SystemListeners::ephemeral().await.unwrap();
+        let system = streamer::start_system(listeners, config, shutdown.clone())
+            .await
+            .unwrap();
+        let this = Self {
+            addrs: system.addrs,
+            data_dir: Some(data_dir),
+            shutdown,
+            system: Some(system),
+            key,
+        };
+        this.wait_ready().await;
+        this
+    }
+
+    /// Waits until the edge is attached to ConnectionService, so clients
+    /// can connect.
+    async fn wait_ready(&self) {
+        let url = format!("http://{}/readyz", self.addrs.gateway);
+        eventually("the edge to attach", || {
+            let url = url.clone();
+            async move { http_status(&url).await == Some(200) }
+        })
+        .await;
+    }
+
+    /// Stops the system, re-raising any role's failure, and hands back the
+    /// data directory for a restart.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.shutdown.cancel();
+        let system = self.system.take().unwrap();
+        within("the system to stop", system.join()).await.unwrap();
+        self.data_dir.take().unwrap()
+    }
+
+    pub fn token(&self, sub: &str, tenant: &str) -> String {
+        self.mint(MintOptions {
+            sub: sub.into(),
+            tenant: tenant.into(),
+            ..MintOptions::default()
+        })
+    }
+
+    pub fn mint(&self, options: MintOptions) -> String {
+        self.key.mint(&options).unwrap()
+    }
+
+    pub fn ws_url(&self, token: &str) -> String {
+        format!("ws://{}/?Authorization={token}", self.addrs.gateway)
+    }
+
+    /// Connects a WebSocket client for `sub` in `tenant`.
+    pub async fn connect(&self, sub: &str, tenant: &str) -> WsClient {
+        let url = self.ws_url(&self.token(sub, tenant));
+        let (ws, _) = within(
+            "the websocket to connect",
+            tokio_tungstenite::connect_async(url),
+        )
+        .await
+        .expect("websocket connect");
+        WsClient { ws }
+    }
+
+    /// Connects a client and finds its connection id (the user must have
+    /// no other connection).
+    pub async fn connect_found(&self, sub: &str, tenant: &str) -> (WsClient, String) {
+        let client = self.connect(sub, tenant).await;
+        let mut connections = self.connections().await;
+        let listed = connections
+            .list_connections(streamer_api::v1::ListConnectionsRequest {
+                tenant_id: tenant.into(),
+                user_id: sub.into(),
+                page: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .connections;
+        assert_eq!(listed.len(), 1, "{sub} should have exactly one connection");
+        (client, listed[0].connection_id.clone())
+    }
+
+    pub async fn connections(&self) -> ConnectionServiceClient<Channel> {
+        ConnectionServiceClient::connect(format!("http://{}", self.addrs.connection))
+            .await
+            .unwrap()
+    }
+
+    pub async fn progress(&self) -> ProgressServiceClient<Channel> {
+        ProgressServiceClient::connect(format!("http://{}", self.addrs.progress))
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestSystem {
+    fn drop(&mut self) {
+        // A test that panicked still stops its servers.
+        self.shutdown.cancel();
+    }
+}
+
+/// The status of a plain HTTP GET, or None when nothing answered.
+pub async fn http_status(url: &str) -> Option<u16> {
+    http_get(url).await.map(|(status, _)| status)
+}
+
+/// A plain HTTP/1.1 GET over a raw socket: status and body.
+pub async fn http_get(url: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let mut stream = TcpStream::connect(host).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    Some((status, body))
+}
+
+pub struct WsClient {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl WsClient {
+    pub async fn send_json(&mut self, value: Value) {
+        self.ws
+            .send(Message::Text(value.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    /// The next JSON message (pings and pongs skipped).
+    pub async fn recv_json(&mut self) -> Value {
+        loop {
+            let message = within("a websocket message", self.ws.next())
+                .await
+                .expect("socket ended")
+                .expect("socket failed");
+            match message {
+                Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close code and reason.
+    pub async fn expect_close(&mut self) -> (u16, String) {
+        loop {
+            match within("the socket to close", self.ws.next()).await {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) => return (1005, String::new()),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("socket failed before a close frame: {e}"),
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        // Drain until the server acknowledges.
+        while let Some(Ok(_)) = self.ws.next().await {}
+    }
+}
+
+/// A JSON payload for Send and Broadcast.
+pub fn json_payload(value: Value) -> Option<streamer_api::v1::Payload> {
+    Some(streamer_api::v1::Payload {
+        body: Some(streamer_api::v1::payload::Body::Json(
+            streamer_api::json::to_proto(value),
+        )),
+    })
+}
