@@ -745,6 +745,7 @@ impl Lifecycle {
         if identity.tenant_id != record.tenant_id || identity.user_id != record.user_id {
             return Err(ProgressError::RequestNotFound);
         }
+        let moved = record.connection_id != connection_id;
         let (changed, guard) = self
             .change(&record.id, Durability::Immediate, |r, _| {
                 if r.connection_id == connection_id {
@@ -755,9 +756,10 @@ impl Lifecycle {
             })
             .await?;
         let record = changed.record;
-        if let Some(message) = messages::final_message(&record) {
-            // The client missed it, or asks again: a resumed client always
-            // gets the outcome on its new connection.
+        if moved && let Some(message) = messages::final_message(&record) {
+            // A client that resumed on a new connection may have missed the
+            // outcome: it gets it again there. (The connection that was
+            // bound already had it, so it is not sent twice.)
             self.outboxes.final_message(
                 &record.id,
                 &record.tenant_id,

@@ -1,0 +1,127 @@
+//! A small router: answers the `echo` and `health` actions that clients send.
+//!
+//! Routers never touch sockets. They open `ConnectionService.Receive`,
+//! declaring the actions they answer, and reply to each frame with
+//! `ConnectionService.Send`. Start it against `streamer all`:
+//!
+//! ```text
+//! cargo run --example router
+//! ```
+//!
+//! Then a client frame `{"action":"echo","id":"1","payload":{"hi":1}}` is
+//! answered with `{"type":"response","request_id":"1","success":true,"data":{"hi":1}}`.
+//! Run two of them and the frames are shared between them.
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+use streamer_api::v1::{self, InboundMessage, connection_service_client::ConnectionServiceClient};
+use tonic::transport::Channel;
+
+const ACTIONS: &[&str] = &["echo", "health"];
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let url = std::env::args()
+        .skip_while(|a| a != "--connection")
+        .nth(1)
+        .or_else(|| std::env::var("STREAMER_CONNECTION_URL").ok())
+        .unwrap_or_else(|| "http://127.0.0.1:50052".into());
+    let router_id = format!("example-router-{}", std::process::id());
+    let channel = Channel::from_shared(url.clone())?.connect_lazy();
+    let client = ConnectionServiceClient::new(channel);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match serve(client.clone(), &router_id).await {
+            Ok(()) => eprintln!("router: stream ended; reconnecting"),
+            Err(status) => eprintln!(
+                "router: {url}: {}; retrying in {backoff:?}",
+                status.message()
+            ),
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Receives frames until the stream ends, answering each on its own task.
+async fn serve(
+    mut client: ConnectionServiceClient<Channel>,
+    router_id: &str,
+) -> Result<(), tonic::Status> {
+    let mut frames = client
+        .receive(v1::ReceiveRequest {
+            actions: ACTIONS.iter().map(|a| a.to_string()).collect(),
+            router_id: router_id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    println!("ready: {router_id} answers {ACTIONS:?}");
+    while let Some(frame) = frames.message().await? {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let connection_id = frame.connection_id.clone();
+            let reply = answer(frame);
+            if let Err(status) = send(client, &connection_id, reply).await {
+                eprintln!(
+                    "router: reply to {connection_id} failed: {}",
+                    status.message()
+                );
+            }
+        });
+    }
+    Ok(())
+}
+
+/// The response to one frame, in the WebSocket protocol's `response` shape.
+fn answer(frame: InboundMessage) -> Value {
+    let data = match frame.action.as_str() {
+        "echo" => frame
+            .payload
+            .map(streamer_api::json::from_proto)
+            .unwrap_or(Value::Null),
+        "health" => json!({
+            "status": "ok",
+            "user_id": frame.identity.map(|i| i.user_id).unwrap_or_default(),
+            "time": SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default(),
+        }),
+        other => {
+            return json!({
+                "type": "error",
+                "request_id": frame.request_id,
+                "error": {"code": "INVALID_ACTION", "message": format!("unexpected action {other:?}")},
+            });
+        }
+    };
+    json!({
+        "type": "response",
+        "request_id": frame.request_id,
+        "success": true,
+        "data": data,
+    })
+}
+
+async fn send(
+    mut client: ConnectionServiceClient<Channel>,
+    connection_id: &str,
+    message: Value,
+) -> Result<(), tonic::Status> {
+    client
+        .send(v1::SendRequest {
+            connection_id: connection_id.to_owned(),
+            payload: Some(v1::Payload {
+                body: Some(v1::payload::Body::Json(streamer_api::json::to_proto(
+                    message,
+                ))),
+            }),
+            tenant_id: String::new(),
+        })
+        .await
+        .map(drop)
+}
