@@ -314,10 +314,10 @@ impl ConnectionServer {
         let Ok(record) = self.find(connection_id, None).await else {
             return;
         };
+        // Text, not a protobuf Struct, so the client sees the protocol's
+        // field order (`type` first) rather than sorted keys.
         let payload = v1::Payload {
-            body: Some(v1::payload::Body::Json(streamer_api::json::to_proto(
-                message,
-            ))),
+            body: Some(v1::payload::Body::Text(message.to_string())),
         };
         self.deliver(vec![record], payload).await;
     }

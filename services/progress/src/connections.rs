@@ -90,10 +90,11 @@ impl ConnectionDirectory {
             .clone()
             .send(v1::SendRequest {
                 connection_id: connection_id.to_owned(),
+                // Serialised here, as text, so the client sees the
+                // protocol's field order (`type` first); a protobuf Struct
+                // would sort the keys.
                 payload: Some(v1::Payload {
-                    body: Some(v1::payload::Body::Json(streamer_api::json::to_proto(
-                        message,
-                    ))),
+                    body: Some(v1::payload::Body::Text(message.to_string())),
                 }),
                 tenant_id: tenant_id.to_owned(),
             })

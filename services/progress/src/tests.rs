@@ -60,8 +60,13 @@ impl ConnectionService for FakeConnections {
                 if request.tenant_id.is_empty() || request.tenant_id == identity.tenant_id =>
             {
                 let json = match request.payload.and_then(|p| p.body) {
-                    Some(v1::payload::Body::Json(v)) => from_proto(v),
-                    other => panic!("expected a JSON payload, got {other:?}"),
+                    Some(v1::payload::Body::Text(text)) => {
+                        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+                        // The protocol's `type` comes first, as written.
+                        assert!(text.starts_with(r#"{"type":"#), "{text}");
+                        json
+                    }
+                    other => panic!("expected a JSON text payload, got {other:?}"),
                 };
                 let _ = self.sent.send((request.connection_id, json));
                 Ok(Response::new(v1::SendResponse {
