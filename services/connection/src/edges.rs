@@ -17,6 +17,14 @@ use tokio::sync::{mpsc, oneshot};
 /// What flows down an Attach stream.
 pub type CommandSender = mpsc::Sender<Result<EdgeCommand, tonic::Status>>;
 
+/// What an edge said about a delivery.
+#[derive(Debug)]
+pub struct EdgeAnswer {
+    pub results: Vec<DeliveryResult>,
+    /// False when the edge never answered (stream closed, timeout).
+    pub answered: bool,
+}
+
 /// One attached edge.
 #[derive(Debug)]
 pub struct EdgeLink {
@@ -40,14 +48,15 @@ impl EdgeLink {
     }
 
     /// Hands a payload to the edge for these sockets and waits for its
-    /// report. An edge that is gone or does not answer in `timeout` counts
-    /// as GONE for every target.
+    /// report. An edge whose stream is closed or that does not answer in
+    /// `timeout` counts as GONE for every target, with `answered` false:
+    /// the edge did not say the sockets are gone, so their records stay.
     pub async fn deliver(
         &self,
         connection_ids: Vec<String>,
         payload: v1::Payload,
         timeout: Duration,
-    ) -> Vec<DeliveryResult> {
+    ) -> EdgeAnswer {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let delivery_id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -63,14 +72,23 @@ impl EdgeLink {
         if !matches!(sent, Ok(Ok(()))) {
             self.lock_pending().remove(&delivery_id);
             tracing::warn!(edge_id = %self.edge_id, "edge stream closed or full; delivery counted as gone");
-            return Self::outcome_all(&connection_ids, DeliveryOutcome::Gone);
+            return EdgeAnswer {
+                results: Self::outcome_all(&connection_ids, DeliveryOutcome::Gone),
+                answered: false,
+            };
         }
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(results)) => results,
+            Ok(Ok(results)) => EdgeAnswer {
+                results,
+                answered: true,
+            },
             _ => {
                 self.lock_pending().remove(&delivery_id);
                 tracing::warn!(edge_id = %self.edge_id, delivery_id, "edge did not report a delivery in time");
-                Self::outcome_all(&connection_ids, DeliveryOutcome::Gone)
+                EdgeAnswer {
+                    results: Self::outcome_all(&connection_ids, DeliveryOutcome::Gone),
+                    answered: false,
+                }
             }
         }
     }

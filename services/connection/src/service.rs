@@ -162,24 +162,31 @@ impl ConnectionServer {
             let payload = payload.clone();
             async move {
                 let ids: Vec<String> = records.iter().map(|r| r.connection_id.clone()).collect();
-                let results = match self.shared.edges.get(&edge_id) {
+                // A record is stale when its edge is gone, or when the edge
+                // itself says the socket is not there. An edge that merely
+                // failed to answer keeps its records.
+                let (results, edge_spoke) = match self.shared.edges.get(&edge_id) {
                     Some(link) => {
-                        link.deliver(ids, payload, self.shared.config.delivery_timeout)
-                            .await
+                        let answer = link
+                            .deliver(ids, payload, self.shared.config.delivery_timeout)
+                            .await;
+                        (answer.results, answer.answered)
                     }
-                    None => ids
-                        .into_iter()
-                        .map(|connection_id| DeliveryResult {
-                            connection_id,
-                            outcome: DeliveryOutcome::Gone as i32,
-                        })
-                        .collect(),
+                    None => (
+                        ids.into_iter()
+                            .map(|connection_id| DeliveryResult {
+                                connection_id,
+                                outcome: DeliveryOutcome::Gone as i32,
+                            })
+                            .collect(),
+                        true,
+                    ),
                 };
-                (records, results)
+                (records, results, edge_spoke)
             }
         });
         let mut all = Vec::new();
-        for (records, results) in futures::future::join_all(deliveries).await {
+        for (records, results, edge_spoke) in futures::future::join_all(deliveries).await {
             let last_seen: HashMap<&str, u64> = records
                 .iter()
                 .map(|r| (r.connection_id.as_str(), r.last_seen_ms))
@@ -189,7 +196,7 @@ impl ConnectionServer {
                 metrics::counter!("streamer_deliveries_total", "outcome" => outcome.as_str_name())
                     .increment(1);
                 match outcome {
-                    DeliveryOutcome::Gone | DeliveryOutcome::NotFound => {
+                    DeliveryOutcome::Gone | DeliveryOutcome::NotFound if edge_spoke => {
                         if let Err(error) = self
                             .shared
                             .store
