@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Runs Streamer as four processes on one machine, one per role, the way a
+# deployment runs them: auth, connection, progress and gateway, each with its
+# own data directory, metrics port and log file, configured by the env files
+# in ./env/ (every variable is documented in ./streamer.env).
+#
+#   cargo build --bin streamer            # or set STREAMER_BIN
+#   deploy/examples/run-split.sh          # Ctrl-C stops all four
+#
+# Environment:
+#   STREAMER_BIN        the binary (default: target/debug/streamer of this
+#                       repository if built, else `streamer` on PATH)
+#   STREAMER_SPLIT_DIR  root of the data directories and logs
+#                       (default: .streamer-split in the current directory)
+#   STREAMER_ENV_DIR    folder of the four role env files (default: ./env
+#                       beside this script)
+#   READY_TIMEOUT       seconds to wait for the gateway to be ready (default 30)
+#
+# Ports (loopback only, as ./env/*.env set them): gRPC auth 50051, connection
+# 50052, progress 50053; WebSocket 8080; metrics 9091-9094.
+#
+# It stops every process it started on Ctrl-C, SIGTERM, or when any one of
+# them exits (and then exits non-zero), so no role is left running alone.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+env_dir="${STREAMER_ENV_DIR:-$here/env}"
+root="${STREAMER_SPLIT_DIR:-.streamer-split}"
+ready_timeout="${READY_TIMEOUT:-30}"
+
+if [[ -n "${STREAMER_BIN:-}" ]]; then
+  bin="$STREAMER_BIN"
+elif [[ -x "$repo/target/debug/streamer" ]]; then
+  bin="$repo/target/debug/streamer"
+elif command -v streamer >/dev/null; then
+  bin="$(command -v streamer)"
+else
+  echo "run-split: no streamer binary; run 'cargo build --bin streamer' or set STREAMER_BIN" >&2
+  exit 1
+fi
+
+mkdir -p "$root/logs"
+
+declare -A pids=()   # role -> pid
+stopping=0
+
+# Stops every role still running: SIGTERM, then up to 15 s for the drain
+# (each role drains for at most 10 s), then SIGKILL for any straggler.
+stop_all() {
+  ((stopping)) && return
+  stopping=1
+  local role pid alive
+  for role in gateway progress connection auth; do
+    pid="${pids[$role]:-}"
+    [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null || true
+  done
+  for _ in $(seq 150); do
+    alive=0
+    for pid in "${pids[@]}"; do
+      kill -0 "$pid" 2>/dev/null && alive=1
+    done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for role in "${!pids[@]}"; do
+    pid="${pids[$role]}"
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "run-split: $role (pid $pid) did not stop in 15 s; killing it" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
+  wait 2>/dev/null || true
+  echo "run-split: stopped (logs in $root/logs)" >&2
+}
+trap 'stop_all' EXIT
+trap 'stop_all; exit 130' INT
+trap 'stop_all; exit 143' TERM
+
+# Starts one role with its env file; the data directory follows
+# STREAMER_SPLIT_DIR so several copies can run from different directories.
+start() {
+  local role="$1"
+  (
+    set -a
+    # shellcheck source=/dev/null
+    . "$env_dir/$role.env"
+    set +a
+    if [[ "$role" != gateway ]]; then
+      export STREAMER_DATA_DIR="$root/$role"
+    fi
+    exec "$bin" "$role"
+  ) >>"$root/logs/$role.log" 2>&1 &
+  pids[$role]=$!
+  echo "run-split: started $role (pid ${pids[$role]}, log $root/logs/$role.log)" >&2
+}
+
+# The stores first, then auth, then the edge, which attaches to
+# ConnectionService (it retries until it can).
+start connection
+start progress
+start auth
+start gateway
+
+# One variable of a role's env file, as the role sees it.
+# shellcheck source=/dev/null
+setting() { (. "$env_dir/$1.env" && echo "${!2}"); }
+gateway_addr="$(setting gateway STREAMER_GATEWAY_LISTEN)"
+
+listening() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
+# Ready: every gRPC role listens (auth creates the development key first,
+# which takes a moment) and the gateway's /readyz says it is attached.
+is_ready() {
+  listening "$(setting auth STREAMER_AUTH_LISTEN)" || return 1
+  listening "$(setting progress STREAMER_PROGRESS_LISTEN)" || return 1
+  listening "$(setting connection STREAMER_CONNECTION_LISTEN)" || return 1
+  if command -v curl >/dev/null; then
+    curl -fsS -o /dev/null --max-time 1 "http://$gateway_addr/readyz" 2>/dev/null
+  else
+    listening "$gateway_addr"
+  fi
+}
+
+deadline=$((SECONDS + ready_timeout))
+until is_ready; do
+  for role in "${!pids[@]}"; do
+    if ! kill -0 "${pids[$role]}" 2>/dev/null; then
+      echo "run-split: $role exited during start-up; its log:" >&2
+      tail -n 20 "$root/logs/$role.log" >&2 || true
+      exit 1
+    fi
+  done
+  if ((SECONDS >= deadline)); then
+    echo "run-split: the gateway was not ready after ${ready_timeout} s; see $root/logs/" >&2
+    exit 1
+  fi
+  sleep 0.2
+done
+
+# Auth created the development key in its data directory on first start.
+token="$("$bin" token --data-dir "$root/auth" 2>/dev/null || true)"
+
+cat <<EOF
+
+Streamer is running as four processes (Ctrl-C stops them all)
+
+  WebSocket          ws://$gateway_addr/?Authorization=<token>
+  AuthService        $(setting auth STREAMER_AUTH_LISTEN)  metrics http://$(setting auth STREAMER_METRICS_LISTEN)/metrics
+  ConnectionService  $(setting connection STREAMER_CONNECTION_LISTEN)  metrics http://$(setting connection STREAMER_METRICS_LISTEN)/metrics
+  ProgressService    $(setting progress STREAMER_PROGRESS_LISTEN)  metrics http://$(setting progress STREAMER_METRICS_LISTEN)/metrics
+  Gateway            $gateway_addr  metrics http://$(setting gateway STREAMER_METRICS_LISTEN)/metrics
+  Logs               $root/logs/
+
+Try it:
+  grpcurl -plaintext $(setting connection STREAMER_CONNECTION_LISTEN) grpc.health.v1.Health/Check
+  python3 -m websockets 'ws://$gateway_addr/?Authorization=$token'
+  $bin token --data-dir $root/auth     # another token
+
+EOF
+
+# Wait until one role exits (or a signal arrives); a role that stops on its
+# own takes the others down with it.
+set +e
+wait -n "${pids[@]}"
+status=$?
+set -e
+if ((!stopping)); then
+  for role in "${!pids[@]}"; do
+    if ! kill -0 "${pids[$role]}" 2>/dev/null; then
+      echo "run-split: $role exited (status $status); stopping the others" >&2
+      tail -n 20 "$root/logs/$role.log" >&2 || true
+    fi
+  done
+  exit 1
+fi

