@@ -5,6 +5,7 @@
 //! Parsing turns flags into the typed configs of each crate; anything
 //! invalid stops the process at start with a message naming the flag.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -138,8 +139,10 @@ pub struct ProgressArgs {
 
 impl ProgressArgs {
     fn config(&self, connection_endpoint: String) -> anyhow::Result<ProgressConfig> {
-        if !(self.progress_rate.is_finite() && self.progress_rate >= 0.0) {
-            anyhow::bail!("--progress-rate must be a number >= 0 (0 means unlimited)");
+        if !(self.progress_rate.is_finite()
+            && (self.progress_rate == 0.0 || self.progress_rate >= 1.0 / 60.0))
+        {
+            anyhow::bail!("--progress-rate must be 0 (unlimited) or at least 1/60 (one a minute)");
         }
         if self.lease_secs == 0 || self.lease_secs > 3600 {
             anyhow::bail!("--lease-secs must be between 1 and 3600");
@@ -442,16 +445,16 @@ async fn all(cmd: AllCmd, shutdown: Shutdown) -> anyhow::Result<()> {
         ttl: Duration::from_secs(24 * 3600),
         ..MintOptions::default()
     })?;
-    println!(
-        "{}",
-        banner(
-            &system.addrs,
-            metrics_addr,
-            &data_dir,
-            &demo,
-            cmd.keys.keys.is_empty()
-        )
+    let text = banner(
+        &system.addrs,
+        metrics_addr,
+        &data_dir,
+        &demo,
+        cmd.keys.keys.is_empty(),
     );
+    // A closed stdout (a pipe whose reader left) must not stop the system.
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "{text}").and_then(|()| stdout.flush());
     system.join().await
 }
 

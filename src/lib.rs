@@ -58,7 +58,7 @@ pub async fn run_connection(
     config: ConnectionConfig,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let server = ConnectionServer::new(store.clone(), config, shutdown.clone())?;
+    let server = ConnectionServer::start(store.clone(), config, shutdown.clone()).await?;
     let routes = tonic::service::Routes::new(server.into_service());
     streamer_core::grpc::serve(
         listener,
@@ -78,15 +78,23 @@ pub async fn run_progress(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let server = ProgressServer::start(store.clone(), config, shutdown.clone()).await?;
-    let routes = tonic::service::Routes::new(server.into_service());
-    streamer_core::grpc::serve(
+    let routes = tonic::service::Routes::new(server.clone().into_service());
+    let served = streamer_core::grpc::serve(
         listener,
         routes,
         &[service_names::PROGRESS],
         store_ready(store),
         shutdown,
     )
-    .await
+    .await;
+    // Outboxes and requeues finish their writes before the store is flushed.
+    if tokio::time::timeout(streamer_core::grpc::DRAIN_TIMEOUT, server.stopped())
+        .await
+        .is_err()
+    {
+        tracing::warn!("progress tasks still running after the drain timeout");
+    }
+    served
 }
 
 /// Serves the WebSocket edge until `shutdown`.
@@ -217,6 +225,9 @@ pub async fn start_system(
     };
     let url = |addr| format!("http://{}", dial_addr(addr));
     config.connection.progress_endpoint = Some(url(addrs.progress));
+    // The only edge is this process's own, new one: nothing recorded
+    // before belongs to a live socket.
+    config.connection.connections_stale_at_start = true;
     config.progress.connection_endpoint = url(addrs.connection);
     config.gateway.auth_endpoint = url(addrs.auth);
     config.gateway.connection_endpoint = url(addrs.connection);

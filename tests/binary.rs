@@ -84,6 +84,8 @@ async fn start_all(data_dir: &std::path::Path) -> (Child, Banner) {
         }
     })
     .await;
+    // Keep reading so the process never writes into a closed pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
     (child, Banner { lines })
 }
 

@@ -114,6 +114,27 @@ impl Edge {
         read(&self.connections).len()
     }
 
+    /// Sends an event up without ever blocking the caller (the command
+    /// loop must keep draining commands, or this edge and ConnectionService
+    /// could each wait on the other's full queue). Returns false when
+    /// detached.
+    pub fn emit_nowait(&self, event: Event) -> bool {
+        let sender = read(&self.upstream).clone();
+        let Some(tx) = sender else {
+            return false;
+        };
+        match tx.try_send(EdgeEvent { event: Some(event) }) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), tx.send(event)).await;
+                });
+                true
+            }
+        }
+    }
+
     /// Sends an event up, if attached.
     pub async fn emit(&self, event: Event) -> bool {
         let sender = read(&self.upstream).clone();
@@ -147,33 +168,34 @@ impl Edge {
         );
         let (done, answer) = oneshot::channel();
         self.lock_registrations().insert(id.clone(), done);
-        let announced = self
-            .emit(Event::Opened(v1::ConnectionOpened {
+        // If the HTTP request is dropped while waiting (the client left),
+        // this guard still undoes the registration.
+        let mut guard = RegistrationGuard {
+            edge: self,
+            connection_id: id.clone(),
+            armed: true,
+        };
+        let attempt = async {
+            if !self.emit_nowait(Event::Opened(v1::ConnectionOpened {
                 connection: Some(record),
-            }))
-            .await;
-        let outcome = if !announced {
-            Err(RegisterError::Detached)
-        } else {
-            match tokio::time::timeout(timeout, answer).await {
-                Ok(Ok(true)) => Ok(Registered {
-                    outbound: rx,
-                    evict,
-                }),
+            })) {
+                return Err(RegisterError::Detached);
+            }
+            match answer.await {
+                Ok(true) => Ok(()),
                 _ => Err(RegisterError::Refused),
             }
         };
-        if outcome.is_err() {
-            self.lock_registrations().remove(&id);
-            self.forget(&id);
-            // In case it was recorded after all (a late answer).
-            self.emit(Event::Closed(v1::ConnectionClosed {
-                connection_id: id,
-                code: 1011,
-                reason: "registration failed".into(),
-            }))
-            .await;
-        } else {
+        let outcome = match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(())) => Ok(Registered {
+                outbound: rx,
+                evict,
+            }),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(RegisterError::Refused),
+        };
+        if outcome.is_ok() {
+            guard.armed = false;
             metrics::gauge!("streamer_gateway_connections").set(self.connection_count() as f64);
         }
         outcome
@@ -273,11 +295,10 @@ impl Edge {
                     None => Vec::new(),
                 };
                 if deliver.delivery_id != 0 {
-                    self.emit(Event::Delivered(v1::DeliveryReport {
+                    self.emit_nowait(Event::Delivered(v1::DeliveryReport {
                         delivery_id: deliver.delivery_id,
                         results,
-                    }))
-                    .await;
+                    }));
                 }
             }
         }
@@ -348,6 +369,29 @@ impl Edge {
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+/// Undoes a registration that did not complete: forgets the socket and
+/// tells ConnectionService, in case it recorded it after all.
+struct RegistrationGuard<'a> {
+    edge: &'a Edge,
+    connection_id: String,
+    armed: bool,
+}
+
+impl Drop for RegistrationGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.edge.lock_registrations().remove(&self.connection_id);
+        self.edge.forget(&self.connection_id);
+        self.edge.emit_nowait(Event::Closed(v1::ConnectionClosed {
+            connection_id: std::mem::take(&mut self.connection_id),
+            code: 1011,
+            reason: "registration failed".into(),
+        }));
     }
 }
 

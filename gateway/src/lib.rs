@@ -83,6 +83,11 @@ fn channel(url: &str, timeout: Duration) -> anyhow::Result<Channel> {
         .map_err(|e| anyhow::anyhow!("invalid URL {url:?}: {e}"))?
         .connect_timeout(timeout)
         .tcp_nodelay(true)
+        // Finds a half-open connection to the control plane, so the edge
+        // re-attaches instead of believing it is attached.
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
         .connect_lazy())
 }
 

@@ -15,6 +15,9 @@ use crate::frames;
 /// Close code for a client that cannot keep up.
 pub const CLOSE_SLOW_CONSUMER: u16 = 1008;
 
+/// How long a close frame may take to write before the socket is dropped.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs one socket: client frames go up as events, queued deliveries go
 /// down. Returns when either side closes; the connection is then forgotten
 /// locally and reported closed upstream.
@@ -43,30 +46,43 @@ pub async fn run<S, E>(
     };
 
     let writer = async {
+        // Returns the close code it ended with; breaks out on eviction.
         loop {
             let next = tokio::select! {
                 biased;
-                () = evict.cancelled() => {
-                    let _ = sink
-                        .send(close_message(CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue full".into()))
-                        .await;
-                    return 1006u16;
-                }
-                next = outbound.recv() => next,
+                () = evict.cancelled() => None,
+                next = outbound.recv() => Some(next),
             };
-            match next {
-                Some(Outbound::Message(message)) => {
-                    if sink.send(message).await.is_err() {
-                        return 1006;
-                    }
-                }
-                Some(Outbound::Close { code, reason }) => {
-                    let _ = sink.send(close_message(code, reason)).await;
+            let message = match next {
+                None => break,
+                Some(Some(Outbound::Message(message))) => message,
+                Some(Some(Outbound::Close { code, reason })) => {
+                    let close = sink.send(close_message(code, reason));
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
                     return code;
                 }
-                None => return 1000,
+                Some(None) => return 1000,
+            };
+            // A client that stops reading blocks this send once the kernel's
+            // buffer is full; eviction must still win, or its queue (and the
+            // memory behind it) would stay pinned for as long as it lingers.
+            let sent = tokio::select! {
+                biased;
+                () = evict.cancelled() => None,
+                sent = sink.send(message) => Some(sent.is_ok()),
+            };
+            match sent {
+                None => break,
+                Some(true) => {}
+                Some(false) => return 1006,
             }
         }
+        let close = sink.send(close_message(
+            CLOSE_SLOW_CONSUMER,
+            "slow consumer: outbound queue full".into(),
+        ));
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+        CLOSE_SLOW_CONSUMER
     };
 
     let reader = async {
@@ -121,8 +137,9 @@ pub async fn run<S, E>(
             .map(|(code, reason)| (u32::from(code), reason))
             .unwrap_or((1006, String::new())),
     };
-    // Completes the closing handshake whichever side began it.
-    let _ = sink.close().await;
+    // Completes the closing handshake whichever side began it, without
+    // waiting on a client that does not read.
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
     edge.forget(&connection_id);
     edge.emit(Event::Closed(v1::ConnectionClosed {
         connection_id: connection_id.clone(),

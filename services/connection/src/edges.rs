@@ -14,6 +14,9 @@ use std::time::Duration;
 use streamer_api::v1::{self, DeliveryOutcome, DeliveryResult, EdgeCommand, edge_command::Command};
 use tokio::sync::{mpsc, oneshot};
 
+/// Longest wait for room in an edge's command queue.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What flows down an Attach stream.
 pub type CommandSender = mpsc::Sender<Result<EdgeCommand, tonic::Status>>;
 
@@ -100,14 +103,34 @@ impl EdgeLink {
         }
     }
 
+    /// Queues a command without ever blocking the caller: the event loop
+    /// that calls this must keep reading the edge's events, or the edge and
+    /// this service could each wait for the other's full queue.
+    pub fn command_nowait(&self, command: Command) {
+        let command = EdgeCommand {
+            command: Some(command),
+        };
+        match self.commands.try_send(Ok(command)) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(command)) => {
+                let commands = self.commands.clone();
+                tokio::spawn(async move {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(10), commands.send(command)).await;
+                });
+            }
+        }
+    }
+
     /// Queues a command that needs no answer.
     pub async fn command(&self, command: Command) -> bool {
-        self.commands
-            .send(Ok(EdgeCommand {
-                command: Some(command),
-            }))
-            .await
-            .is_ok()
+        let send = self.commands.send(Ok(EdgeCommand {
+            command: Some(command),
+        }));
+        matches!(
+            tokio::time::timeout(COMMAND_TIMEOUT, send).await,
+            Ok(Ok(()))
+        )
     }
 
     fn lock_pending(

@@ -42,6 +42,18 @@ const EDGE_QUEUE: usize = 4096;
 const ROUTER_QUEUE: usize = 1024;
 /// How often expired connection records are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a detached edge has to re-attach before its connections are
+/// taken for gone. A stream reset (a proxy, a rollout) must not lose every
+/// socket the edge still holds.
+const EDGE_GRACE: Duration = Duration::from_secs(15);
+/// Inbound frames are handled by this many ordered workers, each owning the
+/// connections that hash to it: frames of one connection keep their order,
+/// and the number of frames in flight is bounded.
+const INBOUND_WORKERS: usize = 64;
+/// Frames queued per worker before a client is told to slow down.
+const INBOUND_QUEUE: usize = 256;
+/// How long a call to ProgressService may take.
+const PROGRESS_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct ConnectionConfig {
@@ -50,6 +62,10 @@ pub struct ConnectionConfig {
     pub progress_endpoint: Option<String>,
     /// How long to wait for an edge to report a delivery.
     pub delivery_timeout: Duration,
+    /// Every recorded connection is stale at start (true when the only edge
+    /// runs in this same process, as in `streamer all`). Otherwise records
+    /// of edges that do not re-attach within a grace period are removed.
+    pub connections_stale_at_start: bool,
 }
 
 impl Default for ConnectionConfig {
@@ -57,6 +73,7 @@ impl Default for ConnectionConfig {
         Self {
             progress_endpoint: Some("http://127.0.0.1:50053".into()),
             delivery_timeout: Duration::from_secs(5),
+            connections_stale_at_start: false,
         }
     }
 }
@@ -69,6 +86,7 @@ pub struct ConnectionServer {
 
 struct Shared {
     store: SharedStore,
+    inbound: Vec<mpsc::Sender<Inbound>>,
     edges: EdgeRegistry,
     routers: RouterTable,
     progress: Option<ProgressServiceClient<Channel>>,
@@ -76,9 +94,39 @@ struct Shared {
     shutdown: Shutdown,
 }
 
+/// A frame on its way to an inbound worker, with the edge it came from.
+struct Inbound {
+    edge_id: String,
+    frame: v1::InboundFrame,
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 impl ConnectionServer {
+    /// Builds the service, forgets connections left by a previous run (see
+    /// [`ConnectionConfig::connections_stale_at_start`]) and starts its
+    /// expiry sweeper (which ends with `shutdown`). The ProgressService
+    /// channel connects lazily.
+    pub async fn start(
+        store: SharedStore,
+        config: ConnectionConfig,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<Self> {
+        let stale_now = config.connections_stale_at_start;
+        let server = Self::new(store, config, shutdown)?;
+        let edges = server.shared.store.connection_edges().await?;
+        for edge_id in edges {
+            if stale_now {
+                for id in server.shared.store.connections_of_edge(&edge_id).await? {
+                    server.shared.store.delete_connection(&id).await?;
+                }
+            } else {
+                tokio::spawn(server.clone().forget_edge_after_grace(edge_id));
+            }
+        }
+        Ok(server)
+    }
+
     /// Builds the service and starts its expiry sweeper (which ends with
     /// `shutdown`). The ProgressService channel connects lazily.
     pub fn new(
@@ -91,13 +139,21 @@ impl ConnectionServer {
                 tonic::transport::Endpoint::from_shared(url.clone())
                     .map_err(|e| anyhow::anyhow!("invalid ProgressService URL {url:?}: {e}"))?
                     .connect_timeout(Duration::from_secs(3))
+                    .timeout(PROGRESS_CALL_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(20))
+                    .keep_alive_timeout(Duration::from_secs(10))
                     .connect_lazy(),
             )),
             None => None,
         };
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..INBOUND_WORKERS)
+            .map(|_| mpsc::channel(INBOUND_QUEUE))
+            .unzip();
         let server = Self {
             shared: Arc::new(Shared {
                 store,
+                inbound: senders,
                 edges: EdgeRegistry::default(),
                 routers: RouterTable::default(),
                 progress,
@@ -106,11 +162,56 @@ impl ConnectionServer {
             }),
         };
         tokio::spawn(server.clone().sweep_expired());
+        for receiver in receivers {
+            tokio::spawn(server.clone().inbound_worker(receiver));
+        }
         Ok(server)
     }
 
     pub fn into_service(self) -> ConnectionServiceServer<Self> {
         ConnectionServiceServer::new(self)
+    }
+
+    /// Handles one shard's frames, one at a time, in arrival order.
+    async fn inbound_worker(self, mut frames: mpsc::Receiver<Inbound>) {
+        loop {
+            let next = tokio::select! {
+                next = frames.recv() => next,
+                () = self.shared.shutdown.cancelled() => return,
+            };
+            let Some(Inbound { edge_id, frame }) = next else {
+                return;
+            };
+            self.inbound(&edge_id, frame).await;
+        }
+    }
+
+    /// Queues a frame on its connection's worker without waiting; a full
+    /// worker answers the client RATE_LIMITED instead of stalling the edge.
+    fn enqueue_frame(&self, edge_id: &str, frame: v1::InboundFrame) {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        frame.connection_id.hash(&mut hasher);
+        let shard = (hasher.finish() as usize) % self.shared.inbound.len();
+        let inbound = Inbound {
+            edge_id: edge_id.to_owned(),
+            frame,
+        };
+        if let Err(mpsc::error::TrySendError::Full(Inbound { frame, .. })) =
+            self.shared.inbound[shard].try_send(inbound)
+        {
+            metrics::counter!("streamer_inbound_rejected_total", "reason" => "overloaded")
+                .increment(1);
+            let this = self.clone();
+            tokio::spawn(async move {
+                let message = client_messages::error(
+                    &frame.request_id,
+                    ClientErrorCode::RateLimited,
+                    "too many frames in flight; try again",
+                );
+                this.reply(&frame.connection_id, message).await;
+            });
+        }
     }
 
     async fn sweep_expired(self) {
@@ -172,6 +273,8 @@ impl ConnectionServer {
                             .await;
                         (answer.results, answer.answered)
                     }
+                    // Detached, perhaps only for a moment (see EDGE_GRACE):
+                    // gone for now, but the records stay.
                     None => (
                         ids.into_iter()
                             .map(|connection_id| DeliveryResult {
@@ -179,7 +282,7 @@ impl ConnectionServer {
                                 outcome: DeliveryOutcome::Gone as i32,
                             })
                             .collect(),
-                        true,
+                        false,
                     ),
                 };
                 (records, results, edge_spoke)
@@ -353,32 +456,49 @@ impl ConnectionServer {
                 }
                 Event::Opened(opened) => self.edge_opened(&link, opened).await,
                 Event::Closed(closed) => self.edge_closed(&link, closed).await,
-                Event::Frame(frame) => {
-                    // Frames call out to routers and ProgressService; one
-                    // slow answer must not hold up the edge's other events.
-                    let this = self.clone();
-                    tokio::spawn(async move { this.inbound(frame).await });
-                }
+                Event::Frame(frame) => self.enqueue_frame(&edge_id, frame),
                 Event::Delivered(report) => link.report(report),
             }
         }
         if self.shared.edges.detach(&link) {
-            // The edge is gone, and with it every socket it held.
-            match self.shared.store.connections_of_edge(&edge_id).await {
-                Ok(ids) => {
-                    for id in &ids {
-                        let _ = self.shared.store.delete_connection(id).await;
-                    }
-                    tracing::info!(edge_id = %edge_id, connections = ids.len(), "edge detached");
-                }
-                Err(error) => {
-                    tracing::warn!(edge_id = %edge_id, %error, "cannot list a detached edge's connections")
-                }
-            }
+            tracing::info!(edge_id = %edge_id, "edge detached");
+            tokio::spawn(self.forget_edge_after_grace(edge_id));
         }
     }
 
+    /// Removes a detached edge's connections unless it re-attaches within
+    /// [`EDGE_GRACE`] (its `hello` then reconciles them instead).
+    async fn forget_edge_after_grace(self, edge_id: String) {
+        tokio::select! {
+            () = tokio::time::sleep(EDGE_GRACE) => {}
+            () = self.shared.shutdown.cancelled() => return,
+        }
+        let ids = match self.shared.store.connections_of_edge(&edge_id).await {
+            Ok(ids) => ids,
+            Err(error) => {
+                tracing::warn!(edge_id = %edge_id, %error, "cannot list a detached edge's connections");
+                return;
+            }
+        };
+        let mut removed = 0;
+        for id in &ids {
+            // Checked per record: the edge may come back mid-way.
+            if self.shared.edges.get(&edge_id).is_some() {
+                return;
+            }
+            if self.shared.store.delete_connection(id).await.is_ok() {
+                removed += 1;
+            }
+        }
+        tracing::info!(edge_id = %edge_id, removed, "detached edge did not return; its connections are gone");
+    }
+
     async fn edge_opened(&self, link: &EdgeLink, opened: v1::ConnectionOpened) {
+        let announced_id = opened
+            .connection
+            .as_ref()
+            .map(|c| c.connection_id.clone())
+            .unwrap_or_default();
         let record = match opened
             .connection
             .ok_or_else(|| ConnectionError::EdgeProtocol("opened without a connection".into()))
@@ -387,6 +507,13 @@ impl ConnectionServer {
             Ok(record) => record,
             Err(error) => {
                 tracing::warn!(edge_id = %link.edge_id, %error, "edge announced an invalid connection");
+                // Answer at once, so the client is refused now rather
+                // than when the edge's wait runs out.
+                link.command_nowait(Command::Close(v1::CloseConnection {
+                    connection_id: announced_id,
+                    code: 1008,
+                    reason: "identity not usable".into(),
+                }));
                 return;
             }
         };
@@ -405,7 +532,7 @@ impl ConnectionServer {
                 })
             }
         };
-        link.command(command).await;
+        link.command_nowait(command);
     }
 
     async fn edge_closed(&self, link: &EdgeLink, closed: v1::ConnectionClosed) {
@@ -434,9 +561,14 @@ impl ConnectionServer {
 
     /// Routes one client frame: built-in actions, then routers, then the
     /// async request queue; anything else is INVALID_ACTION.
-    async fn inbound(self, frame: v1::InboundFrame) {
+    async fn inbound(&self, edge_id: &str, frame: v1::InboundFrame) {
         let record = match self.find(&frame.connection_id, None).await {
-            Ok(record) => record,
+            // Only the edge holding a socket speaks for it.
+            Ok(record) if record.edge_id == edge_id => record,
+            Ok(_) => {
+                tracing::warn!(edge_id, connection_id = %frame.connection_id, "frame from an edge that does not hold the connection; dropped");
+                return;
+            }
             Err(_) => return, // closed meanwhile
         };
         let now = now_ms();
@@ -772,21 +904,41 @@ impl ConnectionService for ConnectionServer {
         let (tx, rx) = mpsc::channel(EDGE_QUEUE);
         let link = self.shared.edges.attach(edge_id.clone(), tx);
         let now = now_ms();
-        let mut restored = 0;
+        let mut held = std::collections::HashSet::new();
         for connection in hello.connections {
             match connection_from_edge(connection, &edge_id, now) {
                 Ok(record) => {
+                    held.insert(record.connection_id.clone());
                     self.shared
                         .store
                         .put_connection(record)
                         .await
                         .map_err(ConnectionError::from)?;
-                    restored += 1;
                 }
                 Err(error) => tracing::warn!(%error, "edge re-announced an invalid connection"),
             }
         }
-        tracing::info!(edge_id = %edge_id, restored, "edge attached");
+        // The hello is the edge's whole truth: records of sockets that
+        // closed while it was detached (their `closed` event had nowhere to
+        // go) are removed now.
+        let mut removed = 0;
+        for id in self
+            .shared
+            .store
+            .connections_of_edge(&edge_id)
+            .await
+            .map_err(ConnectionError::from)?
+        {
+            if !held.contains(&id) {
+                self.shared
+                    .store
+                    .delete_connection(&id)
+                    .await
+                    .map_err(ConnectionError::from)?;
+                removed += 1;
+            }
+        }
+        tracing::info!(edge_id = %edge_id, restored = held.len(), removed, "edge attached");
         tokio::spawn(self.clone().run_edge(link, events));
         let stream =
             ReceiverStream::new(rx).take_until(self.shared.shutdown.clone().cancelled_owned());

@@ -41,7 +41,10 @@ impl ConnectionDirectory {
             .map_err(|e| anyhow::anyhow!("invalid connection endpoint {endpoint:?}: {e}"))?
             .connect_timeout(Duration::from_secs(5))
             // A hung call must not stall a request's outbox forever.
-            .timeout(Duration::from_secs(10));
+            .timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10));
         Ok(Self {
             client: ConnectionServiceClient::new(endpoint.connect_lazy()),
         })
@@ -102,9 +105,12 @@ impl ConnectionDirectory {
         match reply {
             Ok(reply) => match reply.into_inner().outcome() {
                 v1::DeliveryOutcome::Delivered => Delivery::Delivered,
-                v1::DeliveryOutcome::NotFound
-                | v1::DeliveryOutcome::Gone
-                | v1::DeliveryOutcome::Throttled => Delivery::Gone,
+                // The edge said so: the socket is closed (or was closed as
+                // a slow consumer).
+                v1::DeliveryOutcome::NotFound | v1::DeliveryOutcome::Throttled => Delivery::Gone,
+                // The connection's edge is detached or did not answer: it
+                // may be back in a moment, so retrying can succeed.
+                v1::DeliveryOutcome::Gone => Delivery::Unavailable,
                 // An outcome this build does not know: assume the worst
                 // that retrying can fix.
                 v1::DeliveryOutcome::Unspecified => Delivery::Unavailable,

@@ -88,9 +88,13 @@ impl ProgressConfig {
             "default_lease must be 1 s..=1 h, not {:?}",
             self.default_lease
         );
+        // 0 (or less) means unlimited; a positive rate below one message a
+        // minute would make the interval overflow a Duration for tiny values.
         anyhow::ensure!(
-            !self.progress_rate.is_nan(),
-            "progress_rate must be a number"
+            self.progress_rate.is_finite()
+                && (self.progress_rate <= 0.0 || self.progress_rate >= 1.0 / 60.0),
+            "progress_rate must be 0 (unlimited) or at least 1/60 per second, not {}",
+            self.progress_rate
         );
         Ok(())
     }

@@ -745,7 +745,6 @@ impl Lifecycle {
         if identity.tenant_id != record.tenant_id || identity.user_id != record.user_id {
             return Err(ProgressError::RequestNotFound);
         }
-        let moved = record.connection_id != connection_id;
         let (changed, guard) = self
             .change(&record.id, Durability::Immediate, |r, _| {
                 if r.connection_id == connection_id {
@@ -755,6 +754,9 @@ impl Lifecycle {
                 Ok(Some(Effects::none()))
             })
             .await?;
+        // Written only when the binding really moved (under the request's
+        // lock), so two concurrent resumes do not both re-send.
+        let moved = changed.written;
         let record = changed.record;
         if moved && let Some(message) = messages::final_message(&record) {
             // A client that resumed on a new connection may have missed the

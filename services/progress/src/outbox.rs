@@ -26,9 +26,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::connections::{ConnectionDirectory, Delivery};
 
-/// Attempts at an acknowledgment or final message while ConnectionService is
-/// unavailable.
-const IMPORTANT_ATTEMPTS: u32 = 5;
+/// Attempts at an acknowledgment or final message while ConnectionService,
+/// or the client's edge, is unavailable: with the backoff below about a
+/// minute, long enough to ride out a restart or an edge re-attaching.
+const IMPORTANT_ATTEMPTS: u32 = 35;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 

@@ -338,6 +338,23 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn connection_edges(&self) -> StoreResult<Vec<String>> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(CONNECTIONS_BY_EDGE).map_err(backend)?;
+            let mut edges: Vec<String> = Vec::new();
+            for entry in table.iter().map_err(backend)? {
+                let (k, ()) = entry.map_err(backend).map(|(k, v)| (k, v.value()))?;
+                let edge = k.value().split(SEP).next().unwrap_or_default().to_owned();
+                if edges.last() != Some(&edge) {
+                    edges.push(edge);
+                }
+            }
+            Ok(edges)
+        })
+        .await
+    }
+
     async fn sweep_connections(&self, now_ms: u64) -> StoreResult<usize> {
         self.write(Durability::Relaxed, move |txn| {
             let expired: Vec<String> = {

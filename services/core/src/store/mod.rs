@@ -197,6 +197,9 @@ pub trait Store: Send + Sync + 'static {
     /// The ids of the connections an edge holds.
     async fn connections_of_edge(&self, edge_id: &str) -> StoreResult<Vec<String>>;
 
+    /// The distinct edges that hold recorded connections.
+    async fn connection_edges(&self) -> StoreResult<Vec<String>>;
+
     /// Deletes expired connection records; returns how many.
     async fn sweep_connections(&self, now_ms: u64) -> StoreResult<usize>;
 
