@@ -1,0 +1,225 @@
+//! The roles as separate servers (as in a deployment), each on its own
+//! listener and store: ConnectionService restarts while a request runs,
+//! and nothing the client was owed is lost — its connection is restored by
+//! the edge's re-attach, and the request's final message still arrives.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+
+use serde_json::json;
+use streamer_api::v1::{self, claim_response::Item};
+use streamer_core::shutdown::Shutdown;
+use support::{WsClient, eventually, http_get, within};
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+
+async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+async fn start_connection(
+    listener: TcpListener,
+    dir: &std::path::Path,
+    progress: SocketAddr,
+) -> (Shutdown, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let shutdown = Shutdown::new();
+    let store = streamer::open_embedded_store(dir).unwrap();
+    let config = streamer_connection::ConnectionConfig {
+        progress_endpoint: Some(format!("http://{progress}")),
+        ..Default::default()
+    };
+    let task = tokio::spawn(streamer::run_connection(
+        listener,
+        store,
+        config,
+        shutdown.clone(),
+    ));
+    (shutdown, task)
+}
+
+#[tokio::test]
+async fn a_connection_service_restart_loses_neither_the_socket_nor_the_final_message() {
+    streamer_core::telemetry::init_logs(streamer_core::telemetry::LogFormat::Plain, "warn");
+    let data = tempfile::tempdir().unwrap();
+    let key = streamer_auth::dev::ensure_dev_key(data.path()).unwrap();
+    let (auth_l, conn_l, progress_l, gateway_l) = (
+        listener().await,
+        listener().await,
+        listener().await,
+        listener().await,
+    );
+    let (auth, conn, progress, gateway) = (
+        auth_l.local_addr().unwrap(),
+        conn_l.local_addr().unwrap(),
+        progress_l.local_addr().unwrap(),
+        gateway_l.local_addr().unwrap(),
+    );
+    let others = Shutdown::new();
+    tokio::spawn(streamer::run_auth(
+        auth_l,
+        streamer_auth::AuthConfig::new([streamer_auth::dev::public_key_path(data.path())]),
+        others.clone(),
+    ));
+    let progress_store = streamer::open_embedded_store(&data.path().join("progress")).unwrap();
+    tokio::spawn(streamer::run_progress(
+        progress_l,
+        progress_store,
+        streamer_progress::ProgressConfig {
+            connection_endpoint: format!("http://{conn}"),
+            ..Default::default()
+        },
+        others.clone(),
+    ));
+    tokio::spawn(streamer::run_gateway(
+        gateway_l,
+        streamer_gateway::GatewayConfig {
+            auth_endpoint: format!("http://{auth}"),
+            connection_endpoint: format!("http://{conn}"),
+            ..Default::default()
+        },
+        others.clone(),
+    ));
+    let conn_dir = data.path().join("connection");
+    let (conn_shutdown, conn_task) = start_connection(conn_l, &conn_dir, progress).await;
+    let ready = format!("http://{gateway}/readyz");
+    let attached = || {
+        let ready = ready.clone();
+        async move { http_get(&ready).await.map(|r| r.0) == Some(200) }
+    };
+    eventually("the edge to attach", attached).await;
+
+    // A processor takes the client's request.
+    let mut processor =
+        v1::progress_service_client::ProgressServiceClient::connect(format!("http://{progress}"))
+            .await
+            .unwrap();
+    let mut work = processor
+        .claim(v1::ClaimRequest {
+            processor_id: "p".into(),
+            actions: vec!["generate_report".into()],
+            max_in_flight: 1,
+            lease_seconds: 60,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = key
+        .mint(&streamer_auth::dev::MintOptions {
+            sub: "alice".into(),
+            tenant: "acme".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let (ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{gateway}/?Authorization={token}"))
+            .await
+            .unwrap();
+    let mut client = WsClient { ws };
+    client
+        .send_json(json!({"action": "generate_report", "id": "r1", "payload": {}}))
+        .await;
+    assert_eq!(client.recv_json().await["type"], "acknowledgment");
+    let Some(Ok(v1::ClaimResponse {
+        item: Some(Item::Work(request)),
+    })) = within("work", work.next()).await
+    else {
+        panic!("expected work");
+    };
+
+    // ConnectionService goes away; the edge detaches but keeps the socket.
+    conn_shutdown.cancel();
+    within("connection service to stop", conn_task)
+        .await
+        .unwrap()
+        .unwrap();
+    eventually("the edge to notice", || async { !attached().await }).await;
+
+    // The processor completes while ConnectionService is down...
+    processor
+        .complete(v1::CompleteRequest {
+            id: request.id.clone(),
+            processor_id: "p".into(),
+            result: Some(streamer_api::json::to_proto(json!({"ok": true}))),
+        })
+        .await
+        .unwrap();
+
+    // The outage lasts a few seconds (this is the scenario's length, not a
+    // synchronisation: a short blip would hide a retry budget that is too
+    // small, as the first one, 1.5 s, was).
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+
+    // ...and ConnectionService comes back on the same address and store.
+    let again = TcpListener::bind(conn).await.unwrap();
+    let (conn_shutdown, conn_task) = start_connection(again, &conn_dir, progress).await;
+    eventually("the edge to re-attach", attached).await;
+
+    // The final message was not dropped: it reaches the same socket.
+    let complete = client.recv_json().await;
+    assert_eq!(complete["type"], "complete", "{complete}");
+    assert_eq!(complete["request_id"], "r1");
+    assert_eq!(complete["result"], json!({"ok": true}));
+
+    // The restored record is the live socket: it is listed and reachable.
+    let mut connections =
+        v1::connection_service_client::ConnectionServiceClient::connect(format!("http://{conn}"))
+            .await
+            .unwrap();
+    let listed = connections
+        .list_connections(v1::ListConnectionsRequest {
+            tenant_id: "acme".into(),
+            user_id: "alice".into(),
+            page: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connections;
+    assert_eq!(listed.len(), 1);
+    connections
+        .send(v1::SendRequest {
+            connection_id: listed[0].connection_id.clone(),
+            payload: support::json_payload(json!({"still": "here"})),
+            tenant_id: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(client.recv_json().await, json!({"still": "here"}));
+
+    // A socket that closes while the edge is detached is not left behind:
+    // the next hello reconciles the records.
+    conn_shutdown.cancel();
+    within("connection service to stop", conn_task)
+        .await
+        .unwrap()
+        .unwrap();
+    client.close().await;
+    let again = TcpListener::bind(conn).await.unwrap();
+    let (conn_shutdown, conn_task) = start_connection(again, &conn_dir, progress).await;
+    eventually("the edge to re-attach", attached).await;
+    let mut connections =
+        v1::connection_service_client::ConnectionServiceClient::connect(format!("http://{conn}"))
+            .await
+            .unwrap();
+    let listed = connections
+        .list_connections(v1::ListConnectionsRequest {
+            tenant_id: "acme".into(),
+            user_id: "alice".into(),
+            page: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connections;
+    assert!(listed.is_empty(), "{listed:?}");
+
+    conn_shutdown.cancel();
+    others.cancel();
+    within("connection service to stop", conn_task)
+        .await
+        .unwrap()
+        .unwrap();
+}
