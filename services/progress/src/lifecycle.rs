@@ -244,6 +244,15 @@ struct Changed {
     written: bool,
 }
 
+/// How handing out one request went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AssignOutcome {
+    /// Handed out, or no longer ours to hand out.
+    Done,
+    /// The store failed; the request stays queued.
+    StoreFailed,
+}
+
 impl Lifecycle {
     pub fn new(
         store: SharedStore,
@@ -837,15 +846,22 @@ impl Lifecycle {
                 if plan.is_empty() {
                     break;
                 }
-                futures::future::join_all(plan.into_iter().map(|a| self.assign(a))).await;
+                let results =
+                    futures::future::join_all(plan.into_iter().map(|a| self.assign(a))).await;
                 if self.shutdown.is_cancelled() {
                     return;
+                }
+                if results.contains(&AssignOutcome::StoreFailed) {
+                    // The store is failing: re-planning at once would spin.
+                    // Wait for the next notification (the sweeper's tick
+                    // sends one) before trying again.
+                    break;
                 }
             }
         }
     }
 
-    async fn assign(&self, a: Assignment) {
+    async fn assign(&self, a: Assignment) -> AssignOutcome {
         let result = self
             .change(&a.id, Durability::Immediate, |r, now| {
                 if r.status != RequestStatus::Pending {
@@ -866,10 +882,14 @@ impl Lifecycle {
                 // Still PENDING in the store: back in the queue, and the
                 // sweeper's next tick tries again.
                 self.registry().release_hold(&a.id);
-                if let Ok(Some(record)) = self.store.get_request(&a.id).await {
-                    self.registry().track(&record);
+                match self.store.get_request(&a.id).await {
+                    Ok(Some(record)) => self.registry().track(&record),
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::error!(request = %a.id, %error, "cannot re-read request; it is queued again at the next start");
+                    }
                 }
-                return;
+                return AssignOutcome::StoreFailed;
             }
         };
         if !changed.written {
@@ -882,7 +902,7 @@ impl Lifecycle {
             {
                 registry.release_hold(&a.id);
             }
-            return;
+            return AssignOutcome::Done;
         }
         let record = changed.record;
         let sent = {
@@ -899,7 +919,7 @@ impl Lifecycle {
         if sent {
             tracing::info!(request = %record.id, processor = %a.processor_id, attempt = record.attempts, "request handed out");
             metrics::counter!("streamer_progress_dispatched_total").increment(1);
-            return;
+            return AssignOutcome::Done;
         }
         // The stream ended while the write was in flight: give it back.
         drop(guard);
@@ -921,6 +941,7 @@ impl Lifecycle {
         if let Err(error) = result {
             tracing::warn!(request = %a.id, %error, "cannot give back request; its lease will lapse");
         }
+        AssignOutcome::Done
     }
 
     async fn sweeper(self: Arc<Self>) {
