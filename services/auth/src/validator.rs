@@ -391,26 +391,20 @@ fn decode_json<T: serde::de::DeserializeOwned>(part: &str, name: &str) -> Result
 /// The algorithms a token may use. Everything else, `none` and HMAC above
 /// all, is refused before a key is even looked up.
 fn accepted_algorithm(name: &str) -> Result<Algorithm, Rejection> {
-    match name {
-        "RS256" => Ok(Algorithm::RS256),
-        "RS384" => Ok(Algorithm::RS384),
-        "RS512" => Ok(Algorithm::RS512),
-        "PS256" => Ok(Algorithm::PS256),
-        "PS384" => Ok(Algorithm::PS384),
-        "PS512" => Ok(Algorithm::PS512),
-        "ES256" => Ok(Algorithm::ES256),
-        "ES384" => Ok(Algorithm::ES384),
-        "EdDSA" => Ok(Algorithm::EdDSA),
-        "HS256" | "HS384" | "HS512" => Err(unsupported(
-            "HMAC-signed tokens are not accepted; sign with RSA, ECDSA or EdDSA",
-        )),
-        _ if name.eq_ignore_ascii_case("none") => Err(unsupported(
-            "unsigned tokens (`alg: none`) are not accepted",
-        )),
-        _ => Err(unsupported(
-            "the token's algorithm is not accepted (RS256/384/512, PS256/384/512, ES256, ES384 and EdDSA are)",
-        )),
+    if let Some(alg) = crate::keys::asymmetric_algorithm(name) {
+        return Ok(alg);
     }
+    Err(match name {
+        "HS256" | "HS384" | "HS512" => {
+            unsupported("HMAC-signed tokens are not accepted; sign with RSA, ECDSA or EdDSA")
+        }
+        _ if name.eq_ignore_ascii_case("none") => {
+            unsupported("unsigned tokens (`alg: none`) are not accepted")
+        }
+        _ => unsupported(
+            "the token's algorithm is not accepted (RS256/384/512, PS256/384/512, ES256, ES384 and EdDSA are)",
+        ),
+    })
 }
 
 /// The claims of a payload, typed.
