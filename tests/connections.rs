@@ -135,19 +135,7 @@ async fn user_and_tenant_broadcasts_reach_exactly_the_right_sockets() {
     clients.push(system.connect_found("alice", "acme").await);
     let second_alice = system.connect("alice", "acme").await;
     let mut connections = system.connections().await;
-    let alice_ids: Vec<String> = connections
-        .list_connections(v1::ListConnectionsRequest {
-            tenant_id: "acme".into(),
-            user_id: "alice".into(),
-            page: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .connections
-        .into_iter()
-        .map(|c| c.connection_id)
-        .collect();
+    let alice_ids = support::user_connection_ids(&mut connections, "acme", "alice").await;
     let second_id = alice_ids
         .iter()
         .find(|id| **id != clients[0].1)

@@ -168,20 +168,11 @@ async fn a_connection_service_restart_loses_neither_the_socket_nor_the_final_mes
         v1::connection_service_client::ConnectionServiceClient::connect(format!("http://{conn}"))
             .await
             .unwrap();
-    let listed = connections
-        .list_connections(v1::ListConnectionsRequest {
-            tenant_id: "acme".into(),
-            user_id: "alice".into(),
-            page: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .connections;
+    let listed = support::user_connection_ids(&mut connections, "acme", "alice").await;
     assert_eq!(listed.len(), 1);
     connections
         .send(v1::SendRequest {
-            connection_id: listed[0].connection_id.clone(),
+            connection_id: listed[0].clone(),
             payload: support::json_payload(json!({"still": "here"})),
             tenant_id: String::new(),
         })
@@ -204,16 +195,7 @@ async fn a_connection_service_restart_loses_neither_the_socket_nor_the_final_mes
         v1::connection_service_client::ConnectionServiceClient::connect(format!("http://{conn}"))
             .await
             .unwrap();
-    let listed = connections
-        .list_connections(v1::ListConnectionsRequest {
-            tenant_id: "acme".into(),
-            user_id: "alice".into(),
-            page: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .connections;
+    let listed = support::user_connection_ids(&mut connections, "acme", "alice").await;
     assert!(listed.is_empty(), "{listed:?}");
 
     conn_shutdown.cancel();

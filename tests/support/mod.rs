@@ -142,19 +142,9 @@ impl TestSystem {
     /// no other connection).
     pub async fn connect_found(&self, sub: &str, tenant: &str) -> (WsClient, String) {
         let client = self.connect(sub, tenant).await;
-        let mut connections = self.connections().await;
-        let listed = connections
-            .list_connections(streamer_api::v1::ListConnectionsRequest {
-                tenant_id: tenant.into(),
-                user_id: sub.into(),
-                page: None,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .connections;
-        assert_eq!(listed.len(), 1, "{sub} should have exactly one connection");
-        (client, listed[0].connection_id.clone())
+        let ids = user_connection_ids(&mut self.connections().await, tenant, sub).await;
+        assert_eq!(ids.len(), 1, "{sub} should have exactly one connection");
+        (client, ids[0].clone())
     }
 
     pub async fn connections(&self) -> ConnectionServiceClient<Channel> {
@@ -175,6 +165,27 @@ impl Drop for TestSystem {
         // A test that panicked still stops its servers.
         self.shutdown.cancel();
     }
+}
+
+/// The ids of one user's connections, as ListConnections reports them.
+pub async fn user_connection_ids(
+    connections: &mut ConnectionServiceClient<Channel>,
+    tenant: &str,
+    user: &str,
+) -> Vec<String> {
+    connections
+        .list_connections(streamer_api::v1::ListConnectionsRequest {
+            tenant_id: tenant.into(),
+            user_id: user.into(),
+            page: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connections
+        .into_iter()
+        .map(|c| c.connection_id)
+        .collect()
 }
 
 /// The status of a plain HTTP GET, or None when nothing answered.
