@@ -419,6 +419,9 @@ struct ClaimSet<'a> {
     permissions: Vec<String>,
 }
 
+/// The longest `sub` or `tenant_id` accepted (the registry's id limit).
+const MAX_IDENTITY_LEN: usize = 256;
+
 impl<'a> ClaimSet<'a> {
     fn parse(claims: &'a Map<String, Value>) -> Result<Self, Rejection> {
         let exp = numeric_date(claims, "exp")?;
@@ -454,10 +457,24 @@ impl<'a> ClaimSet<'a> {
             )
         };
         let present = |value: Option<&'a str>| value.filter(|v| !v.trim().is_empty());
+        // Identities become registry keys: bounded, and free of the NUL the
+        // store uses as its index separator.
+        let usable = |name: &str, value: &'a str| {
+            if value.len() > MAX_IDENTITY_LEN || value.contains('\0') {
+                Err(malformed(format!(
+                    "`{name}` must be at most {MAX_IDENTITY_LEN} bytes without NUL characters"
+                )))
+            } else {
+                Ok(value)
+            }
+        };
         Ok(Self {
             exp: exp.ok_or_else(|| missing("exp"))?,
-            sub: present(sub).ok_or_else(|| missing("sub"))?,
-            tenant_id: present(tenant_id).ok_or_else(|| missing("tenant_id"))?,
+            sub: usable("sub", present(sub).ok_or_else(|| missing("sub"))?)?,
+            tenant_id: usable(
+                "tenant_id",
+                present(tenant_id).ok_or_else(|| missing("tenant_id"))?,
+            )?,
             nbf,
             iat,
             iss,
@@ -970,6 +987,22 @@ mod tests {
             .validate(&rs256(&claims_with(json!({"tenant_id": null}))))
             .expect_err("no tenant");
         assert_eq!(rejection.message, "the token has no `tenant_id` claim");
+    }
+
+    #[test]
+    fn identities_that_cannot_be_registry_keys_are_malformed() {
+        let (_dir, validator) = standard_validator(AuthConfig::default());
+        for change in [
+            json!({"sub": "u".repeat(MAX_IDENTITY_LEN + 1)}),
+            json!({"tenant_id": "a\0b"}),
+        ] {
+            let rejection = validator
+                .validate(&rs256(&claims_with(change.clone())))
+                .expect_err("unusable identity");
+            assert_eq!(rejection.failure, TokenFailure::Malformed, "{change}");
+        }
+        let longest = json!({"sub": "u".repeat(MAX_IDENTITY_LEN)});
+        assert!(validator.validate(&rs256(&claims_with(longest))).is_ok());
     }
 
     #[test]
