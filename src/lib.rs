@@ -40,6 +40,15 @@ pub async fn run_auth(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let validator = TokenValidator::new(config).context("cannot load the token keys")?;
+    serve_auth(listener, validator, shutdown).await
+}
+
+/// Serves AuthService with keys already loaded.
+async fn serve_auth(
+    listener: TcpListener,
+    validator: TokenValidator,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let routes = tonic::service::Routes::new(AuthServer::new(validator).into_service());
     streamer_core::grpc::serve(
         listener,
@@ -234,10 +243,10 @@ pub async fn start_system(
 
     let store = open_embedded_store(&config.data_dir)?;
     // Fail fast on a bad key configuration, before anything listens.
-    TokenValidator::new(config.auth.clone()).context("cannot load the token keys")?;
+    let validator = TokenValidator::new(config.auth).context("cannot load the token keys")?;
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(run_auth(listeners.auth, config.auth, shutdown.clone()));
+    tasks.spawn(serve_auth(listeners.auth, validator, shutdown.clone()));
     tasks.spawn(run_connection(
         listeners.connection,
         store.clone(),
