@@ -1094,6 +1094,7 @@ async fn run_broadcast(args: &Args) -> anyhow::Result<BroadcastResult> {
                 connection_id: probe.clone(),
                 payload: json_payload(json!({"type": "loadgen_send", "index": index})),
                 tenant_id: tenant.clone(),
+                sequence: None,
             })
             .await?
             .into_inner();

@@ -121,6 +121,7 @@ async fn send(
                 ))),
             }),
             tenant_id: String::new(),
+            sequence: None,
         })
         .await
         .map(drop)

@@ -17,6 +17,7 @@ fn send(connection_id: &str, value: serde_json::Value) -> v1::SendRequest {
         connection_id: connection_id.into(),
         payload: json_payload(value),
         tenant_id: String::new(),
+        sequence: None,
     }
 }
 
@@ -77,6 +78,7 @@ async fn text_and_binary_payloads_arrive_as_such() {
                 connection_id: id.clone(),
                 payload: Some(v1::Payload { body: Some(body) }),
                 tenant_id: String::new(),
+                sequence: None,
             })
             .await
             .unwrap();
@@ -467,6 +469,7 @@ async fn malformed_grpc_arguments_are_invalid_argument() {
                 connection_id: "c".into(),
                 payload: None,
                 tenant_id: String::new(),
+                sequence: None,
             })
             .await
             .unwrap_err(),

@@ -175,6 +175,7 @@ async fn a_connection_service_restart_loses_neither_the_socket_nor_the_final_mes
             connection_id: listed[0].clone(),
             payload: support::json_payload(json!({"still": "here"})),
             tenant_id: String::new(),
+            sequence: None,
         })
         .await
         .unwrap();

@@ -21,6 +21,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::sequences::{Admission, SequenceWindow};
+
 /// What a socket's writer task is asked to do.
 #[derive(Debug)]
 pub enum Outbound {
@@ -35,6 +37,9 @@ struct LocalConnection {
     /// is still queued (a slow consumer).
     evict: CancellationToken,
     record: v1::Connection,
+    /// What was written of each sequenced stream. A std mutex, held only
+    /// across the check and the non-blocking queue write that it guards.
+    sequences: Mutex<SequenceWindow>,
 }
 
 /// A registered connection's half that the socket task owns.
@@ -164,6 +169,7 @@ impl Edge {
                 outbound: tx,
                 evict: evict.clone(),
                 record: record.clone(),
+                sequences: Mutex::default(),
             },
         );
         let (done, answer) = oneshot::channel();
@@ -208,18 +214,43 @@ impl Edge {
         removed
     }
 
-    /// Queues a message for one socket without waiting.
-    pub fn push(&self, connection_id: &str, out: Outbound) -> DeliveryOutcome {
-        let found = read(&self.connections)
-            .get(connection_id)
-            .map(|c| (c.outbound.clone(), c.evict.clone()));
-        let Some((sender, evict)) = found else {
-            return DeliveryOutcome::NotFound;
+    /// Queues a message for one socket without waiting. A message with a
+    /// `sequence` is queued only if the socket has not had it (see
+    /// [`crate::sequences`]); one it had already counts as DELIVERED.
+    pub fn push(
+        &self,
+        connection_id: &str,
+        out: Outbound,
+        sequence: Option<&v1::Sequence>,
+    ) -> DeliveryOutcome {
+        let attempt = {
+            let connections = read(&self.connections);
+            let Some(connection) = connections.get(connection_id) else {
+                return DeliveryOutcome::NotFound;
+            };
+            // Checked and queued under the socket's own lock, so two
+            // deliveries of one message (from two Attach streams) cannot
+            // both be written.
+            let mut sequences = connection
+                .sequences
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(sequence) = sequence
+                && sequences.admit(&sequence.stream, sequence.number) == Admission::Drop
+            {
+                metrics::counter!("streamer_gateway_duplicates_dropped_total").increment(1);
+                tracing::debug!(connection_id, stream = %sequence.stream, number = sequence.number, "already written; dropped");
+                return DeliveryOutcome::Delivered;
+            }
+            connection
+                .outbound
+                .try_send(out)
+                .map_err(|error| (error, connection.evict.clone()))
         };
-        match sender.try_send(out) {
+        match attempt {
             Ok(()) => DeliveryOutcome::Delivered,
-            Err(mpsc::error::TrySendError::Closed(_)) => DeliveryOutcome::NotFound,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err((mpsc::error::TrySendError::Closed(_), _)) => DeliveryOutcome::NotFound,
+            Err((mpsc::error::TrySendError::Full(_), evict)) => {
                 metrics::counter!("streamer_gateway_slow_consumer_closes_total").increment(1);
                 tracing::warn!(connection_id, "outbound queue full; closing slow consumer");
                 // The queue is full, so a close cannot wait behind it:
@@ -241,6 +272,7 @@ impl Edge {
                     code,
                     reason: reason.to_owned(),
                 },
+                None,
             );
         }
     }
@@ -276,6 +308,7 @@ impl Edge {
                         code: u16::try_from(close.code).unwrap_or(1000),
                         reason: close.reason,
                     },
+                    None,
                 );
             }
             Command::Deliver(deliver) => {
@@ -284,8 +317,11 @@ impl Edge {
                         .connection_ids
                         .into_iter()
                         .map(|connection_id| {
-                            let outcome =
-                                self.push(&connection_id, Outbound::Message(message.clone()));
+                            let outcome = self.push(
+                                &connection_id,
+                                Outbound::Message(message.clone()),
+                                deliver.sequence.as_ref(),
+                            );
                             DeliveryResult {
                                 connection_id,
                                 outcome: outcome as i32,

@@ -8,6 +8,8 @@
 //! Layout:
 //! - [`frames`]: frame validation and the edge's own error messages.
 //! - [`edge`]: local sockets, outbound queues, the Attach loop.
+//! - [`sequences`]: each sequenced message written to a socket at most
+//!   once, in order.
 //! - [`socket`]: one socket's read and write loops.
 //! - this file: configuration and the HTTP side (auth, upgrade, health).
 
@@ -15,6 +17,7 @@
 
 pub mod edge;
 pub mod frames;
+pub mod sequences;
 pub mod socket;
 
 use std::net::SocketAddr;

@@ -42,7 +42,7 @@ pub async fn run<S, E>(
         // deliveries, so the client sees everything in one order.
         let edge = edge.clone();
         let id = connection_id.clone();
-        move |text: String| edge.push(&id, Outbound::Message(Message::Text(text.into())))
+        move |text: String| edge.push(&id, Outbound::Message(Message::Text(text.into())), None)
     };
 
     let writer = async {

@@ -51,13 +51,17 @@ impl EdgeLink {
     }
 
     /// Hands a payload to the edge for these sockets and waits for its
-    /// report. An edge whose stream is closed or that does not answer in
-    /// `timeout` counts as GONE for every target, with `answered` false:
-    /// the edge did not say the sockets are gone, so their records stay.
+    /// report. An edge whose stream is closed, or that does not answer in
+    /// `timeout`, leaves every target UNAVAILABLE with `answered` false:
+    /// the payload may or may not have been written (a slow edge may write
+    /// it after the wait ends), the sockets may well be there, and so
+    /// their records stay. Senders that retry pass a `sequence`, so a retry
+    /// of something the edge did write is not written again.
     pub async fn deliver(
         &self,
         connection_ids: Vec<String>,
         payload: v1::Payload,
+        sequence: Option<v1::Sequence>,
         timeout: Duration,
     ) -> EdgeAnswer {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -69,14 +73,15 @@ impl EdgeLink {
                 delivery_id,
                 connection_ids: connection_ids.clone(),
                 payload: Some(payload),
+                sequence,
             })),
         };
         let sent = tokio::time::timeout(timeout, self.commands.send(Ok(command))).await;
         if !matches!(sent, Ok(Ok(()))) {
             self.lock_pending().remove(&delivery_id);
-            tracing::warn!(edge_id = %self.edge_id, "edge stream closed or full; delivery counted as gone");
+            tracing::warn!(edge_id = %self.edge_id, "edge stream closed or full; delivery unavailable");
             return EdgeAnswer {
-                results: Self::outcome_all(&connection_ids, DeliveryOutcome::Gone),
+                results: Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable),
                 answered: false,
             };
         }
@@ -85,15 +90,30 @@ impl EdgeLink {
                 results,
                 answered: true,
             },
-            _ => {
+            Ok(Err(_)) => {
+                // The stream ended before the report came (see `abandon`).
+                tracing::info!(edge_id = %self.edge_id, delivery_id, "edge detached before reporting a delivery");
+                EdgeAnswer {
+                    results: Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable),
+                    answered: false,
+                }
+            }
+            Err(_) => {
                 self.lock_pending().remove(&delivery_id);
+                metrics::counter!("streamer_delivery_report_timeouts_total").increment(1);
                 tracing::warn!(edge_id = %self.edge_id, delivery_id, "edge did not report a delivery in time");
                 EdgeAnswer {
-                    results: Self::outcome_all(&connection_ids, DeliveryOutcome::Gone),
+                    results: Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable),
                     answered: false,
                 }
             }
         }
+    }
+
+    /// The stream is gone: every delivery still waiting for a report is
+    /// answered UNAVAILABLE now rather than when its wait runs out.
+    pub fn abandon(&self) {
+        self.lock_pending().clear();
     }
 
     /// Resolves a waiting delivery with the edge's report.

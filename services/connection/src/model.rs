@@ -58,15 +58,24 @@ pub struct SendCommand {
     pub connection_id: String,
     pub payload: v1::Payload,
     pub tenant_id: Option<String>,
+    pub sequence: Option<v1::Sequence>,
 }
 
 impl TryFrom<v1::SendRequest> for SendCommand {
     type Error = ConnectionError;
     fn try_from(r: v1::SendRequest) -> Result<Self, Self::Error> {
+        let sequence = match r.sequence {
+            Some(s) => Some(v1::Sequence {
+                stream: required_id("sequence.stream", s.stream)?,
+                number: s.number,
+            }),
+            None => None,
+        };
         Ok(Self {
             connection_id: required_id("connection_id", r.connection_id)?,
             payload: required_payload(r.payload)?,
             tenant_id: optional_id("tenant_id", r.tenant_id)?,
+            sequence,
         })
     }
 }
@@ -255,6 +264,7 @@ mod tests {
             connection_id: String::new(),
             payload: payload(),
             tenant_id: String::new(),
+            sequence: None,
         })
         .unwrap_err();
         assert!(err.to_string().contains("connection_id"), "{err}");
@@ -262,9 +272,21 @@ mod tests {
             connection_id: "c1".into(),
             payload: Some(v1::Payload { body: None }),
             tenant_id: String::new(),
+            sequence: None,
         })
         .unwrap_err();
         assert!(err.to_string().contains("payload"), "{err}");
+        let err = SendCommand::try_from(v1::SendRequest {
+            connection_id: "c1".into(),
+            payload: payload(),
+            tenant_id: String::new(),
+            sequence: Some(v1::Sequence {
+                stream: String::new(),
+                number: 1,
+            }),
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("sequence.stream"), "{err}");
     }
 
     #[test]

@@ -244,12 +244,14 @@ impl ConnectionServer {
     }
 
     /// Delivers one payload to these connections, one command per edge, and
-    /// returns an outcome per connection. Records whose socket is gone are
-    /// removed.
+    /// returns an outcome per connection. Records whose socket the edge
+    /// says it does not hold are removed (GONE); an edge that is detached
+    /// or did not answer in time leaves its records alone (UNAVAILABLE).
     async fn deliver(
         &self,
         records: Vec<ConnectionRecord>,
         payload: v1::Payload,
+        sequence: Option<v1::Sequence>,
     ) -> Vec<DeliveryResult> {
         let now = now_ms();
         let mut by_edge: HashMap<String, Vec<ConnectionRecord>> = HashMap::new();
@@ -261,45 +263,38 @@ impl ConnectionServer {
         }
         let deliveries = by_edge.into_iter().map(|(edge_id, records)| {
             let payload = payload.clone();
+            let sequence = sequence.clone();
             async move {
                 let ids: Vec<String> = records.iter().map(|r| r.connection_id.clone()).collect();
-                // A record is stale when its edge is gone, or when the edge
-                // itself says the socket is not there. An edge that merely
-                // failed to answer keeps its records.
-                let (results, edge_spoke) = match self.shared.edges.get(&edge_id) {
+                let results = match self.shared.edges.get(&edge_id) {
                     Some(link) => {
-                        let answer = link
-                            .deliver(ids, payload, self.shared.config.delivery_timeout)
-                            .await;
-                        (answer.results, answer.answered)
+                        link.deliver(ids, payload, sequence, self.shared.config.delivery_timeout)
+                            .await
+                            .results
                     }
                     // Detached, perhaps only for a moment (see EDGE_GRACE):
-                    // gone for now, but the records stay.
-                    None => (
-                        ids.into_iter()
-                            .map(|connection_id| DeliveryResult {
-                                connection_id,
-                                outcome: DeliveryOutcome::Gone as i32,
-                            })
-                            .collect(),
-                        false,
-                    ),
+                    // the records stay.
+                    None => ids
+                        .into_iter()
+                        .map(|connection_id| DeliveryResult {
+                            connection_id,
+                            outcome: DeliveryOutcome::Unavailable as i32,
+                        })
+                        .collect(),
                 };
-                (records, results, edge_spoke)
+                (records, results)
             }
         });
         let mut all = Vec::new();
-        for (records, results, edge_spoke) in futures::future::join_all(deliveries).await {
+        for (records, mut results) in futures::future::join_all(deliveries).await {
             let last_seen: HashMap<&str, u64> = records
                 .iter()
                 .map(|r| (r.connection_id.as_str(), r.last_seen_ms))
                 .collect();
-            for result in &results {
-                let outcome = DeliveryOutcome::try_from(result.outcome).unwrap_or_default();
-                metrics::counter!("streamer_deliveries_total", "outcome" => outcome.as_str_name())
-                    .increment(1);
-                match outcome {
-                    DeliveryOutcome::Gone | DeliveryOutcome::NotFound if edge_spoke => {
+            for result in &mut results {
+                match DeliveryOutcome::try_from(result.outcome).unwrap_or_default() {
+                    // The edge itself says the socket is not there.
+                    DeliveryOutcome::NotFound | DeliveryOutcome::Gone => {
                         if let Err(error) = self
                             .shared
                             .store
@@ -308,6 +303,7 @@ impl ConnectionServer {
                         {
                             tracing::warn!(%error, connection_id = %result.connection_id, "cannot remove stale connection");
                         }
+                        result.outcome = DeliveryOutcome::Gone as i32;
                     }
                     DeliveryOutcome::Delivered => {
                         let seen = last_seen.get(result.connection_id.as_str()).copied();
@@ -321,6 +317,9 @@ impl ConnectionServer {
                     }
                     _ => {}
                 }
+                let outcome = DeliveryOutcome::try_from(result.outcome).unwrap_or_default();
+                metrics::counter!("streamer_deliveries_total", "outcome" => outcome.as_str_name())
+                    .increment(1);
             }
             all.extend(results);
         }
@@ -331,16 +330,11 @@ impl ConnectionServer {
         let record = self
             .find(&cmd.connection_id, cmd.tenant_id.as_deref())
             .await?;
-        let results = self.deliver(vec![record], cmd.payload).await;
-        let outcome = results
+        let results = self.deliver(vec![record], cmd.payload, cmd.sequence).await;
+        Ok(results
             .first()
             .and_then(|r| DeliveryOutcome::try_from(r.outcome).ok())
-            .unwrap_or(DeliveryOutcome::Gone);
-        if outcome == DeliveryOutcome::NotFound {
-            // The edge no longer holds it: to the caller that is NOT_FOUND.
-            return Err(ConnectionError::NotFound(cmd.connection_id));
-        }
-        Ok(outcome)
+            .unwrap_or(DeliveryOutcome::Unavailable))
     }
 
     async fn all_connections(
@@ -393,7 +387,7 @@ impl ConnectionServer {
                 (self.all_connections(&tenant_id, None).await?, Vec::new())
             }
         };
-        let mut results = self.deliver(records, cmd.payload).await;
+        let mut results = self.deliver(records, cmd.payload, None).await;
         results.append(&mut missing);
         Ok(results)
     }
@@ -429,7 +423,7 @@ impl ConnectionServer {
         let payload = v1::Payload {
             body: Some(v1::payload::Body::Text(message.to_string())),
         };
-        self.deliver(vec![record], payload).await;
+        self.deliver(vec![record], payload, None).await;
     }
 
     // ---- the edge stream ----
@@ -460,6 +454,7 @@ impl ConnectionServer {
                 Event::Delivered(report) => link.report(report),
             }
         }
+        link.abandon();
         if self.shared.edges.detach(&link) {
             tracing::info!(edge_id = %edge_id, "edge detached");
             tokio::spawn(self.forget_edge_after_grace(edge_id));
@@ -745,6 +740,7 @@ fn counts(results: &[DeliveryResult]) -> v1::BroadcastResponse {
             DeliveryOutcome::NotFound => response.not_found += 1,
             DeliveryOutcome::Gone => response.gone += 1,
             DeliveryOutcome::Throttled => response.throttled += 1,
+            DeliveryOutcome::Unavailable => response.unavailable += 1,
             DeliveryOutcome::Unspecified => {}
         }
     }

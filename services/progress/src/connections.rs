@@ -81,11 +81,15 @@ impl ConnectionDirectory {
         }
     }
 
-    /// Sends one JSON message to a connection of `tenant_id`.
+    /// Sends one JSON message, number `sequence` of request `request_id`'s
+    /// messages, to a connection of `tenant_id`. The number makes the send
+    /// idempotent (the edge writes it at most once), so `Unavailable` may
+    /// always be retried.
     pub async fn send(
         &self,
         connection_id: &str,
         tenant_id: &str,
+        (request_id, sequence): (&str, u64),
         message: serde_json::Value,
     ) -> Delivery {
         let reply = self
@@ -100,22 +104,29 @@ impl ConnectionDirectory {
                     body: Some(v1::payload::Body::Text(message.to_string())),
                 }),
                 tenant_id: tenant_id.to_owned(),
+                sequence: Some(v1::Sequence {
+                    stream: request_id.to_owned(),
+                    number: sequence,
+                }),
             })
             .await;
         match reply {
             Ok(reply) => match reply.into_inner().outcome() {
                 v1::DeliveryOutcome::Delivered => Delivery::Delivered,
-                // The edge said so: the socket is closed (or was closed as
-                // a slow consumer).
-                v1::DeliveryOutcome::NotFound | v1::DeliveryOutcome::Throttled => Delivery::Gone,
-                // The connection's edge is detached or did not answer: it
-                // may be back in a moment, so retrying can succeed.
-                v1::DeliveryOutcome::Gone => Delivery::Unavailable,
+                // The socket is closed (or was closed as a slow consumer).
+                v1::DeliveryOutcome::NotFound
+                | v1::DeliveryOutcome::Gone
+                | v1::DeliveryOutcome::Throttled => Delivery::Gone,
+                // The edge is detached or has not confirmed yet: it may be
+                // back in a moment, and a retry is never written twice.
+                v1::DeliveryOutcome::Unavailable => Delivery::Unavailable,
                 // An outcome this build does not know: assume the worst
                 // that retrying can fix.
                 v1::DeliveryOutcome::Unspecified => Delivery::Unavailable,
             },
             Err(status) if status.code() == tonic::Code::NotFound => Delivery::Gone,
+            // Includes this call's own timeout: the edge may have written
+            // the message, so the retry carries the same sequence.
             Err(status) => {
                 tracing::debug!(connection_id, code = ?status.code(), error = status.message(), "send failed");
                 Delivery::Unavailable

@@ -52,6 +52,10 @@ struct Effects {
     final_message: bool,
     /// Tell this processor to stop working on the request.
     stop_processor: Option<String>,
+    /// The change only moves where the client's messages go: it is no
+    /// change of the request, so `updated_at` (and with it the final
+    /// message's timestamp) stays as it was.
+    binding_only: bool,
 }
 
 impl Effects {
@@ -367,7 +371,9 @@ impl Lifecycle {
                     guard,
                 ));
             };
-            record.updated_at_ms = now;
+            if !effects.binding_only {
+                record.updated_at_ms = now;
+            }
             match self.store.update_request(record, durability).await {
                 Ok(stored) => {
                     self.after_change(&stored, effects);
@@ -438,13 +444,14 @@ impl Lifecycle {
             );
         }
         if effects.final_message
-            && let Some(message) = messages::final_message(record)
+            && let Some(message) = messages::final_message(record, false)
         {
             metrics::counter!("streamer_progress_finished_total", "status" => crate::error::status_name(record.status)).increment(1);
             self.outboxes.final_message(
                 &record.id,
                 &record.tenant_id,
                 &record.connection_id,
+                record.sequence,
                 message,
             );
         }
@@ -491,15 +498,10 @@ impl Lifecycle {
         let created = self.store.create_request(record).await?;
         let record = created.record;
         if created.duplicate {
-            drop(guard);
+            // The caller learns it from the answer; the client already had
+            // its acknowledgment and hears nothing new (a client that lost
+            // track asks with `get_request`).
             tracing::debug!(request = %record.id, "duplicate submit");
-            // Answer the connection that asked, which may be a new one.
-            let connections = self.connections.clone();
-            let message = messages::acknowledgment(&record, true);
-            let (connection_id, tenant_id) = (cmd.connection_id, record.tenant_id.clone());
-            self.tasks.spawn(async move {
-                connections.send(&connection_id, &tenant_id, message).await;
-            });
             return Ok((record, true));
         }
         tracing::info!(request = %record.id, action = %record.action, tenant = %record.tenant_id, "request queued");
@@ -510,7 +512,7 @@ impl Lifecycle {
             &record.id,
             &record.tenant_id,
             &record.connection_id,
-            messages::acknowledgment(&record, false),
+            messages::acknowledgment(&record),
         );
         self.after_change(&record, Effects::none());
         drop(guard);
@@ -760,21 +762,27 @@ impl Lifecycle {
                     return Ok(None);
                 }
                 r.connection_id = connection_id.clone();
-                Ok(Some(Effects::none()))
+                Ok(Some(Effects {
+                    binding_only: true,
+                    ..Effects::none()
+                }))
             })
             .await?;
         // Written only when the binding really moved (under the request's
         // lock), so two concurrent resumes do not both re-send.
         let moved = changed.written;
         let record = changed.record;
-        if moved && let Some(message) = messages::final_message(&record) {
+        if moved && let Some(message) = messages::final_message(&record, true) {
             // A client that resumed on a new connection may have missed the
-            // outcome: it gets it again there. (The connection that was
-            // bound already had it, so it is not sent twice.)
+            // outcome: it gets it again there, as the same message (same
+            // sequence and timestamp) marked as a replay. The connection
+            // that was bound already had it; were the binding to move back
+            // there, its edge would not write that sequence again.
             self.outboxes.final_message(
                 &record.id,
                 &record.tenant_id,
                 &record.connection_id,
+                record.sequence,
                 message,
             );
         }

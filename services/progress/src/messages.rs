@@ -7,27 +7,23 @@ use serde_json::{Map, Value, json};
 use streamer_core::store::{RequestRecord, RequestStatus};
 use streamer_core::timestamp;
 
-use crate::error::status_name;
 
 /// ISO-8601 UTC, e.g. `2025-01-02T03:04:05.678Z`.
 pub(crate) fn iso8601(ms: u64) -> String {
     timestamp(ms).to_string()
 }
 
-pub(crate) fn acknowledgment(record: &RequestRecord, duplicate: bool) -> Value {
-    let mut message = json!({
+/// The first message of every request. Its timestamp is the request's
+/// creation, so a retry of it is the same message.
+pub(crate) fn acknowledgment(record: &RequestRecord) -> Value {
+    json!({
         "type": "acknowledgment",
         "request_id": record.client_request_id,
         "id": record.id,
-        // A repeat tells the client where its request really is.
-        "status": if duplicate { status_name(record.status) } else { "queued" },
+        "status": "queued",
         "sequence": 0,
-        "timestamp": iso8601(streamer_core::store::now_ms()),
-    });
-    if duplicate {
-        message["duplicate"] = Value::Bool(true);
-    }
-    message
+        "timestamp": iso8601(record.created_at_ms),
+    })
 }
 
 /// The latest progress of `record`, when it has any.
@@ -48,7 +44,17 @@ pub(crate) fn progress(record: &RequestRecord) -> Option<Value> {
 }
 
 /// The one final message of a finished request; `None` while it runs.
-pub(crate) fn final_message(record: &RequestRecord) -> Option<Value> {
+/// A `replay` (sent again to a client that resumed on a new connection) is
+/// the same message, marked `"replay": true`.
+pub(crate) fn final_message(record: &RequestRecord, replay: bool) -> Option<Value> {
+    let mut message = final_message_of(record)?;
+    if replay {
+        message["replay"] = Value::Bool(true);
+    }
+    Some(message)
+}
+
+fn final_message_of(record: &RequestRecord) -> Option<Value> {
     match record.status {
         RequestStatus::Pending | RequestStatus::Processing => None,
         RequestStatus::Completed => Some(json!({

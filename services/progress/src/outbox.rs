@@ -8,7 +8,13 @@
 //! 2. progress, at most `progress_rate` per second, coalesced in a single
 //!    latest-wins slot (a newer update replaces an unsent older one);
 //! 3. the final `complete` or `error`, which is never dropped, discards any
-//!    unsent progress, and ends the task: nothing follows it.
+//!    unsent progress, and ends the task: nothing follows it;
+//! 4. every message carries its identity, the request and its sequence
+//!    number (the acknowledgment's is 0), and a retry carries the same one.
+//!    A send whose outcome is unknown (the edge did not confirm in time) is
+//!    retried; the edge writes each number at most once per socket and
+//!    never after a higher one (`gateway/src/sequences.rs` says why there),
+//!    so a retry cannot reach the client twice.
 //!
 //! Messages go to the request's connection as stored *at send time*, so a
 //! client that resumed on a new connection gets what follows there.
@@ -53,13 +59,14 @@ impl Kind {
 /// What is waiting to be sent for one request.
 #[derive(Default)]
 struct Slots {
+    /// Always sequence 0.
     acknowledgment: Option<Value>,
     /// Latest wins; with its sequence, so an older update arriving late
     /// never replaces a newer one.
     progress: Option<(u64, Value)>,
     /// The highest progress sequence accepted so far.
     progress_sequence: u64,
-    final_message: Option<Value>,
+    final_message: Option<(u64, Value)>,
     /// Set once the final message was taken: later pushes are ignored.
     closed: bool,
 }
@@ -121,9 +128,21 @@ impl Outboxes {
     }
 
     /// The request's mailbox, starting its sender task if it has none.
-    fn mailbox(&self, id: &str, tenant_id: &str, connection_id: &str) -> Arc<Mailbox> {
+    /// With `reopen`, a mailbox whose final message is already on its way
+    /// is replaced by a new one (and task): a final sent again to a client
+    /// that resumed elsewhere must not be lost to that race. The old task
+    /// finishes its own send; each goes to one socket, in order there.
+    fn mailbox(
+        &self,
+        id: &str,
+        tenant_id: &str,
+        connection_id: &str,
+        reopen: bool,
+    ) -> Arc<Mailbox> {
         let mut live = self.live();
-        if let Some(mailbox) = live.get(id) {
+        if let Some(mailbox) = live.get(id)
+            && !(reopen && mailbox.slots().closed)
+        {
             return mailbox.clone();
         }
         let mailbox = Arc::new(Mailbox {
@@ -144,7 +163,7 @@ impl Outboxes {
     }
 
     pub fn acknowledgment(&self, id: &str, tenant_id: &str, connection_id: &str, message: Value) {
-        let mailbox = self.mailbox(id, tenant_id, connection_id);
+        let mailbox = self.mailbox(id, tenant_id, connection_id, false);
         let mut slots = mailbox.slots();
         if slots.closed {
             return;
@@ -162,7 +181,7 @@ impl Outboxes {
         sequence: u64,
         message: Value,
     ) {
-        let mailbox = self.mailbox(id, tenant_id, connection_id);
+        let mailbox = self.mailbox(id, tenant_id, connection_id, false);
         let mut slots = mailbox.slots();
         if slots.closed || slots.final_message.is_some() || sequence <= slots.progress_sequence {
             return;
@@ -175,8 +194,15 @@ impl Outboxes {
         mailbox.wake.notify_one();
     }
 
-    pub fn final_message(&self, id: &str, tenant_id: &str, connection_id: &str, message: Value) {
-        let mailbox = self.mailbox(id, tenant_id, connection_id);
+    pub fn final_message(
+        &self,
+        id: &str,
+        tenant_id: &str,
+        connection_id: &str,
+        sequence: u64,
+        message: Value,
+    ) {
+        let mailbox = self.mailbox(id, tenant_id, connection_id, true);
         let mut slots = mailbox.slots();
         if slots.closed {
             return;
@@ -184,7 +210,7 @@ impl Outboxes {
         if slots.progress.take().is_some() {
             metrics::counter!("streamer_progress_coalesced_total").increment(1);
         }
-        slots.final_message = Some(message);
+        slots.final_message = Some((sequence, message));
         drop(slots);
         mailbox.wake.notify_one();
     }
@@ -198,7 +224,7 @@ impl Outboxes {
 }
 
 enum Next {
-    Send(Kind, Value),
+    Send(Kind, u64, Value),
     WaitUntil(Instant),
     Idle,
 }
@@ -222,10 +248,10 @@ impl Sender {
             let next = {
                 let mut slots = self.mailbox.slots();
                 if let Some(message) = slots.acknowledgment.take() {
-                    Next::Send(Kind::Acknowledgment, message)
-                } else if let Some(message) = slots.final_message.take() {
+                    Next::Send(Kind::Acknowledgment, 0, message)
+                } else if let Some((sequence, message)) = slots.final_message.take() {
                     slots.closed = true;
-                    Next::Send(Kind::Final, message)
+                    Next::Send(Kind::Final, sequence, message)
                 } else if slots.progress.is_some() {
                     let due = match (last_progress, ctx.min_interval) {
                         (Some(last), Some(interval)) => last + interval,
@@ -233,7 +259,9 @@ impl Sender {
                     };
                     if due <= Instant::now() {
                         match slots.progress.take() {
-                            Some((_, message)) => Next::Send(Kind::Progress, message),
+                            Some((sequence, message)) => {
+                                Next::Send(Kind::Progress, sequence, message)
+                            }
                             None => Next::Idle,
                         }
                     } else {
@@ -244,11 +272,11 @@ impl Sender {
                 }
             };
             match next {
-                Next::Send(kind, message) => {
+                Next::Send(kind, sequence, message) => {
                     if kind == Kind::Progress {
                         last_progress = Some(Instant::now());
                     }
-                    self.deliver(kind, message).await;
+                    self.deliver(kind, sequence, message).await;
                     if kind == Kind::Final {
                         break;
                     }
@@ -289,7 +317,7 @@ impl Sender {
         }
     }
 
-    async fn deliver(&self, kind: Kind, message: Value) {
+    async fn deliver(&self, kind: Kind, sequence: u64, message: Value) {
         let ctx = &self.outboxes.ctx;
         let attempts = if kind == Kind::Progress {
             // A newer update will follow, or the final one will.
@@ -302,7 +330,12 @@ impl Sender {
             let connection_id = self.current_connection().await;
             match ctx
                 .connections
-                .send(&connection_id, &self.tenant_id, message.clone())
+                .send(
+                    &connection_id,
+                    &self.tenant_id,
+                    (&self.id, sequence),
+                    message.clone(),
+                )
                 .await
             {
                 Delivery::Delivered => {

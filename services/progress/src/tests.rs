@@ -40,6 +40,11 @@ async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
 struct FakeConnections {
     known: Arc<Mutex<HashMap<String, v1::Identity>>>,
     sent: mpsc::UnboundedSender<(String, Value)>,
+    /// Every send's identity, in arrival order: (connection, stream, number).
+    identities: Arc<Mutex<Vec<(String, String, u64)>>>,
+    /// How many of the next sends are written but answered UNAVAILABLE, as
+    /// an edge whose report came too late.
+    unconfirmed: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[tonic::async_trait]
@@ -68,9 +73,28 @@ impl ConnectionService for FakeConnections {
                     }
                     other => panic!("expected a JSON text payload, got {other:?}"),
                 };
+                let sequence = request.sequence.expect("every message is sequenced");
+                self.identities.lock().unwrap().push((
+                    request.connection_id.clone(),
+                    sequence.stream,
+                    sequence.number,
+                ));
                 let _ = self.sent.send((request.connection_id, json));
+                let unconfirmed = self
+                    .unconfirmed
+                    .fetch_update(
+                        std::sync::atomic::Ordering::SeqCst,
+                        std::sync::atomic::Ordering::SeqCst,
+                        |n| n.checked_sub(1),
+                    )
+                    .is_ok();
+                let outcome = if unconfirmed {
+                    v1::DeliveryOutcome::Unavailable
+                } else {
+                    v1::DeliveryOutcome::Delivered
+                };
                 Ok(Response::new(v1::SendResponse {
-                    outcome: v1::DeliveryOutcome::Delivered as i32,
+                    outcome: outcome as i32,
                 }))
             }
             _ => Err(Status::not_found("no such connection")),
@@ -203,6 +227,8 @@ impl Harness {
         let fake = FakeConnections {
             known: Arc::default(),
             sent: sent_tx,
+            identities: Arc::default(),
+            unconfirmed: Arc::default(),
         };
         let (listener, addr) = bind().await;
         let connection_shutdown = Shutdown::new();
@@ -488,10 +514,9 @@ async fn repeated_submit_is_idempotent() {
     let second = h.submit("c1", "report", "same").await;
     assert!(second.duplicate);
     assert_eq!(second.request.unwrap().id, first.request.unwrap().id);
-    let (connection, ack) = h.message().await;
-    assert_eq!(connection, "c1");
-    assert_eq!(ack["type"], "acknowledgment");
-    assert_eq!(ack["duplicate"], true);
+    // The caller is told; the client, who had its acknowledgment, is not
+    // sent another.
+    h.assert_nothing_more_for("same").await;
 
     // Another user's identical client id is another request.
     h.connect("c2", "t1", "u2");
@@ -882,31 +907,63 @@ async fn get_never_reveals_another_users_request() {
 }
 
 #[tokio::test]
-async fn a_resumed_client_gets_the_final_message_on_its_new_connection() {
+async fn a_resumed_client_gets_the_same_final_message_again_marked_as_a_replay() {
     let mut h = Harness::start().await;
     let mut client = h.client();
     let mut work = claim(&mut client, "p1", 0).await;
     h.submit("c1", "report", "r1").await;
     let job = next_work(&mut work).await;
-    complete(&mut client, &job.id, "p1").await.unwrap();
+    let done = complete(&mut client, &job.id, "p1").await.unwrap();
     let first = h.until_final().await;
-    assert_eq!(first.last().unwrap()["type"], "complete");
+    let original = first.last().unwrap().clone();
+    assert_eq!(original["type"], "complete");
+    assert!(original.get("replay").is_none(), "{original}");
 
     h.connect("c1-again", "t1", "u1");
-    let resumed = client
-        .get(v1::GetRequest {
-            selector: Some(v1::get_request::Selector::Id(job.id.clone())),
-            owner: None,
-            deliver_to_connection_id: "c1-again".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let get = |connection: &str| v1::GetRequest {
+        selector: Some(v1::get_request::Selector::Id(job.id.clone())),
+        owner: None,
+        deliver_to_connection_id: connection.into(),
+    };
+    let resumed = client.get(get("c1-again")).await.unwrap().into_inner();
     assert_eq!(resumed.connection_id, "c1-again");
-    let (connection, message) = h.message().await;
+    // Moving where messages go is not a change of the request.
+    assert_eq!(resumed.updated_at, done.updated_at);
+    let (connection, replay) = h.message().await;
     assert_eq!(connection, "c1-again");
-    assert_eq!(message["type"], "complete");
-    assert_eq!(message["request_id"], "r1");
+    assert_eq!(replay["replay"], true, "{replay}");
+    let mut same = replay.clone();
+    same.as_object_mut().unwrap().remove("replay");
+    assert_eq!(same, original, "the replay is the same message");
+    assert_eq!(
+        h.fake.identities.lock().unwrap().last().unwrap(),
+        &("c1-again".to_owned(), job.id.clone(), done.sequence),
+        "with the same identity"
+    );
+
+    // Asking again from the same connection sends nothing new.
+    client.get(get("c1-again")).await.unwrap();
+    h.assert_nothing_more_for("r1").await;
+}
+
+#[tokio::test]
+async fn an_unconfirmed_delivery_is_retried_with_the_same_identity() {
+    let mut h = Harness::start().await;
+    // The next two sends reach the socket but their reports come too late.
+    h.fake
+        .unconfirmed
+        .store(2, std::sync::atomic::Ordering::SeqCst);
+    let request = h.submit("c1", "report", "r1").await.request.unwrap();
+    let attempts = [h.message().await, h.message().await, h.message().await];
+    for (connection, message) in &attempts {
+        assert_eq!(connection, "c1");
+        assert_eq!(message, &attempts[0].1, "a retry is the same message");
+    }
+    assert_eq!(attempts[0].1["type"], "acknowledgment");
+    let identities = h.fake.identities.lock().unwrap().clone();
+    assert_eq!(identities, vec![("c1".to_owned(), request.id.clone(), 0); 3]);
+    // Once confirmed, the acknowledgment is not sent again.
+    h.assert_nothing_more_for("r1").await;
 }
 
 #[tokio::test]
