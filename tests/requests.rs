@@ -417,7 +417,9 @@ async fn a_repeated_request_id_is_one_request() {
         .send_json(json!({"action": "get_request", "id": "q1", "payload": {"request_id": "once"}}))
         .await;
     let mut seen = Vec::new();
-    while !(seen.iter().any(|m: &serde_json::Value| m["type"] == "acknowledgment")
+    while !(seen
+        .iter()
+        .any(|m: &serde_json::Value| m["type"] == "acknowledgment")
         && seen.iter().any(|m| m["type"] == "response"))
     {
         seen.push(client.recv_json().await);
@@ -426,9 +428,16 @@ async fn a_repeated_request_id_is_one_request() {
         .iter()
         .filter(|m| m["type"] == "acknowledgment")
         .collect();
-    assert_eq!(acks.len(), 1, "one acknowledgment, not one per submit: {seen:?}");
+    assert_eq!(
+        acks.len(),
+        1,
+        "one acknowledgment, not one per submit: {seen:?}"
+    );
     let state = seen.iter().find(|m| m["type"] == "response").unwrap();
-    assert_eq!(state["data"]["id"], acks[0]["id"], "the same request: {state}");
+    assert_eq!(
+        state["data"]["id"], acks[0]["id"],
+        "the same request: {state}"
+    );
 
     // A processor receives it once.
     let mut progress = system.progress().await;

@@ -7,7 +7,6 @@ use serde_json::{Map, Value, json};
 use streamer_core::store::{RequestRecord, RequestStatus};
 use streamer_core::timestamp;
 
-
 /// ISO-8601 UTC, e.g. `2025-01-02T03:04:05.678Z`.
 pub(crate) fn iso8601(ms: u64) -> String {
     timestamp(ms).to_string()

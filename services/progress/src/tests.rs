@@ -961,7 +961,10 @@ async fn an_unconfirmed_delivery_is_retried_with_the_same_identity() {
     }
     assert_eq!(attempts[0].1["type"], "acknowledgment");
     let identities = h.fake.identities.lock().unwrap().clone();
-    assert_eq!(identities, vec![("c1".to_owned(), request.id.clone(), 0); 3]);
+    assert_eq!(
+        identities,
+        vec![("c1".to_owned(), request.id.clone(), 0); 3]
+    );
     // Once confirmed, the acknowledgment is not sent again.
     h.assert_nothing_more_for("r1").await;
 }
