@@ -596,7 +596,7 @@ async fn a_client_closing_its_socket_removes_its_record() {
 
 #[tokio::test]
 async fn bad_frames_get_errors_and_the_socket_stays_open() {
-    let system = TestSystem::start_with(|config| config.gateway.max_frame_bytes = 1024).await;
+    let system = TestSystem::start_with(|config| config.gateway.max_frame_bytes = 2048).await;
     let (mut client, id) = system.connect_found("alice", "acme").await;
 
     client.send_text("{not json").await;
@@ -616,7 +616,7 @@ async fn bad_frames_get_errors_and_the_socket_stays_open() {
     );
 
     client
-        .send_json(json!({"action": "echo", "id": "big", "payload": "x".repeat(2000)}))
+        .send_json(json!({"action": "echo", "id": "big", "payload": "x".repeat(3000)}))
         .await;
     let error = client.recv_json().await;
     assert_eq!(error["error"]["code"], "VALIDATION_ERROR");
@@ -627,12 +627,53 @@ async fn bad_frames_get_errors_and_the_socket_stays_open() {
             .contains("exceeds")
     );
 
+    // Nested past the one rule (60 levels once cut the edge's stream off):
+    // the sender gets an error, and the edge stays attached.
+    let mut deep = json!(1);
+    for _ in 0..60 {
+        deep = json!({"a": deep});
+    }
+    for _ in 0..20 {
+        client
+            .send_json(json!({"action": "echo", "id": "deep", "payload": deep}))
+            .await;
+        let error = client.recv_json().await;
+        assert_eq!(error["request_id"], "deep");
+        assert_eq!(error["error"]["code"], "VALIDATION_ERROR");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("deeper than"),
+            "{error}"
+        );
+    }
+
+    // Frames still reach ConnectionService (which answers this one).
     client
         .send_json(json!({"action": "no_such_action", "id": "r2"}))
         .await;
     let error = client.recv_json().await;
     assert_eq!(error["request_id"], "r2");
     assert_eq!(error["error"]["code"], "INVALID_ACTION");
+
+    // A backend's payload is held to the same rule, whether it still
+    // decodes or not.
+    let mut just_too_deep = json!(1);
+    for _ in 0..=streamer_api::json::MAX_DEPTH {
+        just_too_deep = json!([just_too_deep]);
+    }
+    for payload in [just_too_deep, deep] {
+        let status = system
+            .connections()
+            .await
+            .send(send(&id, payload))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        let limit = format!("{} levels", streamer_api::json::MAX_DEPTH);
+        assert!(status.message().contains(&limit), "{status:?}");
+    }
 
     // Still open and still reachable.
     system

@@ -2,7 +2,7 @@
 //! socket: frame validation and the edge's own error messages.
 
 use serde_json::{Value, json};
-use streamer_api::v1;
+use streamer_api::{json, v1};
 
 /// A client frame that passed validation.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,14 +58,30 @@ pub fn parse(text: &str, max_bytes: usize) -> Result<ClientFrame, FrameError> {
         return Err(refuse(&id, "`action` is not a valid action name".into()));
     }
     let metadata = match object.remove("metadata") {
-        None | Some(Value::Null) => serde_json::Map::new(),
-        Some(Value::Object(m)) => m,
+        None | Some(Value::Null) => Value::Object(serde_json::Map::new()),
+        Some(m @ Value::Object(_)) => m,
         Some(_) => return Err(refuse(&id, "`metadata` must be an object".into())),
+    };
+    let payload = object.remove("payload").unwrap_or(Value::Null);
+    // The one nesting rule: what the edge accepts, every later hop decodes.
+    for (field, value) in [("payload", &payload), ("metadata", &metadata)] {
+        if json::depth(value) > json::MAX_DEPTH {
+            return Err(refuse(
+                &id,
+                format!(
+                    "`{field}` nests arrays and objects deeper than {} levels",
+                    json::MAX_DEPTH
+                ),
+            ));
+        }
+    }
+    let Value::Object(metadata) = metadata else {
+        return Err(refuse(&id, "`metadata` must be an object".into()));
     };
     Ok(ClientFrame {
         action,
         id,
-        payload: object.remove("payload").unwrap_or(Value::Null),
+        payload,
         metadata,
     })
 }
@@ -137,6 +153,29 @@ mod tests {
         let text = format!(r#"{{"action":"a","payload":"{}"}}"#, "x".repeat(100));
         assert!(parse(&text, 50).unwrap_err().message.contains("exceeds"));
         assert!(parse(&text, 1000).is_ok());
+    }
+
+    #[test]
+    fn refuses_payloads_nested_deeper_than_the_one_rule() {
+        let nested = |levels: usize| {
+            let mut value = json!(1);
+            for _ in 0..levels {
+                value = json!({"a": value});
+            }
+            value
+        };
+        let frame = |field: &str, levels: usize| {
+            let mut frame = json!({"action": "a", "id": "r1"});
+            frame[field] = nested(levels);
+            frame.to_string()
+        };
+        for field in ["payload", "metadata"] {
+            assert!(parse(&frame(field, json::MAX_DEPTH), 1 << 20).is_ok());
+            let err = parse(&frame(field, json::MAX_DEPTH + 1), 1 << 20).unwrap_err();
+            assert!(err.message.contains("deeper than"), "{}", err.message);
+            assert!(err.message.contains(field), "{}", err.message);
+            assert_eq!(err.request_id, "r1");
+        }
     }
 
     #[test]

@@ -4,6 +4,13 @@
 //!
 //! Protobuf numbers are doubles: an integer beyond 2^53 loses precision on
 //! the way through, exactly as it would in any JSON client in a browser.
+//!
+//! One nesting rule, [`MAX_DEPTH`], holds for every JSON value Streamer
+//! carries (client frames, payloads, results, metadata): protobuf decoders
+//! stop at 100 levels of nested messages, and each level of JSON costs two
+//! or three of those, so a value that is accepted anywhere must still
+//! decode at every later hop (the edge stream, a router's `Receive`, a
+//! processor's `Claim`, `Watch`). Checked where a value first enters.
 
 use prost_types::value::Kind;
 use prost_types::{ListValue, Struct, Value};
@@ -54,6 +61,35 @@ pub fn struct_to_object(s: Struct) -> serde_json::Map<String, serde_json::Value>
         .collect()
 }
 
+/// The deepest nesting of arrays and objects accepted (`{"a":1}` is 1).
+/// The tightest carrier, a processor's `ClaimResponse`, decodes objects
+/// nested 32 deep; the margin leaves room for the contract to grow.
+pub const MAX_DEPTH: usize = 24;
+
+/// How deeply a JSON value nests arrays and objects.
+pub fn depth(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        serde_json::Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// How deeply a protobuf `Value` nests lists and structs, counted as the
+/// JSON it stands for.
+pub fn proto_depth(value: &Value) -> usize {
+    match &value.kind {
+        Some(Kind::ListValue(list)) => 1 + list.values.iter().map(proto_depth).max().unwrap_or(0),
+        Some(Kind::StructValue(s)) => struct_depth(s),
+        _ => 0,
+    }
+}
+
+/// [`proto_depth`] of a `Struct` (an object: at least 1).
+pub fn struct_depth(s: &Struct) -> usize {
+    1 + s.fields.values().map(proto_depth).max().unwrap_or(0)
+}
+
 const MAX_EXACT_INTEGER: f64 = 9_007_199_254_740_992.0; // 2^53
 
 fn number(n: f64) -> serde_json::Value {
@@ -84,6 +120,82 @@ mod tests {
             "list": [1, "two", {"three": [3]}],
         });
         assert_eq!(from_proto(to_proto(original.clone())), original);
+    }
+
+    fn nested(levels: usize, array: bool) -> serde_json::Value {
+        let mut value = json!(1);
+        for _ in 0..levels {
+            value = if array {
+                json!([value])
+            } else {
+                json!({"a": value})
+            };
+        }
+        value
+    }
+
+    #[test]
+    fn depth_counts_containers_alike_in_json_and_protobuf() {
+        for (value, expected) in [
+            (json!(1), 0),
+            (json!({}), 1),
+            (json!([]), 1),
+            (json!({"a": [1, {"b": {}}], "c": 2}), 4),
+            (nested(MAX_DEPTH, false), MAX_DEPTH),
+        ] {
+            assert_eq!(depth(&value), expected, "{value}");
+            assert_eq!(proto_depth(&to_proto(value.clone())), expected, "{value}");
+        }
+    }
+
+    /// Whatever the rule accepts decodes at every hop that carries it.
+    #[test]
+    fn the_deepest_accepted_value_decodes_in_every_message_that_carries_it() {
+        use crate::v1;
+        use prost::Message;
+        fn decodes<M: Message + Default>(message: M) -> bool {
+            M::decode(message.encode_to_vec().as_slice()).is_ok()
+        }
+        for array in [false, true] {
+            let value = || to_proto(nested(MAX_DEPTH, array));
+            let request = || v1::Request {
+                payload: Some(value()),
+                result: Some(value()),
+                ..Default::default()
+            };
+            assert!(decodes(v1::EdgeEvent {
+                event: Some(v1::edge_event::Event::Frame(v1::InboundFrame {
+                    payload: Some(value()),
+                    ..Default::default()
+                })),
+            }));
+            assert!(decodes(v1::EdgeCommand {
+                command: Some(v1::edge_command::Command::Deliver(v1::Deliver {
+                    payload: Some(v1::Payload {
+                        body: Some(v1::payload::Body::Json(value())),
+                    }),
+                    ..Default::default()
+                })),
+            }));
+            assert!(decodes(v1::InboundMessage {
+                payload: Some(value()),
+                ..Default::default()
+            }));
+            assert!(decodes(v1::ClaimResponse {
+                item: Some(v1::claim_response::Item::Work(request())),
+            }));
+            assert!(decodes(v1::RequestUpdate {
+                request: Some(request()),
+            }));
+        }
+        // And the margin is real: far deeper values do not decode.
+        let too_deep = v1::ClaimResponse {
+            item: Some(v1::claim_response::Item::Work(v1::Request {
+                payload: Some(to_proto(nested(4 * MAX_DEPTH, false))),
+                ..Default::default()
+            })),
+        };
+        assert!(!decodes(too_deep));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! This crate is used by every server, the gateway, the tests and the
 //! benches. Keep it slim: no service logic lives here.
 
+pub mod codec;
 pub mod json;
 
 /// Generated messages, clients and servers of package `streamer.v1`.

@@ -44,7 +44,14 @@ pub fn optional_id(field: &'static str, value: String) -> Result<Option<String>,
 }
 
 fn required_payload(payload: Option<v1::Payload>) -> Result<v1::Payload, ConnectionError> {
+    use streamer_api::json::{MAX_DEPTH, proto_depth};
     match payload {
+        Some(v1::Payload {
+            body: Some(v1::payload::Body::Json(value)),
+        }) if proto_depth(&value) > MAX_DEPTH => Err(ConnectionError::invalid(
+            "payload.json",
+            format!("nests arrays and objects deeper than {MAX_DEPTH} levels"),
+        )),
         Some(p) if p.body.is_some() => Ok(p),
         _ => Err(ConnectionError::invalid(
             "payload",

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-use streamer_api::json::{from_proto, object_to_struct, struct_to_object, to_proto};
+use streamer_api::json::{
+    MAX_DEPTH, from_proto, object_to_struct, proto_depth, struct_depth, struct_to_object, to_proto,
+};
 use streamer_api::v1;
 use streamer_core::store::{RequestError, RequestRecord, RequestStatus};
 use streamer_core::timestamp;
@@ -45,12 +47,32 @@ fn optional_name(field: &'static str, value: String) -> Result<String, ProgressE
     Ok(value)
 }
 
-fn object(s: Option<prost_types::Struct>) -> Map<String, Value> {
-    s.map(struct_to_object).unwrap_or_default()
+/// A JSON object from the wire, within the one nesting rule.
+fn object(
+    field: &'static str,
+    s: Option<prost_types::Struct>,
+) -> Result<Map<String, Value>, ProgressError> {
+    match s {
+        Some(s) if struct_depth(&s) > MAX_DEPTH => Err(too_deep(field)),
+        Some(s) => Ok(struct_to_object(s)),
+        None => Ok(Map::new()),
+    }
 }
 
-fn json(v: Option<prost_types::Value>) -> Value {
-    v.map(from_proto).unwrap_or(Value::Null)
+/// A JSON value from the wire, within the one nesting rule.
+fn json(field: &'static str, v: Option<prost_types::Value>) -> Result<Value, ProgressError> {
+    match v {
+        Some(v) if proto_depth(&v) > MAX_DEPTH => Err(too_deep(field)),
+        Some(v) => Ok(from_proto(v)),
+        None => Ok(Value::Null),
+    }
+}
+
+fn too_deep(field: &'static str) -> ProgressError {
+    ProgressError::invalid(
+        field,
+        format!("nests arrays and objects deeper than {MAX_DEPTH} levels"),
+    )
 }
 
 /// The identity a caller scopes a lookup to.
@@ -94,8 +116,8 @@ impl TryFrom<v1::SubmitRequest> for Submit {
             connection_id: name("connection_id", r.connection_id)?,
             action: name("action", r.action)?,
             request_id: (!request_id.is_empty()).then_some(request_id),
-            payload: json(r.payload),
-            metadata: object(r.metadata),
+            payload: json("payload", r.payload)?,
+            metadata: object("metadata", r.metadata)?,
         })
     }
 }
@@ -171,7 +193,7 @@ impl TryFrom<v1::ProgressReport> for Report {
             processor_id: name("processor_id", r.processor_id)?,
             percentage: r.percentage,
             message: r.message,
-            metadata: object(r.metadata),
+            metadata: object("metadata", r.metadata)?,
         })
     }
 }
@@ -189,7 +211,7 @@ impl TryFrom<v1::CompleteRequest> for Complete {
         Ok(Self {
             id: name("id", r.id)?,
             processor_id: name("processor_id", r.processor_id)?,
-            result: json(r.result),
+            result: json("result", r.result)?,
         })
     }
 }
@@ -220,7 +242,7 @@ impl TryFrom<v1::FailRequest> for Fail {
                 } else {
                     error.message
                 },
-                details: object(error.details),
+                details: object("error.details", error.details)?,
             },
             retryable: r.retryable,
         })

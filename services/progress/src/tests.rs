@@ -573,6 +573,33 @@ async fn invalid_arguments_are_refused() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("percentage"), "{status:?}");
+
+    // JSON nested past the one rule, in every field that carries JSON.
+    let mut deep = json!(1);
+    for _ in 0..=streamer_api::json::MAX_DEPTH {
+        deep = json!({"a": deep});
+    }
+    let status = client
+        .submit(v1::SubmitRequest {
+            connection_id: "c1".into(),
+            action: "report".into(),
+            payload: Some(to_proto(deep.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("payload"), "{status:?}");
+    let status = client
+        .complete(v1::CompleteRequest {
+            id: "x".into(),
+            processor_id: "p".into(),
+            result: Some(to_proto(deep)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("result"), "{status:?}");
 }
 
 #[tokio::test]
