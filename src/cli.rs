@@ -8,6 +8,7 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,6 +19,7 @@ use streamer_connection::ConnectionConfig;
 use streamer_core::shutdown::Shutdown;
 use streamer_core::telemetry::LogFormat;
 use streamer_gateway::GatewayConfig;
+use streamer_core::trust::{Role, ServiceTokens, Trust};
 use streamer_progress::ProgressConfig;
 
 use crate::{SystemAddrs, SystemConfig, SystemListeners, dial_addr};
@@ -60,6 +62,67 @@ pub enum Command {
     All(AllCmd),
     /// Mint a JWT with the local development key (for demos and tests).
     Token(TokenCmd),
+    /// Mint a service token for a backend, router or processor (mode
+    /// `--trust token`), signed with the shared service secret.
+    ServiceToken(ServiceTokenCmd),
+}
+
+/// How gRPC callers are authenticated (see the README's "Trust").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrustMode {
+    /// No credential is checked: any caller may call every method.
+    None,
+    /// Every call carries a service token signed with the shared secret.
+    Token,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrustArgs {
+    /// How gRPC callers are authenticated: `token` (service tokens signed
+    /// with the secret in --service-secret-file) or `none` (anyone who
+    /// reaches a port may call everything). Default: `token` when a secret
+    /// file is given; otherwise `none`, which is refused on a non-loopback
+    /// address unless given explicitly.
+    #[arg(long, env = "STREAMER_TRUST", value_enum)]
+    pub trust: Option<TrustMode>,
+    /// The secret every Streamer process shares in mode `token` (a file of
+    /// at least 32 bytes). Backends get tokens minted with it
+    /// (`streamer service-token`), never the secret itself.
+    #[arg(long, env = "STREAMER_SERVICE_SECRET_FILE")]
+    pub service_secret_file: Option<PathBuf>,
+}
+
+impl TrustArgs {
+    /// The trust of a process that serves gRPC on `listens`.
+    pub fn trust(&self, listens: &[SocketAddr]) -> anyhow::Result<Trust> {
+        let mode = match (self.trust, &self.service_secret_file) {
+            (Some(mode), _) => mode,
+            (None, Some(_)) => TrustMode::Token,
+            (None, None) => {
+                if let Some(open) = listens.iter().find(|a| !a.ip().is_loopback()) {
+                    anyhow::bail!(
+                        "{open} is not a loopback address and no caller authentication is set: \
+                         give --trust token with --service-secret-file (STREAMER_TRUST, \
+                         STREAMER_SERVICE_SECRET_FILE), or --trust none to let anyone who \
+                         reaches the port call everything"
+                    );
+                }
+                TrustMode::None
+            }
+        };
+        match (mode, &self.service_secret_file) {
+            (TrustMode::None, Some(_)) => {
+                anyhow::bail!("--service-secret-file is used only with --trust token")
+            }
+            (TrustMode::None, None) => Ok(Trust::None),
+            (TrustMode::Token, None) => {
+                anyhow::bail!("--trust token needs --service-secret-file")
+            }
+            (TrustMode::Token, Some(path)) => Ok(Trust::Token(Arc::new(
+                ServiceTokens::from_file(path)?,
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -156,6 +219,7 @@ impl ProgressArgs {
             default_lease: Duration::from_secs(self.lease_secs),
             max_attempts: self.max_attempts,
             async_actions: self.async_actions.clone(),
+            trust: Trust::None,
         })
     }
 }
@@ -192,6 +256,7 @@ impl EdgeArgs {
             max_frame_bytes: self.max_frame_bytes,
             outbound_queue: self.outbound_queue,
             control_plane_timeout: defaults.control_plane_timeout,
+            trust: Trust::None,
         })
     }
 }
@@ -210,6 +275,8 @@ pub struct AuthCmd {
     pub metrics_listen: SocketAddr,
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub trust: TrustArgs,
     #[command(flatten)]
     pub keys: KeyArgs,
 }
@@ -235,6 +302,8 @@ pub struct ConnectionCmd {
     pub progress_url: String,
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub trust: TrustArgs,
 }
 
 #[derive(Debug, Args)]
@@ -258,6 +327,8 @@ pub struct ProgressCmd {
     pub connection_url: String,
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub trust: TrustArgs,
     #[command(flatten)]
     pub progress: ProgressArgs,
 }
@@ -290,35 +361,47 @@ pub struct GatewayCmd {
     pub connection_url: String,
     #[command(flatten)]
     pub edge: EdgeArgs,
+    #[command(flatten)]
+    pub trust: TrustArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct AllCmd {
-    /// AuthService address.
-    #[arg(long, env = "STREAMER_AUTH_LISTEN", default_value = "0.0.0.0:50051")]
+    /// AuthService address (loopback by default: see --trust).
+    #[arg(long, env = "STREAMER_AUTH_LISTEN", default_value = "127.0.0.1:50051")]
     pub auth_listen: SocketAddr,
     /// ConnectionService address.
     #[arg(
         long,
         env = "STREAMER_CONNECTION_LISTEN",
-        default_value = "0.0.0.0:50052"
+        default_value = "127.0.0.1:50052"
     )]
     pub connection_listen: SocketAddr,
     /// ProgressService address.
     #[arg(
         long,
         env = "STREAMER_PROGRESS_LISTEN",
-        default_value = "0.0.0.0:50053"
+        default_value = "127.0.0.1:50053"
     )]
     pub progress_listen: SocketAddr,
     /// WebSocket edge address.
-    #[arg(long, env = "STREAMER_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "STREAMER_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
     pub gateway_listen: SocketAddr,
     /// Prometheus metrics address.
-    #[arg(long, env = "STREAMER_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    #[arg(
+        long,
+        env = "STREAMER_METRICS_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
     pub metrics_listen: SocketAddr,
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub trust: TrustArgs,
     #[command(flatten)]
     pub keys: KeyArgs,
     #[command(flatten)]
@@ -374,21 +457,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Token(cmd) = cli.command {
         return token(cmd);
     }
+    if let Command::ServiceToken(cmd) = cli.command {
+        return service_token(cmd);
+    }
     streamer_core::telemetry::init_logs(cli.log_format, "info");
     let shutdown = Shutdown::new();
     streamer_core::shutdown::cancel_on_signal(shutdown.clone());
     match cli.command {
-        Command::Token(_) => Ok(()),
+        Command::Token(_) | Command::ServiceToken(_) => Ok(()),
         Command::Auth(cmd) => {
             let config = cmd.keys.config(&cmd.data.data_dir)?;
+            let trust = cmd.trust.trust(&[cmd.listen])?;
             let listener = bind(cmd.listen).await?;
             spawn_metrics(cmd.metrics_listen, shutdown.clone());
-            crate::run_auth(listener, config, shutdown).await
+            crate::run_auth(listener, config, trust, shutdown).await
         }
         Command::Connection(cmd) => {
             let store = crate::open_embedded_store(&cmd.data.data_dir.join("connection"))?;
             let config = ConnectionConfig {
                 progress_endpoint: Some(cmd.progress_url),
+                trust: cmd.trust.trust(&[cmd.listen])?,
                 ..ConnectionConfig::default()
             };
             let listener = bind(cmd.listen).await?;
@@ -399,7 +487,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Progress(cmd) => {
             let store = crate::open_embedded_store(&cmd.data.data_dir.join("progress"))?;
-            let config = cmd.progress.config(cmd.connection_url)?;
+            let config = ProgressConfig {
+                trust: cmd.trust.trust(&[cmd.listen])?,
+                ..cmd.progress.config(cmd.connection_url)?
+            };
             let listener = bind(cmd.listen).await?;
             spawn_metrics(cmd.metrics_listen, shutdown.clone());
             let result = crate::run_progress(listener, store.clone(), config, shutdown).await;
@@ -407,7 +498,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             result
         }
         Command::Gateway(cmd) => {
-            let config = cmd.edge.config(cmd.auth_url, cmd.connection_url)?;
+            // The edge serves no gRPC: its trust is only how it presents
+            // itself to the control plane.
+            let config = GatewayConfig {
+                trust: cmd.trust.trust(&[])?,
+                ..cmd.edge.config(cmd.auth_url, cmd.connection_url)?
+            };
             let listener = bind(cmd.listen).await?;
             spawn_metrics(cmd.metrics_listen, shutdown.clone());
             crate::run_gateway(listener, config, shutdown).await
@@ -429,6 +525,19 @@ async fn all(cmd: AllCmd, shutdown: Shutdown) -> anyhow::Result<()> {
         progress: cmd.progress.config(placeholder.clone())?,
         gateway: cmd.edge.config(placeholder.clone(), placeholder)?,
         data_dir: data_dir.clone(),
+        trust: cmd.trust.trust(&[
+            cmd.auth_listen,
+            cmd.connection_listen,
+            cmd.progress_listen,
+        ])?,
+    };
+    let trust_note = match &config.trust {
+        Trust::None => "Trust: none. Any caller that reaches the gRPC ports may call every method \
+                        (they listen on loopback unless told otherwise)."
+            .to_owned(),
+        Trust::Token(_) => "Trust: token. Every gRPC call needs a service token \
+                            (`streamer service-token --help`)."
+            .to_owned(),
     };
     let listeners = SystemListeners {
         auth: bind(cmd.auth_listen).await?,
@@ -451,6 +560,7 @@ async fn all(cmd: AllCmd, shutdown: Shutdown) -> anyhow::Result<()> {
         &data_dir,
         &demo,
         cmd.keys.keys.is_empty(),
+        &trust_note,
     );
     // A closed stdout (a pipe whose reader left) must not stop the system.
     let mut stdout = std::io::stdout();
@@ -466,6 +576,7 @@ pub fn banner(
     data_dir: &Path,
     demo_token: &str,
     dev_key_in_use: bool,
+    trust_note: &str,
 ) -> String {
     let ws = dial_addr(addrs.gateway);
     let conn = dial_addr(addrs.connection);
@@ -495,6 +606,7 @@ pub fn banner(
         format!("  Metrics            http://{metrics}/metrics"),
         String::new(),
         key_note,
+        trust_note.to_owned(),
         "Demo token (user demo-user, tenant demo-tenant, valid 24 h):".to_owned(),
         String::new(),
         format!("  {token}"),
@@ -510,6 +622,34 @@ pub fn banner(
         String::new(),
     ]
     .join("\n")
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceTokenCmd {
+    /// Who holds the token (`sub`): a name for logs; a processor's work is
+    /// bound to it, and an edge's id must equal it.
+    #[arg(long)]
+    pub sub: String,
+    /// Its roles, comma-separated: edge, router, processor, backend.
+    #[arg(long, value_enum, value_delimiter = ',', required = true)]
+    pub roles: Vec<Role>,
+    /// The only tenants it may reach, comma-separated; default: every one.
+    #[arg(long, value_delimiter = ',')]
+    pub tenants: Vec<String>,
+    /// Lifetime, in seconds (default 30 days).
+    #[arg(long, default_value_t = 30 * 24 * 3600)]
+    pub ttl: u64,
+    /// The shared service secret.
+    #[arg(long, env = "STREAMER_SERVICE_SECRET_FILE")]
+    pub service_secret_file: PathBuf,
+}
+
+fn service_token(cmd: ServiceTokenCmd) -> anyhow::Result<()> {
+    let tokens = ServiceTokens::from_file(&cmd.service_secret_file)?;
+    let tenants = (!cmd.tenants.is_empty()).then_some(cmd.tenants);
+    let token = tokens.mint(&cmd.sub, &cmd.roles, tenants, Duration::from_secs(cmd.ttl))?;
+    println!("{token}");
+    Ok(())
 }
 
 fn token(cmd: TokenCmd) -> anyhow::Result<()> {

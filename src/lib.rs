@@ -23,6 +23,7 @@ use streamer_auth::{AuthConfig, AuthServer, TokenValidator};
 use streamer_connection::{ConnectionConfig, ConnectionServer};
 use streamer_core::shutdown::Shutdown;
 use streamer_core::store::{EmbeddedStore, SharedStore};
+use streamer_core::trust::Trust;
 use streamer_gateway::GatewayConfig;
 use streamer_progress::{ProgressConfig, ProgressServer};
 use tokio::net::TcpListener;
@@ -33,20 +34,22 @@ async fn store_ready(store: SharedStore) -> anyhow::Result<()> {
     store.ping().await.context("store not reachable")
 }
 
-/// Serves AuthService until `shutdown`.
+/// Serves AuthService until `shutdown`, to the callers `trust` admits.
 pub async fn run_auth(
     listener: TcpListener,
     config: AuthConfig,
+    trust: Trust,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let validator = TokenValidator::new(config).context("cannot load the token keys")?;
-    serve_auth(listener, validator, shutdown).await
+    serve_auth(listener, validator, trust, shutdown).await
 }
 
 /// Serves AuthService with keys already loaded.
 async fn serve_auth(
     listener: TcpListener,
     validator: TokenValidator,
+    trust: Trust,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let routes = tonic::service::Routes::new(AuthServer::new(validator).into_service());
@@ -54,6 +57,7 @@ async fn serve_auth(
         listener,
         routes,
         &[service_names::AUTH],
+        trust,
         async { Ok(()) },
         shutdown,
     )
@@ -67,12 +71,14 @@ pub async fn run_connection(
     config: ConnectionConfig,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    let trust = config.trust.clone();
     let server = ConnectionServer::start(store.clone(), config, shutdown.clone()).await?;
     let routes = tonic::service::Routes::new(server.into_service());
     streamer_core::grpc::serve(
         listener,
         routes,
         &[service_names::CONNECTION],
+        trust,
         store_ready(store),
         shutdown,
     )
@@ -86,12 +92,14 @@ pub async fn run_progress(
     config: ProgressConfig,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    let trust = config.trust.clone();
     let server = ProgressServer::start(store.clone(), config, shutdown.clone()).await?;
     let routes = tonic::service::Routes::new(server.clone().into_service());
     let served = streamer_core::grpc::serve(
         listener,
         routes,
         &[service_names::PROGRESS],
+        trust,
         store_ready(store),
         shutdown,
     )
@@ -153,6 +161,9 @@ pub struct SystemConfig {
     pub connection: ConnectionConfig,
     pub progress: ProgressConfig,
     pub gateway: GatewayConfig,
+    /// How every role authenticates its callers (and presents itself to
+    /// the others); it replaces the `trust` of each role's config.
+    pub trust: Trust,
 }
 
 impl SystemConfig {
@@ -166,6 +177,7 @@ impl SystemConfig {
             connection: ConnectionConfig::default(),
             progress: ProgressConfig::default(),
             gateway: GatewayConfig::default(),
+            trust: Trust::None,
         })
     }
 }
@@ -240,13 +252,21 @@ pub async fn start_system(
     config.progress.connection_endpoint = url(addrs.connection);
     config.gateway.auth_endpoint = url(addrs.auth);
     config.gateway.connection_endpoint = url(addrs.connection);
+    config.connection.trust = config.trust.clone();
+    config.progress.trust = config.trust.clone();
+    config.gateway.trust = config.trust.clone();
 
     let store = open_embedded_store(&config.data_dir)?;
     // Fail fast on a bad key configuration, before anything listens.
     let validator = TokenValidator::new(config.auth).context("cannot load the token keys")?;
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(serve_auth(listeners.auth, validator, shutdown.clone()));
+    tasks.spawn(serve_auth(
+        listeners.auth,
+        validator,
+        config.trust.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(run_connection(
         listeners.connection,
         store.clone(),

@@ -76,6 +76,7 @@ async fn a_connection_service_restart_loses_neither_the_socket_nor_the_final_mes
     tokio::spawn(streamer::run_auth(
         auth_l,
         streamer_auth::AuthConfig::new([streamer_auth::dev::public_key_path(data.path())]),
+        Default::default(),
         others.clone(),
     ));
     let progress_store = streamer::open_embedded_store(&data.path().join("progress")).unwrap();
@@ -285,6 +286,7 @@ async fn a_slow_edge_gets_each_message_to_the_client_exactly_once_in_order() {
     tokio::spawn(streamer::run_auth(
         auth_l,
         streamer_auth::AuthConfig::new([streamer_auth::dev::public_key_path(data.path())]),
+        Default::default(),
         shutdown.clone(),
     ));
     tokio::spawn(streamer::run_progress(

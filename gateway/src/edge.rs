@@ -19,7 +19,7 @@ use streamer_core::shutdown::Shutdown;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use streamer_core::trust::AuthedChannel;
 
 use crate::sequences::{Admission, SequenceWindow};
 
@@ -344,7 +344,7 @@ impl Edge {
     /// exponential backoff (100 ms doubling to 5 s) whenever it drops.
     pub async fn run_upstream(
         self: Arc<Self>,
-        client: ConnectionServiceClient<Channel>,
+        client: ConnectionServiceClient<AuthedChannel>,
         shutdown: Shutdown,
     ) {
         let mut backoff = Duration::from_millis(100);

@@ -36,6 +36,7 @@ use streamer_api::v1::{
     connection_service_client::ConnectionServiceClient,
 };
 use streamer_core::shutdown::Shutdown;
+use streamer_core::trust::{AuthedChannel, Role, Trust};
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
@@ -58,6 +59,9 @@ pub struct GatewayConfig {
     /// How long AuthService and ConnectionService may take at connect time
     /// before the client gets 503.
     pub control_plane_timeout: Duration,
+    /// How this edge presents itself to the control plane (role `edge`,
+    /// named by its edge id).
+    pub trust: Trust,
 }
 
 impl Default for GatewayConfig {
@@ -69,6 +73,7 @@ impl Default for GatewayConfig {
             max_frame_bytes: 1024 * 1024,
             outbound_queue: 1024,
             control_plane_timeout: Duration::from_secs(3),
+            trust: Trust::None,
         }
     }
 }
@@ -76,7 +81,7 @@ impl Default for GatewayConfig {
 #[derive(Clone)]
 struct AppState {
     edge: Arc<Edge>,
-    auth: AuthServiceClient<Channel>,
+    auth: AuthServiceClient<AuthedChannel>,
     config: Arc<GatewayConfig>,
     sockets: TaskTracker,
 }
@@ -101,14 +106,15 @@ pub async fn serve(
     config: GatewayConfig,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let auth = AuthServiceClient::new(channel(
-        &config.auth_endpoint,
-        config.control_plane_timeout,
-    )?);
-    let connections = ConnectionServiceClient::new(channel(
-        &config.connection_endpoint,
-        config.control_plane_timeout,
-    )?);
+    let credentials = config.trust.credentials(&config.edge_id, &[Role::Edge]);
+    let auth = AuthServiceClient::with_interceptor(
+        channel(&config.auth_endpoint, config.control_plane_timeout)?,
+        credentials.clone(),
+    );
+    let connections = ConnectionServiceClient::with_interceptor(
+        channel(&config.connection_endpoint, config.control_plane_timeout)?,
+        credentials,
+    );
     let edge = Edge::new(config.edge_id.clone(), config.outbound_queue);
     let upstream = tokio::spawn(edge.clone().run_upstream(connections, shutdown.clone()));
     let sockets = TaskTracker::new();

@@ -18,7 +18,7 @@ use streamer_core::shutdown::Shutdown;
 use streamer_core::store::{ConnectionRecord, SharedStore, now_ms};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use streamer_core::trust::{AuthedChannel, Role, Trust};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::client_messages::{self, ClientErrorCode};
@@ -66,6 +66,9 @@ pub struct ConnectionConfig {
     /// runs in this same process, as in `streamer all`). Otherwise records
     /// of edges that do not re-attach within a grace period are removed.
     pub connections_stale_at_start: bool,
+    /// Who may call this service, and how it presents itself to
+    /// ProgressService.
+    pub trust: Trust,
 }
 
 impl Default for ConnectionConfig {
@@ -74,6 +77,7 @@ impl Default for ConnectionConfig {
             progress_endpoint: Some("http://127.0.0.1:50053".into()),
             delivery_timeout: Duration::from_secs(5),
             connections_stale_at_start: false,
+            trust: Trust::None,
         }
     }
 }
@@ -89,7 +93,7 @@ struct Shared {
     inbound: Vec<mpsc::Sender<Inbound>>,
     edges: EdgeRegistry,
     routers: RouterTable,
-    progress: Option<ProgressServiceClient<Channel>>,
+    progress: Option<ProgressServiceClient<AuthedChannel>>,
     config: ConnectionConfig,
     shutdown: Shutdown,
 }
@@ -135,7 +139,7 @@ impl ConnectionServer {
         shutdown: Shutdown,
     ) -> anyhow::Result<Self> {
         let progress = match &config.progress_endpoint {
-            Some(url) => Some(ProgressServiceClient::new(
+            Some(url) => Some(ProgressServiceClient::with_interceptor(
                 tonic::transport::Endpoint::from_shared(url.clone())
                     .map_err(|e| anyhow::anyhow!("invalid ProgressService URL {url:?}: {e}"))?
                     .connect_timeout(Duration::from_secs(3))
@@ -144,6 +148,9 @@ impl ConnectionServer {
                     .http2_keep_alive_interval(Duration::from_secs(20))
                     .keep_alive_timeout(Duration::from_secs(10))
                     .connect_lazy(),
+                config
+                    .trust
+                    .credentials("connection-service", &[Role::Backend]),
             )),
             None => None,
         };

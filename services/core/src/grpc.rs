@@ -18,6 +18,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::shutdown::Shutdown;
+use crate::trust::{Trust, TrustLayer};
 
 /// How long in-flight calls may take to finish once shutdown begins.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,11 +34,13 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
 ///
 /// `services` are the full names of the services in `routes`; `ready`
 /// resolves once the service can do its work (its store answered), at
-/// which point health turns SERVING.
+/// which point health turns SERVING. Every call passes `trust` first (see
+/// [`crate::trust`]).
 pub async fn serve<R>(
     listener: TcpListener,
     routes: Routes,
     services: &[&'static str],
+    trust: Trust,
     ready: R,
     shutdown: Shutdown,
 ) -> anyhow::Result<()>
@@ -89,7 +92,7 @@ where
         }
     };
 
-    tracing::info!(address = %local, services = ?services, "grpc server listening");
+    tracing::info!(address = %local, services = ?services, trust = trust.name(), "grpc server listening");
     // Deliveries are small and latency-bound: Nagle's algorithm on the
     // accepted sockets stalls them by up to 40 ms (measured in
     // BENCHMARKS.md). Keepalives find half-open peers.
@@ -101,6 +104,7 @@ where
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(TrustLayer(trust))
         .add_routes(routes)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -5,6 +5,7 @@
 //!   shutdown, the same way in every process.
 //! - [`telemetry`]: structured logs and the Prometheus endpoint.
 //! - [`shutdown`]: the one future that says "stop".
+//! - [`trust`]: caller authentication and which role may call what.
 //!
 //! Invariant: nothing here knows about a particular service; services depend
 //! on this crate, never the other way around.
@@ -15,6 +16,7 @@ pub mod grpc;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod trust;
 
 /// A timestamp for the wire from the store's milliseconds.
 pub fn timestamp(ms: u64) -> prost_types::Timestamp {

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use streamer_api::v1;
 use streamer_api::v1::connection_service_client::ConnectionServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use streamer_core::trust::{AuthedChannel, Role, Trust};
+use tonic::transport::Endpoint;
 
 use crate::error::ProgressError;
 
@@ -31,12 +32,12 @@ pub(crate) enum Delivery {
 /// HTTP/2 connection.
 #[derive(Clone)]
 pub(crate) struct ConnectionDirectory {
-    client: ConnectionServiceClient<Channel>,
+    client: ConnectionServiceClient<AuthedChannel>,
 }
 
 impl ConnectionDirectory {
     /// Connects lazily, so this service may start before ConnectionService.
-    pub fn lazy(endpoint: &str) -> anyhow::Result<Self> {
+    pub fn lazy(endpoint: &str, trust: &Trust) -> anyhow::Result<Self> {
         let endpoint = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| anyhow::anyhow!("invalid connection endpoint {endpoint:?}: {e}"))?
             .connect_timeout(Duration::from_secs(5))
@@ -46,7 +47,10 @@ impl ConnectionDirectory {
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10));
         Ok(Self {
-            client: ConnectionServiceClient::new(endpoint.connect_lazy()),
+            client: ConnectionServiceClient::with_interceptor(
+                endpoint.connect_lazy(),
+                trust.credentials("progress-service", &[Role::Backend]),
+            ),
         })
     }
 

@@ -65,6 +65,9 @@ pub struct ProgressConfig {
     pub max_attempts: u32,
     /// Actions Submit accepts even before any processor declared them.
     pub async_actions: Vec<String>,
+    /// Who may call this service, and how it presents itself to
+    /// ConnectionService.
+    pub trust: streamer_core::trust::Trust,
 }
 
 impl Default for ProgressConfig {
@@ -75,6 +78,7 @@ impl Default for ProgressConfig {
             default_lease: Duration::from_secs(30),
             max_attempts: 3,
             async_actions: Vec::new(),
+            trust: streamer_core::trust::Trust::None,
         }
     }
 }
@@ -119,7 +123,7 @@ impl ProgressServer {
         shutdown: Shutdown,
     ) -> anyhow::Result<Self> {
         config.validate()?;
-        let connections = ConnectionDirectory::lazy(&config.connection_endpoint)?;
+        let connections = ConnectionDirectory::lazy(&config.connection_endpoint, &config.trust)?;
         let tasks = TaskTracker::new();
         let lifecycle = Arc::new(Lifecycle::new(
             store,
