@@ -18,8 +18,8 @@ use streamer_auth::dev::MintOptions;
 use streamer_connection::ConnectionConfig;
 use streamer_core::shutdown::Shutdown;
 use streamer_core::telemetry::LogFormat;
-use streamer_gateway::GatewayConfig;
 use streamer_core::trust::{Role, ServiceTokens, Trust};
+use streamer_gateway::GatewayConfig;
 use streamer_progress::ProgressConfig;
 
 use crate::{SystemAddrs, SystemConfig, SystemListeners, dial_addr};
@@ -118,9 +118,9 @@ impl TrustArgs {
             (TrustMode::Token, None) => {
                 anyhow::bail!("--trust token needs --service-secret-file")
             }
-            (TrustMode::Token, Some(path)) => Ok(Trust::Token(Arc::new(
-                ServiceTokens::from_file(path)?,
-            ))),
+            (TrustMode::Token, Some(path)) => {
+                Ok(Trust::Token(Arc::new(ServiceTokens::from_file(path)?)))
+            }
         }
     }
 }
@@ -487,9 +487,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Progress(cmd) => {
             let store = crate::open_embedded_store(&cmd.data.data_dir.join("progress"))?;
+            let config = cmd.progress.config(cmd.connection_url)?;
             let config = ProgressConfig {
                 trust: cmd.trust.trust(&[cmd.listen])?,
-                ..cmd.progress.config(cmd.connection_url)?
+                ..config
             };
             let listener = bind(cmd.listen).await?;
             spawn_metrics(cmd.metrics_listen, shutdown.clone());
@@ -525,11 +526,9 @@ async fn all(cmd: AllCmd, shutdown: Shutdown) -> anyhow::Result<()> {
         progress: cmd.progress.config(placeholder.clone())?,
         gateway: cmd.edge.config(placeholder.clone(), placeholder)?,
         data_dir: data_dir.clone(),
-        trust: cmd.trust.trust(&[
-            cmd.auth_listen,
-            cmd.connection_listen,
-            cmd.progress_listen,
-        ])?,
+        trust: cmd
+            .trust
+            .trust(&[cmd.auth_listen, cmd.connection_listen, cmd.progress_listen])?,
     };
     let trust_note = match &config.trust {
         Trust::None => "Trust: none. Any caller that reaches the gRPC ports may call every method \

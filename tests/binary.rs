@@ -314,4 +314,24 @@ fn invalid_configuration_stops_at_start_with_a_clear_message() {
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("/no/such/key.pem"), "{stderr}");
+
+    // A gRPC port open beyond loopback with nobody checking callers is
+    // refused unless asked for; so is a token mode without its secret.
+    for (args, expected) in [
+        (&["connection", "--listen", "0.0.0.0:0"][..], "--trust"),
+        (
+            &["connection", "--listen", "127.0.0.1:0", "--trust", "token"][..],
+            "--service-secret-file",
+        ),
+    ] {
+        let output = std::process::Command::new(STREAMER)
+            .args(args)
+            .args(["--metrics-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
 }

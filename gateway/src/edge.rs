@@ -16,10 +16,10 @@ use streamer_api::v1::{
     connection_service_client::ConnectionServiceClient, edge_command::Command, edge_event::Event,
 };
 use streamer_core::shutdown::Shutdown;
+use streamer_core::trust::AuthedChannel;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use streamer_core::trust::AuthedChannel;
 
 use crate::sequences::{Admission, SequenceWindow};
 

@@ -9,6 +9,8 @@ pub enum ConnectionError {
     InvalidArgument { field: &'static str, reason: String },
     #[error("connection {0:?} not found")]
     NotFound(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("edge stream protocol violation: {0}")]
     EdgeProtocol(String),
     #[error("service is shutting down")]
@@ -32,6 +34,7 @@ impl From<ConnectionError> for tonic::Status {
         match error {
             ConnectionError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
             ConnectionError::NotFound(_) => tonic::Status::not_found(message),
+            ConnectionError::PermissionDenied(_) => tonic::Status::permission_denied(message),
             ConnectionError::EdgeProtocol(_) => tonic::Status::failed_precondition(message),
             ConnectionError::ShuttingDown => tonic::Status::unavailable(message),
             ConnectionError::Store(StoreError::Conflict) => tonic::Status::aborted(message),

@@ -2,9 +2,10 @@
 //!
 //! Each frame goes to exactly one router among those that declared its
 //! action, round robin; a router whose queue is full is skipped for the
-//! next one, and one whose stream has gone is forgotten.
+//! next one, and one whose stream has gone is forgotten. A router whose
+//! credential is bound to tenants only gets those tenants' frames.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -17,7 +18,18 @@ pub type InboundSender = mpsc::Sender<Result<InboundMessage, tonic::Status>>;
 struct RouterLink {
     key: u64,
     router_id: String,
+    /// `None`: every tenant.
+    tenants: Option<BTreeSet<String>>,
     tx: InboundSender,
+}
+
+impl RouterLink {
+    fn serves(&self, message: &InboundMessage) -> bool {
+        let tenant = message.identity.as_ref().map(|i| i.tenant_id.as_str());
+        self.tenants
+            .as_ref()
+            .is_none_or(|t| tenant.is_some_and(|tenant| t.contains(tenant)))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -40,13 +52,20 @@ pub enum RouteError {
 
 impl RouterTable {
     /// Registers a router for `actions`; returns the key that unregisters it.
-    pub fn register(&self, router_id: &str, actions: &[String], tx: InboundSender) -> u64 {
+    pub fn register(
+        &self,
+        router_id: &str,
+        actions: &[String],
+        tenants: Option<BTreeSet<String>>,
+        tx: InboundSender,
+    ) -> u64 {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let mut table = self.write();
         for action in actions {
             table.entry(action.clone()).or_default().push(RouterLink {
                 key,
                 router_id: router_id.to_owned(),
+                tenants: tenants.clone(),
                 tx: tx.clone(),
             });
         }
@@ -74,13 +93,17 @@ impl RouterTable {
         let mut closed = Vec::new();
         let result = {
             let table = self.read();
-            let Some(links) = table.get(&message.action) else {
+            let links: Vec<&RouterLink> = table
+                .get(&message.action)
+                .map(|links| links.iter().filter(|l| l.serves(&message)).collect())
+                .unwrap_or_default();
+            if links.is_empty() {
                 return Err((RouteError::NoRouter, Box::new(message)));
-            };
+            }
             let start = self.cursor.fetch_add(1, Ordering::Relaxed);
             let mut outcome = Err(RouteError::Busy);
             for i in 0..links.len() {
-                let link = &links[(start + i) % links.len()];
+                let link = links[(start + i) % links.len()];
                 match link.tx.try_send(Ok(message)) {
                     Ok(()) => {
                         outcome = Ok(link.router_id.clone());
@@ -132,8 +155,8 @@ mod tests {
         let table = RouterTable::default();
         let (tx_a, mut rx_a) = mpsc::channel(1);
         let (tx_b, rx_b) = mpsc::channel(1);
-        table.register("a", &["echo".into()], tx_a);
-        let key_b = table.register("b", &["echo".into()], tx_b);
+        table.register("a", &["echo".into()], None, tx_a);
+        let key_b = table.register("b", &["echo".into()], None, tx_b);
         let first = table.dispatch(message("echo")).unwrap();
         let second = table.dispatch(message("echo")).unwrap();
         assert_ne!(first, second, "two routers share the load");
@@ -155,10 +178,37 @@ mod tests {
     }
 
     #[test]
+    fn a_router_bound_to_tenants_gets_only_their_frames() {
+        let table = RouterTable::default();
+        let (tx, mut rx) = mpsc::channel(4);
+        table.register(
+            "acme-only",
+            &["echo".into()],
+            Some(["acme".into()].into()),
+            tx,
+        );
+        let from = |tenant: &str| InboundMessage {
+            action: "echo".into(),
+            identity: Some(streamer_api::v1::Identity {
+                tenant_id: tenant.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(table.dispatch(from("acme")).unwrap(), "acme-only");
+        assert_eq!(
+            table.dispatch(from("globex")).unwrap_err().0,
+            RouteError::NoRouter
+        );
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err(), "only acme's frame arrived");
+    }
+
+    #[test]
     fn a_router_whose_stream_closed_is_forgotten() {
         let table = RouterTable::default();
         let (tx, rx) = mpsc::channel(1);
-        table.register("a", &["echo".into()], tx);
+        table.register("a", &["echo".into()], None, tx);
         drop(rx);
         assert_eq!(
             table.dispatch(message("echo")).unwrap_err().0,

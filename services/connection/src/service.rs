@@ -16,9 +16,9 @@ use streamer_api::v1::{
 };
 use streamer_core::shutdown::Shutdown;
 use streamer_core::store::{ConnectionRecord, SharedStore, now_ms};
+use streamer_core::trust::{AuthedChannel, Caller, Role, Trust};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use streamer_core::trust::{AuthedChannel, Role, Trust};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::client_messages::{self, ClientErrorCode};
@@ -236,18 +236,34 @@ impl ConnectionServer {
         }
     }
 
-    /// A live record, scoped to `tenant` when given.
+    /// A live record, scoped to `tenant` when given and always to the
+    /// tenants `caller` may reach. One outside that scope is NOT_FOUND, so
+    /// a caller learns nothing of other tenants' connections.
     async fn find(
         &self,
         connection_id: &str,
         tenant: Option<&str>,
+        caller: &Caller,
     ) -> Result<ConnectionRecord, ConnectionError> {
         self.shared
             .store
             .get_connection(connection_id)
             .await?
-            .filter(|r| tenant.is_none_or(|t| t == r.tenant_id))
+            .filter(|r| tenant.is_none_or(|t| t == r.tenant_id) && caller.reaches(&r.tenant_id))
             .ok_or_else(|| ConnectionError::NotFound(connection_id.to_owned()))
+    }
+
+    /// A whole tenant (or one of its users) is addressed: the caller must
+    /// be allowed to reach it.
+    fn check_reach(caller: &Caller, tenant_id: &str) -> Result<(), ConnectionError> {
+        if caller.reaches(tenant_id) {
+            Ok(())
+        } else {
+            Err(ConnectionError::PermissionDenied(format!(
+                "this credential ({}) may not reach tenant {tenant_id:?}",
+                caller.subject
+            )))
+        }
     }
 
     /// Delivers one payload to these connections, one command per edge, and
@@ -333,9 +349,13 @@ impl ConnectionServer {
         all
     }
 
-    async fn send(&self, cmd: SendCommand) -> Result<DeliveryOutcome, ConnectionError> {
+    async fn send(
+        &self,
+        cmd: SendCommand,
+        caller: &Caller,
+    ) -> Result<DeliveryOutcome, ConnectionError> {
         let record = self
-            .find(&cmd.connection_id, cmd.tenant_id.as_deref())
+            .find(&cmd.connection_id, cmd.tenant_id.as_deref(), caller)
             .await?;
         let results = self.deliver(vec![record], cmd.payload, cmd.sequence).await;
         Ok(results
@@ -369,13 +389,14 @@ impl ConnectionServer {
     async fn broadcast(
         &self,
         cmd: BroadcastCommand,
+        caller: &Caller,
     ) -> Result<Vec<DeliveryResult>, ConnectionError> {
         let (records, mut missing) = match cmd.target {
             BroadcastTarget::Connections(ids) => {
                 let mut records = Vec::with_capacity(ids.len());
                 let mut missing = Vec::new();
                 for id in ids {
-                    match self.find(&id, cmd.tenant_id.as_deref()).await {
+                    match self.find(&id, cmd.tenant_id.as_deref(), caller).await {
                         Ok(record) => records.push(record),
                         Err(ConnectionError::NotFound(_)) => missing.push(DeliveryResult {
                             connection_id: id,
@@ -386,11 +407,15 @@ impl ConnectionServer {
                 }
                 (records, missing)
             }
-            BroadcastTarget::User { tenant_id, user_id } => (
-                self.all_connections(&tenant_id, Some(&user_id)).await?,
-                Vec::new(),
-            ),
+            BroadcastTarget::User { tenant_id, user_id } => {
+                Self::check_reach(caller, &tenant_id)?;
+                (
+                    self.all_connections(&tenant_id, Some(&user_id)).await?,
+                    Vec::new(),
+                )
+            }
             BroadcastTarget::Tenant(tenant_id) => {
+                Self::check_reach(caller, &tenant_id)?;
                 (self.all_connections(&tenant_id, None).await?, Vec::new())
             }
         };
@@ -399,9 +424,13 @@ impl ConnectionServer {
         Ok(results)
     }
 
-    async fn disconnect(&self, cmd: DisconnectCommand) -> Result<(), ConnectionError> {
+    async fn disconnect(
+        &self,
+        cmd: DisconnectCommand,
+        caller: &Caller,
+    ) -> Result<(), ConnectionError> {
         let record = self
-            .find(&cmd.connection_id, cmd.tenant_id.as_deref())
+            .find(&cmd.connection_id, cmd.tenant_id.as_deref(), caller)
             .await?;
         if let Some(link) = self.shared.edges.get(&record.edge_id) {
             link.command(Command::Close(v1::CloseConnection {
@@ -422,7 +451,7 @@ impl ConnectionServer {
     /// Writes a JSON message to one client, best effort (used for answers to
     /// frames; a client that left meanwhile simply misses it).
     async fn reply(&self, connection_id: &str, message: Value) {
-        let Ok(record) = self.find(connection_id, None).await else {
+        let Ok(record) = self.find(connection_id, None, Caller::everyone()).await else {
             return;
         };
         // Text, not a protobuf Struct, so the client sees the protocol's
@@ -466,6 +495,22 @@ impl ConnectionServer {
             tracing::info!(edge_id = %edge_id, "edge detached");
             tokio::spawn(self.forget_edge_after_grace(edge_id));
         }
+    }
+
+    /// Whether a connection an edge announces is recorded as another
+    /// edge's: sockets never move between edges, so such an announcement is
+    /// a takeover attempt (or an id collision) and is refused.
+    async fn held_elsewhere(
+        &self,
+        record: &ConnectionRecord,
+        edge_id: &str,
+    ) -> Result<bool, ConnectionError> {
+        Ok(self
+            .shared
+            .store
+            .get_connection(&record.connection_id)
+            .await?
+            .is_some_and(|existing| existing.edge_id != edge_id))
     }
 
     /// Removes a detached edge's connections unless it re-attaches within
@@ -520,6 +565,18 @@ impl ConnectionServer {
             }
         };
         let connection_id = record.connection_id.clone();
+        match self.held_elsewhere(&record, &link.edge_id).await {
+            Ok(false) => {}
+            Ok(true) | Err(_) => {
+                tracing::warn!(edge_id = %link.edge_id, connection_id = %connection_id, "edge announced a connection id that another edge holds; refused");
+                link.command_nowait(Command::Close(v1::CloseConnection {
+                    connection_id,
+                    code: 1008,
+                    reason: "connection id in use".into(),
+                }));
+                return;
+            }
+        }
         let command = match self.shared.store.put_connection(record).await {
             Ok(()) => {
                 metrics::counter!("streamer_connections_opened_total").increment(1);
@@ -564,7 +621,10 @@ impl ConnectionServer {
     /// Routes one client frame: built-in actions, then routers, then the
     /// async request queue; anything else is INVALID_ACTION.
     async fn inbound(&self, edge_id: &str, frame: v1::InboundFrame) {
-        let record = match self.find(&frame.connection_id, None).await {
+        let record = match self
+            .find(&frame.connection_id, None, Caller::everyone())
+            .await
+        {
             // Only the edge holding a socket speaks for it.
             Ok(record) if record.edge_id == edge_id => record,
             Ok(_) => {
@@ -761,7 +821,8 @@ impl ConnectionService for ConnectionServer {
         &self,
         request: Request<v1::SendRequest>,
     ) -> Result<Response<v1::SendResponse>, Status> {
-        let outcome = self.send(request.into_inner().try_into()?).await?;
+        let caller = Caller::of(&request);
+        let outcome = self.send(request.into_inner().try_into()?, &caller).await?;
         Ok(Response::new(v1::SendResponse {
             outcome: outcome as i32,
         }))
@@ -771,7 +832,10 @@ impl ConnectionService for ConnectionServer {
         &self,
         request: Request<v1::BroadcastRequest>,
     ) -> Result<Response<v1::BroadcastResponse>, Status> {
-        let results = self.broadcast(request.into_inner().try_into()?).await?;
+        let caller = Caller::of(&request);
+        let results = self
+            .broadcast(request.into_inner().try_into()?, &caller)
+            .await?;
         Ok(Response::new(counts(&results)))
     }
 
@@ -779,14 +843,13 @@ impl ConnectionService for ConnectionServer {
         &self,
         request: Request<v1::IsActiveRequest>,
     ) -> Result<Response<v1::IsActiveResponse>, Status> {
+        let caller = Caller::of(&request);
         let id = required_id("connection_id", request.into_inner().connection_id)?;
-        let record = self
-            .shared
-            .store
-            .get_connection(&id)
-            .await
-            .map_err(ConnectionError::from)?;
-        let active = record.is_some_and(|r| self.shared.edges.get(&r.edge_id).is_some());
+        let active = match self.find(&id, None, &caller).await {
+            Ok(record) => self.shared.edges.get(&record.edge_id).is_some(),
+            Err(ConnectionError::NotFound(_)) => false,
+            Err(error) => return Err(error.into()),
+        };
         Ok(Response::new(v1::IsActiveResponse { active }))
     }
 
@@ -794,10 +857,11 @@ impl ConnectionService for ConnectionServer {
         &self,
         request: Request<v1::GetConnectionRequest>,
     ) -> Result<Response<v1::Connection>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let id = required_id("connection_id", r.connection_id)?;
         let tenant = optional_id("tenant_id", r.tenant_id)?;
-        let record = self.find(&id, tenant.as_deref()).await?;
+        let record = self.find(&id, tenant.as_deref(), &caller).await?;
         Ok(Response::new(connection_to_proto(record)))
     }
 
@@ -805,7 +869,9 @@ impl ConnectionService for ConnectionServer {
         &self,
         request: Request<v1::ListConnectionsRequest>,
     ) -> Result<Response<v1::ListConnectionsResponse>, Status> {
+        let caller = Caller::of(&request);
         let query: ListQuery = request.into_inner().try_into()?;
+        Self::check_reach(&caller, &query.tenant_id)?;
         let mut records = self
             .shared
             .store
@@ -836,7 +902,9 @@ impl ConnectionService for ConnectionServer {
         &self,
         request: Request<v1::DisconnectRequest>,
     ) -> Result<Response<v1::DisconnectResponse>, Status> {
-        self.disconnect(request.into_inner().try_into()?).await?;
+        let caller = Caller::of(&request);
+        self.disconnect(request.into_inner().try_into()?, &caller)
+            .await?;
         Ok(Response::new(v1::DisconnectResponse {}))
     }
 
@@ -846,6 +914,7 @@ impl ConnectionService for ConnectionServer {
         &self,
         request: Request<v1::ReceiveRequest>,
     ) -> Result<Response<Self::ReceiveStream>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         if r.actions.is_empty() {
             return Err(ConnectionError::invalid("actions", "declare at least one action").into());
@@ -864,8 +933,11 @@ impl ConnectionService for ConnectionServer {
         }
         let router_id = optional_id("router_id", r.router_id)?.unwrap_or_else(|| "router".into());
         let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
-        let key = self.shared.routers.register(&router_id, &actions, tx);
-        tracing::info!(router_id = %router_id, actions = ?actions, "router attached");
+        let key = self
+            .shared
+            .routers
+            .register(&router_id, &actions, caller.tenants.clone(), tx);
+        tracing::info!(router_id = %router_id, actions = ?actions, tenants = ?caller.tenants, "router attached");
 
         // Unregisters the router when its stream is dropped, whatever ends it.
         struct Unregister(Arc<Shared>, u64, String);
@@ -891,6 +963,7 @@ impl ConnectionService for ConnectionServer {
         &self,
         request: Request<Streaming<EdgeEvent>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        let caller = Caller::of(&request);
         let mut events = request.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), events.message()).await {
             Ok(Ok(Some(EdgeEvent {
@@ -904,12 +977,24 @@ impl ConnectionService for ConnectionServer {
             }
         };
         let edge_id = required_id("hello.edge_id", hello.edge_id)?;
+        // An authenticated edge speaks only as itself: its id is its
+        // credential's name, so no other caller can take its sockets over.
+        if caller.authenticated && caller.subject != edge_id {
+            return Err(ConnectionError::PermissionDenied(format!(
+                "this credential ({}) may attach only as edge {:?}, not {edge_id:?}",
+                caller.subject, caller.subject
+            ))
+            .into());
+        }
         let (tx, rx) = mpsc::channel(EDGE_QUEUE);
         let link = self.shared.edges.attach(edge_id.clone(), tx);
         let now = now_ms();
         let mut held = std::collections::HashSet::new();
         for connection in hello.connections {
             match connection_from_edge(connection, &edge_id, now) {
+                Ok(record) if self.held_elsewhere(&record, &edge_id).await? => {
+                    tracing::warn!(edge_id = %edge_id, connection_id = %record.connection_id, "edge re-announced another edge's connection; ignored");
+                }
                 Ok(record) => {
                     held.insert(record.connection_id.clone());
                     self.shared

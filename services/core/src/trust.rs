@@ -31,7 +31,17 @@ use tonic::metadata::AsciiMetadataValue;
 
 /// What a caller is allowed to be.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, clap::ValueEnum,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -117,6 +127,12 @@ impl Caller {
             tenants: None,
             authenticated: false,
         }
+    }
+
+    /// `anyone`, for work a service does on its own behalf.
+    pub fn everyone() -> &'static Caller {
+        static EVERYONE: std::sync::LazyLock<Caller> = std::sync::LazyLock::new(Caller::anyone);
+        &EVERYONE
     }
 
     /// Whether this caller may reach `tenant_id`'s connections and requests.
@@ -359,7 +375,10 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        match self.trust.authorize(request.uri().path(), request.headers()) {
+        match self
+            .trust
+            .authorize(request.uri().path(), request.headers())
+        {
             Ok(caller) => {
                 request.extensions_mut().insert(caller);
                 Box::pin(self.inner.call(request))
@@ -469,7 +488,10 @@ mod tests {
     #[test]
     fn mode_none_lets_anyone_do_anything() {
         let caller = Trust::None
-            .authorize("/streamer.v1.ConnectionService/Attach", &http::HeaderMap::new())
+            .authorize(
+                "/streamer.v1.ConnectionService/Attach",
+                &http::HeaderMap::new(),
+            )
             .unwrap();
         assert_eq!(caller, Caller::anyone());
         assert!(caller.reaches("any"));

@@ -1,4 +1,9 @@
 //! The tonic adapter: convert in, call the lifecycle, convert out.
+//!
+//! The caller narrows every call: a backend reaches only its tenants'
+//! requests (others are NOT_FOUND), and a processor's id is qualified by
+//! the name on its credential, so one processor's credential can never
+//! report on, complete or fail work that another credential holds.
 
 use std::pin::Pin;
 
@@ -9,9 +14,21 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
+use streamer_core::trust::Caller;
+
 use crate::ProgressServer;
 use crate::error::ProgressError;
 use crate::model::{Cancel, Claim, Complete, Fail, Lookup, Report, Submit, request_to_proto};
+
+/// A processor's id as the lifecycle knows it: `holder/id` for a caller
+/// that proved who it is, the id itself where nobody did (trust `none`).
+fn qualified(caller: &Caller, processor_id: String) -> String {
+    if caller.authenticated {
+        format!("{}/{processor_id}", caller.subject)
+    } else {
+        processor_id
+    }
+}
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -21,8 +38,9 @@ impl ProgressService for ProgressServer {
         &self,
         request: Request<v1::SubmitRequest>,
     ) -> Result<Response<v1::SubmitResponse>, Status> {
+        let caller = Caller::of(&request);
         let cmd: Submit = request.into_inner().try_into()?;
-        let (record, duplicate) = self.lifecycle.submit(cmd).await?;
+        let (record, duplicate) = self.lifecycle.submit(cmd, &caller).await?;
         Ok(Response::new(v1::SubmitResponse {
             request: Some(request_to_proto(record)),
             duplicate,
@@ -35,7 +53,9 @@ impl ProgressService for ProgressServer {
         &self,
         request: Request<v1::ClaimRequest>,
     ) -> Result<Response<Self::ClaimStream>, Status> {
-        let cmd: Claim = request.into_inner().try_into()?;
+        let caller = Caller::of(&request);
+        let mut cmd: Claim = request.into_inner().try_into()?;
+        cmd.processor_id = qualified(&caller, cmd.processor_id);
         let (rx, guard) = self.lifecycle.claim(cmd)?;
         // The guard lives as long as the stream: dropping it (the processor
         // went away) gives its work back.
@@ -50,10 +70,12 @@ impl ProgressService for ProgressServer {
         &self,
         request: Request<Streaming<v1::ProgressReport>>,
     ) -> Result<Response<v1::ReportSummary>, Status> {
+        let caller = Caller::of(&request);
         let mut reports = request.into_inner();
         let mut summary = v1::ReportSummary::default();
         while let Some(report) = reports.message().await? {
-            let report: Report = report.try_into()?;
+            let mut report: Report = report.try_into()?;
+            report.processor_id = qualified(&caller, report.processor_id);
             if self.lifecycle.report(report).await? {
                 summary.accepted += 1;
             } else {
@@ -67,7 +89,9 @@ impl ProgressService for ProgressServer {
         &self,
         request: Request<v1::CompleteRequest>,
     ) -> Result<Response<v1::Request>, Status> {
-        let cmd: Complete = request.into_inner().try_into()?;
+        let caller = Caller::of(&request);
+        let mut cmd: Complete = request.into_inner().try_into()?;
+        cmd.processor_id = qualified(&caller, cmd.processor_id);
         let record = self.lifecycle.complete(cmd).await?;
         Ok(Response::new(request_to_proto(record)))
     }
@@ -76,7 +100,9 @@ impl ProgressService for ProgressServer {
         &self,
         request: Request<v1::FailRequest>,
     ) -> Result<Response<v1::Request>, Status> {
-        let cmd: Fail = request.into_inner().try_into()?;
+        let caller = Caller::of(&request);
+        let mut cmd: Fail = request.into_inner().try_into()?;
+        cmd.processor_id = qualified(&caller, cmd.processor_id);
         let record = self.lifecycle.fail(cmd).await?;
         Ok(Response::new(request_to_proto(record)))
     }
@@ -85,14 +111,16 @@ impl ProgressService for ProgressServer {
         &self,
         request: Request<v1::CancelRequest>,
     ) -> Result<Response<v1::Request>, Status> {
+        let caller = Caller::of(&request);
         let cmd: Cancel = request.into_inner().try_into()?;
-        let record = self.lifecycle.cancel(cmd).await?;
+        let record = self.lifecycle.cancel(cmd, &caller).await?;
         Ok(Response::new(request_to_proto(record)))
     }
 
     async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::Request>, Status> {
+        let caller = Caller::of(&request);
         let lookup: Lookup = request.into_inner().try_into()?;
-        let record = self.lifecycle.get(lookup).await?;
+        let record = self.lifecycle.get(lookup, &caller).await?;
         Ok(Response::new(request_to_proto(record)))
     }
 
@@ -102,6 +130,7 @@ impl ProgressService for ProgressServer {
         &self,
         request: Request<v1::GetRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = Caller::of(&request);
         let lookup: Lookup = request.into_inner().try_into()?;
         if lookup.deliver_to.is_some() {
             return Err(ProgressError::invalid(
@@ -110,7 +139,7 @@ impl ProgressService for ProgressServer {
             )
             .into());
         }
-        let rx = self.lifecycle.watch(lookup).await?;
+        let rx = self.lifecycle.watch(lookup, &caller).await?;
         let stream = ReceiverStream::new(rx).map(|record| {
             Ok(v1::RequestUpdate {
                 request: Some(request_to_proto(record)),

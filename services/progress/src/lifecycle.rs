@@ -25,6 +25,7 @@ use streamer_core::store::{
     Durability, ProgressState, RequestError, RequestRecord, RequestStatus, SharedStore, StoreError,
     now_ms,
 };
+use streamer_core::trust::Caller;
 use tokio::sync::{Notify, OwnedMutexGuard, broadcast, mpsc};
 use tokio_util::task::TaskTracker;
 
@@ -461,11 +462,18 @@ impl Lifecycle {
 
     // ---- RPCs ----
 
-    pub async fn submit(&self, cmd: Submit) -> Result<(RequestRecord, bool), ProgressError> {
+    pub async fn submit(
+        &self,
+        cmd: Submit,
+        caller: &Caller,
+    ) -> Result<(RequestRecord, bool), ProgressError> {
         if self.shutdown.is_cancelled() {
             return Err(ProgressError::ShuttingDown);
         }
         let identity = self.connections.identity(&cmd.connection_id).await?;
+        if !caller.reaches(&identity.tenant_id) {
+            return Err(ProgressError::ConnectionNotFound(cmd.connection_id));
+        }
         if !self.registry().known_actions.contains(&cmd.action) {
             return Err(ProgressError::UnknownAction(cmd.action));
         }
@@ -687,10 +695,14 @@ impl Lifecycle {
         Ok(changed.record)
     }
 
-    pub async fn cancel(&self, cmd: Cancel) -> Result<RequestRecord, ProgressError> {
+    pub async fn cancel(
+        &self,
+        cmd: Cancel,
+        caller: &Caller,
+    ) -> Result<RequestRecord, ProgressError> {
         let (changed, _) = self
             .change(&cmd.id, Durability::Immediate, |r, _| {
-                if cmd.owner.as_ref().is_some_and(|o| !o.owns(r)) {
+                if cmd.owner.as_ref().is_some_and(|o| !o.owns(r)) || !caller.reaches(&r.tenant_id) {
                     return Err(ProgressError::RequestNotFound);
                 }
                 if r.status.is_final() {
@@ -722,7 +734,10 @@ impl Lifecycle {
         Ok(changed.record)
     }
 
-    async fn find(&self, lookup: &Lookup) -> Result<RequestRecord, ProgressError> {
+    /// The request a lookup names, if its owner (when given) and the
+    /// caller's tenants admit it; NOT_FOUND otherwise, so nobody learns of
+    /// requests they may not see.
+    async fn find(&self, lookup: &Lookup, caller: &Caller) -> Result<RequestRecord, ProgressError> {
         let record = match &lookup.selector {
             Selector::Id(id) => self.store.get_request(id).await?,
             Selector::Client {
@@ -736,13 +751,22 @@ impl Lifecycle {
             }
         };
         match record {
-            Some(r) if lookup.owner.as_ref().is_none_or(|o| o.owns(&r)) => Ok(r),
+            Some(r)
+                if lookup.owner.as_ref().is_none_or(|o| o.owns(&r))
+                    && caller.reaches(&r.tenant_id) =>
+            {
+                Ok(r)
+            }
             _ => Err(ProgressError::RequestNotFound),
         }
     }
 
-    pub async fn get(&self, lookup: Lookup) -> Result<RequestRecord, ProgressError> {
-        let record = self.find(&lookup).await?;
+    pub async fn get(
+        &self,
+        lookup: Lookup,
+        caller: &Caller,
+    ) -> Result<RequestRecord, ProgressError> {
+        let record = self.find(&lookup, caller).await?;
         let Some(connection_id) = lookup.deliver_to else {
             return Ok(record);
         };
@@ -795,11 +819,12 @@ impl Lifecycle {
     pub async fn watch(
         &self,
         lookup: Lookup,
+        caller: &Caller,
     ) -> Result<mpsc::Receiver<RequestRecord>, ProgressError> {
         // Subscribe first, so no change between the read and the
         // subscription is missed.
         let mut updates = self.updates.subscribe();
-        let record = self.find(&lookup).await?;
+        let record = self.find(&lookup, caller).await?;
         let (tx, rx) = mpsc::channel(16);
         let store = self.store.clone();
         let shutdown = self.shutdown.clone();
