@@ -1,0 +1,549 @@
+//! Trust, tried as an attacker would, against a whole system in mode
+//! `token`: real gRPC servers on ephemeral ports, real WebSocket clients,
+//! and service tokens minted with (or without) the shared secret.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use streamer_api::v1::{
+    self, claim_response::Item, connection_service_client::ConnectionServiceClient,
+    progress_service_client::ProgressServiceClient,
+};
+use streamer_core::trust::{Role, ServiceTokens, Trust};
+use support::{TestSystem, json_payload, within};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+const SECRET: &[u8] = b"a shared secret of at least thirty-two bytes";
+
+fn tokens() -> ServiceTokens {
+    ServiceTokens::from_secret(SECRET).unwrap()
+}
+
+async fn system() -> TestSystem {
+    TestSystem::start_with(|config| {
+        config.trust = Trust::Token(Arc::new(tokens()));
+    })
+    .await
+}
+
+fn mint(sub: &str, roles: &[Role], tenants: Option<&[&str]>) -> String {
+    tokens()
+        .mint(
+            sub,
+            roles,
+            tenants.map(|t| t.iter().map(|s| s.to_string()).collect()),
+            Duration::from_secs(600),
+        )
+        .unwrap()
+}
+
+/// Sends `authorization: Bearer <token>` on every call (none for `None`).
+#[derive(Clone)]
+struct Bearer(Option<AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Authed = InterceptedService<Channel, Bearer>;
+
+async fn channel(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn bearer(token: Option<&str>) -> Bearer {
+    Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()))
+}
+
+async fn connections(system: &TestSystem, token: Option<&str>) -> ConnectionServiceClient<Authed> {
+    ConnectionServiceClient::with_interceptor(channel(system.addrs.connection).await, bearer(token))
+}
+
+async fn progress(system: &TestSystem, token: Option<&str>) -> ProgressServiceClient<Authed> {
+    ProgressServiceClient::with_interceptor(channel(system.addrs.progress).await, bearer(token))
+}
+
+fn send(connection_id: &str, value: serde_json::Value) -> v1::SendRequest {
+    v1::SendRequest {
+        connection_id: connection_id.into(),
+        payload: json_payload(value),
+        tenant_id: String::new(),
+        sequence: None,
+    }
+}
+
+/// The one connection of `user` in `tenant`, found with an all-tenants
+/// backend token.
+async fn connection_of(system: &TestSystem, tenant: &str, user: &str) -> String {
+    let admin = mint("admin", &[Role::Backend], None);
+    let listed = connections(system, Some(&admin))
+        .await
+        .list_connections(v1::ListConnectionsRequest {
+            tenant_id: tenant.into(),
+            user_id: user.into(),
+            page: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connections;
+    assert_eq!(listed.len(), 1);
+    listed[0].connection_id.clone()
+}
+
+#[tokio::test]
+async fn a_call_without_a_valid_token_is_unauthenticated_and_probes_need_none() {
+    let system = system().await;
+    // The system's own roles authenticate to each other: clients connect.
+    let mut alice = system.connect("alice", "acme").await;
+    let id = connection_of(&system, "acme", "alice").await;
+
+    let forged = ServiceTokens::from_secret(b"another secret, also thirty-two bytes long")
+        .unwrap()
+        .mint("mallory", &[Role::Backend], None, Duration::from_secs(600))
+        .unwrap();
+    for token in [None, Some(forged.as_str()), Some("not-a-jwt")] {
+        let status = connections(&system, token)
+            .await
+            .send(send(&id, json!({"x": 1})))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "{token:?}: {status:?}"
+        );
+        let status = progress(&system, token)
+            .await
+            .get(v1::GetRequest {
+                selector: Some(v1::get_request::Selector::Id("x".into())),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "{token:?}: {status:?}"
+        );
+    }
+
+    // Kubernetes' gRPC probes and grpcurl's `list` need no credential.
+    for addr in [
+        system.addrs.auth,
+        system.addrs.connection,
+        system.addrs.progress,
+    ] {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel(addr).await);
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+    }
+
+    // A valid backend token delivers.
+    let backend = mint("billing", &[Role::Backend], None);
+    connections(&system, Some(&backend))
+        .await
+        .send(send(&id, json!({"hello": "alice"})))
+        .await
+        .unwrap();
+    assert_eq!(alice.recv_json().await, json!({"hello": "alice"}));
+}
+
+#[tokio::test]
+async fn each_role_may_call_only_what_it_needs() {
+    let system = system().await;
+    let backend = mint("billing", &[Role::Backend], None);
+    let router = mint("router", &[Role::Router], None);
+    let processor = mint("reports", &[Role::Processor], None);
+
+    // A backend cannot pose as an edge, a router or a processor.
+    let hello = v1::EdgeEvent {
+        event: Some(v1::edge_event::Event::Hello(v1::EdgeHello {
+            edge_id: "billing".into(),
+            connections: vec![],
+        })),
+    };
+    let status = connections(&system, Some(&backend))
+        .await
+        .attach(tokio_stream::iter(vec![hello]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let status = connections(&system, Some(&backend))
+        .await
+        .receive(v1::ReceiveRequest {
+            actions: vec!["echo".into()],
+            router_id: "sneaky".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let status = progress(&system, Some(&backend))
+        .await
+        .claim(v1::ClaimRequest {
+            processor_id: "sneaky".into(),
+            actions: vec!["generate_report".into()],
+            max_in_flight: 1,
+            lease_seconds: 30,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    // A router and a processor cannot deliver or look requests up.
+    let status = connections(&system, Some(&router))
+        .await
+        .send(send("any", json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("backend"), "{status:?}");
+    let status = progress(&system, Some(&processor))
+        .await
+        .get(v1::GetRequest {
+            selector: Some(v1::get_request::Selector::Id("x".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+}
+
+#[tokio::test]
+async fn a_backend_bound_to_a_tenant_reaches_only_that_tenant() {
+    let system = TestSystem::start_with(|config| {
+        config.trust = Trust::Token(Arc::new(tokens()));
+        config.progress.async_actions = vec!["generate_report".into()];
+    })
+    .await;
+    let mut alice = system.connect("alice", "acme").await;
+    let mut bob = system.connect("bob", "globex").await;
+    let alice_id = connection_of(&system, "acme", "alice").await;
+    let bob_id = connection_of(&system, "globex", "bob").await;
+    let acme = mint("acme-backend", &[Role::Backend], Some(&["acme"]));
+    let mut client = connections(&system, Some(&acme)).await;
+
+    // Another tenant's connection does not exist, whatever the call.
+    let status = client
+        .send(send(&bob_id, json!({"x": 1})))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = client
+        .get_connection(v1::GetConnectionRequest {
+            connection_id: bob_id.clone(),
+            tenant_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = client
+        .disconnect(v1::DisconnectRequest {
+            connection_id: bob_id.clone(),
+            reason: "bye".into(),
+            tenant_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let active = client
+        .is_active(v1::IsActiveRequest {
+            connection_id: bob_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .active;
+    assert!(!active);
+    let broadcast = client
+        .broadcast(v1::BroadcastRequest {
+            target: Some(v1::broadcast_request::Target::Connections(
+                v1::ConnectionIds {
+                    ids: vec![alice_id.clone(), bob_id.clone()],
+                },
+            )),
+            payload: json_payload(json!({"to": "both?"})),
+            tenant_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((broadcast.delivered, broadcast.not_found), (1, 1));
+
+    // A whole other tenant is refused outright.
+    let status = client
+        .broadcast(v1::BroadcastRequest {
+            target: Some(v1::broadcast_request::Target::Tenant(v1::TenantTarget {
+                tenant_id: "globex".into(),
+            })),
+            payload: json_payload(json!({"x": 1})),
+            tenant_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let status = client
+        .list_connections(v1::ListConnectionsRequest {
+            tenant_id: "globex".into(),
+            user_id: String::new(),
+            page: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    // Nor can it queue work on, or look up, another tenant's client.
+    let mut requests = progress(&system, Some(&acme)).await;
+    let status = requests
+        .submit(v1::SubmitRequest {
+            connection_id: bob_id.clone(),
+            action: "generate_report".into(),
+            request_id: "r1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let admin = mint("admin", &[Role::Backend], None);
+    let bobs = progress(&system, Some(&admin))
+        .await
+        .submit(v1::SubmitRequest {
+            connection_id: bob_id.clone(),
+            action: "generate_report".into(),
+            request_id: "r1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    assert_eq!(bob.recv_json().await["type"], "acknowledgment");
+    let status = requests
+        .get(v1::GetRequest {
+            selector: Some(v1::get_request::Selector::Id(bobs.id.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = requests
+        .cancel(v1::CancelRequest {
+            id: bobs.id.clone(),
+            reason: "mine now".into(),
+            owner: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+
+    // Its own tenant works...
+    client
+        .send(send(&alice_id, json!({"only": "alice"})))
+        .await
+        .unwrap();
+    assert_eq!(alice.recv_json().await, json!({"to": "both?"}));
+    assert_eq!(alice.recv_json().await, json!({"only": "alice"}));
+    // ...and bob got nothing from it: the next thing he gets is this.
+    connections(&system, Some(&admin))
+        .await
+        .send(send(&bob_id, json!({"fence": true})))
+        .await
+        .unwrap();
+    assert_eq!(bob.recv_json().await, json!({"fence": true}));
+}
+
+#[tokio::test]
+async fn a_processor_cannot_report_on_or_complete_work_another_credential_holds() {
+    let system = TestSystem::start_with(|config| {
+        config.trust = Trust::Token(Arc::new(tokens()));
+        config.progress.async_actions = vec!["generate_report".into()];
+    })
+    .await;
+    let mut alice = system.connect("alice", "acme").await;
+    let alice_id = connection_of(&system, "acme", "alice").await;
+    let reports = mint("reports", &[Role::Processor], None);
+    let evil = mint("evil", &[Role::Processor], None);
+
+    let mut work = progress(&system, Some(&reports))
+        .await
+        .claim(v1::ClaimRequest {
+            processor_id: "worker-1".into(),
+            actions: vec!["generate_report".into()],
+            max_in_flight: 1,
+            lease_seconds: 60,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let admin = mint("admin", &[Role::Backend], None);
+    progress(&system, Some(&admin))
+        .await
+        .submit(v1::SubmitRequest {
+            connection_id: alice_id,
+            action: "generate_report".into(),
+            request_id: "r1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(alice.recv_json().await["type"], "acknowledgment");
+    let Some(Ok(v1::ClaimResponse {
+        item: Some(Item::Work(job)),
+    })) = within("work", work.next()).await
+    else {
+        panic!("expected work");
+    };
+    // The work is held by the credential's holder, not just an id anyone
+    // could repeat.
+    assert_eq!(job.processor_id, "reports/worker-1");
+
+    // Another processor credential, repeating the same processor id,
+    // cannot complete it with a forged result.
+    let forged = v1::CompleteRequest {
+        id: job.id.clone(),
+        processor_id: "worker-1".into(),
+        result: Some(streamer_api::json::to_proto(
+            json!({"report_url": "https://evil.example/phish"}),
+        )),
+    };
+    let status = progress(&system, Some(&evil))
+        .await
+        .complete(forged.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+
+    // The real holder completes it, and that is what alice gets.
+    progress(&system, Some(&reports))
+        .await
+        .complete(v1::CompleteRequest {
+            result: Some(streamer_api::json::to_proto(
+                json!({"report_url": "https://reports.example/1"}),
+            )),
+            ..forged
+        })
+        .await
+        .unwrap();
+    let complete = alice.recv_json().await;
+    assert_eq!(complete["type"], "complete");
+    assert_eq!(
+        complete["result"]["report_url"],
+        "https://reports.example/1"
+    );
+}
+
+#[tokio::test]
+async fn an_edge_cannot_take_over_another_edges_id_or_connections() {
+    let system = system().await;
+    let mut alice = system.connect("alice", "acme").await;
+    let alice_id = connection_of(&system, "acme", "alice").await;
+    let admin = mint("admin", &[Role::Backend], None);
+    let real_edge = connections(&system, Some(&admin))
+        .await
+        .get_connection(v1::GetConnectionRequest {
+            connection_id: alice_id.clone(),
+            tenant_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .edge_id;
+
+    // An edge credential cannot attach under another edge's id...
+    let rogue = mint("rogue-edge", &[Role::Edge], None);
+    let hello = |edge_id: &str, connections: Vec<v1::Connection>| v1::EdgeEvent {
+        event: Some(v1::edge_event::Event::Hello(v1::EdgeHello {
+            edge_id: edge_id.into(),
+            connections,
+        })),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(hello(&real_edge, vec![])).await.unwrap();
+    let status = connections(&system, Some(&rogue))
+        .await
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    // ...nor, under its own, re-announce alice's connection (or announce a
+    // new identity for it) to take her messages.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let stolen = v1::Connection {
+        connection_id: alice_id.clone(),
+        identity: Some(v1::Identity {
+            user_id: "alice".into(),
+            tenant_id: "acme".into(),
+            permissions: vec!["admin".into()],
+        }),
+        ..Default::default()
+    };
+    tx.send(hello("rogue-edge", vec![stolen.clone()]))
+        .await
+        .unwrap();
+    let mut commands = connections(&system, Some(&rogue))
+        .await
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(v1::EdgeEvent {
+        event: Some(v1::edge_event::Event::Opened(v1::ConnectionOpened {
+            connection: Some(stolen),
+        })),
+    })
+    .await
+    .unwrap();
+    let refused = within("the rogue announcement's answer", commands.message())
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(v1::edge_command::Command::Close(close)) = refused.command else {
+        panic!("expected a close, got {refused:?}");
+    };
+    assert_eq!(close.connection_id, alice_id);
+
+    // Alice's record and messages stay hers.
+    let outcome = connections(&system, Some(&admin))
+        .await
+        .send(send(&alice_id, json!({"still": "yours"})))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome();
+    assert_eq!(outcome, v1::DeliveryOutcome::Delivered);
+    assert_eq!(alice.recv_json().await, json!({"still": "yours"}));
+    drop(tx);
+}
