@@ -11,12 +11,38 @@
 //! Then a client frame `{"action":"echo","id":"1","payload":{"hi":1}}` is
 //! answered with `{"type":"response","request_id":"1","success":true,"data":{"hi":1}}`.
 //! Run two of them and the frames are shared between them.
+//!
+//! Against a deployment that checks callers (`--trust token`), give it a
+//! service token with the roles it needs in `STREAMER_SERVICE_TOKEN`:
+//! `streamer service-token --sub router --roles router,backend`.
 
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 use streamer_api::v1::{self, InboundMessage, connection_service_client::ConnectionServiceClient};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// Presents the service token, when there is one, on every call.
+#[derive(Clone)]
+struct ServiceToken(Option<AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for ServiceToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = ConnectionServiceClient<InterceptedService<Channel, ServiceToken>>;
 
 const ACTIONS: &[&str] = &["echo", "health"];
 
@@ -29,7 +55,11 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| "http://127.0.0.1:50052".into());
     let router_id = format!("example-router-{}", std::process::id());
     let channel = Channel::from_shared(url.clone())?.connect_lazy();
-    let client = ConnectionServiceClient::new(channel);
+    let token = match std::env::var("STREAMER_SERVICE_TOKEN") {
+        Ok(token) if !token.is_empty() => Some(format!("Bearer {token}").parse()?),
+        _ => None,
+    };
+    let client = ConnectionServiceClient::with_interceptor(channel, ServiceToken(token));
     let mut backoff = Duration::from_millis(200);
     loop {
         match serve(client.clone(), &router_id).await {
@@ -48,10 +78,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Receives frames until the stream ends, answering each on its own task.
-async fn serve(
-    mut client: ConnectionServiceClient<Channel>,
-    router_id: &str,
-) -> Result<(), tonic::Status> {
+async fn serve(mut client: Client, router_id: &str) -> Result<(), tonic::Status> {
     let mut frames = client
         .receive(v1::ReceiveRequest {
             actions: ACTIONS.iter().map(|a| a.to_string()).collect(),
@@ -108,7 +135,7 @@ fn answer(frame: InboundMessage) -> Value {
 }
 
 async fn send(
-    mut client: ConnectionServiceClient<Channel>,
+    mut client: Client,
     connection_id: &str,
     message: Value,
 ) -> Result<(), tonic::Status> {

@@ -46,10 +46,16 @@ impl PythonProcessor {
     /// known action. The lease is left at its default (30 s, longer than
     /// any wait here) on purpose.
     async fn start(system: &TestSystem, name: &str) -> Self {
+        Self::start_with_token(system, name, None).await
+    }
+
+    /// [`Self::start`], presenting a service token on every call.
+    async fn start_with_token(system: &TestSystem, name: &str, token: Option<&str>) -> Self {
         let mut child = Command::new("python3")
             .arg(SCRIPT)
             .args(["--target", &system.addrs.progress.to_string()])
             .args(["--id", name, "--step-delay", STEP_DELAY])
+            .env("STREAMER_SERVICE_TOKEN", token.unwrap_or_default())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -251,6 +257,29 @@ async fn a_report_flows_through_the_python_processor_ack_progress_one_complete()
     assert_eq!(stored.status, v1::RequestStatus::Failed as i32);
     assert_eq!(stored.attempts, 1, "an invalid payload is not retried");
     assert_eq!(stored.error.unwrap().code, "INVALID_PAYLOAD");
+}
+
+#[tokio::test]
+async fn the_python_processor_presents_its_service_token_where_callers_are_checked() {
+    let tokens = streamer_core::trust::ServiceTokens::from_secret(&[42u8; 32]).unwrap();
+    let token = tokens
+        .mint(
+            "reports",
+            &[streamer_core::trust::Role::Processor],
+            None,
+            std::time::Duration::from_secs(600),
+        )
+        .unwrap();
+    let system = TestSystem::start_with(|config| {
+        config.trust = streamer_core::trust::Trust::Token(std::sync::Arc::new(tokens));
+    })
+    .await;
+    let _processor = PythonProcessor::start_with_token(&system, "py-token", Some(&token)).await;
+    let mut client = system.connect("alice", "acme").await;
+    let server_id = submit(&mut client, "r1", json!({"pages": 2})).await;
+    let (complete, _) = follow(&mut client, "r1").await;
+    assert_eq!(complete["type"], "complete", "{complete}");
+    assert_eq!(complete["result"], report_result(&server_id, 2));
 }
 
 #[tokio::test]

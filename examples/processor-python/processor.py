@@ -488,6 +488,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+class ServiceToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+):
+    """Presents a service token (`authorization: Bearer ...`) on every call,
+    for a deployment that checks its callers (`--trust token`)."""
+
+    def __init__(self, token: str):
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        metadata = list(details.metadata or []) + [self.header]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with_token(details), request_iterator)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -505,7 +530,9 @@ def main(argv=None) -> int:
             ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
-    processor = Processor(channel, args)
+    token = os.environ.get("STREAMER_SERVICE_TOKEN")
+    calls = grpc.intercept_channel(channel, ServiceToken(token)) if token else channel
+    processor = Processor(calls, args)
 
     signals = {signal.SIGINT, signal.SIGTERM}
     for sig in signals:
