@@ -26,92 +26,176 @@ async fn listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.unwrap()
 }
 
-async fn start_connection(
-    listener: TcpListener,
-    dir: &std::path::Path,
+/// AuthService, ProgressService and the edge as separate servers, each on
+/// its own listener (and store); ConnectionService's listener is bound but
+/// left to the test, which starts (and restarts) it as it needs.
+struct SplitRoles {
+    data: tempfile::TempDir,
+    key: streamer_auth::dev::DevKey,
+    conn_listener: Option<TcpListener>,
+    conn: SocketAddr,
     progress: SocketAddr,
-) -> (Shutdown, tokio::task::JoinHandle<anyhow::Result<()>>) {
-    start_connection_with(listener, dir, progress, Default::default()).await
+    gateway: SocketAddr,
+    /// Stops the roles it started when the test ends.
+    shutdown: Shutdown,
 }
 
-async fn start_connection_with(
-    listener: TcpListener,
-    dir: &std::path::Path,
-    progress: SocketAddr,
-    config: streamer_connection::ConnectionConfig,
-) -> (Shutdown, tokio::task::JoinHandle<anyhow::Result<()>>) {
-    let shutdown = Shutdown::new();
-    let store = streamer::open_embedded_store(dir).unwrap();
-    let config = streamer_connection::ConnectionConfig {
-        progress_endpoint: Some(format!("http://{progress}")),
-        ..config
+impl Drop for SplitRoles {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl SplitRoles {
+    /// Starts the roles; `edge_dials` maps ConnectionService's address to
+    /// the one the edge dials (itself, or a proxy in front of it).
+    async fn start<F, Fut>(progress: streamer_progress::ProgressConfig, edge_dials: F) -> Self
+    where
+        F: FnOnce(SocketAddr) -> Fut,
+        Fut: std::future::Future<Output = SocketAddr>,
+    {
+        streamer_core::telemetry::init_logs(streamer_core::telemetry::LogFormat::Plain, "error");
+        let data = tempfile::tempdir().unwrap();
+        let key = streamer_auth::dev::ensure_dev_key(data.path()).unwrap();
+        let (auth_l, conn_l, progress_l, gateway_l) = (
+            listener().await,
+            listener().await,
+            listener().await,
+            listener().await,
+        );
+        let addr = |l: &TcpListener| l.local_addr().unwrap();
+        let (auth, conn, progress_addr, gateway) = (
+            addr(&auth_l),
+            addr(&conn_l),
+            addr(&progress_l),
+            addr(&gateway_l),
+        );
+        let edge_target = edge_dials(conn).await;
+        let shutdown = Shutdown::new();
+        tokio::spawn(streamer::run_auth(
+            auth_l,
+            streamer_auth::AuthConfig::new([streamer_auth::dev::public_key_path(data.path())]),
+            Default::default(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(streamer::run_progress(
+            progress_l,
+            streamer::open_embedded_store(&data.path().join("progress")).unwrap(),
+            streamer_progress::ProgressConfig {
+                connection_endpoint: format!("http://{conn}"),
+                ..progress
+            },
+            shutdown.clone(),
+        ));
+        tokio::spawn(streamer::run_gateway(
+            gateway_l,
+            streamer_gateway::GatewayConfig {
+                auth_endpoint: format!("http://{auth}"),
+                connection_endpoint: format!("http://{edge_target}"),
+                ..Default::default()
+            },
+            shutdown.clone(),
+        ));
+        Self {
+            data,
+            key,
+            conn_listener: Some(conn_l),
+            conn,
+            progress: progress_addr,
+            gateway,
+            shutdown,
+        }
+    }
+
+    /// Starts ConnectionService: on the listener bound at start the first
+    /// time, on the same address again after that.
+    async fn start_connection(
+        &mut self,
+        config: streamer_connection::ConnectionConfig,
+    ) -> (Shutdown, tokio::task::JoinHandle<anyhow::Result<()>>) {
+        let listener = match self.conn_listener.take() {
+            Some(listener) => listener,
+            None => TcpListener::bind(self.conn).await.unwrap(),
+        };
+        let store = streamer::open_embedded_store(&self.data.path().join("connection")).unwrap();
+        let config = streamer_connection::ConnectionConfig {
+            progress_endpoint: Some(format!("http://{}", self.progress)),
+            ..config
+        };
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(streamer::run_connection(
+            listener,
+            store,
+            config,
+            shutdown.clone(),
+        ));
+        (shutdown, task)
+    }
+
+    async fn edge_attached(&self) -> bool {
+        http_get(&format!("http://{}/readyz", self.gateway))
+            .await
+            .map(|r| r.0)
+            == Some(200)
+    }
+
+    /// A WebSocket client for alice of acme.
+    async fn connect_alice(&self) -> WsClient {
+        let token = self
+            .key
+            .mint(&streamer_auth::dev::MintOptions {
+                sub: "alice".into(),
+                tenant: "acme".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        let url = format!("ws://{}/?Authorization={token}", self.gateway);
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        WsClient { ws }
+    }
+
+    async fn connections(
+        &self,
+    ) -> v1::connection_service_client::ConnectionServiceClient<tonic::transport::Channel> {
+        v1::connection_service_client::ConnectionServiceClient::connect(format!(
+            "http://{}",
+            self.conn
+        ))
+        .await
+        .unwrap()
+    }
+
+    async fn progress(
+        &self,
+    ) -> v1::progress_service_client::ProgressServiceClient<tonic::transport::Channel> {
+        v1::progress_service_client::ProgressServiceClient::connect(format!(
+            "http://{}",
+            self.progress
+        ))
+        .await
+        .unwrap()
+    }
+}
+
+/// The next work item of a Claim stream.
+async fn next_work(work: &mut tonic::Streaming<v1::ClaimResponse>) -> v1::Request {
+    let Some(Ok(v1::ClaimResponse {
+        item: Some(Item::Work(request)),
+    })) = within("work", work.next()).await
+    else {
+        panic!("expected work");
     };
-    let task = tokio::spawn(streamer::run_connection(
-        listener,
-        store,
-        config,
-        shutdown.clone(),
-    ));
-    (shutdown, task)
+    request
 }
 
 #[tokio::test]
 async fn a_connection_service_restart_loses_neither_the_socket_nor_the_final_message() {
-    streamer_core::telemetry::init_logs(streamer_core::telemetry::LogFormat::Plain, "warn");
-    let data = tempfile::tempdir().unwrap();
-    let key = streamer_auth::dev::ensure_dev_key(data.path()).unwrap();
-    let (auth_l, conn_l, progress_l, gateway_l) = (
-        listener().await,
-        listener().await,
-        listener().await,
-        listener().await,
-    );
-    let (auth, conn, progress, gateway) = (
-        auth_l.local_addr().unwrap(),
-        conn_l.local_addr().unwrap(),
-        progress_l.local_addr().unwrap(),
-        gateway_l.local_addr().unwrap(),
-    );
-    let others = Shutdown::new();
-    tokio::spawn(streamer::run_auth(
-        auth_l,
-        streamer_auth::AuthConfig::new([streamer_auth::dev::public_key_path(data.path())]),
-        Default::default(),
-        others.clone(),
-    ));
-    let progress_store = streamer::open_embedded_store(&data.path().join("progress")).unwrap();
-    tokio::spawn(streamer::run_progress(
-        progress_l,
-        progress_store,
-        streamer_progress::ProgressConfig {
-            connection_endpoint: format!("http://{conn}"),
-            ..Default::default()
-        },
-        others.clone(),
-    ));
-    tokio::spawn(streamer::run_gateway(
-        gateway_l,
-        streamer_gateway::GatewayConfig {
-            auth_endpoint: format!("http://{auth}"),
-            connection_endpoint: format!("http://{conn}"),
-            ..Default::default()
-        },
-        others.clone(),
-    ));
-    let conn_dir = data.path().join("connection");
-    let (conn_shutdown, conn_task) = start_connection(conn_l, &conn_dir, progress).await;
-    let ready = format!("http://{gateway}/readyz");
-    let attached = || {
-        let ready = ready.clone();
-        async move { http_get(&ready).await.map(|r| r.0) == Some(200) }
-    };
-    eventually("the edge to attach", attached).await;
+    let mut roles = SplitRoles::start(Default::default(), |conn| async move { conn }).await;
+    let (conn_shutdown, conn_task) = roles.start_connection(Default::default()).await;
+    eventually("the edge to attach", || roles.edge_attached()).await;
 
     // A processor takes the client's request.
-    let mut processor =
-        v1::progress_service_client::ProgressServiceClient::connect(format!("http://{progress}"))
-            .await
-            .unwrap();
+    let mut processor = roles.progress().await;
     let mut work = processor
         .claim(v1::ClaimRequest {
             processor_id: "p".into(),
@@ -122,28 +206,12 @@ async fn a_connection_service_restart_loses_neither_the_socket_nor_the_final_mes
         .await
         .unwrap()
         .into_inner();
-    let token = key
-        .mint(&streamer_auth::dev::MintOptions {
-            sub: "alice".into(),
-            tenant: "acme".into(),
-            ..Default::default()
-        })
-        .unwrap();
-    let (ws, _) =
-        tokio_tungstenite::connect_async(format!("ws://{gateway}/?Authorization={token}"))
-            .await
-            .unwrap();
-    let mut client = WsClient { ws };
+    let mut client = roles.connect_alice().await;
     client
         .send_json(json!({"action": "generate_report", "id": "r1", "payload": {}}))
         .await;
     assert_eq!(client.recv_json().await["type"], "acknowledgment");
-    let Some(Ok(v1::ClaimResponse {
-        item: Some(Item::Work(request)),
-    })) = within("work", work.next()).await
-    else {
-        panic!("expected work");
-    };
+    let request = next_work(&mut work).await;
 
     // ConnectionService goes away; the edge detaches but keeps the socket.
     conn_shutdown.cancel();
@@ -151,7 +219,10 @@ async fn a_connection_service_restart_loses_neither_the_socket_nor_the_final_mes
         .await
         .unwrap()
         .unwrap();
-    eventually("the edge to notice", || async { !attached().await }).await;
+    eventually("the edge to notice", || async {
+        !roles.edge_attached().await
+    })
+    .await;
 
     // The processor completes while ConnectionService is down...
     processor
@@ -169,9 +240,8 @@ async fn a_connection_service_restart_loses_neither_the_socket_nor_the_final_mes
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
 
     // ...and ConnectionService comes back on the same address and store.
-    let again = TcpListener::bind(conn).await.unwrap();
-    let (conn_shutdown, conn_task) = start_connection(again, &conn_dir, progress).await;
-    eventually("the edge to re-attach", attached).await;
+    let (conn_shutdown, conn_task) = roles.start_connection(Default::default()).await;
+    eventually("the edge to re-attach", || roles.edge_attached()).await;
 
     // The final message was not dropped: it reaches the same socket.
     let complete = client.recv_json().await;
@@ -180,10 +250,7 @@ async fn a_connection_service_restart_loses_neither_the_socket_nor_the_final_mes
     assert_eq!(complete["result"], json!({"ok": true}));
 
     // The restored record is the live socket: it is listed and reachable.
-    let mut connections =
-        v1::connection_service_client::ConnectionServiceClient::connect(format!("http://{conn}"))
-            .await
-            .unwrap();
+    let mut connections = roles.connections().await;
     let listed = support::user_connection_ids(&mut connections, "acme", "alice").await;
     assert_eq!(listed.len(), 1);
     connections
@@ -205,18 +272,13 @@ async fn a_connection_service_restart_loses_neither_the_socket_nor_the_final_mes
         .unwrap()
         .unwrap();
     client.close().await;
-    let again = TcpListener::bind(conn).await.unwrap();
-    let (conn_shutdown, conn_task) = start_connection(again, &conn_dir, progress).await;
-    eventually("the edge to re-attach", attached).await;
-    let mut connections =
-        v1::connection_service_client::ConnectionServiceClient::connect(format!("http://{conn}"))
-            .await
-            .unwrap();
+    let (conn_shutdown, conn_task) = roles.start_connection(Default::default()).await;
+    eventually("the edge to re-attach", || roles.edge_attached()).await;
+    let mut connections = roles.connections().await;
     let listed = support::user_connection_ids(&mut connections, "acme", "alice").await;
     assert!(listed.is_empty(), "{listed:?}");
 
     conn_shutdown.cancel();
-    others.cancel();
     within("connection service to stop", conn_task)
         .await
         .unwrap()
@@ -264,93 +326,37 @@ async fn retried_then_marker(
 
 #[tokio::test]
 async fn a_slow_edge_gets_each_message_to_the_client_exactly_once_in_order() {
-    streamer_core::telemetry::init_logs(streamer_core::telemetry::LogFormat::Plain, "error");
-    let data = tempfile::tempdir().unwrap();
-    let key = streamer_auth::dev::ensure_dev_key(data.path()).unwrap();
-    let (auth_l, conn_l, progress_l, gateway_l) = (
-        listener().await,
-        listener().await,
-        listener().await,
-        listener().await,
-    );
-    let (auth, conn, progress, gateway) = (
-        auth_l.local_addr().unwrap(),
-        conn_l.local_addr().unwrap(),
-        progress_l.local_addr().unwrap(),
-        gateway_l.local_addr().unwrap(),
-    );
     // The edge reaches ConnectionService only through the proxy.
-    let proxy = HoldingProxy::start(conn).await;
-    let shutdown = Shutdown::new();
-    let _stop = shutdown.clone().drop_guard();
-    tokio::spawn(streamer::run_auth(
-        auth_l,
-        streamer_auth::AuthConfig::new([streamer_auth::dev::public_key_path(data.path())]),
-        Default::default(),
-        shutdown.clone(),
-    ));
-    tokio::spawn(streamer::run_progress(
-        progress_l,
-        streamer::open_embedded_store(&data.path().join("progress")).unwrap(),
+    let mut proxy = None;
+    let mut roles = SplitRoles::start(
         streamer_progress::ProgressConfig {
-            connection_endpoint: format!("http://{conn}"),
             progress_rate: 0.0,
             ..Default::default()
         },
-        shutdown.clone(),
-    ));
-    tokio::spawn(streamer::run_gateway(
-        gateway_l,
-        streamer_gateway::GatewayConfig {
-            auth_endpoint: format!("http://{auth}"),
-            connection_endpoint: format!("http://{}", proxy.addr),
-            ..Default::default()
-        },
-        shutdown.clone(),
-    ));
-    let (conn_shutdown, _conn_task) = start_connection_with(
-        conn_l,
-        &data.path().join("connection"),
-        progress,
-        streamer_connection::ConnectionConfig {
-            // Short, so the held reports are late many times over.
-            delivery_timeout: std::time::Duration::from_millis(200),
-            ..Default::default()
+        |conn| {
+            let proxy = &mut proxy;
+            async move { proxy.insert(HoldingProxy::start(conn).await).addr }
         },
     )
     .await;
-    let _stop_connection = conn_shutdown.drop_guard();
-    let ready = format!("http://{gateway}/readyz");
-    eventually("the edge to attach", || {
-        let ready = ready.clone();
-        async move { http_get(&ready).await.map(|r| r.0) == Some(200) }
-    })
-    .await;
-
-    let token = key
-        .mint(&streamer_auth::dev::MintOptions {
-            sub: "alice".into(),
-            tenant: "acme".into(),
+    let proxy = proxy.unwrap();
+    let (conn_shutdown, _conn_task) = roles
+        .start_connection(streamer_connection::ConnectionConfig {
+            // Short, so the held reports are late many times over.
+            delivery_timeout: std::time::Duration::from_millis(200),
             ..Default::default()
         })
-        .unwrap();
-    let (ws, _) =
-        tokio_tungstenite::connect_async(format!("ws://{gateway}/?Authorization={token}"))
-            .await
-            .unwrap();
-    let mut client = WsClient { ws };
-    let mut connections =
-        v1::connection_service_client::ConnectionServiceClient::connect(format!("http://{conn}"))
-            .await
-            .unwrap();
-    let connection_id = support::user_connection_ids(&mut connections, "acme", "alice")
+        .await;
+    let _stop_connection = conn_shutdown.drop_guard();
+    eventually("the edge to attach", || roles.edge_attached()).await;
+
+    let mut client = roles.connect_alice().await;
+    let connections = roles.connections().await;
+    let connection_id = support::user_connection_ids(&mut connections.clone(), "acme", "alice")
         .await
         .pop()
         .unwrap();
-    let mut progress_client =
-        v1::progress_service_client::ProgressServiceClient::connect(format!("http://{progress}"))
-            .await
-            .unwrap();
+    let mut progress_client = roles.progress().await;
     let mut work = progress_client
         .claim(v1::ClaimRequest {
             processor_id: "p".into(),
@@ -387,12 +393,7 @@ async fn a_slow_edge_gets_each_message_to_the_client_exactly_once_in_order() {
         .into_inner();
     assert!(!submitted.duplicate);
     let submitted = submitted.request.unwrap();
-    let Some(Ok(v1::ClaimResponse {
-        item: Some(Item::Work(request)),
-    })) = within("work", work.next()).await
-    else {
-        panic!("expected work");
-    };
+    let request = next_work(&mut work).await;
     assert_eq!(request.id, submitted.id);
 
     // 2. Progress, with nothing held.
