@@ -57,9 +57,10 @@ pub enum Command {
     /// Run ProgressService (gRPC, default 0.0.0.0:50053).
     Progress(ProgressCmd),
     /// Run the WebSocket edge (HTTP/WS, default 0.0.0.0:8080).
-    Gateway(GatewayCmd),
-    /// Run all four roles in one process with the embedded store.
-    All(AllCmd),
+    Gateway(Box<GatewayCmd>),
+    /// Run all four roles in one process with the embedded store (on
+    /// 127.0.0.1 unless told otherwise).
+    All(Box<AllCmd>),
     /// Mint a JWT with the local development key (for demos and tests).
     Token(TokenCmd),
     /// Mint a service token for a backend, router or processor (mode
@@ -226,10 +227,35 @@ impl ProgressArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct EdgeArgs {
-    /// Largest client frame accepted, in bytes; larger ones are answered
-    /// with VALIDATION_ERROR and the socket stays open.
+    /// Largest client frame accepted, in bytes, enforced as it arrives: a
+    /// larger one closes the socket with 1009.
     #[arg(long, env = "STREAMER_MAX_FRAME_BYTES", default_value_t = 1024 * 1024)]
     pub max_frame_bytes: usize,
+    /// Messages per second one socket may send (a token bucket); 0: no
+    /// limit. Past it, RATE_LIMITED; a client that keeps on is closed (1008).
+    #[arg(long, env = "STREAMER_MESSAGE_RATE", default_value_t = 100.0)]
+    pub message_rate: f64,
+    /// Messages one socket may send at once, above the rate.
+    #[arg(long, env = "STREAMER_MESSAGE_BURST", default_value_t = 200)]
+    pub message_burst: u32,
+    /// Most sockets this edge holds; past it, new clients get 503. Lowered
+    /// to fit the process's open-file limit.
+    #[arg(long, env = "STREAMER_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Most clients being authenticated at once; past it, 503.
+    #[arg(long, env = "STREAMER_MAX_HANDSHAKES", default_value_t = 1_000)]
+    pub max_handshakes: usize,
+    /// Seconds between the edge's pings to each socket.
+    #[arg(long, env = "STREAMER_PING_INTERVAL_SECS", default_value_t = 30)]
+    pub ping_interval_secs: u64,
+    /// Seconds a socket may stay silent (not even a pong) before it is
+    /// closed with 1001.
+    #[arg(long, env = "STREAMER_IDLE_TIMEOUT_SECS", default_value_t = 75)]
+    pub idle_timeout_secs: u64,
+    /// Origins browsers may connect from, comma-separated (for example
+    /// `https://app.example.com`); default: any.
+    #[arg(long, env = "STREAMER_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// Messages queued per socket before its client counts as a slow
     /// consumer and is closed (1008).
     #[arg(long, env = "STREAMER_OUTBOUND_QUEUE", default_value_t = 1024)]
@@ -248,17 +274,67 @@ impl EdgeArgs {
         if self.max_frame_bytes == 0 || self.outbound_queue == 0 {
             anyhow::bail!("--max-frame-bytes and --outbound-queue must be at least 1");
         }
+        if !(self.message_rate.is_finite() && self.message_rate >= 0.0) || self.message_burst == 0 {
+            anyhow::bail!("--message-rate must be 0 or more and --message-burst at least 1");
+        }
+        if self.max_connections == 0 || self.max_handshakes == 0 {
+            anyhow::bail!("--max-connections and --max-handshakes must be at least 1");
+        }
+        if self.ping_interval_secs == 0 || self.idle_timeout_secs <= self.ping_interval_secs {
+            anyhow::bail!(
+                "--ping-interval-secs must be at least 1 and --idle-timeout-secs longer than it"
+            );
+        }
         let defaults = GatewayConfig::default();
         Ok(GatewayConfig {
             auth_endpoint,
             connection_endpoint,
             edge_id: self.edge_id.clone().unwrap_or(defaults.edge_id),
-            max_frame_bytes: self.max_frame_bytes,
+            limits: streamer_gateway::limits::SocketLimits {
+                max_frame_bytes: self.max_frame_bytes,
+                message_rate: self.message_rate,
+                message_burst: self.message_burst,
+                ping_interval: Duration::from_secs(self.ping_interval_secs),
+                idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            },
+            max_connections: fit_descriptor_limit(self.max_connections),
+            max_handshakes: self.max_handshakes,
+            allowed_origins: self.allowed_origins.clone(),
             outbound_queue: self.outbound_queue,
             control_plane_timeout: defaults.control_plane_timeout,
             trust: Trust::None,
         })
     }
+}
+
+/// Descriptors kept for everything that is not a client socket: listeners,
+/// gRPC channels, the store, logs.
+const RESERVED_DESCRIPTORS: u64 = 512;
+
+/// `wanted` sockets, or fewer if the process's open-file limit could not
+/// hold them: past the limit every accept fails, health and metrics
+/// included, so the edge must say 503 before it gets there.
+fn fit_descriptor_limit(wanted: usize) -> usize {
+    let Some(limit) = open_file_limit() else {
+        return wanted;
+    };
+    let room = usize::try_from(limit.saturating_sub(RESERVED_DESCRIPTORS)).unwrap_or(usize::MAX);
+    if wanted > room {
+        tracing::warn!(
+            wanted,
+            open_file_limit = limit,
+            max_connections = room.max(1),
+            "--max-connections lowered to fit the open-file limit"
+        );
+    }
+    wanted.min(room.max(1))
+}
+
+/// The soft limit on open files, where the system says (Linux).
+fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 #[derive(Debug, Args)]
@@ -509,7 +585,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             spawn_metrics(cmd.metrics_listen, shutdown.clone());
             crate::run_gateway(listener, config, shutdown).await
         }
-        Command::All(cmd) => all(cmd, shutdown).await,
+        Command::All(cmd) => all(*cmd, shutdown).await,
     }
 }
 

@@ -10,6 +10,7 @@
 //! - [`edge`]: local sockets, outbound queues, the Attach loop.
 //! - [`sequences`]: each sequenced message written to a socket at most
 //!   once, in order.
+//! - [`limits`]: what one client may cost the edge.
 //! - [`socket`]: one socket's read and write loops.
 //! - this file: configuration and the HTTP side (auth, upgrade, health).
 
@@ -17,6 +18,7 @@
 
 pub mod edge;
 pub mod frames;
+pub mod limits;
 pub mod sequences;
 pub mod socket;
 
@@ -38,10 +40,12 @@ use streamer_api::v1::{
 use streamer_core::shutdown::Shutdown;
 use streamer_core::trust::{AuthedChannel, Role, Trust};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::edge::{Edge, RegisterError};
+use crate::limits::SocketLimits;
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -51,9 +55,18 @@ pub struct GatewayConfig {
     pub connection_endpoint: String,
     /// Unique per edge process.
     pub edge_id: String,
-    /// Largest text frame accepted from a client; larger ones are answered
-    /// with VALIDATION_ERROR and the socket stays open.
-    pub max_frame_bytes: usize,
+    /// What one socket may cost: frame size, message rate, pings and idle
+    /// timeout (see [`limits`]).
+    pub limits: SocketLimits,
+    /// Most sockets this edge holds at once; past it, 503.
+    pub max_connections: usize,
+    /// Most clients being authenticated and registered at once; past it,
+    /// 503, so a flood of handshakes cannot crowd out the rest.
+    pub max_handshakes: usize,
+    /// Origins a browser may connect from (`Origin` header, exactly as the
+    /// browser sends it); empty: any. Clients that send no `Origin` (not a
+    /// browser) are not affected.
+    pub allowed_origins: Vec<String>,
     /// Messages queued per socket before its client counts as slow.
     pub outbound_queue: usize,
     /// How long AuthService and ConnectionService may take at connect time
@@ -70,7 +83,10 @@ impl Default for GatewayConfig {
             auth_endpoint: "http://127.0.0.1:50051".into(),
             connection_endpoint: "http://127.0.0.1:50052".into(),
             edge_id: format!("edge-{}", uuid::Uuid::new_v4().simple()),
-            max_frame_bytes: 1024 * 1024,
+            limits: SocketLimits::default(),
+            max_connections: 10_000,
+            max_handshakes: 1_000,
+            allowed_origins: Vec::new(),
             outbound_queue: 1024,
             control_plane_timeout: Duration::from_secs(3),
             trust: Trust::None,
@@ -84,6 +100,10 @@ struct AppState {
     auth: AuthServiceClient<AuthedChannel>,
     config: Arc<GatewayConfig>,
     sockets: TaskTracker,
+    /// One permit per socket, held for its whole life.
+    slots: Arc<Semaphore>,
+    /// One permit per handshake in progress.
+    handshakes: Arc<Semaphore>,
 }
 
 fn channel(url: &str, timeout: Duration) -> anyhow::Result<Channel> {
@@ -121,6 +141,8 @@ pub async fn serve(
     let state = AppState {
         edge: edge.clone(),
         auth,
+        slots: Arc::new(Semaphore::new(config.max_connections)),
+        handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
         config: Arc::new(config),
         sockets: sockets.clone(),
     };
@@ -173,6 +195,14 @@ fn unauthorized(reason: &str, message: &str) -> Response {
         .into_response()
 }
 
+fn forbidden(message: &str) -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        Json(json!({ "error": message, "code": "FORBIDDEN" })),
+    )
+        .into_response()
+}
+
 fn unavailable(message: &str) -> Response {
     (
         StatusCode::SERVICE_UNAVAILABLE,
@@ -218,8 +248,32 @@ async fn connect(
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    // Authentication comes first: an unauthenticated caller learns nothing
-    // else, not even whether it spoke WebSocket correctly.
+    // Capacity first: past it, nothing else is spent on the caller (not
+    // even an AuthService call). The slot is held for the socket's life.
+    let Ok(slot) = state.slots.clone().try_acquire_owned() else {
+        metrics::counter!("streamer_gateway_connections_refused_total", "reason" => "capacity")
+            .increment(1);
+        return unavailable("this edge is at capacity; try again");
+    };
+    let Ok(handshake) = state.handshakes.clone().try_acquire_owned() else {
+        metrics::counter!("streamer_gateway_connections_refused_total", "reason" => "handshakes")
+            .increment(1);
+        return unavailable("too many connections being opened; try again");
+    };
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !state.config.allowed_origins.is_empty()
+        && !state
+            .config
+            .allowed_origins
+            .iter()
+            .any(|allowed| origin.as_bytes() == allowed.as_bytes())
+    {
+        metrics::counter!("streamer_gateway_connections_refused_total", "reason" => "origin")
+            .increment(1);
+        return forbidden("origin not allowed");
+    }
+    // Then authentication: an unauthenticated caller learns nothing else,
+    // not even whether it spoke WebSocket correctly.
     let Some(token) = token(&query, &headers) else {
         metrics::counter!("streamer_gateway_auth_refused_total", "reason" => "missing_token")
             .increment(1);
@@ -292,16 +346,18 @@ async fn connect(
         }
     };
     tracing::info!(connection_id = %connection_id, client_ip = %peer.ip(), "client connected");
+    drop(handshake);
 
     let edge = state.edge.clone();
     let failed_edge = state.edge.clone();
     let failed_id = connection_id.clone();
-    let max = state.config.max_frame_bytes;
+    let limits = state.config.limits;
     let sockets = state.sockets.clone();
     upgrade
-        // Frames past our own limit are answered, not fatal; only frames
-        // far beyond it are cut off by the transport.
-        .max_message_size(max.saturating_mul(4).max(64 * 1024))
+        // The limit holds as the frame arrives: nothing larger is buffered,
+        // and the socket is closed with 1009.
+        .max_message_size(limits.max_frame_bytes)
+        .max_frame_size(limits.max_frame_bytes)
         .on_failed_upgrade(move |error| {
             tracing::info!(%error, connection_id = %failed_id, "upgrade failed");
             failed_edge.forget(&failed_id);
@@ -317,7 +373,10 @@ async fn connect(
             });
         })
         .on_upgrade(move |socket| {
-            sockets.track_future(socket::run(socket, connection_id, registered, edge, max))
+            sockets.track_future(async move {
+                socket::run(socket, connection_id, registered, edge, limits).await;
+                drop(slot);
+            })
         })
 }
 

@@ -1,19 +1,35 @@
 //! One client socket, from upgrade to close.
 //!
-//! Generic over any `Sink`/`Stream` of WebSocket messages, so the loop is
-//! tested with channels as well as over a real socket.
+//! Generic over any `Sink`/`Stream` of WebSocket messages, so the loop can
+//! run over channels as well as over a real socket. The limits of
+//! [`crate::limits`] are enforced here: the message rate, pings and the idle
+//! timeout, and the close code that answers a bad frame.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::ws::Message;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use streamer_api::v1::{self, edge_event::Event};
+use tokio::time::Instant;
 
 use crate::edge::{Edge, Outbound, Registered, close_message};
 use crate::frames;
+use crate::limits::{Admit, MessageBucket, SocketLimits, close, close_code_for};
 
 /// Close code for a client that cannot keep up.
-pub const CLOSE_SLOW_CONSUMER: u16 = 1008;
+pub const CLOSE_SLOW_CONSUMER: u16 = close::POLICY;
+
+/// How the client's side of a socket ended.
+enum ReadEnd {
+    /// The client closed, with its close frame's code and reason.
+    Closed(Option<(u16, String)>),
+    /// The edge ends it for what the client did: this code and reason go
+    /// in the close frame.
+    Refused(u16, &'static str),
+    /// The connection is gone; nothing can be sent.
+    Lost,
+}
 
 /// How long a close frame may take to write before the socket is dropped.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -21,18 +37,22 @@ const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Runs one socket: client frames go up as events, queued deliveries go
 /// down. Returns when either side closes; the connection is then forgotten
 /// locally and reported closed upstream.
-pub async fn run<S, E>(
+pub async fn run<S>(
     socket: S,
     connection_id: String,
     registered: Registered,
     edge: Arc<Edge>,
-    max_frame_bytes: usize,
+    limits: SocketLimits,
 ) where
-    S: Sink<Message> + Stream<Item = Result<Message, E>> + Send + 'static,
+    S: Sink<Message> + Stream<Item = Result<Message, axum::Error>> + Send + 'static,
     S::Error: std::fmt::Display + Send,
-    E: std::fmt::Display + Send,
 {
     let (mut sink, mut stream) = socket.split();
+    // When the client was last heard from (any frame, pongs included), in
+    // milliseconds since `opened`; shared by the reader and the pinger.
+    let opened = Instant::now();
+    let last_heard = AtomicU64::new(0);
+    let heard = || last_heard.store(opened.elapsed().as_millis() as u64, Ordering::Relaxed);
     let Registered {
         mut outbound,
         evict,
@@ -46,12 +66,27 @@ pub async fn run<S, E>(
     };
 
     let writer = async {
+        let mut ping =
+            tokio::time::interval_at(opened + limits.ping_interval, limits.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Returns the close code it ended with; breaks out on eviction.
         loop {
             let next = tokio::select! {
                 biased;
                 () = evict.cancelled() => None,
                 next = outbound.recv() => Some(next),
+                _ = ping.tick() => {
+                    let silent = opened.elapsed().saturating_sub(std::time::Duration::from_millis(
+                        last_heard.load(Ordering::Relaxed),
+                    ));
+                    if silent >= limits.idle_timeout {
+                        metrics::counter!("streamer_gateway_idle_closes_total").increment(1);
+                        let close = sink.send(close_message(close::GOING_AWAY, "idle timeout".into()));
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+                        return close::GOING_AWAY;
+                    }
+                    Some(Some(Outbound::Message(Message::Ping(bytes::Bytes::new()))))
+                }
             };
             let message = match next {
                 None => break,
@@ -86,11 +121,32 @@ pub async fn run<S, E>(
     };
 
     let reader = async {
+        let mut bucket = MessageBucket::new(limits.message_rate, limits.message_burst, opened);
         while let Some(message) = stream.next().await {
+            heard();
+            if matches!(message, Ok(Message::Text(_) | Message::Binary(_))) {
+                match bucket.admit(Instant::now()) {
+                    Admit::Accept => {}
+                    Admit::Refuse => {
+                        metrics::counter!("streamer_gateway_frames_refused_total", "reason" => "rate_limited")
+                            .increment(1);
+                        replies(frames::error_message(
+                            "",
+                            "RATE_LIMITED",
+                            "too many messages; slow down",
+                        ));
+                        continue;
+                    }
+                    Admit::Close => {
+                        metrics::counter!("streamer_gateway_rate_limit_closes_total").increment(1);
+                        return ReadEnd::Refused(close::POLICY, "message rate limit exceeded");
+                    }
+                }
+            }
             match message {
                 Ok(Message::Text(text)) => {
                     metrics::counter!("streamer_gateway_frames_total").increment(1);
-                    match frames::parse(text.as_str(), max_frame_bytes) {
+                    match frames::parse(text.as_str(), limits.max_frame_bytes) {
                         Ok(frame) => {
                             let inbound = frame.clone().into_inbound(&connection_id);
                             if !edge.emit(Event::Frame(inbound)).await {
@@ -102,7 +158,8 @@ pub async fn run<S, E>(
                             }
                         }
                         Err(error) => {
-                            metrics::counter!("streamer_gateway_frames_refused_total").increment(1);
+                            metrics::counter!("streamer_gateway_frames_refused_total", "reason" => "invalid")
+                                .increment(1);
                             replies(frames::error_message(
                                 &error.request_id,
                                 "VALIDATION_ERROR",
@@ -119,23 +176,47 @@ pub async fn run<S, E>(
                     ));
                 }
                 Ok(Message::Close(frame)) => {
-                    return frame.map(|f| (f.code, f.reason.to_string()));
+                    return ReadEnd::Closed(frame.map(|f| (f.code, f.reason.to_string())));
                 }
                 Ok(Message::Ping(_) | Message::Pong(_)) => {}
                 Err(error) => {
                     tracing::debug!(%error, connection_id = %connection_id, "socket read failed");
-                    return None;
+                    return match close_code_for(&error) {
+                        Some(close::TOO_BIG) => ReadEnd::Refused(close::TOO_BIG, "frame too large"),
+                        Some(close::INVALID_PAYLOAD) => {
+                            ReadEnd::Refused(close::INVALID_PAYLOAD, "text frame is not UTF-8")
+                        }
+                        Some(code) => ReadEnd::Refused(code, "protocol error"),
+                        None => ReadEnd::Lost,
+                    };
                 }
             }
         }
-        None
+        ReadEnd::Lost
     };
 
     let (code, reason) = tokio::select! {
         code = writer => (u32::from(code), String::new()),
-        closed = reader => closed
-            .map(|(code, reason)| (u32::from(code), reason))
-            .unwrap_or((1006, String::new())),
+        end = reader => match end {
+            ReadEnd::Closed(frame) => frame
+                .map(|(code, reason)| (u32::from(code), reason))
+                .unwrap_or((1005, String::new())),
+            ReadEnd::Refused(code, reason) => {
+                // What was already queued (the answers that told the client
+                // why) goes out before the close frame, in the same order.
+                let flush = async {
+                    while let Ok(Outbound::Message(message)) = outbound.try_recv() {
+                        if sink.send(message).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = sink.send(close_message(code, reason.into())).await;
+                };
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, flush).await;
+                (u32::from(code), reason.to_owned())
+            }
+            ReadEnd::Lost => (1006, String::new()),
+        },
     };
     // Completes the closing handshake whichever side began it, without
     // waiting on a client that does not read.
