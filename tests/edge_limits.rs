@@ -251,3 +251,67 @@ async fn a_silent_socket_is_pinged_then_closed_as_idle() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_socket_closes_when_its_token_expires_unless_the_client_refreshes_it() {
+    use streamer_auth::dev::MintOptions;
+    let system = TestSystem::start().await;
+    let mint = |sub: &str, ttl: u64| {
+        system.mint(MintOptions {
+            sub: sub.into(),
+            tenant: "acme".into(),
+            ttl: Duration::from_secs(ttl),
+            ..MintOptions::default()
+        })
+    };
+    let open = |token: String| {
+        let url = system.ws_url(&token);
+        async move {
+            let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            support::WsClient { ws }
+        }
+    };
+    // Bob's token runs out well before alice's.
+    let mut bob = open(mint("bob", 3)).await;
+    let mut alice = open(mint("alice", 6)).await;
+
+    // A token for someone else is refused, and changes nothing.
+    bob.send_json(
+        json!({"action": "refresh", "id": "f0", "payload": {"token": mint("alice", 3600)}}),
+    )
+    .await;
+    let refused = bob.recv_json().await;
+    assert_eq!(refused["request_id"], "f0");
+    assert_eq!(refused["error"]["code"], "UNAUTHORIZED", "{refused}");
+    // His own fresh token moves his socket's expiry.
+    bob.send_json(
+        json!({"action": "refresh", "id": "f1", "payload": {"token": mint("bob", 3600)}}),
+    )
+    .await;
+    let refreshed = bob.recv_json().await;
+    assert_eq!(refreshed["type"], "response", "{refreshed}");
+    assert_eq!(refreshed["request_id"], "f1");
+    assert!(refreshed["data"]["expires_in_seconds"].as_u64().unwrap() > 3000);
+
+    // Alice never refreshed: her socket closes when her token expires.
+    let (code, reason) = alice.expect_close().await;
+    assert_eq!((code, reason.as_str()), (1008, "token expired"));
+
+    // By then bob's first token had expired too; his socket lives on.
+    let bob_id = support::user_connection_ids(&mut system.connections().await, "acme", "bob")
+        .await
+        .pop()
+        .expect("bob is still connected");
+    system
+        .connections()
+        .await
+        .send(streamer_api::v1::SendRequest {
+            connection_id: bob_id,
+            payload: support::json_payload(json!({"still": "open"})),
+            tenant_id: String::new(),
+            sequence: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(bob.recv_json().await, json!({"still": "open"}));
+}

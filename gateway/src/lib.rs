@@ -231,6 +231,53 @@ fn token(query: &std::collections::HashMap<String, String>, headers: &HeaderMap)
         .filter(|t| !t.is_empty())
 }
 
+/// The monotonic instant of a wall-clock timestamp (now, if it is past).
+fn instant_of(at: prost_types::Timestamp) -> Option<tokio::time::Instant> {
+    let at = std::time::SystemTime::try_from(at).ok()?;
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    Some(tokio::time::Instant::now() + left)
+}
+
+/// Validates the fresh tokens one socket's client sends: they must be
+/// valid, and name the user and tenant the socket was opened for.
+fn refresher(
+    auth: AuthServiceClient<AuthedChannel>,
+    timeout: Duration,
+    user_id: String,
+    tenant_id: String,
+) -> socket::Refresh {
+    Arc::new(move |token| {
+        let mut auth = auth.clone();
+        let (user_id, tenant_id) = (user_id.clone(), tenant_id.clone());
+        Box::pin(async move {
+            let answer = tokio::time::timeout(
+                timeout,
+                auth.validate_token(v1::ValidateTokenRequest { token }),
+            )
+            .await
+            .map_err(|_| "authentication service unavailable; try again".to_owned())?
+            .map_err(|_| "authentication service unavailable; try again".to_owned())?
+            .into_inner();
+            let claims = match answer.claims {
+                Some(claims) if answer.valid => claims,
+                _ => {
+                    let failure = TokenFailure::try_from(answer.failure).unwrap_or_default();
+                    return Err(refusal(failure, &answer.message).1);
+                }
+            };
+            if claims.user_id != user_id || claims.tenant_id != tenant_id {
+                return Err("the token is for another user or tenant".to_owned());
+            }
+            claims
+                .expires_at
+                .and_then(instant_of)
+                .ok_or_else(|| "the token has no expiry".to_owned())
+        })
+    })
+}
+
 /// The short reason and the message of a refusal.
 fn refusal(failure: TokenFailure, message: &str) -> (&'static str, String) {
     match failure {
@@ -314,6 +361,15 @@ async fn connect(
         Err(rejection) => return rejection.into_response(),
     };
 
+    let session = socket::Session {
+        expires_at: claims.expires_at.and_then(instant_of),
+        refresh: refresher(
+            state.auth.clone(),
+            timeout,
+            claims.user_id.clone(),
+            claims.tenant_id.clone(),
+        ),
+    };
     let connection_id = uuid::Uuid::new_v4().to_string();
     let now = prost_types::Timestamp::from(std::time::SystemTime::now());
     let record = v1::Connection {
@@ -374,7 +430,7 @@ async fn connect(
         })
         .on_upgrade(move |socket| {
             sockets.track_future(async move {
-                socket::run(socket, connection_id, registered, edge, limits).await;
+                socket::run(socket, connection_id, registered, edge, limits, session).await;
                 drop(slot);
             })
         })

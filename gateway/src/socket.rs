@@ -5,6 +5,7 @@
 //! [`crate::limits`] are enforced here: the message rate, pings and the idle
 //! timeout, and the close code that answers a bad frame.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,6 +20,24 @@ use crate::limits::{Admit, MessageBucket, SocketLimits, close, close_code_for};
 
 /// Close code for a client that cannot keep up.
 pub const CLOSE_SLOW_CONSUMER: u16 = close::POLICY;
+
+/// Checks a token a client sends to extend its socket's life: its new
+/// expiry when it is valid and names the same user and tenant, else why not.
+pub type Refresh = Arc<
+    dyn Fn(String) -> std::pin::Pin<Box<dyn Future<Output = Result<Instant, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The built-in action that extends a socket's life with a fresh token.
+pub const REFRESH_ACTION: &str = "refresh";
+
+/// A socket's authentication: until when it holds, and how to renew it.
+pub struct Session {
+    /// When the token expires; `None`: it does not.
+    pub expires_at: Option<Instant>,
+    pub refresh: Refresh,
+}
 
 /// How the client's side of a socket ended.
 enum ReadEnd {
@@ -43,6 +62,7 @@ pub async fn run<S>(
     registered: Registered,
     edge: Arc<Edge>,
     limits: SocketLimits,
+    session: Session,
 ) where
     S: Sink<Message> + Stream<Item = Result<Message, axum::Error>> + Send + 'static,
     S::Error: std::fmt::Display + Send,
@@ -53,6 +73,8 @@ pub async fn run<S>(
     let opened = Instant::now();
     let last_heard = AtomicU64::new(0);
     let heard = || last_heard.store(opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    // The socket lives as long as its token, or a fresher one it sent.
+    let (expiry, mut expires) = tokio::sync::watch::channel(session.expires_at);
     let Registered {
         mut outbound,
         evict,
@@ -71,9 +93,17 @@ pub async fn run<S>(
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Returns the close code it ended with; breaks out on eviction.
         loop {
+            let deadline = *expires.borrow_and_update();
             let next = tokio::select! {
                 biased;
                 () = evict.cancelled() => None,
+                () = until(deadline) => {
+                    metrics::counter!("streamer_gateway_expired_closes_total").increment(1);
+                    let close = sink.send(close_message(close::POLICY, "token expired".into()));
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+                    return close::POLICY;
+                }
+                Ok(()) = expires.changed() => continue,
                 next = outbound.recv() => Some(next),
                 _ = ping.tick() => {
                     let silent = opened.elapsed().saturating_sub(std::time::Duration::from_millis(
@@ -147,6 +177,10 @@ pub async fn run<S>(
                 Ok(Message::Text(text)) => {
                     metrics::counter!("streamer_gateway_frames_total").increment(1);
                     match frames::parse(text.as_str(), limits.max_frame_bytes) {
+                        Ok(frame) if frame.action == REFRESH_ACTION => {
+                            let answer = refresh(&session.refresh, &expiry, frame).await;
+                            replies(answer);
+                        }
                         Ok(frame) => {
                             let inbound = frame.clone().into_inbound(&connection_id);
                             if !edge.emit(Event::Frame(inbound)).await {
@@ -229,4 +263,45 @@ pub async fn run<S>(
     }))
     .await;
     tracing::debug!(connection_id = %connection_id, code, "connection closed");
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers a `refresh` frame: `{"payload":{"token":"<JWT>"}}`. A token
+/// valid for the same user and tenant moves the socket's expiry; anything
+/// else is UNAUTHORIZED and changes nothing.
+async fn refresh(
+    check: &Refresh,
+    expiry: &tokio::sync::watch::Sender<Option<Instant>>,
+    frame: frames::ClientFrame,
+) -> String {
+    let Some(token) = frame
+        .payload
+        .get("token")
+        .and_then(serde_json::Value::as_str)
+        .filter(|t| !t.is_empty())
+    else {
+        return frames::error_message(&frame.id, "VALIDATION_ERROR", "payload.token is required");
+    };
+    match check(token.to_owned()).await {
+        Ok(expires_at) => {
+            expiry.send_replace(Some(expires_at));
+            metrics::counter!("streamer_gateway_token_refreshes_total").increment(1);
+            let remaining = expires_at.saturating_duration_since(Instant::now());
+            serde_json::json!({
+                "type": "response",
+                "request_id": frame.id,
+                "success": true,
+                "data": {"expires_in_seconds": remaining.as_secs()},
+            })
+            .to_string()
+        }
+        Err(reason) => frames::error_message(&frame.id, "UNAUTHORIZED", &reason),
+    }
 }

@@ -30,8 +30,9 @@ use crate::model::{
 };
 use crate::routers::{RouteError, RouterTable};
 
-/// Actions ConnectionService answers itself; no router may claim them.
-pub const BUILTIN_ACTIONS: &[&str] = &["get_request", "cancel_request"];
+/// Actions Streamer answers itself (`refresh` at the edge); no router may
+/// claim them.
+pub const BUILTIN_ACTIONS: &[&str] = &["get_request", "cancel_request", "refresh"];
 
 /// A connection's expiry slides at most this often, so busy sockets do not
 /// turn every message into a store write.
