@@ -252,6 +252,10 @@ pub struct EdgeArgs {
     /// closed with 1001.
     #[arg(long, env = "STREAMER_IDLE_TIMEOUT_SECS", default_value_t = 75)]
     pub idle_timeout_secs: u64,
+    /// Seconds a client may take to send its request headers before the
+    /// connection is closed.
+    #[arg(long, env = "STREAMER_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
     /// Origins browsers may connect from, comma-separated (for example
     /// `https://app.example.com`); default: any.
     #[arg(long, env = "STREAMER_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -300,6 +304,7 @@ impl EdgeArgs {
             max_connections: fit_descriptor_limit(self.max_connections),
             max_handshakes: self.max_handshakes,
             allowed_origins: self.allowed_origins.clone(),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
             outbound_queue: self.outbound_queue,
             control_plane_timeout: defaults.control_plane_timeout,
             trust: Trust::None,

@@ -315,3 +315,40 @@ async fn a_socket_closes_when_its_token_expires_unless_the_client_refreshes_it()
         .unwrap();
     assert_eq!(bob.recv_json().await, json!({"still": "open"}));
 }
+
+#[tokio::test]
+async fn half_sent_headers_are_cut_off_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let system = TestSystem::start_with(|config| {
+        config.gateway.header_read_timeout = Duration::from_millis(500);
+    })
+    .await;
+    // Slowloris: requests whose headers never end.
+    let mut lorises = Vec::new();
+    for _ in 0..50 {
+        let mut stream = tokio::net::TcpStream::connect(system.addrs.gateway)
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /?Authorization=x HTTP/1.1\r\nHost: edge\r\nX-Slow: ")
+            .await
+            .unwrap();
+        lorises.push(stream);
+    }
+    // Each is closed by the edge (after, at most, a 408).
+    for stream in &mut lorises {
+        let mut rest = Vec::new();
+        let ended = within(
+            "a slow request to be cut off",
+            stream.read_to_end(&mut rest),
+        )
+        .await;
+        assert!(
+            ended.is_err() || rest.is_empty() || rest.starts_with(b"HTTP/1.1 408"),
+            "{}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    // Well-behaved clients were served all along.
+    let _ = system.connect("alice", "acme").await;
+}

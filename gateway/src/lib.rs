@@ -18,6 +18,7 @@
 
 pub mod edge;
 pub mod frames;
+mod http;
 pub mod limits;
 pub mod sequences;
 pub mod socket;
@@ -63,6 +64,9 @@ pub struct GatewayConfig {
     /// Most clients being authenticated and registered at once; past it,
     /// 503, so a flood of handshakes cannot crowd out the rest.
     pub max_handshakes: usize,
+    /// How long a client may take to send its request headers; past it
+    /// the connection is closed (no slowloris).
+    pub header_read_timeout: Duration,
     /// Origins a browser may connect from (`Origin` header, exactly as the
     /// browser sends it); empty: any. Clients that send no `Origin` (not a
     /// browser) are not affected.
@@ -87,6 +91,7 @@ impl Default for GatewayConfig {
             max_connections: 10_000,
             max_handshakes: 1_000,
             allowed_origins: Vec::new(),
+            header_read_timeout: Duration::from_secs(10),
             outbound_queue: 1024,
             control_plane_timeout: Duration::from_secs(3),
             trust: Trust::None,
@@ -138,6 +143,7 @@ pub async fn serve(
     let edge = Edge::new(config.edge_id.clone(), config.outbound_queue);
     let upstream = tokio::spawn(edge.clone().run_upstream(connections, shutdown.clone()));
     let sockets = TaskTracker::new();
+    let header_read_timeout = config.header_read_timeout;
     let state = AppState {
         edge: edge.clone(),
         auth,
@@ -155,12 +161,10 @@ pub async fn serve(
     let local = listener.local_addr()?;
     tracing::info!(address = %local, edge_id = %edge.edge_id, "websocket edge listening");
     let stopping = shutdown.clone();
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { stopping.cancelled().await })
-    .await?;
+    http::serve(listener, app, header_read_timeout, async move {
+        stopping.cancelled().await
+    })
+    .await;
 
     edge.close_all(1001, "server shutting down");
     sockets.close();
