@@ -352,3 +352,28 @@ async fn half_sent_headers_are_cut_off_after_the_header_timeout() {
     // Well-behaved clients were served all along.
     let _ = system.connect("alice", "acme").await;
 }
+
+#[tokio::test]
+async fn a_browser_can_send_its_token_as_a_subprotocol_and_never_see_it_echoed() {
+    let system = TestSystem::start().await;
+    let url = format!("ws://{}/", system.addrs.gateway);
+    let mut request = url.clone().into_client_request().unwrap();
+    let offered = format!("streamer, bearer.{}", system.token("alice", "acme"));
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", offered.parse().unwrap());
+    let (_ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(
+        response.headers().get("sec-websocket-protocol").unwrap(),
+        "streamer"
+    );
+    // A bad token there is refused like any other.
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "streamer, bearer.nope".parse().unwrap(),
+    );
+    let (status, body) = refused(request).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["reason"], "invalid_token");
+}

@@ -216,8 +216,29 @@ fn unavailable(message: &str) -> Response {
         .into_response()
 }
 
-/// The token from `?Authorization=`, `?token=` or `Authorization: Bearer`.
+/// The subprotocol the edge speaks, selected when a client offers it.
+pub const SUBPROTOCOL: &str = "streamer";
+/// A subprotocol `bearer.<JWT>` carries the token for browsers, which
+/// cannot set an `Authorization` header on a WebSocket and should not put
+/// it in the URL (where proxies log it).
+const SUBPROTOCOL_TOKEN_PREFIX: &str = "bearer.";
+
+/// The token from `?Authorization=`, `?token=`, `Authorization: Bearer`, or
+/// a `bearer.<JWT>` entry of `Sec-WebSocket-Protocol`.
 fn token(query: &std::collections::HashMap<String, String>, headers: &HeaderMap) -> Option<String> {
+    let from_subprotocol = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| {
+            p.trim()
+                .strip_prefix(SUBPROTOCOL_TOKEN_PREFIX)
+                .map(str::to_owned)
+        });
+    if from_subprotocol.is_some() {
+        return from_subprotocol.filter(|t| !t.is_empty());
+    }
     let from_query = query
         .get("Authorization")
         .or_else(|| query.get("authorization"))
@@ -414,6 +435,8 @@ async fn connect(
     let limits = state.config.limits;
     let sockets = state.sockets.clone();
     upgrade
+        // Never the token's entry: that would echo it back in a header.
+        .protocols([SUBPROTOCOL])
         // The limit holds as the frame arrives: nothing larger is buffered,
         // and the socket is closed with 1009.
         .max_message_size(limits.max_frame_bytes)
@@ -455,6 +478,11 @@ mod tests {
         assert_eq!(token(&query, &headers).as_deref(), Some("def"));
         query.insert("Authorization".into(), "Bearer ghi".into());
         assert_eq!(token(&query, &headers).as_deref(), Some("ghi"));
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            "streamer, bearer.jkl".parse().unwrap(),
+        );
+        assert_eq!(token(&query, &headers).as_deref(), Some("jkl"));
     }
 
     #[test]
