@@ -252,6 +252,13 @@ pub struct EdgeArgs {
     /// closed with 1001.
     #[arg(long, env = "STREAMER_IDLE_TIMEOUT_SECS", default_value_t = 75)]
     pub idle_timeout_secs: u64,
+    /// New connections per second from one client IP address (loopback is
+    /// exempt); 0: no limit. Past it, 503.
+    #[arg(long, env = "STREAMER_CONNECTION_RATE_PER_IP", default_value_t = 20.0)]
+    pub connection_rate_per_ip: f64,
+    /// New connections one address may open at once, above the rate.
+    #[arg(long, env = "STREAMER_CONNECTION_BURST_PER_IP", default_value_t = 100)]
+    pub connection_burst_per_ip: u32,
     /// Seconds a client may take to send its request headers before the
     /// connection is closed.
     #[arg(long, env = "STREAMER_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
@@ -281,6 +288,9 @@ impl EdgeArgs {
         if !(self.message_rate.is_finite() && self.message_rate >= 0.0) || self.message_burst == 0 {
             anyhow::bail!("--message-rate must be 0 or more and --message-burst at least 1");
         }
+        if !(self.connection_rate_per_ip.is_finite() && self.connection_rate_per_ip >= 0.0) {
+            anyhow::bail!("--connection-rate-per-ip must be 0 or more");
+        }
         if self.max_connections == 0 || self.max_handshakes == 0 {
             anyhow::bail!("--max-connections and --max-handshakes must be at least 1");
         }
@@ -305,6 +315,8 @@ impl EdgeArgs {
             max_handshakes: self.max_handshakes,
             allowed_origins: self.allowed_origins.clone(),
             header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
+            connection_rate_per_ip: self.connection_rate_per_ip,
+            connection_burst_per_ip: self.connection_burst_per_ip.max(1),
             outbound_queue: self.outbound_queue,
             control_plane_timeout: defaults.control_plane_timeout,
             trust: Trust::None,

@@ -46,7 +46,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::edge::{Edge, RegisterError};
-use crate::limits::SocketLimits;
+use crate::limits::{PerIpRate, SocketLimits};
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -64,6 +64,11 @@ pub struct GatewayConfig {
     /// Most clients being authenticated and registered at once; past it,
     /// 503, so a flood of handshakes cannot crowd out the rest.
     pub max_handshakes: usize,
+    /// New connections per second from one IP address (loopback exempt);
+    /// 0: no limit. Past it, 503.
+    pub connection_rate_per_ip: f64,
+    /// New connections one address may open at once, above the rate.
+    pub connection_burst_per_ip: u32,
     /// How long a client may take to send its request headers; past it
     /// the connection is closed (no slowloris).
     pub header_read_timeout: Duration,
@@ -92,6 +97,8 @@ impl Default for GatewayConfig {
             max_handshakes: 1_000,
             allowed_origins: Vec::new(),
             header_read_timeout: Duration::from_secs(10),
+            connection_rate_per_ip: 20.0,
+            connection_burst_per_ip: 100,
             outbound_queue: 1024,
             control_plane_timeout: Duration::from_secs(3),
             trust: Trust::None,
@@ -109,6 +116,8 @@ struct AppState {
     slots: Arc<Semaphore>,
     /// One permit per handshake in progress.
     handshakes: Arc<Semaphore>,
+    /// New connections per client address.
+    per_ip: Arc<PerIpRate>,
 }
 
 fn channel(url: &str, timeout: Duration) -> anyhow::Result<Channel> {
@@ -149,6 +158,10 @@ pub async fn serve(
         auth,
         slots: Arc::new(Semaphore::new(config.max_connections)),
         handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
+        per_ip: Arc::new(PerIpRate::new(
+            config.connection_rate_per_ip,
+            config.connection_burst_per_ip,
+        )),
         config: Arc::new(config),
         sockets: sockets.clone(),
     };
@@ -327,6 +340,11 @@ async fn connect(
             .increment(1);
         return unavailable("this edge is at capacity; try again");
     };
+    if !state.per_ip.admit(peer.ip(), tokio::time::Instant::now()) {
+        metrics::counter!("streamer_gateway_connections_refused_total", "reason" => "address_rate")
+            .increment(1);
+        return unavailable("too many new connections from this address; try again");
+    }
     let Ok(handshake) = state.handshakes.clone().try_acquire_owned() else {
         metrics::counter!("streamer_gateway_connections_refused_total", "reason" => "handshakes")
             .increment(1);

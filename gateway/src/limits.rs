@@ -13,7 +13,9 @@
 //! - Connections: at most `max_connections` per edge, and at most
 //!   `max_handshakes` being authenticated at once; past either, a new
 //!   client gets 503 before anything is read from it, while health,
-//!   metrics and the sockets already open keep working.
+//!   metrics and the sockets already open keep working. New connections
+//!   from one IP address are a token bucket too ([`PerIpRate`]); loopback
+//!   is exempt (local load tests, sidecars).
 
 use std::time::Duration;
 
@@ -66,10 +68,10 @@ pub enum Admit {
     Close,
 }
 
-/// A token bucket of client messages, with the count of refusals since
-/// the last accepted frame.
+/// A token bucket (of one socket's messages, or one address's new
+/// connections), with the count of refusals since the last acceptance.
 #[derive(Debug)]
-pub struct MessageBucket {
+pub struct TokenBucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -77,7 +79,7 @@ pub struct MessageBucket {
     refused_in_a_row: u32,
 }
 
-impl MessageBucket {
+impl TokenBucket {
     /// A full bucket. A rate of 0 (or less) means no limit.
     pub fn new(rate: f64, burst: u32, now: Instant) -> Self {
         let burst = f64::from(burst.max(1));
@@ -111,6 +113,56 @@ impl MessageBucket {
     }
 }
 
+/// Addresses remembered at once by [`PerIpRate`].
+const MAX_TRACKED_ADDRESSES: usize = 65_536;
+
+/// New connections per client IP address, each a [`TokenBucket`].
+///
+/// Bounded: when [`MAX_TRACKED_ADDRESSES`] are tracked, addresses not seen
+/// for a minute are forgotten; if none is, new addresses are refused
+/// until some are (an attacker with that many addresses is not slowed by a
+/// per-address limit anyway, and those already known keep their buckets).
+#[derive(Debug)]
+pub struct PerIpRate {
+    rate: f64,
+    burst: u32,
+    /// A std mutex: one lookup per new connection, never held across an
+    /// await.
+    buckets: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, TokenBucket>>,
+}
+
+impl PerIpRate {
+    /// `rate` new connections per second per address, in bursts of
+    /// `burst`; a rate of 0 means no limit.
+    pub fn new(rate: f64, burst: u32) -> Self {
+        Self {
+            rate,
+            burst,
+            buckets: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Whether a new connection from `ip` may proceed.
+    pub fn admit(&self, ip: std::net::IpAddr, now: Instant) -> bool {
+        if self.rate <= 0.0 || ip.is_loopback() {
+            return true;
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if !buckets.contains_key(&ip) && buckets.len() >= MAX_TRACKED_ADDRESSES {
+            let stale = now.checked_sub(Duration::from_secs(60));
+            buckets.retain(|_, b| stale.is_none_or(|stale| b.last > stale));
+            if buckets.len() >= MAX_TRACKED_ADDRESSES {
+                return false;
+            }
+        }
+        buckets
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::new(self.rate, self.burst, now))
+            .admit(now)
+            == Admit::Accept
+    }
+}
+
 /// The close code that answers a failed read from a client, or `None`
 /// when the connection itself is gone and nothing can be sent.
 pub fn close_code_for(error: &axum::Error) -> Option<u16> {
@@ -131,7 +183,7 @@ mod tests {
     #[test]
     fn a_burst_passes_then_the_rate_holds_then_a_flood_is_closed() {
         let start = Instant::now();
-        let mut bucket = MessageBucket::new(10.0, 5, start);
+        let mut bucket = TokenBucket::new(10.0, 5, start);
         for _ in 0..5 {
             assert_eq!(bucket.admit(start), Admit::Accept);
         }
@@ -152,7 +204,7 @@ mod tests {
     #[test]
     fn a_client_that_slows_down_is_forgiven() {
         let start = Instant::now();
-        let mut bucket = MessageBucket::new(10.0, 2, start);
+        let mut bucket = TokenBucket::new(10.0, 2, start);
         bucket.admit(start);
         bucket.admit(start);
         assert_eq!(bucket.admit(start), Admit::Refuse);
@@ -192,9 +244,27 @@ mod tests {
     }
 
     #[test]
+    fn new_connections_are_limited_per_address_and_loopback_is_exempt() {
+        let now = Instant::now();
+        let limit = PerIpRate::new(1.0, 3);
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..3 {
+            assert!(limit.admit(a, now));
+        }
+        assert!(!limit.admit(a, now), "a's burst is spent");
+        assert!(limit.admit(b, now), "b has its own bucket");
+        assert!(limit.admit(a, now + Duration::from_secs(1)), "a refilled");
+        let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        for _ in 0..100 {
+            assert!(limit.admit(local, now));
+        }
+    }
+
+    #[test]
     fn rate_zero_means_no_limit() {
         let now = Instant::now();
-        let mut bucket = MessageBucket::new(0.0, 1, now);
+        let mut bucket = TokenBucket::new(0.0, 1, now);
         for _ in 0..10_000 {
             assert_eq!(bucket.admit(now), Admit::Accept);
         }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::edge::{Edge, Outbound, Registered, close_message};
 use crate::frames;
-use crate::limits::{Admit, MessageBucket, SocketLimits, close, close_code_for};
+use crate::limits::{Admit, SocketLimits, TokenBucket, close, close_code_for};
 
 /// Close code for a client that cannot keep up.
 pub const CLOSE_SLOW_CONSUMER: u16 = close::POLICY;
@@ -151,7 +151,7 @@ pub async fn run<S>(
     };
 
     let reader = async {
-        let mut bucket = MessageBucket::new(limits.message_rate, limits.message_burst, opened);
+        let mut bucket = TokenBucket::new(limits.message_rate, limits.message_burst, opened);
         while let Some(message) = stream.next().await {
             heard();
             if matches!(message, Ok(Message::Text(_) | Message::Binary(_))) {
