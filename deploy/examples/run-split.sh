@@ -14,10 +14,20 @@
 #                       (default: .streamer-split in the current directory)
 #   STREAMER_ENV_DIR    folder of the four role env files (default: ./env
 #                       beside this script)
+#   STREAMER_SERVICE_SECRET_FILE
+#                       the secret the roles share (default: service-secret
+#                       in STREAMER_SPLIT_DIR, made on the first run with
+#                       `head -c 48 /dev/urandom | base64`, mode 600)
 #   READY_TIMEOUT       seconds to wait for the gateway to be ready (default 30)
 #
 # Ports (loopback only, as ./env/*.env set them): gRPC auth 50051, connection
 # 50052, progress 50053; WebSocket 8080; metrics 9091-9094.
+#
+# Trust: the env files set STREAMER_TRUST=token, so every gRPC call between
+# the roles, and from you, carries a service token signed with the shared
+# secret; every role is pointed at the one secret file above (a role whose env
+# file says STREAMER_TRUST=none gets none). Mint a token for grpcurl or a
+# backend with `streamer service-token` (the banner shows how).
 #
 # It stops every process it started on Ctrl-C, SIGTERM, or when any one of
 # them exits (and then exits non-zero), so no role is left running alone.
@@ -41,6 +51,22 @@ else
 fi
 
 mkdir -p "$root/logs"
+
+# The secret every role shares in mode token: the one given, or one made here
+# on the first run and kept in the data root for the next.
+if [[ -n "${STREAMER_SERVICE_SECRET_FILE:-}" ]]; then
+  secret_file="$STREAMER_SERVICE_SECRET_FILE"
+  if [[ ! -r "$secret_file" ]]; then
+    echo "run-split: cannot read STREAMER_SERVICE_SECRET_FILE=$secret_file" >&2
+    exit 1
+  fi
+else
+  secret_file="$root/service-secret"
+  if [[ ! -s "$secret_file" ]]; then
+    (umask 077 && head -c 48 /dev/urandom | base64 >"$secret_file")
+    echo "run-split: made the service secret $secret_file" >&2
+  fi
+fi
 
 declare -A pids=()   # role -> pid
 stopping=0
@@ -89,6 +115,13 @@ start() {
     if [[ "$role" != gateway ]]; then
       export STREAMER_DATA_DIR="$root/$role"
     fi
+    # The one secret for every role (none at all for a role told `none`,
+    # which refuses a secret file).
+    if [[ "${STREAMER_TRUST:-}" == none ]]; then
+      unset STREAMER_SERVICE_SECRET_FILE
+    else
+      export STREAMER_SERVICE_SECRET_FILE="$secret_file"
+    fi
     exec "$bin" "$role"
   ) >>"$root/logs/$role.log" 2>&1 &
   pids[$role]=$!
@@ -104,7 +137,7 @@ start gateway
 
 # One variable of a role's env file, as the role sees it.
 # shellcheck source=/dev/null
-setting() { (. "$env_dir/$1.env" && echo "${!2}"); }
+setting() { (. "$env_dir/$1.env" && echo "${!2:-}"); }
 gateway_addr="$(setting gateway STREAMER_GATEWAY_LISTEN)"
 
 listening() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
@@ -139,6 +172,17 @@ done
 
 # Auth created the development key in its data directory on first start.
 token="$("$bin" token --data-dir "$root/auth" 2>/dev/null || true)"
+conn_addr="$(setting connection STREAMER_CONNECTION_LISTEN)"
+if [[ "$(setting connection STREAMER_TRUST)" == none ]]; then
+  trust_note="  Trust              none: any caller that reaches a gRPC port may call every method"
+  grpc_try="  grpcurl -plaintext -d '{\"tenant_id\":\"demo-tenant\"}' $conn_addr streamer.v1.ConnectionService/ListConnections"
+else
+  trust_note="  Trust              token: every gRPC call but health needs a service token
+  Service secret     $secret_file"
+  grpc_try="  SERVICE_TOKEN=\$($bin service-token --sub grpcurl --roles backend --service-secret-file $secret_file)
+  grpcurl -plaintext -H \"authorization: Bearer \$SERVICE_TOKEN\" \\
+    -d '{\"tenant_id\":\"demo-tenant\"}' $conn_addr streamer.v1.ConnectionService/ListConnections"
+fi
 
 cat <<EOF
 
@@ -150,9 +194,11 @@ Streamer is running as four processes (Ctrl-C stops them all)
   ProgressService    $(setting progress STREAMER_PROGRESS_LISTEN)  metrics http://$(setting progress STREAMER_METRICS_LISTEN)/metrics
   Gateway            $gateway_addr  metrics http://$(setting gateway STREAMER_METRICS_LISTEN)/metrics
   Logs               $root/logs/
+$trust_note
 
 Try it:
-  grpcurl -plaintext $(setting connection STREAMER_CONNECTION_LISTEN) grpc.health.v1.Health/Check
+  grpcurl -plaintext $conn_addr grpc.health.v1.Health/Check
+$grpc_try
   python3 -m websockets 'ws://$gateway_addr/?Authorization=$token'
   $bin token --data-dir $root/auth     # another token
 

@@ -78,6 +78,15 @@ app.kubernetes.io/component: {{ .role }}
 {{- printf "http://%s.%s.svc.%s:%d" (include "streamer.roleName" .) .ctx.Release.Namespace .ctx.Values.clusterDomain (int $values.port) }}
 {{- end }}
 
+{{/* The Secret holding the shared service secret (trust.mode token). */}}
+{{- define "streamer.trust.secretName" -}}
+{{- default (printf "%s-service-secret" (include "streamer.fullname" .)) .Values.trust.existingSecret }}
+{{- end }}
+
+{{/* Where every pod finds the shared service secret (trust.mode token). */}}
+{{- define "streamer.trust.dir" -}}/etc/streamer/trust{{- end }}
+{{- define "streamer.trust.file" -}}{{ include "streamer.trust.dir" . }}/service-secret{{- end }}
+
 {{/* True (non-empty) when auth verifies tokens with keys the operator gave. */}}
 {{- define "streamer.auth.hasKeys" -}}
 {{- if or .Values.auth.keys.existingSecret .Values.auth.keys.existingConfigMap }}true{{- end }}
@@ -90,6 +99,9 @@ app.kubernetes.io/component: {{ .role }}
 {{- end }}
 {{- if and (not (include "streamer.auth.hasKeys" .)) (gt (int .Values.auth.replicaCount) 1) }}
 {{- fail "auth.replicaCount > 1 needs auth.keys.existingSecret or auth.keys.existingConfigMap: without them every auth replica makes its own development key, and a token would be accepted by one replica and refused by the next" }}
+{{- end }}
+{{- if and (eq .Values.trust.mode "none") .Values.trust.existingSecret }}
+{{- fail "trust.existingSecret is used only with trust.mode token: with mode none no secret is mounted and every gRPC call is accepted" }}
 {{- end }}
 {{- if le (int .Values.terminationGracePeriodSeconds) (add 10 (int .Values.gateway.preStopSleepSeconds) | int) }}
 {{- fail "terminationGracePeriodSeconds must exceed gateway.preStopSleepSeconds plus the 10 s drain" }}
@@ -135,6 +147,14 @@ readinessProbe:
   value: {{ .ctx.Values.logLevel | quote }}
 - name: STREAMER_METRICS_LISTEN
   value: {{ printf "0.0.0.0:%d" (int (index .ctx.Values .role).metricsPort) | quote }}
+# Set explicitly in both modes: unset, a role listening on 0.0.0.0 with no
+# secret refuses to start.
+- name: STREAMER_TRUST
+  value: {{ .ctx.Values.trust.mode | quote }}
+{{- if eq .ctx.Values.trust.mode "token" }}
+- name: STREAMER_SERVICE_SECRET_FILE
+  value: {{ include "streamer.trust.file" .ctx | quote }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -203,6 +223,11 @@ spec:
       volumeMounts:
         - name: tmp
           mountPath: /tmp
+        {{- if eq $ctx.Values.trust.mode "token" }}
+        - name: service-secret
+          mountPath: {{ include "streamer.trust.dir" $ctx }}
+          readOnly: true
+        {{- end }}
         {{- with .mounts }}
         {{- . | nindent 8 }}
         {{- end }}
@@ -210,6 +235,17 @@ spec:
     - name: tmp
       emptyDir:
         sizeLimit: 64Mi
+    {{- if eq $ctx.Values.trust.mode "token" }}
+    # Only the one key, as the file STREAMER_SERVICE_SECRET_FILE names.
+    - name: service-secret
+      secret:
+        secretName: {{ include "streamer.trust.secretName" $ctx }}
+        items:
+          - key: {{ $ctx.Values.trust.secretKey | quote }}
+            path: service-secret
+        # 0440 (owner root, group fsGroup) when the pod has an fsGroup, else 0444.
+        defaultMode: {{ if $ctx.Values.podSecurityContext.fsGroup }}288{{ else }}292{{ end }}
+    {{- end }}
     {{- with .volumes }}
     {{- . | nindent 4 }}
     {{- end }}

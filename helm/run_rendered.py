@@ -1,0 +1,353 @@
+#!/usr/bin/env python3
+"""Runs the pods `helm template` rendered, as local processes, and checks they work.
+
+    run_rendered.py SCENARIO RENDERED.yaml STREAMER_BINARY [--expect-refusal]
+
+Each role's container becomes one process of the streamer binary, started as
+the kubelet would start it: the image's entrypoint (`streamer`) with the
+container's args, and exactly the container's environment. What Kubernetes
+would provide is stood in for locally:
+
+  - ports: every container port gets a free local port (the listen addresses
+    stay 0.0.0.0, as rendered, since that is what decides whether a role
+    without caller authentication refuses to start);
+  - Services: a URL naming a Service of the release points at the local port
+    of the container port it targets;
+  - volumes: emptyDir and PersistentVolumeClaim volumes are empty directories;
+    a Secret volume holds the items of the Secret the chart rendered or, for
+    a Secret the chart only names (trust.existingSecret), a random secret made
+    here, as an operator would; a Secret or ConfigMap of auth.keys holds a
+    fresh EC public key (openssl); mounted files are written with the
+    volume's defaultMode. Env values under a mount path are moved to its
+    directory;
+  - fieldRef metadata.name: the pod's name;
+  - the pod's user: run as root, this runs each role as the rendered
+    runAsUser/runAsGroup with fsGroup as a supplementary group, and gives
+    the volumes to fsGroup as the kubelet does (group read on Secret files,
+    group write on data volumes), so a secret the pod's user cannot read or
+    a data directory it cannot write fails here as it would in a cluster.
+    Anything else it wrote to would be the root-owned pod directory, where it
+    cannot write: a stand-in for the read-only root filesystem.
+
+Then, as the probes would, it waits for every role to be ready (the gRPC
+readiness probe's health check, without any credential; the gateway's
+/readyz, which needs the edge attached to ConnectionService) and checks the
+trust mode from outside: in mode token a call without a token is refused
+(Unauthenticated) and one with a token minted the way NOTES.txt says
+(`streamer service-token` run with the connection container's environment,
+as `kubectl exec` would) succeeds; in mode none the call succeeds without one.
+
+--expect-refusal drops STREAMER_TRUST and STREAMER_SERVICE_SECRET_FILE from
+every container and expects each gRPC role to refuse to start with an error
+naming --trust: the control that shows the chart's trust settings are what
+lets the roles start on 0.0.0.0.
+
+Needs grpcurl on PATH. Exit status 1 if any check failed.
+"""
+
+import base64
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from urllib.parse import urlparse
+
+import yaml
+
+ROLES = {"auth": "Deployment", "connection": "StatefulSet", "progress": "StatefulSet", "gateway": "Deployment"}
+READY_TIMEOUT = 40
+
+failures = []
+
+
+def check(condition, message):
+    if not condition:
+        failures.append(message)
+    return condition
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+def grpcurl(port, method, body=None, token=None):
+    cmd = ["grpcurl", "-plaintext", "-max-time", "5"]
+    if token:
+        cmd += ["-H", f"authorization: Bearer {token}"]
+    if body is not None:
+        cmd += ["-d", json.dumps(body)]
+    cmd += [f"127.0.0.1:{port}", method]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def write_public_key(directory):
+    """An issuer's public key, as a Secret or ConfigMap of auth.keys holds it."""
+    key = subprocess.run("openssl ecparam -name prime256v1 -genkey -noout | openssl ec -pubout",
+                         shell=True, capture_output=True, text=True, check=True).stdout
+    with open(os.path.join(directory, "issuer-1.pem"), "w") as f:
+        f.write(key)
+
+
+class Pod:
+    def __init__(self, role, workload, root, secret_data):
+        self.role = role
+        self.workload = workload
+        self.name = workload["metadata"]["name"] + ("-0" if workload["kind"] == "StatefulSet" else "-7d4b9c-x2k8p")
+        pod = workload["spec"]["template"]["spec"]
+        self.container = pod["containers"][0]
+        self.dir = os.path.join(root, role)
+        os.makedirs(self.dir)
+        os.chmod(self.dir, 0o755)
+        # The pod's user, as the kubelet runs it (when this runs as root).
+        sc = dict(pod.get("securityContext", {}), **self.container.get("securityContext", {}))
+        self.uid, self.gid, self.fs_group = sc.get("runAsUser"), sc.get("runAsGroup"), sc.get("fsGroup")
+        self.as_pod_user = os.geteuid() == 0 and self.uid is not None
+        # containerPort -> local port, and port name -> local port.
+        self.ports = {}
+        self.named_ports = {}
+        for p in self.container.get("ports", []):
+            local = free_port()
+            self.ports[p["containerPort"]] = local
+            self.named_ports[p["name"]] = local
+        # Volumes: a directory each.
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        claims = {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
+        self.mounts = {}  # mountPath -> local directory
+        for m in self.container.get("volumeMounts", []):
+            local = os.path.join(self.dir, "volumes", m["name"])
+            if not os.path.isdir(local):
+                os.makedirs(local)
+                os.chmod(os.path.dirname(local), 0o755)
+                v = volumes.get(m["name"])
+                if v is not None and "secret" in v:
+                    self.fill_secret(local, v["secret"], secret_data)
+                    self.own(local, writable=False)
+                elif v is not None and "configMap" in v:
+                    write_public_key(local)
+                    self.own(local, writable=False)
+                elif v is None and m["name"] not in claims:
+                    raise SystemExit(f"{role}: mount {m['name']} has no volume")
+                else:
+                    self.own(local, writable=True)
+            self.mounts[m["mountPath"].rstrip("/")] = local
+
+    def own(self, directory, writable):
+        """What the kubelet does to a volume for the pod's fsGroup."""
+        if not self.as_pod_user:
+            return
+        if writable:  # emptyDir, or a new claim: the pod's to write
+            os.chmod(directory, 0o777 if self.fs_group is None else 0o2770)
+        else:
+            os.chmod(directory, 0o755)
+        if self.fs_group is None:
+            return
+        for base, dirs, files in os.walk(directory):
+            for path in [base] + [os.path.join(base, f) for f in files]:
+                os.chown(path, 0, self.fs_group)
+                if path != base:
+                    os.chmod(path, os.stat(path).st_mode | (0o440 if not writable else 0o660))
+        if writable:
+            os.chown(directory, 0, self.fs_group)
+
+    def preexec(self):
+        """Drops to the pod's user and groups, as the container runtime does."""
+        if not self.as_pod_user:
+            return None
+        uid, gid = self.uid, self.gid if self.gid is not None else self.uid
+        groups = [self.fs_group] if self.fs_group is not None else []
+
+        def drop():
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+        return drop
+
+    def fill_secret(self, directory, source, secret_data):
+        name = source["secretName"]
+        if name not in secret_data and not source.get("items"):
+            # A Secret of token keys the chart only names (auth.keys).
+            write_public_key(directory)
+            return
+        if name not in secret_data:
+            # A Secret the chart only names: made here, as an operator would
+            # (`head -c 48 /dev/urandom | base64`), with the keys it projects.
+            value = base64.b64encode(secrets.token_bytes(48)).decode() + "\n"
+            secret_data[name] = {item["key"]: value for item in source.get("items", [])}
+        data = secret_data[name]
+        items = source.get("items") or [{"key": k, "path": k} for k in data]
+        for item in items:
+            if item["key"] not in data:
+                raise SystemExit(f"{self.role}: Secret {name} has no key {item['key']!r}")
+            path = os.path.join(directory, item["path"])
+            with open(path, "w") as f:
+                f.write(data[item["key"]])
+            os.chmod(path, item.get("mode", source.get("defaultMode", 0o644)))
+
+    def local_path(self, value):
+        for mount in sorted(self.mounts, key=len, reverse=True):
+            if value == mount or value.startswith(mount + "/"):
+                return self.mounts[mount] + value[len(mount):]
+        return value
+
+    def env(self, pods, service_ports, drop=()):
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.dir}
+        for e in self.container.get("env", []):
+            if e["name"] in drop:
+                continue
+            if "value" in e:
+                value = str(e["value"])
+            elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name":
+                value = self.name
+            else:
+                raise SystemExit(f"{self.role}: env {e['name']} has a source this test does not know: {e}")
+            value = re.sub(r"^0\.0\.0\.0:(\d+)$", lambda m: f"0.0.0.0:{self.ports.get(int(m.group(1)), m.group(1))}", value)
+            url = urlparse(value)
+            if url.scheme == "http" and url.hostname:
+                target = service_ports.get((url.hostname.split(".")[0], url.port))
+                if target is not None:
+                    value = f"http://127.0.0.1:{target}"
+            env[e["name"]] = self.local_path(value)
+        return env
+
+
+def main():
+    scenario, path, binary = sys.argv[1], sys.argv[2], os.path.abspath(sys.argv[3])
+    expect_refusal = "--expect-refusal" in sys.argv[4:]
+    docs = [d for d in yaml.safe_load_all(open(path)) if d]
+    root = tempfile.mkdtemp(prefix="streamer-pods-")
+    os.chmod(root, 0o755)
+    procs = {}
+    try:
+        secret_data = {
+            d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in d.get("data", {}).items()}
+            for d in docs if d["kind"] == "Secret"
+        }
+        pods = {}
+        for role, kind in ROLES.items():
+            found = [d for d in docs if d["kind"] == kind
+                     and d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == role]
+            if not check(len(found) == 1, f"{role}: expected one {kind}"):
+                return 1
+            pods[role] = Pod(role, found[0], root, secret_data)
+        # (Service name, Service port) -> the local port of the pod it selects.
+        service_ports = {}
+        for svc in (d for d in docs if d["kind"] == "Service"):
+            for role, pod in pods.items():
+                labels = pod.workload["spec"]["template"]["metadata"]["labels"]
+                if all(labels.get(k) == v for k, v in svc["spec"].get("selector", {}).items()):
+                    for p in svc["spec"]["ports"]:
+                        local = pod.named_ports.get(p["targetPort"]) or pod.ports.get(p["targetPort"])
+                        if local:
+                            service_ports[(svc["metadata"]["name"], p["port"])] = local
+
+        drop = ("STREAMER_TRUST", "STREAMER_SERVICE_SECRET_FILE") if expect_refusal else ()
+        envs = {role: pod.env(pods, service_ports, drop) for role, pod in pods.items()}
+        for role in ("connection", "progress", "auth", "gateway"):
+            pod = pods[role]
+            log = open(os.path.join(pod.dir, "log"), "w")
+            args = pod.container.get("command", ["streamer"])[1:] + pod.container.get("args", [])
+            procs[role] = subprocess.Popen([binary] + args, env=envs[role], cwd=pod.dir, preexec_fn=pod.preexec(),
+                                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+        def log_of(role):
+            return open(os.path.join(pods[role].dir, "log")).read()
+
+        if expect_refusal:
+            for role in ("auth", "connection", "progress"):
+                try:
+                    status = procs[role].wait(10)
+                except subprocess.TimeoutExpired:
+                    status = None
+                check(status not in (None, 0) and "--trust" in log_of(role),
+                      f"{role}: without STREAMER_TRUST on 0.0.0.0 it should refuse to start naming --trust "
+                      f"(status {status}): {log_of(role)[-400:]}")
+            return report(scenario, "without the trust settings, every gRPC role refuses to start")
+
+        # Ready, as the readiness probes see it.
+        def ready(role):
+            c = pods[role].container
+            probe = c["readinessProbe"]
+            if "grpc" in probe:
+                port = pods[role].ports[probe["grpc"]["port"]]
+                r = grpcurl(port, "grpc.health.v1.Health/Check", {"service": probe["grpc"].get("service", "")})
+                return r.returncode == 0 and '"SERVING"' in r.stdout
+            http = probe["httpGet"]
+            port = pods[role].named_ports.get(http["port"]) or pods[role].ports[http["port"]]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{http['path']}", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + READY_TIMEOUT
+        waiting = set(pods)
+        while waiting and time.monotonic() < deadline:
+            for role in list(waiting):
+                if procs[role].poll() is not None:
+                    check(False, f"{role} exited with status {procs[role].returncode}: {log_of(role)[-600:]}")
+                    return report(scenario, "")
+                if ready(role):
+                    waiting.discard(role)
+            time.sleep(0.2)
+        if not check(not waiting, f"not ready after {READY_TIMEOUT} s: {sorted(waiting)}"):
+            for role in sorted(waiting):
+                print(f"       {role} log: {log_of(role)[-600:]}")
+            return report(scenario, "")
+
+        mode = envs["connection"].get("STREAMER_TRUST")
+        conn_port = pods["connection"].named_ports["grpc"]
+        call = ("streamer.v1.ConnectionService/ListConnections", {"tenant_id": "demo-tenant"})
+        anonymous = grpcurl(conn_port, *call)
+        if mode == "token":
+            check(anonymous.returncode != 0 and "Code: Unauthenticated" in anonymous.stderr,
+                  f"mode token: a call without a token was not refused as Unauthenticated: "
+                  f"{anonymous.stdout}{anonymous.stderr}")
+            # What NOTES.txt says: kubectl exec into the connection pod, which
+            # runs the command with the container's environment.
+            minted = subprocess.run([binary, "service-token", "--sub", "grpcurl", "--roles", "backend", "--ttl", "3600"],
+                                    env=envs["connection"], cwd=pods["connection"].dir,
+                                    preexec_fn=pods["connection"].preexec(), capture_output=True, text=True)
+            if check(minted.returncode == 0 and minted.stdout.strip(),
+                     f"`streamer service-token` in the connection container failed: {minted.stderr}"):
+                r = grpcurl(conn_port, *call, token=minted.stdout.strip())
+                check(r.returncode == 0, f"mode token: a call with a minted token failed: {r.stdout}{r.stderr}")
+            what = "every role ready; a call without a token is Unauthenticated, with a service token it succeeds"
+        else:
+            check(anonymous.returncode == 0, f"mode {mode}: a call without a token failed: {anonymous.stderr}")
+            what = f"every role ready; mode {mode}: a call without a token succeeds"
+        for role, p in procs.items():
+            check(p.poll() is None, f"{role} exited during the checks: {log_of(role)[-400:]}")
+        return report(scenario, what)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def report(scenario, what):
+    for f in failures:
+        print(f"       {scenario}: {f}")
+    if not failures and what:
+        print(f"       {scenario}: {what}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
