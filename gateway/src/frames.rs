@@ -182,4 +182,73 @@ mod tests {
     fn numeric_ids_become_strings() {
         assert_eq!(parse(r#"{"action":"a","id":7}"#, 100).unwrap().id, "7");
     }
+
+    /// Arbitrary JSON, nested up to `depth` levels (past the limit, too).
+    fn json_value(depth: u32) -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(depth, 256, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map(".{0,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Whatever the client sends, the parser answers without panicking.
+        #[test]
+        fn any_text_is_parsed_or_refused_never_a_panic(text in ".{0,300}") {
+            let _ = parse(&text, 1024);
+        }
+
+        /// Around the limit: a chain of arrays and objects is accepted
+        /// exactly when it is within the rule, and then decodes upstream.
+        #[test]
+        fn nesting_is_accepted_exactly_within_the_rule(wraps in proptest::collection::vec(proptest::bool::ANY, 0..40)) {
+            use prost::Message as _;
+            let payload = wraps.iter().fold(json!(1), |inner, object| {
+                if *object { json!({"k": inner}) } else { json!([inner]) }
+            });
+            let frame = json!({"action": "a", "payload": payload}).to_string();
+            let parsed = parse(&frame, usize::MAX);
+            proptest::prop_assert_eq!(parsed.is_ok(), wraps.len() <= json::MAX_DEPTH);
+            if let Ok(parsed) = parsed {
+                let event = v1::EdgeEvent {
+                    event: Some(v1::edge_event::Event::Frame(parsed.into_inbound("c1"))),
+                };
+                proptest::prop_assert!(v1::EdgeEvent::decode(event.encode_to_vec().as_slice()).is_ok());
+            }
+        }
+
+        /// The one rule: what the edge accepts, every later hop decodes.
+        #[test]
+        fn an_accepted_frame_always_decodes_upstream(
+            payload in json_value(40),
+            metadata in json_value(40),
+            action in "[a-z_]{1,12}",
+        ) {
+            use prost::Message as _;
+            let mut frame = json!({"action": action, "id": "r1", "payload": payload});
+            if metadata.is_object() {
+                frame["metadata"] = metadata;
+            }
+            if let Ok(parsed) = parse(&frame.to_string(), usize::MAX) {
+                let event = v1::EdgeEvent {
+                    event: Some(v1::edge_event::Event::Frame(parsed.into_inbound("c1"))),
+                };
+                let bytes = event.encode_to_vec();
+                proptest::prop_assert!(v1::EdgeEvent::decode(bytes.as_slice()).is_ok());
+            }
+        }
+    }
 }

@@ -1183,4 +1183,36 @@ mod tests {
             "{err}"
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever a client presents as a token, it is refused with a
+        /// reason: never accepted, never a panic.
+        #[test]
+        fn any_string_is_refused_never_a_panic(token in ".{0,400}") {
+            let (_dir, validator) = standard_validator(AuthConfig::default());
+            proptest::prop_assert!(validator.validate(&token).is_err());
+        }
+
+        /// Three base64url segments of anything (headers naming any `alg`
+        /// and `kid`, claims of any shape) are refused too.
+        #[test]
+        fn any_forged_segments_are_refused(
+            header in "\\{\"alg\":\"(none|HS256|RS256|ES256|EdDSA|PS512|[A-Z]{2,5})\",\"kid\":\"[a-z./]{0,8}\"\\}",
+            claims in ".{0,120}",
+            signature in proptest::collection::vec(proptest::num::u8::ANY, 0..80),
+        ) {
+            use base64::Engine as _;
+            let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            let token = format!(
+                "{}.{}.{}",
+                b64.encode(header),
+                b64.encode(claims),
+                b64.encode(signature)
+            );
+            let (_dir, validator) = standard_validator(AuthConfig::default());
+            proptest::prop_assert!(validator.validate(&token).is_err());
+        }
+    }
 }

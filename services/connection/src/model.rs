@@ -353,4 +353,37 @@ mod tests {
         assert!(cut.len() <= MAX_CLOSE_REASON_BYTES);
         assert!(cut.chars().all(|c| c == 'é'));
     }
+
+    proptest::proptest! {
+        /// Whatever a caller sends, the conversion refuses it with a field
+        /// named or yields ids the store can index: never a panic.
+        #[test]
+        fn any_send_or_broadcast_is_refused_or_well_formed(
+            connection_id in "(\\PC|\\x00){0,300}",
+            tenant_id in "(\\PC|\\x00){0,300}",
+            ids in proptest::collection::vec("(\\PC|\\x00){0,20}", 0..20),
+        ) {
+            let valid = |id: &str| !id.is_empty() && id.len() <= MAX_ID_BYTES && !id.contains('\0');
+            match SendCommand::try_from(v1::SendRequest {
+                connection_id: connection_id.clone(),
+                payload: payload(),
+                tenant_id: tenant_id.clone(),
+                sequence: None,
+            }) {
+                Ok(cmd) => {
+                    proptest::prop_assert!(valid(&cmd.connection_id));
+                    proptest::prop_assert!(cmd.tenant_id.as_deref().is_none_or(valid));
+                }
+                Err(error) => proptest::prop_assert!(error.to_string().contains('`')),
+            }
+            let broadcast = BroadcastCommand::try_from(v1::BroadcastRequest {
+                target: Some(v1::broadcast_request::Target::Connections(v1::ConnectionIds { ids })),
+                payload: payload(),
+                tenant_id,
+            });
+            if let Ok(BroadcastCommand { target: BroadcastTarget::Connections(ids), .. }) = broadcast {
+                proptest::prop_assert!(!ids.is_empty() && ids.iter().all(|id| valid(id)));
+            }
+        }
+    }
 }

@@ -607,4 +607,20 @@ mod tests {
         let request = none.call(tonic::Request::new(())).unwrap();
         assert!(request.metadata().get("authorization").is_none());
     }
+
+    proptest::proptest! {
+        /// Any header a caller sends is refused or accepted, never a panic;
+        /// in mode `token` nothing but a token signed with the secret gets in.
+        #[test]
+        fn any_authorization_header_is_refused_without_the_secret(value in "[ -~]{0,300}") {
+            let trust = Trust::Token(Arc::new(tokens()));
+            let mut headers = http::HeaderMap::new();
+            if let Ok(value) = value.parse() {
+                headers.insert(http::header::AUTHORIZATION, value);
+            }
+            proptest::prop_assert!(
+                trust.authorize("/streamer.v1.ConnectionService/Send", &headers).is_err()
+            );
+        }
+    }
 }
