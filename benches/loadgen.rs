@@ -383,6 +383,7 @@ fn nodelay_listeners(roles: &[Role]) -> anyhow::Result<SystemListeners> {
     Ok(SystemListeners {
         auth: bind(Role::Auth)?,
         connection: bind(Role::Connection)?,
+        edge: bind(Role::Connection)?,
         progress: bind(Role::Progress)?,
         gateway: bind(Role::Gateway)?,
     })

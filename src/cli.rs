@@ -383,6 +383,14 @@ pub struct ConnectionCmd {
         default_value = "0.0.0.0:50052"
     )]
     pub listen: SocketAddr,
+    /// Address of the internal edge stream (`EdgeService`), which only the
+    /// WebSocket edges need to reach.
+    #[arg(
+        long = "edge-listen",
+        env = "STREAMER_CONNECTION_EDGE_LISTEN",
+        default_value = "0.0.0.0:50054"
+    )]
+    pub edge_listen: SocketAddr,
     /// Prometheus metrics address.
     #[arg(long, env = "STREAMER_METRICS_LISTEN", default_value = "0.0.0.0:9092")]
     pub metrics_listen: SocketAddr,
@@ -445,13 +453,13 @@ pub struct GatewayCmd {
         default_value = "http://127.0.0.1:50051"
     )]
     pub auth_url: String,
-    /// ConnectionService URL.
+    /// ConnectionService's internal edge stream (its `--edge-listen`).
     #[arg(
         long,
-        env = "STREAMER_CONNECTION_URL",
-        default_value = "http://127.0.0.1:50052"
+        env = "STREAMER_CONNECTION_EDGE_URL",
+        default_value = "http://127.0.0.1:50054"
     )]
-    pub connection_url: String,
+    pub connection_edge_url: String,
     #[command(flatten)]
     pub edge: EdgeArgs,
     #[command(flatten)]
@@ -470,6 +478,13 @@ pub struct AllCmd {
         default_value = "127.0.0.1:50052"
     )]
     pub connection_listen: SocketAddr,
+    /// ConnectionService's internal edge stream address.
+    #[arg(
+        long,
+        env = "STREAMER_CONNECTION_EDGE_LISTEN",
+        default_value = "127.0.0.1:50054"
+    )]
+    pub connection_edge_listen: SocketAddr,
     /// ProgressService address.
     #[arg(
         long,
@@ -569,12 +584,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = crate::open_embedded_store(&cmd.data.data_dir.join("connection"))?;
             let config = ConnectionConfig {
                 progress_endpoint: Some(cmd.progress_url),
-                trust: cmd.trust.trust(&[cmd.listen])?,
+                trust: cmd.trust.trust(&[cmd.listen, cmd.edge_listen])?,
                 ..ConnectionConfig::default()
             };
             let listener = bind(cmd.listen).await?;
+            let edge_listener = bind(cmd.edge_listen).await?;
             spawn_metrics(cmd.metrics_listen, shutdown.clone());
-            let result = crate::run_connection(listener, store.clone(), config, shutdown).await;
+            let result =
+                crate::run_connection(listener, edge_listener, store.clone(), config, shutdown)
+                    .await;
             store.flush().await?;
             result
         }
@@ -596,7 +614,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // itself to the control plane.
             let config = GatewayConfig {
                 trust: cmd.trust.trust(&[])?,
-                ..cmd.edge.config(cmd.auth_url, cmd.connection_url)?
+                ..cmd.edge.config(cmd.auth_url, cmd.connection_edge_url)?
             };
             let listener = bind(cmd.listen).await?;
             spawn_metrics(cmd.metrics_listen, shutdown.clone());
@@ -619,9 +637,12 @@ async fn all(cmd: AllCmd, shutdown: Shutdown) -> anyhow::Result<()> {
         progress: cmd.progress.config(placeholder.clone())?,
         gateway: cmd.edge.config(placeholder.clone(), placeholder)?,
         data_dir: data_dir.clone(),
-        trust: cmd
-            .trust
-            .trust(&[cmd.auth_listen, cmd.connection_listen, cmd.progress_listen])?,
+        trust: cmd.trust.trust(&[
+            cmd.auth_listen,
+            cmd.connection_listen,
+            cmd.connection_edge_listen,
+            cmd.progress_listen,
+        ])?,
     };
     let trust_note = match &config.trust {
         Trust::None => "Trust: none. Any caller that reaches the gRPC ports may call every method \
@@ -634,6 +655,7 @@ async fn all(cmd: AllCmd, shutdown: Shutdown) -> anyhow::Result<()> {
     let listeners = SystemListeners {
         auth: bind(cmd.auth_listen).await?,
         connection: bind(cmd.connection_listen).await?,
+        edge: bind(cmd.connection_edge_listen).await?,
         progress: bind(cmd.progress_listen).await?,
         gateway: bind(cmd.gateway_listen).await?,
     };

@@ -64,25 +64,34 @@ async fn serve_auth(
     .await
 }
 
-/// Serves ConnectionService until `shutdown`.
+/// Serves ConnectionService until `shutdown`: the public API on `listener`,
+/// the internal edge stream (`EdgeService`) on `edge_listener`.
 pub async fn run_connection(
     listener: TcpListener,
+    edge_listener: TcpListener,
     store: SharedStore,
     config: ConnectionConfig,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let trust = config.trust.clone();
     let server = ConnectionServer::start(store.clone(), config, shutdown.clone()).await?;
-    let routes = tonic::service::Routes::new(server.into_service());
-    streamer_core::grpc::serve(
+    let public = streamer_core::grpc::serve(
         listener,
-        routes,
+        tonic::service::Routes::new(server.clone().into_service()),
         &[service_names::CONNECTION],
+        trust.clone(),
+        store_ready(store.clone()),
+        shutdown.clone(),
+    );
+    let internal = streamer_core::grpc::serve(
+        edge_listener,
+        tonic::service::Routes::new(server.into_edge_service()),
+        &[service_names::EDGE],
         trust,
         store_ready(store),
         shutdown,
-    )
-    .await
+    );
+    tokio::try_join!(public, internal).map(|_| ())
 }
 
 /// Serves ProgressService until `shutdown`.
@@ -130,22 +139,25 @@ pub fn open_embedded_store(dir: &std::path::Path) -> anyhow::Result<SharedStore>
     Ok(Arc::new(store))
 }
 
-/// The four listeners of a whole system, bound by the caller.
+/// The listeners of a whole system, bound by the caller.
 #[derive(Debug)]
 pub struct SystemListeners {
     pub auth: TcpListener,
     pub connection: TcpListener,
+    /// ConnectionService's internal edge stream.
+    pub edge: TcpListener,
     pub progress: TcpListener,
     pub gateway: TcpListener,
 }
 
 impl SystemListeners {
-    /// Binds all four on 127.0.0.1 with ephemeral ports.
+    /// Binds them all on 127.0.0.1 with ephemeral ports.
     pub async fn ephemeral() -> anyhow::Result<Self> {
         let any: SocketAddr = ([127, 0, 0, 1], 0).into();
         Ok(Self {
             auth: TcpListener::bind(any).await?,
             connection: TcpListener::bind(any).await?,
+            edge: TcpListener::bind(any).await?,
             progress: TcpListener::bind(any).await?,
             gateway: TcpListener::bind(any).await?,
         })
@@ -187,6 +199,7 @@ impl SystemConfig {
 pub struct SystemAddrs {
     pub auth: SocketAddr,
     pub connection: SocketAddr,
+    pub edge: SocketAddr,
     pub progress: SocketAddr,
     pub gateway: SocketAddr,
 }
@@ -241,6 +254,7 @@ pub async fn start_system(
     let addrs = SystemAddrs {
         auth: listeners.auth.local_addr()?,
         connection: listeners.connection.local_addr()?,
+        edge: listeners.edge.local_addr()?,
         progress: listeners.progress.local_addr()?,
         gateway: listeners.gateway.local_addr()?,
     };
@@ -251,7 +265,7 @@ pub async fn start_system(
     config.connection.connections_stale_at_start = true;
     config.progress.connection_endpoint = url(addrs.connection);
     config.gateway.auth_endpoint = url(addrs.auth);
-    config.gateway.connection_endpoint = url(addrs.connection);
+    config.gateway.connection_endpoint = url(addrs.edge);
     config.connection.trust = config.trust.clone();
     config.progress.trust = config.trust.clone();
     config.gateway.trust = config.trust.clone();
@@ -269,6 +283,7 @@ pub async fn start_system(
     ));
     tasks.spawn(run_connection(
         listeners.connection,
+        listeners.edge,
         store.clone(),
         config.connection,
         shutdown.clone(),

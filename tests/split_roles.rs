@@ -32,8 +32,10 @@ async fn listener() -> TcpListener {
 struct SplitRoles {
     data: tempfile::TempDir,
     key: streamer_auth::dev::DevKey,
-    conn_listener: Option<TcpListener>,
+    conn_listeners: Option<(TcpListener, TcpListener)>,
     conn: SocketAddr,
+    /// ConnectionService's edge stream.
+    edge: SocketAddr,
     progress: SocketAddr,
     gateway: SocketAddr,
     /// Stops the roles it started when the test ends.
@@ -47,8 +49,8 @@ impl Drop for SplitRoles {
 }
 
 impl SplitRoles {
-    /// Starts the roles; `edge_dials` maps ConnectionService's address to
-    /// the one the edge dials (itself, or a proxy in front of it).
+    /// Starts the roles; `edge_dials` maps ConnectionService's edge-stream
+    /// address to the one the edge dials (itself, or a proxy in front of it).
     async fn start<F, Fut>(progress: streamer_progress::ProgressConfig, edge_dials: F) -> Self
     where
         F: FnOnce(SocketAddr) -> Fut,
@@ -57,20 +59,22 @@ impl SplitRoles {
         streamer_core::telemetry::init_logs(streamer_core::telemetry::LogFormat::Plain, "error");
         let data = tempfile::tempdir().unwrap();
         let key = streamer_auth::dev::ensure_dev_key(data.path()).unwrap();
-        let (auth_l, conn_l, progress_l, gateway_l) = (
+        let (auth_l, conn_l, edge_l, progress_l, gateway_l) = (
+            listener().await,
             listener().await,
             listener().await,
             listener().await,
             listener().await,
         );
         let addr = |l: &TcpListener| l.local_addr().unwrap();
-        let (auth, conn, progress_addr, gateway) = (
+        let (auth, conn, edge, progress_addr, gateway) = (
             addr(&auth_l),
             addr(&conn_l),
+            addr(&edge_l),
             addr(&progress_l),
             addr(&gateway_l),
         );
-        let edge_target = edge_dials(conn).await;
+        let edge_target = edge_dials(edge).await;
         let shutdown = Shutdown::new();
         tokio::spawn(streamer::run_auth(
             auth_l,
@@ -99,8 +103,9 @@ impl SplitRoles {
         Self {
             data,
             key,
-            conn_listener: Some(conn_l),
+            conn_listeners: Some((conn_l, edge_l)),
             conn,
+            edge,
             progress: progress_addr,
             gateway,
             shutdown,
@@ -113,9 +118,12 @@ impl SplitRoles {
         &mut self,
         config: streamer_connection::ConnectionConfig,
     ) -> (Shutdown, tokio::task::JoinHandle<anyhow::Result<()>>) {
-        let listener = match self.conn_listener.take() {
-            Some(listener) => listener,
-            None => TcpListener::bind(self.conn).await.unwrap(),
+        let (listener, edge_listener) = match self.conn_listeners.take() {
+            Some(listeners) => listeners,
+            None => (
+                TcpListener::bind(self.conn).await.unwrap(),
+                TcpListener::bind(self.edge).await.unwrap(),
+            ),
         };
         let store = streamer::open_embedded_store(&self.data.path().join("connection")).unwrap();
         let config = streamer_connection::ConnectionConfig {
@@ -125,6 +133,7 @@ impl SplitRoles {
         let shutdown = Shutdown::new();
         let task = tokio::spawn(streamer::run_connection(
             listener,
+            edge_listener,
             store,
             config,
             shutdown.clone(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::json;
 use streamer_api::v1::{
     self, claim_response::Item, connection_service_client::ConnectionServiceClient,
-    progress_service_client::ProgressServiceClient,
+    edge_service_client::EdgeServiceClient, progress_service_client::ProgressServiceClient,
 };
 use streamer_core::trust::{Role, ServiceTokens, Trust};
 use support::{TestSystem, json_payload, within};
@@ -80,6 +80,10 @@ fn bearer(token: Option<&str>) -> Bearer {
 
 async fn connections(system: &TestSystem, token: Option<&str>) -> ConnectionServiceClient<Authed> {
     ConnectionServiceClient::with_interceptor(channel(system.addrs.connection).await, bearer(token))
+}
+
+async fn edges(system: &TestSystem, token: Option<&str>) -> EdgeServiceClient<Authed> {
+    EdgeServiceClient::with_interceptor(channel(system.addrs.edge).await, bearer(token))
 }
 
 async fn progress(system: &TestSystem, token: Option<&str>) -> ProgressServiceClient<Authed> {
@@ -194,7 +198,7 @@ async fn each_role_may_call_only_what_it_needs() {
             connections: vec![],
         })),
     };
-    let status = connections(&system, Some(&backend))
+    let status = edges(&system, Some(&backend))
         .await
         .attach(tokio_stream::iter(vec![hello]))
         .await
@@ -220,6 +224,16 @@ async fn each_role_may_call_only_what_it_needs() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    // The edge stream is not part of the public API at all.
+    let public = EdgeServiceClient::with_interceptor(
+        channel(system.addrs.connection).await,
+        bearer(Some(&mint("edge-1", &[Role::Edge], None))),
+    )
+    .attach(tokio_stream::iter(Vec::<v1::EdgeEvent>::new()))
+    .await
+    .unwrap_err();
+    assert_eq!(public.code(), Code::Unimplemented, "{public:?}");
 
     // A router and a processor cannot deliver or look requests up.
     let status = connections(&system, Some(&router))
@@ -491,7 +505,7 @@ async fn an_edge_cannot_take_over_another_edges_id_or_connections() {
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(hello(&real_edge, vec![])).await.unwrap();
-    let status = connections(&system, Some(&rogue))
+    let status = edges(&system, Some(&rogue))
         .await
         .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -513,7 +527,7 @@ async fn an_edge_cannot_take_over_another_edges_id_or_connections() {
     tx.send(hello("rogue-edge", vec![stolen.clone()]))
         .await
         .unwrap();
-    let mut commands = connections(&system, Some(&rogue))
+    let mut commands = edges(&system, Some(&rogue))
         .await
         .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use streamer_api::v1::{
-    self, DeliveryOutcome, DeliveryResult, EdgeCommand, EdgeEvent,
-    connection_service_client::ConnectionServiceClient, edge_command::Command, edge_event::Event,
+    self, DeliveryOutcome, DeliveryResult, EdgeCommand, EdgeEvent, edge_command::Command,
+    edge_event::Event, edge_service_client::EdgeServiceClient,
 };
 use streamer_core::shutdown::Shutdown;
 use streamer_core::trust::AuthedChannel;
@@ -344,7 +344,7 @@ impl Edge {
     /// exponential backoff (100 ms doubling to 5 s) whenever it drops.
     pub async fn run_upstream(
         self: Arc<Self>,
-        client: ConnectionServiceClient<AuthedChannel>,
+        client: EdgeServiceClient<AuthedChannel>,
         shutdown: Shutdown,
     ) {
         let mut backoff = Duration::from_millis(100);
@@ -394,6 +394,9 @@ impl Edge {
                         let _ = done.send(false);
                     }
                     tracing::warn!(edge_id = %self.edge_id, "detached from connection service");
+                }
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::error!(error = %status, retry_in_ms = backoff.as_millis() as u64, "cannot attach: that address does not serve the edge stream; point the edge at ConnectionService's edge listener (--edge-listen, port 50054)");
                 }
                 Err(status) => {
                     tracing::warn!(error = %status, retry_in_ms = backoff.as_millis() as u64, "cannot attach to connection service");

@@ -36,7 +36,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use streamer_api::v1::{
     self, TokenFailure, auth_service_client::AuthServiceClient,
-    connection_service_client::ConnectionServiceClient,
+    edge_service_client::EdgeServiceClient,
 };
 use streamer_core::shutdown::Shutdown;
 use streamer_core::trust::{AuthedChannel, Role, Trust};
@@ -52,7 +52,7 @@ use crate::limits::{PerIpRate, SocketLimits};
 pub struct GatewayConfig {
     /// AuthService URL.
     pub auth_endpoint: String,
-    /// ConnectionService URL.
+    /// ConnectionService's internal edge stream (`EdgeService`) URL.
     pub connection_endpoint: String,
     /// Unique per edge process.
     pub edge_id: String,
@@ -90,7 +90,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             auth_endpoint: "http://127.0.0.1:50051".into(),
-            connection_endpoint: "http://127.0.0.1:50052".into(),
+            connection_endpoint: "http://127.0.0.1:50054".into(),
             edge_id: format!("edge-{}", uuid::Uuid::new_v4().simple()),
             limits: SocketLimits::default(),
             max_connections: 10_000,
@@ -145,7 +145,7 @@ pub async fn serve(
         channel(&config.auth_endpoint, config.control_plane_timeout)?,
         credentials.clone(),
     );
-    let connections = ConnectionServiceClient::with_interceptor(
+    let connections = EdgeServiceClient::with_interceptor(
         channel(&config.connection_endpoint, config.control_plane_timeout)?,
         credentials,
     );

@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "streamer/v1/common.proto",
     "streamer/v1/auth.proto",
     "streamer/v1/connection.proto",
+    "streamer/v1/edge.proto",
     "streamer/v1/progress.proto",
 ];
 

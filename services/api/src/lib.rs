@@ -23,5 +23,6 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 pub mod service_names {
     pub const AUTH: &str = "streamer.v1.AuthService";
     pub const CONNECTION: &str = "streamer.v1.ConnectionService";
+    pub const EDGE: &str = "streamer.v1.EdgeService";
     pub const PROGRESS: &str = "streamer.v1.ProgressService";
 }

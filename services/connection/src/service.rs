@@ -12,6 +12,7 @@ use streamer_api::v1::{
     connection_service_server::{ConnectionService, ConnectionServiceServer},
     edge_command::Command,
     edge_event::Event,
+    edge_service_server::{EdgeService, EdgeServiceServer},
     progress_service_client::ProgressServiceClient,
 };
 use streamer_core::shutdown::Shutdown;
@@ -178,6 +179,11 @@ impl ConnectionServer {
 
     pub fn into_service(self) -> ConnectionServiceServer<Self> {
         ConnectionServiceServer::new(self)
+    }
+
+    /// The internal edge stream, served on a listener of its own.
+    pub fn into_edge_service(self) -> EdgeServiceServer<Self> {
+        EdgeServiceServer::new(self)
     }
 
     /// Handles one shard's frames, one at a time, in arrival order.
@@ -957,7 +963,10 @@ impl ConnectionService for ConnectionServer {
             });
         Ok(Response::new(Box::pin(stream)))
     }
+}
 
+#[tonic::async_trait]
+impl EdgeService for ConnectionServer {
     type AttachStream = BoxStream<v1::EdgeCommand>;
 
     async fn attach(

@@ -90,7 +90,7 @@ pub fn access(path: &str) -> Access {
         // The edge validates before the upgrade; a backend may check a
         // token it was handed.
         ("streamer.v1.AuthService", "ValidateToken") => Access::Roles(&[Edge, Backend]),
-        ("streamer.v1.ConnectionService", "Attach") => Access::Roles(&[Edge]),
+        ("streamer.v1.EdgeService", "Attach") => Access::Roles(&[Edge]),
         ("streamer.v1.ConnectionService", "Receive") => Access::Roles(&[Router]),
         (
             "streamer.v1.ConnectionService",
@@ -473,7 +473,7 @@ mod tests {
             Access::Open
         );
         assert_eq!(
-            access("/streamer.v1.ConnectionService/Attach"),
+            access("/streamer.v1.EdgeService/Attach"),
             Access::Roles(&[Role::Edge])
         );
         assert_eq!(
@@ -493,10 +493,7 @@ mod tests {
     #[test]
     fn mode_none_lets_anyone_do_anything() {
         let caller = Trust::None
-            .authorize(
-                "/streamer.v1.ConnectionService/Attach",
-                &http::HeaderMap::new(),
-            )
+            .authorize("/streamer.v1.EdgeService/Attach", &http::HeaderMap::new())
             .unwrap();
         assert_eq!(caller, Caller::anyone());
         assert!(caller.reaches("any"));
@@ -599,7 +596,7 @@ mod tests {
             value.to_str().unwrap().parse().unwrap(),
         );
         let caller = trust
-            .authorize("/streamer.v1.ConnectionService/Attach", &headers)
+            .authorize("/streamer.v1.EdgeService/Attach", &headers)
             .unwrap();
         assert_eq!(caller.subject, "edge-1");
 

@@ -146,13 +146,6 @@ impl ConnectionService for FakeConnections {
     ) -> Result<Response<Self::ReceiveStream>, Status> {
         Err(Status::unimplemented("test"))
     }
-    type AttachStream = tokio_stream::Empty<Result<v1::EdgeCommand, Status>>;
-    async fn attach(
-        &self,
-        _: Request<Streaming<v1::EdgeEvent>>,
-    ) -> Result<Response<Self::AttachStream>, Status> {
-        Err(Status::unimplemented("test"))
-    }
 }
 
 /// Binds first, then serves on the bound listener: no port race.
