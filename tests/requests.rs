@@ -442,12 +442,7 @@ async fn a_repeated_request_id_is_one_request() {
     // A processor receives it once.
     let mut progress = system.progress().await;
     let mut work = progress
-        .claim(v1::ClaimRequest {
-            processor_id: "solo".into(),
-            actions: vec!["generate_report".into()],
-            max_in_flight: 10,
-            lease_seconds: 30,
-        })
+        .claim(support::claim_request("solo", "generate_report", 10, 30))
         .await
         .unwrap()
         .into_inner();

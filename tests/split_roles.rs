@@ -206,12 +206,7 @@ async fn a_connection_service_restart_loses_neither_the_socket_nor_the_final_mes
     // A processor takes the client's request.
     let mut processor = roles.progress().await;
     let mut work = processor
-        .claim(v1::ClaimRequest {
-            processor_id: "p".into(),
-            actions: vec!["generate_report".into()],
-            max_in_flight: 1,
-            lease_seconds: 60,
-        })
+        .claim(support::claim_request("p", "generate_report", 1, 60))
         .await
         .unwrap()
         .into_inner();
@@ -367,12 +362,7 @@ async fn a_slow_edge_gets_each_message_to_the_client_exactly_once_in_order() {
         .unwrap();
     let mut progress_client = roles.progress().await;
     let mut work = progress_client
-        .claim(v1::ClaimRequest {
-            processor_id: "p".into(),
-            actions: vec!["generate_report".into()],
-            max_in_flight: 1,
-            lease_seconds: 60,
-        })
+        .claim(support::claim_request("p", "generate_report", 1, 60))
         .await
         .unwrap()
         .into_inner();

@@ -215,12 +215,7 @@ async fn each_role_may_call_only_what_it_needs() {
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     let status = progress(&system, Some(&backend))
         .await
-        .claim(v1::ClaimRequest {
-            processor_id: "sneaky".into(),
-            actions: vec!["generate_report".into()],
-            max_in_flight: 1,
-            lease_seconds: 30,
-        })
+        .claim(support::claim_request("sneaky", "generate_report", 1, 30))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
@@ -412,12 +407,7 @@ async fn a_processor_cannot_report_on_or_complete_work_another_credential_holds(
 
     let mut work = progress(&system, Some(&reports))
         .await
-        .claim(v1::ClaimRequest {
-            processor_id: "worker-1".into(),
-            actions: vec!["generate_report".into()],
-            max_in_flight: 1,
-            lease_seconds: 60,
-        })
+        .claim(support::claim_request("worker-1", "generate_report", 1, 60))
         .await
         .unwrap()
         .into_inner();

@@ -265,6 +265,21 @@ impl WsClient {
     }
 }
 
+/// A processor's Claim for one action.
+pub fn claim_request(
+    processor_id: &str,
+    action: &str,
+    max_in_flight: u32,
+    lease_seconds: u32,
+) -> streamer_api::v1::ClaimRequest {
+    streamer_api::v1::ClaimRequest {
+        processor_id: processor_id.into(),
+        actions: vec![action.into()],
+        max_in_flight,
+        lease_seconds,
+    }
+}
+
 /// A JSON payload for Send and Broadcast.
 pub fn json_payload(value: Value) -> Option<streamer_api::v1::Payload> {
     Some(streamer_api::v1::Payload {
