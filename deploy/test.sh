@@ -156,7 +156,7 @@ done
 # running Streamer or another test.
 read -r -a ports < <(python3 - <<'EOF'
 import socket
-socks = [socket.socket() for _ in range(8)]
+socks = [socket.socket() for _ in range(9)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))
@@ -166,6 +166,7 @@ auth_port=${ports[0]} conn_port=${ports[1]} prog_port=${ports[2]} gw_port=${port
 mkdir -p "$work/env"
 for role in auth connection progress gateway; do
   sed -e "s/:50051/:$auth_port/g; s/:50052/:$conn_port/g; s/:50053/:$prog_port/g; s/:8080/:$gw_port/g" \
+      -e "s/:50054/:${ports[8]}/g" \
       -e "s/:9091/:${ports[4]}/; s/:9092/:${ports[5]}/; s/:9093/:${ports[6]}/; s/:9094/:${ports[7]}/" \
       "$deploy/examples/env/$role.env" >"$work/env/$role.env"
 done

@@ -49,6 +49,10 @@ TRUST = {
 failures = []
 
 
+# Scenarios rendered with networkPolicy.enabled false.
+NETWORK_POLICY = {"ephemeral": False}
+
+
 def check(condition, message):
     if not condition:
         failures.append(message)
@@ -260,11 +264,14 @@ def main():
                 check(not matches(svc["spec"]["selector"], ow["spec"]["template"]["metadata"]["labels"]),
                       f"{role} Service also selects {other} pods")
 
-    # The wiring: each URL names a Service of the chart, on its gRPC port,
-    # in the release namespace.
-    wiring = [("gateway", "STREAMER_AUTH_URL", "auth"), ("gateway", "STREAMER_CONNECTION_URL", "connection"),
-              ("progress", "STREAMER_CONNECTION_URL", "connection"), ("connection", "STREAMER_PROGRESS_URL", "progress")]
-    for role, var, target in wiring:
+    # The wiring: each URL names a Service of the chart, on the named port,
+    # in the release namespace; the gateway dials ConnectionService's edge
+    # stream, not its public API.
+    wiring = [("gateway", "STREAMER_AUTH_URL", "auth", "grpc"),
+              ("gateway", "STREAMER_CONNECTION_EDGE_URL", "connection", "edge"),
+              ("progress", "STREAMER_CONNECTION_URL", "connection", "grpc"),
+              ("connection", "STREAMER_PROGRESS_URL", "progress", "grpc")]
+    for role, var, target, port_name in wiring:
         if role not in workloads or target not in workloads:
             continue
         value = env_map(workloads[role]["spec"]["template"]["spec"]["containers"][0]).get(var, {}).get("value", "")
@@ -275,8 +282,42 @@ def main():
         check(url.scheme == "http" and svc is not None and host[0] == target_name and host[1:3] == ["streaming", "svc"],
               f"{role}: {var}={value!r} does not name the {target} Service in the release namespace")
         if svc is not None:
-            check(url.port in [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"],
-                  f"{role}: {var} port is not the {target} Service's gRPC port")
+            check(url.port in [p["port"] for p in svc["spec"]["ports"] if p["name"] == port_name],
+                  f"{role}: {var} port is not the {target} Service's {port_name} port")
+    if "gateway" in workloads:
+        gateway_env = env_map(workloads["gateway"]["spec"]["template"]["spec"]["containers"][0])
+        check("STREAMER_CONNECTION_URL" not in gateway_env,
+              "gateway: STREAMER_CONNECTION_URL is set (the edge dials STREAMER_CONNECTION_EDGE_URL)")
+    if "connection" in workloads:
+        connection = workloads["connection"]["spec"]["template"]["spec"]["containers"][0]
+        edge_port = [p["containerPort"] for p in connection.get("ports", []) if p["name"] == "edge"]
+        listen = env_map(connection).get("STREAMER_CONNECTION_EDGE_LISTEN", {}).get("value", "")
+        check(edge_port and listen == f"0.0.0.0:{edge_port[0]}",
+              f"connection: STREAMER_CONNECTION_EDGE_LISTEN={listen!r} is not its edge port {edge_port}")
+
+    # The NetworkPolicy: only gateway pods reach the edge port; the public
+    # gRPC port and metrics stay open.
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    if NETWORK_POLICY.get(scenario_name, True):
+        check(len(policies) == 1, f"{len(policies)} NetworkPolicies rendered, want 1")
+        for policy in policies:
+            spec = policy["spec"]
+            conn_labels = workloads["connection"]["spec"]["template"]["metadata"]["labels"]
+            gw_labels = workloads["gateway"]["spec"]["template"]["metadata"]["labels"]
+            check(matches(spec["podSelector"]["matchLabels"], conn_labels), "the NetworkPolicy does not select the connection pods")
+            check(spec.get("policyTypes") == ["Ingress"], f"NetworkPolicy policyTypes {spec.get('policyTypes')}")
+            edge_rules = [r for r in spec["ingress"] if any(p["port"] == "edge" for p in r.get("ports", []))]
+            check(len(edge_rules) == 1, "the edge port is admitted by exactly one rule")
+            for rule in edge_rules:
+                peers = rule.get("from", [])
+                check(peers and all("podSelector" in p and matches(p["podSelector"]["matchLabels"], gw_labels)
+                                    and not matches(p["podSelector"]["matchLabels"], conn_labels) for p in peers),
+                      "the edge port admits something other than the gateway pods")
+            open_ports = {p["port"] for r in spec["ingress"] if not r.get("from") for p in r.get("ports", [])}
+            check({"grpc", "metrics"} <= open_ports and "edge" not in open_ports,
+                  f"the NetworkPolicy leaves open {sorted(open_ports)}, want grpc and metrics, not edge")
+    else:
+        check(not policies, "a NetworkPolicy was rendered while disabled")
 
     # PodDisruptionBudgets only for the roles that scale.
     pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]

@@ -23,7 +23,7 @@ RESOURCES = {
            ("configmaps", "ConfigMap")],
     "apps/v1": [("deployments", "Deployment"), ("statefulsets", "StatefulSet")],
     "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget")],
-    "networking.k8s.io/v1": [("ingresses", "Ingress")],
+    "networking.k8s.io/v1": [("ingresses", "Ingress"), ("networkpolicies", "NetworkPolicy")],
     "monitoring.coreos.com/v1": [("servicemonitors", "ServiceMonitor")],
 }
 NOT_FOUND = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}

@@ -145,6 +145,7 @@ scenario ephemeral 1.27.0 \
   --set auth.keys.existingConfigMap=streamer-jwks \
   --set auth.replicaCount=2 \
   --set connection.persistence.enabled=false \
+  --set networkPolicy.enabled=false \
   --set progress.persistence.enabled=false \
   --set auth.podDisruptionBudget.enabled=false \
   --set gateway.podDisruptionBudget.enabled=false \

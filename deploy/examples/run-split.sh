@@ -21,7 +21,8 @@
 #   READY_TIMEOUT       seconds to wait for the gateway to be ready (default 30)
 #
 # Ports (loopback only, as ./env/*.env set them): gRPC auth 50051, connection
-# 50052, progress 50053; WebSocket 8080; metrics 9091-9094.
+# 50052 (and 50054, the edge stream only gateways dial), progress 50053;
+# WebSocket 8080; metrics 9091-9094.
 #
 # Trust: the env files set STREAMER_TRUST=token, so every gRPC call between
 # the roles, and from you, carries a service token signed with the shared

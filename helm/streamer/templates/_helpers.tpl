@@ -78,6 +78,12 @@ app.kubernetes.io/component: {{ .role }}
 {{- printf "http://%s.%s.svc.%s:%d" (include "streamer.roleName" .) .ctx.Release.Namespace .ctx.Values.clusterDomain (int $values.port) }}
 {{- end }}
 
+{{/* ConnectionService's internal edge stream, which the gateways dial. */}}
+{{- define "streamer.connectionEdgeUrl" -}}
+{{- $role := dict "ctx" . "role" "connection" }}
+{{- printf "http://%s.%s.svc.%s:%d" (include "streamer.roleName" $role) .Release.Namespace .Values.clusterDomain (int .Values.connection.edgePort) }}
+{{- end }}
+
 {{/* The Secret holding the shared service secret (trust.mode token). */}}
 {{- define "streamer.trust.secretName" -}}
 {{- default (printf "%s-service-secret" (include "streamer.fullname" .)) .Values.trust.existingSecret }}
