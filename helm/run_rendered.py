@@ -226,6 +226,13 @@ def main():
     docs = [d for d in yaml.safe_load_all(open(path)) if d]
     root = tempfile.mkdtemp(prefix="streamer-pods-")
     os.chmod(root, 0o755)
+    # The pods run as uid 10001, which may not reach the build tree (a clone
+    # in a private directory): the binary goes where the image would have
+    # it, readable and executable by anyone.
+    image_binary = os.path.join(root, "streamer")
+    shutil.copyfile(binary, image_binary)
+    os.chmod(image_binary, 0o755)
+    binary = image_binary
     procs = {}
     try:
         secret_data = {
