@@ -4,7 +4,7 @@
     unshare -rn python3 run_image.py DOCKERFILE DOC... -- STREAMER_BINARY
 
 Run it in a network namespace of its own (`unshare -rn`): the documented
-ports (8080, 50051-50053, 9090) are then free whatever else runs on the
+ports (8080, 50051-50054, 9090) are then free whatever else runs on the
 machine, and only loopback exists, as in a container.
 
 The image is read from the Dockerfile: its ENV, WORKDIR, ENTRYPOINT and CMD.
@@ -23,7 +23,10 @@ then run as the container would run it:
     rewritten to where they are here, and the working directory likewise;
   - `-p` publishes a port: a container's port is reachable from the host only
     if something listens on it on every interface (0.0.0.0), so that is
-    checked, as is the gateway's /readyz if 8080 is published.
+    checked, as is the gateway's /readyz if 8080 is published. `all` keeps
+    ConnectionService's edge stream (50054) inside the container unless a
+    command publishes it: its gateway is in the same process, and nothing
+    outside needs it; so for `all` it is checked to listen on loopback only.
 
 A command that prints help must exit 0. A server must start (stay up, print
 its banner or listen) and stop on SIGTERM. If it sets STREAMER_TRUST=token,
@@ -49,6 +52,8 @@ import urllib.request
 
 GRPC_PORTS = {50051: "streamer.v1.AuthService", 50052: "streamer.v1.ConnectionService",
               50053: "streamer.v1.ProgressService"}
+# ConnectionService's edge stream (EdgeService), which only gateways dial.
+EDGE_PORT = 50054
 # A call each service refuses without a token and serves with a backend's.
 CALLS = {
     50051: ("streamer.v1.AuthService/ValidateToken", {"token": "x"}),
@@ -267,6 +272,12 @@ def check_command(image, prepare, command, binary, root, index):
         closed = sorted(p for p in ports if "any" not in listening.get(p, set()))
         result(not closed, f"... every published port ({', '.join(map(str, sorted(ports)))}) listens on all interfaces",
                f"loopback only (unreachable through -p): {closed}")
+        if "all" in run["args"] or (not run["args"] and image["cmd"] == ["all"]):
+            if EDGE_PORT not in ports:
+                edge = listening.get(EDGE_PORT, set())
+                result(edge and "any" not in edge,
+                       f"... the edge stream (:{EDGE_PORT}) stays inside: it listens on loopback only",
+                       f"listening on {sorted(edge) or 'nothing'}")
         if 8080 in ports:
             # As a readiness probe would: until the edge is attached, or 15 s.
             deadline = time.monotonic() + 15

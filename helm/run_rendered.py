@@ -31,11 +31,18 @@ would provide is stood in for locally:
 
 Then, as the probes would, it waits for every role to be ready (the gRPC
 readiness probe's health check, without any credential; the gateway's
-/readyz, which needs the edge attached to ConnectionService) and checks the
-trust mode from outside: in mode token a call without a token is refused
-(Unauthenticated) and one with a token minted the way NOTES.txt says
-(`streamer service-token` run with the connection container's environment,
-as `kubectl exec` would) succeeds; in mode none the call succeeds without one.
+/readyz, which needs the edge attached to ConnectionService) and checks that
+every other probe of every role passes too (ConnectionService's liveness
+probe asks its edge listener). It checks the edge stream: the gateway's
+STREAMER_CONNECTION_EDGE_URL leads to the connection pod's `edge` port (so
+the ready gateway attached through it), that port serves EdgeService and
+the public port does not, and in mode token EdgeService refuses a caller
+without a token (Unauthenticated) and a backend's token (PermissionDenied:
+only role `edge`). And it checks the trust mode from outside: in mode token
+a call without a token is refused (Unauthenticated) and one with a token
+minted the way NOTES.txt says (`streamer service-token` run with the
+connection container's environment, as `kubectl exec` would) succeeds; in
+mode none the call succeeds without one.
 
 --expect-refusal drops STREAMER_TRUST and STREAMER_SERVICE_SECRET_FILE from
 every container and expects each gRPC role to refuse to start with an error
@@ -86,7 +93,7 @@ def grpcurl(port, method, body=None, token=None):
         cmd += ["-H", f"authorization: Bearer {token}"]
     if body is not None:
         cmd += ["-d", json.dumps(body)]
-    cmd += [f"127.0.0.1:{port}", method]
+    cmd += [f"127.0.0.1:{port}", method]  # method "list": the services reflection lists
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
@@ -280,10 +287,10 @@ def main():
                       f"(status {status}): {log_of(role)[-400:]}")
             return report(scenario, "without the trust settings, every gRPC role refuses to start")
 
-        # Ready, as the readiness probes see it.
-        def ready(role):
+        # A probe of a role, as the kubelet runs it.
+        def probe_passes(role, kind="readinessProbe"):
             c = pods[role].container
-            probe = c["readinessProbe"]
+            probe = c[kind]
             if "grpc" in probe:
                 port = pods[role].ports[probe["grpc"]["port"]]
                 r = grpcurl(port, "grpc.health.v1.Health/Check", {"service": probe["grpc"].get("service", "")})
@@ -303,7 +310,7 @@ def main():
                 if procs[role].poll() is not None:
                     check(False, f"{role} exited with status {procs[role].returncode}: {log_of(role)[-600:]}")
                     return report(scenario, "")
-                if ready(role):
+                if probe_passes(role):
                     waiting.discard(role)
             time.sleep(0.2)
         if not check(not waiting, f"not ready after {READY_TIMEOUT} s: {sorted(waiting)}"):
@@ -311,11 +318,39 @@ def main():
                 print(f"       {role} log: {log_of(role)[-600:]}")
             return report(scenario, "")
 
+        for role, pod in pods.items():
+            for kind in ("startupProbe", "livenessProbe"):
+                if kind in pod.container:
+                    check(probe_passes(role, kind), f"{role}: the {kind} fails once the role is ready: "
+                                                    f"{pod.container[kind]}")
+
+        # The edge stream: the gateway was pointed at the connection pod's
+        # edge port, which serves EdgeService (and the public port does not).
         mode = envs["connection"].get("STREAMER_TRUST")
         conn_port = pods["connection"].named_ports["grpc"]
+        edge_port = pods["connection"].named_ports.get("edge")
+        edge_url = envs["gateway"].get("STREAMER_CONNECTION_EDGE_URL")
+        check(edge_port and edge_url == f"http://127.0.0.1:{edge_port}",
+              f"gateway: STREAMER_CONNECTION_EDGE_URL leads to {edge_url}, not the connection pod's edge port "
+              f"(127.0.0.1:{edge_port})")
+        if edge_port:
+            health = grpcurl(edge_port, "grpc.health.v1.Health/Check", {"service": "streamer.v1.EdgeService"})
+            check(health.returncode == 0 and '"SERVING"' in health.stdout,
+                  f"connection: the edge port does not serve EdgeService health: {health.stdout}{health.stderr}")
+            edge_list, public_list = grpcurl(edge_port, "list"), grpcurl(conn_port, "list")
+            check("streamer.v1.EdgeService" in edge_list.stdout.split()
+                  and "streamer.v1.ConnectionService" not in edge_list.stdout.split(),
+                  f"connection: the edge port serves {edge_list.stdout.split()}")
+            check("streamer.v1.EdgeService" not in public_list.stdout.split(),
+                  f"connection: the public port serves EdgeService too: {public_list.stdout.split()}")
+        attach = ("streamer.v1.EdgeService/Attach", {})
         call = ("streamer.v1.ConnectionService/ListConnections", {"tenant_id": "demo-tenant"})
         anonymous = grpcurl(conn_port, *call)
         if mode == "token":
+            if edge_port:
+                r = grpcurl(edge_port, *attach)
+                check(r.returncode != 0 and "Code: Unauthenticated" in r.stderr,
+                      f"mode token: EdgeService/Attach without a token was not refused: {r.stdout}{r.stderr}")
             check(anonymous.returncode != 0 and "Code: Unauthenticated" in anonymous.stderr,
                   f"mode token: a call without a token was not refused as Unauthenticated: "
                   f"{anonymous.stdout}{anonymous.stderr}")
@@ -328,10 +363,15 @@ def main():
                      f"`streamer service-token` in the connection container failed: {minted.stderr}"):
                 r = grpcurl(conn_port, *call, token=minted.stdout.strip())
                 check(r.returncode == 0, f"mode token: a call with a minted token failed: {r.stdout}{r.stderr}")
-            what = "every role ready; a call without a token is Unauthenticated, with a service token it succeeds"
+                if edge_port:
+                    r = grpcurl(edge_port, *attach, token=minted.stdout.strip())
+                    check(r.returncode != 0 and "Code: PermissionDenied" in r.stderr,
+                          f"mode token: EdgeService/Attach with a backend's token was not refused: {r.stdout}{r.stderr}")
+            what = ("every role ready, the gateway attached through the edge port; a call without a token is "
+                    "Unauthenticated, with a service token it succeeds; EdgeService only for role edge")
         else:
             check(anonymous.returncode == 0, f"mode {mode}: a call without a token failed: {anonymous.stderr}")
-            what = f"every role ready; mode {mode}: a call without a token succeeds"
+            what = f"every role ready, the gateway attached through the edge port; mode {mode}: a call without a token succeeds"
         for role, p in procs.items():
             check(p.poll() is None, f"{role} exited during the checks: {log_of(role)[-400:]}")
         return report(scenario, what)

@@ -7,12 +7,17 @@
 # parses every rendered document (python3 + PyYAML) and checks the facts in
 # helm/check_rendered.py (after kubernetes-validate has checked every object
 # against the Kubernetes schemas): probes, security contexts, one replica for
-# connection and progress, the env wiring between roles, Service selectors
-# and ports, PDBs, the ServiceMonitor, the trust settings (STREAMER_TRUST, the
-# service secret's Secret and mount). Then, with a built streamer binary and
-# grpcurl, it runs the rendered pods as local processes (helm/run_rendered.py)
-# to check that every role starts and is ready with exactly the environment,
-# Secrets and user the chart gives it, and that the trust mode holds. It
+# connection and progress, the env wiring between roles (the gateway dials
+# ConnectionService's edge port), Service selectors and ports, PDBs, the
+# ServiceMonitor, the trust settings (STREAMER_TRUST, the service secret's
+# Secret and mount), and the NetworkPolicy, evaluated for callers in and out
+# of the release (only the gateway pods reach the edge port; the public gRPC
+# port and metrics stay reachable; no policy when disabled). Then, with a
+# built streamer binary and grpcurl, it runs the rendered pods as local
+# processes (helm/run_rendered.py) to check that every role starts and is
+# ready with exactly the environment, Secrets and user the chart gives it,
+# that every probe passes, that the gateway attaches through the edge port,
+# and that the trust mode holds. It
 # renders against a stand-in API server (helm/fake_kube.py) to check that an
 # upgrade keeps the generated service secret. Last, it checks that bad values
 # are refused, by values.schema.json or by the chart's own checks.
@@ -145,6 +150,7 @@ scenario ephemeral 1.27.0 \
   --set auth.keys.existingConfigMap=streamer-jwks \
   --set auth.replicaCount=2 \
   --set connection.persistence.enabled=false \
+  --set connection.edgePort=50060 \
   --set networkPolicy.enabled=false \
   --set progress.persistence.enabled=false \
   --set auth.podDisruptionBudget.enabled=false \
@@ -175,11 +181,13 @@ elif ! command -v grpcurl >/dev/null; then
 else
   # Secrets and ConfigMaps the chart only names are made by run_rendered.py:
   # a random service secret, an EC public key for auth.keys.
-  what="start and are ready; calls need a service token" run defaults
-  what="start with the existing Secret's own key; calls need a service token" run production
-  what="start and are ready; calls need a service token" run ephemeral
-  what="start and are ready; calls need no token" run trust-none
-  what="start with the existing Secret; calls need a service token" run trust-existing
+  what="start and are ready (the gateway through the edge port); calls need a service token" run defaults
+  what="start with the existing Secret's own key; the gateway attaches through the edge port; calls need a service token" \
+    run production
+  what="start and are ready (the gateway through edge port 50060); calls need a service token" run ephemeral
+  what="start and are ready (the gateway through the edge port); calls need no token" run trust-none
+  what="start with the existing Secret; the gateway attaches through the edge port; calls need a service token" \
+    run trust-existing
   what="refuse to start without STREAMER_TRUST (the control)" run defaults --expect-refusal
 fi
 
@@ -259,6 +267,10 @@ refuse "a trust mode other than token|none" "at '/trust/mode'" --set trust.mode=
 refuse "an empty trust.secretKey" "at '/trust/secretKey'" --set trust.secretKey=
 refuse "a trust.existingSecret that is no Secret name" "at '/trust/existingSecret'" \
   --set trust.existingSecret=Bad_Name
+refuse "an edge port that is the public gRPC port" "must be three different ports" \
+  --set connection.edgePort=50052
+refuse "a NetworkPolicy peer with a misspelt key" "at '/networkPolicy/grpcFrom/0'" \
+  --set 'networkPolicy.grpcFrom[0].podSelecter.app=billing'
 refuse "trust.existingSecret with mode none" "trust.existingSecret is used only with trust.mode token" \
   --set trust.mode=none --set trust.existingSecret=streamer-service-secret
 

@@ -21,8 +21,10 @@
 #   READY_TIMEOUT       seconds to wait for the gateway to be ready (default 30)
 #
 # Ports (loopback only, as ./env/*.env set them): gRPC auth 50051, connection
-# 50052 (and 50054, the edge stream only gateways dial), progress 50053;
-# WebSocket 8080; metrics 9091-9094.
+# 50052 and its edge stream 50054 (EdgeService: only the gateway dials it,
+# STREAMER_CONNECTION_EDGE_URL), progress 50053; WebSocket 8080; metrics
+# 9091-9094. Every one must be free: before starting anything the script
+# refuses to go on if one of the addresses the env files name is in use.
 #
 # Trust: the env files set STREAMER_TRUST=token, so every gRPC call between
 # the roles, and from you, carries a service token signed with the shared
@@ -68,6 +70,30 @@ else
     echo "run-split: made the service secret $secret_file" >&2
   fi
 fi
+
+# One variable of a role's env file, as the role sees it.
+# shellcheck source=/dev/null
+setting() { (. "$env_dir/$1.env" && echo "${!2:-}"); }
+# Something accepts connections on HOST:PORT (0.0.0.0 means this machine).
+listening() {
+  local host="${1%:*}" port="${1##*:}"
+  [[ "$host" == 0.0.0.0 ]] && host=127.0.0.1
+  (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null
+}
+
+# Every listen address must be free, the connection role's edge listener
+# included: a role that cannot bind exits at once, and a gateway pointed at
+# a stranger's port would never be ready.
+for role in auth connection progress gateway; do
+  for var in STREAMER_AUTH_LISTEN STREAMER_CONNECTION_LISTEN STREAMER_CONNECTION_EDGE_LISTEN \
+    STREAMER_PROGRESS_LISTEN STREAMER_GATEWAY_LISTEN STREAMER_METRICS_LISTEN; do
+    addr="$(setting "$role" "$var")"
+    if [[ -n "$addr" ]] && listening "$addr"; then
+      echo "run-split: $addr ($var in $env_dir/$role.env) is already in use; stop what listens there or change the port" >&2
+      exit 1
+    fi
+  done
+done
 
 declare -A pids=()   # role -> pid
 stopping=0
@@ -136,18 +162,19 @@ start progress
 start auth
 start gateway
 
-# One variable of a role's env file, as the role sees it.
-# shellcheck source=/dev/null
-setting() { (. "$env_dir/$1.env" && echo "${!2:-}"); }
 gateway_addr="$(setting gateway STREAMER_GATEWAY_LISTEN)"
+# The connection role's edge listener (the binary's default when unset).
+edge_addr="$(setting connection STREAMER_CONNECTION_EDGE_LISTEN)"
+edge_addr="${edge_addr:-0.0.0.0:50054}"
 
-listening() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
-# Ready: every gRPC role listens (auth creates the development key first,
-# which takes a moment) and the gateway's /readyz says it is attached.
+# Ready: every gRPC listener is up (auth creates the development key first,
+# which takes a moment) and the gateway's /readyz says it is attached to the
+# edge stream.
 is_ready() {
   listening "$(setting auth STREAMER_AUTH_LISTEN)" || return 1
   listening "$(setting progress STREAMER_PROGRESS_LISTEN)" || return 1
   listening "$(setting connection STREAMER_CONNECTION_LISTEN)" || return 1
+  listening "$edge_addr" || return 1
   if command -v curl >/dev/null; then
     curl -fsS -o /dev/null --max-time 1 "http://$gateway_addr/readyz" 2>/dev/null
   else
@@ -192,6 +219,7 @@ Streamer is running as four processes (Ctrl-C stops them all)
   WebSocket          ws://$gateway_addr/?Authorization=<token>
   AuthService        $(setting auth STREAMER_AUTH_LISTEN)  metrics http://$(setting auth STREAMER_METRICS_LISTEN)/metrics
   ConnectionService  $(setting connection STREAMER_CONNECTION_LISTEN)  metrics http://$(setting connection STREAMER_METRICS_LISTEN)/metrics
+  EdgeService        $edge_addr  (ConnectionService's edge stream: the gateway's STREAMER_CONNECTION_EDGE_URL)
   ProgressService    $(setting progress STREAMER_PROGRESS_LISTEN)  metrics http://$(setting progress STREAMER_METRICS_LISTEN)/metrics
   Gateway            $gateway_addr  metrics http://$(setting gateway STREAMER_METRICS_LISTEN)/metrics
   Logs               $root/logs/

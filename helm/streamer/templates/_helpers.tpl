@@ -109,6 +109,10 @@ app.kubernetes.io/component: {{ .role }}
 {{- if and (eq .Values.trust.mode "none") .Values.trust.existingSecret }}
 {{- fail "trust.existingSecret is used only with trust.mode token: with mode none no secret is mounted and every gRPC call is accepted" }}
 {{- end }}
+{{- $c := .Values.connection }}
+{{- if or (eq (int $c.edgePort) (int $c.port)) (eq (int $c.edgePort) (int $c.metricsPort)) (eq (int $c.port) (int $c.metricsPort)) }}
+{{- fail "connection.port, connection.edgePort and connection.metricsPort must be three different ports: they are three listeners of one pod" }}
+{{- end }}
 {{- if le (int .Values.terminationGracePeriodSeconds) (add 10 (int .Values.gateway.preStopSleepSeconds) | int) }}
 {{- fail "terminationGracePeriodSeconds must exceed gateway.preStopSleepSeconds plus the 10 s drain" }}
 {{- end }}
@@ -119,10 +123,14 @@ The gRPC probes of a role: native gRPC health checks against
 grpc.health.v1.Health. Liveness asks for the server ("") and readiness for the
 role's own service, which turns NOT_SERVING the moment draining starts. The
 startup probe covers opening the store (health starts NOT_SERVING).
-{"ctx": $, "role": ..., "service": "streamer.v1.ConnectionService"}
+"livenessPort", when given, moves the liveness probe to another listener of
+the same process (ConnectionService's edge listener), so that both listeners
+are probed.
+{"ctx": $, "role": ..., "service": "streamer.v1.ConnectionService", "livenessPort": 50054}
 */}}
 {{- define "streamer.grpcProbes" -}}
 {{- $port := int (index .ctx.Values .role).port -}}
+{{- $livenessPort := int (default $port .livenessPort) -}}
 startupProbe:
   grpc:
     port: {{ $port }}
@@ -131,7 +139,7 @@ startupProbe:
   failureThreshold: 60
 livenessProbe:
   grpc:
-    port: {{ $port }}
+    port: {{ $livenessPort }}
     service: ""
   periodSeconds: 10
   timeoutSeconds: 2
