@@ -290,14 +290,15 @@ fn refresher(
         let mut auth = auth.clone();
         let (user_id, tenant_id) = (user_id.clone(), tenant_id.clone());
         Box::pin(async move {
-            let answer = tokio::time::timeout(
+            let answer = match tokio::time::timeout(
                 timeout,
                 auth.validate_token(v1::ValidateTokenRequest { token }),
             )
             .await
-            .map_err(|_| "authentication service unavailable; try again".to_owned())?
-            .map_err(|_| "authentication service unavailable; try again".to_owned())?
-            .into_inner();
+            {
+                Ok(Ok(answer)) => answer.into_inner(),
+                _ => return Err("authentication service unavailable; try again".to_owned()),
+            };
             let claims = match answer.claims {
                 Some(claims) if answer.valid => claims,
                 _ => {

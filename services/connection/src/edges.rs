@@ -20,14 +20,6 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// What flows down an Attach stream.
 pub type CommandSender = mpsc::Sender<Result<EdgeCommand, tonic::Status>>;
 
-/// What an edge said about a delivery.
-#[derive(Debug)]
-pub struct EdgeAnswer {
-    pub results: Vec<DeliveryResult>,
-    /// False when the edge never answered (stream closed, timeout).
-    pub answered: bool,
-}
-
 /// One attached edge.
 #[derive(Debug)]
 pub struct EdgeLink {
@@ -52,7 +44,7 @@ impl EdgeLink {
 
     /// Hands a payload to the edge for these sockets and waits for its
     /// report. An edge whose stream is closed, or that does not answer in
-    /// `timeout`, leaves every target UNAVAILABLE with `answered` false:
+    /// `timeout`, leaves every target UNAVAILABLE:
     /// the payload may or may not have been written (a slow edge may write
     /// it after the wait ends), the sockets may well be there, and so
     /// their records stay. Senders that retry pass a `sequence`, so a retry
@@ -63,7 +55,7 @@ impl EdgeLink {
         payload: v1::Payload,
         sequence: Option<v1::Sequence>,
         timeout: Duration,
-    ) -> EdgeAnswer {
+    ) -> Vec<DeliveryResult> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let delivery_id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -80,32 +72,20 @@ impl EdgeLink {
         if !matches!(sent, Ok(Ok(()))) {
             self.lock_pending().remove(&delivery_id);
             tracing::warn!(edge_id = %self.edge_id, "edge stream closed or full; delivery unavailable");
-            return EdgeAnswer {
-                results: Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable),
-                answered: false,
-            };
+            return Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable);
         }
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(results)) => EdgeAnswer {
-                results,
-                answered: true,
-            },
+            Ok(Ok(results)) => results,
             Ok(Err(_)) => {
                 // The stream ended before the report came (see `abandon`).
                 tracing::info!(edge_id = %self.edge_id, delivery_id, "edge detached before reporting a delivery");
-                EdgeAnswer {
-                    results: Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable),
-                    answered: false,
-                }
+                Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable)
             }
             Err(_) => {
                 self.lock_pending().remove(&delivery_id);
                 metrics::counter!("streamer_delivery_report_timeouts_total").increment(1);
                 tracing::warn!(edge_id = %self.edge_id, delivery_id, "edge did not report a delivery in time");
-                EdgeAnswer {
-                    results: Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable),
-                    answered: false,
-                }
+                Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable)
             }
         }
     }

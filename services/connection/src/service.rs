@@ -300,7 +300,6 @@ impl ConnectionServer {
                     Some(link) => {
                         link.deliver(ids, payload, sequence, self.shared.config.delivery_timeout)
                             .await
-                            .results
                     }
                     // Detached, perhaps only for a moment (see EDGE_GRACE):
                     // the records stay.
