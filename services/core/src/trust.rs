@@ -90,6 +90,8 @@ pub fn access(path: &str) -> Access {
         // The edge validates before the upgrade; a backend may check a
         // token it was handed.
         ("streamer.v1.AuthService", "ValidateToken") => Access::Roles(&[Edge, Backend]),
+        // Revoking a client's token is a backend's decision.
+        ("streamer.v1.AuthService", "RevokeToken") => Access::Roles(&[Backend]),
         ("streamer.v1.EdgeService", "Attach") => Access::Roles(&[Edge]),
         ("streamer.v1.ConnectionService", "Receive") => Access::Roles(&[Router]),
         (
