@@ -32,6 +32,12 @@ const REQUESTS_BY_CLIENT_ID: TableDefinition<&str, &str> =
     TableDefinition::new("requests_by_client_id");
 /// ids of requests that are not final
 const REQUESTS_UNFINISHED: TableDefinition<&str, ()> = TableDefinition::new("requests_unfinished");
+/// `jti` -> when its revocation expires (ms)
+const REVOKED_TOKENS: TableDefinition<&str, u64> = TableDefinition::new("revoked_tokens");
+/// `(expires_at_ms, jti)`: the deny-list in expiry order, so a sweep reads
+/// only what it removes.
+const REVOKED_TOKENS_BY_EXPIRY: TableDefinition<(u64, &str), ()> =
+    TableDefinition::new("revoked_tokens_by_expiry");
 
 const SEP: char = '\0';
 
@@ -119,6 +125,8 @@ impl EmbeddedStore {
             txn.open_table(REQUESTS).map_err(backend)?;
             txn.open_table(REQUESTS_BY_CLIENT_ID).map_err(backend)?;
             txn.open_table(REQUESTS_UNFINISHED).map_err(backend)?;
+            txn.open_table(REVOKED_TOKENS).map_err(backend)?;
+            txn.open_table(REVOKED_TOKENS_BY_EXPIRY).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         Ok(Self { db: Arc::new(db) })
@@ -490,6 +498,72 @@ impl Store for EmbeddedStore {
         })
         .await
     }
+
+    async fn revoke_token(&self, jti: &str, expires_at_ms: u64) -> StoreResult<()> {
+        let jti = jti.to_owned();
+        self.write(Durability::Immediate, move |txn| {
+            let mut tokens = txn.open_table(REVOKED_TOKENS).map_err(backend)?;
+            let mut by_expiry = txn.open_table(REVOKED_TOKENS_BY_EXPIRY).map_err(backend)?;
+            let previous = tokens
+                .get(jti.as_str())
+                .map_err(backend)?
+                .map(|v| v.value());
+            if previous.is_some_and(|previous| previous >= expires_at_ms) {
+                return Ok(());
+            }
+            if let Some(previous) = previous {
+                by_expiry
+                    .remove((previous, jti.as_str()))
+                    .map_err(backend)?;
+            }
+            tokens
+                .insert(jti.as_str(), expires_at_ms)
+                .map_err(backend)?;
+            by_expiry
+                .insert((expires_at_ms, jti.as_str()), ())
+                .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn is_token_revoked(&self, jti: &str, now_ms: u64) -> StoreResult<bool> {
+        let jti = jti.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let tokens = txn.open_table(REVOKED_TOKENS).map_err(backend)?;
+            let expires_at = tokens.get(jti.as_str()).map_err(backend)?;
+            Ok(expires_at.is_some_and(|expires_at| expires_at.value() > now_ms))
+        })
+        .await
+    }
+
+    async fn sweep_revoked_tokens(&self, now_ms: u64) -> StoreResult<usize> {
+        self.write(Durability::Relaxed, move |txn| {
+            let mut by_expiry = txn.open_table(REVOKED_TOKENS_BY_EXPIRY).map_err(backend)?;
+            let expired: Vec<(u64, String)> = {
+                let mut expired = Vec::new();
+                // Every key with an expiry up to `now_ms`, whatever its jti
+                // (`""` is the least string).
+                let upper = (now_ms.saturating_add(1), "");
+                for entry in by_expiry.range(..upper).map_err(backend)? {
+                    let (k, _) = entry.map_err(backend)?;
+                    let (expires_at, jti) = k.value();
+                    expired.push((expires_at, jti.to_owned()));
+                }
+                expired
+            };
+            let mut tokens = txn.open_table(REVOKED_TOKENS).map_err(backend)?;
+            for (expires_at, jti) in &expired {
+                by_expiry
+                    .remove((*expires_at, jti.as_str()))
+                    .map_err(backend)?;
+                tokens.remove(jti.as_str()).map_err(backend)?;
+            }
+            Ok(expired.len())
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -694,6 +768,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn revoked_tokens_are_denied_until_they_expire_and_then_swept() {
+        let (_dir, store) = store();
+        let now = 1_000_000;
+        store.revoke_token("jti-1", now + 60_000).await.unwrap();
+        store.revoke_token("jti-2", now + 1).await.unwrap();
+        assert!(store.is_token_revoked("jti-1", now).await.unwrap());
+        assert!(store.is_token_revoked("jti-2", now).await.unwrap());
+        assert!(!store.is_token_revoked("jti-3", now).await.unwrap());
+        // An expired entry no longer denies, even before a sweep.
+        assert!(!store.is_token_revoked("jti-2", now + 1).await.unwrap());
+
+        assert_eq!(store.sweep_revoked_tokens(now).await.unwrap(), 0);
+        assert_eq!(store.sweep_revoked_tokens(now + 1).await.unwrap(), 1);
+        assert!(store.is_token_revoked("jti-1", now + 1).await.unwrap());
+        assert_eq!(store.sweep_revoked_tokens(now + 60_000).await.unwrap(), 1);
+        assert!(!store.is_token_revoked("jti-1", now).await.unwrap());
+        assert_eq!(store.sweep_revoked_tokens(u64::MAX).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn revoking_again_keeps_the_later_expiry() {
+        let (_dir, store) = store();
+        let now = 1_000_000;
+        store.revoke_token("jti", now + 10_000).await.unwrap();
+        store.revoke_token("jti", now + 5_000).await.unwrap();
+        assert!(store.is_token_revoked("jti", now + 7_000).await.unwrap());
+        store.revoke_token("jti", now + 20_000).await.unwrap();
+        // The index follows the entry: the old expiry sweeps nothing, the
+        // new one removes it once.
+        assert_eq!(store.sweep_revoked_tokens(now + 10_000).await.unwrap(), 0);
+        assert!(store.is_token_revoked("jti", now + 15_000).await.unwrap());
+        assert_eq!(store.sweep_revoked_tokens(now + 20_000).await.unwrap(), 1);
+        assert!(!store.is_token_revoked("jti", now).await.unwrap());
+    }
+
+    #[tokio::test]
     async fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -702,9 +812,11 @@ mod tests {
             let mut r = store.get_request("r1").await.unwrap().unwrap();
             r.sequence = 7;
             store.update_request(r, Durability::Relaxed).await.unwrap();
+            store.revoke_token("jti", u64::MAX).await.unwrap();
             store.flush().await.unwrap();
         }
         let store = EmbeddedStore::open(dir.path()).unwrap();
         assert_eq!(store.get_request("r1").await.unwrap().unwrap().sequence, 7);
+        assert!(store.is_token_revoked("jti", now_ms()).await.unwrap());
     }
 }

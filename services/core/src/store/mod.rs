@@ -1,4 +1,4 @@
-//! The store: where connection records and requests live.
+//! The store: where connection records, requests and revoked token ids live.
 //!
 //! Services see only the [`Store`] trait and the records below. Two backends
 //! implement it: [`EmbeddedStore`] (the default, a redb file in the data
@@ -228,4 +228,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every request not yet final (PENDING or PROCESSING), for recovery at start.
     async fn unfinished_requests(&self) -> StoreResult<Vec<RequestRecord>>;
+
+    // ---- revoked tokens ----
+
+    /// Puts a token id (`jti`) on the deny-list until `expires_at_ms`,
+    /// durably. Revoking an id again keeps the later of the two expiries,
+    /// so a second call can never shorten a revocation.
+    async fn revoke_token(&self, jti: &str, expires_at_ms: u64) -> StoreResult<()>;
+
+    /// Whether `jti` is on the deny-list with an expiry after `now_ms`.
+    async fn is_token_revoked(&self, jti: &str, now_ms: u64) -> StoreResult<bool>;
+
+    /// Deletes deny-list entries that expired at or before `now_ms`; returns
+    /// how many.
+    async fn sweep_revoked_tokens(&self, now_ms: u64) -> StoreResult<usize>;
 }
