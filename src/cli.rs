@@ -8,17 +8,17 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use streamer_auth::AuthConfig;
 use streamer_auth::dev::MintOptions;
+use streamer_auth::{AuthConfig, JwksRefresh, JwksSource};
 use streamer_connection::ConnectionConfig;
 use streamer_core::shutdown::Shutdown;
 use streamer_core::telemetry::LogFormat;
-use streamer_core::trust::{Role, ServiceTokens, Trust};
+use streamer_core::tls::{Tls, TlsFiles};
+use streamer_core::trust::{Check, Role, ServiceTokens, Trust};
 use streamer_gateway::GatewayConfig;
 use streamer_progress::ProgressConfig;
 
@@ -66,6 +66,9 @@ pub enum Command {
     /// Mint a service token for a backend, router or processor (mode
     /// `--trust token`), signed with the shared service secret.
     ServiceToken(ServiceTokenCmd),
+    /// Issue a new CA and a certificate for each role, to try mode `mtls`
+    /// (development and tests; production certificates come from your CA).
+    Certs(CertsCmd),
 }
 
 /// How gRPC callers are authenticated (see the README's "Trust").
@@ -75,15 +78,19 @@ pub enum TrustMode {
     None,
     /// Every call carries a service token signed with the shared secret.
     Token,
+    /// Every call comes over TLS with a client certificate signed by the
+    /// CA; the certificate's names grant its roles.
+    Mtls,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct TrustArgs {
-    /// How gRPC callers are authenticated: `token` (service tokens signed
-    /// with the secret in --service-secret-file) or `none` (anyone who
-    /// reaches a port may call everything). Default: `token` when a secret
-    /// file is given; otherwise `none`, which is refused on a non-loopback
-    /// address unless given explicitly.
+    /// How gRPC callers are authenticated: `mtls` (client certificates
+    /// signed by --tls-ca), `token` (service tokens signed with the secret in
+    /// --service-secret-file) or `none` (anyone who reaches a port may call
+    /// everything). Default: `token` when a secret file is given, else
+    /// `mtls` when TLS files are; otherwise `none`, which is refused on a
+    /// non-loopback address unless given explicitly.
     #[arg(long, env = "STREAMER_TRUST", value_enum)]
     pub trust: Option<TrustMode>,
     /// The secret every Streamer process shares in mode `token` (a file of
@@ -91,38 +98,67 @@ pub struct TrustArgs {
     /// (`streamer service-token`), never the secret itself.
     #[arg(long, env = "STREAMER_SERVICE_SECRET_FILE")]
     pub service_secret_file: Option<PathBuf>,
+    /// This process's PEM certificate chain: gRPC servers serve TLS with it
+    /// and clients present it (re-read when the file changes). With
+    /// --tls-key and --tls-ca; every gRPC URL is then https://.
+    #[arg(long, env = "STREAMER_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "STREAMER_TLS_KEY", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// PEM bundle of the CA that signs every Streamer certificate: servers
+    /// and clients are verified against it.
+    #[arg(long, env = "STREAMER_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl TrustArgs {
     /// The trust of a process that serves gRPC on `listens`.
     pub fn trust(&self, listens: &[SocketAddr]) -> anyhow::Result<Trust> {
-        let mode = match (self.trust, &self.service_secret_file) {
-            (Some(mode), _) => mode,
-            (None, Some(_)) => TrustMode::Token,
-            (None, None) => {
+        let tls = match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(Tls::load(&TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            })?),
+            _ => None,
+        };
+        let mode = match (self.trust, &self.service_secret_file, &tls) {
+            (Some(mode), _, _) => mode,
+            (None, Some(_), _) => TrustMode::Token,
+            (None, None, Some(_)) => TrustMode::Mtls,
+            (None, None, None) => {
                 if let Some(open) = listens.iter().find(|a| !a.ip().is_loopback()) {
                     anyhow::bail!(
                         "{open} is not a loopback address and no caller authentication is set: \
-                         give --trust token with --service-secret-file (STREAMER_TRUST, \
-                         STREAMER_SERVICE_SECRET_FILE), or --trust none to let anyone who \
+                         give --trust mtls with --tls-cert, --tls-key and --tls-ca, or --trust \
+                         token with --service-secret-file, or --trust none to let anyone who \
                          reaches the port call everything"
                     );
                 }
                 TrustMode::None
             }
         };
-        match (mode, &self.service_secret_file) {
-            (TrustMode::None, Some(_)) => {
+        let trust = match (mode, &self.service_secret_file) {
+            (TrustMode::None | TrustMode::Mtls, Some(_)) => {
                 anyhow::bail!("--service-secret-file is used only with --trust token")
             }
-            (TrustMode::None, None) => Ok(Trust::None),
+            (TrustMode::None, None) => Trust::none(),
             (TrustMode::Token, None) => {
                 anyhow::bail!("--trust token needs --service-secret-file")
             }
-            (TrustMode::Token, Some(path)) => {
-                Ok(Trust::Token(Arc::new(ServiceTokens::from_file(path)?)))
+            (TrustMode::Token, Some(path)) => Trust::token(ServiceTokens::from_file(path)?),
+            (TrustMode::Mtls, None) => {
+                let tls = tls.clone().ok_or_else(|| {
+                    anyhow::anyhow!("--trust mtls needs --tls-cert, --tls-key and --tls-ca")
+                })?;
+                Trust::mtls(tls)
             }
-        }
+        };
+        Ok(match tls {
+            Some(tls) => trust.with_tls(tls),
+            None => trust,
+        })
     }
 }
 
@@ -137,11 +173,34 @@ pub struct DataArgs {
 pub struct KeyArgs {
     /// Public keys that verify tokens: PEM files (RSA PKCS#1 or PKIX, EC,
     /// Ed25519), JWKS files, or directories of them; comma-separated. Files
-    /// are re-read when they change. Default: the development key in the
-    /// data directory, created on first run.
+    /// are re-read when they change. They verify every token whose `iss` is
+    /// not an --auth-jwks issuer. Default: the development key in the data
+    /// directory, created on first run, unless --auth-jwks is given.
     #[arg(long = "auth-keys", env = "STREAMER_AUTH_KEYS", value_delimiter = ',')]
     pub keys: Vec<PathBuf>,
-    /// Required `iss` claim, when set.
+    /// Issuers whose keys are fetched from a JWKS URL, as ISSUER=URL;
+    /// comma-separated or repeated. A token whose `iss` is one of them is
+    /// verified only with that issuer's keys, fetched at start, every
+    /// --auth-jwks-refresh-secs, and at once (at most every 10 s) for an
+    /// unknown `kid`. Without --auth-keys, only these issuers' tokens are
+    /// accepted and no development key is used.
+    #[arg(
+        long = "auth-jwks",
+        env = "STREAMER_AUTH_JWKS",
+        value_delimiter = ',',
+        value_name = "ISSUER=URL"
+    )]
+    pub jwks: Vec<JwksSource>,
+    /// Seconds between scheduled fetches of each JWKS URL; a shorter
+    /// `Cache-Control: max-age` in the answer wins.
+    #[arg(
+        long = "auth-jwks-refresh-secs",
+        env = "STREAMER_AUTH_JWKS_REFRESH_SECS",
+        default_value_t = 300
+    )]
+    pub jwks_refresh_secs: u64,
+    /// Required `iss` claim of the tokens verified with --auth-keys, when
+    /// set.
     #[arg(long = "auth-issuer", env = "STREAMER_AUTH_ISSUER")]
     pub issuer: Option<String>,
     /// Required `aud` claim, when set.
@@ -160,16 +219,31 @@ pub struct KeyArgs {
 }
 
 impl KeyArgs {
+    /// Whether tokens are verified with the development key: neither key
+    /// files nor JWKS URLs are given.
+    pub fn uses_dev_key(&self) -> bool {
+        self.keys.is_empty() && self.jwks.is_empty()
+    }
+
     fn config(&self, data_dir: &Path) -> anyhow::Result<AuthConfig> {
-        let key_paths = if self.keys.is_empty() {
+        if self.jwks_refresh_secs == 0 {
+            anyhow::bail!("--auth-jwks-refresh-secs must be at least 1");
+        }
+        let key_paths = if self.uses_dev_key() {
             streamer_auth::dev::ensure_dev_key(data_dir)
                 .context("cannot create the development key")?;
             tracing::warn!(
                 path = %streamer_auth::dev::public_key_path(data_dir).display(),
-                "no --auth-keys given; using the development key (not for production)"
+                "no --auth-keys or --auth-jwks given; using the development key (not for production)"
             );
             vec![streamer_auth::dev::public_key_path(data_dir)]
         } else {
+            if self.keys.is_empty() {
+                tracing::info!(
+                    issuers = ?self.jwks.iter().map(|j| &j.issuer).collect::<Vec<_>>(),
+                    "no --auth-keys given; only the --auth-jwks issuers' tokens are accepted"
+                );
+            }
             self.keys.clone()
         };
         Ok(AuthConfig {
@@ -179,6 +253,11 @@ impl KeyArgs {
             allowed_tenants: (!self.allowed_tenants.is_empty())
                 .then(|| self.allowed_tenants.clone()),
             leeway: Duration::from_secs(self.leeway_secs),
+            jwks: self.jwks.clone(),
+            jwks_refresh: JwksRefresh {
+                interval: Duration::from_secs(self.jwks_refresh_secs),
+                ..JwksRefresh::default()
+            },
         })
     }
 }
@@ -220,7 +299,7 @@ impl ProgressArgs {
             default_lease: Duration::from_secs(self.lease_secs),
             max_attempts: self.max_attempts,
             async_actions: self.async_actions.clone(),
-            trust: Trust::None,
+            trust: Trust::none(),
         })
     }
 }
@@ -319,7 +398,7 @@ impl EdgeArgs {
             connection_burst_per_ip: self.connection_burst_per_ip.max(1),
             outbound_queue: self.outbound_queue,
             control_plane_timeout: defaults.control_plane_timeout,
-            trust: Trust::None,
+            trust: Trust::none(),
         })
     }
 }
@@ -568,17 +647,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::ServiceToken(cmd) = cli.command {
         return service_token(cmd);
     }
+    if let Command::Certs(cmd) = cli.command {
+        return certs(cmd);
+    }
     streamer_core::telemetry::init_logs(cli.log_format, "info");
     let shutdown = Shutdown::new();
     streamer_core::shutdown::cancel_on_signal(shutdown.clone());
     match cli.command {
-        Command::Token(_) | Command::ServiceToken(_) => Ok(()),
+        Command::Token(_) | Command::ServiceToken(_) | Command::Certs(_) => Ok(()),
         Command::Auth(cmd) => {
             let config = cmd.keys.config(&cmd.data.data_dir)?;
             let trust = cmd.trust.trust(&[cmd.listen])?;
+            // The deny-list of revoked tokens.
+            let store = crate::open_embedded_store(&cmd.data.data_dir.join("auth"))?;
             let listener = bind(cmd.listen).await?;
             spawn_metrics(cmd.metrics_listen, shutdown.clone());
-            crate::run_auth(listener, config, trust, shutdown).await
+            let result = crate::run_auth(listener, store.clone(), config, trust, shutdown).await;
+            store.flush().await?;
+            result
         }
         Command::Connection(cmd) => {
             let store = crate::open_embedded_store(&cmd.data.data_dir.join("connection"))?;
@@ -644,14 +730,20 @@ async fn all(cmd: AllCmd, shutdown: Shutdown) -> anyhow::Result<()> {
             cmd.progress_listen,
         ])?,
     };
-    let trust_note = match &config.trust {
-        Trust::None => "Trust: none. Any caller that reaches the gRPC ports may call every method \
+    let mut trust_note = match config.trust.check() {
+        Check::None => "Trust: none. Any caller that reaches the gRPC ports may call every method \
                         (they listen on loopback unless told otherwise)."
             .to_owned(),
-        Trust::Token(_) => "Trust: token. Every gRPC call needs a service token \
+        Check::Token(_) => "Trust: token. Every gRPC call needs a service token \
                             (`streamer service-token --help`)."
             .to_owned(),
+        Check::Certificate => "Trust: mtls. Every gRPC call needs a client certificate signed \
+                               by --tls-ca that names its role (`streamer certs --help`)."
+            .to_owned(),
     };
+    if config.trust.tls().is_some() {
+        trust_note.push_str(" gRPC is served over TLS (https://).");
+    }
     let listeners = SystemListeners {
         auth: bind(cmd.auth_listen).await?,
         connection: bind(cmd.connection_listen).await?,
@@ -673,7 +765,7 @@ async fn all(cmd: AllCmd, shutdown: Shutdown) -> anyhow::Result<()> {
         metrics_addr,
         &data_dir,
         &demo,
-        cmd.keys.keys.is_empty(),
+        cmd.keys.uses_dev_key(),
         &trust_note,
     );
     // A closed stdout (a pipe whose reader left) must not stop the system.
@@ -756,6 +848,73 @@ pub struct ServiceTokenCmd {
     /// The shared service secret.
     #[arg(long, env = "STREAMER_SERVICE_SECRET_FILE")]
     pub service_secret_file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CertsCmd {
+    /// Directory to write to: `ca.crt`, and one directory per holder with
+    /// `tls.crt`, `tls.key` and `ca.crt` (the layout cert-manager writes).
+    #[arg(long, default_value = ".streamer/tls")]
+    pub out: PathBuf,
+    /// Names and addresses the servers are dialled by, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    pub hosts: Vec<String>,
+}
+
+/// Who `streamer certs` issues a certificate to, and the roles it names.
+const CERT_HOLDERS: &[(&str, &[Role])] = &[
+    // `streamer all`: its edge attaches, its services call each other.
+    ("streamer", &[Role::Edge, Role::Backend]),
+    ("auth", &[]),
+    ("connection", &[Role::Backend]),
+    ("progress", &[Role::Backend]),
+    ("gateway", &[Role::Edge]),
+    ("router", &[Role::Router]),
+    ("processor", &[Role::Processor]),
+    ("backend", &[Role::Backend]),
+];
+
+fn certs(cmd: CertsCmd) -> anyhow::Result<()> {
+    use streamer_core::tls::issue::Authority;
+    let write = |path: PathBuf, text: &str| {
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+    };
+    let ca = Authority::new("Streamer development CA")?;
+    std::fs::create_dir_all(&cmd.out)
+        .with_context(|| format!("cannot create {}", cmd.out.display()))?;
+    write(cmd.out.join("ca.crt"), &ca.pem.cert)?;
+    for (holder, roles) in CERT_HOLDERS {
+        let pem = ca.issue(holder, roles, &[], &cmd.hosts)?;
+        let dir = cmd.out.join(holder);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        write(dir.join("tls.crt"), &pem.cert)?;
+        write(dir.join("tls.key"), &pem.key)?;
+        write(dir.join("ca.crt"), &ca.pem.cert)?;
+        set_private(&dir.join("tls.key"))?;
+    }
+    println!(
+        "Wrote a CA and certificates for {} to {}",
+        CERT_HOLDERS
+            .iter()
+            .map(|(holder, _)| *holder)
+            .collect::<Vec<_>>()
+            .join(", "),
+        cmd.out.display()
+    );
+    Ok(())
+}
+
+#[cfg(unix)]
+fn set_private(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))
+}
+
+#[cfg(not(unix))]
+fn set_private(_path: &Path) -> anyhow::Result<()> {
+    Ok(())
 }
 
 fn service_token(cmd: ServiceTokenCmd) -> anyhow::Result<()> {

@@ -34,34 +34,48 @@ async fn store_ready(store: SharedStore) -> anyhow::Result<()> {
     store.ping().await.context("store not reachable")
 }
 
-/// Serves AuthService until `shutdown`, to the callers `trust` admits.
+/// Serves AuthService until `shutdown`, to the callers `trust` admits; the
+/// deny-list of revoked tokens lives in `store`.
 pub async fn run_auth(
     listener: TcpListener,
+    store: SharedStore,
     config: AuthConfig,
     trust: Trust,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let validator = TokenValidator::new(config).context("cannot load the token keys")?;
-    serve_auth(listener, validator, trust, shutdown).await
+    serve_auth(listener, store, validator, trust, shutdown).await
 }
 
-/// Serves AuthService with keys already loaded.
+/// Serves AuthService with keys already loaded. Its background work (JWKS
+/// refreshes, the sweep of expired revocations) runs exactly as long as it
+/// serves.
 async fn serve_auth(
     listener: TcpListener,
+    store: SharedStore,
     validator: TokenValidator,
     trust: Trust,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let routes = tonic::service::Routes::new(AuthServer::new(validator).into_service());
-    streamer_core::grpc::serve(
-        listener,
-        routes,
-        &[service_names::AUTH],
-        trust,
-        async { Ok(()) },
-        shutdown,
-    )
-    .await
+    let server = AuthServer::new(validator, store.clone());
+    let routes = tonic::service::Routes::new(server.clone().into_service());
+    // Stopped when serving ends, also when it fails before any shutdown.
+    let background = shutdown.child_token();
+    let serving = async {
+        let served = streamer_core::grpc::serve(
+            listener,
+            routes,
+            &[service_names::AUTH],
+            trust,
+            store_ready(store),
+            shutdown,
+        )
+        .await;
+        background.cancel();
+        served
+    };
+    let (served, ()) = tokio::join!(serving, server.maintain(background.clone()));
+    served
 }
 
 /// Serves ConnectionService until `shutdown`: the public API on `listener`,
@@ -189,7 +203,7 @@ impl SystemConfig {
             connection: ConnectionConfig::default(),
             progress: ProgressConfig::default(),
             gateway: GatewayConfig::default(),
-            trust: Trust::None,
+            trust: Trust::none(),
         })
     }
 }
@@ -258,7 +272,12 @@ pub async fn start_system(
         progress: listeners.progress.local_addr()?,
         gateway: listeners.gateway.local_addr()?,
     };
-    let url = |addr| format!("http://{}", dial_addr(addr));
+    let scheme = if config.trust.tls().is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let url = |addr| format!("{scheme}://{}", dial_addr(addr));
     config.connection.progress_endpoint = Some(url(addrs.progress));
     // The only edge is this process's own, new one: nothing recorded
     // before belongs to a live socket.
@@ -277,6 +296,7 @@ pub async fn start_system(
     let mut tasks = JoinSet::new();
     tasks.spawn(serve_auth(
         listeners.auth,
+        store.clone(),
         validator,
         config.trust.clone(),
         shutdown.clone(),

@@ -271,7 +271,7 @@ async fn the_python_processor_presents_its_service_token_where_callers_are_check
         )
         .unwrap();
     let system = TestSystem::start_with(|config| {
-        config.trust = streamer_core::trust::Trust::Token(std::sync::Arc::new(tokens));
+        config.trust = streamer_core::trust::Trust::token(tokens);
     })
     .await;
     let _processor = PythonProcessor::start_with_token(&system, "py-token", Some(&token)).await;

@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -30,7 +29,7 @@ fn tokens() -> ServiceTokens {
 
 async fn system() -> TestSystem {
     TestSystem::start_with(|config| {
-        config.trust = Trust::Token(Arc::new(tokens()));
+        config.trust = Trust::token(tokens());
     })
     .await
 }
@@ -252,7 +251,7 @@ async fn each_role_may_call_only_what_it_needs() {
 #[tokio::test]
 async fn a_backend_bound_to_a_tenant_reaches_only_that_tenant() {
     let system = TestSystem::start_with(|config| {
-        config.trust = Trust::Token(Arc::new(tokens()));
+        config.trust = Trust::token(tokens());
         config.progress.async_actions = vec!["generate_report".into()];
     })
     .await;
@@ -396,7 +395,7 @@ async fn a_backend_bound_to_a_tenant_reaches_only_that_tenant() {
 #[tokio::test]
 async fn a_processor_cannot_report_on_or_complete_work_another_credential_holds() {
     let system = TestSystem::start_with(|config| {
-        config.trust = Trust::Token(Arc::new(tokens()));
+        config.trust = Trust::token(tokens());
         config.progress.async_actions = vec!["generate_report".into()];
     })
     .await;

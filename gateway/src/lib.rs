@@ -43,7 +43,7 @@ use streamer_core::trust::{AuthedChannel, Role, Trust};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::edge::{Edge, RegisterError};
 use crate::limits::{PerIpRate, SocketLimits};
@@ -101,7 +101,7 @@ impl Default for GatewayConfig {
             connection_burst_per_ip: 100,
             outbound_queue: 1024,
             control_plane_timeout: Duration::from_secs(3),
-            trust: Trust::None,
+            trust: Trust::none(),
         }
     }
 }
@@ -120,17 +120,9 @@ struct AppState {
     per_ip: Arc<PerIpRate>,
 }
 
-fn channel(url: &str, timeout: Duration) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_owned())
-        .map_err(|e| anyhow::anyhow!("invalid URL {url:?}: {e}"))?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
-        // Finds a half-open connection to the control plane, so the edge
-        // re-attaches instead of believing it is attached.
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+fn channel(url: &str, timeout: Duration, trust: &Trust) -> anyhow::Result<Channel> {
+    let endpoint = streamer_core::grpc::endpoint(url, trust)?.connect_timeout(timeout);
+    Ok(streamer_core::grpc::channel(&endpoint, trust))
 }
 
 /// Serves the edge on `listener` until `shutdown`, then closes every socket
@@ -140,16 +132,25 @@ pub async fn serve(
     config: GatewayConfig,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let credentials = config.trust.credentials(&config.edge_id, &[Role::Edge]);
+    let edge_id = config.trust.edge_id(&config.edge_id);
+    let credentials = config.trust.credentials(&edge_id, &[Role::Edge]);
     let auth = AuthServiceClient::with_interceptor(
-        channel(&config.auth_endpoint, config.control_plane_timeout)?,
+        channel(
+            &config.auth_endpoint,
+            config.control_plane_timeout,
+            &config.trust,
+        )?,
         credentials.clone(),
     );
     let connections = EdgeServiceClient::with_interceptor(
-        channel(&config.connection_endpoint, config.control_plane_timeout)?,
+        channel(
+            &config.connection_endpoint,
+            config.control_plane_timeout,
+            &config.trust,
+        )?,
         credentials,
     );
-    let edge = Edge::new(config.edge_id.clone(), config.outbound_queue);
+    let edge = Edge::new(edge_id, config.outbound_queue);
     let upstream = tokio::spawn(edge.clone().run_upstream(connections, shutdown.clone()));
     let sockets = TaskTracker::new();
     let header_read_timeout = config.header_read_timeout;
@@ -323,6 +324,7 @@ fn refusal(failure: TokenFailure, message: &str) -> (&'static str, String) {
         TokenFailure::Missing => ("missing_token", "missing token".into()),
         TokenFailure::Expired => ("token_expired", "token expired".into()),
         TokenFailure::TenantNotAllowed => ("tenant_not_allowed", "tenant not allowed".into()),
+        TokenFailure::Revoked => ("token_revoked", "token revoked".into()),
         _ => ("invalid_token", format!("invalid token: {message}")),
     }
 }
@@ -512,6 +514,7 @@ mod tests {
             refusal(TokenFailure::TenantNotAllowed, "x").0,
             "tenant_not_allowed"
         );
+        assert_eq!(refusal(TokenFailure::Revoked, "x").0, "token_revoked");
         let (reason, message) = refusal(TokenFailure::BadSignature, "signature does not verify");
         assert_eq!(reason, "invalid_token");
         assert!(message.contains("signature"));

@@ -79,7 +79,7 @@ impl Default for ConnectionConfig {
             progress_endpoint: Some("http://127.0.0.1:50053".into()),
             delivery_timeout: Duration::from_secs(5),
             connections_stale_at_start: false,
-            trust: Trust::None,
+            trust: Trust::none(),
         }
     }
 }
@@ -141,19 +141,17 @@ impl ConnectionServer {
         shutdown: Shutdown,
     ) -> anyhow::Result<Self> {
         let progress = match &config.progress_endpoint {
-            Some(url) => Some(ProgressServiceClient::with_interceptor(
-                tonic::transport::Endpoint::from_shared(url.clone())
-                    .map_err(|e| anyhow::anyhow!("invalid ProgressService URL {url:?}: {e}"))?
+            Some(url) => {
+                let endpoint = streamer_core::grpc::endpoint(url, &config.trust)?
                     .connect_timeout(Duration::from_secs(3))
-                    .timeout(PROGRESS_CALL_TIMEOUT)
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(20))
-                    .keep_alive_timeout(Duration::from_secs(10))
-                    .connect_lazy(),
-                config
-                    .trust
-                    .credentials("connection-service", &[Role::Backend]),
-            )),
+                    .timeout(PROGRESS_CALL_TIMEOUT);
+                Some(ProgressServiceClient::with_interceptor(
+                    streamer_core::grpc::channel(&endpoint, &config.trust),
+                    config
+                        .trust
+                        .credentials("connection-service", &[Role::Backend]),
+                ))
+            }
             None => None,
         };
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..INBOUND_WORKERS)
@@ -987,11 +985,12 @@ impl EdgeService for ConnectionServer {
         };
         let edge_id = required_id("hello.edge_id", hello.edge_id)?;
         // An authenticated edge speaks only as itself: its id is its
-        // credential's name, so no other caller can take its sockets over.
-        if caller.authenticated && caller.subject != edge_id {
+        // credential's name (or a name under it), so no other caller can
+        // take its sockets over.
+        if !caller.may_attach_as(&edge_id) {
             return Err(ConnectionError::PermissionDenied(format!(
-                "this credential ({}) may attach only as edge {:?}, not {edge_id:?}",
-                caller.subject, caller.subject
+                "this credential ({0}) may attach only as edge {0:?} or {0:?}/<name>, not {edge_id:?}",
+                caller.subject
             ))
             .into());
         }

@@ -8,16 +8,18 @@
 //! balancers stop sending new work while in-flight calls drain.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt as _};
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
+use tonic::transport::{Channel, Endpoint};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::shutdown::Shutdown;
+use crate::tls::ServerIo;
 use crate::trust::{Trust, TrustLayer};
 
 /// How long in-flight calls may take to finish once shutdown begins.
@@ -67,6 +69,7 @@ where
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let local = listener.local_addr()?;
+    set_serving(local, false);
     let names = services.to_vec();
     {
         let reporter = reporter.clone();
@@ -75,7 +78,10 @@ where
         tokio::spawn(async move {
             tokio::select! {
                 result = ready => match result {
-                    Ok(()) => set_all(&reporter, &names, ServingStatus::Serving).await,
+                    Ok(()) => {
+                        set_all(&reporter, &names, ServingStatus::Serving).await;
+                        set_serving(local, true);
+                    }
                     Err(error) => tracing::error!(%error, "service not ready; health stays NOT_SERVING"),
                 },
                 () = shutdown.cancelled() => {}
@@ -88,19 +94,23 @@ where
         let shutdown = shutdown.clone();
         async move {
             shutdown.cancelled().await;
+            set_serving(local, false);
             set_all(&reporter, &names, ServingStatus::NotServing).await;
         }
     };
 
-    tracing::info!(address = %local, services = ?services, trust = trust.name(), "grpc server listening");
-    // Deliveries are small and latency-bound: Nagle's algorithm on the
-    // accepted sockets stalls them by up to 40 ms (measured in
-    // BENCHMARKS.md). Keepalives find half-open peers.
-    let incoming = TcpListenerStream::new(listener).map(|socket| {
-        socket.inspect(|s| {
-            let _ = s.set_nodelay(true);
-        })
-    });
+    tracing::info!(
+        address = %local,
+        services = ?services,
+        trust = trust.name(),
+        tls = trust.tls().is_some(),
+        "grpc server listening"
+    );
+    let incoming: std::pin::Pin<Box<dyn Stream<Item = std::io::Result<ServerIo>> + Send>> =
+        match trust.tls() {
+            Some(tls) => Box::pin(tls.clone().accept(listener)),
+            None => Box::pin(crate::tls::accepted(listener).map(|s| Ok(ServerIo::plain(s)))),
+        };
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -125,9 +135,63 @@ where
     Ok(())
 }
 
+/// Whether each gRPC server of this process is serving, by address: what
+/// the metrics listener's `/readyz` reports.
+static SERVING: std::sync::Mutex<Vec<(SocketAddr, bool)>> = std::sync::Mutex::new(Vec::new());
+
+fn set_serving(address: SocketAddr, serving: bool) {
+    let mut all = SERVING.lock().unwrap_or_else(|e| e.into_inner());
+    match all.iter_mut().find(|(a, _)| *a == address) {
+        Some(entry) => entry.1 = serving,
+        None => all.push((address, serving)),
+    }
+}
+
+/// The addresses of this process's gRPC servers that are not serving.
+pub fn not_serving() -> Vec<String> {
+    SERVING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(_, serving)| !serving)
+        .map(|(address, _)| address.to_string())
+        .collect()
+}
+
 async fn set_all(reporter: &HealthReporter, services: &[&'static str], status: ServingStatus) {
     reporter.set_service_status("", status).await;
     for name in services {
         reporter.set_service_status(*name, status).await;
+    }
+}
+
+/// An endpoint for `url` with what every Streamer client sets: no Nagle,
+/// and HTTP/2 keepalives that find a half-open connection (so an edge
+/// re-attaches instead of believing it is attached). The caller adds its
+/// own timeouts. `https://` when `trust` has TLS, `http://` otherwise.
+pub fn endpoint(url: &str, trust: &Trust) -> anyhow::Result<Endpoint> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| anyhow::anyhow!("invalid URL {url:?}: {e}"))?;
+    match (trust.tls().is_some(), endpoint.uri().scheme_str()) {
+        (true, Some("https")) | (false, Some("http")) => {}
+        (true, _) => anyhow::bail!("{url}: TLS is configured, so the URL must be https://"),
+        (false, Some("https")) => {
+            anyhow::bail!("{url}: an https:// URL needs TLS (--tls-cert, --tls-key, --tls-ca)")
+        }
+        (false, _) => anyhow::bail!("{url}: the URL must be http:// (or https:// with TLS)"),
+    }
+    Ok(endpoint
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true))
+}
+
+/// A channel to `endpoint` that connects on first use (so a process may
+/// start before the services it calls), over TLS when `trust` has it.
+pub fn channel(endpoint: &Endpoint, trust: &Trust) -> Channel {
+    match trust.tls() {
+        Some(tls) => endpoint.connect_with_connector_lazy(tls.connector()),
+        None => endpoint.connect_lazy(),
     }
 }

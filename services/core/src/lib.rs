@@ -16,6 +16,7 @@ pub mod grpc;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod trust;
 
 /// A timestamp for the wire from the store's milliseconds.

@@ -56,8 +56,11 @@ pub fn metrics_recorder() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves `GET /metrics` (Prometheus text) and `GET /healthz` on `addr`
-/// until `shutdown`.
+/// Serves `GET /metrics` (Prometheus text), `GET /healthz` (the process
+/// answers) and `GET /readyz` (every gRPC server of the process reports
+/// SERVING, as its gRPC health does) on `addr` until `shutdown`. The HTTP
+/// pair is for probes that cannot speak gRPC over TLS, such as the
+/// kubelet's.
 pub async fn serve_metrics(addr: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
     let handle = metrics_recorder();
     let app = axum::Router::new()
@@ -68,7 +71,19 @@ pub async fn serve_metrics(addr: SocketAddr, shutdown: Shutdown) -> anyhow::Resu
                 async move { handle.render() }
             }),
         )
-        .route("/healthz", axum::routing::get(|| async { "ok" }));
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            axum::routing::get(|| async {
+                match crate::grpc::not_serving() {
+                    none if none.is_empty() => (axum::http::StatusCode::OK, "ready".to_owned()),
+                    some => (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not serving: {}", some.join(", ")),
+                    ),
+                }
+            }),
+        );
     let listener = crate::grpc::bind(addr).await?;
     tracing::info!(address = %addr, "metrics listening");
     axum::serve(listener, app)

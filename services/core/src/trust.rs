@@ -29,6 +29,8 @@ use serde::{Deserialize, Serialize};
 use tonic::Status;
 use tonic::metadata::AsciiMetadataValue;
 
+use crate::tls::{PeerIdentity, Tls};
+
 /// What a caller is allowed to be.
 #[derive(
     Debug,
@@ -131,6 +133,17 @@ impl Caller {
         }
     }
 
+    /// A caller with no credential where one is checked: health and
+    /// reflection only, reaching no tenant.
+    pub fn nobody() -> Self {
+        Self {
+            subject: String::new(),
+            roles: BTreeSet::new(),
+            tenants: Some(BTreeSet::new()),
+            authenticated: false,
+        }
+    }
+
     /// `anyone`, for work a service does on its own behalf.
     pub fn everyone() -> &'static Arc<Caller> {
         static EVERYONE: std::sync::LazyLock<Arc<Caller>> =
@@ -146,6 +159,18 @@ impl Caller {
     /// The caller of a request: the one the trust layer put there, or
     /// `anyone` where nothing is checked (mode `none` inserts nothing, so
     /// it costs no allocation per call).
+    /// Whether this caller may attach as the edge `edge_id`: its own name,
+    /// or a name under it (`gateway/pod-1` for the certificate `gateway`,
+    /// which every replica of a Deployment shares). Unauthenticated callers
+    /// exist only in mode `none`, where anyone may.
+    pub fn may_attach_as(&self, edge_id: &str) -> bool {
+        !self.authenticated
+            || edge_id == self.subject
+            || edge_id
+                .strip_prefix(self.subject.as_str())
+                .is_some_and(|rest| rest.starts_with('/') && rest.len() > 1)
+    }
+
     pub fn of<T>(request: &tonic::Request<T>) -> Arc<Self> {
         request
             .extensions()
@@ -254,6 +279,71 @@ impl ServiceTokens {
     }
 }
 
+/// A client certificate's URI names that grant a role:
+/// `urn:streamer:role:backend`.
+pub const ROLE_URI_PREFIX: &str = "urn:streamer:role:";
+/// A client certificate's URI names that bind it to tenants:
+/// `urn:streamer:tenant:acme`. None: every tenant.
+pub const TENANT_URI_PREFIX: &str = "urn:streamer:tenant:";
+
+/// Who a client certificate (DER, already verified against the CA) names:
+/// its subject is the common name (else its first DNS name), its roles and
+/// tenants come from its `urn:streamer:…` URI names. A certificate that
+/// names no role, or a role Streamer does not know, grants nothing.
+pub fn certificate_caller(der: &[u8]) -> Result<Caller, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("it cannot be parsed: {e}"))?;
+    let names: Vec<GeneralName<'_>> = match cert.subject_alternative_name() {
+        Ok(Some(ext)) => ext.value.general_names.clone(),
+        Ok(None) => Vec::new(),
+        Err(e) => {
+            return Err(format!(
+                "its subject alternative names cannot be parsed: {e}"
+            ));
+        }
+    };
+    let common_name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned);
+    let dns_name = names.iter().find_map(|n| match n {
+        GeneralName::DNSName(d) => Some((*d).to_owned()),
+        _ => None,
+    });
+    let subject = common_name
+        .or(dns_name)
+        .filter(|s| !s.is_empty())
+        .ok_or("it has neither a common name nor a DNS name")?;
+    let mut roles = BTreeSet::new();
+    let mut tenants = BTreeSet::new();
+    for name in &names {
+        let GeneralName::URI(uri) = name else {
+            continue;
+        };
+        if let Some(role) = uri.strip_prefix(ROLE_URI_PREFIX) {
+            let role = <Role as clap::ValueEnum>::from_str(role, false)
+                .map_err(|_| format!("{uri} names no Streamer role"))?;
+            roles.insert(role);
+        } else if let Some(tenant) = uri.strip_prefix(TENANT_URI_PREFIX) {
+            tenants.insert(tenant.to_owned());
+        }
+    }
+    if roles.is_empty() {
+        return Err(format!(
+            "{subject:?} has no {ROLE_URI_PREFIX}<role> name; it may serve, not call"
+        ));
+    }
+    Ok(Caller {
+        subject,
+        roles,
+        tenants: (!tenants.is_empty()).then_some(tenants),
+        authenticated: true,
+    })
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -262,67 +352,156 @@ fn unix_now() -> u64 {
 
 /// How a server authenticates its callers, and how a client presents
 /// itself: one value per process, cheap to clone.
-#[derive(Debug, Clone)]
-pub enum Trust {
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    check: Check,
+    tls: Option<Arc<Tls>>,
+}
+
+/// What a server checks of a caller (rule 1).
+#[derive(Debug, Clone, Default)]
+pub enum Check {
+    /// Nothing.
+    #[default]
     None,
+    /// A service token signed with the shared secret.
     Token(Arc<ServiceTokens>),
+    /// A client certificate signed by the CA, whose names grant the roles
+    /// (see [`certificate_caller`]).
+    Certificate,
 }
 
 /// Two trusts are the same when they are the same mode with the same
-/// secret (one loaded once and shared).
+/// secret and certificates (each loaded once and shared).
 impl PartialEq for Trust {
     fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (Trust::None, Trust::None) => true,
-            (Trust::Token(a), Trust::Token(b)) => Arc::ptr_eq(a, b),
+        let same_check = match (&self.check, &other.check) {
+            (Check::None, Check::None) | (Check::Certificate, Check::Certificate) => true,
+            (Check::Token(a), Check::Token(b)) => Arc::ptr_eq(a, b),
             _ => false,
-        }
-    }
-}
-
-impl Default for Trust {
-    /// Mode `none`, for loopback.
-    fn default() -> Self {
-        Trust::None
+        };
+        let same_tls = match (&self.tls, &other.tls) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        same_check && same_tls
     }
 }
 
 impl Trust {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Trust::None => "none",
-            Trust::Token(_) => "token",
+    /// Mode `none`, in plain text: for loopback.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Mode `token`: every call carries a service token.
+    pub fn token(tokens: ServiceTokens) -> Self {
+        Self {
+            check: Check::Token(Arc::new(tokens)),
+            tls: None,
         }
     }
 
-    /// Rule 2: the caller of a call to `path` with these headers.
-    pub fn authorize(&self, path: &str, headers: &http::HeaderMap) -> Result<Caller, Status> {
-        let access = access(path);
-        let Trust::Token(tokens) = self else {
-            return Ok(Caller::anyone());
-        };
-        let Access::Roles(roles) = access else {
-            return Ok(Caller {
-                subject: String::new(),
-                roles: BTreeSet::new(),
-                tenants: Some(BTreeSet::new()),
-                authenticated: false,
+    /// Mode `mtls`: every call comes over TLS with a client certificate
+    /// signed by the CA of `tls`.
+    pub fn mtls(tls: Arc<Tls>) -> Self {
+        Self {
+            check: Check::Certificate,
+            tls: Some(tls),
+        }
+    }
+
+    /// The same check, over TLS.
+    pub fn with_tls(self, tls: Arc<Tls>) -> Self {
+        Self {
+            tls: Some(tls),
+            ..self
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self.check {
+            Check::None => "none",
+            Check::Token(_) => "token",
+            Check::Certificate => "mtls",
+        }
+    }
+
+    pub fn check(&self) -> &Check {
+        &self.check
+    }
+
+    /// The TLS setup servers accept with and clients dial with, if any.
+    pub fn tls(&self) -> Option<&Arc<Tls>> {
+        self.tls.as_ref()
+    }
+
+    /// The id an edge attaches with: `edge_id` as given, except that in
+    /// mode `mtls` it is put under the certificate's name (see
+    /// [`Caller::may_attach_as`]) unless it already is.
+    pub fn edge_id(&self, edge_id: &str) -> String {
+        match (&self.check, self.tls.as_ref().and_then(|t| t.subject())) {
+            (Check::Certificate, Some(subject))
+                if edge_id != subject && !edge_id.starts_with(&format!("{subject}/")) =>
+            {
+                format!("{subject}/{edge_id}")
+            }
+            _ => edge_id.to_owned(),
+        }
+    }
+
+    /// Rule 2: the caller of a call to `path` with these headers, over a
+    /// connection whose client certificate said `peer`.
+    pub fn authorize(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        peer: Option<&PeerIdentity>,
+    ) -> Result<Caller, Status> {
+        let Access::Roles(roles) = access(path) else {
+            return Ok(match self.check {
+                Check::None => Caller::anyone(),
+                _ => Caller::nobody(),
             });
         };
-        let token = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "a service token is required: send `authorization: Bearer <token>`",
-                )
-            })?;
-        let caller = tokens.verify(token.trim())?;
+        let caller = match &self.check {
+            Check::None => return Ok(Caller::anyone()),
+            Check::Token(tokens) => {
+                let token = headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .ok_or_else(|| {
+                        Status::unauthenticated(
+                            "a service token is required: send `authorization: Bearer <token>`",
+                        )
+                    })?;
+                tokens.verify(token.trim())?
+            }
+            Check::Certificate => match peer {
+                Some(PeerIdentity {
+                    caller: Some(caller),
+                    ..
+                }) => Caller::clone(caller),
+                Some(PeerIdentity {
+                    refusal: Some(why), ..
+                }) => {
+                    return Err(Status::unauthenticated(format!(
+                        "the client certificate grants nothing: {why}"
+                    )));
+                }
+                _ => {
+                    return Err(Status::unauthenticated(
+                        "a client certificate signed by the Streamer CA is required",
+                    ));
+                }
+            },
+        };
         if !roles.iter().any(|r| caller.roles.contains(r)) {
             let needed: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
             return Err(Status::permission_denied(format!(
-                "{path} needs the role {}; this token ({}) has {:?}",
+                "{path} needs the role {}; this credential ({}) has {:?}",
                 needed.join(" or "),
                 caller.subject,
                 caller.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>()
@@ -331,7 +510,6 @@ impl Trust {
         Ok(caller)
     }
 
-    /// What a Streamer process presents when it calls another one.
     pub fn credentials(&self, subject: &str, roles: &[Role]) -> CallCredentials {
         CallCredentials {
             trust: self.clone(),
@@ -379,12 +557,13 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        if let Trust::None = self.trust {
+        if let Check::None = self.trust.check {
             return Box::pin(self.inner.call(request));
         }
+        let peer = request.extensions().get::<PeerIdentity>();
         match self
             .trust
-            .authorize(request.uri().path(), request.headers())
+            .authorize(request.uri().path(), request.headers(), peer)
         {
             Ok(caller) => {
                 request.extensions_mut().insert(Arc::new(caller));
@@ -417,7 +596,7 @@ const SELF_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
 impl CallCredentials {
     fn header(&self) -> Result<Option<AsciiMetadataValue>, Status> {
-        let Trust::Token(tokens) = &self.trust else {
+        let Check::Token(tokens) = &self.trust.check else {
             return Ok(None);
         };
         let now = unix_now();
@@ -494,8 +673,12 @@ mod tests {
 
     #[test]
     fn mode_none_lets_anyone_do_anything() {
-        let caller = Trust::None
-            .authorize("/streamer.v1.EdgeService/Attach", &http::HeaderMap::new())
+        let caller = Trust::none()
+            .authorize(
+                "/streamer.v1.EdgeService/Attach",
+                &http::HeaderMap::new(),
+                None,
+            )
             .unwrap();
         assert_eq!(caller, Caller::anyone());
         assert!(caller.reaches("any"));
@@ -504,23 +687,25 @@ mod tests {
     #[test]
     fn mode_token_checks_the_token_then_the_role() {
         let tokens = tokens();
-        let trust = Trust::Token(Arc::new(tokens.clone()));
+        let trust = Trust::token(tokens.clone());
         let send = "/streamer.v1.ConnectionService/Send";
 
-        let missing = trust.authorize(send, &http::HeaderMap::new()).unwrap_err();
+        let missing = trust
+            .authorize(send, &http::HeaderMap::new(), None)
+            .unwrap_err();
         assert_eq!(missing.code(), tonic::Code::Unauthenticated);
 
         let forged = ServiceTokens::from_secret(&[8u8; 32])
             .unwrap()
             .mint("billing", &[Role::Backend], None, Duration::from_secs(60))
             .unwrap();
-        let wrong_key = trust.authorize(send, &headers(&forged)).unwrap_err();
+        let wrong_key = trust.authorize(send, &headers(&forged), None).unwrap_err();
         assert_eq!(wrong_key.code(), tonic::Code::Unauthenticated);
 
         let router = tokens
             .mint("r", &[Role::Router], None, Duration::from_secs(60))
             .unwrap();
-        let denied = trust.authorize(send, &headers(&router)).unwrap_err();
+        let denied = trust.authorize(send, &headers(&router), None).unwrap_err();
         assert_eq!(denied.code(), tonic::Code::PermissionDenied);
         assert!(denied.message().contains("backend"), "{denied:?}");
 
@@ -532,14 +717,18 @@ mod tests {
                 Duration::from_secs(60),
             )
             .unwrap();
-        let caller = trust.authorize(send, &headers(&backend)).unwrap();
+        let caller = trust.authorize(send, &headers(&backend), None).unwrap();
         assert_eq!(caller.subject, "billing");
         assert!(caller.reaches("acme"));
         assert!(!caller.reaches("globex"));
 
         // Probes need nothing, and get no power from it.
         let probe = trust
-            .authorize("/grpc.health.v1.Health/Check", &http::HeaderMap::new())
+            .authorize(
+                "/grpc.health.v1.Health/Check",
+                &http::HeaderMap::new(),
+                None,
+            )
             .unwrap();
         assert!(probe.roles.is_empty() && !probe.reaches("acme"));
     }
@@ -547,7 +736,7 @@ mod tests {
     #[test]
     fn expired_tokens_and_short_secrets_are_refused() {
         let tokens = tokens();
-        let trust = Trust::Token(Arc::new(tokens.clone()));
+        let trust = Trust::token(tokens.clone());
         let mut claims = ServiceClaims {
             sub: "old".into(),
             roles: vec![Role::Backend],
@@ -563,7 +752,11 @@ mod tests {
         )
         .unwrap();
         let refused = trust
-            .authorize("/streamer.v1.ConnectionService/Send", &headers(&expired))
+            .authorize(
+                "/streamer.v1.ConnectionService/Send",
+                &headers(&expired),
+                None,
+            )
             .unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated);
 
@@ -578,7 +771,11 @@ mod tests {
         .unwrap();
         assert!(
             trust
-                .authorize("/streamer.v1.ConnectionService/Send", &headers(&other))
+                .authorize(
+                    "/streamer.v1.ConnectionService/Send",
+                    &headers(&other),
+                    None
+                )
                 .is_err()
         );
 
@@ -588,7 +785,7 @@ mod tests {
     #[test]
     fn credentials_present_a_token_that_the_servers_accept() {
         use tonic::service::Interceptor as _;
-        let trust = Trust::Token(Arc::new(tokens()));
+        let trust = Trust::token(tokens());
         let mut credentials = trust.credentials("edge-1", &[Role::Edge]);
         let request = credentials.call(tonic::Request::new(())).unwrap();
         let value = request.metadata().get("authorization").unwrap();
@@ -598,11 +795,11 @@ mod tests {
             value.to_str().unwrap().parse().unwrap(),
         );
         let caller = trust
-            .authorize("/streamer.v1.EdgeService/Attach", &headers)
+            .authorize("/streamer.v1.EdgeService/Attach", &headers, None)
             .unwrap();
         assert_eq!(caller.subject, "edge-1");
 
-        let mut none = Trust::None.credentials("edge-1", &[Role::Edge]);
+        let mut none = Trust::none().credentials("edge-1", &[Role::Edge]);
         let request = none.call(tonic::Request::new(())).unwrap();
         assert!(request.metadata().get("authorization").is_none());
     }
@@ -612,13 +809,13 @@ mod tests {
         /// in mode `token` nothing but a token signed with the secret gets in.
         #[test]
         fn any_authorization_header_is_refused_without_the_secret(value in "[ -~]{0,300}") {
-            let trust = Trust::Token(Arc::new(tokens()));
+            let trust = Trust::token(tokens());
             let mut headers = http::HeaderMap::new();
             if let Ok(value) = value.parse() {
                 headers.insert(http::header::AUTHORIZATION, value);
             }
             proptest::prop_assert!(
-                trust.authorize("/streamer.v1.ConnectionService/Send", &headers).is_err()
+                trust.authorize("/streamer.v1.ConnectionService/Send", &headers, None).is_err()
             );
         }
     }

@@ -6,7 +6,6 @@ use std::time::Duration;
 use streamer_api::v1;
 use streamer_api::v1::connection_service_client::ConnectionServiceClient;
 use streamer_core::trust::{AuthedChannel, Role, Trust};
-use tonic::transport::Endpoint;
 
 use crate::error::ProgressError;
 
@@ -38,17 +37,13 @@ pub(crate) struct ConnectionDirectory {
 impl ConnectionDirectory {
     /// Connects lazily, so this service may start before ConnectionService.
     pub fn lazy(endpoint: &str, trust: &Trust) -> anyhow::Result<Self> {
-        let endpoint = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| anyhow::anyhow!("invalid connection endpoint {endpoint:?}: {e}"))?
+        let endpoint = streamer_core::grpc::endpoint(endpoint, trust)?
             .connect_timeout(Duration::from_secs(5))
             // A hung call must not stall a request's outbox forever.
-            .timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10));
+            .timeout(Duration::from_secs(10));
         Ok(Self {
             client: ConnectionServiceClient::with_interceptor(
-                endpoint.connect_lazy(),
+                streamer_core::grpc::channel(&endpoint, trust),
                 trust.credentials("progress-service", &[Role::Backend]),
             ),
         })

@@ -78,7 +78,7 @@ impl Default for ProgressConfig {
             default_lease: Duration::from_secs(30),
             max_attempts: 3,
             async_actions: Vec::new(),
-            trust: streamer_core::trust::Trust::None,
+            trust: streamer_core::trust::Trust::none(),
         }
     }
 }
