@@ -49,7 +49,9 @@ ROLES = {
 ENV_OUTSIDE_HELP = {"STREAMER_LOG"}
 # Scenarios that only change the trust values: every other fact is the one
 # of the scenario named here.
-BASE_SCENARIO = {"trust-none": "defaults", "trust-existing": "defaults"}
+BASE_SCENARIO = {"trust-none": "defaults", "trust-existing": "defaults",
+                 "trust-mtls": "defaults", "trust-mtls-cert-manager": "defaults",
+                 "trust-token-tls": "defaults"}
 # scenario: (trust mode, the Secret the pods mount or None for the chart's
 # own, its key). Mode none mounts nothing.
 TRUST = {
@@ -58,7 +60,19 @@ TRUST = {
     "ephemeral": ("token", None, "service-secret"),
     "trust-none": ("none", None, None),
     "trust-existing": ("token", "my-service-secret", "service-secret"),
+    "trust-mtls": ("mtls", None, None),
+    "trust-mtls-cert-manager": ("mtls", None, None),
+    "trust-token-tls": ("token", None, "service-secret"),
 }
+# scenario: the Secret each role's certificate comes from when gRPC runs over
+# TLS (None: plain text), and whether cert-manager issues them.
+TLS = {
+    "trust-mtls": ({r: f"{r}-tls" for r in ("auth", "connection", "progress", "gateway")}, False),
+    "trust-mtls-cert-manager": ({r: f"rel-streamer-{r}-tls" for r in ("auth", "connection", "progress", "gateway")}, True),
+    "trust-token-tls": ({r: f"{r}-tls" for r in ("auth", "connection", "progress", "gateway")}, False),
+}
+# The roles each role's certificate grants (its URI names), by role.
+CERT_ROLES = {"auth": [], "connection": ["backend"], "progress": ["backend"], "gateway": ["edge"]}
 
 failures = []
 
@@ -72,6 +86,9 @@ NETWORK_POLICY = {
     "ephemeral": None,
     "trust-none": {"grpc": None, "metrics": None},
     "trust-existing": {"grpc": None, "metrics": None},
+    "trust-mtls": {"grpc": None, "metrics": None},
+    "trust-mtls-cert-manager": {"grpc": None, "metrics": None},
+    "trust-token-tls": {"grpc": None, "metrics": None},
 }
 # Where the callers the NetworkPolicy is evaluated for come from.
 RELEASE_NAMESPACE = "streaming"
@@ -175,6 +192,7 @@ def main():
     binary = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] else None
     docs = load(path)
     trust_mode, trust_secret, trust_key = TRUST[scenario]
+    tls_secrets, cert_manager = TLS.get(scenario, (None, False))
     scenario_name, scenario = scenario, BASE_SCENARIO.get(scenario, scenario)
 
     seen = set()
@@ -205,7 +223,25 @@ def main():
             check(len(value) == 48 and value.isalnum(),
                   f"the service secret is {len(value)} characters, expected 48 random alphanumerics")
     else:
-        check(not secrets, f"mode none renders Secrets {[s['metadata']['name'] for s in secrets]}")
+        check(not secrets, f"mode {trust_mode} renders Secrets {[s['metadata']['name'] for s in secrets]}")
+
+    # Certificates: cert-manager issues one per role into the Secret the role
+    # mounts, valid for the Service name the others dial, naming the role's
+    # roles; without cert-manager the chart issues none.
+    certificates = {role_of(d): d for d in docs if d["kind"] == "Certificate"}
+    if cert_manager:
+        check(sorted(certificates) == sorted(CERT_ROLES), f"Certificates for {sorted(certificates)}")
+        for role, cert in certificates.items():
+            spec = cert["spec"]
+            fqdn = f"rel-streamer-{role}.streaming.svc.cluster.local"
+            check(spec.get("secretName") == tls_secrets[role], f"{role} Certificate: secretName {spec.get('secretName')}")
+            check(fqdn in spec.get("dnsNames", []), f"{role} Certificate: {fqdn} not among {spec.get('dnsNames')}")
+            check(sorted(spec.get("uris", [])) == [f"urn:streamer:role:{r}" for r in CERT_ROLES[role]],
+                  f"{role} Certificate: uris {spec.get('uris')}")
+            check({"server auth", "client auth"} <= set(spec.get("usages", [])), f"{role} Certificate: usages {spec.get('usages')}")
+            check(spec.get("issuerRef", {}).get("name") == "streamer-ca", f"{role} Certificate: issuerRef {spec.get('issuerRef')}")
+    else:
+        check(not certificates, f"Certificates rendered without cert-manager: {sorted(certificates)}")
 
     workloads = {}
     for role, (kind, grpc_service, port_name) in ROLES.items():
@@ -277,8 +313,15 @@ def main():
         check(env.get(listen_var, {}).get("value") == f"0.0.0.0:{ports.get(port_name)}",
               f"{name}: {listen_var} does not match the {port_name} port")
 
-        # Probes: native gRPC against the health service, HTTP for the edge.
-        if grpc_service:
+        # Probes: native gRPC against the health service, HTTP for the edge;
+        # with TLS, which the kubelet's gRPC probes cannot speak, HTTP on the
+        # metrics port (/readyz: every gRPC listener SERVING).
+        if grpc_service and tls_secrets:
+            for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+                h = c.get(probe, {}).get("httpGet", {})
+                check(h.get("path") == path and h.get("port") == ports.get("metrics"),
+                      f"{name}: {probe} is not GET {path} on the metrics port")
+        elif grpc_service:
             # ConnectionService's liveness probe checks its edge listener, so
             # that both of its listeners are probed.
             probe_ports = {"startupProbe": "grpc", "readinessProbe": "grpc",
@@ -331,9 +374,33 @@ def main():
                               f"{name}: secret file mode {oct(mode)} is writable or unreadable by uid 10001")
             check(len(trust_volumes) == 1, f"{name}: {len(trust_volumes)} volumes of Secret {trust_secret_name}")
         else:
-            check("STREAMER_SERVICE_SECRET_FILE" not in env, f"{name}: mode none but STREAMER_SERVICE_SECRET_FILE is set")
+            check("STREAMER_SERVICE_SECRET_FILE" not in env, f"{name}: mode {trust_mode} but STREAMER_SERVICE_SECRET_FILE is set")
             check("service-secret" not in volumes and not [m for m in mounts if m.startswith("/etc/streamer/trust")],
-                  f"{name}: mode none but a service secret is mounted")
+                  f"{name}: mode {trust_mode} but a service secret is mounted")
+
+        # TLS: the three files STREAMER_TLS_* name are the three keys of the
+        # role's certificate Secret, in one read-only mount (no subPath, so a
+        # renewal reaches the pod).
+        tls_vars = {"STREAMER_TLS_CERT": "tls.crt", "STREAMER_TLS_KEY": "tls.key", "STREAMER_TLS_CA": "ca.crt"}
+        if tls_secrets:
+            directories = set()
+            for var, key in tls_vars.items():
+                path = env.get(var, {}).get("value", "")
+                directory, filename = posixpath.split(path)
+                directories.add(directory)
+                mount = mounts.get(directory)
+                if not check(path.startswith("/") and mount is not None, f"{name}: {var}={path!r} is not in a mount"):
+                    continue
+                check(mount.get("readOnly") is True and "subPath" not in mount, f"{name}: the TLS mount is writable or uses subPath")
+                volume = volumes.get(mount["name"], {}).get("secret", {})
+                check(volume.get("secretName") == tls_secrets[role],
+                      f"{name}: {var} comes from Secret {volume.get('secretName')}, expected {tls_secrets[role]}")
+                check({"key": key, "path": filename} in volume.get("items", []), f"{name}: {key} is not projected as {filename}")
+                mode = volume.get("defaultMode", 0o644)
+                check(mode & 0o022 == 0, f"{name}: TLS file mode {oct(mode)} is writable")
+            check(len(directories) == 1, f"{name}: the TLS files are in {sorted(directories)}")
+        else:
+            check(not set(tls_vars) & set(env), f"{name}: TLS variables without TLS")
 
         # Only variables this role reads.
         if binary:
@@ -367,7 +434,7 @@ def main():
         host = (url.hostname or "").split(".")
         svc = services.get(host[0]) if host else None
         target_name = workloads[target]["metadata"]["name"]
-        check(url.scheme == "http" and svc is not None and host[0] == target_name and host[1:3] == ["streaming", "svc"],
+        check(url.scheme == ("https" if tls_secrets else "http") and svc is not None and host[0] == target_name and host[1:3] == ["streaming", "svc"],
               f"{role}: {var}={value!r} does not name the {target} Service in the release namespace")
         if svc is not None:
             check(url.port in [p["port"] for p in svc["spec"]["ports"] if p["name"] == port_name],

@@ -44,6 +44,13 @@ minted the way NOTES.txt says (`streamer service-token` run with the
 connection container's environment, as `kubectl exec` would) succeeds; in
 mode none the call succeeds without one.
 
+With TLS (mode mtls, or trust.tls.enabled), each role's certificate Secret
+holds what `streamer certs` issued to that role (valid for 127.0.0.1), the
+probes are HTTP on the metrics port, and the checks dial with TLS: a
+plain-text call gets nothing; in mode mtls a call without a client
+certificate is Unauthenticated, one with the `backend` certificate succeeds,
+and EdgeService refuses it (PermissionDenied: only role edge).
+
 --expect-refusal drops STREAMER_TRUST and STREAMER_SERVICE_SECRET_FILE from
 every container and expects each gRPC role to refuse to start with an error
 naming --trust: the control that shows the chart's trust settings are what
@@ -87,8 +94,22 @@ def free_port():
         return s.getsockname()[1]
 
 
-def grpcurl(port, method, body=None, token=None):
-    cmd = ["grpcurl", "-plaintext", "-max-time", "5"]
+# Where `streamer certs` wrote a CA and a certificate per role, when the
+# chart mounts TLS certificates (a Secret with tls.crt, tls.key, ca.crt).
+CERTS = {"dir": None}
+TLS_KEYS = {"tls.crt", "tls.key", "ca.crt"}
+
+
+def grpcurl(port, method, body=None, token=None, tls=False, cert=None):
+    """tls: dial with TLS, trusting the CA; cert: present that holder's
+    certificate from CERTS (`backend`, `gateway`, ...)."""
+    if tls:
+        cmd = ["grpcurl", "-cacert", os.path.join(CERTS["dir"], "ca.crt"), "-max-time", "5"]
+        if cert:
+            cmd += ["-cert", os.path.join(CERTS["dir"], cert, "tls.crt"),
+                    "-key", os.path.join(CERTS["dir"], cert, "tls.key")]
+    else:
+        cmd = ["grpcurl", "-plaintext", "-max-time", "5"]
     if token:
         cmd += ["-H", f"authorization: Bearer {token}"]
     if body is not None:
@@ -185,6 +206,11 @@ class Pod:
             # A Secret of token keys the chart only names (auth.keys).
             write_public_key(directory)
             return
+        if name not in secret_data and {i["key"] for i in source.get("items", [])} == TLS_KEYS:
+            # A role's certificate the chart only names: the one `streamer
+            # certs` issued to this role, as an operator (or cert-manager)
+            # would provide it.
+            secret_data[name] = {key: open(os.path.join(CERTS["dir"], self.role, key)).read() for key in TLS_KEYS}
         if name not in secret_data:
             # A Secret the chart only names: made here, as an operator would
             # (`head -c 48 /dev/urandom | base64`), with the keys it projects.
@@ -219,10 +245,10 @@ class Pod:
                 raise SystemExit(f"{self.role}: env {e['name']} has a source this test does not know: {e}")
             value = re.sub(r"^0\.0\.0\.0:(\d+)$", lambda m: f"0.0.0.0:{self.ports.get(int(m.group(1)), m.group(1))}", value)
             url = urlparse(value)
-            if url.scheme == "http" and url.hostname:
+            if url.scheme in ("http", "https") and url.hostname:
                 target = service_ports.get((url.hostname.split(".")[0], url.port))
                 if target is not None:
-                    value = f"http://127.0.0.1:{target}"
+                    value = f"{url.scheme}://127.0.0.1:{target}"
             env[e["name"]] = self.local_path(value)
         return env
 
@@ -242,6 +268,11 @@ def main():
     binary = image_binary
     procs = {}
     try:
+        # Certificates the chart's TLS Secrets stand for: valid for 127.0.0.1,
+        # where every Service URL is pointed.
+        CERTS["dir"] = os.path.join(root, "certs")
+        subprocess.run([binary, "certs", "--out", CERTS["dir"], "--hosts", "localhost,127.0.0.1"],
+                       check=True, capture_output=True)
         secret_data = {
             d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in d.get("data", {}).items()}
             for d in docs if d["kind"] == "Secret"
@@ -327,17 +358,19 @@ def main():
         # The edge stream: the gateway was pointed at the connection pod's
         # edge port, which serves EdgeService (and the public port does not).
         mode = envs["connection"].get("STREAMER_TRUST")
+        tls = "STREAMER_TLS_CERT" in envs["connection"]
+        scheme = "https" if tls else "http"
         conn_port = pods["connection"].named_ports["grpc"]
         edge_port = pods["connection"].named_ports.get("edge")
         edge_url = envs["gateway"].get("STREAMER_CONNECTION_EDGE_URL")
-        check(edge_port and edge_url == f"http://127.0.0.1:{edge_port}",
+        check(edge_port and edge_url == f"{scheme}://127.0.0.1:{edge_port}",
               f"gateway: STREAMER_CONNECTION_EDGE_URL leads to {edge_url}, not the connection pod's edge port "
               f"(127.0.0.1:{edge_port})")
         if edge_port:
-            health = grpcurl(edge_port, "grpc.health.v1.Health/Check", {"service": "streamer.v1.EdgeService"})
+            health = grpcurl(edge_port, "grpc.health.v1.Health/Check", {"service": "streamer.v1.EdgeService"}, tls=tls)
             check(health.returncode == 0 and '"SERVING"' in health.stdout,
                   f"connection: the edge port does not serve EdgeService health: {health.stdout}{health.stderr}")
-            edge_list, public_list = grpcurl(edge_port, "list"), grpcurl(conn_port, "list")
+            edge_list, public_list = grpcurl(edge_port, "list", tls=tls), grpcurl(conn_port, "list", tls=tls)
             check("streamer.v1.EdgeService" in edge_list.stdout.split()
                   and "streamer.v1.ConnectionService" not in edge_list.stdout.split(),
                   f"connection: the edge port serves {edge_list.stdout.split()}")
@@ -345,10 +378,26 @@ def main():
                   f"connection: the public port serves EdgeService too: {public_list.stdout.split()}")
         attach = ("streamer.v1.EdgeService/Attach", {})
         call = ("streamer.v1.ConnectionService/ListConnections", {"tenant_id": "demo-tenant"})
-        anonymous = grpcurl(conn_port, *call)
-        if mode == "token":
+        anonymous = grpcurl(conn_port, *call, tls=tls)
+        if tls:
+            plain = grpcurl(conn_port, *call)
+            check(plain.returncode != 0, f"TLS: a plain-text call was answered: {plain.stdout}")
+        if mode == "mtls":
             if edge_port:
-                r = grpcurl(edge_port, *attach)
+                r = grpcurl(edge_port, *attach, tls=True, cert="backend")
+                check(r.returncode != 0 and "Code: PermissionDenied" in r.stderr,
+                      f"mode mtls: EdgeService/Attach with a backend's certificate was not refused: {r.stdout}{r.stderr}")
+            check(anonymous.returncode != 0 and "Code: Unauthenticated" in anonymous.stderr,
+                  f"mode mtls: a call without a client certificate was not refused as Unauthenticated: "
+                  f"{anonymous.stdout}{anonymous.stderr}")
+            r = grpcurl(conn_port, *call, tls=True, cert="backend")
+            check(r.returncode == 0, f"mode mtls: a call with a backend certificate failed: {r.stdout}{r.stderr}")
+            what = ("every role ready over TLS, the gateway attached through the edge port with its certificate; "
+                    "a call without a client certificate is Unauthenticated, with a backend's it succeeds, "
+                    "plain text gets nothing; EdgeService only for role edge")
+        elif mode == "token":
+            if edge_port:
+                r = grpcurl(edge_port, *attach, tls=tls)
                 check(r.returncode != 0 and "Code: Unauthenticated" in r.stderr,
                       f"mode token: EdgeService/Attach without a token was not refused: {r.stdout}{r.stderr}")
             check(anonymous.returncode != 0 and "Code: Unauthenticated" in anonymous.stderr,
@@ -361,14 +410,15 @@ def main():
                                     preexec_fn=pods["connection"].preexec(), capture_output=True, text=True)
             if check(minted.returncode == 0 and minted.stdout.strip(),
                      f"`streamer service-token` in the connection container failed: {minted.stderr}"):
-                r = grpcurl(conn_port, *call, token=minted.stdout.strip())
+                r = grpcurl(conn_port, *call, token=minted.stdout.strip(), tls=tls)
                 check(r.returncode == 0, f"mode token: a call with a minted token failed: {r.stdout}{r.stderr}")
                 if edge_port:
-                    r = grpcurl(edge_port, *attach, token=minted.stdout.strip())
+                    r = grpcurl(edge_port, *attach, token=minted.stdout.strip(), tls=tls)
                     check(r.returncode != 0 and "Code: PermissionDenied" in r.stderr,
                           f"mode token: EdgeService/Attach with a backend's token was not refused: {r.stdout}{r.stderr}")
             what = ("every role ready, the gateway attached through the edge port; a call without a token is "
-                    "Unauthenticated, with a service token it succeeds; EdgeService only for role edge")
+                    "Unauthenticated, with a service token it succeeds; EdgeService only for role edge"
+                    + ("; all over TLS, plain text gets nothing" if tls else ""))
         else:
             check(anonymous.returncode == 0, f"mode {mode}: a call without a token failed: {anonymous.stderr}")
             what = f"every role ready, the gateway attached through the edge port; mode {mode}: a call without a token succeeds"

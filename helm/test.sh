@@ -10,7 +10,9 @@
 # connection and progress, the env wiring between roles (the gateway dials
 # ConnectionService's edge port), Service selectors and ports, PDBs, the
 # ServiceMonitor, the trust settings (STREAMER_TRUST, the service secret's
-# Secret and mount), and the NetworkPolicy, evaluated for callers in and out
+# Secret and mount; with TLS the certificate Secrets, their mounts, HTTP probes
+# on the metrics port, https URLs and cert-manager Certificates), and the
+# NetworkPolicy, evaluated for callers in and out
 # of the release (only the gateway pods reach the edge port; the public gRPC
 # port and metrics stay reachable; no policy when disabled). Then, with a
 # built streamer binary and grpcurl, it runs the rendered pods as local
@@ -162,6 +164,14 @@ scenario ephemeral 1.27.0 \
 # from an existing Secret instead of the chart's own.
 scenario trust-none 1.27.0 --set trust.mode=none
 scenario trust-existing 1.27.0 --set trust.existingSecret=my-service-secret
+# TLS: mode mtls with each role's certificate in an existing Secret, the same
+# with cert-manager issuing them, and mode token over TLS.
+tls_secrets=(--set trust.tls.existingSecrets.auth=auth-tls --set trust.tls.existingSecrets.connection=connection-tls
+  --set trust.tls.existingSecrets.progress=progress-tls --set trust.tls.existingSecrets.gateway=gateway-tls)
+scenario trust-mtls 1.27.0 --set trust.mode=mtls "${tls_secrets[@]}"
+scenario trust-mtls-cert-manager 1.27.0 --set trust.mode=mtls \
+  --set trust.tls.certManager.enabled=true --set trust.tls.certManager.issuerRef.name=streamer-ca
+scenario trust-token-tls 1.27.0 --set trust.tls.enabled=true "${tls_secrets[@]}"
 
 # run NAME [--expect-refusal]: the rendered pods of scenario NAME as processes.
 run() {
@@ -188,6 +198,9 @@ else
   what="start and are ready (the gateway through the edge port); calls need no token" run trust-none
   what="start with the existing Secret; the gateway attaches through the edge port; calls need a service token" \
     run trust-existing
+  what="start over TLS with certificates from \`streamer certs\`; calls need a client certificate naming role backend" \
+    run trust-mtls
+  what="start over TLS; calls need a service token" run trust-token-tls
   what="refuse to start without STREAMER_TRUST (the control)" run defaults --expect-refusal
 fi
 
@@ -263,7 +276,14 @@ refuse "both a Secret and a ConfigMap of keys" "not both" \
   --set auth.keys.existingSecret=a --set auth.keys.existingConfigMap=b
 refuse "a tenant name with a comma" "at '/auth/allowedTenants/0'" --set 'auth.allowedTenants[0]=a\,b'
 refuse "an unknown Service type" "at '/gateway/service/type'" --set gateway.service.type=Bogus
-refuse "a trust mode other than token|none" "at '/trust/mode'" --set trust.mode=mtls
+refuse "a trust mode other than token|mtls|none" "at '/trust/mode'" --set trust.mode=tls
+refuse "mode mtls without certificates" "needs each role's certificate" --set trust.mode=mtls
+refuse "TLS with one role's certificate missing" "trust.tls.existingSecrets.gateway" --set trust.tls.enabled=true \
+  --set trust.tls.existingSecrets.auth=a --set trust.tls.existingSecrets.connection=c --set trust.tls.existingSecrets.progress=p
+refuse "cert-manager without an issuer" "needs trust.tls.certManager.issuerRef.name" --set trust.mode=mtls \
+  --set trust.tls.certManager.enabled=true
+refuse "a ClusterIssuer misspelt" "at '/trust/tls/certManager/issuerRef/kind'" \
+  --set trust.tls.certManager.issuerRef.kind=ClusterIsuer
 refuse "an empty trust.secretKey" "at '/trust/secretKey'" --set trust.secretKey=
 refuse "a trust.existingSecret that is no Secret name" "at '/trust/existingSecret'" \
   --set trust.existingSecret=Bad_Name
@@ -273,6 +293,8 @@ refuse "a NetworkPolicy peer with a misspelt key" "at '/networkPolicy/grpcFrom/0
   --set 'networkPolicy.grpcFrom[0].podSelecter.app=billing'
 refuse "trust.existingSecret with mode none" "trust.existingSecret is used only with trust.mode token" \
   --set trust.mode=none --set trust.existingSecret=streamer-service-secret
+refuse "trust.existingSecret with mode mtls" "trust.existingSecret is used only with trust.mode token" \
+  --set trust.mode=mtls --set trust.existingSecret=streamer-service-secret "${tls_secrets[@]}"
 
 echo "helm: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

@@ -72,17 +72,48 @@ app.kubernetes.io/component: {{ .role }}
 {{- end }}
 {{- end }}
 
+{{/* True (non-empty) when gRPC runs over TLS: mode mtls, or trust.tls.enabled. */}}
+{{- define "streamer.tls.enabled" -}}
+{{- if or (eq .Values.trust.mode "mtls") .Values.trust.tls.enabled }}true{{- end }}
+{{- end }}
+
+{{/* http or https, for every gRPC URL. */}}
+{{- define "streamer.grpcScheme" -}}
+{{- ternary "https" "http" (eq (include "streamer.tls.enabled" .) "true") }}
+{{- end }}
+
 {{/* In-cluster URL of a gRPC role: {"ctx": $, "role": "connection"}. */}}
 {{- define "streamer.grpcUrl" -}}
 {{- $values := index .ctx.Values .role }}
-{{- printf "http://%s.%s.svc.%s:%d" (include "streamer.roleName" .) .ctx.Release.Namespace .ctx.Values.clusterDomain (int $values.port) }}
+{{- printf "%s://%s.%s.svc.%s:%d" (include "streamer.grpcScheme" .ctx) (include "streamer.roleName" .) .ctx.Release.Namespace .ctx.Values.clusterDomain (int $values.port) }}
 {{- end }}
 
 {{/* ConnectionService's internal edge stream, which the gateways dial. */}}
 {{- define "streamer.connectionEdgeUrl" -}}
 {{- $role := dict "ctx" . "role" "connection" }}
-{{- printf "http://%s.%s.svc.%s:%d" (include "streamer.roleName" $role) .Release.Namespace .Values.clusterDomain (int .Values.connection.edgePort) }}
+{{- printf "%s://%s.%s.svc.%s:%d" (include "streamer.grpcScheme" .) (include "streamer.roleName" $role) .Release.Namespace .Values.clusterDomain (int .Values.connection.edgePort) }}
 {{- end }}
+
+{{/* The Secret holding a role's TLS certificate: {"ctx": $, "role": ...}. */}}
+{{- define "streamer.tls.secretName" -}}
+{{- $tls := .ctx.Values.trust.tls }}
+{{- if $tls.certManager.enabled }}
+{{- printf "%s-tls" (include "streamer.roleName" .) }}
+{{- else }}
+{{- index $tls.existingSecrets .role }}
+{{- end }}
+{{- end }}
+
+{{/* The URI names a role's certificate carries: the roles it calls others as. */}}
+{{- define "streamer.tls.uris" -}}
+{{- $roles := dict "auth" (list) "connection" (list "backend") "progress" (list "backend") "gateway" (list "edge") }}
+{{- range index $roles .role }}
+- {{ printf "urn:streamer:role:%s" . }}
+{{- end }}
+{{- end }}
+
+{{/* Where every pod finds its certificate (TLS). */}}
+{{- define "streamer.tls.dir" -}}/etc/streamer/tls{{- end }}
 
 {{/* The Secret holding the shared service secret (trust.mode token). */}}
 {{- define "streamer.trust.secretName" -}}
@@ -106,8 +137,22 @@ app.kubernetes.io/component: {{ .role }}
 {{- if and (not (include "streamer.auth.hasKeys" .)) (gt (int .Values.auth.replicaCount) 1) }}
 {{- fail "auth.replicaCount > 1 needs auth.keys.existingSecret or auth.keys.existingConfigMap: without them every auth replica makes its own development key, and a token would be accepted by one replica and refused by the next" }}
 {{- end }}
-{{- if and (eq .Values.trust.mode "none") .Values.trust.existingSecret }}
-{{- fail "trust.existingSecret is used only with trust.mode token: with mode none no secret is mounted and every gRPC call is accepted" }}
+{{- if and (ne .Values.trust.mode "token") .Values.trust.existingSecret }}
+{{- fail "trust.existingSecret is used only with trust.mode token: no other mode mounts a shared secret" }}
+{{- end }}
+{{- if include "streamer.tls.enabled" . }}
+{{- $tls := .Values.trust.tls }}
+{{- if $tls.certManager.enabled }}
+{{- if not $tls.certManager.issuerRef.name }}
+{{- fail "trust.tls.certManager.enabled needs trust.tls.certManager.issuerRef.name (a CA issuer)" }}
+{{- end }}
+{{- else }}
+{{- range $role := list "auth" "connection" "progress" "gateway" }}
+{{- if not (index $tls.existingSecrets $role) }}
+{{- fail (printf "TLS (trust.mode mtls or trust.tls.enabled) needs each role's certificate: set trust.tls.certManager.enabled with an issuer, or trust.tls.existingSecrets.%s" $role) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- $c := .Values.connection }}
 {{- if or (eq (int $c.edgePort) (int $c.port)) (eq (int $c.edgePort) (int $c.metricsPort)) (eq (int $c.port) (int $c.metricsPort)) }}
@@ -125,12 +170,37 @@ role's own service, which turns NOT_SERVING the moment draining starts. The
 startup probe covers opening the store (health starts NOT_SERVING).
 "livenessPort", when given, moves the liveness probe to another listener of
 the same process (ConnectionService's edge listener), so that both listeners
-are probed.
+are probed. With TLS (whose handshake the kubelet's gRPC probes cannot make)
+the probes are HTTP on the metrics port instead: /healthz, and /readyz, which
+answers 200 only while every gRPC listener of the process reports SERVING.
 {"ctx": $, "role": ..., "service": "streamer.v1.ConnectionService", "livenessPort": 50054}
 */}}
 {{- define "streamer.grpcProbes" -}}
 {{- $port := int (index .ctx.Values .role).port -}}
 {{- $livenessPort := int (default $port .livenessPort) -}}
+{{- if include "streamer.tls.enabled" .ctx }}
+{{- $metrics := int (index .ctx.Values .role).metricsPort -}}
+startupProbe:
+  httpGet:
+    path: /readyz
+    port: {{ $metrics }}
+  periodSeconds: 2
+  failureThreshold: 60
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: {{ $metrics }}
+  periodSeconds: 10
+  timeoutSeconds: 2
+  failureThreshold: 3
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: {{ $metrics }}
+  periodSeconds: 5
+  timeoutSeconds: 2
+  failureThreshold: 2
+{{- else }}
 startupProbe:
   grpc:
     port: {{ $port }}
@@ -152,6 +222,7 @@ readinessProbe:
   timeoutSeconds: 2
   failureThreshold: 2
 {{- end }}
+{{- end }}
 
 {{/* Environment every role shares. */}}
 {{- define "streamer.commonEnv" -}}
@@ -168,6 +239,14 @@ readinessProbe:
 {{- if eq .ctx.Values.trust.mode "token" }}
 - name: STREAMER_SERVICE_SECRET_FILE
   value: {{ include "streamer.trust.file" .ctx | quote }}
+{{- end }}
+{{- if include "streamer.tls.enabled" .ctx }}
+- name: STREAMER_TLS_CERT
+  value: {{ printf "%s/tls.crt" (include "streamer.tls.dir" .ctx) | quote }}
+- name: STREAMER_TLS_KEY
+  value: {{ printf "%s/tls.key" (include "streamer.tls.dir" .ctx) | quote }}
+- name: STREAMER_TLS_CA
+  value: {{ printf "%s/ca.crt" (include "streamer.tls.dir" .ctx) | quote }}
 {{- end }}
 {{- end }}
 
@@ -242,6 +321,11 @@ spec:
           mountPath: {{ include "streamer.trust.dir" $ctx }}
           readOnly: true
         {{- end }}
+        {{- if include "streamer.tls.enabled" $ctx }}
+        - name: tls
+          mountPath: {{ include "streamer.tls.dir" $ctx }}
+          readOnly: true
+        {{- end }}
         {{- with .mounts }}
         {{- . | nindent 8 }}
         {{- end }}
@@ -258,6 +342,20 @@ spec:
           - key: {{ $ctx.Values.trust.secretKey | quote }}
             path: service-secret
         # 0440 (owner root, group fsGroup) when the pod has an fsGroup, else 0444.
+        defaultMode: {{ if $ctx.Values.podSecurityContext.fsGroup }}288{{ else }}292{{ end }}
+    {{- end }}
+    {{- if include "streamer.tls.enabled" $ctx }}
+    # The role's certificate, key and CA bundle, as the files STREAMER_TLS_* name.
+    - name: tls
+      secret:
+        secretName: {{ include "streamer.tls.secretName" . }}
+        items:
+          - key: tls.crt
+            path: tls.crt
+          - key: tls.key
+            path: tls.key
+          - key: ca.crt
+            path: ca.crt
         defaultMode: {{ if $ctx.Values.podSecurityContext.fsGroup }}288{{ else }}292{{ end }}
     {{- end }}
     {{- with .volumes }}
