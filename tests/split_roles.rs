@@ -78,6 +78,7 @@ impl SplitRoles {
         let shutdown = Shutdown::new();
         tokio::spawn(streamer::run_auth(
             auth_l,
+            streamer::open_embedded_store(&data.path().join("auth")).unwrap(),
             streamer_auth::AuthConfig::new([streamer_auth::dev::public_key_path(data.path())]),
             Default::default(),
             shutdown.clone(),

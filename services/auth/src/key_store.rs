@@ -39,6 +39,20 @@ pub(crate) struct KeySet {
 }
 
 impl KeySet {
+    /// The keys of one JWKS document, by kid; of two keys with one kid the
+    /// first is kept, and the warning names `source`.
+    pub(crate) fn from_keys(keys: Vec<VerificationKey>, source: &str) -> Self {
+        let mut by_kid = HashMap::with_capacity(keys.len());
+        for key in keys {
+            if by_kid.contains_key(&key.kid) {
+                tracing::warn!(source, kid = %key.kid, "duplicate kid; the key found first is kept");
+                continue;
+            }
+            by_kid.insert(key.kid.clone(), Arc::new(key));
+        }
+        Self { by_kid }
+    }
+
     pub(crate) fn get(&self, kid: &str) -> Option<&Arc<VerificationKey>> {
         self.by_kid.get(kid)
     }

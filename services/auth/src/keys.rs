@@ -1,4 +1,5 @@
-//! Turning PEM and JWKS files into verification keys.
+//! Turning PEM and JWKS documents (files, or fetched from a URL) into
+//! verification keys.
 //!
 //! Keys are parsed here rather than by jsonwebtoken's PEM helpers because
 //! those classify a key by the first OID they meet and do not look at the
@@ -36,9 +37,10 @@ const MIN_RSA_BITS: usize = 2048;
 /// never verify anything; better to say so at load time.
 const MAX_RSA_BITS: usize = rsa::RsaPublicKey::MAX_SIZE;
 
-/// A stray large file in a key directory is refused rather than read
-/// whole; a JWKS with dozens of RSA keys is still far below this.
-const MAX_KEY_FILE_LEN: u64 = 1024 * 1024;
+/// A stray large file in a key directory (or a JWKS URL answering with
+/// something huge) is refused rather than read whole; a JWKS with dozens of
+/// RSA keys is still far below this.
+pub(crate) const MAX_KEY_FILE_LEN: u64 = 1024 * 1024;
 
 /// The kind of a key, which decides the algorithms it may verify.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +105,7 @@ impl std::fmt::Debug for VerificationKey {
     }
 }
 
-/// What one file gave.
+/// What one file (or one JWKS document) gave.
 #[derive(Debug)]
 pub(crate) struct FileKeys {
     pub(crate) keys: Vec<VerificationKey>,
@@ -294,7 +296,10 @@ struct RawJwk {
     e: Option<String>,
 }
 
-fn parse_jwks(json: &[u8]) -> Result<FileKeys, String> {
+/// Parses a JWKS document, from a file or a URL. Keys that cannot be used
+/// are skipped with a reason; a document with no usable signature key at all
+/// is an error.
+pub(crate) fn parse_jwks(json: &[u8]) -> Result<FileKeys, String> {
     let document: JwksDocument = serde_json::from_slice(json)
         .map_err(|e| format!("not a JWKS document (an object with a `keys` array): {e}"))?;
     let mut keys = Vec::new();

@@ -164,3 +164,114 @@ pub(crate) fn assemble(header: &Value, claims: &Value, signature: &[u8]) -> Stri
         URL_SAFE_NO_PAD.encode(signature)
     )
 }
+
+/// A JWK of `tests-data/jwks.json`, found by its kid there and published
+/// under `kid`: `jwks-ec-a` and `jwks-ec-b` verify what [`ec_key`] signs
+/// with `es256-a.key` and `es256-b.key`.
+pub(crate) fn jwk(fixture_kid: &str, kid: &str) -> Value {
+    let document: Value = serde_json::from_str(&fixture("jwks.json")).expect("fixture JSON");
+    let mut key = document["keys"]
+        .as_array()
+        .and_then(|keys| keys.iter().find(|key| key["kid"] == fixture_kid))
+        .cloned()
+        .unwrap_or_else(|| panic!("no key {fixture_kid} in jwks.json"));
+    key["kid"] = json!(kid);
+    key
+}
+
+/// A JWKS document of `keys`.
+pub(crate) fn jwks(keys: &[Value]) -> Value {
+    json!({ "keys": keys })
+}
+
+/// What [`JwksServer`] answers.
+#[derive(Debug, Clone)]
+pub(crate) enum JwksAnswer {
+    /// 200 with this document.
+    Document(Value),
+    /// This status, with no body.
+    Status(u16),
+    /// 200 with this body.
+    Raw(String),
+}
+
+struct JwksServerState {
+    answer: std::sync::Mutex<JwksAnswer>,
+    /// Requests received, counted as they arrive.
+    fetches: tokio::sync::watch::Sender<u64>,
+}
+
+/// A JWKS URL served on 127.0.0.1:0 that counts its fetches. Stops when
+/// dropped.
+pub(crate) struct JwksServer {
+    pub(crate) url: String,
+    state: std::sync::Arc<JwksServerState>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl JwksServer {
+    pub(crate) async fn start(answer: JwksAnswer) -> Self {
+        use axum::extract::State;
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+
+        let state = std::sync::Arc::new(JwksServerState {
+            answer: std::sync::Mutex::new(answer),
+            fetches: tokio::sync::watch::Sender::new(0),
+        });
+        async fn serve(
+            State(state): State<std::sync::Arc<JwksServerState>>,
+        ) -> axum::response::Response {
+            state.fetches.send_modify(|count| *count += 1);
+            let answer = state.answer.lock().expect("answer lock").clone();
+            match answer {
+                JwksAnswer::Document(document) => axum::Json(document).into_response(),
+                JwksAnswer::Status(code) => StatusCode::from_u16(code)
+                    .expect("a status code")
+                    .into_response(),
+                JwksAnswer::Raw(body) => body.into_response(),
+            }
+        }
+        let app = axum::Router::new()
+            .route("/jwks.json", axum::routing::get(serve))
+            .with_state(std::sync::Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("JWKS server");
+        });
+        Self {
+            url: format!("http://{addr}/jwks.json"),
+            state,
+            _stop: stop,
+        }
+    }
+
+    /// What later fetches get.
+    pub(crate) fn answer(&self, answer: JwksAnswer) {
+        *self.state.answer.lock().expect("answer lock") = answer;
+    }
+
+    /// Fetches received so far.
+    pub(crate) fn fetches(&self) -> u64 {
+        *self.state.fetches.borrow()
+    }
+
+    /// Waits until `count` fetches have arrived (failing the test after a
+    /// generous while, so a missing fetch is a failure and not a hang).
+    pub(crate) async fn wait_for_fetches(&self, count: u64) {
+        let mut fetches = self.state.fetches.subscribe();
+        tokio::time::timeout(Duration::from_secs(30), fetches.wait_for(|n| *n >= count))
+            .await
+            .unwrap_or_else(|_| panic!("{count} fetches never arrived; {} did", self.fetches()))
+            .expect("the server is running");
+    }
+}

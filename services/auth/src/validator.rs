@@ -9,21 +9,35 @@
 //!    `none` (in any case) and HMAC are refused ([`UnsupportedAlgorithm`]).
 //! 3. Shape of the rest: the payload is a base64url JSON object and the
 //!    signature non-empty base64url ([`Malformed`]).
-//! 4. Key: the header's `kid`, or the only key when the token names none
-//!    ([`UnknownKey`]); its family, curve and any JWK `alg` must fit the
-//!    token's algorithm ([`UnsupportedAlgorithm`]).
+//! 4. Key. The payload's `iss` picks the key set: a JWKS issuer's tokens
+//!    meet only the keys fetched from its URL, every other token only the
+//!    key files (none configured: [`UnknownKey`]). Choosing by a claim not
+//!    yet verified is safe because the signature must then verify with a
+//!    key of that set, and rule 8 holds the claim to the same value. In the
+//!    set, the header's `kid` selects the key, or the only key when the
+//!    token names none ([`UnknownKey`]); its family, curve and any JWK `alg`
+//!    must fit the token's algorithm ([`UnsupportedAlgorithm`]). An unknown
+//!    kid re-reads the key files or re-fetches the JWKS, rate-limited (see
+//!    `key_store` and `jwks`); only [`TokenValidator::validate_with_refresh`]
+//!    waits for a fetch.
 //! 5. Signature ([`BadSignature`]). No claim is looked at before it passes.
 //! 6. Claim types: `exp`, `nbf`, `iat` are non-negative numbers (fractions
-//!    are dropped) no later than year 9999; `sub`, `tenant_id`, `iss` are
-//!    strings; `aud` a string or list of strings; `permissions` a list of
-//!    strings. A claim of the wrong type is [`Malformed`] (it is there, just
-//!    not usable), while `exp`, `sub` or `tenant_id` being absent, `null` or
-//!    blank is [`MissingClaim`]. `permissions` is optional (absent is empty).
+//!    are dropped) no later than year 9999; `sub`, `tenant_id`, `iss`, `jti`
+//!    are strings; `aud` a string or list of strings; `permissions` a list
+//!    of strings. A claim of the wrong type is [`Malformed`] (it is there,
+//!    just not usable), while `exp`, `sub` or `tenant_id` being absent,
+//!    `null` or blank is [`MissingClaim`]. `permissions` is optional (absent
+//!    is empty).
 //! 7. Time, with the configured leeway: `exp` ([`Expired`]), `nbf` and `iat`
 //!    ([`NotYetValid`]).
-//! 8. `iss` ([`WrongIssuer`]) and `aud` ([`WrongAudience`]) when configured;
-//!    a token without the claim fails the check.
+//! 8. `iss` ([`WrongIssuer`]): a token verified with the key files must
+//!    have the configured issuer, when one is; a JWKS issuer's token has its
+//!    issuer by rule 4. `aud` ([`WrongAudience`]) when configured, for every
+//!    token. A token without the claim fails the check.
 //! 9. The tenant allow-list ([`TenantNotAllowed`]).
+//!
+//! Revocation (`jti` on the deny-list) is checked after all of these, by
+//! the [`AuthServer`](crate::AuthServer), which holds the store.
 //!
 //! [`Missing`]: TokenFailure::Missing
 //! [`Malformed`]: TokenFailure::Malformed
@@ -37,7 +51,7 @@
 //! [`WrongAudience`]: TokenFailure::WrongAudience
 //! [`TenantNotAllowed`]: TokenFailure::TenantNotAllowed
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -47,8 +61,10 @@ use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use streamer_api::v1::TokenFailure;
+use streamer_core::shutdown::Shutdown;
 
-use crate::key_store::KeyStore;
+use crate::jwks::IssuerKeys;
+use crate::key_store::{KeySet, KeyStore};
 use crate::keys::VerificationKey;
 use crate::{AuthConfig, KeyError};
 
@@ -77,6 +93,8 @@ pub struct VerifiedClaims {
     pub issuer: Option<String>,
     /// The kid of the key that verified the token, when the token named one.
     pub key_id: Option<String>,
+    /// `jti`, when present: what a revocation names.
+    pub jti: Option<String>,
 }
 
 /// Why a token was refused.
@@ -115,7 +133,12 @@ pub struct TokenValidator {
 }
 
 struct Shared {
-    keys: KeyStore,
+    /// The key files; `None` when only JWKS issuers are configured.
+    keys: Option<KeyStore>,
+    /// Each JWKS issuer's own keys, by issuer.
+    jwks: HashMap<String, Arc<IssuerKeys>>,
+    /// Shared by the JWKS refreshers; `None` without JWKS issuers.
+    http: Option<reqwest::Client>,
     issuer: Option<String>,
     audience: Option<String>,
     allowed_tenants: Option<HashSet<String>>,
@@ -126,6 +149,7 @@ impl std::fmt::Debug for TokenValidator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenValidator")
             .field("kids", &self.key_ids())
+            .field("jwks", &self.shared.jwks)
             .field("issuer", &self.shared.issuer)
             .field("audience", &self.shared.audience)
             .field("allowed_tenants", &self.shared.allowed_tenants)
@@ -144,15 +168,79 @@ struct RawHeader {
     crit: Option<Value>,
 }
 
+/// Why [`TokenValidator::evaluate`] did not accept a token.
+enum Refusal {
+    /// A rule failed.
+    Rejected(Rejection),
+    /// A JWKS issuer's keys lack the token's kid (or are not fetched yet):
+    /// a fetch may bring it.
+    KeyNotFetched(Arc<IssuerKeys>),
+}
+
+impl From<Rejection> for Refusal {
+    fn from(rejection: Rejection) -> Self {
+        Self::Rejected(rejection)
+    }
+}
+
+impl Refusal {
+    /// The refusal as it stands, with no fetch waited for.
+    fn into_rejection(self) -> Rejection {
+        match self {
+            Self::Rejected(rejection) => rejection,
+            Self::KeyNotFetched(_) => Rejection::new(
+                TokenFailure::UnknownKey,
+                "no key of the token's issuer has the token's `kid`",
+            ),
+        }
+    }
+}
+
 impl TokenValidator {
-    /// Loads the keys. Files that cannot be used are skipped with a warning;
-    /// the error is for a configuration that gives no usable key at all, and
-    /// names every path and what was wrong with it.
+    /// Loads the key files and prepares an empty key set per JWKS issuer,
+    /// which [`refresh_jwks`](Self::refresh_jwks) fills. Files that cannot
+    /// be used are skipped with a warning; the error is for a configuration
+    /// that gives no usable key file at all (naming every path and what was
+    /// wrong with it), or that contradicts itself.
     pub fn new(config: AuthConfig) -> Result<Self, KeyError> {
-        let keys = KeyStore::open(config.key_paths)?;
+        if config.key_paths.is_empty() && config.jwks.is_empty() {
+            return Err(KeyError::NoKeyPaths);
+        }
+        let mut jwks = HashMap::new();
+        for source in config.jwks {
+            if jwks.contains_key(&source.issuer) {
+                return Err(KeyError::DuplicateJwksIssuer(source.issuer));
+            }
+            let keys = IssuerKeys::new(source.issuer.clone(), &source.url, config.jwks_refresh)?;
+            jwks.insert(source.issuer, Arc::new(keys));
+        }
+        if let Some(issuer) = &config.issuer {
+            if jwks.contains_key(issuer) {
+                return Err(KeyError::IssuerIsJwks(issuer.clone()));
+            }
+            if config.key_paths.is_empty() {
+                return Err(KeyError::IssuerWithoutKeyFiles);
+            }
+        }
+        let http = if jwks.is_empty() {
+            None
+        } else {
+            let refresh = &config.jwks_refresh;
+            if refresh.interval.is_zero() || refresh.timeout.is_zero() {
+                return Err(KeyError::InvalidRefresh);
+            }
+            Some(crate::jwks::http_client(refresh)?)
+        };
+        let keys = if config.key_paths.is_empty() {
+            None
+        } else {
+            Some(KeyStore::open(config.key_paths)?)
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 keys,
+                jwks,
+                http,
                 issuer: config.issuer,
                 audience: config.audience,
                 allowed_tenants: config.allowed_tenants.map(|t| t.into_iter().collect()),
@@ -161,48 +249,109 @@ impl TokenValidator {
         })
     }
 
-    /// Checks a token, with or without a leading `Bearer `.
+    /// Checks a token, with or without a leading `Bearer `, against the keys
+    /// in hand. It never waits: a JWKS issuer's token with an unknown kid
+    /// asks for a fetch and is refused meanwhile. Serving code uses
+    /// [`validate_with_refresh`](Self::validate_with_refresh).
     pub fn validate(&self, token: &str) -> Result<VerifiedClaims, Rejection> {
         let result = self.validate_at(token, unix_now());
-        match &result {
-            Ok(claims) => tracing::debug!(
-                valid = true,
-                kid = claims.key_id.as_deref(),
-                "token validated"
-            ),
-            Err(rejection) => tracing::debug!(
-                valid = false,
-                failure = rejection.failure.as_str_name(),
-                "token refused"
-            ),
-        }
+        log_verdict(&result);
         result
     }
 
-    /// The kids of the keys in force, sorted.
+    /// Checks a token like [`validate`](Self::validate), except that a JWKS
+    /// issuer's token with an unknown kid waits for the fetch it asks for
+    /// (when the rate limit allows one, or one is already running) and is
+    /// then checked once more. Key files are never waited on: they are
+    /// re-read on the spot.
+    pub async fn validate_with_refresh(&self, token: &str) -> Result<VerifiedClaims, Rejection> {
+        let result = match self.evaluate(token, unix_now()) {
+            Err(Refusal::KeyNotFetched(issuer)) => {
+                issuer.fetch_for_unknown_kid().await;
+                self.evaluate(token, unix_now())
+                    .map_err(Refusal::into_rejection)
+            }
+            other => other.map_err(Refusal::into_rejection),
+        };
+        log_verdict(&result);
+        result
+    }
+
+    /// Keeps every JWKS issuer's keys fresh until `shutdown`: fetches them
+    /// at once, then on schedule and whenever a token asks (see `jwks`).
+    /// Until this runs, JWKS issuers have no keys. Resolves at once when no
+    /// JWKS issuer is configured.
+    pub async fn refresh_jwks(&self, shutdown: Shutdown) {
+        let Some(client) = &self.shared.http else {
+            return;
+        };
+        let mut refreshers = tokio::task::JoinSet::new();
+        for issuer in self.shared.jwks.values() {
+            let (issuer, client, shutdown) = (Arc::clone(issuer), client.clone(), shutdown.clone());
+            refreshers.spawn(async move { issuer.run(&client, shutdown).await });
+        }
+        while let Some(joined) = refreshers.join_next().await {
+            if let Err(error) = joined
+                && error.is_panic()
+            {
+                std::panic::resume_unwind(error.into_panic());
+            }
+        }
+    }
+
+    /// The clock skew allowed on `exp`, `nbf` and `iat`.
+    pub fn leeway(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.shared.leeway_secs)
+    }
+
+    /// The kids of the key files in force, sorted.
     pub fn key_ids(&self) -> Vec<String> {
-        self.shared.keys.current().kids()
+        self.shared
+            .keys
+            .as_ref()
+            .map(|keys| keys.current().kids())
+            .unwrap_or_default()
+    }
+
+    /// The kids of a JWKS issuer's keys in force, sorted; `None` when the
+    /// issuer has no JWKS URL.
+    pub fn jwks_key_ids(&self, issuer: &str) -> Option<Vec<String>> {
+        self.shared
+            .jwks
+            .get(issuer)
+            .map(|keys| keys.current().kids())
     }
 
     /// Re-reads every key file now, regardless of the automatic schedule
     /// (e.g. from a SIGHUP handler). Returns how many keys are in force.
     pub fn reload_keys(&self) -> usize {
-        self.shared.keys.reload();
-        self.shared.keys.current().len()
+        let Some(keys) = &self.shared.keys else {
+            return 0;
+        };
+        keys.reload();
+        keys.current().len()
     }
 
+    /// [`validate`](Self::validate) at a given time, without the log line.
     fn validate_at(&self, token: &str, now: u64) -> Result<VerifiedClaims, Rejection> {
+        self.evaluate(token, now).map_err(|refusal| {
+            if let Refusal::KeyNotFetched(issuer) = &refusal {
+                issuer.ask_for_fetch();
+            }
+            refusal.into_rejection()
+        })
+    }
+
+    /// The rules, in order.
+    fn evaluate(&self, token: &str, now: u64) -> Result<VerifiedClaims, Refusal> {
         let token = strip_bearer(token);
         if token.is_empty() {
-            return Err(Rejection::new(
-                TokenFailure::Missing,
-                "no token was presented",
-            ));
+            return Err(Rejection::new(TokenFailure::Missing, "no token was presented").into());
         }
         if token.len() > MAX_TOKEN_LEN {
-            return Err(malformed(format!(
-                "the token is longer than {MAX_TOKEN_LEN} bytes"
-            )));
+            return Err(
+                malformed(format!("the token is longer than {MAX_TOKEN_LEN} bytes")).into(),
+            );
         }
 
         // 1. Shape of the header.
@@ -210,13 +359,14 @@ impl TokenValidator {
         let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(malformed("not a JWT: a JWT has three dot-separated parts"));
+            return Err(malformed("not a JWT: a JWT has three dot-separated parts").into());
         };
         let header: RawHeader = decode_json(header_b64, "header")?;
         if header.crit.is_some() {
             return Err(malformed(
                 "the token's header marks extensions as critical, and none are supported",
-            ));
+            )
+            .into());
         }
 
         // 2. Algorithm, before the signature's shape: an `alg: none` token
@@ -226,11 +376,18 @@ impl TokenValidator {
         // 3. Shape of the payload and signature.
         let payload: Map<String, Value> = decode_json(payload_b64, "payload")?;
         if signature_b64.is_empty() || URL_SAFE_NO_PAD.decode(signature_b64).is_err() {
-            return Err(malformed("the token's signature is not base64url"));
+            return Err(malformed("the token's signature is not base64url").into());
         }
 
-        // 4. Key.
-        let key = self.select_key(header.kid.as_deref())?;
+        // 4. Key, from the set the claimed issuer picks.
+        let jwks_issuer = payload
+            .get("iss")
+            .and_then(Value::as_str)
+            .and_then(|iss| self.shared.jwks.get(iss));
+        let key = match jwks_issuer {
+            Some(issuer) => jwks_key(issuer, header.kid.as_deref())?,
+            None => self.file_key(header.kid.as_deref())?,
+        };
         if !key.accepts(alg) {
             return Err(unsupported(format!(
                 "the token's algorithm {alg:?} does not fit its key, which is {}{}",
@@ -238,13 +395,14 @@ impl TokenValidator {
                 key.pinned_alg
                     .map(|pinned| format!(" for {pinned:?} only"))
                     .unwrap_or_default()
-            )));
+            ))
+            .into());
         }
 
         // 5. Signature, over `header.payload`.
         let signed_len = header_b64.len() + 1 + payload_b64.len();
         let Some(message) = token.as_bytes().get(..signed_len) else {
-            return Err(malformed("not a JWT: a JWT has three dot-separated parts"));
+            return Err(malformed("not a JWT: a JWT has three dot-separated parts").into());
         };
         match jsonwebtoken::crypto::verify(signature_b64, message, &key.decoding, alg) {
             Ok(true) => {}
@@ -252,7 +410,8 @@ impl TokenValidator {
                 return Err(Rejection::new(
                     TokenFailure::BadSignature,
                     "the token's signature does not verify",
-                ));
+                )
+                .into());
             }
             Err(error) => {
                 // Keys are probed at load time, so this is not expected; the
@@ -261,7 +420,8 @@ impl TokenValidator {
                 return Err(Rejection::new(
                     TokenFailure::BadSignature,
                     "the token's signature does not verify",
-                ));
+                )
+                .into());
             }
         }
 
@@ -271,10 +431,7 @@ impl TokenValidator {
         // 7. Time.
         let leeway = self.shared.leeway_secs;
         if now >= claims.exp.saturating_add(leeway) {
-            return Err(Rejection::new(
-                TokenFailure::Expired,
-                "the token has expired",
-            ));
+            return Err(Rejection::new(TokenFailure::Expired, "the token has expired").into());
         }
         if claims
             .nbf
@@ -283,7 +440,8 @@ impl TokenValidator {
             return Err(Rejection::new(
                 TokenFailure::NotYetValid,
                 "the token is not valid yet (`nbf` is in the future)",
-            ));
+            )
+            .into());
         }
         if claims
             .iat
@@ -292,17 +450,20 @@ impl TokenValidator {
             return Err(Rejection::new(
                 TokenFailure::NotYetValid,
                 "the token was issued in the future (`iat`)",
-            ));
+            )
+            .into());
         }
 
-        // 8. Issuer and audience.
-        if let Some(expected) = &self.shared.issuer
+        // 8. Issuer (of the key files' tokens) and audience.
+        if jwks_issuer.is_none()
+            && let Some(expected) = &self.shared.issuer
             && claims.iss != Some(expected.as_str())
         {
             return Err(Rejection::new(
                 TokenFailure::WrongIssuer,
                 "the token's issuer is not accepted",
-            ));
+            )
+            .into());
         }
         if let Some(expected) = &self.shared.audience
             && !claims.aud.iter().any(|aud| aud == expected)
@@ -310,7 +471,8 @@ impl TokenValidator {
             return Err(Rejection::new(
                 TokenFailure::WrongAudience,
                 "the token is not meant for this audience",
-            ));
+            )
+            .into());
         }
 
         // 9. Tenant.
@@ -320,7 +482,8 @@ impl TokenValidator {
             return Err(Rejection::new(
                 TokenFailure::TenantNotAllowed,
                 "the token's tenant is not allowed",
-            ));
+            )
+            .into());
         }
 
         Ok(VerifiedClaims {
@@ -331,11 +494,18 @@ impl TokenValidator {
             issued_at: claims.iat,
             issuer: claims.iss.map(str::to_owned),
             key_id: header.kid,
+            jti: claims.jti.map(str::to_owned),
         })
     }
 
-    fn select_key(&self, kid: Option<&str>) -> Result<Arc<VerificationKey>, Rejection> {
-        let store = &self.shared.keys;
+    /// The key file key for `kid`, re-reading the files when it is unknown.
+    fn file_key(&self, kid: Option<&str>) -> Result<Arc<VerificationKey>, Rejection> {
+        let Some(store) = &self.shared.keys else {
+            return Err(Rejection::new(
+                TokenFailure::UnknownKey,
+                "no configured key verifies tokens of the token's issuer",
+            ));
+        };
         store.refresh_if_due();
         let Some(kid) = kid else {
             return store.current().only_key().cloned().ok_or_else(|| {
@@ -358,6 +528,41 @@ impl TokenValidator {
             TokenFailure::UnknownKey,
             "no configured key has the token's `kid`",
         ))
+    }
+}
+
+/// A JWKS issuer's key for `kid`; a key it lacks may still be fetched.
+fn jwks_key(issuer: &Arc<IssuerKeys>, kid: Option<&str>) -> Result<Arc<VerificationKey>, Refusal> {
+    let keys: Arc<KeySet> = issuer.current();
+    let found = match kid {
+        Some(kid) => keys.get(kid),
+        None if keys.len() > 1 => {
+            return Err(Rejection::new(
+                TokenFailure::UnknownKey,
+                "the token names no key (`kid`) and its issuer has more than one",
+            )
+            .into());
+        }
+        None => keys.only_key(),
+    };
+    match found {
+        Some(key) => Ok(Arc::clone(key)),
+        None => Err(Refusal::KeyNotFetched(Arc::clone(issuer))),
+    }
+}
+
+fn log_verdict(result: &Result<VerifiedClaims, Rejection>) {
+    match result {
+        Ok(claims) => tracing::debug!(
+            valid = true,
+            kid = claims.key_id.as_deref(),
+            "token validated"
+        ),
+        Err(rejection) => tracing::debug!(
+            valid = false,
+            failure = rejection.failure.as_str_name(),
+            "token refused"
+        ),
     }
 }
 
@@ -415,6 +620,7 @@ struct ClaimSet<'a> {
     nbf: Option<u64>,
     iat: Option<u64>,
     iss: Option<&'a str>,
+    jti: Option<&'a str>,
     aud: Vec<&'a str>,
     permissions: Vec<String>,
 }
@@ -430,6 +636,7 @@ impl<'a> ClaimSet<'a> {
         let sub = string_claim(claims, "sub")?;
         let tenant_id = string_claim(claims, "tenant_id")?;
         let iss = string_claim(claims, "iss")?;
+        let jti = string_claim(claims, "jti")?;
         let aud = match claims.get("aud") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::String(aud)) => vec![aud.as_str()],
@@ -478,6 +685,7 @@ impl<'a> ClaimSet<'a> {
             nbf,
             iat,
             iss,
+            jti,
             aud,
             permissions,
         })
