@@ -17,6 +17,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rsa::RsaPrivateKey;
 use rsa::pkcs1::EncodeRsaPrivateKey as _;
@@ -116,6 +118,9 @@ impl DevKey {
         claims.insert("permissions".into(), opts.permissions.clone().into());
         claims.insert("iat".into(), iat.into());
         claims.insert("exp".into(), exp.into());
+        // A random id, so a development token can be revoked like any other.
+        let jti: [u8; 16] = rand::random();
+        claims.insert("jti".into(), URL_SAFE_NO_PAD.encode(jti).into());
         if let Some(delay) = opts.not_before {
             claims.insert("nbf".into(), now.saturating_add(delay.as_secs()).into());
         }
@@ -377,13 +382,12 @@ mod tests {
                 ..AuthConfig::default()
             },
         );
-        let token = key
-            .mint(&MintOptions {
-                issuer: Some("streamer-dev".into()),
-                audience: Some("streamer".into()),
-                ..MintOptions::default()
-            })
-            .expect("mint");
+        let options = MintOptions {
+            issuer: Some("streamer-dev".into()),
+            audience: Some("streamer".into()),
+            ..MintOptions::default()
+        };
+        let token = key.mint(&options).expect("mint");
         let claims = validator.validate(&token).expect("valid");
         assert_eq!(claims.user_id, "demo-user");
         assert_eq!(claims.tenant_id, "demo-tenant");
@@ -392,6 +396,11 @@ mod tests {
         assert_eq!(claims.issuer.as_deref(), Some("streamer-dev"));
         let iat = claims.issued_at.expect("iat set");
         assert_eq!(claims.expires_at, iat + 3600);
+        let jti = claims.jti.expect("a jti, so the token can be revoked");
+        let again = validator
+            .validate(&key.mint(&options).expect("mint"))
+            .expect("valid");
+        assert_ne!(again.jti, Some(jti), "each token has its own");
     }
 
     #[test]
