@@ -9,17 +9,8 @@ mod support;
 use serde_json::json;
 use streamer_api::v1::{self, DeliveryOutcome};
 use streamer_auth::dev::MintOptions;
-use support::{TestSystem, eventually, http_get, json_payload, within};
+use support::{TestSystem, eventually, http_get, json_payload, send, within};
 use tokio_tungstenite::tungstenite;
-
-fn send(connection_id: &str, value: serde_json::Value) -> v1::SendRequest {
-    v1::SendRequest {
-        connection_id: connection_id.into(),
-        payload: json_payload(value),
-        tenant_id: String::new(),
-        sequence: None,
-    }
-}
 
 #[tokio::test]
 async fn a_valid_token_connects_and_receives_a_send() {

@@ -16,7 +16,7 @@ use streamer_core::grpc;
 use streamer_core::tls::issue::{Authority, Pem};
 use streamer_core::tls::{Tls, TlsFiles};
 use streamer_core::trust::{Role, Trust};
-use support::{TestSystem, json_payload, within};
+use support::{TestSystem, send, within};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -71,15 +71,6 @@ fn connections(system: &TestSystem, trust: &Trust) -> ConnectionServiceClient<Ch
     let url = format!("https://{}", dial_addr(system.addrs.connection));
     let endpoint = grpc::endpoint(&url, trust).unwrap();
     ConnectionServiceClient::new(grpc::channel(&endpoint, trust))
-}
-
-fn send(connection_id: &str, value: serde_json::Value) -> v1::SendRequest {
-    v1::SendRequest {
-        connection_id: connection_id.into(),
-        payload: json_payload(value),
-        tenant_id: String::new(),
-        sequence: None,
-    }
 }
 
 async fn connection_of(backend: &mut ConnectionServiceClient<Channel>, tenant: &str) -> String {

@@ -14,7 +14,7 @@ use streamer_api::v1::{
     edge_service_client::EdgeServiceClient, progress_service_client::ProgressServiceClient,
 };
 use streamer_core::trust::{Role, ServiceTokens, Trust};
-use support::{TestSystem, json_payload, within};
+use support::{TestSystem, json_payload, send, within};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::metadata::AsciiMetadataValue;
@@ -87,15 +87,6 @@ async fn edges(system: &TestSystem, token: Option<&str>) -> EdgeServiceClient<Au
 
 async fn progress(system: &TestSystem, token: Option<&str>) -> ProgressServiceClient<Authed> {
     ProgressServiceClient::with_interceptor(channel(system.addrs.progress).await, bearer(token))
-}
-
-fn send(connection_id: &str, value: serde_json::Value) -> v1::SendRequest {
-    v1::SendRequest {
-        connection_id: connection_id.into(),
-        payload: json_payload(value),
-        tenant_id: String::new(),
-        sequence: None,
-    }
 }
 
 /// The one connection of `user` in `tenant`, found with an all-tenants

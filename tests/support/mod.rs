@@ -281,6 +281,16 @@ pub fn claim_request(
 }
 
 /// A JSON payload for Send and Broadcast.
+/// A `Send` of `value` to one connection, in whatever tenant it is.
+pub fn send(connection_id: &str, value: Value) -> streamer_api::v1::SendRequest {
+    streamer_api::v1::SendRequest {
+        connection_id: connection_id.into(),
+        payload: json_payload(value),
+        tenant_id: String::new(),
+        sequence: None,
+    }
+}
+
 pub fn json_payload(value: Value) -> Option<streamer_api::v1::Payload> {
     Some(streamer_api::v1::Payload {
         body: Some(streamer_api::v1::payload::Body::Json(
