@@ -339,6 +339,15 @@ def main():
                 h = c.get(probe, {}).get("httpGet", {})
                 check(h.get("path") == path and h.get("port") == ports.get("http"),
                       f"{name}: {probe} is not GET {path} on the http port")
+            # The edge's limits, as the values give them.
+            limits = {"STREAMER_MESSAGE_RATE": "100", "STREAMER_MAX_CONNECTIONS": "10000",
+                      "STREAMER_IDLE_TIMEOUT_SECS": "75", "STREAMER_ALLOWED_ORIGINS": None}
+            if scenario == "production":
+                limits = {"STREAMER_MESSAGE_RATE": "50", "STREAMER_MAX_CONNECTIONS": "15000",
+                          "STREAMER_IDLE_TIMEOUT_SECS": "60", "STREAMER_CONNECTION_RATE_PER_IP": "0",
+                          "STREAMER_ALLOWED_ORIGINS": "https://app.example.com,https://admin.example.com"}
+            for var, value in limits.items():
+                check(env.get(var, {}).get("value") == value, f"{name}: {var} is {env.get(var)}, expected {value!r}")
             check(env.get("STREAMER_EDGE_ID", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name",
                   f"{name}: STREAMER_EDGE_ID is not the pod name")
             sleep = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds")

@@ -291,6 +291,10 @@ refuse "an edge port that is the public gRPC port" "must be three different port
   --set connection.edgePort=50052
 refuse "a NetworkPolicy peer with a misspelt key" "at '/networkPolicy/grpcFrom/0'" \
   --set 'networkPolicy.grpcFrom[0].podSelecter.app=billing'
+refuse "an idle timeout no longer than the ping interval" "must be longer than gateway.limits.pingIntervalSeconds" \
+  --set gateway.limits.idleTimeoutSeconds=30
+refuse "an allowed origin with a comma" "at '/gateway/limits/allowedOrigins/0'" \
+  --set 'gateway.limits.allowedOrigins[0]=https://a.example\,https://b.example'
 refuse "trust.existingSecret with mode none" "trust.existingSecret is used only with trust.mode token" \
   --set trust.mode=none --set trust.existingSecret=streamer-service-secret
 refuse "trust.existingSecret with mode mtls" "trust.existingSecret is used only with trust.mode token" \

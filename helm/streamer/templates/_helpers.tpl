@@ -158,6 +158,9 @@ app.kubernetes.io/component: {{ .role }}
 {{- if or (eq (int $c.edgePort) (int $c.port)) (eq (int $c.edgePort) (int $c.metricsPort)) (eq (int $c.port) (int $c.metricsPort)) }}
 {{- fail "connection.port, connection.edgePort and connection.metricsPort must be three different ports: they are three listeners of one pod" }}
 {{- end }}
+{{- if le (int .Values.gateway.limits.idleTimeoutSeconds) (int .Values.gateway.limits.pingIntervalSeconds) }}
+{{- fail "gateway.limits.idleTimeoutSeconds must be longer than gateway.limits.pingIntervalSeconds: a client answering every ping would be closed as idle" }}
+{{- end }}
 {{- if le (int .Values.terminationGracePeriodSeconds) (add 10 (int .Values.gateway.preStopSleepSeconds) | int) }}
 {{- fail "terminationGracePeriodSeconds must exceed gateway.preStopSleepSeconds plus the 10 s drain" }}
 {{- end }}
