@@ -411,6 +411,13 @@ def main():
         else:
             check(not set(tls_vars) & set(env), f"{name}: TLS variables without TLS")
 
+        # Issuers' JWKS URLs, as ISSUER=URL pairs; and no key files then.
+        if role == "auth":
+            jwks = ("https://id.example.com/=https://id.example.com/jwks.json,partner=https://partner.example/keys"
+                    if scenario_name == "trust-mtls-cert-manager" else None)
+            check(env.get("STREAMER_AUTH_JWKS", {}).get("value") == jwks,
+                  f"{name}: STREAMER_AUTH_JWKS is {env.get('STREAMER_AUTH_JWKS')}, expected {jwks!r}")
+
         # Only variables this role reads.
         if binary:
             known = help_env(binary, role) | ENV_OUTSIDE_HELP

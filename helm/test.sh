@@ -170,7 +170,9 @@ tls_secrets=(--set trust.tls.existingSecrets.auth=auth-tls --set trust.tls.exist
   --set trust.tls.existingSecrets.progress=progress-tls --set trust.tls.existingSecrets.gateway=gateway-tls)
 scenario trust-mtls 1.27.0 --set trust.mode=mtls "${tls_secrets[@]}"
 scenario trust-mtls-cert-manager 1.27.0 --set trust.mode=mtls \
-  --set trust.tls.certManager.enabled=true --set trust.tls.certManager.issuerRef.name=streamer-ca
+  --set trust.tls.certManager.enabled=true --set trust.tls.certManager.issuerRef.name=streamer-ca \
+  --set 'auth.jwks[0].issuer=https://id.example.com/' --set 'auth.jwks[0].url=https://id.example.com/jwks.json' \
+  --set 'auth.jwks[1].issuer=partner' --set 'auth.jwks[1].url=https://partner.example/keys'
 scenario trust-token-tls 1.27.0 --set trust.tls.enabled=true "${tls_secrets[@]}"
 
 # run NAME [--expect-refusal]: the rendered pods of scenario NAME as processes.
@@ -270,6 +272,8 @@ refuse "terminationGracePeriodSeconds under the drain" "at '/terminationGracePer
   --set terminationGracePeriodSeconds=5
 refuse "a grace period that the preStop sleep eats" "must exceed gateway.preStopSleepSeconds" \
   --set terminationGracePeriodSeconds=20 --set gateway.preStopSleepSeconds=15
+refuse "a JWKS URL that is not http(s)" "at '/auth/jwks/0/url'" \
+  --set 'auth.jwks[0].issuer=a' --set 'auth.jwks[0].url=file:///etc/keys.json'
 refuse "auth replicas > 1 with the per-pod development key" "auth.replicaCount > 1 needs auth.keys" \
   --set auth.replicaCount=2
 refuse "both a Secret and a ConfigMap of keys" "not both" \

@@ -134,8 +134,8 @@ app.kubernetes.io/component: {{ .role }}
 {{- if and .Values.auth.keys.existingSecret .Values.auth.keys.existingConfigMap }}
 {{- fail "auth.keys: set existingSecret or existingConfigMap, not both" }}
 {{- end }}
-{{- if and (not (include "streamer.auth.hasKeys" .)) (gt (int .Values.auth.replicaCount) 1) }}
-{{- fail "auth.replicaCount > 1 needs auth.keys.existingSecret or auth.keys.existingConfigMap: without them every auth replica makes its own development key, and a token would be accepted by one replica and refused by the next" }}
+{{- if and (not (include "streamer.auth.hasKeys" .)) (not .Values.auth.jwks) (gt (int .Values.auth.replicaCount) 1) }}
+{{- fail "auth.replicaCount > 1 needs auth.keys.existingSecret, auth.keys.existingConfigMap or auth.jwks: without them every auth replica makes its own development key, and a token would be accepted by one replica and refused by the next" }}
 {{- end }}
 {{- if and (ne .Values.trust.mode "token") .Values.trust.existingSecret }}
 {{- fail "trust.existingSecret is used only with trust.mode token: no other mode mounts a shared secret" }}
