@@ -22,14 +22,22 @@
 //! - `broadcast`: K clients of one tenant; tenant broadcasts in lockstep
 //!   (time until the last client has each one) and in a burst (deliveries/s),
 //!   then unary `Send` latency to one connection.
+//! - `soak` (in `soak.rs`): well-behaved clients that connect, send and
+//!   drop at random, first alone, then beside a flood, a slowloris and
+//!   oversized frames; every accepted request must reach its client's final
+//!   exactly once, and the clients' latency is set beside the quiet run's.
 //! - `all` (the default): `progress` at the default rate limit, `progress`
-//!   unlimited, and `broadcast`, each on a fresh in-process system.
+//!   unlimited, `broadcast` and `soak`, each on a fresh in-process system.
 //!
 //! Every run is bounded by counts and by `--timeout-secs`, uses loopback
 //! only, and exits by itself. Run by `cargo test --benches` (without the
 //! `--bench` flag that `cargo bench` passes), it does a small smoke run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+// Not `benches/soak.rs`: Cargo would take a file there for a bench target.
+#[path = "loadgen/soak.rs"]
+mod soak;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -69,10 +77,13 @@ const MAX_EXTERNAL_CLIENTS: usize = 9000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
-    /// progress at the default rate, progress unlimited, then broadcast.
+    /// progress at the default rate, progress unlimited, broadcast, then
+    /// soak.
     All,
     Progress,
     Broadcast,
+    /// Well-behaved clients, quiet and then beside attackers.
+    Soak,
 }
 
 /// A role whose listener `--listener-nodelay` can change.
@@ -137,6 +148,47 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
 
+    /// soak: well-behaved WebSocket clients.
+    #[arg(long, default_value_t = 200)]
+    soak_clients: usize,
+    /// soak: seconds of each phase (quiet, then attacked).
+    #[arg(long, default_value_t = 60.0)]
+    soak_secs: f64,
+    /// soak: mean pause between a client's requests, in ms (each drawn
+    /// from 0 to twice this).
+    #[arg(long, default_value_t = 2000)]
+    soak_think_ms: u64,
+    /// soak: probability that a client drops its socket during a request
+    /// (and, having done so, again after resuming).
+    #[arg(long, default_value_t = 0.1)]
+    soak_drop: f64,
+    /// soak: probability that the processor fails a request.
+    #[arg(long, default_value_t = 0.05)]
+    soak_fail: f64,
+    /// soak: flooding sockets in the attacked phase.
+    #[arg(long, default_value_t = 4)]
+    soak_flooders: usize,
+    /// soak: slowloris sockets in the attacked phase.
+    #[arg(long, default_value_t = 300)]
+    soak_slowloris: usize,
+    /// soak: sockets that connect and send nothing, in the attacked phase
+    /// (reported; not a failure).
+    #[arg(long, default_value_t = 20)]
+    soak_silent: usize,
+    /// soak: ms between the bytes a slowloris socket dribbles.
+    #[arg(long, default_value_t = 3000)]
+    soak_dribble_ms: u64,
+    /// soak: sockets sending frames over the size limit in the attacked phase.
+    #[arg(long, default_value_t = 1)]
+    soak_oversized: usize,
+    /// soak: the edge's header-read timeout in ms: set on an in-process
+    /// system, expected of a running one.
+    #[arg(long, default_value_t = 10_000)]
+    soak_header_timeout_ms: u64,
+    /// soak: seed of every client's plan (printed; random when unset).
+    #[arg(long)]
+    seed: Option<u64>,
+
     /// Give up on a run (and report what is missing) after this long.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
@@ -176,6 +228,15 @@ impl Args {
         self.broadcast_clients = self.broadcast_clients.min(10);
         self.broadcasts = self.broadcasts.min(3);
         self.sends = self.sends.min(10);
+        self.soak_clients = self.soak_clients.min(8);
+        self.soak_secs = self.soak_secs.min(1.5);
+        self.soak_think_ms = self.soak_think_ms.min(100);
+        self.soak_flooders = self.soak_flooders.min(1);
+        self.soak_slowloris = self.soak_slowloris.min(20);
+        self.soak_silent = self.soak_silent.min(2);
+        self.soak_dribble_ms = self.soak_dribble_ms.min(300);
+        self.soak_oversized = self.soak_oversized.min(1);
+        self.soak_header_timeout_ms = self.soak_header_timeout_ms.min(1000);
         self.timeout_secs = self.timeout_secs.min(30);
     }
 }
@@ -1259,6 +1320,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         failed |= result.lockstep_missing + result.burst_missing > 0;
         results.push(result.to_json());
     }
+    if matches!(args.scenario, Scenario::All | Scenario::Soak) {
+        let result = soak::run_soak(&args).await?;
+        result.print();
+        failed |= result.failed();
+        results.push(result.to_json());
+    }
     if args.json {
         println!(
             "{}",
@@ -1266,7 +1333,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if failed {
-        bail!("some requests or deliveries were missing or out of protocol (see above)");
+        bail!(
+            "some requests or deliveries were missing or out of protocol, or an attacker \
+             was not refused as expected (see above)"
+        );
     }
     Ok(())
 }
