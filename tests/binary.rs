@@ -59,6 +59,8 @@ async fn start_all(data_dir: &std::path::Path) -> (Child, Banner) {
             "127.0.0.1:0",
             "--connection-listen",
             "127.0.0.1:0",
+            "--connection-edge-listen",
+            "127.0.0.1:0",
             "--progress-listen",
             "127.0.0.1:0",
             "--gateway-listen",
