@@ -43,7 +43,7 @@
 //!   starts only once a first byte tells it the HTTP version, so today these
 //!   are held until the client goes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -425,8 +425,10 @@ struct ClientReport {
     replays_before_answer: u64,
     /// Frames sent again after `NOT_FOUND` or a refusal.
     resubmits: u64,
-    /// Submissions answered with an error without a `sequence`.
-    refusals: u64,
+    /// Submissions answered with an error without a `sequence`, and
+    /// `get_request`s answered with an error other than `NOT_FOUND`, by
+    /// what and code.
+    refusals: BTreeMap<String, u64>,
     connects: u64,
     connect_failures: u64,
     clean_latency: Vec<Duration>,
@@ -455,7 +457,9 @@ impl ClientReport {
         self.replays += other.replays;
         self.replays_before_answer += other.replays_before_answer;
         self.resubmits += other.resubmits;
-        self.refusals += other.refusals;
+        for (code, count) in other.refusals {
+            *self.refusals.entry(code).or_default() += count;
+        }
         self.connects += other.connects;
         self.connect_failures += other.connect_failures;
         self.clean_latency.extend(other.clean_latency);
@@ -512,6 +516,16 @@ impl Client<'_> {
                 .violations
                 .push(format!("client {}: {what}", self.index));
         }
+    }
+
+    /// Counts a refusal by what was refused and its code.
+    fn refused(&mut self, what: &str, message: &Value) {
+        let code = message["error"]["code"].as_str().unwrap_or("no code");
+        *self
+            .out
+            .refusals
+            .entry(format!("{what} {code}"))
+            .or_default() += 1;
     }
 
     /// Connects unless connected; false when `hard` passed first.
@@ -754,7 +768,7 @@ impl Client<'_> {
                                 "{id}: refused after it was accepted: {message}"
                             ));
                         }
-                        self.out.refusals += 1;
+                        self.refused("submit", &message);
                         tokio::time::sleep(RETRY_PAUSE).await;
                         self.out.resubmits += 1;
                         resume = !self.send(&frame).await;
@@ -786,7 +800,7 @@ impl Client<'_> {
                     }
                     _ => {
                         // get_request itself failed: ask again on a new socket.
-                        self.out.refusals += 1;
+                        self.refused("get_request", &message);
                         tokio::time::sleep(RETRY_PAUSE).await;
                         resume = true;
                     }
@@ -857,7 +871,8 @@ async fn run_client(
         done: HashSet::new(),
         out: ClientReport::default(),
     };
-    client.ensure_connected(end).await;
+    // No connect up front: the first request connects, after the first
+    // pause, so the clients arrive spread out rather than all at once.
     let mut n = 0;
     loop {
         let plan = Plan::draw(&mut rng, &s);
@@ -1267,6 +1282,18 @@ fn edge_counters() -> HashMap<&'static str, f64> {
         .collect()
 }
 
+/// Connections the kernel dropped because a listening socket's accept
+/// queue was full (`TcpExt: ListenOverflows`, Linux), on the whole machine.
+fn listen_overflows() -> Option<f64> {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut tcp_ext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (tcp_ext.next()?, tcp_ext.next()?);
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "ListenOverflows")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 // ---- one phase -------------------------------------------------------------
 
 /// What one phase (quiet or attacked) saw.
@@ -1293,6 +1320,9 @@ struct Phase {
     oversized: OversizedReport,
     /// What the edge's counters moved by in this phase (in-process only).
     edge: Option<HashMap<&'static str, f64>>,
+    /// Connections the kernel dropped for a full accept queue during this
+    /// phase, on the whole machine (Linux).
+    listen_overflows: Option<f64>,
 }
 
 impl Phase {
@@ -1334,7 +1364,7 @@ impl Phase {
             ),
             (
                 "sent again (NOT_FOUND, refused) / refusals",
-                two(c.resubmits, c.refusals),
+                two(c.resubmits, c.refusals.values().sum()),
             ),
             (
                 "connects / failed connects",
@@ -1427,6 +1457,7 @@ async fn run_phase(
     let (flood_urls, big_urls) = rest.split_at(s.flooders);
 
     let counters_before = (!args.external()).then(edge_counters);
+    let overflows_before = listen_overflows();
     let start = Instant::now();
     let end = start + s.phase;
     let hard = end + s.grace;
@@ -1527,6 +1558,9 @@ async fn run_phase(
             .map(|(name, value)| (name, value - before.get(name).copied().unwrap_or_default()))
             .collect()
     });
+    let listen_overflows = listen_overflows()
+        .zip(overflows_before)
+        .map(|(after, before)| after - before);
     let entries = ledger.snapshot();
     let seen: HashSet<(u64, u64)> = report.finals.iter().copied().collect();
     let finished: HashSet<(u64, u64)> = entries
@@ -1549,6 +1583,7 @@ async fn run_phase(
         slowloris: loris,
         silent,
         edge,
+        listen_overflows,
         oversized: big,
     })
 }
@@ -1626,6 +1661,11 @@ impl SoakResult {
         println!("{}", pair("", "quiet", "attacked"));
         for ((label, quiet), (_, attacked)) in q.rows().into_iter().zip(a.rows()) {
             println!("{}", pair(label, quiet, attacked));
+        }
+        for (phase, c) in [("quiet", qc), ("attacked", ac)] {
+            if !c.refusals.is_empty() {
+                println!("  refusals, {phase}: {:?}", c.refusals);
+            }
         }
         println!("{}", latency_header());
         for (name, quiet, attacked) in [
@@ -1719,6 +1759,12 @@ impl SoakResult {
                 );
             }
         }
+        if let (Some(qo), Some(ao)) = (q.listen_overflows, a.listen_overflows) {
+            println!(
+                "{}",
+                pair("  listen-queue overflows (kernel, whole machine)", qo, ao)
+            );
+        }
         println!("{}", latency_header());
         println!(
             "{}",
@@ -1796,6 +1842,7 @@ impl SoakResult {
                 "latency_resumed": Summary::of(c.resumed_latency.clone()).to_json(),
                 "connect_latency": Summary::of(c.connect_latency.clone()).to_json(),
                 "edge_counters": p.edge,
+                "listen_overflows": p.listen_overflows,
             })
         };
         let sockets = |l: &SlowlorisReport| {
