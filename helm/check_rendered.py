@@ -441,7 +441,8 @@ def main():
     wiring = [("gateway", "STREAMER_AUTH_URL", "auth", "grpc"),
               ("gateway", "STREAMER_CONNECTION_EDGE_URL", "connection", "edge"),
               ("progress", "STREAMER_CONNECTION_URL", "connection", "grpc"),
-              ("connection", "STREAMER_PROGRESS_URL", "progress", "grpc")]
+              ("connection", "STREAMER_PROGRESS_URL", "progress", "grpc"),
+              ("connection", "STREAMER_AUTH_URL", "auth", "grpc")]
     for role, var, target, port_name in wiring:
         if role not in workloads or target not in workloads:
             continue

@@ -480,6 +480,14 @@ pub struct ConnectionCmd {
         default_value = "http://127.0.0.1:50053"
     )]
     pub progress_url: String,
+    /// AuthService URL: the token of every connection an edge announces is
+    /// verified again there (except in trust mode none).
+    #[arg(
+        long,
+        env = "STREAMER_AUTH_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub auth_url: String,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
@@ -670,6 +678,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = crate::open_embedded_store(&cmd.data.data_dir.join("connection"))?;
             let config = ConnectionConfig {
                 progress_endpoint: Some(cmd.progress_url),
+                auth_endpoint: Some(cmd.auth_url),
                 trust: cmd.trust.trust(&[cmd.listen, cmd.edge_listen])?,
                 ..ConnectionConfig::default()
             };

@@ -279,6 +279,7 @@ pub async fn start_system(
     };
     let url = |addr| format!("{scheme}://{}", dial_addr(addr));
     config.connection.progress_endpoint = Some(url(addrs.progress));
+    config.connection.auth_endpoint = Some(url(addrs.auth));
     // The only edge is this process's own, new one: nothing recorded
     // before belongs to a live socket.
     config.connection.connections_stale_at_start = true;

@@ -235,6 +235,7 @@ async fn an_edge_certificate_attaches_only_under_its_own_name() {
             event: Some(Event::Hello(EdgeHello {
                 edge_id: edge_id.into(),
                 connections: Vec::new(),
+                tokens: Default::default(),
             })),
         }])
         .chain(tokio_stream::pending())

@@ -186,6 +186,7 @@ async fn each_role_may_call_only_what_it_needs() {
         event: Some(v1::edge_event::Event::Hello(v1::EdgeHello {
             edge_id: "billing".into(),
             connections: vec![],
+            tokens: Default::default(),
         })),
     };
     let status = edges(&system, Some(&backend))
@@ -481,6 +482,7 @@ async fn an_edge_cannot_take_over_another_edges_id_or_connections() {
         event: Some(v1::edge_event::Event::Hello(v1::EdgeHello {
             edge_id: edge_id.into(),
             connections,
+            tokens: Default::default(),
         })),
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -516,6 +518,7 @@ async fn an_edge_cannot_take_over_another_edges_id_or_connections() {
     tx.send(v1::EdgeEvent {
         event: Some(v1::edge_event::Event::Opened(v1::ConnectionOpened {
             connection: Some(stolen),
+            token: system.token("alice", "acme"),
         })),
     })
     .await
@@ -540,4 +543,123 @@ async fn an_edge_cannot_take_over_another_edges_id_or_connections() {
     assert_eq!(outcome, v1::DeliveryOutcome::Delivered);
     assert_eq!(alice.recv_json().await, json!({"still": "yours"}));
     drop(tx);
+}
+
+#[tokio::test]
+async fn an_edge_credential_cannot_announce_an_identity_without_its_token() {
+    use v1::edge_command::Command;
+    let system = system().await;
+    let rogue = mint("rogue-edge", &[Role::Edge], None);
+    let admin = mint("admin", &[Role::Backend], None);
+    let identity = |user: &str, tenant: &str, permissions: &[&str]| v1::Identity {
+        user_id: user.into(),
+        tenant_id: tenant.into(),
+        permissions: permissions.iter().map(|p| p.to_string()).collect(),
+    };
+    let connection = |id: &str, identity: v1::Identity| v1::Connection {
+        connection_id: id.into(),
+        identity: Some(identity),
+        ..Default::default()
+    };
+    let opened = |connection: v1::Connection, token: String| v1::EdgeEvent {
+        event: Some(v1::edge_event::Event::Opened(v1::ConnectionOpened {
+            connection: Some(connection),
+            token,
+        })),
+    };
+
+    // A hello that re-announces a connection nobody verified gets it closed.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(v1::EdgeEvent {
+        event: Some(v1::edge_event::Event::Hello(v1::EdgeHello {
+            edge_id: "rogue-edge".into(),
+            connections: vec![connection("carol-1", identity("carol", "acme", &[]))],
+            tokens: [("carol-1".to_string(), "not a token".to_string())].into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut commands = edges(&system, Some(&rogue))
+        .await
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let Command::Close(close) = next_command(&mut commands, "the hello's refusal").await else {
+        panic!("expected a close");
+    };
+    assert_eq!(
+        (close.connection_id.as_str(), close.code),
+        ("carol-1", 1008)
+    );
+
+    // An opened with no token, a forged one, or someone else's is refused.
+    let bob = identity("bob", "globex", &["admin"]);
+    for (id, token) in [
+        ("bob-1", String::new()),
+        ("bob-2", "eyJhbGciOiJub25lIn0.e30.".to_string()),
+        ("bob-3", system.token("alice", "acme")),
+    ] {
+        tx.send(opened(connection(id, bob.clone()), token))
+            .await
+            .unwrap();
+        let Command::Close(close) = next_command(&mut commands, "the refusal").await else {
+            panic!("expected a close for {id}");
+        };
+        assert_eq!(
+            (close.connection_id.as_str(), close.code),
+            (id, 1008),
+            "{close:?}"
+        );
+    }
+
+    // Bob's own token registers him, with the token's permissions (the
+    // development token's read and write), not the admin the edge claimed.
+    tx.send(opened(
+        connection("bob-4", bob.clone()),
+        system.token("bob", "globex"),
+    ))
+    .await
+    .unwrap();
+    let Command::Registered(registered) = next_command(&mut commands, "the registration").await
+    else {
+        panic!("expected bob-4 to be registered");
+    };
+    assert_eq!(registered.connection_id, "bob-4");
+    let mut backend = connections(&system, Some(&admin)).await;
+    let recorded = backend
+        .get_connection(v1::GetConnectionRequest {
+            connection_id: "bob-4".into(),
+            tenant_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        recorded.identity.unwrap(),
+        identity("bob", "globex", &["read", "write"])
+    );
+    for refused in ["carol-1", "bob-1", "bob-2", "bob-3"] {
+        let status = backend
+            .get_connection(v1::GetConnectionRequest {
+                connection_id: refused.into(),
+                tenant_id: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{refused}");
+    }
+    drop(tx);
+}
+
+async fn next_command(
+    commands: &mut tonic::Streaming<v1::EdgeCommand>,
+    what: &str,
+) -> v1::edge_command::Command {
+    within(what, commands.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .command
+        .unwrap()
 }

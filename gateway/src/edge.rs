@@ -37,6 +37,9 @@ struct LocalConnection {
     /// is still queued (a slow consumer).
     evict: CancellationToken,
     record: v1::Connection,
+    /// The token the client last presented, which ConnectionService
+    /// verifies again whenever the connection is announced.
+    token: String,
     /// What was written of each sequenced stream. A std mutex, held only
     /// across the check and the non-blocking queue write that it guards.
     sequences: Mutex<SequenceWindow>,
@@ -156,6 +159,7 @@ impl Edge {
     pub async fn register(
         &self,
         record: v1::Connection,
+        token: String,
         timeout: Duration,
     ) -> Result<Registered, RegisterError> {
         let id = record.connection_id.clone();
@@ -169,6 +173,7 @@ impl Edge {
                 outbound: tx,
                 evict: evict.clone(),
                 record: record.clone(),
+                token: token.clone(),
                 sequences: Mutex::default(),
             },
         );
@@ -184,6 +189,7 @@ impl Edge {
         let attempt = async {
             if !self.emit_nowait(Event::Opened(v1::ConnectionOpened {
                 connection: Some(record),
+                token,
             })) {
                 return Err(RegisterError::Detached);
             }
@@ -277,11 +283,23 @@ impl Edge {
         }
     }
 
-    fn snapshot(&self) -> Vec<v1::Connection> {
-        read(&self.connections)
-            .values()
-            .map(|c| c.record.clone())
-            .collect()
+    /// The connections held, and each one's current token.
+    fn snapshot(&self) -> (Vec<v1::Connection>, HashMap<String, String>) {
+        let connections = read(&self.connections);
+        let records = connections.values().map(|c| c.record.clone()).collect();
+        let tokens = connections
+            .iter()
+            .map(|(id, c)| (id.clone(), c.token.clone()))
+            .collect();
+        (records, tokens)
+    }
+
+    /// Keeps the token a client refreshed its socket with, for the next
+    /// announcement.
+    pub fn refreshed(&self, connection_id: &str, token: String) {
+        if let Some(connection) = write(&self.connections).get_mut(connection_id) {
+            connection.token = token;
+        }
     }
 
     fn lock_registrations(
@@ -353,10 +371,12 @@ impl Edge {
                 return;
             }
             let (tx, rx) = mpsc::channel(4096);
+            let (connections, tokens) = self.snapshot();
             let hello = EdgeEvent {
                 event: Some(Event::Hello(v1::EdgeHello {
                     edge_id: self.edge_id.clone(),
-                    connections: self.snapshot(),
+                    connections,
+                    tokens,
                 })),
             };
             // The channel is fresh and empty, so this cannot fail.

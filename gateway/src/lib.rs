@@ -279,21 +279,33 @@ fn instant_of(at: prost_types::Timestamp) -> Option<tokio::time::Instant> {
     Some(tokio::time::Instant::now() + left)
 }
 
+/// The socket a `refresh` is for, and whom it was opened for.
+struct Subject {
+    edge: Arc<Edge>,
+    connection_id: String,
+    user_id: String,
+    tenant_id: String,
+}
+
 /// Validates the fresh tokens one socket's client sends: they must be
-/// valid, and name the user and tenant the socket was opened for.
+/// valid, and name the user and tenant the socket was opened for. An
+/// accepted token is the one the edge announces the connection with from
+/// then on.
 fn refresher(
     auth: AuthServiceClient<AuthedChannel>,
     timeout: Duration,
-    user_id: String,
-    tenant_id: String,
+    subject: Subject,
 ) -> socket::Refresh {
+    let subject = Arc::new(subject);
     Arc::new(move |token| {
         let mut auth = auth.clone();
-        let (user_id, tenant_id) = (user_id.clone(), tenant_id.clone());
+        let subject = subject.clone();
         Box::pin(async move {
             let answer = match tokio::time::timeout(
                 timeout,
-                auth.validate_token(v1::ValidateTokenRequest { token }),
+                auth.validate_token(v1::ValidateTokenRequest {
+                    token: token.clone(),
+                }),
             )
             .await
             {
@@ -307,13 +319,15 @@ fn refresher(
                     return Err(refusal(failure, &answer.message).1);
                 }
             };
-            if claims.user_id != user_id || claims.tenant_id != tenant_id {
+            if claims.user_id != subject.user_id || claims.tenant_id != subject.tenant_id {
                 return Err("the token is for another user or tenant".to_owned());
             }
-            claims
+            let expires_at = claims
                 .expires_at
                 .and_then(instant_of)
-                .ok_or_else(|| "the token has no expiry".to_owned())
+                .ok_or_else(|| "the token has no expiry".to_owned())?;
+            subject.edge.refreshed(&subject.connection_id, token);
+            Ok(expires_at)
         })
     })
 }
@@ -376,7 +390,9 @@ async fn connect(
     let timeout = state.config.control_plane_timeout;
     let answer = tokio::time::timeout(
         timeout,
-        auth.validate_token(v1::ValidateTokenRequest { token }),
+        auth.validate_token(v1::ValidateTokenRequest {
+            token: token.clone(),
+        }),
     )
     .await;
     let claims = match answer {
@@ -407,16 +423,20 @@ async fn connect(
         Err(rejection) => return rejection.into_response(),
     };
 
+    let connection_id = uuid::Uuid::new_v4().to_string();
     let session = socket::Session {
         expires_at: claims.expires_at.and_then(instant_of),
         refresh: refresher(
             state.auth.clone(),
             timeout,
-            claims.user_id.clone(),
-            claims.tenant_id.clone(),
+            Subject {
+                edge: state.edge.clone(),
+                connection_id: connection_id.clone(),
+                user_id: claims.user_id.clone(),
+                tenant_id: claims.tenant_id.clone(),
+            },
         ),
     };
-    let connection_id = uuid::Uuid::new_v4().to_string();
     let now = prost_types::Timestamp::from(std::time::SystemTime::now());
     let record = v1::Connection {
         connection_id: connection_id.clone(),
@@ -438,7 +458,7 @@ async fn connect(
         client_ip: peer.ip().to_string(),
         expires_at: None,
     };
-    let registered = match state.edge.register(record, timeout).await {
+    let registered = match state.edge.register(record, token, timeout).await {
         Ok(registered) => registered,
         Err(RegisterError::Detached) => {
             return unavailable("connection service unavailable");

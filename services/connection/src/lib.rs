@@ -4,13 +4,16 @@
 //! Layout:
 //! - [`model`]: validation of every request on its way in (`TryFrom`).
 //! - [`edges`]: the attached edges and the deliveries in flight to them.
+//! - [`identities`]: AuthService's word on every connection an edge
+//!   announces.
 //! - [`routers`]: the routers listening on `Receive`, by action.
 //! - [`service`]: the domain logic and the thin tonic adapter.
 //! - [`client_messages`]: the JSON this service writes to clients.
 //!
 //! Invariants: a connection record exists only for a socket an edge holds
-//! (edges announce sockets only after AuthService accepted their token, and
-//! records are removed when the socket or its edge goes); identity always
+//! (edges announce sockets only after AuthService accepted their token,
+//! which this service has AuthService check again unless its trust mode is
+//! none, and records are removed when the socket or its edge goes); identity always
 //! comes from that record, never from a frame; a call scoped to a tenant
 //! only ever reaches that tenant's connections.
 
@@ -19,6 +22,7 @@
 pub mod client_messages;
 pub mod edges;
 pub mod error;
+pub mod identities;
 pub mod model;
 pub mod routers;
 pub mod service;

@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::client_messages::{self, ClientErrorCode};
 use crate::edges::{EdgeLink, EdgeRegistry};
 use crate::error::ConnectionError;
+use crate::identities::IdentityCheck;
 use crate::model::{
     BroadcastCommand, BroadcastTarget, DisconnectCommand, ListQuery, SendCommand,
     connection_from_edge, connection_to_proto, optional_id, required_id,
@@ -69,8 +70,12 @@ pub struct ConnectionConfig {
     /// of edges that do not re-attach within a grace period are removed.
     pub connections_stale_at_start: bool,
     /// Who may call this service, and how it presents itself to
-    /// ProgressService.
+    /// ProgressService and AuthService.
     pub trust: Trust,
+    /// AuthService, which verifies again the token of every connection an
+    /// edge announces (see [`crate::identities`]); not needed in trust mode
+    /// none.
+    pub auth_endpoint: Option<String>,
 }
 
 impl Default for ConnectionConfig {
@@ -80,6 +85,7 @@ impl Default for ConnectionConfig {
             delivery_timeout: Duration::from_secs(5),
             connections_stale_at_start: false,
             trust: Trust::none(),
+            auth_endpoint: Some("http://127.0.0.1:50051".into()),
         }
     }
 }
@@ -96,6 +102,7 @@ struct Shared {
     edges: EdgeRegistry,
     routers: RouterTable,
     progress: Option<ProgressServiceClient<AuthedChannel>>,
+    identities: IdentityCheck,
     config: ConnectionConfig,
     shutdown: Shutdown,
 }
@@ -164,6 +171,7 @@ impl ConnectionServer {
                 edges: EdgeRegistry::default(),
                 routers: RouterTable::default(),
                 progress,
+                identities: IdentityCheck::new(&config)?,
                 config,
                 shutdown,
             }),
@@ -555,7 +563,19 @@ impl ConnectionServer {
             .ok_or_else(|| ConnectionError::EdgeProtocol("opened without a connection".into()))
             .and_then(|c| connection_from_edge(c, &link.edge_id, now_ms()))
         {
-            Ok(record) => record,
+            Ok(record) => match self.shared.identities.verify(record, &opened.token).await {
+                Ok(record) => record,
+                Err(refusal) => {
+                    tracing::warn!(edge_id = %link.edge_id, connection_id = %announced_id, ?refusal, "edge announced a connection whose token does not hold; refused");
+                    let (code, reason) = refusal.close();
+                    link.command_nowait(Command::Close(v1::CloseConnection {
+                        connection_id: announced_id,
+                        code,
+                        reason,
+                    }));
+                    return;
+                }
+            },
             Err(error) => {
                 tracing::warn!(edge_id = %link.edge_id, %error, "edge announced an invalid connection");
                 // Answer at once, so the client is refused now rather
@@ -994,25 +1014,53 @@ impl EdgeService for ConnectionServer {
             ))
             .into());
         }
-        let (tx, rx) = mpsc::channel(EDGE_QUEUE);
-        let link = self.shared.edges.attach(edge_id.clone(), tx);
         let now = now_ms();
-        let mut held = std::collections::HashSet::new();
+        let mut tokens = hello.tokens;
+        let mut announced = Vec::new();
         for connection in hello.connections {
             match connection_from_edge(connection, &edge_id, now) {
-                Ok(record) if self.held_elsewhere(&record, &edge_id).await? => {
-                    tracing::warn!(edge_id = %edge_id, connection_id = %record.connection_id, "edge re-announced another edge's connection; ignored");
-                }
                 Ok(record) => {
-                    held.insert(record.connection_id.clone());
-                    self.shared
-                        .store
-                        .put_connection(record)
-                        .await
-                        .map_err(ConnectionError::from)?;
+                    let token = tokens.remove(&record.connection_id).unwrap_or_default();
+                    announced.push((record, token));
                 }
                 Err(error) => tracing::warn!(%error, "edge re-announced an invalid connection"),
             }
+        }
+        // Before the edge counts as attached: without AuthService's word,
+        // nothing it re-announces is recorded, and it attaches again later.
+        let (verified, refused) =
+            self.shared
+                .identities
+                .verify_all(announced)
+                .await
+                .map_err(|refusal| {
+                    Status::unavailable(format!(
+                        "cannot verify the connections this edge holds now: {refusal:?}"
+                    ))
+                })?;
+        let (tx, rx) = mpsc::channel(EDGE_QUEUE);
+        let link = self.shared.edges.attach(edge_id.clone(), tx);
+        for (connection_id, refusal) in refused {
+            tracing::warn!(edge_id = %edge_id, connection_id = %connection_id, ?refusal, "edge re-announced a connection whose token does not hold; closing it");
+            let (code, reason) = refusal.close();
+            link.command_nowait(Command::Close(v1::CloseConnection {
+                connection_id,
+                code,
+                reason,
+            }));
+        }
+        let mut held = std::collections::HashSet::new();
+        for record in verified {
+            if self.held_elsewhere(&record, &edge_id).await? {
+                tracing::warn!(edge_id = %edge_id, connection_id = %record.connection_id, "edge re-announced another edge's connection; ignored");
+                continue;
+            }
+            held.insert(record.connection_id.clone());
+            self.shared
+                .store
+                .put_connection(record)
+                .await
+                .map_err(ConnectionError::from)?;
         }
         // The hello is the edge's whole truth: records of sockets that
         // closed while it was detached (their `closed` event had nowhere to
