@@ -423,6 +423,9 @@ struct ClientReport {
     /// Replayed finals that came before the answer to the `get_request`
     /// that caused them.
     replays_before_answer: u64,
+    /// `get_request` answers showing an older state than messages that
+    /// came before them on the same socket.
+    answers_behind: u64,
     /// Frames sent again after `NOT_FOUND` or a refusal.
     resubmits: u64,
     /// Submissions answered with an error without a `sequence`, and
@@ -456,6 +459,7 @@ impl ClientReport {
         self.resumes += other.resumes;
         self.replays += other.replays;
         self.replays_before_answer += other.replays_before_answer;
+        self.answers_behind += other.answers_behind;
         self.resubmits += other.resubmits;
         for (code, count) in other.refusals {
             *self.refusals.entry(code).or_default() += count;
@@ -490,6 +494,8 @@ struct RequestState {
     acknowledged_here: bool,
     /// `NOT_FOUND` after it was accepted: lost for certain.
     vanished: bool,
+    /// Its final was a replay.
+    replayed: bool,
 }
 
 impl RequestState {
@@ -738,7 +744,9 @@ impl Client<'_> {
                         st.acknowledged_here = true;
                     }
                     "progress" => {
-                        if !st.accepted() {
+                        // After a resume, the request's messages may come
+                        // before the answer to the get_request.
+                        if !st.accepted() && query.is_none() {
                             self.violation(format!("{id}: progress before its acknowledgment"));
                         }
                         self.check_sequence(&id, &mut st, &message, &kind);
@@ -749,7 +757,8 @@ impl Client<'_> {
                         }
                         self.check_sequence(&id, &mut st, &message, &kind);
                         self.check_final(n, plan, &message, &kind);
-                        if message["replay"] == true {
+                        st.replayed = message["replay"] == true;
+                        if st.replayed {
                             self.out.replays += 1;
                             self.out.replays_before_answer += u64::from(query.is_some());
                         }
@@ -783,8 +792,16 @@ impl Client<'_> {
                         let data = &message["data"];
                         let finished =
                             matches!(data["status"].as_str(), Some("completed" | "failed"));
-                        if data["request_id"] != id.as_str() || (st.finals > 0 && !finished) {
+                        // A replay is sent because the get_request found the
+                        // request finished: its answer must say so. Any other
+                        // message may overtake the answer, which then shows
+                        // the state from before it.
+                        if data["request_id"] != id.as_str() || (st.replayed && !finished) {
                             self.violation(format!("{id}: get_request answered {message}"));
+                        }
+                        let answered = data["sequence"].as_u64().unwrap_or_default();
+                        if st.sequence_here.is_some_and(|seen| answered < seen) {
+                            self.out.answers_behind += 1;
                         }
                         st.found = true;
                     }
@@ -1363,6 +1380,10 @@ impl Phase {
                 ),
             ),
             (
+                "get_request answers behind messages before them",
+                n(c.answers_behind),
+            ),
+            (
                 "sent again (NOT_FOUND, refused) / refusals",
                 two(c.resubmits, c.refusals.values().sum()),
             ),
@@ -1825,6 +1846,7 @@ impl SoakResult {
                 "resumes": c.resumes,
                 "replays": c.replays,
                 "replays_before_answer": c.replays_before_answer,
+                "answers_behind": c.answers_behind,
                 "resubmits": c.resubmits,
                 "refusals": c.refusals,
                 "connects": c.connects,
