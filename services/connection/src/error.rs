@@ -38,7 +38,7 @@ impl From<ConnectionError> for tonic::Status {
             ConnectionError::EdgeProtocol(_) => tonic::Status::failed_precondition(message),
             ConnectionError::ShuttingDown => tonic::Status::unavailable(message),
             ConnectionError::Store(StoreError::Conflict) => tonic::Status::aborted(message),
-            ConnectionError::Store(StoreError::Backend(_)) => tonic::Status::unavailable(message),
+            ConnectionError::Store(_) => tonic::Status::unavailable(message),
         }
     }
 }

@@ -81,7 +81,7 @@ impl From<StoreError> for ProgressError {
             // Callers retry conflicts themselves; one that escapes means the
             // retries ran out, which the caller may try again.
             StoreError::Conflict => Self::Contended("the request".to_owned()),
-            StoreError::Backend(message) => Self::Store(message),
+            other => Self::Store(other.to_string()),
         }
     }
 }

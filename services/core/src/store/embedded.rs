@@ -54,7 +54,7 @@ impl std::fmt::Debug for EmbeddedStore {
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+    StoreError::backend(e.to_string())
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> StoreResult<Vec<u8>> {
@@ -62,7 +62,7 @@ fn encode<T: serde::Serialize>(value: &T) -> StoreResult<Vec<u8>> {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Backend(format!("corrupt record: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| StoreError::backend_from("corrupt record", e))
 }
 
 fn key(parts: &[&str]) -> String {
@@ -569,239 +569,15 @@ impl Store for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::RequestStatus;
+    use crate::store::conformance::request;
 
-    fn connection(id: &str, tenant: &str, user: &str) -> ConnectionRecord {
-        ConnectionRecord {
-            connection_id: id.into(),
-            user_id: user.into(),
-            tenant_id: tenant.into(),
-            permissions: vec!["read".into()],
-            edge_id: "edge-1".into(),
-            connected_at_ms: now_ms(),
-            last_seen_ms: now_ms(),
-            user_agent: "test".into(),
-            client_ip: "127.0.0.1".into(),
-        }
-    }
-
-    fn request(id: &str, client_id: &str) -> RequestRecord {
-        RequestRecord {
-            id: id.into(),
-            client_request_id: client_id.into(),
-            user_id: "u1".into(),
-            tenant_id: "t1".into(),
-            connection_id: "c1".into(),
-            action: "generate_report".into(),
-            payload: serde_json::json!({"pages": 3}),
-            metadata: Default::default(),
-            status: RequestStatus::Pending,
-            attempts: 0,
-            max_attempts: 3,
-            processor_id: None,
-            lease_expires_at_ms: None,
-            progress: None,
-            result: None,
-            error: None,
-            created_at_ms: now_ms(),
-            updated_at_ms: now_ms(),
-            sequence: 0,
-            version: 0,
-        }
-    }
-
-    fn store() -> (tempfile::TempDir, EmbeddedStore) {
+    async fn fresh() -> (crate::store::SharedStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path()).unwrap();
-        (dir, store)
+        let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        (store, dir)
     }
 
-    #[tokio::test]
-    async fn lists_by_tenant_and_user_in_pages_and_isolates_tenants() {
-        let (_dir, store) = store();
-        for (id, tenant, user) in [
-            ("c1", "t1", "alice"),
-            ("c2", "t1", "bob"),
-            ("c3", "t1", "alice"),
-            ("c4", "t2", "alice"),
-        ] {
-            store
-                .put_connection(connection(id, tenant, user))
-                .await
-                .unwrap();
-        }
-        let ids = |v: Vec<ConnectionRecord>| -> Vec<String> {
-            v.into_iter().map(|c| c.connection_id).collect()
-        };
-        let all = store.list_connections("t1", None, None, 100).await.unwrap();
-        assert_eq!(ids(all), ["c1", "c2", "c3"]);
-        let alice = store
-            .list_connections("t1", Some("alice"), None, 100)
-            .await
-            .unwrap();
-        assert_eq!(ids(alice), ["c1", "c3"]);
-        let page1 = store.list_connections("t1", None, None, 2).await.unwrap();
-        assert_eq!(ids(page1), ["c1", "c2"]);
-        let page2 = store
-            .list_connections("t1", None, Some("c2"), 2)
-            .await
-            .unwrap();
-        assert_eq!(ids(page2), ["c3"]);
-        // A tenant that is a prefix of another sees nothing of it.
-        assert!(
-            store
-                .list_connections("t", None, None, 10)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-    }
-
-    #[tokio::test]
-    async fn delete_removes_record_and_indexes() {
-        let (_dir, store) = store();
-        store
-            .put_connection(connection("c1", "t1", "alice"))
-            .await
-            .unwrap();
-        assert!(store.delete_connection("c1").await.unwrap().is_some());
-        assert!(store.get_connection("c1").await.unwrap().is_none());
-        assert!(
-            store
-                .list_connections("t1", None, None, 10)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        assert!(
-            store
-                .connections_of_edge("edge-1")
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        assert!(store.delete_connection("c1").await.unwrap().is_none());
-    }
-
-    #[tokio::test]
-    async fn expired_connections_are_invisible_and_swept() {
-        let (_dir, store) = store();
-        let mut old = connection("c1", "t1", "alice");
-        old.last_seen_ms = 1;
-        store.put_connection(old).await.unwrap();
-        assert!(store.get_connection("c1").await.unwrap().is_none());
-        assert!(
-            store
-                .list_connections("t1", None, None, 10)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        assert_eq!(store.sweep_connections(now_ms()).await.unwrap(), 1);
-        // Touching slides the expiry.
-        let mut stale = connection("c2", "t1", "alice");
-        stale.last_seen_ms = 1;
-        store.put_connection(stale).await.unwrap();
-        assert!(store.touch_connection("c2", now_ms()).await.unwrap());
-        assert!(store.get_connection("c2").await.unwrap().is_some());
-    }
-
-    #[tokio::test]
-    async fn create_request_is_idempotent_per_user_and_client_id() {
-        let (_dir, store) = store();
-        let first = store.create_request(request("r1", "job-1")).await.unwrap();
-        assert!(!first.duplicate);
-        let again = store.create_request(request("r2", "job-1")).await.unwrap();
-        assert!(again.duplicate);
-        assert_eq!(again.record.id, "r1");
-        assert!(store.get_request("r2").await.unwrap().is_none());
-        let mut other_user = request("r3", "job-1");
-        other_user.user_id = "u2".into();
-        assert!(!store.create_request(other_user).await.unwrap().duplicate);
-        assert_eq!(
-            store
-                .find_request("t1", "u1", "job-1")
-                .await
-                .unwrap()
-                .unwrap()
-                .id,
-            "r1"
-        );
-        assert!(
-            store
-                .find_request("t1", "u9", "job-1")
-                .await
-                .unwrap()
-                .is_none()
-        );
-    }
-
-    #[tokio::test]
-    async fn update_is_conditional_on_version() {
-        let (_dir, store) = store();
-        let created = store
-            .create_request(request("r1", "job-1"))
-            .await
-            .unwrap()
-            .record;
-        let mut a = created.clone();
-        a.status = RequestStatus::Processing;
-        let a = store
-            .update_request(a, Durability::Immediate)
-            .await
-            .unwrap();
-        assert_eq!(a.version, 1);
-        let mut stale = created;
-        stale.status = RequestStatus::Cancelled;
-        assert!(matches!(
-            store.update_request(stale, Durability::Immediate).await,
-            Err(StoreError::Conflict)
-        ));
-        assert_eq!(store.unfinished_requests().await.unwrap().len(), 1);
-        let mut done = a;
-        done.status = RequestStatus::Completed;
-        store
-            .update_request(done, Durability::Immediate)
-            .await
-            .unwrap();
-        assert!(store.unfinished_requests().await.unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn revoked_tokens_are_denied_until_they_expire_and_then_swept() {
-        let (_dir, store) = store();
-        let now = 1_000_000;
-        store.revoke_token("jti-1", now + 60_000).await.unwrap();
-        store.revoke_token("jti-2", now + 1).await.unwrap();
-        assert!(store.is_token_revoked("jti-1", now).await.unwrap());
-        assert!(store.is_token_revoked("jti-2", now).await.unwrap());
-        assert!(!store.is_token_revoked("jti-3", now).await.unwrap());
-        // An expired entry no longer denies, even before a sweep.
-        assert!(!store.is_token_revoked("jti-2", now + 1).await.unwrap());
-
-        assert_eq!(store.sweep_revoked_tokens(now).await.unwrap(), 0);
-        assert_eq!(store.sweep_revoked_tokens(now + 1).await.unwrap(), 1);
-        assert!(store.is_token_revoked("jti-1", now + 1).await.unwrap());
-        assert_eq!(store.sweep_revoked_tokens(now + 60_000).await.unwrap(), 1);
-        assert!(!store.is_token_revoked("jti-1", now).await.unwrap());
-        assert_eq!(store.sweep_revoked_tokens(u64::MAX).await.unwrap(), 0);
-    }
-
-    #[tokio::test]
-    async fn revoking_again_keeps_the_later_expiry() {
-        let (_dir, store) = store();
-        let now = 1_000_000;
-        store.revoke_token("jti", now + 10_000).await.unwrap();
-        store.revoke_token("jti", now + 5_000).await.unwrap();
-        assert!(store.is_token_revoked("jti", now + 7_000).await.unwrap());
-        store.revoke_token("jti", now + 20_000).await.unwrap();
-        // The index follows the entry: the old expiry sweeps nothing, the
-        // new one removes it once.
-        assert_eq!(store.sweep_revoked_tokens(now + 10_000).await.unwrap(), 0);
-        assert!(store.is_token_revoked("jti", now + 15_000).await.unwrap());
-        assert_eq!(store.sweep_revoked_tokens(now + 20_000).await.unwrap(), 1);
-        assert!(!store.is_token_revoked("jti", now).await.unwrap());
-    }
+    crate::store_conformance_suite!(fresh());
 
     #[tokio::test]
     async fn survives_reopen() {

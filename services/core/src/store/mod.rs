@@ -6,6 +6,8 @@
 //! request is a conditional write on its `version`, so two writers never both
 //! win; a loser gets [`StoreError::Conflict`] and re-reads.
 
+#[doc(hidden)]
+pub mod conformance;
 mod embedded;
 
 use std::sync::Arc;
@@ -28,14 +30,60 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The source of a [`StoreError`]: whatever the backend reported.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// A conditional write lost: the record changed since it was read.
+    /// A conditional write lost: the record changed since it was read. The
+    /// caller re-reads and decides again.
     #[error("conflicting update: the record changed since it was read")]
     Conflict,
-    /// The backend failed (I/O, corruption, unreachable service).
-    #[error("store backend failed: {0}")]
-    Backend(String),
+    /// The backend could not answer now (throttled, timed out, unreachable)
+    /// and the same call may succeed later: see [`StoreError::is_retryable`].
+    #[error("store unavailable: {message}")]
+    Unavailable {
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// Anything else: corrupt data, a refused request, a failed disk.
+    #[error("store backend failed: {message}")]
+    Backend {
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl StoreError {
+    pub fn backend(message: impl Into<String>) -> Self {
+        Self::Backend {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A failure with the backend's own error kept as its source.
+    pub fn backend_from(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Backend {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    pub fn unavailable_from(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// Whether the same call, unchanged, may succeed later (after a backoff).
+    /// A [`StoreError::Conflict`] is not: the caller must re-read first.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
