@@ -8,6 +8,7 @@
 
 #[doc(hidden)]
 pub mod conformance;
+mod dynamodb;
 mod embedded;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub use dynamodb::{DynamoConfig, DynamoStore};
 pub use embedded::EmbeddedStore;
 
 /// How long a connection record lives after its last activity.

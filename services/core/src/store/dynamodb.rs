@@ -1,0 +1,970 @@
+//! The DynamoDB backend: the store several replicas share.
+//!
+//! Tables (one set per `table_prefix`, made by [`DynamoStore::create_tables`];
+//! every one on-demand, with DynamoDB's TTL on `expires_at`, epoch seconds):
+//!
+//! | table | key | attributes and indexes |
+//! |---|---|---|
+//! | `<prefix>connections` | `connection_id` | `record` (the JSON record), `tenant_id`, `tenant_user`, `edge_id`, `last_seen_ms`, `expires_at` (24 h after the last activity). GSIs `by_tenant` (`tenant_id`, `connection_id`), `by_tenant_user` (`tenant_user`, `connection_id`), `by_edge` (`edge_id`, `connection_id`, keys only) |
+//! | `<prefix>requests` | `id` | a request: `record`, `version`, `created_at_ms`, `expires_at` (7 days after its last change), and `unfinished` = `1` while PENDING or PROCESSING (sparse GSI `unfinished` on (`unfinished`, `created_at_ms`)). A client-id guard: `id` = `client␟<tenant>␟<user>␟<client id>`, `request_id` |
+//! | `<prefix>revoked-tokens` | `jti` | `expires_at_ms`, `expires_at` |
+//!
+//! Rules:
+//! 1. Every state change is a conditional write: a request's update on its
+//!    `version`, its creation on the absence of both the request and its
+//!    client-id guard (one transaction), a touch on the record existing.
+//!    A lost condition is [`StoreError::Conflict`] (or, for a create, the
+//!    existing request).
+//! 2. Reads by key are strongly consistent. Lists through a GSI are
+//!    eventually consistent (DynamoDB offers nothing else there): a record
+//!    written a moment ago may be missing from a list, never from a get.
+//! 3. Expiry is decided on read (`last_seen_ms`, `updated_at`), as in the
+//!    embedded store; DynamoDB's TTL deletes the items later on its own.
+//!    The sweeps scan with a filter and delete on a condition, so they are
+//!    for the periodic housekeeping only, never on a request's path.
+//! 4. Throttling, timeouts, 5xx and unreachable endpoints are retried by the
+//!    SDK (standard mode: up to 4 attempts, exponential backoff with
+//!    jitter from 50 ms to 2 s); what is left is [`StoreError::Unavailable`]
+//!    (retryable). Anything else is [`StoreError::Backend`] with the SDK's
+//!    error as its source.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
+    KeyType, Projection, ProjectionType, Put, ReturnValue, ScalarAttributeType, TableStatus,
+    TimeToLiveSpecification, TransactWriteItem,
+};
+
+use super::{
+    CONNECTION_TTL, ConnectionRecord, Created, Durability, REQUEST_TTL, RequestRecord, Store,
+    StoreError, StoreResult, now_ms,
+};
+
+type Item = HashMap<String, AttributeValue>;
+
+/// Separates the parts of a composite key (ids never contain it).
+const SEP: char = '\u{1f}';
+
+/// Where the tables are and how to reach them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DynamoConfig {
+    /// Prepended to every table name (`streamer-` gives
+    /// `streamer-connections`, …): several deployments can share an account.
+    pub table_prefix: String,
+    /// The AWS region; None: the standard chain (`AWS_REGION`, profile).
+    pub region: Option<String>,
+    /// Another endpoint than AWS's, such as a local DynamoDB-protocol server.
+    pub endpoint_url: Option<String>,
+}
+
+impl Default for DynamoConfig {
+    fn default() -> Self {
+        Self {
+            table_prefix: "streamer-".into(),
+            region: None,
+            endpoint_url: None,
+        }
+    }
+}
+
+/// The store on DynamoDB. Cloning is cheap (the SDK client is shared).
+#[derive(Clone)]
+pub struct DynamoStore {
+    client: Client,
+    connections: String,
+    requests: String,
+    revoked: String,
+}
+
+impl std::fmt::Debug for DynamoStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DynamoStore")
+            .field("connections", &self.connections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DynamoStore {
+    /// Connects with the standard AWS credential chain (environment,
+    /// profile, web identity, container and instance roles).
+    pub async fn connect(config: &DynamoConfig) -> anyhow::Result<Self> {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(http_client())
+            .retry_config(retry_config())
+            .timeout_config(timeout_config());
+        if let Some(region) = &config.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some(url) = &config.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let shared = loader.load().await;
+        anyhow::ensure!(
+            shared.region().is_some(),
+            "no AWS region: set AWS_REGION (or --dynamodb-region)"
+        );
+        Ok(Self::with_client(
+            Client::new(&shared),
+            &config.table_prefix,
+        ))
+    }
+
+    /// A store on a local DynamoDB-protocol server, with fixed credentials
+    /// (such servers accept any): for tests and local trials.
+    pub fn local(endpoint_url: &str, table_prefix: &str) -> Self {
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(endpoint_url)
+            .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+                "local", "local", None, None, "local",
+            ))
+            .http_client(http_client())
+            .retry_config(retry_config())
+            .timeout_config(timeout_config())
+            .build();
+        Self::with_client(Client::from_conf(config), table_prefix)
+    }
+
+    fn with_client(client: Client, prefix: &str) -> Self {
+        Self {
+            client,
+            connections: format!("{prefix}connections"),
+            requests: format!("{prefix}requests"),
+            revoked: format!("{prefix}revoked-tokens"),
+        }
+    }
+
+    /// The table names, in the order [`DynamoStore::create_tables`] makes them.
+    pub fn table_names(&self) -> [&str; 3] {
+        [&self.connections, &self.requests, &self.revoked]
+    }
+
+    /// Creates the tables that do not exist yet, waits until each is
+    /// ACTIVE and turns its TTL on. Safe to run again.
+    pub async fn create_tables(&self) -> StoreResult<()> {
+        let s = |name: &str| attribute(name, ScalarAttributeType::S);
+        let n = |name: &str| attribute(name, ScalarAttributeType::N);
+        self.create_table(
+            &self.connections,
+            "connection_id",
+            vec![
+                s("connection_id"),
+                s("tenant_id"),
+                s("tenant_user"),
+                s("edge_id"),
+            ],
+            vec![
+                index(
+                    "by_tenant",
+                    "tenant_id",
+                    Some("connection_id"),
+                    ProjectionType::All,
+                )?,
+                index(
+                    "by_tenant_user",
+                    "tenant_user",
+                    Some("connection_id"),
+                    ProjectionType::All,
+                )?,
+                index(
+                    "by_edge",
+                    "edge_id",
+                    Some("connection_id"),
+                    ProjectionType::KeysOnly,
+                )?,
+            ],
+        )
+        .await?;
+        self.create_table(
+            &self.requests,
+            "id",
+            vec![s("id"), s("unfinished"), n("created_at_ms")],
+            vec![index(
+                "unfinished",
+                "unfinished",
+                Some("created_at_ms"),
+                ProjectionType::All,
+            )?],
+        )
+        .await?;
+        self.create_table(&self.revoked, "jti", vec![s("jti")], vec![])
+            .await?;
+        Ok(())
+    }
+
+    async fn create_table(
+        &self,
+        name: &str,
+        hash_key: &str,
+        attributes: Vec<StoreResult<AttributeDefinition>>,
+        indexes: Vec<GlobalSecondaryIndex>,
+    ) -> StoreResult<()> {
+        let attributes = attributes.into_iter().collect::<StoreResult<Vec<_>>>()?;
+        let created = self
+            .client
+            .create_table()
+            .table_name(name)
+            .billing_mode(BillingMode::PayPerRequest)
+            .set_attribute_definitions(Some(attributes))
+            .key_schema(key(hash_key, KeyType::Hash)?)
+            .set_global_secondary_indexes((!indexes.is_empty()).then_some(indexes))
+            .send()
+            .await;
+        match created {
+            Ok(_) => tracing::info!(table = name, "table created"),
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_resource_in_use_exception()) =>
+            {
+                tracing::info!(table = name, "table exists");
+            }
+            Err(error) => return Err(classify(&format!("create table {name}"), error)),
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let described = self
+                .client
+                .describe_table()
+                .table_name(name)
+                .send()
+                .await
+                .map_err(|e| classify(&format!("describe table {name}"), e))?;
+            let status = described.table().and_then(|t| t.table_status().cloned());
+            if status == Some(TableStatus::Active) {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(StoreError::backend(format!(
+                    "table {name} is still {status:?} after two minutes"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let ttl = self
+            .client
+            .update_time_to_live()
+            .table_name(name)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder()
+                    .enabled(true)
+                    .attribute_name("expires_at")
+                    .build()
+                    .map_err(|e| StoreError::backend_from("TTL specification", e))?,
+            )
+            .send()
+            .await;
+        match ttl {
+            Ok(_) => Ok(()),
+            // Already on (DynamoDB refuses to turn it on twice).
+            Err(error) if error.code() == Some("ValidationException") => Ok(()),
+            Err(error) => Err(classify(&format!("turn on TTL of {name}"), error)),
+        }
+    }
+
+    async fn query_all(
+        &self,
+        table: &str,
+        index: &str,
+        condition: &str,
+        values: Vec<(&str, AttributeValue)>,
+    ) -> StoreResult<Vec<Item>> {
+        let mut items = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let mut query = self
+                .client
+                .query()
+                .table_name(table)
+                .index_name(index)
+                .key_condition_expression(condition)
+                .set_exclusive_start_key(start.take());
+            for (name, value) in &values {
+                query = query.expression_attribute_values(*name, value.clone());
+            }
+            let page = query
+                .send()
+                .await
+                .map_err(|e| classify(&format!("query {table}/{index}"), e))?;
+            items.extend(page.items().iter().cloned());
+            match page.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => return Ok(items),
+            }
+        }
+    }
+
+    /// The keys of the items of `table` whose `attribute` is at most
+    /// `bound`: a filtered scan, for the periodic sweeps only (rule 3).
+    async fn scan_at_most(
+        &self,
+        table: &str,
+        key_name: &str,
+        attribute: &str,
+        bound: u64,
+    ) -> StoreResult<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(table)
+                .filter_expression("#a <= :bound")
+                .expression_attribute_names("#a", attribute)
+                .expression_attribute_values(":bound", number(bound))
+                .projection_expression("#k")
+                .expression_attribute_names("#k", key_name)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify(&format!("scan {table}"), e))?;
+            keys.extend(page.items().iter().filter_map(|i| string(i, key_name).ok()));
+            match page.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => return Ok(keys),
+            }
+        }
+    }
+
+    /// Deletes the item `key` of `table` if its `attribute` is still at
+    /// most `bound`; whether it did.
+    async fn delete_if_at_most(
+        &self,
+        table: &str,
+        key_name: &str,
+        key: String,
+        attribute: &str,
+        bound: u64,
+    ) -> StoreResult<bool> {
+        let deleted = self
+            .client
+            .delete_item()
+            .table_name(table)
+            .key(key_name, AttributeValue::S(key))
+            .condition_expression("#a <= :bound")
+            .expression_attribute_names("#a", attribute)
+            .expression_attribute_values(":bound", number(bound))
+            .send()
+            .await;
+        match deleted {
+            Ok(_) => Ok(true),
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(classify(&format!("delete from {table}"), error)),
+        }
+    }
+
+    async fn get_request_item(&self, id: &str) -> StoreResult<Option<Item>> {
+        Ok(self
+            .client
+            .get_item()
+            .table_name(&self.requests)
+            .key("id", AttributeValue::S(id.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("get request", e))?
+            .item)
+    }
+}
+
+// ---- the SDK's setup ----
+
+fn http_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
+fn retry_config() -> RetryConfig {
+    RetryConfig::standard()
+        .with_max_attempts(4)
+        .with_initial_backoff(Duration::from_millis(50))
+        .with_max_backoff(Duration::from_secs(2))
+}
+
+fn timeout_config() -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .operation_attempt_timeout(Duration::from_secs(3))
+        .operation_timeout(Duration::from_secs(10))
+        .build()
+}
+
+/// Rule 4: what a failed call means to the caller.
+fn classify<E, R>(what: &str, error: SdkError<E, R>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let transient = match &error {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(service) => matches!(
+            service.err().code(),
+            Some(
+                "ProvisionedThroughputExceededException"
+                    | "ThrottlingException"
+                    | "RequestLimitExceeded"
+                    | "InternalServerError"
+                    | "ServiceUnavailable"
+                    | "TransactionInProgressException"
+            )
+        ),
+        _ => false,
+    };
+    let message = format!(
+        "{what}: {}",
+        error.code().or(error.message()).unwrap_or("no detail")
+    );
+    if transient {
+        StoreError::unavailable_from(message, error)
+    } else {
+        StoreError::backend_from(message, error)
+    }
+}
+
+fn attribute(name: &str, kind: ScalarAttributeType) -> StoreResult<AttributeDefinition> {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(kind)
+        .build()
+        .map_err(|e| StoreError::backend_from("attribute definition", e))
+}
+
+fn key(name: &str, kind: KeyType) -> StoreResult<KeySchemaElement> {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(kind)
+        .build()
+        .map_err(|e| StoreError::backend_from("key schema", e))
+}
+
+fn index(
+    name: &str,
+    hash: &str,
+    range: Option<&str>,
+    projection: ProjectionType,
+) -> StoreResult<GlobalSecondaryIndex> {
+    let mut schema = vec![key(hash, KeyType::Hash)?];
+    if let Some(range) = range {
+        schema.push(key(range, KeyType::Range)?);
+    }
+    GlobalSecondaryIndex::builder()
+        .index_name(name)
+        .set_key_schema(Some(schema))
+        .projection(Projection::builder().projection_type(projection).build())
+        .build()
+        .map_err(|e| StoreError::backend_from("index", e))
+}
+
+// ---- items ----
+
+fn number(value: u64) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+fn string(item: &Item, name: &str) -> StoreResult<String> {
+    match item.get(name) {
+        Some(AttributeValue::S(value)) => Ok(value.clone()),
+        _ => Err(StoreError::backend(format!("item without string {name}"))),
+    }
+}
+
+fn integer(item: &Item, name: &str) -> StoreResult<u64> {
+    match item.get(name) {
+        Some(AttributeValue::N(value)) => value
+            .parse()
+            .map_err(|e| StoreError::backend_from(format!("{name} is not an integer"), e)),
+        _ => Err(StoreError::backend(format!("item without number {name}"))),
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> StoreResult<AttributeValue> {
+    serde_json::to_string(value)
+        .map(AttributeValue::S)
+        .map_err(|e| StoreError::backend_from("cannot encode a record", e))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(item: &Item) -> StoreResult<T> {
+    serde_json::from_str(&string(item, "record")?)
+        .map_err(|e| StoreError::backend_from("corrupt record", e))
+}
+
+fn epoch_seconds(ms: u64) -> AttributeValue {
+    number(ms.div_ceil(1000))
+}
+
+fn tenant_user(tenant_id: &str, user_id: &str) -> String {
+    format!("{tenant_id}{SEP}{user_id}")
+}
+
+fn connection_item(record: &ConnectionRecord) -> StoreResult<Item> {
+    Ok(HashMap::from([
+        (
+            "connection_id".into(),
+            AttributeValue::S(record.connection_id.clone()),
+        ),
+        (
+            "tenant_id".into(),
+            AttributeValue::S(record.tenant_id.clone()),
+        ),
+        (
+            "tenant_user".into(),
+            AttributeValue::S(tenant_user(&record.tenant_id, &record.user_id)),
+        ),
+        ("edge_id".into(), AttributeValue::S(record.edge_id.clone())),
+        ("last_seen_ms".into(), number(record.last_seen_ms)),
+        ("expires_at".into(), epoch_seconds(record.expires_at_ms())),
+        ("record".into(), json(record)?),
+    ]))
+}
+
+/// The record, with the activity a touch wrote beside it.
+fn connection_of(item: &Item) -> StoreResult<ConnectionRecord> {
+    let mut record: ConnectionRecord = from_json(item)?;
+    record.last_seen_ms = integer(item, "last_seen_ms")?;
+    Ok(record)
+}
+
+fn request_item(record: &RequestRecord) -> StoreResult<Item> {
+    let mut item = HashMap::from([
+        ("id".into(), AttributeValue::S(record.id.clone())),
+        ("version".into(), number(record.version)),
+        ("created_at_ms".into(), number(record.created_at_ms)),
+        ("expires_at".into(), epoch_seconds(record.expires_at_ms())),
+        ("record".into(), json(record)?),
+    ]);
+    if !record.status.is_final() {
+        item.insert("unfinished".into(), AttributeValue::S("1".into()));
+    }
+    Ok(item)
+}
+
+fn client_guard_id(tenant_id: &str, user_id: &str, client_request_id: &str) -> String {
+    format!("client{SEP}{tenant_id}{SEP}{user_id}{SEP}{client_request_id}")
+}
+
+fn live_request(item: Option<Item>) -> StoreResult<Option<RequestRecord>> {
+    let Some(item) = item else {
+        return Ok(None);
+    };
+    let record: RequestRecord = from_json(&item)?;
+    Ok((record.expires_at_ms() > now_ms()).then_some(record))
+}
+
+#[async_trait::async_trait]
+impl Store for DynamoStore {
+    async fn ping(&self) -> StoreResult<()> {
+        for table in self.table_names() {
+            self.client
+                .describe_table()
+                .table_name(table)
+                .send()
+                .await
+                .map_err(|e| classify(&format!("describe table {table}"), e))?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> StoreResult<()> {
+        // Every write is durable when DynamoDB acknowledges it.
+        Ok(())
+    }
+
+    async fn put_connection(&self, record: ConnectionRecord) -> StoreResult<()> {
+        self.client
+            .put_item()
+            .table_name(&self.connections)
+            .set_item(Some(connection_item(&record)?))
+            .send()
+            .await
+            .map_err(|e| classify("put connection", e))?;
+        Ok(())
+    }
+
+    async fn get_connection(&self, connection_id: &str) -> StoreResult<Option<ConnectionRecord>> {
+        let item = self
+            .client
+            .get_item()
+            .table_name(&self.connections)
+            .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("get connection", e))?
+            .item;
+        let Some(item) = item else {
+            return Ok(None);
+        };
+        let record = connection_of(&item)?;
+        Ok((!record.is_expired(now_ms())).then_some(record))
+    }
+
+    async fn delete_connection(
+        &self,
+        connection_id: &str,
+    ) -> StoreResult<Option<ConnectionRecord>> {
+        let old = self
+            .client
+            .delete_item()
+            .table_name(&self.connections)
+            .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+            .return_values(ReturnValue::AllOld)
+            .send()
+            .await
+            .map_err(|e| classify("delete connection", e))?
+            .attributes;
+        old.filter(|item| !item.is_empty())
+            .map(|item| connection_of(&item))
+            .transpose()
+    }
+
+    async fn touch_connection(&self, connection_id: &str, now_ms: u64) -> StoreResult<bool> {
+        let expires = now_ms + CONNECTION_TTL.as_millis() as u64;
+        let touched = self
+            .client
+            .update_item()
+            .table_name(&self.connections)
+            .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+            .update_expression("SET last_seen_ms = :now, expires_at = :expires")
+            .condition_expression("attribute_exists(connection_id)")
+            .expression_attribute_values(":now", number(now_ms))
+            .expression_attribute_values(":expires", epoch_seconds(expires))
+            .send()
+            .await;
+        match touched {
+            Ok(_) => Ok(true),
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(classify("touch connection", error)),
+        }
+    }
+
+    async fn list_connections(
+        &self,
+        tenant_id: &str,
+        user_id: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConnectionRecord>> {
+        let (index, partition, value) = match user_id {
+            Some(user) => (
+                "by_tenant_user",
+                "tenant_user",
+                tenant_user(tenant_id, user),
+            ),
+            None => ("by_tenant", "tenant_id", tenant_id.to_owned()),
+        };
+        let now = now_ms();
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
+        while out.len() < limit {
+            let condition = match after {
+                Some(_) => format!("{partition} = :p AND connection_id > :after"),
+                None => format!("{partition} = :p"),
+            };
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.connections)
+                .index_name(index)
+                .key_condition_expression(condition)
+                .expression_attribute_values(":p", AttributeValue::S(value.clone()))
+                .set_exclusive_start_key(start.take())
+                .limit(i32::try_from(limit - out.len()).unwrap_or(i32::MAX));
+            if let Some(after) = after {
+                query = query
+                    .expression_attribute_values(":after", AttributeValue::S(after.to_owned()));
+            }
+            let page = query
+                .send()
+                .await
+                .map_err(|e| classify("list connections", e))?;
+            for item in page.items() {
+                let record = connection_of(item)?;
+                if !record.is_expired(now) && out.len() < limit {
+                    out.push(record);
+                }
+            }
+            match page.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn connections_of_edge(&self, edge_id: &str) -> StoreResult<Vec<String>> {
+        self.query_all(
+            &self.connections,
+            "by_edge",
+            "edge_id = :e",
+            vec![(":e", AttributeValue::S(edge_id.to_owned()))],
+        )
+        .await?
+        .iter()
+        .map(|item| string(item, "connection_id"))
+        .collect()
+    }
+
+    async fn connection_edges(&self) -> StoreResult<Vec<String>> {
+        // At start only: a scan of the edge index's keys.
+        let mut edges = std::collections::BTreeSet::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.connections)
+                .index_name("by_edge")
+                .projection_expression("edge_id")
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify("list edges", e))?;
+            for item in page.items() {
+                edges.insert(string(item, "edge_id")?);
+            }
+            match page.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => return Ok(edges.into_iter().collect()),
+            }
+        }
+    }
+
+    async fn sweep_connections(&self, now_ms: u64) -> StoreResult<usize> {
+        let cutoff = now_ms.saturating_sub(CONNECTION_TTL.as_millis() as u64);
+        let mut removed = 0;
+        for id in self
+            .scan_at_most(&self.connections, "connection_id", "last_seen_ms", cutoff)
+            .await?
+        {
+            if self
+                .delete_if_at_most(
+                    &self.connections,
+                    "connection_id",
+                    id,
+                    "last_seen_ms",
+                    cutoff,
+                )
+                .await?
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn create_request(&self, record: RequestRecord) -> StoreResult<Created> {
+        let guard = client_guard_id(
+            &record.tenant_id,
+            &record.user_id,
+            &record.client_request_id,
+        );
+        let guard_expires = record.created_at_ms + 2 * REQUEST_TTL.as_millis() as u64;
+        let put = |item: Item, key_name: &str| -> StoreResult<TransactWriteItem> {
+            Ok(TransactWriteItem::builder()
+                .put(
+                    Put::builder()
+                        .table_name(&self.requests)
+                        .set_item(Some(item))
+                        .condition_expression(format!("attribute_not_exists({key_name})"))
+                        .build()
+                        .map_err(|e| StoreError::backend_from("transaction item", e))?,
+                )
+                .build())
+        };
+        let guard_item = HashMap::from([
+            ("id".to_owned(), AttributeValue::S(guard.clone())),
+            (
+                "request_id".to_owned(),
+                AttributeValue::S(record.id.clone()),
+            ),
+            ("expires_at".to_owned(), epoch_seconds(guard_expires)),
+        ]);
+        let written = self
+            .client
+            .transact_write_items()
+            .transact_items(put(guard_item, "id")?)
+            .transact_items(put(request_item(&record)?, "id")?)
+            .send()
+            .await;
+        match written {
+            Ok(_) => Ok(Created {
+                record,
+                duplicate: false,
+            }),
+            Err(error) => {
+                let guard_taken = error.as_service_error().is_some_and(|e| {
+                    e.is_transaction_canceled_exception()
+                        && matches!(
+                            e,
+                            aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c)
+                                if c.cancellation_reasons().first().and_then(|r| r.code()) == Some("ConditionalCheckFailed")
+                        )
+                });
+                if !guard_taken {
+                    return Err(classify("create request", error));
+                }
+                match self
+                    .find_request(
+                        &record.tenant_id,
+                        &record.user_id,
+                        &record.client_request_id,
+                    )
+                    .await?
+                {
+                    Some(existing) => Ok(Created {
+                        record: existing,
+                        duplicate: true,
+                    }),
+                    // The guard outlived its request: a conflict the caller
+                    // retries like any other.
+                    None => Err(StoreError::Conflict),
+                }
+            }
+        }
+    }
+
+    async fn get_request(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
+        live_request(self.get_request_item(id).await?)
+    }
+
+    async fn find_request(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        client_request_id: &str,
+    ) -> StoreResult<Option<RequestRecord>> {
+        let guard = self
+            .get_request_item(&client_guard_id(tenant_id, user_id, client_request_id))
+            .await?;
+        match guard {
+            Some(guard) => self.get_request(&string(&guard, "request_id")?).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn update_request(
+        &self,
+        mut record: RequestRecord,
+        _durability: Durability,
+    ) -> StoreResult<RequestRecord> {
+        let expected = record.version;
+        record.version += 1;
+        let written = self
+            .client
+            .put_item()
+            .table_name(&self.requests)
+            .set_item(Some(request_item(&record)?))
+            .condition_expression("version = :expected")
+            .expression_attribute_values(":expected", number(expected))
+            .send()
+            .await;
+        match written {
+            Ok(_) => Ok(record),
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Err(StoreError::Conflict)
+            }
+            Err(error) => Err(classify("update request", error)),
+        }
+    }
+
+    async fn unfinished_requests(&self) -> StoreResult<Vec<RequestRecord>> {
+        self.query_all(
+            &self.requests,
+            "unfinished",
+            "unfinished = :yes",
+            vec![(":yes", AttributeValue::S("1".into()))],
+        )
+        .await?
+        .iter()
+        .map(from_json)
+        .collect()
+    }
+
+    async fn revoke_token(&self, jti: &str, expires_at_ms: u64) -> StoreResult<()> {
+        let written = self
+            .client
+            .put_item()
+            .table_name(&self.revoked)
+            .item("jti", AttributeValue::S(jti.to_owned()))
+            .item("expires_at_ms", number(expires_at_ms))
+            .item("expires_at", epoch_seconds(expires_at_ms))
+            .condition_expression("attribute_not_exists(jti) OR expires_at_ms < :e")
+            .expression_attribute_values(":e", number(expires_at_ms))
+            .send()
+            .await;
+        match written {
+            Ok(_) => Ok(()),
+            // A later expiry is already recorded: keep it.
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(error) => Err(classify("revoke token", error)),
+        }
+    }
+
+    async fn is_token_revoked(&self, jti: &str, now_ms: u64) -> StoreResult<bool> {
+        let item = self
+            .client
+            .get_item()
+            .table_name(&self.revoked)
+            .key("jti", AttributeValue::S(jti.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("read the deny-list", e))?
+            .item;
+        match item {
+            Some(item) => Ok(integer(&item, "expires_at_ms")? > now_ms),
+            None => Ok(false),
+        }
+    }
+
+    async fn sweep_revoked_tokens(&self, now_ms: u64) -> StoreResult<usize> {
+        let mut removed = 0;
+        for jti in self
+            .scan_at_most(&self.revoked, "jti", "expires_at_ms", now_ms)
+            .await?
+        {
+            if self
+                .delete_if_at_most(&self.revoked, "jti", jti, "expires_at_ms", now_ms)
+                .await?
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
