@@ -65,8 +65,9 @@ check "streamer.env matches --help" python3 - "$bin" "$deploy/examples/streamer.
 import re, subprocess, sys
 binary, env_file = sys.argv[1], sys.argv[2]
 help_vars = {}
-for role in ["auth", "connection", "progress", "gateway", "all", "token", "service-token"]:
-    text = subprocess.run([binary, role, "--help"], capture_output=True, text=True, check=True).stdout
+for role in ["auth", "connection", "progress", "gateway", "all", "token", "service-token",
+             "dynamodb create-tables"]:
+    text = subprocess.run([binary, *role.split(), "--help"], capture_output=True, text=True, check=True).stdout
     for m in re.finditer(r"\[env: (STREAMER_\w+)=[^\]]*\]\s*(?:\[default: ([^\]]*)\])?", text):
         help_vars.setdefault(m.group(1), set()).add(m.group(2) or "")
 documented = {}
@@ -111,12 +112,13 @@ EOF
 check "streamer.env names the roles that read each variable" python3 - "$bin" "$deploy/examples/streamer.env" <<'EOF'
 import re, subprocess, sys
 binary, env_file = sys.argv[1], sys.argv[2]
-roles = ["auth", "connection", "progress", "gateway", "all", "token", "service-token"]
+roles = ["auth", "connection", "progress", "gateway", "all", "token", "service-token",
+         "dynamodb create-tables"]
 readers = {}
 for role in roles:
-    text = subprocess.run([binary, role, "--help"], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run([binary, *role.split(), "--help"], capture_output=True, text=True, check=True).stdout
     for var in re.findall(r"\[env: (STREAMER_\w+)=", text):
-        readers.setdefault(var, set()).add(role)
+        readers.setdefault(var, set()).add(role.split()[0])
 errors, above = [], []
 for line in open(env_file):
     m = re.match(r"^#?(STREAMER_\w+)=", line.strip())

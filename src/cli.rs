@@ -16,13 +16,14 @@ use streamer_auth::dev::MintOptions;
 use streamer_auth::{AuthConfig, JwksRefresh, JwksSource};
 use streamer_connection::ConnectionConfig;
 use streamer_core::shutdown::Shutdown;
+use streamer_core::store::{DynamoConfig, DynamoStore};
 use streamer_core::telemetry::LogFormat;
 use streamer_core::tls::{Tls, TlsFiles};
 use streamer_core::trust::{Check, Role, ServiceTokens, Trust};
 use streamer_gateway::GatewayConfig;
 use streamer_progress::ProgressConfig;
 
-use crate::{SystemAddrs, SystemConfig, SystemListeners, dial_addr};
+use crate::{StoreChoice, SystemAddrs, SystemConfig, SystemListeners, dial_addr};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -66,6 +67,9 @@ pub enum Command {
     /// Mint a service token for a backend, router or processor (mode
     /// `--trust token`), signed with the shared service secret.
     ServiceToken(ServiceTokenCmd),
+    /// DynamoDB store administration.
+    #[command(subcommand)]
+    Dynamodb(DynamodbCmd),
     /// Issue a new CA and a certificate for each role, to try mode `mtls`
     /// (development and tests; production certificates come from your CA).
     Certs(CertsCmd),
@@ -159,6 +163,65 @@ impl TrustArgs {
             Some(tls) => trust.with_tls(tls),
             None => trust,
         })
+    }
+}
+
+/// Where state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// A file in the data directory, owned by one process.
+    Embedded,
+    /// DynamoDB tables that every replica shares.
+    Dynamodb,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Where state lives: `embedded` (a file in the data directory; one
+    /// process) or `dynamodb` (tables shared by every replica; make them
+    /// with `streamer dynamodb create-tables`).
+    #[arg(long, env = "STREAMER_STORE", value_enum, default_value = "embedded")]
+    pub store: StoreKind,
+    #[command(flatten)]
+    pub dynamodb: DynamoArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DynamoArgs {
+    /// Prefix of the DynamoDB table names (`<prefix>connections`, ...).
+    #[arg(
+        long = "dynamodb-table-prefix",
+        env = "STREAMER_DYNAMODB_TABLE_PREFIX",
+        default_value = "streamer-"
+    )]
+    pub table_prefix: String,
+    /// AWS region of the tables; default: the standard chain (AWS_REGION,
+    /// the profile).
+    #[arg(long = "dynamodb-region", env = "STREAMER_DYNAMODB_REGION")]
+    pub region: Option<String>,
+    /// Another endpoint than AWS's, such as a local DynamoDB-protocol server
+    /// (`http://127.0.0.1:8000`). Credentials come from the standard chain
+    /// (AWS_ACCESS_KEY_ID, ...) either way.
+    #[arg(long = "dynamodb-endpoint-url", env = "STREAMER_DYNAMODB_ENDPOINT_URL")]
+    pub endpoint_url: Option<String>,
+}
+
+impl DynamoArgs {
+    pub fn config(&self) -> DynamoConfig {
+        DynamoConfig {
+            table_prefix: self.table_prefix.clone(),
+            region: self.region.clone(),
+            endpoint_url: self.endpoint_url.clone(),
+        }
+    }
+}
+
+impl StoreArgs {
+    pub fn choice(&self) -> StoreChoice {
+        match self.store {
+            StoreKind::Embedded => StoreChoice::Embedded,
+            StoreKind::Dynamodb => StoreChoice::DynamoDb(self.dynamodb.config()),
+        }
     }
 }
 
@@ -448,6 +511,8 @@ pub struct AuthCmd {
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
     pub trust: TrustArgs,
     #[command(flatten)]
     pub keys: KeyArgs,
@@ -491,6 +556,8 @@ pub struct ConnectionCmd {
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
     pub trust: TrustArgs,
 }
 
@@ -515,6 +582,8 @@ pub struct ProgressCmd {
     pub connection_url: String,
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
     #[command(flatten)]
     pub trust: TrustArgs,
     #[command(flatten)]
@@ -596,6 +665,8 @@ pub struct AllCmd {
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
     pub trust: TrustArgs,
     #[command(flatten)]
     pub keys: KeyArgs,
@@ -658,16 +729,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Certs(cmd) = cli.command {
         return certs(cmd);
     }
+    if let Command::Dynamodb(cmd) = cli.command {
+        streamer_core::telemetry::init_logs(cli.log_format, "warn");
+        return dynamodb(cmd).await;
+    }
     streamer_core::telemetry::init_logs(cli.log_format, "info");
     let shutdown = Shutdown::new();
     streamer_core::shutdown::cancel_on_signal(shutdown.clone());
     match cli.command {
-        Command::Token(_) | Command::ServiceToken(_) | Command::Certs(_) => Ok(()),
+        Command::Token(_) | Command::ServiceToken(_) | Command::Certs(_) | Command::Dynamodb(_) => {
+            Ok(())
+        }
         Command::Auth(cmd) => {
             let config = cmd.keys.config(&cmd.data.data_dir)?;
             let trust = cmd.trust.trust(&[cmd.listen])?;
             // The deny-list of revoked tokens.
-            let store = crate::open_embedded_store(&cmd.data.data_dir.join("auth"))?;
+            let store = cmd
+                .store
+                .choice()
+                .open(&cmd.data.data_dir.join("auth"))
+                .await?;
             let listener = bind(cmd.listen).await?;
             spawn_metrics(cmd.metrics_listen, shutdown.clone());
             let result = crate::run_auth(listener, store.clone(), config, trust, shutdown).await;
@@ -675,7 +756,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             result
         }
         Command::Connection(cmd) => {
-            let store = crate::open_embedded_store(&cmd.data.data_dir.join("connection"))?;
+            let store = cmd
+                .store
+                .choice()
+                .open(&cmd.data.data_dir.join("connection"))
+                .await?;
             let config = ConnectionConfig {
                 progress_endpoint: Some(cmd.progress_url),
                 auth_endpoint: Some(cmd.auth_url),
@@ -692,7 +777,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             result
         }
         Command::Progress(cmd) => {
-            let store = crate::open_embedded_store(&cmd.data.data_dir.join("progress"))?;
+            let store = cmd
+                .store
+                .choice()
+                .open(&cmd.data.data_dir.join("progress"))
+                .await?;
             let config = cmd.progress.config(cmd.connection_url)?;
             let config = ProgressConfig {
                 trust: cmd.trust.trust(&[cmd.listen])?,
@@ -732,6 +821,7 @@ async fn all(cmd: AllCmd, shutdown: Shutdown) -> anyhow::Result<()> {
         progress: cmd.progress.config(placeholder.clone())?,
         gateway: cmd.edge.config(placeholder.clone(), placeholder)?,
         data_dir: data_dir.clone(),
+        store: cmd.store.choice(),
         trust: cmd.trust.trust(&[
             cmd.auth_listen,
             cmd.connection_listen,
@@ -857,6 +947,24 @@ pub struct ServiceTokenCmd {
     /// The shared service secret.
     #[arg(long, env = "STREAMER_SERVICE_SECRET_FILE")]
     pub service_secret_file: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DynamodbCmd {
+    /// Create the tables the DynamoDB store uses (those missing; safe to run
+    /// again), wait until they are active and turn their TTL on.
+    CreateTables(DynamoArgs),
+}
+
+async fn dynamodb(cmd: DynamodbCmd) -> anyhow::Result<()> {
+    match cmd {
+        DynamodbCmd::CreateTables(args) => {
+            let store = DynamoStore::connect(&args.config()).await?;
+            store.create_tables().await?;
+            println!("Tables ready: {}", store.table_names().join(", "));
+            Ok(())
+        }
+    }
 }
 
 #[derive(Debug, Args)]

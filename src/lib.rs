@@ -22,7 +22,7 @@ use streamer_api::service_names;
 use streamer_auth::{AuthConfig, AuthServer, TokenValidator};
 use streamer_connection::{ConnectionConfig, ConnectionServer};
 use streamer_core::shutdown::Shutdown;
-use streamer_core::store::{EmbeddedStore, SharedStore};
+use streamer_core::store::{DynamoConfig, DynamoStore, EmbeddedStore, SharedStore};
 use streamer_core::trust::Trust;
 use streamer_gateway::GatewayConfig;
 use streamer_progress::{ProgressConfig, ProgressServer};
@@ -153,6 +153,41 @@ pub fn open_embedded_store(dir: &std::path::Path) -> anyhow::Result<SharedStore>
     Ok(Arc::new(store))
 }
 
+/// Which store a process keeps its state in.
+#[derive(Clone, Default)]
+pub enum StoreChoice {
+    /// A redb file in the data directory: one process owns it.
+    #[default]
+    Embedded,
+    /// DynamoDB tables, shared by every replica.
+    DynamoDb(DynamoConfig),
+    /// A store opened by the caller (tests, embedding), which this system
+    /// alone uses.
+    Opened(SharedStore),
+}
+
+impl std::fmt::Debug for StoreChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Embedded => f.write_str("Embedded"),
+            Self::DynamoDb(config) => f.debug_tuple("DynamoDb").field(config).finish(),
+            Self::Opened(_) => f.write_str("Opened"),
+        }
+    }
+}
+
+impl StoreChoice {
+    /// Opens the store: the embedded one in `dir`, or the DynamoDB tables
+    /// (which must exist: `streamer dynamodb create-tables`).
+    pub async fn open(&self, dir: &std::path::Path) -> anyhow::Result<SharedStore> {
+        match self {
+            Self::Embedded => open_embedded_store(dir),
+            Self::DynamoDb(config) => Ok(Arc::new(DynamoStore::connect(config).await?)),
+            Self::Opened(store) => Ok(store.clone()),
+        }
+    }
+}
+
 /// The listeners of a whole system, bound by the caller.
 #[derive(Debug)]
 pub struct SystemListeners {
@@ -183,6 +218,8 @@ impl SystemListeners {
 #[derive(Debug, Clone)]
 pub struct SystemConfig {
     pub data_dir: PathBuf,
+    /// Where the state lives (the embedded store in `data_dir` by default).
+    pub store: StoreChoice,
     pub auth: AuthConfig,
     pub connection: ConnectionConfig,
     pub progress: ProgressConfig,
@@ -200,6 +237,7 @@ impl SystemConfig {
         Ok(Self {
             auth: AuthConfig::new([streamer_auth::dev::public_key_path(&data_dir)]),
             data_dir,
+            store: StoreChoice::Embedded,
             connection: ConnectionConfig::default(),
             progress: ProgressConfig::default(),
             gateway: GatewayConfig::default(),
@@ -280,9 +318,11 @@ pub async fn start_system(
     let url = |addr| format!("{scheme}://{}", dial_addr(addr));
     config.connection.progress_endpoint = Some(url(addrs.progress));
     config.connection.auth_endpoint = Some(url(addrs.auth));
-    // The only edge is this process's own, new one: nothing recorded
-    // before belongs to a live socket.
-    config.connection.connections_stale_at_start = true;
+    // The only edge is this process's own, new one: nothing recorded before
+    // belongs to a live socket. Not so on DynamoDB tables, which other
+    // processes may share.
+    config.connection.connections_stale_at_start =
+        !matches!(config.store, StoreChoice::DynamoDb(_));
     config.progress.connection_endpoint = url(addrs.connection);
     config.gateway.auth_endpoint = url(addrs.auth);
     config.gateway.connection_endpoint = url(addrs.edge);
@@ -290,7 +330,7 @@ pub async fn start_system(
     config.progress.trust = config.trust.clone();
     config.gateway.trust = config.trust.clone();
 
-    let store = open_embedded_store(&config.data_dir)?;
+    let store = config.store.open(&config.data_dir).await?;
     // Fail fast on a bad key configuration, before anything listens.
     let validator = TokenValidator::new(config.auth).context("cannot load the token keys")?;
 

@@ -74,6 +74,7 @@ impl TestSystem {
     ) -> Self {
         streamer_core::telemetry::init_logs(streamer_core::telemetry::LogFormat::Plain, "warn");
         let mut config = SystemConfig::development(data_dir.path().to_path_buf()).unwrap();
+        config.store = test_store(data_dir.path()).await;
         adjust(&mut config);
         let key = streamer_auth::dev::load_dev_key(data_dir.path()).unwrap();
         let shutdown = Shutdown::new();
@@ -159,6 +160,27 @@ impl TestSystem {
         ProgressServiceClient::connect(format!("http://{}", self.addrs.progress))
             .await
             .unwrap()
+    }
+}
+
+/// The store the end-to-end tests run on: the embedded one, or with
+/// `STREAMER_TEST_STORE=dynamodb` DynamoDB tables on a local moto server.
+/// The tables are named after the data directory, so a restart on the same
+/// directory finds the same state.
+async fn test_store(data_dir: &std::path::Path) -> streamer::StoreChoice {
+    match std::env::var("STREAMER_TEST_STORE").as_deref() {
+        Ok("dynamodb") => {
+            use std::hash::{Hash as _, Hasher as _};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            data_dir.hash(&mut hasher);
+            let prefix = format!("t{:016x}-", hasher.finish());
+            let endpoint = streamer_core::store::conformance::local_dynamodb::endpoint();
+            let store = streamer_core::store::DynamoStore::local(&endpoint, &prefix);
+            store.create_tables().await.unwrap();
+            streamer::StoreChoice::Opened(std::sync::Arc::new(store))
+        }
+        Ok("embedded") | Err(_) => streamer::StoreChoice::Embedded,
+        Ok(other) => panic!("STREAMER_TEST_STORE={other}: embedded or dynamodb"),
     }
 }
 

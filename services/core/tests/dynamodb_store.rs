@@ -4,9 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod local_dynamodb;
-
 use std::sync::Arc;
+
+use streamer_core::store::conformance::local_dynamodb;
 
 use streamer_core::store::{DynamoStore, SharedStore, Store};
 
