@@ -1249,12 +1249,12 @@ async fn oversized(url: String, max_frame_bytes: usize, stop: Shutdown) -> Overs
     out
 }
 
-// ---- the edge's own counters ------------------------------------------------
+// ---- the servers' own counters ---------------------------------------------
 
 const RATE_LIMIT_CLOSES: &str = "streamer_gateway_rate_limit_closes_total";
 
-/// The edge's counters the soak reports, with a label for each.
-const EDGE_COUNTERS: [(&str, &str); 7] = [
+/// The servers' counters the soak reports, with a label for each.
+const EDGE_COUNTERS: [(&str, &str); 8] = [
     ("rate-limit closes (1008)", RATE_LIMIT_CLOSES),
     (
         "frames refused RATE_LIMITED",
@@ -1274,9 +1274,15 @@ const EDGE_COUNTERS: [(&str, &str); 7] = [
         "streamer_gateway_connections_refused_total{reason=\"handshakes\"}",
     ),
     ("accept errors", "streamer_gateway_accept_errors_total"),
+    // ConnectionService's: frames its inbound workers had no room for,
+    // answered RATE_LIMITED with the frame's id.
+    (
+        "frames refused, workers full (RATE_LIMITED)",
+        "streamer_inbound_rejected_total{reason=\"overloaded\"}",
+    ),
 ];
 
-/// The edge's counters now, from this process's metrics recorder (the one
+/// The counters now, from this process's metrics recorder (the one
 /// `streamer all` serves on `/metrics`); they count every system this
 /// process ran, so a phase reports what they moved by.
 fn edge_counters() -> HashMap<&'static str, f64> {
@@ -1335,7 +1341,7 @@ struct Phase {
     /// edge does not time them out yet (see the README's soak section).
     silent: SlowlorisReport,
     oversized: OversizedReport,
-    /// What the edge's counters moved by in this phase (in-process only).
+    /// What the servers' counters moved by in this phase (in-process only).
     edge: Option<HashMap<&'static str, f64>>,
     /// Connections the kernel dropped for a full accept queue during this
     /// phase, on the whole machine (Linux).
@@ -1768,7 +1774,7 @@ impl SoakResult {
             o.ended_without_close
         );
         if let (Some(qe), Some(ae)) = (&q.edge, &a.edge) {
-            println!("  the edge's own counters (in-process):");
+            println!("  the servers' own counters (in-process):");
             for (label, name) in EDGE_COUNTERS {
                 println!(
                     "{}",
