@@ -21,6 +21,7 @@ use anyhow::Context as _;
 use streamer_api::service_names;
 use streamer_auth::{AuthConfig, AuthServer, TokenValidator};
 use streamer_connection::{ConnectionConfig, ConnectionServer};
+use streamer_core::grpc::Health;
 use streamer_core::shutdown::Shutdown;
 use streamer_core::store::{DynamoConfig, DynamoStore, EmbeddedStore, SharedStore};
 use streamer_core::trust::Trust;
@@ -28,11 +29,6 @@ use streamer_gateway::GatewayConfig;
 use streamer_progress::{ProgressConfig, ProgressServer};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-
-/// Resolves once the store answers, so health turns SERVING only then.
-async fn store_ready(store: SharedStore) -> anyhow::Result<()> {
-    store.ping().await.context("store not reachable")
-}
 
 /// Serves AuthService until `shutdown`, to the callers `trust` admits; the
 /// deny-list of revoked tokens lives in `store`.
@@ -67,7 +63,7 @@ async fn serve_auth(
             routes,
             &[service_names::AUTH],
             trust,
-            store_ready(store),
+            Health::of_store(store),
             shutdown,
         )
         .await;
@@ -94,7 +90,7 @@ pub async fn run_connection(
         tonic::service::Routes::new(server.clone().into_service()),
         &[service_names::CONNECTION],
         trust.clone(),
-        store_ready(store.clone()),
+        Health::of_store(store.clone()),
         shutdown.clone(),
     );
     let internal = streamer_core::grpc::serve(
@@ -102,7 +98,7 @@ pub async fn run_connection(
         tonic::service::Routes::new(server.into_edge_service()),
         &[service_names::EDGE],
         trust,
-        store_ready(store),
+        Health::of_store(store),
         shutdown,
     );
     tokio::try_join!(public, internal).map(|_| ())
@@ -123,7 +119,7 @@ pub async fn run_progress(
         routes,
         &[service_names::PROGRESS],
         trust,
-        store_ready(store),
+        Health::of_store(store),
         shutdown,
     )
     .await;

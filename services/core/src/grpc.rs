@@ -2,13 +2,16 @@
 //!
 //! Every server carries `grpc.health.v1.Health` (status for "" and for each
 //! service's full name) and server reflection (v1 and v1alpha, so both new
-//! and older grpcurl builds can `list` and `describe`). Health starts
-//! NOT_SERVING, turns SERVING once the store answers, and turns NOT_SERVING
-//! again the moment shutdown begins, before the listener closes, so load
-//! balancers stop sending new work while in-flight calls drain.
+//! and older grpcurl builds can `list` and `describe`). Health follows a
+//! [`Health`] check (the store answering): NOT_SERVING until it first
+//! passes, NOT_SERVING while it fails (say, the DynamoDB tables are
+//! unreachable), SERVING again when it passes, and NOT_SERVING for good the
+//! moment shutdown begins, before the listener closes, so load balancers
+//! stop sending new work while in-flight calls drain.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
@@ -32,23 +35,58 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
 }
 
+/// What a server's health follows: a check run at start and then every
+/// `interval`.
+#[derive(Clone)]
+pub struct Health {
+    pub check: Arc<dyn Fn() -> BoxFuture<anyhow::Result<()>> + Send + Sync>,
+    pub interval: Duration,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// How often a server checks what its health follows.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Health {
+    pub fn new<F, Fut>(check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        Self {
+            check: Arc::new(move || Box::pin(check())),
+            interval: HEALTH_INTERVAL,
+        }
+    }
+
+    /// SERVING while `store` answers.
+    pub fn of_store(store: crate::store::SharedStore) -> Self {
+        Self::new(move || {
+            let store = store.clone();
+            async move {
+                store
+                    .ping()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("store not reachable: {e}"))
+            }
+        })
+    }
+}
+
 /// Serves `routes` on `listener` until `shutdown` is cancelled.
 ///
-/// `services` are the full names of the services in `routes`; `ready`
-/// resolves once the service can do its work (its store answered), at
-/// which point health turns SERVING. Every call passes `trust` first (see
+/// `services` are the full names of the services in `routes`; health
+/// follows `health` (see the module). Every call passes `trust` first (see
 /// [`crate::trust`]).
-pub async fn serve<R>(
+pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     services: &[&'static str],
     trust: Trust,
-    ready: R,
+    health: Health,
     shutdown: Shutdown,
-) -> anyhow::Result<()>
-where
-    R: Future<Output = anyhow::Result<()>> + Send + 'static,
-{
+) -> anyhow::Result<()> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_all(&reporter, services, ServingStatus::NotServing).await;
 
@@ -71,29 +109,24 @@ where
     let local = listener.local_addr()?;
     set_serving(local, false);
     let names = services.to_vec();
-    {
-        let reporter = reporter.clone();
-        let names = names.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                result = ready => match result {
-                    Ok(()) => {
-                        set_all(&reporter, &names, ServingStatus::Serving).await;
-                        set_serving(local, true);
-                    }
-                    Err(error) => tracing::error!(%error, "service not ready; health stays NOT_SERVING"),
-                },
-                () = shutdown.cancelled() => {}
-            }
-        });
-    }
+    // Status changes go through this lock, so the one made when shutdown
+    // begins is the last.
+    let changing = Arc::new(tokio::sync::Mutex::new(()));
+    tokio::spawn(follow_health(
+        health,
+        reporter.clone(),
+        names.clone(),
+        local,
+        changing.clone(),
+        shutdown.clone(),
+    ));
 
     let stopping = {
         let reporter = reporter.clone();
         let shutdown = shutdown.clone();
         async move {
             shutdown.cancelled().await;
+            let _changing = changing.lock().await;
             set_serving(local, false);
             set_all(&reporter, &names, ServingStatus::NotServing).await;
         }
@@ -133,6 +166,50 @@ where
     }
     tracing::info!(address = %local, "grpc server stopped");
     Ok(())
+}
+
+/// Runs `health` until shutdown and turns the servers' status with it,
+/// logging each change.
+async fn follow_health(
+    health: Health,
+    reporter: HealthReporter,
+    names: Vec<&'static str>,
+    local: SocketAddr,
+    changing: Arc<tokio::sync::Mutex<()>>,
+    shutdown: Shutdown,
+) {
+    let mut serving: Option<bool> = None;
+    loop {
+        let result = tokio::select! {
+            result = (health.check)() => result,
+            () = shutdown.cancelled() => return,
+        };
+        let now = result.is_ok();
+        if serving != Some(now) {
+            let _changing = changing.lock().await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let status = if now {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            set_all(&reporter, &names, status).await;
+            set_serving(local, now);
+            match result {
+                Ok(()) => tracing::info!(address = %local, "serving"),
+                Err(error) => {
+                    tracing::error!(address = %local, error = %format!("{error:#}"), "not serving")
+                }
+            }
+            serving = Some(now);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(health.interval) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Whether each gRPC server of this process is serving, by address: what
