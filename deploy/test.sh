@@ -245,6 +245,8 @@ os.execvp(sys.argv[1], sys.argv[1:])'
 start_split() {
   local out="$1"
   split_out="$out"
+  # The background job opens $out itself, maybe after the first grep below.
+  : >"$out"
   STREAMER_BIN="$bin" STREAMER_ENV_DIR="$work/env" STREAMER_SPLIT_DIR="$work/data" READY_TIMEOUT=30 \
     python3 -c "$as_foreground_job" "$deploy/examples/run-split.sh" >"$out" 2>&1 </dev/null &
   script_pid=$!
