@@ -7,10 +7,16 @@
 //!
 //! redb serialises write transactions, which is what makes each
 //! read-check-write below (idempotent create, versioned update) atomic.
+//!
+//! After an I/O error (a full disk, a file made read-only for a moment),
+//! redb refuses every further write until the database is re-opened. The
+//! health check ([`Store::ping`]) finds that, lets go of the database and
+//! re-opens it once the file can be written again; meanwhile every call is
+//! [`StoreError::Unavailable`] and health says NOT_SERVING.
 
 use std::ops::Bound;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
@@ -44,7 +50,9 @@ const SEP: char = '\0';
 /// A cheap-to-clone handle to the database file.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    path: Arc<PathBuf>,
+    /// None while the database is being re-opened after an I/O error.
+    db: Arc<RwLock<Option<Arc<Database>>>>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -103,6 +111,27 @@ fn suffixes_after<T: ReadableTable<&'static str, ()>>(
     Ok(out)
 }
 
+/// Opens (or creates) the database file, with every table.
+fn open_database(path: &Path) -> StoreResult<Database> {
+    let db = Database::create(path)
+        .map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?;
+    let txn = db.begin_write().map_err(backend)?;
+    {
+        // Create every table up front so readers never meet a missing one.
+        txn.open_table(CONNECTIONS).map_err(backend)?;
+        txn.open_table(CONNECTIONS_BY_TENANT).map_err(backend)?;
+        txn.open_table(CONNECTIONS_BY_USER).map_err(backend)?;
+        txn.open_table(CONNECTIONS_BY_EDGE).map_err(backend)?;
+        txn.open_table(REQUESTS).map_err(backend)?;
+        txn.open_table(REQUESTS_BY_CLIENT_ID).map_err(backend)?;
+        txn.open_table(REQUESTS_UNFINISHED).map_err(backend)?;
+        txn.open_table(REVOKED_TOKENS).map_err(backend)?;
+        txn.open_table(REVOKED_TOKENS_BY_EXPIRY).map_err(backend)?;
+    }
+    txn.commit().map_err(backend)?;
+    Ok(db)
+}
+
 impl EmbeddedStore {
     /// Opens (or creates) `<dir>/streamer.redb`, creating `dir` if needed.
     pub fn open(dir: &Path) -> StoreResult<Self> {
@@ -113,23 +142,48 @@ impl EmbeddedStore {
             ))
         })?;
         let path = dir.join("streamer.redb");
-        let db = Database::create(&path)
-            .map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?;
-        let txn = db.begin_write().map_err(backend)?;
-        {
-            // Create every table up front so readers never meet a missing one.
-            txn.open_table(CONNECTIONS).map_err(backend)?;
-            txn.open_table(CONNECTIONS_BY_TENANT).map_err(backend)?;
-            txn.open_table(CONNECTIONS_BY_USER).map_err(backend)?;
-            txn.open_table(CONNECTIONS_BY_EDGE).map_err(backend)?;
-            txn.open_table(REQUESTS).map_err(backend)?;
-            txn.open_table(REQUESTS_BY_CLIENT_ID).map_err(backend)?;
-            txn.open_table(REQUESTS_UNFINISHED).map_err(backend)?;
-            txn.open_table(REVOKED_TOKENS).map_err(backend)?;
-            txn.open_table(REVOKED_TOKENS_BY_EXPIRY).map_err(backend)?;
+        let db = open_database(&path)?;
+        Ok(Self {
+            path: Arc::new(path),
+            db: Arc::new(RwLock::new(Some(Arc::new(db)))),
+        })
+    }
+
+    fn current(&self) -> StoreResult<Arc<Database>> {
+        self.db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable {
+                message: "the embedded store is being re-opened after an I/O error".into(),
+                source: None,
+            })
+    }
+
+    /// The health probe, on the blocking pool: a write transaction begun and
+    /// abandoned (no I/O) tells whether redb still accepts writes; if it
+    /// does not, or the database was let go, re-open it.
+    fn probe(&self) -> StoreResult<()> {
+        if let Ok(db) = self.current() {
+            match db.begin_write() {
+                Ok(txn) => return txn.abort().map_err(backend),
+                Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {
+                    tracing::error!(path = %self.path.display(), "the embedded store failed an I/O; re-opening it");
+                    *self.db.write().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+                Err(error) => return Err(backend(error)),
+            }
         }
-        txn.commit().map_err(backend)?;
-        Ok(Self { db: Arc::new(db) })
+        // Calls still running hold the old database; until they end (and
+        // while the file cannot be written) opening fails, and the next
+        // probe tries again.
+        let db = open_database(&self.path).map_err(|e| StoreError::Unavailable {
+            message: e.to_string(),
+            source: Some(Box::new(e)),
+        })?;
+        *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(db));
+        tracing::info!(path = %self.path.display(), "the embedded store is open again");
+        Ok(())
     }
 
     async fn blocking<T, F>(&self, f: F) -> StoreResult<T>
@@ -137,7 +191,7 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&Database) -> StoreResult<T> + Send + 'static,
     {
-        let db = self.db.clone();
+        let db = self.current()?;
         tokio::task::spawn_blocking(move || f(&db))
             .await
             .map_err(|e| backend(format!("store task failed: {e}")))?
@@ -206,8 +260,10 @@ fn put_request_in(txn: &WriteTransaction, record: &RequestRecord) -> StoreResult
 #[async_trait::async_trait]
 impl Store for EmbeddedStore {
     async fn ping(&self) -> StoreResult<()> {
-        self.blocking(|db| db.begin_read().map(drop).map_err(backend))
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.probe())
             .await
+            .map_err(|e| backend(format!("store task failed: {e}")))?
     }
 
     async fn flush(&self) -> StoreResult<()> {
@@ -578,6 +634,69 @@ mod tests {
     }
 
     crate::store_conformance_suite!(fresh());
+
+    /// chattr(1) makes the file immutable, as an operator or a backup tool
+    /// might for a moment: redb's next write fails, and it refuses writes
+    /// until re-opened.
+    fn immutable(path: &std::path::Path, on: bool) {
+        let status = std::process::Command::new("chattr")
+            .arg(if on { "+i" } else { "-i" })
+            .arg(path)
+            .status()
+            .expect("chattr runs");
+        assert!(status.success(), "chattr {on} on {}", path.display());
+    }
+
+    #[tokio::test]
+    async fn an_io_error_makes_the_store_unavailable_until_the_file_can_be_written_again() {
+        use crate::store::conformance::connection;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("streamer.redb");
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store
+            .put_connection(connection("c1", "t1", "alice"))
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        store.ping().await.unwrap();
+
+        immutable(&file, true);
+        let failed = store.flush().await;
+        // The write fails; so does every later one until a re-open, and the
+        // probe says so (health NOT_SERVING) without letting go of the fault.
+        let outcome = async {
+            assert!(failed.is_err(), "a write to an immutable file failed");
+            assert!(
+                store
+                    .put_connection(connection("c2", "t1", "bob"))
+                    .await
+                    .is_err()
+            );
+            let down = store.ping().await.unwrap_err();
+            assert!(down.is_retryable(), "{down:?}");
+            assert!(store.ping().await.unwrap_err().is_retryable());
+            assert!(matches!(
+                store.get_connection("c1").await,
+                Err(StoreError::Unavailable { .. })
+            ));
+        };
+        let checked = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(outcome)).await;
+        immutable(&file, false);
+        if let Err(panic) = checked {
+            std::panic::resume_unwind(panic);
+        }
+
+        // Once the file can be written, the next probe re-opens it; what
+        // was written before the fault is there, and writes work again.
+        store.ping().await.unwrap();
+        assert!(store.get_connection("c1").await.unwrap().is_some());
+        store
+            .put_connection(connection("c3", "t1", "carol"))
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        assert!(store.get_connection("c3").await.unwrap().is_some());
+    }
 
     #[tokio::test]
     async fn survives_reopen() {
