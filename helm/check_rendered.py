@@ -51,7 +51,7 @@ ENV_OUTSIDE_HELP = {"STREAMER_LOG"}
 # of the scenario named here.
 BASE_SCENARIO = {"trust-none": "defaults", "trust-existing": "defaults",
                  "trust-mtls": "defaults", "trust-mtls-cert-manager": "defaults",
-                 "trust-token-tls": "defaults"}
+                 "trust-token-tls": "defaults", "store-dynamodb": "defaults"}
 # scenario: (trust mode, the Secret the pods mount or None for the chart's
 # own, its key). Mode none mounts nothing.
 TRUST = {
@@ -63,6 +63,7 @@ TRUST = {
     "trust-mtls": ("mtls", None, None),
     "trust-mtls-cert-manager": ("mtls", None, None),
     "trust-token-tls": ("token", None, "service-secret"),
+    "store-dynamodb": ("token", None, "service-secret"),
 }
 # scenario: the Secret each role's certificate comes from when gRPC runs over
 # TLS (None: plain text), and whether cert-manager issues them.
@@ -89,6 +90,7 @@ NETWORK_POLICY = {
     "trust-mtls": {"grpc": None, "metrics": None},
     "trust-mtls-cert-manager": {"grpc": None, "metrics": None},
     "trust-token-tls": {"grpc": None, "metrics": None},
+    "store-dynamodb": {"grpc": None, "metrics": None},
 }
 # Where the callers the NetworkPolicy is evaluated for come from.
 RELEASE_NAMESPACE = "streaming"
@@ -410,6 +412,18 @@ def main():
             check(len(directories) == 1, f"{name}: the TLS files are in {sorted(directories)}")
         else:
             check(not set(tls_vars) & set(env), f"{name}: TLS variables without TLS")
+
+        # The store: every stateful role is told which, the gateway nothing.
+        store = "dynamodb" if scenario_name == "store-dynamodb" else "embedded"
+        if role == "gateway":
+            check("STREAMER_STORE" not in env, f"{name}: STREAMER_STORE is set on the gateway")
+        else:
+            check(env.get("STREAMER_STORE", {}).get("value") == store, f"{name}: STREAMER_STORE is {env.get('STREAMER_STORE')}")
+            want = {"STREAMER_DYNAMODB_TABLE_PREFIX": "prod-streamer-", "STREAMER_DYNAMODB_REGION": "eu-west-1",
+                    "STREAMER_DYNAMODB_ENDPOINT_URL": None} if store == "dynamodb" else {
+                    "STREAMER_DYNAMODB_TABLE_PREFIX": None, "STREAMER_DYNAMODB_REGION": None}
+            for var, value in want.items():
+                check(env.get(var, {}).get("value") == value, f"{name}: {var} is {env.get(var)}, expected {value!r}")
 
         # Issuers' JWKS URLs, as ISSUER=URL pairs; and no key files then.
         if role == "auth":

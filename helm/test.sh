@@ -174,6 +174,10 @@ scenario trust-mtls-cert-manager 1.27.0 --set trust.mode=mtls \
   --set 'auth.jwks[0].issuer=https://id.example.com/' --set 'auth.jwks[0].url=https://id.example.com/jwks.json' \
   --set 'auth.jwks[1].issuer=partner' --set 'auth.jwks[1].url=https://partner.example/keys'
 scenario trust-token-tls 1.27.0 --set trust.tls.enabled=true "${tls_secrets[@]}"
+# The DynamoDB store (rendered and checked; the pods are not run, since the
+# tables would live on a server of their own).
+scenario store-dynamodb 1.27.0 --set store.type=dynamodb \
+  --set store.dynamodb.tablePrefix=prod-streamer- --set store.dynamodb.region=eu-west-1
 
 # run NAME [--expect-refusal]: the rendered pods of scenario NAME as processes.
 run() {
@@ -297,6 +301,7 @@ refuse "a NetworkPolicy peer with a misspelt key" "at '/networkPolicy/grpcFrom/0
   --set 'networkPolicy.grpcFrom[0].podSelecter.app=billing'
 refuse "an idle timeout no longer than the ping interval" "must be longer than gateway.limits.pingIntervalSeconds" \
   --set gateway.limits.idleTimeoutSeconds=30
+refuse "a store other than embedded|dynamodb" "at '/store/type'" --set store.type=redis
 refuse "an allowed origin with a comma" "at '/gateway/limits/allowedOrigins/0'" \
   --set 'gateway.limits.allowedOrigins[0]=https://a.example\,https://b.example'
 refuse "trust.existingSecret with mode none" "trust.existingSecret is used only with trust.mode token" \

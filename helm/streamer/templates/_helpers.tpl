@@ -243,6 +243,23 @@ readinessProbe:
 - name: STREAMER_SERVICE_SECRET_FILE
   value: {{ include "streamer.trust.file" .ctx | quote }}
 {{- end }}
+{{- if ne .role "gateway" }}
+{{- $store := .ctx.Values.store }}
+- name: STREAMER_STORE
+  value: {{ $store.type | quote }}
+{{- if eq $store.type "dynamodb" }}
+- name: STREAMER_DYNAMODB_TABLE_PREFIX
+  value: {{ $store.dynamodb.tablePrefix | quote }}
+{{- with $store.dynamodb.region }}
+- name: STREAMER_DYNAMODB_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with $store.dynamodb.endpointUrl }}
+- name: STREAMER_DYNAMODB_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if include "streamer.tls.enabled" .ctx }}
 - name: STREAMER_TLS_CERT
   value: {{ printf "%s/tls.crt" (include "streamer.tls.dir" .ctx) | quote }}
