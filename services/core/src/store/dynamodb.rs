@@ -354,17 +354,7 @@ impl DynamoStore {
             .expression_attribute_values(":bound", number(bound))
             .send()
             .await;
-        match deleted {
-            Ok(_) => Ok(true),
-            Err(error)
-                if error
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(error) => Err(classify(&format!("delete from {table}"), error)),
-        }
+        written(&format!("delete from {table}"), deleted)
     }
 
     async fn get_request_item(&self, id: &str) -> StoreResult<Option<Item>> {
@@ -437,6 +427,20 @@ where
         StoreError::unavailable_from(message, error)
     } else {
         StoreError::backend_from(message, error)
+    }
+}
+
+/// A conditional write's outcome: whether it was written (false: its
+/// condition did not hold); any other failure is an error (rule 4).
+fn written<T, E, R>(what: &str, result: Result<T, SdkError<E, R>>) -> StoreResult<bool>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    match result {
+        Ok(_) => Ok(true),
+        Err(error) if error.code() == Some("ConditionalCheckFailedException") => Ok(false),
+        Err(error) => Err(classify(what, error)),
     }
 }
 
@@ -649,17 +653,7 @@ impl Store for DynamoStore {
             .expression_attribute_values(":expires", epoch_seconds(expires))
             .send()
             .await;
-        match touched {
-            Ok(_) => Ok(true),
-            Err(error)
-                if error
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(error) => Err(classify("touch connection", error)),
-        }
+        written("touch connection", touched)
     }
 
     async fn list_connections(
@@ -874,7 +868,7 @@ impl Store for DynamoStore {
     ) -> StoreResult<RequestRecord> {
         let expected = record.version;
         record.version += 1;
-        let written = self
+        let result = self
             .client
             .put_item()
             .table_name(&self.requests)
@@ -883,16 +877,10 @@ impl Store for DynamoStore {
             .expression_attribute_values(":expected", number(expected))
             .send()
             .await;
-        match written {
-            Ok(_) => Ok(record),
-            Err(error)
-                if error
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Err(StoreError::Conflict)
-            }
-            Err(error) => Err(classify("update request", error)),
+        if written("update request", result)? {
+            Ok(record)
+        } else {
+            Err(StoreError::Conflict)
         }
     }
 
@@ -910,7 +898,7 @@ impl Store for DynamoStore {
     }
 
     async fn revoke_token(&self, jti: &str, expires_at_ms: u64) -> StoreResult<()> {
-        let written = self
+        let result = self
             .client
             .put_item()
             .table_name(&self.revoked)
@@ -921,18 +909,8 @@ impl Store for DynamoStore {
             .expression_attribute_values(":e", number(expires_at_ms))
             .send()
             .await;
-        match written {
-            Ok(_) => Ok(()),
-            // A later expiry is already recorded: keep it.
-            Err(error)
-                if error
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
-            Err(error) => Err(classify("revoke token", error)),
-        }
+        // A later expiry already recorded is kept.
+        written("revoke token", result).map(drop)
     }
 
     async fn is_token_revoked(&self, jti: &str, now_ms: u64) -> StoreResult<bool> {
