@@ -317,7 +317,7 @@ async fn a_socket_closes_when_its_token_expires_unless_the_client_refreshes_it()
 }
 
 #[tokio::test]
-async fn half_sent_headers_are_cut_off_after_the_header_timeout() {
+async fn half_sent_or_unsent_headers_are_cut_off_after_the_header_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let system = TestSystem::start_with(|config| {
         config.gateway.header_read_timeout = Duration::from_millis(500);
@@ -334,6 +334,14 @@ async fn half_sent_headers_are_cut_off_after_the_header_timeout() {
             .await
             .unwrap();
         lorises.push(stream);
+    }
+    // And sockets that send nothing at all.
+    for _ in 0..20 {
+        lorises.push(
+            tokio::net::TcpStream::connect(system.addrs.gateway)
+                .await
+                .unwrap(),
+        );
     }
     // Each is closed by the edge (after, at most, a 408).
     for stream in &mut lorises {

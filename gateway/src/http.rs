@@ -3,7 +3,9 @@
 //!
 //! `axum::serve` sets no timer, so a client that sends half its headers is
 //! held forever (slowloris). Here each connection's HTTP/1 side has a
-//! header-read timeout: past it, hyper closes the connection. A failed
+//! header-read timeout: past it, hyper closes the connection; and a
+//! connection that sends no byte at all within that time is closed before
+//! hyper sees it. A failed
 //! accept (out of descriptors, say) waits a moment instead of spinning,
 //! and never stops the server.
 
@@ -60,6 +62,21 @@ pub async fn serve(
         let mut stopped = stopped.clone();
         let finished = finished.clone();
         tokio::spawn(async move {
+            // hyper's header timer starts only once the first bytes tell it
+            // the HTTP version: a socket that sends nothing at all gets the
+            // same deadline here.
+            let mut first = [0u8; 1];
+            let spoke = tokio::select! {
+                peeked = tokio::time::timeout(header_read_timeout, stream.peek(&mut first)) => {
+                    matches!(peeked, Ok(Ok(n)) if n > 0)
+                }
+                _ = stopped.changed() => false,
+            };
+            if !spoke {
+                metrics::counter!("streamer_gateway_silent_connections_closed_total").increment(1);
+                drop(finished);
+                return;
+            }
             let mut builder = Builder::new(TokioExecutor::new());
             builder
                 .http1()
