@@ -171,8 +171,7 @@ struct Args {
     /// soak: slowloris sockets in the attacked phase.
     #[arg(long, default_value_t = 300)]
     soak_slowloris: usize,
-    /// soak: sockets that connect and send nothing, in the attacked phase
-    /// (reported; not a failure).
+    /// soak: sockets that connect and send nothing, in the attacked phase.
     #[arg(long, default_value_t = 20)]
     soak_silent: usize,
     /// soak: ms between the bytes a slowloris socket dribbles.

@@ -38,10 +38,9 @@
 //!   within its header-read timeout (with some slack), and opens again;
 //! - oversized: sockets that send one frame over the edge's frame limit;
 //!   each must be closed 1009;
-//! - silent: TCP sockets that connect and send nothing. Reported beside the
-//!   slowloris, not counted as a failure: the edge's header-read timer
-//!   starts only once a first byte tells it the HTTP version, so today these
-//!   are held until the client goes.
+//! - silent: TCP sockets that connect and send nothing at all; held to the
+//!   same limit as the slowloris (hyper's own header timer starts only once
+//!   a first byte names the HTTP version, so the edge needs its own).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
@@ -1337,8 +1336,7 @@ struct Phase {
     phantom_finals: u64,
     flood: FloodReport,
     slowloris: SlowlorisReport,
-    /// Sockets that connect and send nothing. Reported, not a failure: the
-    /// edge does not time them out yet (see the README's soak section).
+    /// Sockets that connect and send nothing.
     silent: SlowlorisReport,
     oversized: OversizedReport,
     /// What the servers' counters moved by in this phase (in-process only).
@@ -1434,7 +1432,10 @@ impl Phase {
             .as_ref()
             .map(|e| e.get(RATE_LIMIT_CLOSES).copied().unwrap_or_default());
         self.attacked
-            && (self.flood.failed(closes) || self.slowloris.failed() || self.oversized.failed())
+            && (self.flood.failed(closes)
+                || self.slowloris.failed()
+                || self.silent.failed()
+                || self.oversized.failed())
     }
 }
 
@@ -1755,12 +1756,6 @@ impl SoakResult {
                 l.held_past_limit,
                 l.longest_open_at_end.as_secs_f64(),
                 l.connect_failures
-            );
-        }
-        if a.silent.failed() {
-            println!(
-                "    FINDING (not counted as a failure): the edge held silent sockets past its header-read timeout; \
-                 that timer starts only once the HTTP version is known, which takes a first byte"
             );
         }
         println!(
