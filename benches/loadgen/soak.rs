@@ -1041,14 +1041,14 @@ async fn flooder(url: String, stop: Shutdown) -> FloodReport {
         match ended {
             // Cut by the end of the attack: not an outcome.
             None => break,
-            Some(_) if rate_limited == 0 => out.ended_unwarned += 1,
-            Some(Ok(Some(1008))) => {
-                out.closed_1008 += 1;
-                out.session_time.push(opened.elapsed());
-            }
-            Some(Ok(code)) => {
+            Some(Ok(code)) if code != Some(1008) => {
                 out.closed_other += 1;
                 out.other_codes.push(code.unwrap_or(1005));
+            }
+            Some(_) if rate_limited == 0 => out.ended_unwarned += 1,
+            Some(Ok(_)) => {
+                out.closed_1008 += 1;
+                out.session_time.push(opened.elapsed());
             }
             Some(Err(())) => {
                 out.reset_after_rate_limited += 1;
@@ -1253,7 +1253,7 @@ async fn oversized(url: String, max_frame_bytes: usize, stop: Shutdown) -> Overs
 const RATE_LIMIT_CLOSES: &str = "streamer_gateway_rate_limit_closes_total";
 
 /// The servers' counters the soak reports, with a label for each.
-const EDGE_COUNTERS: [(&str, &str); 8] = [
+const SERVER_COUNTERS: [(&str, &str); 8] = [
     ("rate-limit closes (1008)", RATE_LIMIT_CLOSES),
     (
         "frames refused RATE_LIMITED",
@@ -1284,9 +1284,9 @@ const EDGE_COUNTERS: [(&str, &str); 8] = [
 /// The counters now, from this process's metrics recorder (the one
 /// `streamer all` serves on `/metrics`); they count every system this
 /// process ran, so a phase reports what they moved by.
-fn edge_counters() -> HashMap<&'static str, f64> {
+fn server_counters() -> HashMap<&'static str, f64> {
     let text = streamer_core::telemetry::metrics_recorder().render();
-    EDGE_COUNTERS
+    SERVER_COUNTERS
         .iter()
         .map(|(_, name)| {
             let value = text
@@ -1340,7 +1340,7 @@ struct Phase {
     silent: SlowlorisReport,
     oversized: OversizedReport,
     /// What the servers' counters moved by in this phase (in-process only).
-    edge: Option<HashMap<&'static str, f64>>,
+    counters: Option<HashMap<&'static str, f64>>,
     /// Connections the kernel dropped for a full accept queue during this
     /// phase, on the whole machine (Linux).
     listen_overflows: Option<f64>,
@@ -1428,7 +1428,7 @@ impl Phase {
 
     fn attack_failed(&self) -> bool {
         let closes = self
-            .edge
+            .counters
             .as_ref()
             .map(|e| e.get(RATE_LIMIT_CLOSES).copied().unwrap_or_default());
         self.attacked
@@ -1484,7 +1484,7 @@ async fn run_phase(
     let (client_urls, rest) = urls.split_at(s.clients);
     let (flood_urls, big_urls) = rest.split_at(s.flooders);
 
-    let counters_before = (!args.external()).then(edge_counters);
+    let counters_before = (!args.external()).then(server_counters);
     let overflows_before = listen_overflows();
     let start = Instant::now();
     let end = start + s.phase;
@@ -1579,8 +1579,8 @@ async fn run_phase(
     let _ = processor.await;
     target.close().await?;
 
-    let edge = counters_before.map(|before| {
-        let after = edge_counters();
+    let counters = counters_before.map(|before| {
+        let after = server_counters();
         after
             .into_iter()
             .map(|(name, value)| (name, value - before.get(name).copied().unwrap_or_default()))
@@ -1610,7 +1610,7 @@ async fn run_phase(
         flood,
         slowloris: loris,
         silent,
-        edge,
+        counters,
         listen_overflows,
         oversized: big,
     })
@@ -1768,9 +1768,9 @@ impl SoakResult {
             o.other_codes,
             o.ended_without_close
         );
-        if let (Some(qe), Some(ae)) = (&q.edge, &a.edge) {
+        if let (Some(qe), Some(ae)) = (&q.counters, &a.counters) {
             println!("  the servers' own counters (in-process):");
-            for (label, name) in EDGE_COUNTERS {
+            for (label, name) in SERVER_COUNTERS {
                 println!(
                     "{}",
                     pair(
@@ -1864,7 +1864,7 @@ impl SoakResult {
                 "latency_uninterrupted": Summary::of(c.clean_latency.clone()).to_json(),
                 "latency_resumed": Summary::of(c.resumed_latency.clone()).to_json(),
                 "connect_latency": Summary::of(c.connect_latency.clone()).to_json(),
-                "edge_counters": p.edge,
+                "server_counters": p.counters,
                 "listen_overflows": p.listen_overflows,
             })
         };
