@@ -200,11 +200,11 @@ impl SystemListeners {
     pub async fn ephemeral() -> anyhow::Result<Self> {
         let any: SocketAddr = ([127, 0, 0, 1], 0).into();
         Ok(Self {
-            auth: TcpListener::bind(any).await?,
-            connection: TcpListener::bind(any).await?,
-            edge: TcpListener::bind(any).await?,
-            progress: TcpListener::bind(any).await?,
-            gateway: TcpListener::bind(any).await?,
+            auth: streamer_core::grpc::bind(any).await?,
+            connection: streamer_core::grpc::bind(any).await?,
+            edge: streamer_core::grpc::bind(any).await?,
+            progress: streamer_core::grpc::bind(any).await?,
+            gateway: streamer_core::grpc::bind(any).await?,
         })
     }
 }

@@ -28,11 +28,25 @@ use crate::trust::{Trust, TrustLayer};
 /// How long in-flight calls may take to finish once shutdown begins.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Binds a TCP listener, with a message that names the address on failure.
+/// Connections the kernel queues for a listener before it accepts them
+/// (capped by `net.core.somaxconn`). The default 128 drops connections
+/// when a few hundred clients arrive at once, as after an edge restart.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener (with [`LISTEN_BACKLOG`]), with a message that
+/// names the address on failure.
 pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+    let bound = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bound().map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
 }
 
 /// What a server's health follows: a check run at start and then every
@@ -270,5 +284,36 @@ pub fn channel(endpoint: &Endpoint, trust: &Trust) -> Channel {
     match trust.tls() {
         Some(tls) => endpoint.connect_with_connector_lazy(tls.connector()),
         None => endpoint.connect_lazy(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A few hundred clients arriving at once (an edge restart) all get
+    /// through the kernel's queue while nothing accepts yet; with the
+    /// default backlog of 128 the rest would wait for SYN retries (1 s+).
+    #[tokio::test]
+    async fn a_burst_of_connections_waits_in_the_listen_queue() {
+        let listener = bind(([127, 0, 0, 1], 0).into()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connects = (0..400).map(|_| {
+            tokio::spawn(async move {
+                tokio::time::timeout(
+                    Duration::from_millis(800),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+            })
+        });
+        let mut held = Vec::new();
+        for connect in connects {
+            held.push(connect.await.unwrap().expect("connected in time").unwrap());
+        }
+        assert_eq!(held.len(), 400);
+        drop(listener);
     }
 }
