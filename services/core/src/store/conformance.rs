@@ -536,13 +536,17 @@ pub mod local_dynamodb {
     use std::process::{Child, Command, Stdio};
     use std::sync::{Mutex, OnceLock};
 
+    // One request at a time: moto's backends are not safe against
+    // concurrent writers (a dictionary changed during iteration under 200
+    // requests at once); DynamoDB itself is.
     const SERVER: &str = r#"
-import logging, os, sys
+import logging, os, sys, threading
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
-from moto.server import ThreadedMotoServer
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-server.start()
-print(server._server.server_port, flush=True)
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import make_server
+server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=False)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+print(server.server_port, flush=True)
 sys.stdin.read()
 os._exit(0)
 "#;
