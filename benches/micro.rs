@@ -24,7 +24,8 @@ use serde_json::{Value, json};
 use streamer_auth::dev::MintOptions;
 use streamer_auth::{AuthConfig, TokenValidator};
 use streamer_core::store::{
-    ConnectionRecord, Durability, EmbeddedStore, RequestRecord, RequestStatus, Store, now_ms,
+    ConnectionRecord, ConnectionStore, Durability, EmbeddedStore, RequestRecord, RequestStatus,
+    RequestStore, Store, now_ms,
 };
 
 /// Short measurements: these are regression guards, not a paper.

@@ -398,7 +398,7 @@ mod tests {
         // accepted for the leeway (30 s) past its `exp`, and so refused.
         let store =
             streamer_core::store::EmbeddedStore::open(&dir.path().join("store")).expect("store");
-        use streamer_core::store::Store as _;
+        use streamer_core::store::TokenStore as _;
         let leeway_ms = 30_000;
         assert!(
             store

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use streamer_core::store::conformance::local_dynamodb;
 
-use streamer_core::store::{DynamoStore, SharedStore, Store};
+use streamer_core::store::{ConnectionStore, DynamoStore, SharedStore, Store};
 
 /// A store on its own fresh tables (a unique prefix on the shared server).
 async fn fresh() -> (SharedStore, ()) {

@@ -19,9 +19,11 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use super::{
-    CONNECTION_TTL, ConnectionRecord, Durability, RequestRecord, RequestStatus, SharedStore,
-    StoreError, now_ms,
+    CONNECTION_TTL, ConnectionRecord, Durability, Heartbeat, RequestRecord, RequestStatus,
+    Retention, SharedStore, StoreError, Subscription, TopicPosition, now_ms,
 };
 
 /// Instantiates the conformance suite: one `#[tokio::test]` per behaviour,
@@ -44,7 +46,18 @@ macro_rules! store_conformance_suite {
             concurrent_updates_of_one_version_have_one_winner,
             unfinished_requests_are_the_pending_and_processing_ones,
             revoked_tokens_are_denied_until_they_expire_and_then_swept,
-            revoking_again_keeps_the_later_expiry
+            revoking_again_keeps_the_later_expiry,
+            edge_leases_start_extend_and_lapse,
+            removing_a_lapsed_edge_has_one_winner_and_spares_a_revived_one,
+            pending_work_by_action_oldest_first,
+            concurrent_claims_of_pending_work_have_one_winner,
+            lapsed_leases_are_found_by_query,
+            subscriptions_need_a_live_connection_of_the_tenant,
+            subscribers_page_in_order_and_isolate_tenants_and_topics,
+            subscriptions_go_with_their_connection,
+            topic_offsets_are_contiguous_within_an_epoch,
+            topic_recovery_says_when_history_no_longer_covers_the_gap,
+            concurrent_appends_get_distinct_contiguous_offsets
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -524,6 +537,653 @@ pub async fn revoking_again_keeps_the_later_expiry(store: SharedStore) {
     assert!(store.is_token_revoked("jti", now + 15_000).await.unwrap());
     assert_eq!(store.sweep_revoked_tokens(now + 20_000).await.unwrap(), 1);
     assert!(!store.is_token_revoked("jti", now).await.unwrap());
+}
+
+pub async fn edge_leases_start_extend_and_lapse(store: SharedStore) {
+    let lease = Duration::from_secs(30);
+    let t0 = now_ms();
+    assert_eq!(
+        store.heartbeat_edge("edge-a", t0, lease).await.unwrap(),
+        Heartbeat::Started
+    );
+    assert_eq!(
+        store
+            .heartbeat_edge("edge-a", t0 + 10_000, lease)
+            .await
+            .unwrap(),
+        Heartbeat::Extended
+    );
+    let edge = store.get_edge("edge-a").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            edge.started_at_ms,
+            edge.heartbeat_at_ms,
+            edge.lease_expires_at_ms
+        ),
+        (t0, t0 + 10_000, t0 + 40_000)
+    );
+    // A heartbeat never shortens a lease.
+    assert_eq!(
+        store
+            .heartbeat_edge("edge-a", t0 + 11_000, Duration::from_secs(1))
+            .await
+            .unwrap(),
+        Heartbeat::Extended
+    );
+    let edge = store.get_edge("edge-a").await.unwrap().unwrap();
+    assert_eq!(edge.lease_expires_at_ms, t0 + 40_000);
+    assert_eq!(store.get_edge("edge-z").await.unwrap(), None);
+
+    store.heartbeat_edge("edge-b", t0, lease).await.unwrap();
+    assert!(
+        store
+            .lapsed_edges(t0 + 29_999, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let lapsed: Vec<String> = store
+        .lapsed_edges(t0 + 40_000, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.edge_id)
+        .collect();
+    assert_eq!(lapsed, ["edge-b", "edge-a"], "the longest-lapsed first");
+    assert_eq!(store.lapsed_edges(t0 + 40_000, 1).await.unwrap().len(), 1);
+
+    // The connections of a lapsed edge are found through the edge.
+    let mut record = connection("c1", "t1", "alice");
+    record.edge_id = "edge-b".into();
+    store.put_connection(record).await.unwrap();
+    assert_eq!(store.connections_of_edge("edge-b").await.unwrap(), ["c1"]);
+
+    // A heartbeat after the lease lapsed starts a new one.
+    assert_eq!(
+        store
+            .heartbeat_edge("edge-b", t0 + 31_000, lease)
+            .await
+            .unwrap(),
+        Heartbeat::Started
+    );
+    let edge = store.get_edge("edge-b").await.unwrap().unwrap();
+    assert_eq!(edge.started_at_ms, t0 + 31_000);
+    store.release_edge("edge-b").await.unwrap();
+    assert_eq!(store.get_edge("edge-b").await.unwrap(), None);
+    assert!(
+        store
+            .lapsed_edges(u64::MAX / 2, 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|e| e.edge_id != "edge-b")
+    );
+}
+
+pub async fn removing_a_lapsed_edge_has_one_winner_and_spares_a_revived_one(store: SharedStore) {
+    let lease = Duration::from_secs(5);
+    let t0 = now_ms();
+    store.heartbeat_edge("edge-a", t0, lease).await.unwrap();
+    store.heartbeat_edge("edge-b", t0, lease).await.unwrap();
+    let lapsed = store.lapsed_edges(t0 + 5_000, 10).await.unwrap();
+    assert_eq!(lapsed.len(), 2);
+
+    let removers = (0..8).map(|_| {
+        let store = Arc::clone(&store);
+        let lease = lapsed[0].lease_expires_at_ms;
+        let edge = lapsed[0].edge_id.clone();
+        tokio::spawn(async move { store.remove_edge(&edge, lease).await })
+    });
+    let mut wins = 0;
+    for remover in removers {
+        if remover.await.unwrap().unwrap() {
+            wins += 1;
+        }
+    }
+    assert_eq!(wins, 1, "exactly one cleaner removes a dead edge");
+    assert_eq!(store.get_edge(&lapsed[0].edge_id).await.unwrap(), None);
+
+    // The other edge came back after it was read as lapsed: it stays.
+    let revived = &lapsed[1];
+    store
+        .heartbeat_edge(&revived.edge_id, t0 + 6_000, lease)
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .remove_edge(&revived.edge_id, revived.lease_expires_at_ms)
+            .await
+            .unwrap()
+    );
+    assert!(store.get_edge(&revived.edge_id).await.unwrap().is_some());
+}
+
+/// A request of `action` created at `created_at_ms`.
+fn request_at(id: &str, action: &str, created_at_ms: u64) -> RequestRecord {
+    let mut record = request(id, &format!("job-{id}"));
+    record.action = action.into();
+    record.created_at_ms = created_at_ms;
+    record
+}
+
+fn request_ids(records: Vec<RequestRecord>) -> Vec<String> {
+    records.into_iter().map(|r| r.id).collect()
+}
+
+pub async fn pending_work_by_action_oldest_first(store: SharedStore) {
+    let t0 = now_ms();
+    for (id, action, age) in [
+        ("r1", "report", 30),
+        ("r2", "export", 20),
+        ("r3", "report", 10),
+        ("r4", "report", 40),
+    ] {
+        store
+            .create_request(request_at(id, action, t0 - age))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        request_ids(store.pending_requests("report", 10).await.unwrap()),
+        ["r4", "r1", "r3"]
+    );
+    assert_eq!(
+        request_ids(store.pending_requests("report", 2).await.unwrap()),
+        ["r4", "r1"]
+    );
+    assert_eq!(
+        request_ids(store.pending_requests("export", 10).await.unwrap()),
+        ["r2"]
+    );
+    assert!(
+        store
+            .pending_requests("other", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Claimed or finished work is no longer pending; work handed back is.
+    let mut claimed = store.get_request("r4").await.unwrap().unwrap();
+    claimed.status = RequestStatus::Processing;
+    claimed.lease_expires_at_ms = Some(t0 + 60_000);
+    let claimed = store
+        .update_request(claimed, Durability::Immediate)
+        .await
+        .unwrap();
+    let mut done = store.get_request("r3").await.unwrap().unwrap();
+    done.status = RequestStatus::Cancelled;
+    store
+        .update_request(done, Durability::Immediate)
+        .await
+        .unwrap();
+    assert_eq!(
+        request_ids(store.pending_requests("report", 10).await.unwrap()),
+        ["r1"]
+    );
+    let mut back = claimed;
+    back.status = RequestStatus::Pending;
+    back.lease_expires_at_ms = None;
+    store
+        .update_request(back, Durability::Immediate)
+        .await
+        .unwrap();
+    assert_eq!(
+        request_ids(store.pending_requests("report", 10).await.unwrap()),
+        ["r4", "r1"]
+    );
+}
+
+pub async fn concurrent_claims_of_pending_work_have_one_winner(store: SharedStore) {
+    store
+        .create_request(request_at("r1", "report", now_ms()))
+        .await
+        .unwrap();
+    let claimers = (0..8).map(|i| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let mut work = store.pending_requests("report", 1).await?;
+            let Some(mut record) = work.pop() else {
+                return Ok(None);
+            };
+            record.status = RequestStatus::Processing;
+            record.processor_id = Some(format!("p{i}"));
+            record.lease_expires_at_ms = Some(now_ms() + 30_000);
+            match store.update_request(record, Durability::Immediate).await {
+                Ok(claimed) => Ok(Some(claimed)),
+                Err(StoreError::Conflict) => Ok(None),
+                Err(other) => Err(other),
+            }
+        })
+    });
+    let mut winners = Vec::new();
+    for claimer in claimers {
+        if let Some(claimed) = claimer.await.unwrap().unwrap() {
+            winners.push(claimed);
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one processor claims the work");
+    let stored = store.get_request("r1").await.unwrap().unwrap();
+    assert_eq!(stored.processor_id, winners[0].processor_id);
+    assert!(
+        store
+            .pending_requests("report", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn lapsed_leases_are_found_by_query(store: SharedStore) {
+    let now = now_ms();
+    for (id, lease) in [
+        ("r1", now - 1_000),
+        ("r2", now + 60_000),
+        ("r3", now - 2_000),
+    ] {
+        let mut record = store
+            .create_request(request_at(id, "report", now))
+            .await
+            .unwrap()
+            .record;
+        record.status = RequestStatus::Processing;
+        record.lease_expires_at_ms = Some(lease);
+        store
+            .update_request(record, Durability::Immediate)
+            .await
+            .unwrap();
+    }
+    store
+        .create_request(request_at("r4", "report", now))
+        .await
+        .unwrap();
+    assert_eq!(
+        request_ids(store.lapsed_leases(now, 10).await.unwrap()),
+        ["r3", "r1"]
+    );
+    assert_eq!(
+        request_ids(store.lapsed_leases(now, 1).await.unwrap()),
+        ["r3"]
+    );
+    // A lease renewed, or work finished, is no longer lapsed.
+    let mut renewed = store.get_request("r3").await.unwrap().unwrap();
+    renewed.lease_expires_at_ms = Some(now + 30_000);
+    store
+        .update_request(renewed, Durability::Relaxed)
+        .await
+        .unwrap();
+    let mut done = store.get_request("r1").await.unwrap().unwrap();
+    done.status = RequestStatus::Completed;
+    store
+        .update_request(done, Durability::Immediate)
+        .await
+        .unwrap();
+    assert!(store.lapsed_leases(now, 10).await.unwrap().is_empty());
+    assert_eq!(
+        request_ids(store.lapsed_leases(now + 60_000, 10).await.unwrap()),
+        ["r3", "r2"]
+    );
+}
+
+fn subscription(tenant: &str, topic: &str, connection: &str) -> Subscription {
+    Subscription {
+        tenant_id: tenant.into(),
+        topic: topic.into(),
+        connection_id: connection.into(),
+        user_id: "alice".into(),
+        subscribed_at_ms: now_ms(),
+    }
+}
+
+fn subscriber_ids(subscriptions: Vec<Subscription>) -> Vec<String> {
+    subscriptions.into_iter().map(|s| s.connection_id).collect()
+}
+
+pub async fn subscriptions_need_a_live_connection_of_the_tenant(store: SharedStore) {
+    store
+        .put_connection(connection("c1", "t1", "alice"))
+        .await
+        .unwrap();
+    let mut stale = connection("c2", "t1", "alice");
+    stale.last_seen_ms = 1;
+    store.put_connection(stale).await.unwrap();
+
+    let first = subscription("t1", "orders/42", "c1");
+    assert!(store.subscribe(first.clone()).await.unwrap());
+    // Again: no change, the first record stays.
+    let mut again = first.clone();
+    again.subscribed_at_ms += 5_000;
+    assert!(store.subscribe(again).await.unwrap());
+    assert_eq!(
+        store
+            .subscribers("t1", "orders/42", None, 10)
+            .await
+            .unwrap(),
+        vec![first]
+    );
+    assert!(
+        !store
+            .subscribe(subscription("t2", "orders/42", "c1"))
+            .await
+            .unwrap(),
+        "another tenant's connection"
+    );
+    assert!(
+        !store
+            .subscribe(subscription("t1", "orders/42", "c2"))
+            .await
+            .unwrap(),
+        "an expired connection"
+    );
+    assert!(
+        !store
+            .subscribe(subscription("t1", "orders/42", "c9"))
+            .await
+            .unwrap(),
+        "no connection"
+    );
+    assert!(
+        store
+            .subscribers("t2", "orders/42", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        subscriber_ids(
+            store
+                .subscribers("t1", "orders/42", None, 10)
+                .await
+                .unwrap()
+        ),
+        ["c1"]
+    );
+
+    assert!(store.unsubscribe("t1", "orders/42", "c1").await.unwrap());
+    assert!(!store.unsubscribe("t1", "orders/42", "c1").await.unwrap());
+    assert!(
+        store
+            .subscribers("t1", "orders/42", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.subscriptions_of("c1").await.unwrap().is_empty());
+}
+
+pub async fn subscribers_page_in_order_and_isolate_tenants_and_topics(store: SharedStore) {
+    let mut expected = Vec::new();
+    for i in 0..25 {
+        let id = format!("c{i:02}");
+        store
+            .put_connection(connection(&id, "t1", "alice"))
+            .await
+            .unwrap();
+        assert!(
+            store
+                .subscribe(subscription("t1", "news", &id))
+                .await
+                .unwrap()
+        );
+        expected.push(id);
+    }
+    store
+        .put_connection(connection("d1", "t2", "bob"))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .subscribe(subscription("t2", "news", "d1"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .subscribe(subscription("t1", "news/sport", "c00"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .subscribe(subscription("t1", "new", "c01"))
+            .await
+            .unwrap()
+    );
+
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .subscribers("t1", "news", after.as_deref(), 10)
+            .await
+            .unwrap();
+        assert!(page.len() <= 10);
+        let Some(last) = page.last() else { break };
+        after = Some(last.connection_id.clone());
+        seen.extend(subscriber_ids(page));
+    }
+    assert_eq!(seen, expected);
+    assert_eq!(
+        subscriber_ids(store.subscribers("t2", "news", None, 10).await.unwrap()),
+        ["d1"]
+    );
+    let topics: Vec<String> = store
+        .subscriptions_of("c00")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.topic)
+        .collect();
+    assert_eq!(topics, ["news", "news/sport"]);
+}
+
+pub async fn subscriptions_go_with_their_connection(store: SharedStore) {
+    for id in ["c1", "c2", "c3"] {
+        store
+            .put_connection(connection(id, "t1", "alice"))
+            .await
+            .unwrap();
+        for topic in ["a", "b"] {
+            assert!(
+                store
+                    .subscribe(subscription("t1", topic, id))
+                    .await
+                    .unwrap()
+            );
+        }
+    }
+    // Replacing a record (an edge announcing it again) keeps them.
+    let mut moved = connection("c1", "t1", "alice");
+    moved.edge_id = "edge-2".into();
+    store.put_connection(moved).await.unwrap();
+    assert_eq!(store.subscriptions_of("c1").await.unwrap().len(), 2);
+
+    // Deleting it removes them.
+    store.delete_connection("c1").await.unwrap();
+    assert!(store.subscriptions_of("c1").await.unwrap().is_empty());
+    assert_eq!(
+        subscriber_ids(store.subscribers("t1", "a", None, 10).await.unwrap()),
+        ["c2", "c3"]
+    );
+
+    // So does the sweep of an expired one.
+    let mut stale = connection("c2", "t1", "alice");
+    stale.last_seen_ms = 1;
+    store.put_connection(stale).await.unwrap();
+    assert_eq!(store.sweep_connections(now_ms()).await.unwrap(), 1);
+    for topic in ["a", "b"] {
+        assert_eq!(
+            subscriber_ids(store.subscribers("t1", topic, None, 10).await.unwrap()),
+            ["c3"]
+        );
+    }
+}
+
+fn retention(max_messages: u64, max_age_secs: u64) -> Retention {
+    Retention {
+        max_messages,
+        max_age: Duration::from_secs(max_age_secs),
+    }
+}
+
+fn offsets(recovery: &super::Recovery) -> Vec<u64> {
+    recovery.messages.iter().map(|m| m.offset).collect()
+}
+
+pub async fn topic_offsets_are_contiguous_within_an_epoch(store: SharedStore) {
+    let keep = retention(100, 3_600);
+    let now = now_ms();
+    let start = store.topic_position("t1", "orders").await.unwrap();
+    assert_eq!(start.offset, 0);
+    assert_eq!(store.topic_position("t1", "orders").await.unwrap(), start);
+    for (i, n) in [1u64, 2, 3].into_iter().enumerate() {
+        let position = store
+            .append_topic(
+                "t1",
+                "orders",
+                serde_json::json!({"n": n}),
+                now + i as u64,
+                keep,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            position,
+            TopicPosition {
+                epoch: start.epoch.clone(),
+                offset: n
+            }
+        );
+    }
+    // Another tenant's topic of the same name is another topic.
+    let other = store
+        .append_topic("t2", "orders", serde_json::json!({}), now, keep)
+        .await
+        .unwrap();
+    assert_eq!(other.offset, 1);
+    assert_ne!(other.epoch, start.epoch);
+
+    let since_one = TopicPosition {
+        epoch: start.epoch.clone(),
+        offset: 1,
+    };
+    let recovery = store
+        .topic_since("t1", "orders", &since_one, now, keep)
+        .await
+        .unwrap();
+    assert!(recovery.recovered);
+    assert_eq!(offsets(&recovery), [2, 3]);
+    assert_eq!(recovery.messages[0].payload, serde_json::json!({"n": 2}));
+    assert_eq!(recovery.position.offset, 3);
+
+    let current = store
+        .topic_since("t1", "orders", &start, now, keep)
+        .await
+        .unwrap();
+    assert!(current.recovered);
+    assert_eq!(offsets(&current), [1, 2, 3]);
+    let up_to_date = store
+        .topic_since("t1", "orders", &recovery.position, now, keep)
+        .await
+        .unwrap();
+    assert!(up_to_date.recovered && up_to_date.messages.is_empty());
+}
+
+pub async fn topic_recovery_says_when_history_no_longer_covers_the_gap(store: SharedStore) {
+    let now = now_ms();
+    let keep_three = retention(3, 3_600);
+    let start = store.topic_position("t1", "alerts").await.unwrap();
+    for n in 1..=5u64 {
+        store
+            .append_topic("t1", "alerts", serde_json::json!(n), now, keep_three)
+            .await
+            .unwrap();
+    }
+    let at = |offset| TopicPosition {
+        epoch: start.epoch.clone(),
+        offset,
+    };
+    // Messages 1 and 2 are gone: a client at 0 or 1 missed something.
+    let gap = store
+        .topic_since("t1", "alerts", &at(1), now, keep_three)
+        .await
+        .unwrap();
+    assert!(!gap.recovered);
+    assert_eq!(offsets(&gap), [3, 4, 5], "what is kept still comes");
+    let covered = store
+        .topic_since("t1", "alerts", &at(2), now, keep_three)
+        .await
+        .unwrap();
+    assert!(covered.recovered);
+    assert_eq!(offsets(&covered), [3, 4, 5]);
+
+    // A position from another epoch (a history that was lost) or from the
+    // future is never taken for a current one.
+    for since in [
+        TopicPosition {
+            epoch: "another".into(),
+            offset: 4,
+        },
+        at(9),
+    ] {
+        let lost = store
+            .topic_since("t1", "alerts", &since, now, keep_three)
+            .await
+            .unwrap();
+        assert!(!lost.recovered, "{since:?}");
+        assert!(lost.messages.is_empty());
+        assert_eq!(lost.position, at(5));
+    }
+
+    // By age: an hour later nothing is kept.
+    let later = now + 3_600_000;
+    let aged = store
+        .topic_since("t1", "alerts", &at(3), later, keep_three)
+        .await
+        .unwrap();
+    assert!(!aged.recovered);
+    assert!(aged.messages.is_empty());
+    let caught_up = store
+        .topic_since("t1", "alerts", &at(5), later, keep_three)
+        .await
+        .unwrap();
+    assert!(caught_up.recovered, "nothing was missed");
+}
+
+pub async fn concurrent_appends_get_distinct_contiguous_offsets(store: SharedStore) {
+    let keep = retention(100, 3_600);
+    let start = store.topic_position("t1", "busy").await.unwrap();
+    let appends = (0..12u64).map(|n| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            store
+                .append_topic("t1", "busy", serde_json::json!(n), now_ms(), keep)
+                .await
+        })
+    });
+    let mut given = BTreeSet::new();
+    for append in appends {
+        let position = append.await.unwrap().unwrap();
+        assert_eq!(position.epoch, start.epoch);
+        assert!(
+            given.insert(position.offset),
+            "offset {} given twice",
+            position.offset
+        );
+    }
+    assert_eq!(given, (1..=12).collect());
+    let all = store
+        .topic_since("t1", "busy", &start, now_ms(), keep)
+        .await
+        .unwrap();
+    assert!(all.recovered);
+    assert_eq!(offsets(&all), (1..=12).collect::<Vec<_>>());
+    let payloads: BTreeSet<u64> = all
+        .messages
+        .iter()
+        .map(|m| m.payload.as_u64().unwrap())
+        .collect();
+    assert_eq!(payloads, (0..12).collect(), "every message once");
 }
 
 /// A local DynamoDB-protocol server for tests: moto's server mode, started

@@ -5,14 +5,22 @@
 //!
 //! | table | key | attributes and indexes |
 //! |---|---|---|
-//! | `<prefix>connections` | `connection_id` | `record` (the JSON record), `tenant_id`, `tenant_user`, `edge_id`, `last_seen_ms`, `expires_at` (24 h after the last activity). GSIs `by_tenant` (`tenant_id`, `connection_id`), `by_tenant_user` (`tenant_user`, `connection_id`), `by_edge` (`edge_id`, `connection_id`, keys only) |
-//! | `<prefix>requests` | `id` | a request: `record`, `version`, `created_at_ms`, `expires_at` (7 days after its last change), and `unfinished` = `1` while PENDING or PROCESSING (sparse GSI `unfinished` on (`unfinished`, `created_at_ms`)). A client-id guard: `id` = `client␟<tenant>␟<user>␟<client id>`, `request_id` |
+//! | `<prefix>connections` | `connection_id` | `record` (the JSON record), `tenant_id`, `tenant_user`, `edge_id`, `last_seen_ms`, `expires_at` (24 h after the last activity), `topics` (string set: the topics it is subscribed to, so its deletion removes them). GSIs `by_tenant` (`tenant_id`, `connection_id`), `by_tenant_user` (`tenant_user`, `connection_id`), `by_edge` (`edge_id`, `connection_id`, keys only) |
+//! | `<prefix>edges` | `edge_id` | an edge's liveness lease: `started_at_ms`, `heartbeat_at_ms`, `lease_expires_at_ms`, `lease_shard` = `edges`, `expires_at` (a day after the lease). GSI `by_lease` (`lease_shard`, `lease_expires_at_ms`) |
+//! | `<prefix>requests` | `id` | a request: `record`, `version`, `created_at_ms`, `expires_at` (7 days after its last change); `unfinished` = `1` while PENDING or PROCESSING, `pending_action` = its action while PENDING, `leased` = `1` and `lease_expires_at_ms` while PROCESSING: three sparse GSIs, `unfinished` (`unfinished`, `created_at_ms`), `pending` (`pending_action`, `created_at_ms`), `leased` (`leased`, `lease_expires_at_ms`). A client-id guard: `id` = `client␟<tenant>␟<user>␟<client id>`, `request_id` |
+//! | `<prefix>subscriptions` | `topic_key` = `<tenant>␟<topic>`, `connection_id` | `record` |
+//! | `<prefix>topics` | `topic_key`, `topic_offset` | offset 0: the position, `topic_epoch` and `latest_offset`; offset n > 0: message n, `record`. `expires_at`: a message's end of retention; the position's a day later |
 //! | `<prefix>revoked-tokens` | `jti` | `expires_at_ms`, `expires_at` |
 //!
 //! Rules:
 //! 1. Every state change is a conditional write: a request's update on its
-//!    `version`, its creation on the absence of both the request and its
-//!    client-id guard (one transaction), a touch on the record existing.
+//!    `version` (a claim is one), its creation on the absence of both the
+//!    request and its client-id guard (one transaction), a touch on the
+//!    record existing, an edge's heartbeat on its lease being live (or
+//!    lapsed, to start a new one) and its removal on the lease read, a
+//!    subscription on its connection being live (one transaction with the
+//!    connection's `topics`), a topic's append on its latest offset (one
+//!    transaction with the message, so offsets have no holes).
 //!    A lost condition is [`StoreError::Conflict`] (or, for a create, the
 //!    existing request).
 //! 2. Reads by key are strongly consistent. Lists through a GSI are
@@ -38,12 +46,14 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
     KeyType, Projection, ProjectionType, Put, ReturnValue, ScalarAttributeType, TableStatus,
-    TimeToLiveSpecification, TransactWriteItem,
+    TimeToLiveSpecification, TransactWriteItem, Update,
 };
 
 use super::{
-    CONNECTION_TTL, ConnectionRecord, Created, Durability, REQUEST_TTL, RequestRecord, Store,
-    StoreError, StoreResult, now_ms,
+    CONNECTION_TTL, ConnectionRecord, ConnectionStore, Created, Durability, EdgeRecord, EdgeStore,
+    Heartbeat, REQUEST_TTL, Recovery, RequestRecord, RequestStatus, RequestStore, Retention, Store,
+    StoreError, StoreResult, Subscription, SubscriptionStore, TokenStore, TopicMessage,
+    TopicPosition, TopicStore, now_ms,
 };
 
 type Item = HashMap<String, AttributeValue>;
@@ -78,7 +88,10 @@ impl Default for DynamoConfig {
 pub struct DynamoStore {
     client: Client,
     connections: String,
+    edges: String,
     requests: String,
+    subscriptions: String,
+    topics: String,
     revoked: String,
 }
 
@@ -136,14 +149,24 @@ impl DynamoStore {
         Self {
             client,
             connections: format!("{prefix}connections"),
+            edges: format!("{prefix}edges"),
             requests: format!("{prefix}requests"),
+            subscriptions: format!("{prefix}subscriptions"),
+            topics: format!("{prefix}topics"),
             revoked: format!("{prefix}revoked-tokens"),
         }
     }
 
     /// The table names, in the order [`DynamoStore::create_tables`] makes them.
-    pub fn table_names(&self) -> [&str; 3] {
-        [&self.connections, &self.requests, &self.revoked]
+    pub fn table_names(&self) -> [&str; 6] {
+        [
+            &self.connections,
+            &self.edges,
+            &self.requests,
+            &self.subscriptions,
+            &self.topics,
+            &self.revoked,
+        ]
     }
 
     /// Creates the tables that do not exist yet, waits until each is
@@ -153,7 +176,7 @@ impl DynamoStore {
         let n = |name: &str| attribute(name, ScalarAttributeType::N);
         self.create_table(
             &self.connections,
-            "connection_id",
+            ("connection_id", None),
             vec![
                 s("connection_id"),
                 s("tenant_id"),
@@ -183,18 +206,65 @@ impl DynamoStore {
         )
         .await?;
         self.create_table(
-            &self.requests,
-            "id",
-            vec![s("id"), s("unfinished"), n("created_at_ms")],
+            &self.edges,
+            ("edge_id", None),
+            vec![s("edge_id"), s("lease_shard"), n("lease_expires_at_ms")],
             vec![index(
-                "unfinished",
-                "unfinished",
-                Some("created_at_ms"),
+                "by_lease",
+                "lease_shard",
+                Some("lease_expires_at_ms"),
                 ProjectionType::All,
             )?],
         )
         .await?;
-        self.create_table(&self.revoked, "jti", vec![s("jti")], vec![])
+        self.create_table(
+            &self.requests,
+            ("id", None),
+            vec![
+                s("id"),
+                s("unfinished"),
+                n("created_at_ms"),
+                s("pending_action"),
+                s("leased"),
+                n("lease_expires_at_ms"),
+            ],
+            vec![
+                index(
+                    "unfinished",
+                    "unfinished",
+                    Some("created_at_ms"),
+                    ProjectionType::All,
+                )?,
+                index(
+                    "pending",
+                    "pending_action",
+                    Some("created_at_ms"),
+                    ProjectionType::All,
+                )?,
+                index(
+                    "leased",
+                    "leased",
+                    Some("lease_expires_at_ms"),
+                    ProjectionType::All,
+                )?,
+            ],
+        )
+        .await?;
+        self.create_table(
+            &self.subscriptions,
+            ("topic_key", Some("connection_id")),
+            vec![s("topic_key"), s("connection_id")],
+            vec![],
+        )
+        .await?;
+        self.create_table(
+            &self.topics,
+            ("topic_key", Some("topic_offset")),
+            vec![s("topic_key"), n("topic_offset")],
+            vec![],
+        )
+        .await?;
+        self.create_table(&self.revoked, ("jti", None), vec![s("jti")], vec![])
             .await?;
         Ok(())
     }
@@ -202,7 +272,7 @@ impl DynamoStore {
     async fn create_table(
         &self,
         name: &str,
-        hash_key: &str,
+        (hash_key, range_key): (&str, Option<&str>),
         attributes: Vec<StoreResult<AttributeDefinition>>,
         indexes: Vec<GlobalSecondaryIndex>,
     ) -> StoreResult<()> {
@@ -213,7 +283,11 @@ impl DynamoStore {
             .table_name(name)
             .billing_mode(BillingMode::PayPerRequest)
             .set_attribute_definitions(Some(attributes))
-            .key_schema(key(hash_key, KeyType::Hash)?)
+            .set_key_schema(Some(
+                std::iter::once(key(hash_key, KeyType::Hash))
+                    .chain(range_key.map(|r| key(r, KeyType::Range)))
+                    .collect::<StoreResult<Vec<_>>>()?,
+            ))
             .set_global_secondary_indexes((!indexes.is_empty()).then_some(indexes))
             .send()
             .await;
@@ -269,36 +343,85 @@ impl DynamoStore {
         }
     }
 
-    async fn query_all(
+    /// Up to `limit` items matching a key condition, in sort-key order,
+    /// following DynamoDB's pages. Queries of the table itself read
+    /// consistently; of an index (`index`), eventually (rule 2).
+    async fn query(
         &self,
         table: &str,
-        index: &str,
+        index: Option<&str>,
         condition: &str,
         values: Vec<(&str, AttributeValue)>,
+        limit: usize,
     ) -> StoreResult<Vec<Item>> {
         let mut items = Vec::new();
         let mut start: Option<Item> = None;
-        loop {
+        while items.len() < limit {
             let mut query = self
                 .client
                 .query()
                 .table_name(table)
-                .index_name(index)
+                .set_index_name(index.map(str::to_owned))
+                .consistent_read(index.is_none())
                 .key_condition_expression(condition)
-                .set_exclusive_start_key(start.take());
+                .set_exclusive_start_key(start.take())
+                .limit(i32::try_from(limit - items.len()).unwrap_or(i32::MAX));
             for (name, value) in &values {
                 query = query.expression_attribute_values(*name, value.clone());
             }
             let page = query
                 .send()
                 .await
-                .map_err(|e| classify(&format!("query {table}/{index}"), e))?;
+                .map_err(|e| classify(&format!("query {table}"), e))?;
             items.extend(page.items().iter().cloned());
             match page.last_evaluated_key() {
                 Some(key) if !key.is_empty() => start = Some(key.clone()),
-                _ => return Ok(items),
+                _ => break,
             }
         }
+        Ok(items)
+    }
+
+    /// Deletes a connection's subscription items (`topics` from its record).
+    async fn delete_subscriptions(
+        &self,
+        tenant_id: &str,
+        connection_id: &str,
+        topics: &[String],
+    ) -> StoreResult<()> {
+        for topic in topics {
+            self.client
+                .delete_item()
+                .table_name(&self.subscriptions)
+                .key("topic_key", AttributeValue::S(topic_key(tenant_id, topic)))
+                .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+                .send()
+                .await
+                .map_err(|e| classify("delete a subscription", e))?;
+        }
+        Ok(())
+    }
+
+    /// A topic's position item (offset 0), if it has one.
+    async fn read_position(&self, topic: &str) -> StoreResult<Option<TopicPosition>> {
+        let item = self
+            .client
+            .get_item()
+            .table_name(&self.topics)
+            .key("topic_key", AttributeValue::S(topic.to_owned()))
+            .key("topic_offset", number(0))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("read a topic", e))?
+            .item;
+        item.map(|item| {
+            Ok(TopicPosition {
+                epoch: string(&item, "topic_epoch")?,
+                offset: integer(&item, "latest_offset")?,
+            })
+        })
+        .transpose()
     }
 
     /// The keys of the items of `table` whose `attribute` is at most
@@ -558,8 +681,47 @@ fn request_item(record: &RequestRecord) -> StoreResult<Item> {
     if !record.status.is_final() {
         item.insert("unfinished".into(), AttributeValue::S("1".into()));
     }
+    if record.status == RequestStatus::Pending {
+        item.insert(
+            "pending_action".into(),
+            AttributeValue::S(record.action.clone()),
+        );
+    }
+    if let (RequestStatus::Processing, Some(lease)) = (record.status, record.lease_expires_at_ms) {
+        item.insert("leased".into(), AttributeValue::S("1".into()));
+        item.insert("lease_expires_at_ms".into(), number(lease));
+    }
     Ok(item)
 }
+
+fn topic_key(tenant_id: &str, topic: &str) -> String {
+    format!("{tenant_id}{SEP}{topic}")
+}
+
+/// The topics a connection item lists as subscribed.
+fn topics_of(item: &Item) -> Vec<String> {
+    match item.get("topics") {
+        Some(AttributeValue::Ss(topics)) => topics.clone(),
+        _ => Vec::new(),
+    }
+}
+
+fn edge_of(item: &Item) -> StoreResult<EdgeRecord> {
+    Ok(EdgeRecord {
+        edge_id: string(item, "edge_id")?,
+        started_at_ms: integer(item, "started_at_ms")?,
+        heartbeat_at_ms: integer(item, "heartbeat_at_ms")?,
+        lease_expires_at_ms: integer(item, "lease_expires_at_ms")?,
+    })
+}
+
+/// How long an edge's record outlives its lease before DynamoDB's TTL
+/// removes it (by then its connections have expired too).
+const EDGE_RECORD_TTL: Duration = CONNECTION_TTL;
+
+/// The one partition of the edges' lease index: edges are few (one item
+/// per edge process), so one partition holds them all.
+const EDGE_SHARD: &str = "edges";
 
 fn client_guard_id(tenant_id: &str, user_id: &str, client_request_id: &str) -> String {
     format!("client{SEP}{tenant_id}{SEP}{user_id}{SEP}{client_request_id}")
@@ -591,12 +753,28 @@ impl Store for DynamoStore {
         // Every write is durable when DynamoDB acknowledges it.
         Ok(())
     }
+}
 
+#[async_trait::async_trait]
+impl ConnectionStore for DynamoStore {
     async fn put_connection(&self, record: ConnectionRecord) -> StoreResult<()> {
-        self.client
-            .put_item()
-            .table_name(&self.connections)
-            .set_item(Some(connection_item(&record)?))
+        // An update, not a put: the record's `topics` (its subscriptions)
+        // stay when it is replaced.
+        let mut item = connection_item(&record)?;
+        item.remove("connection_id");
+        let mut update = self.client.update_item().table_name(&self.connections).key(
+            "connection_id",
+            AttributeValue::S(record.connection_id.clone()),
+        );
+        let mut sets = Vec::new();
+        for (i, (name, value)) in item.into_iter().enumerate() {
+            sets.push(format!("#a{i} = :a{i}"));
+            update = update
+                .expression_attribute_names(format!("#a{i}"), name)
+                .expression_attribute_values(format!(":a{i}"), value);
+        }
+        update
+            .update_expression(format!("SET {}", sets.join(", ")))
             .send()
             .await
             .map_err(|e| classify("put connection", e))?;
@@ -635,9 +813,15 @@ impl Store for DynamoStore {
             .await
             .map_err(|e| classify("delete connection", e))?
             .attributes;
-        old.filter(|item| !item.is_empty())
-            .map(|item| connection_of(&item))
-            .transpose()
+        match old.filter(|item| !item.is_empty()) {
+            Some(item) => {
+                let record = connection_of(&item)?;
+                self.delete_subscriptions(&record.tenant_id, connection_id, &topics_of(&item))
+                    .await?;
+                Ok(Some(record))
+            }
+            None => Ok(None),
+        }
     }
 
     async fn touch_connection(&self, connection_id: &str, now_ms: u64) -> StoreResult<bool> {
@@ -711,11 +895,12 @@ impl Store for DynamoStore {
     }
 
     async fn connections_of_edge(&self, edge_id: &str) -> StoreResult<Vec<String>> {
-        self.query_all(
+        self.query(
             &self.connections,
-            "by_edge",
+            Some("by_edge"),
             "edge_id = :e",
             vec![(":e", AttributeValue::S(edge_id.to_owned()))],
+            usize::MAX,
         )
         .await?
         .iter()
@@ -755,22 +940,34 @@ impl Store for DynamoStore {
             .scan_at_most(&self.connections, "connection_id", "last_seen_ms", cutoff)
             .await?
         {
-            if self
-                .delete_if_at_most(
-                    &self.connections,
-                    "connection_id",
-                    id,
-                    "last_seen_ms",
-                    cutoff,
-                )
-                .await?
-            {
+            let deleted = self
+                .client
+                .delete_item()
+                .table_name(&self.connections)
+                .key("connection_id", AttributeValue::S(id.clone()))
+                .condition_expression("last_seen_ms <= :bound")
+                .expression_attribute_values(":bound", number(cutoff))
+                .return_values(ReturnValue::AllOld)
+                .send()
+                .await;
+            let old = match deleted {
+                Ok(output) => output.attributes,
+                Err(error) if error.code() == Some("ConditionalCheckFailedException") => None,
+                Err(error) => return Err(classify("sweep a connection", error)),
+            };
+            if let Some(item) = old.filter(|item| !item.is_empty()) {
+                let tenant = string(&item, "tenant_id")?;
+                self.delete_subscriptions(&tenant, &id, &topics_of(&item))
+                    .await?;
                 removed += 1;
             }
         }
         Ok(removed)
     }
+}
 
+#[async_trait::async_trait]
+impl RequestStore for DynamoStore {
     async fn create_request(&self, record: RequestRecord) -> StoreResult<Created> {
         let guard = client_guard_id(
             &record.tenant_id,
@@ -885,11 +1082,12 @@ impl Store for DynamoStore {
     }
 
     async fn unfinished_requests(&self) -> StoreResult<Vec<RequestRecord>> {
-        self.query_all(
+        self.query(
             &self.requests,
-            "unfinished",
+            Some("unfinished"),
             "unfinished = :yes",
             vec![(":yes", AttributeValue::S("1".into()))],
+            usize::MAX,
         )
         .await?
         .iter()
@@ -897,6 +1095,44 @@ impl Store for DynamoStore {
         .collect()
     }
 
+    async fn pending_requests(
+        &self,
+        action: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<RequestRecord>> {
+        self.query(
+            &self.requests,
+            Some("pending"),
+            "pending_action = :a",
+            vec![(":a", AttributeValue::S(action.to_owned()))],
+            limit,
+        )
+        .await?
+        .iter()
+        .map(from_json)
+        .collect()
+    }
+
+    async fn lapsed_leases(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<RequestRecord>> {
+        self.query(
+            &self.requests,
+            Some("leased"),
+            "leased = :yes AND lease_expires_at_ms <= :now",
+            vec![
+                (":yes", AttributeValue::S("1".into())),
+                (":now", number(now_ms)),
+            ],
+            limit,
+        )
+        .await?
+        .iter()
+        .map(from_json)
+        .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenStore for DynamoStore {
     async fn revoke_token(&self, jti: &str, expires_at_ms: u64) -> StoreResult<()> {
         let result = self
             .client
@@ -945,4 +1181,456 @@ impl Store for DynamoStore {
         }
         Ok(removed)
     }
+}
+
+#[async_trait::async_trait]
+impl EdgeStore for DynamoStore {
+    async fn heartbeat_edge(
+        &self,
+        edge_id: &str,
+        now_ms: u64,
+        lease: Duration,
+    ) -> StoreResult<Heartbeat> {
+        let until = now_ms + lease.as_millis() as u64;
+        let expires = epoch_seconds(until + EDGE_RECORD_TTL.as_millis() as u64);
+        // Two conditional writes, retried when another heartbeat of the same
+        // edge changed the record in between: extend a live lease, or start
+        // one where none is live.
+        for _ in 0..4 {
+            let extended = self
+                .client
+                .update_item()
+                .table_name(&self.edges)
+                .key("edge_id", AttributeValue::S(edge_id.to_owned()))
+                .update_expression(
+                    "SET heartbeat_at_ms = :now, lease_expires_at_ms = :until, expires_at = :x",
+                )
+                .condition_expression(
+                    "lease_expires_at_ms > :now AND lease_expires_at_ms <= :until",
+                )
+                .expression_attribute_values(":now", number(now_ms))
+                .expression_attribute_values(":until", number(until))
+                .expression_attribute_values(":x", expires.clone())
+                .send()
+                .await;
+            if written("extend an edge lease", extended)? {
+                return Ok(Heartbeat::Extended);
+            }
+            let started = self
+                .client
+                .put_item()
+                .table_name(&self.edges)
+                .item("edge_id", AttributeValue::S(edge_id.to_owned()))
+                .item("lease_shard", AttributeValue::S(EDGE_SHARD.into()))
+                .item("started_at_ms", number(now_ms))
+                .item("heartbeat_at_ms", number(now_ms))
+                .item("lease_expires_at_ms", number(until))
+                .item("expires_at", expires.clone())
+                .condition_expression(
+                    "attribute_not_exists(edge_id) OR lease_expires_at_ms <= :now",
+                )
+                .expression_attribute_values(":now", number(now_ms))
+                .send()
+                .await;
+            if written("start an edge lease", started)? {
+                return Ok(Heartbeat::Started);
+            }
+            // Neither: the lease is live and already runs past `until`.
+            if self
+                .get_edge(edge_id)
+                .await?
+                .is_some_and(|edge| edge.lease_expires_at_ms > until)
+            {
+                return Ok(Heartbeat::Extended);
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+
+    async fn get_edge(&self, edge_id: &str) -> StoreResult<Option<EdgeRecord>> {
+        self.client
+            .get_item()
+            .table_name(&self.edges)
+            .key("edge_id", AttributeValue::S(edge_id.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("get edge", e))?
+            .item
+            .map(|item| edge_of(&item))
+            .transpose()
+    }
+
+    async fn lapsed_edges(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<EdgeRecord>> {
+        self.query(
+            &self.edges,
+            Some("by_lease"),
+            "lease_shard = :shard AND lease_expires_at_ms <= :now",
+            vec![
+                (":shard", AttributeValue::S(EDGE_SHARD.into())),
+                (":now", number(now_ms)),
+            ],
+            limit,
+        )
+        .await?
+        .iter()
+        .map(edge_of)
+        .collect()
+    }
+
+    async fn remove_edge(&self, edge_id: &str, lease_expires_at_ms: u64) -> StoreResult<bool> {
+        let removed = self
+            .client
+            .delete_item()
+            .table_name(&self.edges)
+            .key("edge_id", AttributeValue::S(edge_id.to_owned()))
+            .condition_expression("lease_expires_at_ms = :lease")
+            .expression_attribute_values(":lease", number(lease_expires_at_ms))
+            .send()
+            .await;
+        written("remove an edge", removed)
+    }
+
+    async fn release_edge(&self, edge_id: &str) -> StoreResult<()> {
+        self.client
+            .delete_item()
+            .table_name(&self.edges)
+            .key("edge_id", AttributeValue::S(edge_id.to_owned()))
+            .send()
+            .await
+            .map_err(|e| classify("release an edge", e))?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl SubscriptionStore for DynamoStore {
+    async fn subscribe(&self, subscription: Subscription) -> StoreResult<bool> {
+        // One transaction: the topic added to the connection's `topics` (on
+        // the condition that it is live and of that tenant) and the
+        // subscription item, so a connection deleted meanwhile either takes
+        // the subscription with it or was never subscribed.
+        let cutoff = now_ms().saturating_sub(CONNECTION_TTL.as_millis() as u64);
+        let mark = Update::builder()
+            .table_name(&self.connections)
+            .key(
+                "connection_id",
+                AttributeValue::S(subscription.connection_id.clone()),
+            )
+            .update_expression("ADD topics :topic")
+            .condition_expression(
+                "attribute_exists(connection_id) AND tenant_id = :tenant AND last_seen_ms > :cutoff",
+            )
+            .expression_attribute_values(":topic", AttributeValue::Ss(vec![subscription.topic.clone()]))
+            .expression_attribute_values(":tenant", AttributeValue::S(subscription.tenant_id.clone()))
+            .expression_attribute_values(":cutoff", number(cutoff))
+            .build()
+            .map_err(|e| StoreError::backend_from("transaction item", e))?;
+        let item = Update::builder()
+            .table_name(&self.subscriptions)
+            .key(
+                "topic_key",
+                AttributeValue::S(topic_key(&subscription.tenant_id, &subscription.topic)),
+            )
+            .key(
+                "connection_id",
+                AttributeValue::S(subscription.connection_id.clone()),
+            )
+            // Subscribing again keeps the first record.
+            .update_expression("SET #record = if_not_exists(#record, :record)")
+            .expression_attribute_names("#record", "record")
+            .expression_attribute_values(":record", json(&subscription)?)
+            .build()
+            .map_err(|e| StoreError::backend_from("transaction item", e))?;
+        let written = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().update(mark).build())
+            .transact_items(TransactWriteItem::builder().update(item).build())
+            .send()
+            .await;
+        match written {
+            Ok(_) => Ok(true),
+            Err(error) if first_condition_failed(&error) => Ok(false),
+            Err(error) => Err(classify("subscribe", error)),
+        }
+    }
+
+    async fn unsubscribe(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        connection_id: &str,
+    ) -> StoreResult<bool> {
+        let old = self
+            .client
+            .delete_item()
+            .table_name(&self.subscriptions)
+            .key("topic_key", AttributeValue::S(topic_key(tenant_id, topic)))
+            .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+            .return_values(ReturnValue::AllOld)
+            .send()
+            .await
+            .map_err(|e| classify("unsubscribe", e))?
+            .attributes;
+        // The connection's list of topics only tells a deletion what to
+        // remove: a topic left in it by a failure here costs one needless
+        // delete later, never a delivery.
+        let unmarked = self
+            .client
+            .update_item()
+            .table_name(&self.connections)
+            .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+            .update_expression("DELETE topics :topic")
+            .condition_expression("attribute_exists(connection_id)")
+            .expression_attribute_values(":topic", AttributeValue::Ss(vec![topic.to_owned()]))
+            .send()
+            .await;
+        written("unsubscribe", unmarked)?;
+        Ok(old.is_some_and(|item| !item.is_empty()))
+    }
+
+    async fn subscribers(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<Subscription>> {
+        let mut values = vec![(":t", AttributeValue::S(topic_key(tenant_id, topic)))];
+        let condition = match after {
+            Some(after) => {
+                values.push((":after", AttributeValue::S(after.to_owned())));
+                "topic_key = :t AND connection_id > :after"
+            }
+            None => "topic_key = :t",
+        };
+        self.query(&self.subscriptions, None, condition, values, limit)
+            .await?
+            .iter()
+            .map(from_json)
+            .collect()
+    }
+
+    async fn subscriptions_of(&self, connection_id: &str) -> StoreResult<Vec<Subscription>> {
+        let item = self
+            .client
+            .get_item()
+            .table_name(&self.connections)
+            .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+            .projection_expression("tenant_id, topics")
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("get connection", e))?
+            .item;
+        let Some(item) = item else {
+            return Ok(Vec::new());
+        };
+        let tenant = string(&item, "tenant_id")?;
+        let mut topics = topics_of(&item);
+        topics.sort();
+        let mut out = Vec::new();
+        for topic in topics {
+            let found = self
+                .client
+                .get_item()
+                .table_name(&self.subscriptions)
+                .key("topic_key", AttributeValue::S(topic_key(&tenant, &topic)))
+                .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|e| classify("get a subscription", e))?
+                .item;
+            if let Some(found) = found {
+                out.push(from_json(&found)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Whether a transaction was cancelled because its first item's condition
+/// failed.
+fn first_condition_failed<R>(
+    error: &SdkError<aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError, R>,
+) -> bool {
+    matches!(
+        error.as_service_error(),
+        Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c))
+            if c.cancellation_reasons().first().and_then(|r| r.code()) == Some("ConditionalCheckFailed")
+    )
+}
+
+#[async_trait::async_trait]
+impl TopicStore for DynamoStore {
+    async fn append_topic(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        payload: serde_json::Value,
+        now_ms: u64,
+        retention: Retention,
+    ) -> StoreResult<TopicPosition> {
+        let key = topic_key(tenant_id, topic);
+        let message_expires = epoch_seconds(now_ms + retention.max_age.as_millis() as u64);
+        // The position outlives its messages by a day: a topic idle longer
+        // than that starts a new epoch, which its clients are told.
+        let position_expires = epoch_seconds(
+            now_ms + retention.max_age.as_millis() as u64 + CONNECTION_TTL.as_millis() as u64,
+        );
+        // Offsets are contiguous: the position moves from n to n + 1 on the
+        // condition that it is still n, in one transaction with message
+        // n + 1. Concurrent appends to one topic retry with a short jittered
+        // pause until each has its own offset.
+        for attempt in 0..64u32 {
+            let current = self.read_position(&key).await?;
+            let (epoch, offset) = match &current {
+                Some(position) => (position.epoch.clone(), position.offset + 1),
+                None => (super::new_epoch(), 1),
+            };
+            let mut advance = Put::builder()
+                .table_name(&self.topics)
+                .item("topic_key", AttributeValue::S(key.clone()))
+                .item("topic_offset", number(0))
+                .item("topic_epoch", AttributeValue::S(epoch.clone()))
+                .item("latest_offset", number(offset))
+                .item("expires_at", position_expires.clone());
+            advance = match &current {
+                Some(position) => advance
+                    .condition_expression("topic_epoch = :epoch AND latest_offset = :latest")
+                    .expression_attribute_values(
+                        ":epoch",
+                        AttributeValue::S(position.epoch.clone()),
+                    )
+                    .expression_attribute_values(":latest", number(position.offset)),
+                None => advance.condition_expression("attribute_not_exists(topic_key)"),
+            };
+            let message = TopicMessage {
+                offset,
+                payload: payload.clone(),
+                published_at_ms: now_ms,
+            };
+            let put_message = Put::builder()
+                .table_name(&self.topics)
+                .item("topic_key", AttributeValue::S(key.clone()))
+                .item("topic_offset", number(offset))
+                .item("record", json(&message)?)
+                .item("expires_at", message_expires.clone())
+                .build()
+                .map_err(|e| StoreError::backend_from("transaction item", e))?;
+            let written = self
+                .client
+                .transact_write_items()
+                .transact_items(
+                    TransactWriteItem::builder()
+                        .put(
+                            advance
+                                .build()
+                                .map_err(|e| StoreError::backend_from("transaction item", e))?,
+                        )
+                        .build(),
+                )
+                .transact_items(TransactWriteItem::builder().put(put_message).build())
+                .send()
+                .await;
+            match written {
+                Ok(_) => {
+                    // What the count no longer keeps: older ones went with
+                    // earlier appends, and age is DynamoDB's TTL's job.
+                    let oldest = retention.oldest_kept(offset);
+                    if oldest > 1 {
+                        self.client
+                            .delete_item()
+                            .table_name(&self.topics)
+                            .key("topic_key", AttributeValue::S(key.clone()))
+                            .key("topic_offset", number(oldest - 1))
+                            .send()
+                            .await
+                            .map_err(|e| classify("trim a topic", e))?;
+                    }
+                    return Ok(TopicPosition { epoch, offset });
+                }
+                Err(error) if first_condition_failed(&error) => {
+                    let pause = 2 + u64::from(attempt.min(8)) * 3;
+                    let jitter = rand_below(pause);
+                    tokio::time::sleep(Duration::from_millis(pause + jitter)).await;
+                }
+                Err(error) => return Err(classify("append to a topic", error)),
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+
+    async fn topic_position(&self, tenant_id: &str, topic: &str) -> StoreResult<TopicPosition> {
+        let key = topic_key(tenant_id, topic);
+        loop {
+            if let Some(position) = self.read_position(&key).await? {
+                return Ok(position);
+            }
+            let position = TopicPosition {
+                epoch: super::new_epoch(),
+                offset: 0,
+            };
+            let made = self
+                .client
+                .put_item()
+                .table_name(&self.topics)
+                .item("topic_key", AttributeValue::S(key.clone()))
+                .item("topic_offset", number(0))
+                .item("topic_epoch", AttributeValue::S(position.epoch.clone()))
+                .item("latest_offset", number(0))
+                .item(
+                    "expires_at",
+                    epoch_seconds(now_ms() + CONNECTION_TTL.as_millis() as u64),
+                )
+                .condition_expression("attribute_not_exists(topic_key)")
+                .send()
+                .await;
+            if written("make a topic", made)? {
+                return Ok(position);
+            }
+            // Another caller made it first: read theirs.
+        }
+    }
+
+    async fn topic_since(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        since: &TopicPosition,
+        now_ms: u64,
+        retention: Retention,
+    ) -> StoreResult<Recovery> {
+        let position = self.topic_position(tenant_id, topic).await?;
+        let mut read = Vec::new();
+        if since.epoch == position.epoch && since.offset < position.offset {
+            read = self
+                .query(
+                    &self.topics,
+                    None,
+                    "topic_key = :t AND topic_offset BETWEEN :from AND :to",
+                    vec![
+                        (":t", AttributeValue::S(topic_key(tenant_id, topic))),
+                        (":from", number(since.offset + 1)),
+                        (":to", number(position.offset)),
+                    ],
+                    usize::MAX,
+                )
+                .await?
+                .iter()
+                .map(from_json)
+                .collect::<StoreResult<Vec<TopicMessage>>>()?;
+        }
+        Ok(Recovery::of(position, since, read, retention, now_ms))
+    }
+}
+
+/// A random number below `bound` (at least 1), for jitter.
+fn rand_below(bound: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(now_ms());
+    hasher.finish() % bound.max(1)
 }

@@ -21,7 +21,10 @@ use std::sync::{Arc, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{
-    ConnectionRecord, Created, Durability, RequestRecord, Store, StoreError, StoreResult, now_ms,
+    ConnectionRecord, ConnectionStore, Created, Durability, EdgeRecord, EdgeStore, Heartbeat,
+    Recovery, RequestRecord, RequestStatus, RequestStore, Retention, Store, StoreError,
+    StoreResult, Subscription, SubscriptionStore, TokenStore, TopicMessage, TopicPosition,
+    TopicStore, now_ms,
 };
 
 const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
@@ -38,6 +41,24 @@ const REQUESTS_BY_CLIENT_ID: TableDefinition<&str, &str> =
     TableDefinition::new("requests_by_client_id");
 /// ids of requests that are not final
 const REQUESTS_UNFINISHED: TableDefinition<&str, ()> = TableDefinition::new("requests_unfinished");
+/// `(action, created_at_ms, id)` of every PENDING request: work by age.
+const REQUESTS_PENDING: TableDefinition<(&str, u64, &str), ()> =
+    TableDefinition::new("requests_pending");
+/// `(lease_expires_at_ms, id)` of every PROCESSING request.
+const REQUESTS_LEASED: TableDefinition<(u64, &str), ()> = TableDefinition::new("requests_leased");
+/// `edge_id` -> its lease record
+const EDGES: TableDefinition<&str, &[u8]> = TableDefinition::new("edges");
+/// `(lease_expires_at_ms, edge_id)`
+const EDGES_BY_LEASE: TableDefinition<(u64, &str), ()> = TableDefinition::new("edges_by_lease");
+/// `(tenant \0 topic, connection_id)` -> the subscription
+const SUBSCRIPTIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("subscriptions");
+/// `(connection_id, tenant \0 topic)`
+const SUBSCRIPTIONS_BY_CONNECTION: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("subscriptions_by_connection");
+/// `tenant \0 topic` -> its [`TopicPosition`]
+const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
+/// `(tenant \0 topic, offset)` -> the message
+const TOPIC_MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("topic_messages");
 /// `jti` -> when its revocation expires (ms)
 const REVOKED_TOKENS: TableDefinition<&str, u64> = TableDefinition::new("revoked_tokens");
 /// `(expires_at_ms, jti)`: the deny-list in expiry order, so a sweep reads
@@ -127,6 +148,32 @@ fn open_database(path: &Path) -> StoreResult<Database> {
         txn.open_table(REQUESTS_UNFINISHED).map_err(backend)?;
         txn.open_table(REVOKED_TOKENS).map_err(backend)?;
         txn.open_table(REVOKED_TOKENS_BY_EXPIRY).map_err(backend)?;
+        txn.open_table(REQUESTS_PENDING).map_err(backend)?;
+        txn.open_table(REQUESTS_LEASED).map_err(backend)?;
+        txn.open_table(EDGES).map_err(backend)?;
+        txn.open_table(EDGES_BY_LEASE).map_err(backend)?;
+        txn.open_table(SUBSCRIPTIONS).map_err(backend)?;
+        txn.open_table(SUBSCRIPTIONS_BY_CONNECTION)
+            .map_err(backend)?;
+        txn.open_table(TOPICS).map_err(backend)?;
+        txn.open_table(TOPIC_MESSAGES).map_err(backend)?;
+        // A file written before the pending and leased indexes existed:
+        // index its unfinished requests (a no-op when they are indexed).
+        let unfinished: Vec<RequestRecord> = {
+            let ids = txn.open_table(REQUESTS_UNFINISHED).map_err(backend)?;
+            let table = txn.open_table(REQUESTS).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in ids.iter().map_err(backend)? {
+                let (id, ()) = entry.map_err(backend).map(|(k, v)| (k, v.value()))?;
+                if let Some(bytes) = table.get(id.value()).map_err(backend)? {
+                    out.push(decode(bytes.value())?);
+                }
+            }
+            out
+        };
+        for record in &unfinished {
+            index_request_in(&txn, record, true)?;
+        }
     }
     txn.commit().map_err(backend)?;
     Ok(db)
@@ -216,7 +263,9 @@ impl EmbeddedStore {
     }
 }
 
-fn remove_connection_in(
+/// Removes a connection record and its index entries (not its
+/// subscriptions: a replaced record keeps them).
+fn unindex_connection_in(
     txn: &WriteTransaction,
     connection_id: &str,
 ) -> StoreResult<Option<ConnectionRecord>> {
@@ -243,18 +292,126 @@ fn remove_connection_in(
     Ok(old)
 }
 
-fn put_request_in(txn: &WriteTransaction, record: &RequestRecord) -> StoreResult<()> {
+/// Writes a request, moving its index entries from `old` (the version it
+/// replaces) to its new state.
+fn put_request_in(
+    txn: &WriteTransaction,
+    old: Option<&RequestRecord>,
+    record: &RequestRecord,
+) -> StoreResult<()> {
     txn.open_table(REQUESTS)
         .map_err(backend)?
         .insert(record.id.as_str(), encode(record)?.as_slice())
         .map_err(backend)?;
+    if let Some(old) = old {
+        index_request_in(txn, old, false)?;
+    }
+    index_request_in(txn, record, true)
+}
+
+/// Adds (`present`) or removes a request's entries in the unfinished,
+/// pending and leased indexes, as its status says.
+fn index_request_in(
+    txn: &WriteTransaction,
+    record: &RequestRecord,
+    present: bool,
+) -> StoreResult<()> {
+    let id = record.id.as_str();
     let mut unfinished = txn.open_table(REQUESTS_UNFINISHED).map_err(backend)?;
-    if record.status.is_final() {
-        unfinished.remove(record.id.as_str()).map_err(backend)?;
-    } else {
-        unfinished.insert(record.id.as_str(), ()).map_err(backend)?;
+    if present && !record.status.is_final() {
+        unfinished.insert(id, ()).map_err(backend)?;
+    } else if !present || record.status.is_final() {
+        unfinished.remove(id).map_err(backend)?;
+    }
+    if record.status == RequestStatus::Pending {
+        let mut pending = txn.open_table(REQUESTS_PENDING).map_err(backend)?;
+        let key = (record.action.as_str(), record.created_at_ms, id);
+        if present {
+            pending.insert(key, ()).map_err(backend)?;
+        } else {
+            pending.remove(key).map_err(backend)?;
+        }
+    }
+    if let (RequestStatus::Processing, Some(lease)) = (record.status, record.lease_expires_at_ms) {
+        let mut leased = txn.open_table(REQUESTS_LEASED).map_err(backend)?;
+        if present {
+            leased.insert((lease, id), ()).map_err(backend)?;
+        } else {
+            leased.remove((lease, id)).map_err(backend)?;
+        }
     }
     Ok(())
+}
+
+fn topic_key(tenant_id: &str, topic: &str) -> String {
+    key(&[tenant_id, topic])
+}
+
+/// Removes every subscription of a connection.
+fn unsubscribe_all_in(txn: &WriteTransaction, connection_id: &str) -> StoreResult<()> {
+    let mut by_connection = txn
+        .open_table(SUBSCRIPTIONS_BY_CONNECTION)
+        .map_err(backend)?;
+    let topics: Vec<String> = {
+        let mut topics = Vec::new();
+        for entry in by_connection
+            .range((connection_id, "")..)
+            .map_err(backend)?
+        {
+            let (k, _) = entry.map_err(backend)?;
+            let (connection, topic) = k.value();
+            if connection != connection_id {
+                break;
+            }
+            topics.push(topic.to_owned());
+        }
+        topics
+    };
+    let mut subscriptions = txn.open_table(SUBSCRIPTIONS).map_err(backend)?;
+    for topic in &topics {
+        by_connection
+            .remove((connection_id, topic.as_str()))
+            .map_err(backend)?;
+        subscriptions
+            .remove((topic.as_str(), connection_id))
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
+fn set_edge_lease_in(
+    txn: &WriteTransaction,
+    old: Option<&EdgeRecord>,
+    record: Option<&EdgeRecord>,
+) -> StoreResult<()> {
+    let mut edges = txn.open_table(EDGES).map_err(backend)?;
+    let mut by_lease = txn.open_table(EDGES_BY_LEASE).map_err(backend)?;
+    if let Some(old) = old {
+        by_lease
+            .remove((old.lease_expires_at_ms, old.edge_id.as_str()))
+            .map_err(backend)?;
+        edges.remove(old.edge_id.as_str()).map_err(backend)?;
+    }
+    if let Some(record) = record {
+        edges
+            .insert(record.edge_id.as_str(), encode(record)?.as_slice())
+            .map_err(backend)?;
+        by_lease
+            .insert((record.lease_expires_at_ms, record.edge_id.as_str()), ())
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
+fn edge_in<T: ReadableTable<&'static str, &'static [u8]>>(
+    table: &T,
+    edge_id: &str,
+) -> StoreResult<Option<EdgeRecord>> {
+    table
+        .get(edge_id)
+        .map_err(backend)?
+        .map(|bytes| decode(bytes.value()))
+        .transpose()
 }
 
 #[async_trait::async_trait]
@@ -270,10 +427,13 @@ impl Store for EmbeddedStore {
         // An empty immediate commit makes every earlier relaxed one durable.
         self.write(Durability::Immediate, |_| Ok(())).await
     }
+}
 
+#[async_trait::async_trait]
+impl ConnectionStore for EmbeddedStore {
     async fn put_connection(&self, record: ConnectionRecord) -> StoreResult<()> {
         self.write(Durability::Relaxed, move |txn| {
-            remove_connection_in(txn, &record.connection_id)?;
+            unindex_connection_in(txn, &record.connection_id)?;
             let id = record.connection_id.as_str();
             txn.open_table(CONNECTIONS)
                 .map_err(backend)?
@@ -316,7 +476,9 @@ impl Store for EmbeddedStore {
     ) -> StoreResult<Option<ConnectionRecord>> {
         let id = connection_id.to_owned();
         self.write(Durability::Relaxed, move |txn| {
-            remove_connection_in(txn, &id)
+            let old = unindex_connection_in(txn, &id)?;
+            unsubscribe_all_in(txn, &id)?;
+            Ok(old)
         })
         .await
     }
@@ -434,13 +596,17 @@ impl Store for EmbeddedStore {
                 ids
             };
             for id in &expired {
-                remove_connection_in(txn, id)?;
+                unindex_connection_in(txn, id)?;
+                unsubscribe_all_in(txn, id)?;
             }
             Ok(expired.len())
         })
         .await
     }
+}
 
+#[async_trait::async_trait]
+impl RequestStore for EmbeddedStore {
     async fn create_request(&self, record: RequestRecord) -> StoreResult<Created> {
         self.write(Durability::Immediate, move |txn| {
             let client_key = key(&[
@@ -465,7 +631,7 @@ impl Store for EmbeddedStore {
             by_client
                 .insert(client_key.as_str(), record.id.as_str())
                 .map_err(backend)?;
-            put_request_in(txn, &record)?;
+            put_request_in(txn, None, &record)?;
             Ok(Created {
                 record,
                 duplicate: false,
@@ -524,15 +690,15 @@ impl Store for EmbeddedStore {
                 let bytes = table.get(record.id.as_str()).map_err(backend)?;
                 bytes.map(|b| decode(b.value())).transpose()?
             };
-            match current {
-                Some(current) if current.version == record.version => {}
+            let current = match current {
+                Some(current) if current.version == record.version => current,
                 _ => return Err(StoreError::Conflict),
-            }
+            };
             let record = RequestRecord {
                 version: record.version + 1,
                 ..record
             };
-            put_request_in(txn, &record)?;
+            put_request_in(txn, Some(&current), &record)?;
             Ok(record)
         })
         .await
@@ -555,6 +721,57 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn pending_requests(
+        &self,
+        action: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<RequestRecord>> {
+        let action = action.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let pending = txn.open_table(REQUESTS_PENDING).map_err(backend)?;
+            let table = txn.open_table(REQUESTS).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in pending.range((action.as_str(), 0, "")..).map_err(backend)? {
+                let (k, _) = entry.map_err(backend)?;
+                let (of, _, id) = k.value();
+                if of != action || out.len() >= limit {
+                    break;
+                }
+                if let Some(bytes) = table.get(id).map_err(backend)? {
+                    out.push(decode(bytes.value())?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn lapsed_leases(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<RequestRecord>> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let leased = txn.open_table(REQUESTS_LEASED).map_err(backend)?;
+            let table = txn.open_table(REQUESTS).map_err(backend)?;
+            let mut out = Vec::new();
+            let upper = (now_ms.saturating_add(1), "");
+            for entry in leased.range(..upper).map_err(backend)? {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, _) = entry.map_err(backend)?;
+                let (_, id) = k.value();
+                if let Some(bytes) = table.get(id).map_err(backend)? {
+                    out.push(decode(bytes.value())?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenStore for EmbeddedStore {
     async fn revoke_token(&self, jti: &str, expires_at_ms: u64) -> StoreResult<()> {
         let jti = jti.to_owned();
         self.write(Durability::Immediate, move |txn| {
@@ -617,6 +834,346 @@ impl Store for EmbeddedStore {
                 tokens.remove(jti.as_str()).map_err(backend)?;
             }
             Ok(expired.len())
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl EdgeStore for EmbeddedStore {
+    async fn heartbeat_edge(
+        &self,
+        edge_id: &str,
+        now_ms: u64,
+        lease: std::time::Duration,
+    ) -> StoreResult<Heartbeat> {
+        let edge_id = edge_id.to_owned();
+        self.write(Durability::Immediate, move |txn| {
+            let old = edge_in(&txn.open_table(EDGES).map_err(backend)?, &edge_id)?;
+            let until = now_ms + lease.as_millis() as u64;
+            let (record, outcome) = match &old {
+                Some(old) if old.lease_expires_at_ms > now_ms => (
+                    EdgeRecord {
+                        heartbeat_at_ms: now_ms.max(old.heartbeat_at_ms),
+                        lease_expires_at_ms: until.max(old.lease_expires_at_ms),
+                        ..old.clone()
+                    },
+                    Heartbeat::Extended,
+                ),
+                _ => (
+                    EdgeRecord {
+                        edge_id: edge_id.clone(),
+                        started_at_ms: now_ms,
+                        heartbeat_at_ms: now_ms,
+                        lease_expires_at_ms: until,
+                    },
+                    Heartbeat::Started,
+                ),
+            };
+            set_edge_lease_in(txn, old.as_ref(), Some(&record))?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn get_edge(&self, edge_id: &str) -> StoreResult<Option<EdgeRecord>> {
+        let edge_id = edge_id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            edge_in(&txn.open_table(EDGES).map_err(backend)?, &edge_id)
+        })
+        .await
+    }
+
+    async fn lapsed_edges(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<EdgeRecord>> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let by_lease = txn.open_table(EDGES_BY_LEASE).map_err(backend)?;
+            let edges = txn.open_table(EDGES).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in by_lease
+                .range(..(now_ms.saturating_add(1), ""))
+                .map_err(backend)?
+            {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, _) = entry.map_err(backend)?;
+                if let Some(record) = edge_in(&edges, k.value().1)? {
+                    out.push(record);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn remove_edge(&self, edge_id: &str, lease_expires_at_ms: u64) -> StoreResult<bool> {
+        let edge_id = edge_id.to_owned();
+        self.write(Durability::Immediate, move |txn| {
+            let old = edge_in(&txn.open_table(EDGES).map_err(backend)?, &edge_id)?;
+            match old {
+                Some(old) if old.lease_expires_at_ms == lease_expires_at_ms => {
+                    set_edge_lease_in(txn, Some(&old), None)?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        })
+        .await
+    }
+
+    async fn release_edge(&self, edge_id: &str) -> StoreResult<()> {
+        let edge_id = edge_id.to_owned();
+        self.write(Durability::Immediate, move |txn| {
+            let old = edge_in(&txn.open_table(EDGES).map_err(backend)?, &edge_id)?;
+            set_edge_lease_in(txn, old.as_ref(), None)
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl SubscriptionStore for EmbeddedStore {
+    async fn subscribe(&self, subscription: Subscription) -> StoreResult<bool> {
+        self.write(Durability::Immediate, move |txn| {
+            let live = {
+                let connections = txn.open_table(CONNECTIONS).map_err(backend)?;
+                match connections
+                    .get(subscription.connection_id.as_str())
+                    .map_err(backend)?
+                {
+                    Some(bytes) => {
+                        let record: ConnectionRecord = decode(bytes.value())?;
+                        record.tenant_id == subscription.tenant_id && !record.is_expired(now_ms())
+                    }
+                    None => false,
+                }
+            };
+            if !live {
+                return Ok(false);
+            }
+            let topic = topic_key(&subscription.tenant_id, &subscription.topic);
+            let connection = subscription.connection_id.as_str();
+            let mut subscriptions = txn.open_table(SUBSCRIPTIONS).map_err(backend)?;
+            if subscriptions
+                .get((topic.as_str(), connection))
+                .map_err(backend)?
+                .is_none()
+            {
+                subscriptions
+                    .insert(
+                        (topic.as_str(), connection),
+                        encode(&subscription)?.as_slice(),
+                    )
+                    .map_err(backend)?;
+                txn.open_table(SUBSCRIPTIONS_BY_CONNECTION)
+                    .map_err(backend)?
+                    .insert((connection, topic.as_str()), ())
+                    .map_err(backend)?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn unsubscribe(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        connection_id: &str,
+    ) -> StoreResult<bool> {
+        let topic = topic_key(tenant_id, topic);
+        let connection = connection_id.to_owned();
+        self.write(Durability::Immediate, move |txn| {
+            let removed = txn
+                .open_table(SUBSCRIPTIONS)
+                .map_err(backend)?
+                .remove((topic.as_str(), connection.as_str()))
+                .map_err(backend)?
+                .is_some();
+            txn.open_table(SUBSCRIPTIONS_BY_CONNECTION)
+                .map_err(backend)?
+                .remove((connection.as_str(), topic.as_str()))
+                .map_err(backend)?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn subscribers(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<Subscription>> {
+        let topic = topic_key(tenant_id, topic);
+        let after = after.map(str::to_owned);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(SUBSCRIPTIONS).map_err(backend)?;
+            let start = match &after {
+                Some(after) => Bound::Excluded((topic.as_str(), after.as_str())),
+                None => Bound::Included((topic.as_str(), "")),
+            };
+            let mut out = Vec::new();
+            for entry in table
+                .range::<(&str, &str)>((start, Bound::Unbounded))
+                .map_err(backend)?
+            {
+                let (k, v) = entry.map_err(backend)?;
+                if k.value().0 != topic || out.len() >= limit {
+                    break;
+                }
+                out.push(decode(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn subscriptions_of(&self, connection_id: &str) -> StoreResult<Vec<Subscription>> {
+        let connection = connection_id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let by_connection = txn
+                .open_table(SUBSCRIPTIONS_BY_CONNECTION)
+                .map_err(backend)?;
+            let table = txn.open_table(SUBSCRIPTIONS).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in by_connection
+                .range((connection.as_str(), "")..)
+                .map_err(backend)?
+            {
+                let (k, _) = entry.map_err(backend)?;
+                let (of, topic) = k.value();
+                if of != connection {
+                    break;
+                }
+                if let Some(bytes) = table.get((topic, of)).map_err(backend)? {
+                    out.push(decode(bytes.value())?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// A topic's position, made (with a new epoch) if it has none.
+fn position_in(txn: &WriteTransaction, topic: &str) -> StoreResult<TopicPosition> {
+    let mut topics = txn.open_table(TOPICS).map_err(backend)?;
+    let existing = topics
+        .get(topic)
+        .map_err(backend)?
+        .map(|bytes| decode(bytes.value()))
+        .transpose()?;
+    match existing {
+        Some(position) => Ok(position),
+        None => {
+            let position = TopicPosition {
+                epoch: super::new_epoch(),
+                offset: 0,
+            };
+            topics
+                .insert(topic, encode(&position)?.as_slice())
+                .map_err(backend)?;
+            Ok(position)
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl TopicStore for EmbeddedStore {
+    async fn append_topic(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        payload: serde_json::Value,
+        now_ms: u64,
+        retention: Retention,
+    ) -> StoreResult<TopicPosition> {
+        let topic = topic_key(tenant_id, topic);
+        self.write(Durability::Immediate, move |txn| {
+            let mut position = position_in(txn, &topic)?;
+            position.offset += 1;
+            txn.open_table(TOPICS)
+                .map_err(backend)?
+                .insert(topic.as_str(), encode(&position)?.as_slice())
+                .map_err(backend)?;
+            let mut messages = txn.open_table(TOPIC_MESSAGES).map_err(backend)?;
+            let message = TopicMessage {
+                offset: position.offset,
+                payload,
+                published_at_ms: now_ms,
+            };
+            messages
+                .insert(
+                    (topic.as_str(), position.offset),
+                    encode(&message)?.as_slice(),
+                )
+                .map_err(backend)?;
+            // Drop what the retention no longer keeps, oldest first.
+            let oldest = retention.oldest_kept(position.offset);
+            let dropped: Vec<u64> = {
+                let mut dropped = Vec::new();
+                for entry in messages
+                    .range((topic.as_str(), 0)..(topic.as_str(), position.offset))
+                    .map_err(backend)?
+                {
+                    let (k, v) = entry.map_err(backend)?;
+                    let offset = k.value().1;
+                    let old: TopicMessage = decode(v.value())?;
+                    if offset >= oldest && retention.keeps(old.published_at_ms, now_ms) {
+                        break;
+                    }
+                    dropped.push(offset);
+                }
+                dropped
+            };
+            for offset in dropped {
+                messages.remove((topic.as_str(), offset)).map_err(backend)?;
+            }
+            Ok(position)
+        })
+        .await
+    }
+
+    async fn topic_position(&self, tenant_id: &str, topic: &str) -> StoreResult<TopicPosition> {
+        let topic = topic_key(tenant_id, topic);
+        self.write(Durability::Immediate, move |txn| position_in(txn, &topic))
+            .await
+    }
+
+    async fn topic_since(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        since: &TopicPosition,
+        now_ms: u64,
+        retention: Retention,
+    ) -> StoreResult<Recovery> {
+        let position = self.topic_position(tenant_id, topic).await?;
+        let topic = topic_key(tenant_id, topic);
+        let since = since.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let messages = txn.open_table(TOPIC_MESSAGES).map_err(backend)?;
+            let mut read = Vec::new();
+            if since.epoch == position.epoch {
+                for entry in messages
+                    .range(
+                        (topic.as_str(), since.offset.saturating_add(1))
+                            ..=(topic.as_str(), position.offset),
+                    )
+                    .map_err(backend)?
+                {
+                    let (_, v) = entry.map_err(backend)?;
+                    read.push(decode(v.value())?);
+                }
+            }
+            Ok(Recovery::of(position, &since, read, retention, now_ms))
         })
         .await
     }

@@ -1,6 +1,8 @@
-//! The store: where connection records, requests and revoked token ids live.
+//! The store: where connections, edge leases, requests, subscriptions, topic
+//! history and revoked token ids live.
 //!
-//! Services see only the [`Store`] trait and the records below. Two backends
+//! Services see only the [`Store`] traits (one per concern, [`Store`] being
+//! all of them) and the records below. Two backends
 //! implement it: [`EmbeddedStore`] (the default, a redb file in the data
 //! directory) and, for several replicas, DynamoDB. Every state change of a
 //! request is a conditional write on its `version`, so two writers never both
@@ -30,6 +32,11 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// A new topic epoch: unique, so positions of a lost history never match.
+fn new_epoch() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 /// The source of a [`StoreError`]: whatever the backend reported.
@@ -210,24 +217,155 @@ pub enum Durability {
     Relaxed,
 }
 
-/// The storage interface every backend implements.
+/// An edge process's liveness lease: it holds its sockets only while
+/// `lease_expires_at_ms` is in the future. Heartbeats push it out; an edge
+/// whose lease lapsed is dead, and whoever removes its record (exactly one
+/// caller wins) removes its connections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EdgeRecord {
+    pub edge_id: String,
+    /// When this lease began: the first heartbeat after the edge started or
+    /// after its previous lease lapsed.
+    pub started_at_ms: u64,
+    pub heartbeat_at_ms: u64,
+    pub lease_expires_at_ms: u64,
+}
+
+/// What [`EdgeStore::heartbeat_edge`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heartbeat {
+    /// The lease was held and is now extended.
+    Extended,
+    /// There was no live lease (first heartbeat, or the lease lapsed): a new
+    /// one began. Connections announced under the old one may be gone.
+    Started,
+}
+
+/// A connection's subscription to a topic of its tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    pub tenant_id: String,
+    pub topic: String,
+    pub connection_id: String,
+    pub user_id: String,
+    pub subscribed_at_ms: u64,
+}
+
+/// Where a topic's history stands: the `offset` of its latest message
+/// (0 before the first) within an `epoch` that changes whenever the history
+/// was lost, so a position from an older epoch is never taken for a current
+/// one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicPosition {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// One message of a topic's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopicMessage {
+    pub offset: u64,
+    pub payload: serde_json::Value,
+    pub published_at_ms: u64,
+}
+
+/// How much of each topic's history is kept: the last `max_messages`, none
+/// older than `max_age`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_messages: u64,
+    pub max_age: Duration,
+}
+
+impl Retention {
+    /// The oldest offset still kept when the latest is `latest`, by count.
+    pub fn oldest_kept(&self, latest: u64) -> u64 {
+        latest
+            .saturating_sub(self.max_messages.saturating_sub(1))
+            .max(1)
+    }
+
+    /// Whether a message published at `published_at_ms` is still kept.
+    pub fn keeps(&self, published_at_ms: u64, now_ms: u64) -> bool {
+        published_at_ms + self.max_age.as_millis() as u64 > now_ms
+    }
+}
+
+/// What [`TopicStore::topic_since`] found after a position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recovery {
+    /// Where the topic stands now.
+    pub position: TopicPosition,
+    /// Every kept message after the asked position, in offset order.
+    pub messages: Vec<TopicMessage>,
+    /// True when `messages` is everything published after the asked
+    /// position: same epoch, and nothing in between was dropped by the
+    /// retention. False: the client missed messages that are gone.
+    pub recovered: bool,
+}
+
+impl Recovery {
+    /// The one rule both backends apply: `read` is what the backend found
+    /// after `since.offset` in `position`'s epoch (in offset order, perhaps
+    /// with messages the retention no longer keeps but nobody removed yet).
+    pub fn of(
+        position: TopicPosition,
+        since: &TopicPosition,
+        read: Vec<TopicMessage>,
+        retention: Retention,
+        now_ms: u64,
+    ) -> Self {
+        if since.epoch != position.epoch || since.offset > position.offset {
+            // Offsets of another epoch mean nothing here.
+            return Self {
+                position,
+                messages: Vec::new(),
+                recovered: false,
+            };
+        }
+        let oldest = retention.oldest_kept(position.offset);
+        let messages: Vec<TopicMessage> = read
+            .into_iter()
+            .filter(|m| {
+                m.offset > since.offset
+                    && m.offset >= oldest
+                    && retention.keeps(m.published_at_ms, now_ms)
+            })
+            .collect();
+        let recovered = match messages.first() {
+            Some(first) => first.offset == since.offset + 1,
+            None => since.offset == position.offset,
+        };
+        Self {
+            position,
+            messages,
+            recovered,
+        }
+    }
+}
+
+/// Checks the backend is reachable and makes relaxed writes durable.
 #[async_trait::async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store:
+    ConnectionStore + EdgeStore + RequestStore + SubscriptionStore + TopicStore + TokenStore
+{
     /// Checks the backend is reachable (health turns SERVING on success).
     async fn ping(&self) -> StoreResult<()>;
 
     /// Makes every relaxed write durable. Called on shutdown.
     async fn flush(&self) -> StoreResult<()>;
+}
 
-    // ---- connections ----
-
-    /// Inserts or replaces a connection record.
+/// Open WebSocket connections: who holds which socket on which edge.
+#[async_trait::async_trait]
+pub trait ConnectionStore: Send + Sync + 'static {
+    /// Inserts or replaces a connection record (its subscriptions stay).
     async fn put_connection(&self, record: ConnectionRecord) -> StoreResult<()>;
 
     /// A live (unexpired) connection record.
     async fn get_connection(&self, connection_id: &str) -> StoreResult<Option<ConnectionRecord>>;
 
-    /// Removes a record, returning it if it existed.
+    /// Removes a record and its subscriptions, returning it if it existed.
     async fn delete_connection(&self, connection_id: &str)
     -> StoreResult<Option<ConnectionRecord>>;
 
@@ -247,14 +385,47 @@ pub trait Store: Send + Sync + 'static {
     /// The ids of the connections an edge holds.
     async fn connections_of_edge(&self, edge_id: &str) -> StoreResult<Vec<String>>;
 
-    /// The distinct edges that hold recorded connections.
+    /// The distinct edges that hold recorded connections (at start only: on
+    /// DynamoDB this reads a whole index).
     async fn connection_edges(&self) -> StoreResult<Vec<String>>;
 
-    /// Deletes expired connection records; returns how many.
+    /// Deletes expired connection records and their subscriptions; returns
+    /// how many connections.
     async fn sweep_connections(&self, now_ms: u64) -> StoreResult<usize>;
+}
 
-    // ---- requests ----
+/// Edge liveness leases.
+#[async_trait::async_trait]
+pub trait EdgeStore: Send + Sync + 'static {
+    /// Holds `edge_id`'s lease until `now_ms + lease`: extends a live lease,
+    /// or starts a new one when there is none (never shortens one).
+    async fn heartbeat_edge(
+        &self,
+        edge_id: &str,
+        now_ms: u64,
+        lease: Duration,
+    ) -> StoreResult<Heartbeat>;
 
+    /// The edge's lease record, lapsed or not.
+    async fn get_edge(&self, edge_id: &str) -> StoreResult<Option<EdgeRecord>>;
+
+    /// Edges whose lease lapsed at or before `now_ms`, the longest-lapsed
+    /// first, at most `limit`.
+    async fn lapsed_edges(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<EdgeRecord>>;
+
+    /// Removes an edge's record if its lease is still the lapsed one that was
+    /// read (`lease_expires_at_ms`): of several callers racing to clean up a
+    /// dead edge exactly one gets true, and an edge that came back in the
+    /// meantime keeps its record.
+    async fn remove_edge(&self, edge_id: &str, lease_expires_at_ms: u64) -> StoreResult<bool>;
+
+    /// Removes an edge's record whatever its lease (a clean shutdown).
+    async fn release_edge(&self, edge_id: &str) -> StoreResult<()>;
+}
+
+/// Long-running requests and their leases.
+#[async_trait::async_trait]
+pub trait RequestStore: Send + Sync + 'static {
     /// Inserts a new request unless its (tenant, user, client id) exists.
     async fn create_request(&self, record: RequestRecord) -> StoreResult<Created>;
 
@@ -270,6 +441,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes `record` if the stored version is still `record.version`;
     /// returns it with the version bumped. [`StoreError::Conflict`] otherwise.
+    /// This is how work is claimed: of processors racing to move one PENDING
+    /// version to PROCESSING, exactly one wins.
     async fn update_request(
         &self,
         record: RequestRecord,
@@ -279,8 +452,77 @@ pub trait Store: Send + Sync + 'static {
     /// Every request not yet final (PENDING or PROCESSING), for recovery at start.
     async fn unfinished_requests(&self) -> StoreResult<Vec<RequestRecord>>;
 
-    // ---- revoked tokens ----
+    /// PENDING requests for `action`, the oldest first, at most `limit`.
+    async fn pending_requests(&self, action: &str, limit: usize)
+    -> StoreResult<Vec<RequestRecord>>;
 
+    /// PROCESSING requests whose lease ended at or before `now_ms`, the
+    /// longest-lapsed first, at most `limit`.
+    async fn lapsed_leases(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<RequestRecord>>;
+}
+
+/// Which connections listen to which topics of their tenant.
+#[async_trait::async_trait]
+pub trait SubscriptionStore: Send + Sync + 'static {
+    /// Subscribes a live connection of `subscription.tenant_id` (again: no
+    /// change); false when there is no such live connection in that tenant.
+    async fn subscribe(&self, subscription: Subscription) -> StoreResult<bool>;
+
+    /// Whether the subscription existed.
+    async fn unsubscribe(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        connection_id: &str,
+    ) -> StoreResult<bool>;
+
+    /// A topic's subscriptions in connection-id order, after `after`.
+    async fn subscribers(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<Subscription>>;
+
+    /// A connection's subscriptions in topic order.
+    async fn subscriptions_of(&self, connection_id: &str) -> StoreResult<Vec<Subscription>>;
+}
+
+/// Each topic's recent history, for clients that reconnect.
+#[async_trait::async_trait]
+pub trait TopicStore: Send + Sync + 'static {
+    /// Appends a message at the next offset (offsets are contiguous; of
+    /// concurrent appends each gets its own) and drops what `retention` no
+    /// longer keeps; returns the message's position.
+    async fn append_topic(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        payload: serde_json::Value,
+        now_ms: u64,
+        retention: Retention,
+    ) -> StoreResult<TopicPosition>;
+
+    /// Where the topic stands (a topic never published to gets its epoch
+    /// now, at offset 0).
+    async fn topic_position(&self, tenant_id: &str, topic: &str) -> StoreResult<TopicPosition>;
+
+    /// The kept messages after `since`, and whether they are all that was
+    /// published after it ([`Recovery::of`]).
+    async fn topic_since(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        since: &TopicPosition,
+        now_ms: u64,
+        retention: Retention,
+    ) -> StoreResult<Recovery>;
+}
+
+/// The deny-list of revoked token ids.
+#[async_trait::async_trait]
+pub trait TokenStore: Send + Sync + 'static {
     /// Puts a token id (`jti`) on the deny-list until `expires_at_ms`,
     /// durably. Revoking an id again keeps the later of the two expiries,
     /// so a second call can never shorten a revocation.
