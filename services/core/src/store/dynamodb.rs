@@ -122,8 +122,11 @@ impl DynamoStore {
             shared.region().is_some(),
             "no AWS region: set AWS_REGION (or --dynamodb-region)"
         );
+        let sdk = aws_sdk_dynamodb::config::Builder::from(&shared)
+            .interceptor(Metered)
+            .build();
         Ok(Self::with_client(
-            Client::new(&shared),
+            Client::from_conf(sdk),
             &config.table_prefix,
         ))
     }
@@ -141,6 +144,7 @@ impl DynamoStore {
             .http_client(http_client())
             .retry_config(retry_config())
             .timeout_config(timeout_config())
+            .interceptor(Metered)
             .build();
         Self::with_client(Client::from_conf(config), table_prefix)
     }
@@ -495,6 +499,40 @@ impl DynamoStore {
 }
 
 // ---- the SDK's setup ----
+
+/// Counts every DynamoDB call, by API operation and outcome, in
+/// `streamer_dynamodb_calls_total`: on AWS each one is billed, so this is
+/// what the store costs (retries of one call count once).
+#[derive(Debug)]
+struct Metered;
+
+impl aws_sdk_dynamodb::config::Intercept for Metered {
+    fn name(&self) -> &'static str {
+        "streamer-metered"
+    }
+
+    fn read_after_execution(
+        &self,
+        context: &aws_sdk_dynamodb::config::interceptors::FinalizerInterceptorContextRef<'_>,
+        _components: &aws_sdk_dynamodb::config::RuntimeComponents,
+        cfg: &mut aws_sdk_dynamodb::config::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        let operation = cfg
+            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+            .map_or_else(|| "unknown".to_owned(), |m| m.name().to_owned());
+        let outcome = match context.output_or_error() {
+            Some(Ok(_)) => "ok",
+            _ => "error",
+        };
+        metrics::counter!(
+            "streamer_dynamodb_calls_total",
+            "operation" => operation,
+            "outcome" => outcome
+        )
+        .increment(1);
+        Ok(())
+    }
+}
 
 fn http_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
     aws_smithy_http_client::Builder::new()
