@@ -26,8 +26,18 @@
 #      under another edge id; a restart keeps the secret; a role that dies
 #      takes the others down; Ctrl-C (SIGINT to the process group) and
 #      SIGTERM stop everything; a listen address already in use (the edge
-#      listener's) stops the script before it starts any role;
-#   5. dynamodb/streamer-tables.yaml passes cfn-lint, its tables are the ones
+#      listener's) stops the script before it starts any role; and a client's
+#      session end to end (split_session.py): it connects with a user token,
+#      ListConnections lists it, a Send reaches it, its request is claimed by
+#      a processor and the result reaches it;
+#   5. examples/run-split.sh with STREAMER_STORE=dynamodb, on moto's local
+#      DynamoDB server (tables made by `streamer dynamodb create-tables` under
+#      a prefix of this run): the same client session; the request is an item
+#      of the requests table; after a restart with nothing left on disk but
+#      auth's development key the request is still found
+#      (ProgressService/Get) and a new client gets its result again, and a
+#      token revoked before the restart is still refused;
+#   6. dynamodb/streamer-tables.yaml passes cfn-lint, its tables are the ones
 #      `streamer dynamodb create-tables` makes (on moto's local server: names,
 #      keys, attributes, indexes, projections, billing, TTL) plus point-in-time
 #      recovery, KMS encryption and Retain, and each role's managed policy
@@ -51,19 +61,38 @@ command -v grpcurl >/dev/null || { echo "deploy/test: grpcurl is not on PATH" >&
 python3 -c 'import websockets' 2>/dev/null || { echo "deploy/test: python3 websockets is missing" >&2; exit 1; }
 python3 -c 'import boto3, moto.server' 2>/dev/null || { echo "deploy/test: python3 moto[server] is missing" >&2; exit 1; }
 
-# The examples' own settings, not the caller's, are under test.
-unset STREAMER_TRUST STREAMER_SERVICE_SECRET_FILE
+# The examples' own settings, not the caller's, are under test (the store
+# is embedded unless a run below says otherwise).
+unset STREAMER_TRUST STREAMER_SERVICE_SECRET_FILE STREAMER_STORE STREAMER_DYNAMODB_TABLE_PREFIX \
+  STREAMER_DYNAMODB_REGION STREAMER_DYNAMODB_ENDPOINT_URL
 
 passed=0
 failed=0
 ok() { passed=$((passed + 1)); echo "  ok   $*"; }
 fail() { failed=$((failed + 1)); echo "  FAIL $*"; }
 check() { local what="$1"; shift; if "$@"; then ok "$what"; else fail "$what"; fi; }
+# tally NAME COMMAND...: runs a checker that prints its own "  ok   ..." and
+# "  FAIL ..." lines, shows them and counts them; one that exits non-zero
+# without a FAIL line is a failure of its own.
+tally() {
+  local name="$1" out status=0
+  shift
+  out="$(mktemp -p "$work")"
+  "$@" >"$out" 2>&1 || status=$?
+  cat "$out"
+  passed=$((passed + $(grep -c '^  ok   ' "$out" || true)))
+  failed=$((failed + $(grep -c '^  FAIL ' "$out" || true)))
+  if ((status != 0)) && ! grep -q '^  FAIL ' "$out"; then
+    fail "$name exited with status $status"
+  fi
+}
 
 work="$(mktemp -d)"
 script_pgid=""
+moto_pid=""
 cleanup() {
   if [[ -n "$script_pgid" ]]; then kill -KILL -- "-$script_pgid" 2>/dev/null || true; fi
+  if [[ -n "$moto_pid" ]]; then kill "$moto_pid" 2>/dev/null || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -201,15 +230,7 @@ echo "==> the documented docker run commands (without a container engine)"
 # without a token is refused and one with a service token served, and without
 # its trust settings the command refuses to start.
 if unshare -rn true 2>/dev/null; then
-  image_status=0
-  unshare -rn python3 "$deploy/run_image.py" "$deploy/Dockerfile" "$deploy/README.md" -- "$bin" \
-    >"$work/run_image.out" 2>&1 || image_status=$?
-  cat "$work/run_image.out"
-  passed=$((passed + $(grep -c '^  ok   ' "$work/run_image.out" || true)))
-  failed=$((failed + $(grep -c '^  FAIL ' "$work/run_image.out" || true)))
-  if ((image_status != 0)) && ! grep -q '^  FAIL ' "$work/run_image.out"; then
-    fail "run_image.py exited with status $image_status"
-  fi
+  tally run_image.py unshare -rn python3 "$deploy/run_image.py" "$deploy/Dockerfile" "$deploy/README.md" -- "$bin"
 else
   fail "the documented docker run commands need a private network namespace (unshare -rn)"
 fi
@@ -249,13 +270,15 @@ os.setsid()
 os.execvp(sys.argv[1], sys.argv[1:])'
 
 # Starts run-split.sh in its own session (so it has a process group of its
-# own, as a terminal's foreground job does) and waits for its banner.
+# own, as a terminal's foreground job does), on the data root $split_dir,
+# and waits for its banner.
+split_dir="$work/data"
 start_split() {
   local out="$1"
   split_out="$out"
   # The background job opens $out itself, maybe after the first grep below.
   : >"$out"
-  STREAMER_BIN="$bin" STREAMER_ENV_DIR="$work/env" STREAMER_SPLIT_DIR="$work/data" READY_TIMEOUT=30 \
+  STREAMER_BIN="$bin" STREAMER_ENV_DIR="$work/env" STREAMER_SPLIT_DIR="$split_dir" READY_TIMEOUT=30 \
     python3 -c "$as_foreground_job" "$deploy/examples/run-split.sh" >"$out" 2>&1 </dev/null &
   script_pid=$!
   script_pgid=$script_pid
@@ -286,6 +309,11 @@ none_left() {
 }
 
 quiet() { "$@" >/dev/null; }
+# serving PORT [SERVICE]: gRPC health on PORT (of SERVICE, or the server's)
+# is SERVING, asked without a token.
+serving() {
+  grpcurl -plaintext -d "{\"service\":\"${2:-}\"}" "127.0.0.1:$1" grpc.health.v1.Health/Check | grep -q '"SERVING"'
+}
 # says TEXT OUTPUT: OUTPUT contains TEXT.
 says() { [[ "$2" == *"$1"* ]]; }
 # call PORT METHOD BODY [TOKEN]: grpcurl's stdout and stderr, and its status.
@@ -295,6 +323,18 @@ call() {
   grpcurl -plaintext -max-time 5 "${auth[@]}" -d "$3" "127.0.0.1:$1" "$2" 2>&1
 }
 list=(streamer.v1.ConnectionService/ListConnections '{"tenant_id":"demo-tenant"}')
+# minted ROLE: a service token of ROLE, signed with the secret of the run's
+# data root.
+minted() { "$bin" service-token --sub test --roles "$1" --service-secret-file "$split_dir/service-secret"; }
+# client_session MODE REQUEST_ID: split_session.py against the running roles
+# (a client connects, is listed, gets a Send, has its request claimed and
+# completed; or, in mode resume, asks for that request again), with a user
+# token from auth's data directory and service tokens of the run's secret.
+client_session() {
+  tally "split_session.py $1" env USER_TOKEN="$("$bin" token --data-dir "$split_dir/auth")" \
+    SERVICE_TOKEN="$(minted backend)" PROCESSOR_TOKEN="$(minted processor)" \
+    python3 "$deploy/split_session.py" "$1" "127.0.0.1:$gw_port" "127.0.0.1:$conn_port" "127.0.0.1:$prog_port" "$2"
+}
 # The secret run-split.sh makes in its data root when none is given.
 secret="$work/data/service-secret"
 
@@ -304,15 +344,12 @@ if start_split "$work/run1.log"; then
     bash -c "[[ \$(stat -c %a '$secret') == 600 && \$(tr -d '[:space:]' <'$secret' | wc -c) -ge 32 ]]"
   # Health needs no token: what probes and load balancers call.
   for port in $auth_port $conn_port $prog_port; do
-    check "gRPC health on :$port is SERVING (no token)" \
-      bash -c "grpcurl -plaintext 127.0.0.1:$port grpc.health.v1.Health/Check | grep -q '\"SERVING\"'"
+    check "gRPC health on :$port is SERVING (no token)" serving "$port"
   done
-  check "ConnectionService's own health name is SERVING" \
-    bash -c "grpcurl -plaintext -d '{\"service\":\"streamer.v1.ConnectionService\"}' 127.0.0.1:$conn_port grpc.health.v1.Health/Check | grep -q '\"SERVING\"'"
+  check "ConnectionService's own health name is SERVING" serving "$conn_port" streamer.v1.ConnectionService
   # The edge listener: its own health, and EdgeService there only.
   for name in "" streamer.v1.EdgeService; do
-    check "edge listener :$edge_port: health ${name:-\"\"} is SERVING (no token)" \
-      bash -c "grpcurl -plaintext -d '{\"service\":\"$name\"}' 127.0.0.1:$edge_port grpc.health.v1.Health/Check | grep -q '\"SERVING\"'"
+    check "edge listener :$edge_port: health ${name:-\"\"} is SERVING (no token)" serving "$edge_port" "$name"
   done
   check "EdgeService is served on the edge listener, not on the public port" \
     bash -c "grpcurl -plaintext 127.0.0.1:$edge_port list | grep -qx streamer.v1.EdgeService &&
@@ -366,6 +403,7 @@ async def main():
         assert message == {"hello": "split"}, message
 asyncio.run(main())
 EOF
+  client_session session deploy-test-embedded
   check "a bad token is refused with 401 before the upgrade" bash -c \
     "[[ \$(curl -s -o /dev/null -w '%{http_code}' 'http://127.0.0.1:$gw_port/?Authorization=nope' \
        -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' \
@@ -431,6 +469,100 @@ check "a busy edge port stops run-split.sh before any role starts (status $statu
 kill "$squatter" 2>/dev/null || true
 wait "$squatter" 2>/dev/null || true
 
+echo "==> run-split.sh on the DynamoDB store (moto's local server)"
+# moto's DynamoDB-protocol server on a loopback port it picks (and prints),
+# serving one request at a time: its backends race under concurrent writers
+# (as the store's conformance tests run it).
+python3 -c 'import logging
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import make_server
+server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=False)
+print(server.server_port, flush=True)
+server.serve_forever()' >"$work/moto.port" 2>"$work/moto.log" &
+moto_pid=$!
+for _ in $(seq 200); do
+  grep -qx '[0-9]\+' "$work/moto.port" && break
+  kill -0 "$moto_pid" 2>/dev/null || break
+  sleep 0.1
+done
+check "moto's server listens on a port it picked" grep -qx '[0-9]\+' "$work/moto.port"
+moto_url="http://127.0.0.1:$(head -n 1 "$work/moto.port")"
+# Tables of this run's own; moto wants credentials of some kind, and the
+# roles find the region by the standard chain (AWS_REGION).
+prefix="deploy-test-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')-"
+# on_dynamodb COMMAND...: COMMAND (start_split too) with the store's
+# settings in its environment, which run-split.sh hands every role.
+on_dynamodb() {
+  STREAMER_STORE=dynamodb STREAMER_DYNAMODB_ENDPOINT_URL="$moto_url" STREAMER_DYNAMODB_TABLE_PREFIX="$prefix" \
+    AWS_ACCESS_KEY_ID=deploy-test AWS_SECRET_ACCESS_KEY=deploy-test AWS_REGION=us-east-1 "$@"
+}
+check "streamer dynamodb create-tables makes the tables, each named ${prefix}<table>" python3 -c '
+import re, sys
+prefix, out = sys.argv[1:3]
+made = re.search(r"^Tables ready: (.*)$", out, re.M)
+names = set(made.group(1).split(", ")) if made else set()
+if not names or any(not n.startswith(prefix) for n in names) or \
+        not {prefix + t for t in ("connections", "requests", "revoked-tokens")} <= names:
+    sys.exit("       " + out.replace("\n", "\n       "))' "$prefix" "$(on_dynamodb "$bin" dynamodb create-tables 2>&1)"
+split_dir="$work/dynamodb-data"
+request="deploy-test-dynamodb"
+# A client token of its own, revoked in the first run and asked about after
+# the restart: revocations are auth's state in DynamoDB.
+revoked_token=""
+validate_revoked() {
+  call "$auth_port" streamer.v1.AuthService/ValidateToken "{\"token\":\"$revoked_token\"}" "$(minted backend)"
+}
+if on_dynamodb start_split "$work/dynamodb1.log"; then
+  ok "four roles start with STREAMER_STORE=dynamodb in run-split.sh's environment"
+  check "its banner names the store and the tables' prefix" grep -q "Store  *dynamodb.*$prefix" "$split_out"
+  for port in $auth_port $conn_port $prog_port; do
+    check "gRPC health on :$port is SERVING (its store answers)" serving "$port"
+  done
+  client_session session "$request"
+  check "the request is an item of ${prefix}requests on the DynamoDB server" on_dynamodb python3 -c '
+import os, sys, boto3
+dynamodb = boto3.client("dynamodb", endpoint_url=sys.argv[1], region_name=os.environ["AWS_REGION"])
+items = dynamodb.scan(TableName=sys.argv[2])["Items"]
+sys.exit(not any(sys.argv[3] in str(item) for item in items))' "$moto_url" "${prefix}requests" "$request"
+  revoked_token="$("$bin" token --data-dir "$split_dir/auth" --sub revoked-user)"
+  # RevokeToken takes the token's jti and expiry, as ValidateToken reads them.
+  revocation="$(validate_revoked | python3 -c 'import json, sys
+claims = json.load(sys.stdin)["claims"]
+print(json.dumps({"jti": claims["jti"], "expires_at": claims["expiresAt"]}))')" || true
+  call "$auth_port" streamer.v1.AuthService/RevokeToken "$revocation" "$(minted backend)" >"$work/revoke.out" || true
+  check "a token revoked with AuthService/RevokeToken is refused (TOKEN_FAILURE_REVOKED)" \
+    says TOKEN_FAILURE_REVOKED "$(validate_revoked)"
+  kill -TERM "$script_pid"
+  await_exit
+  check "SIGTERM stops the script (status $status, want 143)" test "$status" = 143
+  check "... and every role" none_left
+else
+  fail "four roles start with STREAMER_STORE=dynamodb in run-split.sh's environment"
+fi
+# Whatever the roles keep on disk goes but auth's development key (keys/),
+# which signs the client tokens: their state must be in DynamoDB.
+rm -rf "$split_dir/connection" "$split_dir/progress"
+find "$split_dir/auth" -mindepth 1 -maxdepth 1 ! -name keys -exec rm -rf {} +
+if on_dynamodb start_split "$work/dynamodb2.log"; then
+  check "restarted with nothing on disk but auth's key, ProgressService/Get finds the request COMPLETED" \
+    says '"status": "REQUEST_STATUS_COMPLETED"' \
+    "$(call "$prog_port" streamer.v1.ProgressService/Get \
+      "{\"client\":{\"tenant_id\":\"demo-tenant\",\"user_id\":\"demo-user\",\"request_id\":\"$request\"}}" \
+      "$(minted backend)")"
+  client_session resume "$request"
+  check "the token revoked before the restart is still refused" says TOKEN_FAILURE_REVOKED "$(validate_revoked)"
+  kill -TERM "$script_pid"
+  await_exit
+  check "SIGTERM stops the restarted script (status $status, want 143)" test "$status" = 143
+  check "... and every role" none_left
+else
+  fail "run-split.sh restarts on DynamoDB"
+fi
+kill "$moto_pid" 2>/dev/null || true
+wait "$moto_pid" 2>/dev/null || true
+moto_pid=""
+
 echo "==> the DynamoDB tables and policies (CloudFormation)"
 template="$deploy/dynamodb/streamer-tables.yaml"
 # cfn-lint from PyPI, once.
@@ -440,15 +572,7 @@ if ! cfn-lint --version 2>/dev/null | grep -q ' 1\.51\.0$'; then
 fi
 check "cfn-lint passes (no error, warning or note)" cfn-lint "$template"
 # check_template.py prints its own ok/FAIL lines, counted here.
-dynamodb_status=0
-python3 "$deploy/dynamodb/check_template.py" "$template" "$repo" "$bin" >"$work/dynamodb.out" 2>&1 ||
-  dynamodb_status=$?
-cat "$work/dynamodb.out"
-passed=$((passed + $(grep -c '^  ok   ' "$work/dynamodb.out" || true)))
-failed=$((failed + $(grep -c '^  FAIL ' "$work/dynamodb.out" || true)))
-if ((dynamodb_status != 0)) && ! grep -q '^  FAIL ' "$work/dynamodb.out"; then
-  fail "check_template.py exited with status $dynamodb_status"
-fi
+tally check_template.py python3 "$deploy/dynamodb/check_template.py" "$template" "$repo" "$bin"
 
 echo "deploy: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

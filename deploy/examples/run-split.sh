@@ -19,6 +19,13 @@
 #                       in STREAMER_SPLIT_DIR, made on the first run with
 #                       `head -c 48 /dev/urandom | base64`, mode 600)
 #   READY_TIMEOUT       seconds to wait for the gateway to be ready (default 30)
+#   STREAMER_STORE, STREAMER_DYNAMODB_*, AWS_*
+#                       like every variable the env files leave unset, passed
+#                       on to every role: STREAMER_STORE=dynamodb puts the
+#                       state of auth, connection and progress in DynamoDB
+#                       (make the tables first: `streamer dynamodb
+#                       create-tables`; credentials and region from the AWS
+#                       chain), instead of files in their data directories
 #
 # Ports (loopback only, as ./env/*.env set them): gRPC auth 50051, connection
 # 50052 and its edge stream 50054 (EdgeService: only the gateway dials it,
@@ -198,6 +205,17 @@ until is_ready; do
   sleep 0.2
 done
 
+# Where the state is (as the connection role sees it; every role gets the
+# same environment).
+store="$(setting connection STREAMER_STORE)"
+if [[ "${store:-embedded}" == dynamodb ]]; then
+  prefix="$(setting connection STREAMER_DYNAMODB_TABLE_PREFIX)"
+  endpoint="$(setting connection STREAMER_DYNAMODB_ENDPOINT_URL)"
+  store_note="  Store              dynamodb: tables ${prefix:-streamer-}*${endpoint:+ at $endpoint}"
+else
+  store_note="  Store              embedded: files in the data directories of auth, connection and progress under $root/"
+fi
+
 # Auth created the development key in its data directory on first start.
 token="$("$bin" token --data-dir "$root/auth" 2>/dev/null || true)"
 conn_addr="$(setting connection STREAMER_CONNECTION_LISTEN)"
@@ -223,6 +241,7 @@ Streamer is running as four processes (Ctrl-C stops them all)
   ProgressService    $(setting progress STREAMER_PROGRESS_LISTEN)  metrics http://$(setting progress STREAMER_METRICS_LISTEN)/metrics
   Gateway            $gateway_addr  metrics http://$(setting gateway STREAMER_METRICS_LISTEN)/metrics
   Logs               $root/logs/
+$store_note
 $trust_note
 
 Try it:
