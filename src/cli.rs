@@ -553,6 +553,10 @@ pub struct ConnectionCmd {
         default_value = "http://127.0.0.1:50051"
     )]
     pub auth_url: String,
+    /// How long an edge counts as alive after a replica last heard from
+    /// it; an edge gone for longer has its connections removed.
+    #[arg(long, env = "STREAMER_EDGE_LEASE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    pub edge_lease_secs: u64,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
@@ -764,6 +768,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = ConnectionConfig {
                 progress_endpoint: Some(cmd.progress_url),
                 auth_endpoint: Some(cmd.auth_url),
+                edge_lease: Duration::from_secs(cmd.edge_lease_secs),
                 trust: cmd.trust.trust(&[cmd.listen, cmd.edge_listen])?,
                 ..ConnectionConfig::default()
             };

@@ -236,6 +236,7 @@ async fn an_edge_certificate_attaches_only_under_its_own_name() {
                 edge_id: edge_id.into(),
                 connections: Vec::new(),
                 tokens: Default::default(),
+                taken_at: None,
             })),
         }])
         .chain(tokio_stream::pending())

@@ -187,6 +187,7 @@ async fn each_role_may_call_only_what_it_needs() {
             edge_id: "billing".into(),
             connections: vec![],
             tokens: Default::default(),
+            taken_at: None,
         })),
     };
     let status = edges(&system, Some(&backend))
@@ -483,6 +484,7 @@ async fn an_edge_cannot_take_over_another_edges_id_or_connections() {
             edge_id: edge_id.into(),
             connections,
             tokens: Default::default(),
+            taken_at: None,
         })),
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -575,6 +577,7 @@ async fn an_edge_credential_cannot_announce_an_identity_without_its_token() {
             edge_id: "rogue-edge".into(),
             connections: vec![connection("carol-1", identity("carol", "acme", &[]))],
             tokens: [("carol-1".to_string(), "not a token".to_string())].into(),
+            taken_at: None,
         })),
     })
     .await

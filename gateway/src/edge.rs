@@ -1,12 +1,22 @@
-//! The edge's state: the sockets it holds, and its one Attach stream to
-//! ConnectionService, kept open (and re-opened with backoff) for the life of
-//! the process.
+//! The edge's state: the sockets it holds, and its Attach streams, one to
+//! each ConnectionService replica, kept open (and re-opened with backoff)
+//! for the life of the process. The replicas are found by resolving the
+//! configured URLs again and again (a Kubernetes headless Service resolves
+//! to every replica), so the edge follows them as they come and go.
+//!
+//! Deliveries come down any stream. Each event about a connection goes up
+//! one stream, chosen by rendezvous hashing of the connection id over the
+//! open streams: the same one for as long as the set of replicas holds, so
+//! one connection's frames keep their order, and a replica coming or going
+//! moves only the connections it gains or loses.
 //!
 //! Each socket has a bounded outbound queue. A delivery that finds the queue
 //! full does not wait: the client is a slow consumer, so it is closed with
 //! 1008 and the delivery reports THROTTLED. Nobody else is ever stalled.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -67,10 +77,11 @@ pub struct Edge {
     /// A std RwLock: looked up per delivery, written per connect and
     /// disconnect; never held across an await.
     connections: RwLock<HashMap<String, LocalConnection>>,
-    /// The current Attach stream's sender, None while detached.
-    upstream: RwLock<Option<mpsc::Sender<EdgeEvent>>>,
-    /// Registrations awaiting ConnectionService's answer.
-    registrations: Mutex<HashMap<String, oneshot::Sender<bool>>>,
+    /// The open Attach streams' senders by replica address; empty while
+    /// attached to no replica.
+    upstreams: RwLock<BTreeMap<SocketAddr, mpsc::Sender<EdgeEvent>>>,
+    /// Registrations awaiting a replica's answer, with the replica asked.
+    registrations: Mutex<HashMap<String, (SocketAddr, oneshot::Sender<bool>)>>,
     outbound_queue: usize,
 }
 
@@ -108,18 +119,47 @@ impl Edge {
         Arc::new(Self {
             edge_id,
             connections: RwLock::new(HashMap::new()),
-            upstream: RwLock::new(None),
+            upstreams: RwLock::new(BTreeMap::new()),
             registrations: Mutex::new(HashMap::new()),
             outbound_queue,
         })
     }
 
     pub fn is_attached(&self) -> bool {
-        read(&self.upstream).is_some()
+        !read(&self.upstreams).is_empty()
     }
 
     pub fn connection_count(&self) -> usize {
         read(&self.connections).len()
+    }
+
+    /// The replicas this edge is attached to now.
+    pub fn attached_replicas(&self) -> usize {
+        read(&self.upstreams).len()
+    }
+
+    /// The stream that carries events about `connection_id`: the open one
+    /// whose address ranks highest for it (rendezvous hashing).
+    fn upstream_for(&self, connection_id: &str) -> Option<(SocketAddr, mpsc::Sender<EdgeEvent>)> {
+        let rank = |address: &SocketAddr| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            (address, connection_id).hash(&mut hasher);
+            hasher.finish()
+        };
+        read(&self.upstreams)
+            .iter()
+            .max_by_key(|(address, _)| rank(address))
+            .map(|(address, tx)| (*address, tx.clone()))
+    }
+
+    /// The connection an event is about.
+    fn subject(event: &Event) -> &str {
+        match event {
+            Event::Opened(o) => o.connection.as_ref().map_or("", |c| &c.connection_id),
+            Event::Closed(c) => &c.connection_id,
+            Event::Frame(f) => &f.connection_id,
+            Event::Hello(_) | Event::Delivered(_) => "",
+        }
     }
 
     /// Sends an event up without ever blocking the caller (the command
@@ -127,27 +167,16 @@ impl Edge {
     /// could each wait on the other's full queue). Returns false when
     /// detached.
     pub fn emit_nowait(&self, event: Event) -> bool {
-        let sender = read(&self.upstream).clone();
-        let Some(tx) = sender else {
-            return false;
-        };
-        match tx.try_send(EdgeEvent { event: Some(event) }) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-            Err(mpsc::error::TrySendError::Full(event)) => {
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(10), tx.send(event)).await;
-                });
-                true
-            }
+        match self.upstream_for(Self::subject(&event)) {
+            Some((_, tx)) => send_nowait(&tx, event),
+            None => false,
         }
     }
 
     /// Sends an event up, if attached.
     pub async fn emit(&self, event: Event) -> bool {
-        let sender = read(&self.upstream).clone();
-        match sender {
-            Some(tx) => tx.send(EdgeEvent { event: Some(event) }).await.is_ok(),
+        match self.upstream_for(Self::subject(&event)) {
+            Some((_, tx)) => tx.send(EdgeEvent { event: Some(event) }).await.is_ok(),
             None => false,
         }
     }
@@ -178,7 +207,11 @@ impl Edge {
             },
         );
         let (done, answer) = oneshot::channel();
-        self.lock_registrations().insert(id.clone(), done);
+        let upstream = self.upstream_for(&id);
+        if let Some((address, _)) = &upstream {
+            self.lock_registrations()
+                .insert(id.clone(), (*address, done));
+        }
         // If the HTTP request is dropped while waiting (the client left),
         // this guard still undoes the registration.
         let mut guard = RegistrationGuard {
@@ -187,10 +220,11 @@ impl Edge {
             armed: true,
         };
         let attempt = async {
-            if !self.emit_nowait(Event::Opened(v1::ConnectionOpened {
+            let opened = Event::Opened(v1::ConnectionOpened {
                 connection: Some(record),
                 token,
-            })) {
+            });
+            if !upstream.is_some_and(|(_, tx)| send_nowait(&tx, opened)) {
                 return Err(RegisterError::Detached);
             }
             match answer.await {
@@ -284,7 +318,7 @@ impl Edge {
     }
 
     /// The connections held, and each one's current token.
-    fn snapshot(&self) -> (Vec<v1::Connection>, HashMap<String, String>) {
+    pub(crate) fn snapshot(&self) -> (Vec<v1::Connection>, HashMap<String, String>) {
         let connections = read(&self.connections);
         let records = connections.values().map(|c| c.record.clone()).collect();
         let tokens = connections
@@ -302,21 +336,24 @@ impl Edge {
         }
     }
 
+    #[allow(clippy::type_complexity)]
     fn lock_registrations(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<bool>>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (SocketAddr, oneshot::Sender<bool>)>> {
         self.registrations.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn apply(&self, command: Command) {
+    /// Carries out a command that came down `reply`'s stream (its report
+    /// goes back up the same stream).
+    fn apply(&self, command: Command, reply: &mpsc::Sender<EdgeEvent>) {
         match command {
             Command::Registered(r) => {
-                if let Some(done) = self.lock_registrations().remove(&r.connection_id) {
+                if let Some((_, done)) = self.lock_registrations().remove(&r.connection_id) {
                     let _ = done.send(true);
                 }
             }
             Command::Close(close) => {
-                if let Some(done) = self.lock_registrations().remove(&close.connection_id) {
+                if let Some((_, done)) = self.lock_registrations().remove(&close.connection_id) {
                     let _ = done.send(false);
                     return;
                 }
@@ -349,34 +386,103 @@ impl Edge {
                     None => Vec::new(),
                 };
                 if deliver.delivery_id != 0 {
-                    self.emit_nowait(Event::Delivered(v1::DeliveryReport {
-                        delivery_id: deliver.delivery_id,
-                        results,
-                    }));
+                    send_nowait(
+                        reply,
+                        Event::Delivered(v1::DeliveryReport {
+                            delivery_id: deliver.delivery_id,
+                            results,
+                        }),
+                    );
                 }
             }
         }
     }
 
-    /// Keeps the Attach stream open until `shutdown`, re-attaching with
-    /// exponential backoff (100 ms doubling to 5 s) whenever it drops.
-    pub async fn run_upstream(
+    /// Follows the ConnectionService replicas until `shutdown`: resolves
+    /// `urls` every [`RESOLVE_INTERVAL`], keeps one Attach stream open to
+    /// every address they resolve to, and drops the streams of addresses
+    /// that are gone. A failed resolution keeps the replicas already known.
+    pub async fn follow_replicas<C>(
         self: Arc<Self>,
-        client: EdgeServiceClient<AuthedChannel>,
+        urls: Vec<String>,
+        connect: C,
         shutdown: Shutdown,
+    ) where
+        C: Fn(&str, SocketAddr) -> anyhow::Result<EdgeServiceClient<AuthedChannel>>,
+    {
+        let mut replicas: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+        loop {
+            let mut seen = HashMap::new();
+            let mut complete = true;
+            for url in &urls {
+                match streamer_core::grpc::resolve(url).await {
+                    Ok(addresses) => {
+                        for address in addresses {
+                            seen.entry(address).or_insert_with(|| url.clone());
+                        }
+                    }
+                    Err(error) => {
+                        complete = false;
+                        tracing::warn!(%url, %error, "cannot resolve the connection service");
+                    }
+                }
+            }
+            for (address, url) in &seen {
+                if replicas.contains_key(address) {
+                    continue;
+                }
+                match connect(url, *address) {
+                    Ok(client) => {
+                        let stop = shutdown.child_token();
+                        replicas.insert(*address, stop.clone());
+                        tracing::info!(%url, %address, "connection service replica found");
+                        tokio::spawn(self.clone().attach_to(*address, client, stop));
+                    }
+                    Err(error) => {
+                        tracing::error!(%url, %error, "cannot reach the connection service")
+                    }
+                }
+            }
+            if complete {
+                replicas.retain(|address, stop| {
+                    let kept = seen.contains_key(address);
+                    if !kept {
+                        tracing::info!(%address, "connection service replica gone");
+                        stop.cancel();
+                    }
+                    kept
+                });
+            }
+            tokio::select! {
+                () = tokio::time::sleep(RESOLVE_INTERVAL) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Keeps the Attach stream to one replica open until `stop`,
+    /// re-attaching with exponential backoff (100 ms doubling to 5 s)
+    /// whenever it drops.
+    async fn attach_to(
+        self: Arc<Self>,
+        address: SocketAddr,
+        client: EdgeServiceClient<AuthedChannel>,
+        stop: CancellationToken,
     ) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            if shutdown.is_cancelled() {
+            if stop.is_cancelled() {
                 return;
             }
             let (tx, rx) = mpsc::channel(4096);
+            let taken_at = prost_types::Timestamp::from(std::time::SystemTime::now());
             let (connections, tokens) = self.snapshot();
             let hello = EdgeEvent {
                 event: Some(Event::Hello(v1::EdgeHello {
                     edge_id: self.edge_id.clone(),
                     connections,
                     tokens,
+                    taken_at: Some(taken_at),
                 })),
             };
             // The channel is fresh and empty, so this cannot fail.
@@ -384,49 +490,71 @@ impl Edge {
             let mut client = client.clone();
             let attached = tokio::select! {
                 r = client.attach(ReceiverStream::new(rx)) => r,
-                () = shutdown.cancelled() => return,
+                () = stop.cancelled() => return,
             };
             match attached {
                 Ok(response) => {
-                    *write(&self.upstream) = Some(tx);
-                    tracing::info!(edge_id = %self.edge_id, "attached to connection service");
+                    write(&self.upstreams).insert(address, tx.clone());
+                    tracing::info!(edge_id = %self.edge_id, %address, "attached to connection service");
                     backoff = Duration::from_millis(100);
                     let mut commands = response.into_inner();
                     loop {
                         let next = tokio::select! {
                             next = commands.message() => next,
-                            () = shutdown.cancelled() => break,
+                            () = stop.cancelled() => break,
                         };
                         match next {
-                            Ok(Some(EdgeCommand { command: Some(c) })) => self.apply(c).await,
+                            Ok(Some(EdgeCommand { command: Some(c) })) => self.apply(c, &tx),
                             Ok(Some(_)) => {}
                             Ok(None) => break,
                             Err(status) => {
-                                tracing::warn!(error = %status, "attach stream failed");
+                                tracing::warn!(%address, error = %status, "attach stream failed");
                                 break;
                             }
                         }
                     }
-                    *write(&self.upstream) = None;
+                    {
+                        let mut upstreams = write(&self.upstreams);
+                        if upstreams.get(&address).is_some_and(|t| t.same_channel(&tx)) {
+                            upstreams.remove(&address);
+                        }
+                    }
                     // Registrations in flight on the dead stream will never
                     // be answered.
-                    for (_, done) in self.lock_registrations().drain() {
-                        let _ = done.send(false);
-                    }
-                    tracing::warn!(edge_id = %self.edge_id, "detached from connection service");
+                    self.lock_registrations()
+                        .retain(|_, (asked, _)| *asked != address);
+                    tracing::warn!(edge_id = %self.edge_id, %address, "detached from connection service");
                 }
                 Err(status) if status.code() == tonic::Code::Unimplemented => {
-                    tracing::error!(error = %status, retry_in_ms = backoff.as_millis() as u64, "cannot attach: that address does not serve the edge stream; point the edge at ConnectionService's edge listener (--edge-listen, port 50054)");
+                    tracing::error!(%address, error = %status, retry_in_ms = backoff.as_millis() as u64, "cannot attach: that address does not serve the edge stream; point the edge at ConnectionService's edge listener (--edge-listen, port 50054)");
                 }
                 Err(status) => {
-                    tracing::warn!(error = %status, retry_in_ms = backoff.as_millis() as u64, "cannot attach to connection service");
+                    tracing::warn!(%address, error = %status, retry_in_ms = backoff.as_millis() as u64, "cannot attach to connection service");
                 }
             }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
-                () = shutdown.cancelled() => return,
+                () = stop.cancelled() => return,
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// How often the edge resolves the connection service's URLs again.
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Queues an event on one stream without waiting (see [`Edge::emit_nowait`]).
+fn send_nowait(tx: &mpsc::Sender<EdgeEvent>, event: Event) -> bool {
+    match tx.try_send(EdgeEvent { event: Some(event) }) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(mpsc::error::TrySendError::Full(event)) => {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(10), tx.send(event)).await;
+            });
+            true
         }
     }
 }

@@ -52,7 +52,10 @@ use crate::limits::{PerIpRate, SocketLimits};
 pub struct GatewayConfig {
     /// AuthService URL.
     pub auth_endpoint: String,
-    /// ConnectionService's internal edge stream (`EdgeService`) URL.
+    /// ConnectionService's internal edge stream (`EdgeService`): one URL, or several separated by
+    /// commas. Each URL's host is resolved again every few seconds and the
+    /// edge attaches to every address it resolves to (every replica behind
+    /// a Kubernetes headless Service).
     pub connection_endpoint: String,
     /// Unique per edge process.
     pub edge_id: String,
@@ -142,16 +145,27 @@ pub async fn serve(
         )?,
         credentials.clone(),
     );
-    let connections = EdgeServiceClient::with_interceptor(
-        channel(
-            &config.connection_endpoint,
-            config.control_plane_timeout,
-            &config.trust,
-        )?,
-        credentials,
-    );
     let edge = Edge::new(edge_id, config.outbound_queue);
-    let upstream = tokio::spawn(edge.clone().run_upstream(connections, shutdown.clone()));
+    let urls: Vec<String> = config
+        .connection_endpoint
+        .split(',')
+        .map(|url| url.trim().to_owned())
+        .filter(|url| !url.is_empty())
+        .collect();
+    anyhow::ensure!(!urls.is_empty(), "no connection service URL");
+    for url in &urls {
+        // Checked now, so a bad URL stops the edge at start.
+        streamer_core::grpc::endpoint(url, &config.trust)?;
+    }
+    let (trust, timeout) = (config.trust.clone(), config.control_plane_timeout);
+    let dial = move |url: &str, address| {
+        let endpoint = streamer_core::grpc::endpoint(url, &trust)?.connect_timeout(timeout);
+        Ok(EdgeServiceClient::with_interceptor(
+            streamer_core::grpc::channel_to(&endpoint, address, &trust),
+            credentials.clone(),
+        ))
+    };
+    let upstream = tokio::spawn(edge.clone().follow_replicas(urls, dial, shutdown.clone()));
     let sockets = TaskTracker::new();
     let header_read_timeout = config.header_read_timeout;
     let state = AppState {
@@ -195,7 +209,13 @@ pub async fn serve(
 
 async fn ready(State(state): State<AppState>) -> Response {
     if state.edge.is_attached() {
-        (StatusCode::OK, "ready").into_response()
+        // Which replicas, for whoever looks (a rollout, a test).
+        let replicas = state.edge.attached_replicas();
+        (
+            StatusCode::OK,
+            format!("ready: attached to {replicas} connection service replica(s)"),
+        )
+            .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

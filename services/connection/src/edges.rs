@@ -122,6 +122,17 @@ impl EdgeLink {
         }
     }
 
+    /// Ends the stream with `status` (after what is queued): the edge
+    /// attaches again, and announces what it holds.
+    pub fn end(&self, status: tonic::Status) {
+        if let Err(mpsc::error::TrySendError::Full(ended)) = self.commands.try_send(Err(status)) {
+            let commands = self.commands.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(COMMAND_TIMEOUT, commands.send(ended)).await;
+            });
+        }
+    }
+
     /// Queues a command that needs no answer.
     pub async fn command(&self, command: Command) -> bool {
         let send = self.commands.send(Ok(EdgeCommand {
@@ -142,17 +153,20 @@ impl EdgeLink {
     }
 }
 
-/// Every attached edge by id.
+/// Every attached edge by id. An edge may hold more than one stream to this
+/// replica for a moment (a re-attach before the old stream's end is seen,
+/// or a name resolving to this replica twice): deliveries take its newest,
+/// and it stays attached until its last stream ends.
 #[derive(Debug, Default)]
 pub struct EdgeRegistry {
     /// A std RwLock: lookups on every delivery, writes only on attach and
     /// detach; never held across an await.
-    edges: RwLock<HashMap<String, Arc<EdgeLink>>>,
+    edges: RwLock<HashMap<String, Vec<Arc<EdgeLink>>>>,
     generations: AtomicU64,
 }
 
 impl EdgeRegistry {
-    /// Registers an edge's stream, replacing an older stream of the same edge.
+    /// Registers one of an edge's streams.
     pub fn attach(&self, edge_id: String, commands: CommandSender) -> Arc<EdgeLink> {
         let link = Arc::new(EdgeLink {
             edge_id: edge_id.clone(),
@@ -160,28 +174,42 @@ impl EdgeRegistry {
             commands,
             pending: Mutex::new(HashMap::new()),
         });
-        self.write().insert(edge_id, link.clone());
+        self.write().entry(edge_id).or_default().push(link.clone());
         metrics::gauge!("streamer_edges_attached").set(self.len() as f64);
         link
     }
 
-    /// Removes the edge if `link` is still its current stream. Returns
-    /// whether it was.
+    /// Removes one stream of an edge. Returns whether the edge has no
+    /// stream left.
     pub fn detach(&self, link: &EdgeLink) -> bool {
         let mut edges = self.write();
-        let current = edges
-            .get(&link.edge_id)
-            .is_some_and(|l| l.generation == link.generation);
-        if current {
+        let gone = match edges.get_mut(&link.edge_id) {
+            Some(links) => {
+                links.retain(|l| l.generation != link.generation);
+                links.is_empty()
+            }
+            None => false,
+        };
+        if gone {
             edges.remove(&link.edge_id);
         }
         drop(edges);
         metrics::gauge!("streamer_edges_attached").set(self.len() as f64);
-        current
+        gone
+    }
+
+    /// Every attached edge's newest stream.
+    pub fn all(&self) -> Vec<Arc<EdgeLink>> {
+        self.read()
+            .values()
+            .filter_map(|links| links.last().cloned())
+            .collect()
     }
 
     pub fn get(&self, edge_id: &str) -> Option<Arc<EdgeLink>> {
-        self.read().get(edge_id).cloned()
+        self.read()
+            .get(edge_id)
+            .and_then(|links| links.last().cloned())
     }
 
     pub fn len(&self) -> usize {
@@ -192,11 +220,11 @@ impl EdgeRegistry {
         self.len() == 0
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<EdgeLink>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Vec<Arc<EdgeLink>>>> {
         self.edges.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<EdgeLink>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Vec<Arc<EdgeLink>>>> {
         self.edges.write().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -4,6 +4,8 @@
 //! Layout:
 //! - [`model`]: validation of every request on its way in (`TryFrom`).
 //! - [`edges`]: the attached edges and the deliveries in flight to them.
+//! - [`edge_stream`]: each edge's Attach stream, its announcements and its
+//!   liveness lease.
 //! - [`identities`]: AuthService's word on every connection an edge
 //!   announces.
 //! - [`routers`]: the routers listening on `Receive`, by action.
@@ -20,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client_messages;
+pub mod edge_stream;
 pub mod edges;
 pub mod error;
 pub mod identities;

@@ -8,11 +8,10 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use serde_json::Value;
 use streamer_api::v1::{
-    self, DeliveryOutcome, DeliveryResult, EdgeEvent, InboundMessage,
+    self, DeliveryOutcome, DeliveryResult, InboundMessage,
     connection_service_server::{ConnectionService, ConnectionServiceServer},
     edge_command::Command,
-    edge_event::Event,
-    edge_service_server::{EdgeService, EdgeServiceServer},
+    edge_service_server::EdgeServiceServer,
     progress_service_client::ProgressServiceClient,
 };
 use streamer_core::shutdown::Shutdown;
@@ -20,15 +19,15 @@ use streamer_core::store::{ConnectionRecord, SharedStore, now_ms};
 use streamer_core::trust::{AuthedChannel, Caller, Role, Trust};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 use crate::client_messages::{self, ClientErrorCode};
-use crate::edges::{EdgeLink, EdgeRegistry};
+use crate::edges::EdgeRegistry;
 use crate::error::ConnectionError;
 use crate::identities::IdentityCheck;
 use crate::model::{
     BroadcastCommand, BroadcastTarget, DisconnectCommand, ListQuery, SendCommand,
-    connection_from_edge, connection_to_proto, optional_id, required_id,
+    connection_to_proto, optional_id, required_id,
 };
 use crate::routers::{RouteError, RouterTable};
 
@@ -40,15 +39,11 @@ pub const BUILTIN_ACTIONS: &[&str] = &["get_request", "cancel_request", "refresh
 /// turn every message into a store write.
 const TOUCH_INTERVAL_MS: u64 = 60_000;
 /// Commands queued per edge stream before senders wait.
-const EDGE_QUEUE: usize = 4096;
+pub(crate) const EDGE_QUEUE: usize = 4096;
 /// Frames queued per router stream before it counts as busy.
 const ROUTER_QUEUE: usize = 1024;
 /// How often expired connection records are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-/// How long a detached edge has to re-attach before its connections are
-/// taken for gone. A stream reset (a proxy, a rollout) must not lose every
-/// socket the edge still holds.
-const EDGE_GRACE: Duration = Duration::from_secs(15);
 /// Inbound frames are handled by this many ordered workers, each owning the
 /// connections that hash to it: frames of one connection keep their order,
 /// and the number of frames in flight is bounded.
@@ -67,8 +62,13 @@ pub struct ConnectionConfig {
     pub delivery_timeout: Duration,
     /// Every recorded connection is stale at start (true when the only edge
     /// runs in this same process, as in `streamer all`). Otherwise records
-    /// of edges that do not re-attach within a grace period are removed.
+    /// of edges that do not re-attach within their lease are removed.
     pub connections_stale_at_start: bool,
+    /// How long an edge counts as alive after a replica last heard from it
+    /// (see [`crate::edge_stream`]). A stream reset (a proxy, a rollout)
+    /// shorter than this loses none of the edge's connections; an edge gone
+    /// for longer has them removed.
+    pub edge_lease: Duration,
     /// Who may call this service, and how it presents itself to
     /// ProgressService and AuthService.
     pub trust: Trust,
@@ -84,6 +84,7 @@ impl Default for ConnectionConfig {
             progress_endpoint: Some("http://127.0.0.1:50053".into()),
             delivery_timeout: Duration::from_secs(5),
             connections_stale_at_start: false,
+            edge_lease: Duration::from_secs(30),
             trust: Trust::none(),
             auth_endpoint: Some("http://127.0.0.1:50051".into()),
         }
@@ -93,18 +94,18 @@ impl Default for ConnectionConfig {
 /// A cheap-to-clone handle to the service.
 #[derive(Clone)]
 pub struct ConnectionServer {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
-struct Shared {
-    store: SharedStore,
+pub(crate) struct Shared {
+    pub(crate) store: SharedStore,
     inbound: Vec<mpsc::Sender<Inbound>>,
-    edges: EdgeRegistry,
+    pub(crate) edges: EdgeRegistry,
     routers: RouterTable,
     progress: Option<ProgressServiceClient<AuthedChannel>>,
-    identities: IdentityCheck,
-    config: ConnectionConfig,
-    shutdown: Shutdown,
+    pub(crate) identities: IdentityCheck,
+    pub(crate) config: ConnectionConfig,
+    pub(crate) shutdown: Shutdown,
 }
 
 /// A frame on its way to an inbound worker, with the edge it came from.
@@ -113,30 +114,20 @@ struct Inbound {
     frame: v1::InboundFrame,
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 impl ConnectionServer {
-    /// Builds the service, forgets connections left by a previous run (see
+    /// Builds the service, settles the edges a previous run left (see
     /// [`ConnectionConfig::connections_stale_at_start`]) and starts its
-    /// expiry sweeper (which ends with `shutdown`). The ProgressService
-    /// channel connects lazily.
+    /// sweepers (which end with `shutdown`). The ProgressService channel
+    /// connects lazily.
     pub async fn start(
         store: SharedStore,
         config: ConnectionConfig,
         shutdown: Shutdown,
     ) -> anyhow::Result<Self> {
-        let stale_now = config.connections_stale_at_start;
         let server = Self::new(store, config, shutdown)?;
-        let edges = server.shared.store.connection_edges().await?;
-        for edge_id in edges {
-            if stale_now {
-                for id in server.shared.store.connections_of_edge(&edge_id).await? {
-                    server.shared.store.delete_connection(&id).await?;
-                }
-            } else {
-                tokio::spawn(server.clone().forget_edge_after_grace(edge_id));
-            }
-        }
+        server.adopt_edges().await?;
         Ok(server)
     }
 
@@ -177,6 +168,7 @@ impl ConnectionServer {
             }),
         };
         tokio::spawn(server.clone().sweep_expired());
+        tokio::spawn(server.clone().keep_edge_leases());
         for receiver in receivers {
             tokio::spawn(server.clone().inbound_worker(receiver));
         }
@@ -208,7 +200,7 @@ impl ConnectionServer {
 
     /// Queues a frame on its connection's worker without waiting; a full
     /// worker answers the client RATE_LIMITED instead of stalling the edge.
-    fn enqueue_frame(&self, edge_id: &str, frame: v1::InboundFrame) {
+    pub(crate) fn enqueue_frame(&self, edge_id: &str, frame: v1::InboundFrame) {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         frame.connection_id.hash(&mut hasher);
@@ -472,174 +464,6 @@ impl ConnectionServer {
             body: Some(v1::payload::Body::Text(message.to_string())),
         };
         self.deliver(vec![record], payload, None).await;
-    }
-
-    // ---- the edge stream ----
-
-    async fn run_edge(self, link: Arc<EdgeLink>, mut events: Streaming<EdgeEvent>) {
-        let edge_id = link.edge_id.clone();
-        loop {
-            let event = tokio::select! {
-                event = events.message() => event,
-                () = self.shared.shutdown.cancelled() => break,
-            };
-            let event = match event {
-                Ok(Some(EdgeEvent { event: Some(event) })) => event,
-                Ok(Some(EdgeEvent { event: None })) => continue,
-                Ok(None) => break,
-                Err(status) => {
-                    tracing::info!(edge_id = %edge_id, error = %status, "edge stream failed");
-                    break;
-                }
-            };
-            match event {
-                Event::Hello(_) => {
-                    tracing::warn!(edge_id = %edge_id, "edge sent a second hello; ignored");
-                }
-                Event::Opened(opened) => self.edge_opened(&link, opened).await,
-                Event::Closed(closed) => self.edge_closed(&link, closed).await,
-                Event::Frame(frame) => self.enqueue_frame(&edge_id, frame),
-                Event::Delivered(report) => link.report(report),
-            }
-        }
-        link.abandon();
-        if self.shared.edges.detach(&link) {
-            tracing::info!(edge_id = %edge_id, "edge detached");
-            tokio::spawn(self.forget_edge_after_grace(edge_id));
-        }
-    }
-
-    /// Whether a connection an edge announces is recorded as another
-    /// edge's: sockets never move between edges, so such an announcement is
-    /// a takeover attempt (or an id collision) and is refused.
-    async fn held_elsewhere(
-        &self,
-        record: &ConnectionRecord,
-        edge_id: &str,
-    ) -> Result<bool, ConnectionError> {
-        Ok(self
-            .shared
-            .store
-            .get_connection(&record.connection_id)
-            .await?
-            .is_some_and(|existing| existing.edge_id != edge_id))
-    }
-
-    /// Removes a detached edge's connections unless it re-attaches within
-    /// [`EDGE_GRACE`] (its `hello` then reconciles them instead).
-    async fn forget_edge_after_grace(self, edge_id: String) {
-        tokio::select! {
-            () = tokio::time::sleep(EDGE_GRACE) => {}
-            () = self.shared.shutdown.cancelled() => return,
-        }
-        let ids = match self.shared.store.connections_of_edge(&edge_id).await {
-            Ok(ids) => ids,
-            Err(error) => {
-                tracing::warn!(edge_id = %edge_id, %error, "cannot list a detached edge's connections");
-                return;
-            }
-        };
-        let mut removed = 0;
-        for id in &ids {
-            // Checked per record: the edge may come back mid-way.
-            if self.shared.edges.get(&edge_id).is_some() {
-                return;
-            }
-            if self.shared.store.delete_connection(id).await.is_ok() {
-                removed += 1;
-            }
-        }
-        tracing::info!(edge_id = %edge_id, removed, "detached edge did not return; its connections are gone");
-    }
-
-    async fn edge_opened(&self, link: &EdgeLink, opened: v1::ConnectionOpened) {
-        let announced_id = opened
-            .connection
-            .as_ref()
-            .map(|c| c.connection_id.clone())
-            .unwrap_or_default();
-        let record = match opened
-            .connection
-            .ok_or_else(|| ConnectionError::EdgeProtocol("opened without a connection".into()))
-            .and_then(|c| connection_from_edge(c, &link.edge_id, now_ms()))
-        {
-            Ok(record) => match self.shared.identities.verify(record, &opened.token).await {
-                Ok(record) => record,
-                Err(refusal) => {
-                    tracing::warn!(edge_id = %link.edge_id, connection_id = %announced_id, ?refusal, "edge announced a connection whose token does not hold; refused");
-                    let (code, reason) = refusal.close();
-                    link.command_nowait(Command::Close(v1::CloseConnection {
-                        connection_id: announced_id,
-                        code,
-                        reason,
-                    }));
-                    return;
-                }
-            },
-            Err(error) => {
-                tracing::warn!(edge_id = %link.edge_id, %error, "edge announced an invalid connection");
-                // Answer at once, so the client is refused now rather
-                // than when the edge's wait runs out.
-                link.command_nowait(Command::Close(v1::CloseConnection {
-                    connection_id: announced_id,
-                    code: 1008,
-                    reason: "identity not usable".into(),
-                }));
-                return;
-            }
-        };
-        let connection_id = record.connection_id.clone();
-        match self.held_elsewhere(&record, &link.edge_id).await {
-            Ok(false) => {}
-            Ok(true) | Err(_) => {
-                tracing::warn!(edge_id = %link.edge_id, connection_id = %connection_id, "edge announced a connection id that another edge holds; refused");
-                link.command_nowait(Command::Close(v1::CloseConnection {
-                    connection_id,
-                    code: 1008,
-                    reason: "connection id in use".into(),
-                }));
-                return;
-            }
-        }
-        let command = match self.shared.store.put_connection(record).await {
-            Ok(()) => {
-                metrics::counter!("streamer_connections_opened_total").increment(1);
-                Command::Registered(v1::ConnectionRegistered { connection_id })
-            }
-            Err(error) => {
-                tracing::error!(%error, connection_id = %connection_id, "cannot record connection");
-                Command::Close(v1::CloseConnection {
-                    connection_id,
-                    code: 1011,
-                    reason: "connection registry unavailable".into(),
-                })
-            }
-        };
-        link.command_nowait(command);
-    }
-
-    async fn edge_closed(&self, link: &EdgeLink, closed: v1::ConnectionClosed) {
-        // Only the edge that holds a connection may remove it.
-        match self
-            .shared
-            .store
-            .get_connection(&closed.connection_id)
-            .await
-        {
-            Ok(Some(record)) if record.edge_id == link.edge_id => {
-                if let Err(error) = self
-                    .shared
-                    .store
-                    .delete_connection(&closed.connection_id)
-                    .await
-                {
-                    tracing::warn!(%error, connection_id = %closed.connection_id, "cannot remove closed connection");
-                }
-                metrics::counter!("streamer_connections_closed_total").increment(1);
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "cannot read closed connection"),
-        }
     }
 
     /// Routes one client frame: built-in actions, then routers, then the
@@ -978,114 +802,6 @@ impl ConnectionService for ConnectionServer {
                 let _keep = &guard;
                 item
             });
-        Ok(Response::new(Box::pin(stream)))
-    }
-}
-
-#[tonic::async_trait]
-impl EdgeService for ConnectionServer {
-    type AttachStream = BoxStream<v1::EdgeCommand>;
-
-    async fn attach(
-        &self,
-        request: Request<Streaming<EdgeEvent>>,
-    ) -> Result<Response<Self::AttachStream>, Status> {
-        let caller = Caller::of(&request);
-        let mut events = request.into_inner();
-        let hello = match tokio::time::timeout(Duration::from_secs(10), events.message()).await {
-            Ok(Ok(Some(EdgeEvent {
-                event: Some(Event::Hello(hello)),
-            }))) => hello,
-            _ => {
-                return Err(ConnectionError::EdgeProtocol(
-                    "the first message of Attach must be `hello`".into(),
-                )
-                .into());
-            }
-        };
-        let edge_id = required_id("hello.edge_id", hello.edge_id)?;
-        // An authenticated edge speaks only as itself: its id is its
-        // credential's name (or a name under it), so no other caller can
-        // take its sockets over.
-        if !caller.may_attach_as(&edge_id) {
-            return Err(ConnectionError::PermissionDenied(format!(
-                "this credential ({0}) may attach only as edge {0:?} or {0:?}/<name>, not {edge_id:?}",
-                caller.subject
-            ))
-            .into());
-        }
-        let now = now_ms();
-        let mut tokens = hello.tokens;
-        let mut announced = Vec::new();
-        for connection in hello.connections {
-            match connection_from_edge(connection, &edge_id, now) {
-                Ok(record) => {
-                    let token = tokens.remove(&record.connection_id).unwrap_or_default();
-                    announced.push((record, token));
-                }
-                Err(error) => tracing::warn!(%error, "edge re-announced an invalid connection"),
-            }
-        }
-        // Before the edge counts as attached: without AuthService's word,
-        // nothing it re-announces is recorded, and it attaches again later.
-        let (verified, refused) =
-            self.shared
-                .identities
-                .verify_all(announced)
-                .await
-                .map_err(|refusal| {
-                    Status::unavailable(format!(
-                        "cannot verify the connections this edge holds now: {refusal:?}"
-                    ))
-                })?;
-        let (tx, rx) = mpsc::channel(EDGE_QUEUE);
-        let link = self.shared.edges.attach(edge_id.clone(), tx);
-        for (connection_id, refusal) in refused {
-            tracing::warn!(edge_id = %edge_id, connection_id = %connection_id, ?refusal, "edge re-announced a connection whose token does not hold; closing it");
-            let (code, reason) = refusal.close();
-            link.command_nowait(Command::Close(v1::CloseConnection {
-                connection_id,
-                code,
-                reason,
-            }));
-        }
-        let mut held = std::collections::HashSet::new();
-        for record in verified {
-            if self.held_elsewhere(&record, &edge_id).await? {
-                tracing::warn!(edge_id = %edge_id, connection_id = %record.connection_id, "edge re-announced another edge's connection; ignored");
-                continue;
-            }
-            held.insert(record.connection_id.clone());
-            self.shared
-                .store
-                .put_connection(record)
-                .await
-                .map_err(ConnectionError::from)?;
-        }
-        // The hello is the edge's whole truth: records of sockets that
-        // closed while it was detached (their `closed` event had nowhere to
-        // go) are removed now.
-        let mut removed = 0;
-        for id in self
-            .shared
-            .store
-            .connections_of_edge(&edge_id)
-            .await
-            .map_err(ConnectionError::from)?
-        {
-            if !held.contains(&id) {
-                self.shared
-                    .store
-                    .delete_connection(&id)
-                    .await
-                    .map_err(ConnectionError::from)?;
-                removed += 1;
-            }
-        }
-        tracing::info!(edge_id = %edge_id, restored = held.len(), removed, "edge attached");
-        tokio::spawn(self.clone().run_edge(link, events));
-        let stream =
-            ReceiverStream::new(rx).take_until(self.shared.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
     }
 }

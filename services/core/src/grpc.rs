@@ -287,6 +287,47 @@ pub fn channel(endpoint: &Endpoint, trust: &Trust) -> Channel {
     }
 }
 
+/// A channel to one `address` that `endpoint`'s host resolves to (one
+/// replica of several behind one name), over TLS when `trust` has it, with
+/// the certificate still verified against the host's name. Connects on
+/// first use.
+pub fn channel_to(endpoint: &Endpoint, address: SocketAddr, trust: &Trust) -> Channel {
+    match trust.tls() {
+        Some(tls) => endpoint.connect_with_connector_lazy(tls.connector().to_address(address)),
+        None => endpoint.connect_with_connector_lazy(tower::service_fn(
+            move |_: http::Uri| async move {
+                let tcp = tokio::net::TcpStream::connect(address).await?;
+                tcp.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tcp))
+            },
+        )),
+    }
+}
+
+/// Every address `url`'s host resolves to now (several for a name such as
+/// a Kubernetes headless Service, one for an IP address).
+pub async fn resolve(url: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("invalid URL {url:?}: {e}"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| anyhow::anyhow!("{url}: no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    });
+    let mut addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot resolve {host}: {e}"))?
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    Ok(addresses)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

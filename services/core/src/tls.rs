@@ -139,6 +139,7 @@ impl Tls {
     pub fn connector(&self) -> TlsConnector {
         TlsConnector {
             config: self.client.clone(),
+            address: None,
         }
     }
 
@@ -322,11 +323,23 @@ impl ResolvesClientCert for ReloadingKey {
     }
 }
 
-/// Dials `host:port` of a URI and speaks TLS over it (tonic's custom
-/// connector, see [`crate::grpc::channel`]).
+/// Dials `host:port` of a URI (or one address it resolves to, see
+/// [`TlsConnector::to_address`]) and speaks TLS over it, verifying the
+/// server's certificate against the URI's host (tonic's custom connector,
+/// see [`crate::grpc::channel`]).
 #[derive(Clone)]
 pub struct TlsConnector {
     config: Arc<ClientConfig>,
+    address: Option<std::net::SocketAddr>,
+}
+
+impl TlsConnector {
+    /// Dials `address` instead of resolving the URI's host: one replica
+    /// behind a name that resolves to several, still verified as that name.
+    pub fn to_address(mut self, address: std::net::SocketAddr) -> Self {
+        self.address = Some(address);
+        self
+    }
 }
 
 type ConnectFuture<T> =
@@ -343,6 +356,7 @@ impl tower::Service<http::Uri> for TlsConnector {
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let connector = tokio_rustls::TlsConnector::from(self.config.clone());
+        let address = self.address;
         Box::pin(async move {
             let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
             let host = uri
@@ -354,7 +368,10 @@ impl tower::Service<http::Uri> for TlsConnector {
             let port = uri.port_u16().unwrap_or(443);
             let name = ServerName::try_from(host.clone())
                 .map_err(|_| invalid("the URL's host is not a valid TLS server name"))?;
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            let tcp = match address {
+                Some(address) => TcpStream::connect(address).await?,
+                None => TcpStream::connect((host.as_str(), port)).await?,
+            };
             tcp.set_nodelay(true)?;
             let stream = connector.connect(name, tcp).await?;
             Ok(hyper_util::rt::TokioIo::new(stream))

@@ -1,0 +1,393 @@
+//! Two ConnectionService replicas on one DynamoDB-protocol server (moto,
+//! started by the test), and edges attached to both:
+//! - a `Send` or tenant `Broadcast` made through either replica reaches
+//!   every intended socket, on either edge, exactly once;
+//! - a replica that stops takes no socket with it: the edges stay attached
+//!   to the other, which still reaches every client;
+//! - an edge that vanishes without a word (its streams reset) has its
+//!   connections removed once its lease lapses, by whichever replica gets
+//!   there first.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use streamer_api::v1::{self, connection_service_client::ConnectionServiceClient};
+use streamer_core::shutdown::Shutdown;
+use streamer_core::store::conformance::local_dynamodb;
+use streamer_core::store::{DynamoStore, SharedStore};
+use support::{WsClient, eventually, http_get, json_payload, within};
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+/// How long an edge lives without a replica hearing from it: short, so the
+/// lapse is seen within the test.
+const EDGE_LEASE: Duration = Duration::from_secs(3);
+
+async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+fn addr(listener: &TcpListener) -> SocketAddr {
+    listener.local_addr().unwrap()
+}
+
+struct Replica {
+    api: SocketAddr,
+    edge: SocketAddr,
+    shutdown: Shutdown,
+}
+
+struct Cluster {
+    _data: tempfile::TempDir,
+    key: streamer_auth::dev::DevKey,
+    store: SharedStore,
+    replicas: Vec<Replica>,
+    gateways: Vec<SocketAddr>,
+    shutdown: Shutdown,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Cluster {
+    async fn start(replicas: usize, edges: usize) -> Self {
+        streamer_core::telemetry::init_logs(streamer_core::telemetry::LogFormat::Plain, "error");
+        let data = tempfile::tempdir().unwrap();
+        let key = streamer_auth::dev::ensure_dev_key(data.path()).unwrap();
+        let shutdown = Shutdown::new();
+        let prefix = format!("replicas-{}-", uuid::Uuid::new_v4().simple());
+        let dynamo = DynamoStore::local(&local_dynamodb::endpoint(), &prefix);
+        dynamo.create_tables().await.unwrap();
+        let store: SharedStore = Arc::new(dynamo);
+
+        let auth_l = listener().await;
+        let auth = addr(&auth_l);
+        tokio::spawn(streamer::run_auth(
+            auth_l,
+            streamer::open_embedded_store(&data.path().join("auth")).unwrap(),
+            streamer_auth::AuthConfig::new([streamer_auth::dev::public_key_path(data.path())]),
+            Default::default(),
+            shutdown.clone(),
+        ));
+        let mut started = Vec::new();
+        for _ in 0..replicas {
+            let (api_l, edge_l) = (listener().await, listener().await);
+            let replica = Replica {
+                api: addr(&api_l),
+                edge: addr(&edge_l),
+                shutdown: shutdown.child_token(),
+            };
+            tokio::spawn(streamer::run_connection(
+                api_l,
+                edge_l,
+                store.clone(),
+                streamer_connection::ConnectionConfig {
+                    progress_endpoint: None,
+                    auth_endpoint: Some(format!("http://{auth}")),
+                    edge_lease: EDGE_LEASE,
+                    ..Default::default()
+                },
+                replica.shutdown.clone(),
+            ));
+            started.push(replica);
+        }
+        let every_replica = started
+            .iter()
+            .map(|r| format!("http://{}", r.edge))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut gateways = Vec::new();
+        for _ in 0..edges {
+            let gateway_l = listener().await;
+            gateways.push(addr(&gateway_l));
+            tokio::spawn(streamer::run_gateway(
+                gateway_l,
+                streamer_gateway::GatewayConfig {
+                    auth_endpoint: format!("http://{auth}"),
+                    connection_endpoint: every_replica.clone(),
+                    ..Default::default()
+                },
+                shutdown.clone(),
+            ));
+        }
+        let cluster = Self {
+            _data: data,
+            key,
+            store,
+            replicas: started,
+            gateways,
+            shutdown,
+        };
+        for gateway in &cluster.gateways {
+            cluster.wait_attached(*gateway, replicas).await;
+        }
+        cluster
+    }
+
+    /// Until the edge at `gateway` is attached to `replicas` replicas.
+    async fn wait_attached(&self, gateway: SocketAddr, replicas: usize) {
+        let want = format!("attached to {replicas} connection");
+        eventually(&format!("edge {gateway} attached to {replicas}"), || {
+            let want = want.clone();
+            async move {
+                http_get(&format!("http://{gateway}/readyz"))
+                    .await
+                    .is_some_and(|(status, body)| status == 200 && body.contains(&want))
+            }
+        })
+        .await;
+    }
+
+    /// A client of `user` (tenant acme) on the edge at `gateway`, with its
+    /// connection id.
+    async fn connect(&self, gateway: SocketAddr, user: &str) -> (WsClient, String) {
+        let token = self
+            .key
+            .mint(&streamer_auth::dev::MintOptions {
+                sub: user.into(),
+                tenant: "acme".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        let url = format!("ws://{gateway}/?Authorization={token}");
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let mut connections = self.connections(0).await;
+        let ids = support::user_connection_ids(&mut connections, "acme", user).await;
+        assert_eq!(ids.len(), 1, "{user} has one connection");
+        (WsClient { ws }, ids[0].clone())
+    }
+
+    async fn connections(&self, replica: usize) -> ConnectionServiceClient<Channel> {
+        ConnectionServiceClient::connect(format!("http://{}", self.replicas[replica].api))
+            .await
+            .unwrap()
+    }
+}
+
+/// Six clients, three on each of two edges.
+async fn clients(cluster: &Cluster) -> BTreeMap<String, (WsClient, String)> {
+    let mut clients = BTreeMap::new();
+    for (i, gateway) in cluster.gateways.iter().enumerate() {
+        for n in 0..3 {
+            let user = format!("user-{i}-{n}");
+            let client = cluster.connect(*gateway, &user).await;
+            clients.insert(user, client);
+        }
+    }
+    clients
+}
+
+/// What `client` receives next, within the test's patience.
+async fn next(client: &mut WsClient) -> serde_json::Value {
+    within("a message", client.recv_json()).await
+}
+
+/// Nothing more arrives at `client` for a moment (after a marker sent
+/// through the same path, so anything sent before it has arrived).
+async fn nothing_more(cluster: &Cluster, user: &str, client: &mut WsClient, id: &str) {
+    let mut connections = cluster.connections(0).await;
+    let sent = connections
+        .send(support::send(id, json!({"marker": user})))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sent.outcome(), v1::DeliveryOutcome::Delivered);
+    assert_eq!(
+        next(client).await,
+        json!({"marker": user}),
+        "no duplicate before the marker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_and_broadcasts_through_either_replica_reach_each_socket_exactly_once() {
+    let cluster = Cluster::start(2, 2).await;
+    let mut clients = clients(&cluster).await;
+
+    for replica in 0..2 {
+        let mut connections = cluster.connections(replica).await;
+        for (user, (_, id)) in &clients {
+            let sent = connections
+                .send(support::send(id, json!({"to": user, "via": replica})))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                sent.outcome(),
+                v1::DeliveryOutcome::Delivered,
+                "{user} via {replica}"
+            );
+        }
+        let broadcast = connections
+            .broadcast(v1::BroadcastRequest {
+                target: Some(v1::broadcast_request::Target::Tenant(v1::TenantTarget {
+                    tenant_id: "acme".into(),
+                })),
+                payload: json_payload(json!({"all": replica})),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(broadcast.delivered, 6, "via {replica}: {broadcast:?}");
+        assert_eq!(
+            broadcast.unavailable + broadcast.gone + broadcast.not_found,
+            0
+        );
+    }
+    for (user, (client, id)) in &mut clients {
+        for replica in 0..2 {
+            assert_eq!(next(client).await, json!({"to": user, "via": replica}));
+            assert_eq!(next(client).await, json!({"all": replica}));
+        }
+        nothing_more(&cluster, user, client, id).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stops_takes_no_socket_with_it() {
+    let cluster = Cluster::start(2, 2).await;
+    let mut clients = clients(&cluster).await;
+
+    cluster.replicas[1].shutdown.cancel();
+    for gateway in &cluster.gateways {
+        cluster.wait_attached(*gateway, 1).await;
+    }
+    // Longer than the lease: the surviving replica keeps every edge alive.
+    tokio::time::sleep(EDGE_LEASE * 2).await;
+
+    let mut connections = cluster.connections(0).await;
+    let broadcast = connections
+        .broadcast(v1::BroadcastRequest {
+            target: Some(v1::broadcast_request::Target::Tenant(v1::TenantTarget {
+                tenant_id: "acme".into(),
+            })),
+            payload: json_payload(json!({"after": "stop"})),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(broadcast.delivered, 6, "{broadcast:?}");
+    for (user, (client, id)) in &mut clients {
+        assert_eq!(next(client).await, json!({"after": "stop"}), "{user}");
+        nothing_more(&cluster, user, client, id).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_vanishes_has_its_connections_removed_once_its_lease_lapses() {
+    let cluster = Cluster::start(2, 1).await;
+    let (_alive, alive_id) = cluster.connect(cluster.gateways[0], "alive").await;
+
+    // A ghost edge: it attaches to both replicas, announces two sockets,
+    // then its streams reset, as when its process is killed.
+    let ghost: Vec<_> = ["ghost-1", "ghost-2"]
+        .iter()
+        .map(|id| v1::Connection {
+            connection_id: (*id).into(),
+            identity: Some(v1::Identity {
+                user_id: "ghost".into(),
+                tenant_id: "acme".into(),
+                permissions: vec![],
+            }),
+            ..Default::default()
+        })
+        .collect();
+    // On a runtime of its own, so that dropping it closes its sockets the
+    // way a killed process's close.
+    let edges: Vec<SocketAddr> = cluster.replicas.iter().map(|r| r.edge).collect();
+    let (attached_tx, attached) = tokio::sync::oneshot::channel();
+    let (kill, killed) = std::sync::mpsc::channel::<()>();
+    let ghost_process = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let streams = runtime.block_on(async move {
+            let mut streams = Vec::new();
+            for edge in edges {
+                let mut client =
+                    v1::edge_service_client::EdgeServiceClient::connect(format!("http://{edge}"))
+                        .await
+                        .unwrap();
+                let hello = v1::EdgeEvent {
+                    event: Some(v1::edge_event::Event::Hello(v1::EdgeHello {
+                        edge_id: "ghost-edge".into(),
+                        connections: ghost.clone(),
+                        tokens: Default::default(),
+                        taken_at: None,
+                    })),
+                };
+                let events = tokio_stream::StreamExt::chain(
+                    tokio_stream::iter([hello]),
+                    tokio_stream::pending(),
+                );
+                streams.push(client.attach(events).await.unwrap());
+            }
+            streams
+        });
+        let _ = attached_tx.send(());
+        let _ = killed.recv();
+        runtime.shutdown_background();
+        drop(streams);
+    });
+    within("the ghost to attach", attached).await.unwrap();
+    let listed = |store: SharedStore| async move {
+        let mut ids: Vec<String> = store
+            .list_connections("acme", Some("ghost"), None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.connection_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(listed(cluster.store.clone()).await, ["ghost-1", "ghost-2"]);
+    let edge = cluster.store.get_edge("ghost-edge").await.unwrap().unwrap();
+    assert!(edge.lease_expires_at_ms > streamer_core::store::now_ms());
+
+    let vanished = std::time::Instant::now();
+    kill.send(()).unwrap();
+    ghost_process.join().unwrap();
+    eventually("the ghost's connections to go", || {
+        let store = cluster.store.clone();
+        async move { listed(store).await.is_empty() }
+    })
+    .await;
+    // Not before the lease ran out, and not long after (a renewal tick,
+    // then a sweep tick, each a third of the lease).
+    let gone_after = vanished.elapsed();
+    assert!(
+        gone_after >= EDGE_LEASE - Duration::from_millis(1_100),
+        "removed after {gone_after:?}, before the lease could lapse"
+    );
+    assert!(
+        cluster
+            .store
+            .get_edge("ghost-edge")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The live edge and its client are untouched.
+    let mut connections = cluster.connections(1).await;
+    let sent = connections
+        .send(support::send(&alive_id, json!({"still": "here"})))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sent.outcome(), v1::DeliveryOutcome::Delivered);
+}
