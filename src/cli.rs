@@ -338,9 +338,15 @@ pub struct ProgressArgs {
     #[arg(long, env = "STREAMER_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
     /// Actions queued as requests even before a processor has declared them,
-    /// comma-separated.
+    /// comma-separated. With several ProgressService replicas, list every
+    /// async action: a replica otherwise accepts only the actions of the
+    /// processors connected to it.
     #[arg(long, env = "STREAMER_ASYNC_ACTIONS", value_delimiter = ',')]
     pub async_actions: Vec<String>,
+    /// How often, in milliseconds, the store is asked for work submitted
+    /// through other replicas and for leases lapsed anywhere.
+    #[arg(long, env = "STREAMER_STORE_POLL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub store_poll_ms: u64,
 }
 
 impl ProgressArgs {
@@ -362,6 +368,7 @@ impl ProgressArgs {
             default_lease: Duration::from_secs(self.lease_secs),
             max_attempts: self.max_attempts,
             async_actions: self.async_actions.clone(),
+            store_poll: Duration::from_millis(self.store_poll_ms),
             trust: Trust::none(),
         })
     }

@@ -6,7 +6,10 @@
 //!   to the other, which still reaches every client;
 //! - an edge that vanishes without a word (its streams reset) has its
 //!   connections removed once its lease lapses, by whichever replica gets
-//!   there first.
+//!   there first;
+//! - a processor on one ProgressService replica gets work submitted through
+//!   another, and work held by a processor whose replica went away is taken
+//!   back when its lease lapses and done elsewhere: its final arrives once.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,7 +21,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use streamer_api::v1::{self, connection_service_client::ConnectionServiceClient};
+use streamer_api::v1::{
+    self, claim_response::Item, connection_service_client::ConnectionServiceClient,
+    progress_service_client::ProgressServiceClient,
+};
 use streamer_core::shutdown::Shutdown;
 use streamer_core::store::conformance::local_dynamodb;
 use streamer_core::store::{DynamoStore, SharedStore};
@@ -49,9 +55,14 @@ struct Cluster {
     key: streamer_auth::dev::DevKey,
     store: SharedStore,
     replicas: Vec<Replica>,
+    /// ProgressService replicas: their address and what stops each.
+    progress: Vec<(SocketAddr, Shutdown)>,
     gateways: Vec<SocketAddr>,
     shutdown: Shutdown,
 }
+
+/// The async action the tests' processors run.
+const ACTION: &str = "report";
 
 impl Drop for Cluster {
     fn drop(&mut self) {
@@ -60,7 +71,11 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    async fn start(replicas: usize, edges: usize) -> Self {
+    /// `replicas` ConnectionService replicas, `progress` ProgressService
+    /// replicas (ConnectionService replica i submits through ProgressService
+    /// replica i + 1, so work crosses replicas) and `edges` edges attached
+    /// to every ConnectionService replica.
+    async fn start(replicas: usize, progress: usize, edges: usize) -> Self {
         streamer_core::telemetry::init_logs(streamer_core::telemetry::LogFormat::Plain, "error");
         let data = tempfile::tempdir().unwrap();
         let key = streamer_auth::dev::ensure_dev_key(data.path()).unwrap();
@@ -79,9 +94,30 @@ impl Cluster {
             Default::default(),
             shutdown.clone(),
         ));
-        let mut started = Vec::new();
+        let mut api_listeners = Vec::new();
         for _ in 0..replicas {
-            let (api_l, edge_l) = (listener().await, listener().await);
+            api_listeners.push(listener().await);
+        }
+        let mut progress_replicas = Vec::new();
+        for i in 0..progress {
+            let progress_l = listener().await;
+            let stop = shutdown.child_token();
+            progress_replicas.push((addr(&progress_l), stop.clone()));
+            tokio::spawn(streamer::run_progress(
+                progress_l,
+                store.clone(),
+                streamer_progress::ProgressConfig {
+                    connection_endpoint: format!("http://{}", addr(&api_listeners[i % replicas])),
+                    async_actions: vec![ACTION.into()],
+                    store_poll: Duration::from_millis(200),
+                    ..Default::default()
+                },
+                stop,
+            ));
+        }
+        let mut started = Vec::new();
+        for (i, api_l) in api_listeners.into_iter().enumerate() {
+            let edge_l = listener().await;
             let replica = Replica {
                 api: addr(&api_l),
                 edge: addr(&edge_l),
@@ -92,7 +128,8 @@ impl Cluster {
                 edge_l,
                 store.clone(),
                 streamer_connection::ConnectionConfig {
-                    progress_endpoint: None,
+                    progress_endpoint: (progress > 0)
+                        .then(|| format!("http://{}", progress_replicas[(i + 1) % progress].0)),
                     auth_endpoint: Some(format!("http://{auth}")),
                     edge_lease: EDGE_LEASE,
                     ..Default::default()
@@ -125,6 +162,7 @@ impl Cluster {
             key,
             store,
             replicas: started,
+            progress: progress_replicas,
             gateways,
             shutdown,
         };
@@ -165,6 +203,12 @@ impl Cluster {
         let ids = support::user_connection_ids(&mut connections, "acme", user).await;
         assert_eq!(ids.len(), 1, "{user} has one connection");
         (WsClient { ws }, ids[0].clone())
+    }
+
+    async fn progress(&self, replica: usize) -> ProgressServiceClient<Channel> {
+        ProgressServiceClient::connect(format!("http://{}", self.progress[replica].0))
+            .await
+            .unwrap()
     }
 
     async fn connections(&self, replica: usize) -> ConnectionServiceClient<Channel> {
@@ -211,7 +255,7 @@ async fn nothing_more(cluster: &Cluster, user: &str, client: &mut WsClient, id: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_and_broadcasts_through_either_replica_reach_each_socket_exactly_once() {
-    let cluster = Cluster::start(2, 2).await;
+    let cluster = Cluster::start(2, 0, 2).await;
     let mut clients = clients(&cluster).await;
 
     for replica in 0..2 {
@@ -256,7 +300,7 @@ async fn sends_and_broadcasts_through_either_replica_reach_each_socket_exactly_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_stops_takes_no_socket_with_it() {
-    let cluster = Cluster::start(2, 2).await;
+    let cluster = Cluster::start(2, 0, 2).await;
     let mut clients = clients(&cluster).await;
 
     cluster.replicas[1].shutdown.cancel();
@@ -287,7 +331,7 @@ async fn a_replica_that_stops_takes_no_socket_with_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_that_vanishes_has_its_connections_removed_once_its_lease_lapses() {
-    let cluster = Cluster::start(2, 1).await;
+    let cluster = Cluster::start(2, 0, 1).await;
     let (_alive, alive_id) = cluster.connect(cluster.gateways[0], "alive").await;
 
     // A ghost edge: it attaches to both replicas, announces two sockets,
@@ -390,4 +434,94 @@ async fn an_edge_that_vanishes_has_its_connections_removed_once_its_lease_lapses
         .unwrap()
         .into_inner();
     assert_eq!(sent.outcome(), v1::DeliveryOutcome::Delivered);
+}
+
+/// The next work item of a Claim stream.
+async fn next_work(work: &mut tonic::Streaming<v1::ClaimResponse>) -> v1::Request {
+    loop {
+        match within("work", work.message()).await.unwrap() {
+            Some(v1::ClaimResponse {
+                item: Some(Item::Work(request)),
+            }) => return request,
+            Some(_) => continue,
+            None => panic!("the Claim stream ended"),
+        }
+    }
+}
+
+fn complete(id: &str, processor: &str) -> v1::CompleteRequest {
+    v1::CompleteRequest {
+        id: id.into(),
+        processor_id: processor.into(),
+        result: Some(streamer_api::json::to_proto(json!({"done": processor}))),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_on_one_progress_replica_does_work_submitted_through_another() {
+    // The one ConnectionService replica submits through ProgressService 1;
+    // the processor is on ProgressService 0.
+    let cluster = Cluster::start(1, 2, 1).await;
+    let mut processor = cluster.progress(0).await;
+    let mut work = processor
+        .claim(support::claim_request("p0", ACTION, 4, 60))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut client, _) = cluster.connect(cluster.gateways[0], "alice").await;
+    client
+        .send_json(json!({"action": ACTION, "id": "job-1", "payload": {}}))
+        .await;
+    assert_eq!(next(&mut client).await["type"], "acknowledgment");
+    let request = next_work(&mut work).await;
+    processor
+        .complete(complete(&request.id, "p0"))
+        .await
+        .unwrap();
+    let done = next(&mut client).await;
+    assert_eq!(done["type"], "complete", "{done}");
+    assert_eq!(done["request_id"], "job-1");
+    assert_eq!(done["result"], json!({"done": "p0"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_held_on_a_replica_that_goes_away_is_taken_back_by_its_lease() {
+    let cluster = Cluster::start(1, 2, 1).await;
+    let mut first = cluster.progress(0).await;
+    let mut first_work = first
+        .claim(support::claim_request("p0", ACTION, 4, 2))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut client, _) = cluster.connect(cluster.gateways[0], "alice").await;
+    client
+        .send_json(json!({"action": ACTION, "id": "job-1", "payload": {}}))
+        .await;
+    assert_eq!(next(&mut client).await["type"], "acknowledgment");
+    let held = next_work(&mut first_work).await;
+    assert_eq!(held.attempts, 1);
+
+    // ProgressService 0 goes away with its processor and the work it held;
+    // the lease (2 s) is in the store.
+    cluster.progress[0].1.cancel();
+    drop(first_work);
+    let mut second = cluster.progress(1).await;
+    let mut second_work = second
+        .claim(support::claim_request("p1", ACTION, 4, 60))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = next_work(&mut second_work).await;
+    assert_eq!(again.id, held.id);
+    assert_eq!(again.attempts, 2, "handed out again after its lease lapsed");
+    second.complete(complete(&again.id, "p1")).await.unwrap();
+    let done = next(&mut client).await;
+    assert_eq!(done["type"], "complete", "{done}");
+    assert_eq!(done["result"], json!({"done": "p1"}));
+    // Exactly one final: the lost attempt's processor cannot finish it now.
+    let late = second.complete(complete(&again.id, "p0")).await;
+    assert!(late.is_err(), "{late:?}");
+    let mut connections = cluster.connections(0).await;
+    let ids = support::user_connection_ids(&mut connections, "acme", "alice").await;
+    nothing_more(&cluster, "alice", &mut client, &ids[0]).await;
 }

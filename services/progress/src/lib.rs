@@ -64,7 +64,13 @@ pub struct ProgressConfig {
     /// Hand-outs before a request whose leases keep lapsing fails.
     pub max_attempts: u32,
     /// Actions Submit accepts even before any processor declared them.
+    /// With several replicas, list every async action here: a replica
+    /// otherwise knows only the actions of the processors it serves.
     pub async_actions: Vec<String>,
+    /// How often the store is asked for PENDING work of the actions this
+    /// replica's processors run (work submitted through another replica)
+    /// and for leases lapsed anywhere (a replica that died holding them).
+    pub store_poll: Duration,
     /// Who may call this service, and how it presents itself to
     /// ConnectionService.
     pub trust: streamer_core::trust::Trust,
@@ -78,6 +84,7 @@ impl Default for ProgressConfig {
             default_lease: Duration::from_secs(30),
             max_attempts: 3,
             async_actions: Vec::new(),
+            store_poll: Duration::from_millis(500),
             trust: streamer_core::trust::Trust::none(),
         }
     }

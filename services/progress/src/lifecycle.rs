@@ -1,6 +1,6 @@
 //! The request lifecycle: every state change, the dispatcher that hands
-//! PENDING work to processors, and the sweeper that takes back lapsed
-//! leases.
+//! PENDING work to processors, the sweeper that takes back lapsed leases,
+//! and the poller that finds in the store what other replicas left there.
 //!
 //! Invariants:
 //! - Every change is a conditional write on the record's version; a lost
@@ -11,7 +11,11 @@
 //!   notification, so the outbox sees updates in the order they were
 //!   stored (a progress update can never be queued after the final one).
 //! - The in-memory indexes (`Registry`) mirror the store and are rebuilt
-//!   from it at start; the store stays the truth.
+//!   from it at start; the store stays the truth. Work submitted through
+//!   another replica, and leases another replica let lapse (it died), are
+//!   found by querying the store every `store_poll`: every replica may try
+//!   to hand out or take back the same request, and the conditional write
+//!   lets exactly one of them do it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -38,6 +42,8 @@ use crate::outbox::Outboxes;
 
 /// How often lapsed leases are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// Requests read per query of the store's pending and lapsed indexes.
+const POLL_BATCH: usize = 100;
 /// Reads and writes before a contended change gives up with ABORTED.
 const CONFLICT_RETRIES: usize = 5;
 /// Per-request locks; more stripes, fewer unrelated requests waiting on
@@ -327,6 +333,8 @@ impl Lifecycle {
         self.tasks.spawn(async move { this.dispatcher().await });
         let this = self.clone();
         self.tasks.spawn(async move { this.sweeper().await });
+        let this = self.clone();
+        self.tasks.spawn(async move { this.store_poller().await });
         let this = self.clone();
         self.tasks.spawn(async move {
             this.shutdown.cancelled().await;
@@ -975,6 +983,56 @@ impl Lifecycle {
             tracing::warn!(request = %a.id, %error, "cannot give back request; its lease will lapse");
         }
         AssignOutcome::Done
+    }
+
+    /// Mirrors what the store knows and this replica may not: PENDING work
+    /// of the actions its processors run, and lapsed leases (which the
+    /// sweeper then takes back).
+    async fn store_poller(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.store_poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.shutdown.cancelled() => return,
+            }
+            let actions: HashSet<String> = self
+                .registry()
+                .sessions
+                .values()
+                .flat_map(|s| s.actions.iter().cloned())
+                .collect();
+            let mut found = false;
+            for action in actions {
+                match self.store.pending_requests(&action, POLL_BATCH).await {
+                    Ok(records) => {
+                        let mut registry = self.registry();
+                        for record in &records {
+                            // One being handed out here is ours already.
+                            if !registry.holds.contains_key(&record.id)
+                                && !registry.pending_since.contains_key(&record.id)
+                            {
+                                registry.track(record);
+                                found = true;
+                            }
+                        }
+                    }
+                    Err(error) => tracing::warn!(%action, %error, "cannot look for pending work"),
+                }
+            }
+            match self.store.lapsed_leases(now_ms(), POLL_BATCH).await {
+                Ok(records) => {
+                    let mut registry = self.registry();
+                    for record in &records {
+                        registry.track(record);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cannot look for lapsed leases"),
+            }
+            if found {
+                self.dispatch.notify_one();
+            }
+        }
     }
 
     async fn sweeper(self: Arc<Self>) {
