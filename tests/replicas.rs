@@ -525,3 +525,59 @@ async fn work_held_on_a_replica_that_goes_away_is_taken_back_by_its_lease() {
     let ids = support::user_connection_ids(&mut connections, "acme", "alice").await;
     nothing_more(&cluster, "alice", &mut client, &ids[0]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_on_one_replica_gets_frames_from_every_connection() {
+    let cluster = Cluster::start(2, 0, 2).await;
+    // The router listens on replica 1 only.
+    let mut router = cluster.connections(1).await;
+    let mut frames = router
+        .receive(v1::ReceiveRequest {
+            actions: vec!["echo".into()],
+            router_id: "only-on-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut clients = clients(&cluster).await;
+    // Until every edge knows where the router is: a probe frame answered.
+    for (user, (client, id)) in &mut clients {
+        client
+            .send_json(json!({"action": "echo", "id": format!("probe-{user}"), "payload": {}}))
+            .await;
+        let frame = within("the probe at the router", frames.message())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&frame.connection_id, id, "{user}'s probe");
+        assert_eq!(frame.request_id, format!("probe-{user}"));
+    }
+    // Every connection's frames, whichever replica its events go to, reach
+    // the one router, once each.
+    for (user, (client, _)) in &mut clients {
+        for n in 0..3 {
+            client
+                .send_json(
+                    json!({"action": "echo", "id": format!("{user}-{n}"), "payload": {"n": n}}),
+                )
+                .await;
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..clients.len() * 3 {
+        let frame = within("a frame at the router", frames.message())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            seen.insert(frame.request_id.clone()),
+            "{} twice",
+            frame.request_id
+        );
+    }
+    let expected: std::collections::BTreeSet<String> = clients
+        .keys()
+        .flat_map(|user| (0..3).map(move |n| format!("{user}-{n}")))
+        .collect();
+    assert_eq!(seen, expected);
+}

@@ -655,14 +655,20 @@ async fn an_edge_credential_cannot_announce_an_identity_without_its_token() {
     drop(tx);
 }
 
+/// The next command other than the router advertisement every stream gets.
 async fn next_command(
     commands: &mut tonic::Streaming<v1::EdgeCommand>,
     what: &str,
 ) -> v1::edge_command::Command {
-    within(what, commands.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .command
-        .unwrap()
+    loop {
+        let command = within(what, commands.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .command
+            .unwrap();
+        if !matches!(command, v1::edge_command::Command::Routes(_)) {
+            return command;
+        }
+    }
 }

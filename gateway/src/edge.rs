@@ -80,6 +80,8 @@ pub struct Edge {
     /// The open Attach streams' senders by replica address; empty while
     /// attached to no replica.
     upstreams: RwLock<BTreeMap<SocketAddr, mpsc::Sender<EdgeEvent>>>,
+    /// The actions each attached replica has routers for.
+    routes: RwLock<HashMap<SocketAddr, std::collections::HashSet<String>>>,
     /// Registrations awaiting a replica's answer, with the replica asked.
     registrations: Mutex<HashMap<String, (SocketAddr, oneshot::Sender<bool>)>>,
     outbound_queue: usize,
@@ -120,6 +122,7 @@ impl Edge {
             edge_id,
             connections: RwLock::new(HashMap::new()),
             upstreams: RwLock::new(BTreeMap::new()),
+            routes: RwLock::new(HashMap::new()),
             registrations: Mutex::new(HashMap::new()),
             outbound_queue,
         })
@@ -138,27 +141,43 @@ impl Edge {
         read(&self.upstreams).len()
     }
 
-    /// The stream that carries events about `connection_id`: the open one
-    /// whose address ranks highest for it (rendezvous hashing).
-    fn upstream_for(&self, connection_id: &str) -> Option<(SocketAddr, mpsc::Sender<EdgeEvent>)> {
+    /// The stream that carries an event about `connection_id`: among the
+    /// open streams (for a frame of an action some replicas have routers
+    /// for, among theirs), the one whose address ranks highest for the
+    /// connection (rendezvous hashing).
+    fn upstream_for(
+        &self,
+        connection_id: &str,
+        action: Option<&str>,
+    ) -> Option<(SocketAddr, mpsc::Sender<EdgeEvent>)> {
         let rank = |address: &SocketAddr| {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             (address, connection_id).hash(&mut hasher);
             hasher.finish()
         };
+        let routed: Option<std::collections::HashSet<SocketAddr>> = action.and_then(|action| {
+            let routes = read(&self.routes);
+            let with_router: std::collections::HashSet<SocketAddr> = routes
+                .iter()
+                .filter(|(_, actions)| actions.contains(action))
+                .map(|(address, _)| *address)
+                .collect();
+            (!with_router.is_empty()).then_some(with_router)
+        });
         read(&self.upstreams)
             .iter()
+            .filter(|(address, _)| routed.as_ref().is_none_or(|r| r.contains(address)))
             .max_by_key(|(address, _)| rank(address))
             .map(|(address, tx)| (*address, tx.clone()))
     }
 
-    /// The connection an event is about.
-    fn subject(event: &Event) -> &str {
+    /// The connection an event is about, and for a frame its action.
+    fn subject(event: &Event) -> (&str, Option<&str>) {
         match event {
-            Event::Opened(o) => o.connection.as_ref().map_or("", |c| &c.connection_id),
-            Event::Closed(c) => &c.connection_id,
-            Event::Frame(f) => &f.connection_id,
-            Event::Hello(_) | Event::Delivered(_) => "",
+            Event::Opened(o) => (o.connection.as_ref().map_or("", |c| &c.connection_id), None),
+            Event::Closed(c) => (&c.connection_id, None),
+            Event::Frame(f) => (&f.connection_id, Some(&f.action)),
+            Event::Hello(_) | Event::Delivered(_) => ("", None),
         }
     }
 
@@ -167,7 +186,8 @@ impl Edge {
     /// could each wait on the other's full queue). Returns false when
     /// detached.
     pub fn emit_nowait(&self, event: Event) -> bool {
-        match self.upstream_for(Self::subject(&event)) {
+        let (connection_id, action) = Self::subject(&event);
+        match self.upstream_for(connection_id, action) {
             Some((_, tx)) => send_nowait(&tx, event),
             None => false,
         }
@@ -175,7 +195,8 @@ impl Edge {
 
     /// Sends an event up, if attached.
     pub async fn emit(&self, event: Event) -> bool {
-        match self.upstream_for(Self::subject(&event)) {
+        let (connection_id, action) = Self::subject(&event);
+        match self.upstream_for(connection_id, action) {
             Some((_, tx)) => tx.send(EdgeEvent { event: Some(event) }).await.is_ok(),
             None => false,
         }
@@ -207,7 +228,7 @@ impl Edge {
             },
         );
         let (done, answer) = oneshot::channel();
-        let upstream = self.upstream_for(&id);
+        let upstream = self.upstream_for(&id, None);
         if let Some((address, _)) = &upstream {
             self.lock_registrations()
                 .insert(id.clone(), (*address, done));
@@ -343,10 +364,13 @@ impl Edge {
         self.registrations.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Carries out a command that came down `reply`'s stream (its report
-    /// goes back up the same stream).
-    fn apply(&self, command: Command, reply: &mpsc::Sender<EdgeEvent>) {
+    /// Carries out a command that came down the stream of the replica at
+    /// `address` (a report goes back up the same stream, `reply`).
+    fn apply(&self, command: Command, address: SocketAddr, reply: &mpsc::Sender<EdgeEvent>) {
         match command {
+            Command::Routes(routes) => {
+                write(&self.routes).insert(address, routes.actions.into_iter().collect());
+            }
             Command::Registered(r) => {
                 if let Some((_, done)) = self.lock_registrations().remove(&r.connection_id) {
                     let _ = done.send(true);
@@ -504,7 +528,9 @@ impl Edge {
                             () = stop.cancelled() => break,
                         };
                         match next {
-                            Ok(Some(EdgeCommand { command: Some(c) })) => self.apply(c, &tx),
+                            Ok(Some(EdgeCommand { command: Some(c) })) => {
+                                self.apply(c, address, &tx);
+                            }
                             Ok(Some(_)) => {}
                             Ok(None) => break,
                             Err(status) => {
@@ -517,6 +543,7 @@ impl Edge {
                         let mut upstreams = write(&self.upstreams);
                         if upstreams.get(&address).is_some_and(|t| t.same_channel(&tx)) {
                             upstreams.remove(&address);
+                            write(&self.routes).remove(&address);
                         }
                     }
                     // Registrations in flight on the dead stream will never

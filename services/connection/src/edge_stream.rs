@@ -142,6 +142,27 @@ impl ConnectionServer {
         Ok(removed)
     }
 
+    /// Tells the edge which actions have a router on this replica, now and
+    /// at each change, until its stream ends: the edge sends those frames
+    /// here, so a router on any replica gets frames from every edge.
+    async fn advertise_routes(self, link: Arc<EdgeLink>) {
+        let mut actions = self.shared.routers.actions();
+        loop {
+            let current: Vec<String> = actions.borrow_and_update().iter().cloned().collect();
+            if !link
+                .command(Command::Routes(v1::RouterActions { actions: current }))
+                .await
+            {
+                return;
+            }
+            tokio::select! {
+                changed = actions.changed() => if changed.is_err() { return },
+                () = link.closed() => return,
+                () = self.shared.shutdown.cancelled() => return,
+            }
+        }
+    }
+
     async fn run_edge(self, link: Arc<EdgeLink>, mut events: Streaming<EdgeEvent>) {
         let edge_id = link.edge_id.clone();
         loop {
@@ -417,6 +438,7 @@ impl EdgeService for ConnectionServer {
                 reason,
             }));
         }
+        tokio::spawn(self.clone().advertise_routes(link.clone()));
         tokio::spawn(self.clone().run_edge(link, events));
         let stream =
             ReceiverStream::new(rx).take_until(self.shared.shutdown.clone().cancelled_owned());

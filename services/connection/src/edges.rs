@@ -133,6 +133,11 @@ impl EdgeLink {
         }
     }
 
+    /// Resolves when the stream has ended.
+    pub async fn closed(&self) {
+        self.commands.closed().await;
+    }
+
     /// Queues a command that needs no answer.
     pub async fn command(&self, command: Command) -> bool {
         let send = self.commands.send(Ok(EdgeCommand {

@@ -10,7 +10,7 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use streamer_api::v1::InboundMessage;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 pub type InboundSender = mpsc::Sender<Result<InboundMessage, tonic::Status>>;
 
@@ -32,13 +32,27 @@ impl RouterLink {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RouterTable {
     /// A std RwLock: read per inbound frame, written when routers come and
     /// go; never held across an await.
     by_action: RwLock<HashMap<String, Vec<RouterLink>>>,
     next_key: AtomicU64,
     cursor: AtomicUsize,
+    /// The actions with a router, for the edges (which send those frames
+    /// here): changes whenever the set does.
+    actions: watch::Sender<BTreeSet<String>>,
+}
+
+impl Default for RouterTable {
+    fn default() -> Self {
+        Self {
+            by_action: RwLock::default(),
+            next_key: AtomicU64::default(),
+            cursor: AtomicUsize::default(),
+            actions: watch::Sender::new(BTreeSet::new()),
+        }
+    }
 }
 
 /// Why a frame could not be handed to a router.
@@ -69,7 +83,22 @@ impl RouterTable {
                 tx: tx.clone(),
             });
         }
+        self.publish(&table);
         key
+    }
+
+    /// The actions with a router now, and each change of them.
+    pub fn actions(&self) -> watch::Receiver<BTreeSet<String>> {
+        self.actions.subscribe()
+    }
+
+    fn publish(&self, table: &HashMap<String, Vec<RouterLink>>) {
+        let actions: BTreeSet<String> = table.keys().cloned().collect();
+        self.actions.send_if_modified(|current| {
+            let changed = *current != actions;
+            *current = actions;
+            changed
+        });
     }
 
     pub fn unregister(&self, key: u64) {
@@ -78,6 +107,7 @@ impl RouterTable {
             links.retain(|l| l.key != key);
             !links.is_empty()
         });
+        self.publish(&table);
     }
 
     pub fn handles(&self, action: &str) -> bool {

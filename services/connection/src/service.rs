@@ -101,7 +101,7 @@ pub(crate) struct Shared {
     pub(crate) store: SharedStore,
     inbound: Vec<mpsc::Sender<Inbound>>,
     pub(crate) edges: EdgeRegistry,
-    routers: RouterTable,
+    pub(crate) routers: RouterTable,
     progress: Option<ProgressServiceClient<AuthedChannel>>,
     pub(crate) identities: IdentityCheck,
     pub(crate) config: ConnectionConfig,
