@@ -613,14 +613,20 @@ pub struct GatewayCmd {
     /// Prometheus metrics address.
     #[arg(long, env = "STREAMER_METRICS_LISTEN", default_value = "0.0.0.0:9094")]
     pub metrics_listen: SocketAddr,
-    /// AuthService URL.
+    /// AuthService URL: one, or several separated by commas. Each host is
+    /// resolved again every 5 s and token checks go to every address in
+    /// turn (every AuthService replica), falling back to the next one when
+    /// a replica does not answer.
     #[arg(
         long,
         env = "STREAMER_AUTH_URL",
         default_value = "http://127.0.0.1:50051"
     )]
     pub auth_url: String,
-    /// ConnectionService's internal edge stream (its `--edge-listen`).
+    /// ConnectionService's internal edge stream (its `--edge-listen`): one
+    /// URL, or several separated by commas. Each host is resolved again
+    /// every 5 s and the edge attaches to every address (every replica
+    /// behind a Kubernetes headless Service).
     #[arg(
         long,
         env = "STREAMER_CONNECTION_EDGE_URL",

@@ -52,6 +52,8 @@ struct Replica {
 
 struct Cluster {
     _data: tempfile::TempDir,
+    /// AuthService replicas: their address and what stops each.
+    auth: Vec<(SocketAddr, Shutdown)>,
     key: streamer_auth::dev::DevKey,
     store: SharedStore,
     replicas: Vec<Replica>,
@@ -74,8 +76,13 @@ impl Cluster {
     /// `replicas` ConnectionService replicas, `progress` ProgressService
     /// replicas (ConnectionService replica i submits through ProgressService
     /// replica i + 1, so work crosses replicas) and `edges` edges attached
-    /// to every ConnectionService replica.
+    /// to every ConnectionService replica, with one AuthService.
     async fn start(replicas: usize, progress: usize, edges: usize) -> Self {
+        Self::start_with(1, replicas, progress, edges).await
+    }
+
+    /// The same with `auth` AuthService replicas, every edge using them all.
+    async fn start_with(auth: usize, replicas: usize, progress: usize, edges: usize) -> Self {
         streamer_core::telemetry::init_logs(streamer_core::telemetry::LogFormat::Plain, "error");
         let data = tempfile::tempdir().unwrap();
         let key = streamer_auth::dev::ensure_dev_key(data.path()).unwrap();
@@ -85,15 +92,25 @@ impl Cluster {
         dynamo.create_tables().await.unwrap();
         let store: SharedStore = Arc::new(dynamo);
 
-        let auth_l = listener().await;
-        let auth = addr(&auth_l);
-        tokio::spawn(streamer::run_auth(
-            auth_l,
-            streamer::open_embedded_store(&data.path().join("auth")).unwrap(),
-            streamer_auth::AuthConfig::new([streamer_auth::dev::public_key_path(data.path())]),
-            Default::default(),
-            shutdown.clone(),
-        ));
+        let mut auth_replicas = Vec::new();
+        for i in 0..auth {
+            let auth_l = listener().await;
+            let stop = shutdown.child_token();
+            auth_replicas.push((addr(&auth_l), stop.clone()));
+            tokio::spawn(streamer::run_auth(
+                auth_l,
+                streamer::open_embedded_store(&data.path().join(format!("auth-{i}"))).unwrap(),
+                streamer_auth::AuthConfig::new([streamer_auth::dev::public_key_path(data.path())]),
+                Default::default(),
+                stop,
+            ));
+        }
+        let auth = auth_replicas[0].0;
+        let every_auth = auth_replicas
+            .iter()
+            .map(|(a, _)| format!("http://{a}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut api_listeners = Vec::new();
         for _ in 0..replicas {
             api_listeners.push(listener().await);
@@ -150,7 +167,7 @@ impl Cluster {
             tokio::spawn(streamer::run_gateway(
                 gateway_l,
                 streamer_gateway::GatewayConfig {
-                    auth_endpoint: format!("http://{auth}"),
+                    auth_endpoint: every_auth.clone(),
                     connection_endpoint: every_replica.clone(),
                     ..Default::default()
                 },
@@ -159,6 +176,7 @@ impl Cluster {
         }
         let cluster = Self {
             _data: data,
+            auth: auth_replicas,
             key,
             store,
             replicas: started,
@@ -580,4 +598,23 @@ async fn a_router_on_one_replica_gets_frames_from_every_connection() {
         .flat_map(|user| (0..3).map(move |n| format!("{user}-{n}")))
         .collect();
     assert_eq!(seen, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_spreads_token_checks_over_auth_replicas_and_survives_one_going() {
+    let cluster = Cluster::start_with(2, 1, 0, 1).await;
+    // With both up, clients connect whichever replica checks their token.
+    for n in 0..2 {
+        cluster
+            .connect(cluster.gateways[0], &format!("before-{n}"))
+            .await;
+    }
+    // One AuthService replica goes; the edge, still taking it in turn, is
+    // answered by the other when it does not answer: every client connects.
+    cluster.auth[0].1.cancel();
+    for n in 0..4 {
+        cluster
+            .connect(cluster.gateways[0], &format!("after-{n}"))
+            .await;
+    }
 }

@@ -422,10 +422,10 @@ impl Edge {
         }
     }
 
-    /// Follows the ConnectionService replicas until `shutdown`: resolves
-    /// `urls` every [`RESOLVE_INTERVAL`], keeps one Attach stream open to
-    /// every address they resolve to, and drops the streams of addresses
-    /// that are gone. A failed resolution keeps the replicas already known.
+    /// Follows the ConnectionService replicas until `shutdown` (see
+    /// [`streamer_core::grpc::follow_addresses`]): keeps one Attach stream
+    /// open to every address `urls` resolve to, and drops the streams of
+    /// addresses that are gone.
     pub async fn follow_replicas<C>(
         self: Arc<Self>,
         urls: Vec<String>,
@@ -434,23 +434,18 @@ impl Edge {
     ) where
         C: Fn(&str, SocketAddr) -> anyhow::Result<EdgeServiceClient<AuthedChannel>>,
     {
+        let mut addresses = streamer_core::grpc::follow_addresses(urls, shutdown.clone()).await;
         let mut replicas: HashMap<SocketAddr, CancellationToken> = HashMap::new();
         loop {
-            let mut seen = HashMap::new();
-            let mut complete = true;
-            for url in &urls {
-                match streamer_core::grpc::resolve(url).await {
-                    Ok(addresses) => {
-                        for address in addresses {
-                            seen.entry(address).or_insert_with(|| url.clone());
-                        }
-                    }
-                    Err(error) => {
-                        complete = false;
-                        tracing::warn!(%url, %error, "cannot resolve the connection service");
-                    }
+            let seen = addresses.borrow_and_update().clone();
+            replicas.retain(|address, stop| {
+                let kept = seen.contains_key(address);
+                if !kept {
+                    tracing::info!(%address, "connection service replica gone");
+                    stop.cancel();
                 }
-            }
+                kept
+            });
             for (address, url) in &seen {
                 if replicas.contains_key(address) {
                     continue;
@@ -463,22 +458,12 @@ impl Edge {
                         tokio::spawn(self.clone().attach_to(*address, client, stop));
                     }
                     Err(error) => {
-                        tracing::error!(%url, %error, "cannot reach the connection service")
+                        tracing::error!(%url, %error, "cannot reach the connection service");
                     }
                 }
             }
-            if complete {
-                replicas.retain(|address, stop| {
-                    let kept = seen.contains_key(address);
-                    if !kept {
-                        tracing::info!(%address, "connection service replica gone");
-                        stop.cancel();
-                    }
-                    kept
-                });
-            }
             tokio::select! {
-                () = tokio::time::sleep(RESOLVE_INTERVAL) => {}
+                changed = addresses.changed() => if changed.is_err() { return },
                 () = shutdown.cancelled() => return,
             }
         }
@@ -567,9 +552,6 @@ impl Edge {
         }
     }
 }
-
-/// How often the edge resolves the connection service's URLs again.
-pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Queues an event on one stream without waiting (see [`Edge::emit_nowait`]).
 fn send_nowait(tx: &mpsc::Sender<EdgeEvent>, event: Event) -> bool {

@@ -38,6 +38,7 @@ use streamer_api::v1::{
     self, TokenFailure, auth_service_client::AuthServiceClient,
     edge_service_client::EdgeServiceClient,
 };
+use streamer_core::grpc::Balanced;
 use streamer_core::shutdown::Shutdown;
 use streamer_core::trust::{AuthedChannel, Role, Trust};
 use tokio::net::TcpListener;
@@ -50,7 +51,9 @@ use crate::limits::{PerIpRate, SocketLimits};
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// AuthService URL.
+    /// AuthService: one URL, or several separated by commas. Each host is
+    /// resolved again every few seconds and token checks are spread over
+    /// every address (every AuthService replica), in turn.
     pub auth_endpoint: String,
     /// ConnectionService's internal edge stream (`EdgeService`): one URL, or several separated by
     /// commas. Each URL's host is resolved again every few seconds and the
@@ -112,7 +115,7 @@ impl Default for GatewayConfig {
 #[derive(Clone)]
 struct AppState {
     edge: Arc<Edge>,
-    auth: AuthServiceClient<AuthedChannel>,
+    auth: AuthReplicas,
     config: Arc<GatewayConfig>,
     sockets: TaskTracker,
     /// One permit per socket, held for its whole life.
@@ -123,9 +126,54 @@ struct AppState {
     per_ip: Arc<PerIpRate>,
 }
 
-fn channel(url: &str, timeout: Duration, trust: &Trust) -> anyhow::Result<Channel> {
+/// A channel to one replica (`address`) of the service at `url`.
+fn channel_to(
+    url: &str,
+    address: std::net::SocketAddr,
+    timeout: Duration,
+    trust: &Trust,
+) -> anyhow::Result<Channel> {
     let endpoint = streamer_core::grpc::endpoint(url, trust)?.connect_timeout(timeout);
-    Ok(streamer_core::grpc::channel(&endpoint, trust))
+    Ok(streamer_core::grpc::channel_to(&endpoint, address, trust))
+}
+
+/// The URLs of a comma-separated list, each checked now so that a bad one
+/// stops the edge at start.
+fn urls(list: &str, trust: &Trust) -> anyhow::Result<Vec<String>> {
+    let urls: Vec<String> = list
+        .split(',')
+        .map(|url| url.trim().to_owned())
+        .filter(|url| !url.is_empty())
+        .collect();
+    anyhow::ensure!(!urls.is_empty(), "no URL in {list:?}");
+    for url in &urls {
+        streamer_core::grpc::endpoint(url, trust)?;
+    }
+    Ok(urls)
+}
+
+/// A client per AuthService replica, taken in turn.
+type AuthReplicas = Arc<Balanced<AuthServiceClient<AuthedChannel>>>;
+
+/// AuthService's answer about `token`: from the next replica in turn, or,
+/// when that one does not answer (it may have just gone), from one more.
+/// None: no replica answered.
+async fn validate(
+    auth: &AuthReplicas,
+    token: &str,
+    timeout: Duration,
+) -> Option<v1::ValidateTokenResponse> {
+    for mut client in auth.in_turn().into_iter().take(2) {
+        let call = client.validate_token(v1::ValidateTokenRequest {
+            token: token.to_owned(),
+        });
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(answer)) => return Some(answer.into_inner()),
+            Ok(Err(status)) => tracing::warn!(error = %status, "auth service call failed"),
+            Err(_) => tracing::warn!("auth service timed out"),
+        }
+    }
+    None
 }
 
 /// Serves the edge on `listener` until `shutdown`, then closes every socket
@@ -137,35 +185,33 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let edge_id = config.trust.edge_id(&config.edge_id);
     let credentials = config.trust.credentials(&edge_id, &[Role::Edge]);
-    let auth = AuthServiceClient::with_interceptor(
-        channel(
-            &config.auth_endpoint,
-            config.control_plane_timeout,
-            &config.trust,
-        )?,
-        credentials.clone(),
-    );
-    let edge = Edge::new(edge_id, config.outbound_queue);
-    let urls: Vec<String> = config
-        .connection_endpoint
-        .split(',')
-        .map(|url| url.trim().to_owned())
-        .filter(|url| !url.is_empty())
-        .collect();
-    anyhow::ensure!(!urls.is_empty(), "no connection service URL");
-    for url in &urls {
-        // Checked now, so a bad URL stops the edge at start.
-        streamer_core::grpc::endpoint(url, &config.trust)?;
-    }
     let (trust, timeout) = (config.trust.clone(), config.control_plane_timeout);
+    let auth = {
+        let (trust, credentials) = (trust.clone(), credentials.clone());
+        Balanced::follow(
+            urls(&config.auth_endpoint, &trust)?,
+            move |url, address| {
+                Ok(AuthServiceClient::with_interceptor(
+                    channel_to(url, address, timeout, &trust)?,
+                    credentials.clone(),
+                ))
+            },
+            shutdown.clone(),
+        )
+        .await
+    };
+    let edge = Edge::new(edge_id, config.outbound_queue);
     let dial = move |url: &str, address| {
-        let endpoint = streamer_core::grpc::endpoint(url, &trust)?.connect_timeout(timeout);
         Ok(EdgeServiceClient::with_interceptor(
-            streamer_core::grpc::channel_to(&endpoint, address, &trust),
+            channel_to(url, address, timeout, &trust)?,
             credentials.clone(),
         ))
     };
-    let upstream = tokio::spawn(edge.clone().follow_replicas(urls, dial, shutdown.clone()));
+    let upstream = tokio::spawn(edge.clone().follow_replicas(
+        urls(&config.connection_endpoint, &config.trust)?,
+        dial,
+        shutdown.clone(),
+    ));
     let sockets = TaskTracker::new();
     let header_read_timeout = config.header_read_timeout;
     let state = AppState {
@@ -311,26 +357,14 @@ struct Subject {
 /// valid, and name the user and tenant the socket was opened for. An
 /// accepted token is the one the edge announces the connection with from
 /// then on.
-fn refresher(
-    auth: AuthServiceClient<AuthedChannel>,
-    timeout: Duration,
-    subject: Subject,
-) -> socket::Refresh {
+fn refresher(auth: AuthReplicas, timeout: Duration, subject: Subject) -> socket::Refresh {
     let subject = Arc::new(subject);
     Arc::new(move |token| {
-        let mut auth = auth.clone();
+        let auth = auth.clone();
         let subject = subject.clone();
         Box::pin(async move {
-            let answer = match tokio::time::timeout(
-                timeout,
-                auth.validate_token(v1::ValidateTokenRequest {
-                    token: token.clone(),
-                }),
-            )
-            .await
-            {
-                Ok(Ok(answer)) => answer.into_inner(),
-                _ => return Err("authentication service unavailable; try again".to_owned()),
+            let Some(answer) = validate(&auth, &token, timeout).await else {
+                return Err("authentication service unavailable; try again".to_owned());
             };
             let claims = match answer.claims {
                 Some(claims) if answer.valid => claims,
@@ -406,37 +440,19 @@ async fn connect(
             .increment(1);
         return unauthorized("missing_token", "missing token");
     };
-    let mut auth = state.auth.clone();
     let timeout = state.config.control_plane_timeout;
-    let answer = tokio::time::timeout(
-        timeout,
-        auth.validate_token(v1::ValidateTokenRequest {
-            token: token.clone(),
-        }),
-    )
-    .await;
-    let claims = match answer {
-        Ok(Ok(answer)) => {
-            let answer = answer.into_inner();
-            match answer.claims {
-                Some(claims) if answer.valid => claims,
-                _ => {
-                    let failure = TokenFailure::try_from(answer.failure).unwrap_or_default();
-                    let (reason, message) = refusal(failure, &answer.message);
-                    metrics::counter!("streamer_gateway_auth_refused_total", "reason" => reason)
-                        .increment(1);
-                    return unauthorized(reason, &message);
-                }
+    let claims = match validate(&state.auth, &token, timeout).await {
+        Some(answer) => match answer.claims {
+            Some(claims) if answer.valid => claims,
+            _ => {
+                let failure = TokenFailure::try_from(answer.failure).unwrap_or_default();
+                let (reason, message) = refusal(failure, &answer.message);
+                metrics::counter!("streamer_gateway_auth_refused_total", "reason" => reason)
+                    .increment(1);
+                return unauthorized(reason, &message);
             }
-        }
-        Ok(Err(status)) => {
-            tracing::warn!(error = %status, "auth service call failed");
-            return unavailable("authentication service unavailable");
-        }
-        Err(_) => {
-            tracing::warn!("auth service timed out");
-            return unavailable("authentication service unavailable");
-        }
+        },
+        None => return unavailable("authentication service unavailable"),
     };
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,

@@ -328,6 +328,143 @@ pub async fn resolve(url: &str) -> anyhow::Result<Vec<SocketAddr>> {
     Ok(addresses)
 }
 
+/// How often [`follow_addresses`] resolves its URLs again.
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Every address `urls` resolve to, each with the URL it came from,
+/// resolved now and again every [`RESOLVE_INTERVAL`] until `shutdown`: one
+/// name (a Kubernetes headless Service) or a list of URLs names the
+/// replicas of a service, and this follows them as they come and go. A
+/// resolution that fails keeps the addresses known before it.
+pub async fn follow_addresses(
+    urls: Vec<String>,
+    shutdown: Shutdown,
+) -> tokio::sync::watch::Receiver<std::collections::BTreeMap<SocketAddr, String>> {
+    /// What the URLs resolve to now, and whether every one resolved.
+    async fn resolve_all(
+        urls: &[String],
+    ) -> (std::collections::BTreeMap<SocketAddr, String>, bool) {
+        let mut found = std::collections::BTreeMap::new();
+        let mut complete = true;
+        for url in urls {
+            match resolve(url).await {
+                Ok(addresses) => {
+                    for address in addresses {
+                        found.entry(address).or_insert_with(|| url.clone());
+                    }
+                }
+                Err(error) => {
+                    complete = false;
+                    tracing::warn!(%url, %error, "cannot resolve");
+                }
+            }
+        }
+        (found, complete)
+    }
+    let (first, _) = resolve_all(&urls).await;
+    let (tx, rx) = tokio::sync::watch::channel(first);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(RESOLVE_INTERVAL) => {}
+                () = shutdown.cancelled() => return,
+                () = tx.closed() => return,
+            }
+            let (found, complete) = resolve_all(&urls).await;
+            tx.send_if_modified(|known| {
+                let next = if complete {
+                    found
+                } else {
+                    // Partly resolved: add what was found, drop nothing.
+                    let mut merged = known.clone();
+                    merged.extend(found);
+                    merged
+                };
+                let changed = *known != next;
+                *known = next;
+                changed
+            });
+        }
+    });
+    rx
+}
+
+/// One client per replica of a service (every address its URLs resolve
+/// to, followed as they change), handed out in turn: calls spread over
+/// every replica instead of riding one HTTP/2 connection to one of them.
+pub struct Balanced<T> {
+    clients: std::sync::RwLock<Vec<(SocketAddr, T)>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl<T: Clone + Send + Sync + 'static> Balanced<T> {
+    /// Follows `urls` (see [`follow_addresses`]) until `shutdown`, making
+    /// a client for each new address with `make`.
+    pub async fn follow<F>(urls: Vec<String>, make: F, shutdown: Shutdown) -> Arc<Self>
+    where
+        F: Fn(&str, SocketAddr) -> anyhow::Result<T> + Send + Sync + 'static,
+    {
+        let mut addresses = follow_addresses(urls, shutdown).await;
+        let balanced = Arc::new(Self {
+            clients: std::sync::RwLock::new(Vec::new()),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let current = addresses.borrow_and_update().clone();
+        balanced.update(&current, &make);
+        let weak = Arc::downgrade(&balanced);
+        tokio::spawn(async move {
+            while addresses.changed().await.is_ok() {
+                let Some(balanced) = weak.upgrade() else {
+                    return;
+                };
+                let current = addresses.borrow_and_update().clone();
+                balanced.update(&current, &make);
+            }
+        });
+        balanced
+    }
+
+    fn update<F>(&self, addresses: &std::collections::BTreeMap<SocketAddr, String>, make: &F)
+    where
+        F: Fn(&str, SocketAddr) -> anyhow::Result<T>,
+    {
+        let mut clients = self.clients.write().unwrap_or_else(|e| e.into_inner());
+        clients.retain(|(address, _)| addresses.contains_key(address));
+        for (address, url) in addresses {
+            if clients.iter().any(|(known, _)| known == address) {
+                continue;
+            }
+            match make(url, *address) {
+                Ok(client) => clients.push((*address, client)),
+                Err(error) => tracing::error!(%url, %address, %error, "cannot make a client"),
+            }
+        }
+        clients.sort_by_key(|(address, _)| *address);
+    }
+
+    /// Every replica's client, starting with the next one in turn: a caller
+    /// whose first choice does not answer tries the following one.
+    pub fn in_turn(&self) -> Vec<T> {
+        let clients = self.clients.read().unwrap_or_else(|e| e.into_inner());
+        if clients.is_empty() {
+            return Vec::new();
+        }
+        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (0..clients.len())
+            .map(|i| clients[(turn + i) % clients.len()].1.clone())
+            .collect()
+    }
+
+    /// How many replicas are known.
+    pub fn len(&self) -> usize {
+        self.clients.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
