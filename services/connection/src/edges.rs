@@ -33,7 +33,8 @@ pub struct EdgeLink {
 }
 
 impl EdgeLink {
-    fn outcome_all(ids: &[String], outcome: DeliveryOutcome) -> Vec<DeliveryResult> {
+    /// The same outcome for every one of `ids`.
+    pub fn outcome_all(ids: &[String], outcome: DeliveryOutcome) -> Vec<DeliveryResult> {
         ids.iter()
             .map(|id| DeliveryResult {
                 connection_id: id.clone(),

@@ -9,7 +9,11 @@
 //! - [`identities`]: AuthService's word on every connection an edge
 //!   announces.
 //! - [`routers`]: the routers listening on `Receive`, by action.
-//! - [`service`]: the domain logic and the thin tonic adapter.
+//! - [`service`]: the service's configuration and shared state.
+//! - [`registry`]: finding connections within what a caller may reach.
+//! - [`delivery`]: how payloads reach sockets, behind one interface.
+//! - [`inbound`]: routing what clients send.
+//! - [`grpc`]: the thin tonic adapter.
 //! - [`client_messages`]: the JSON this service writes to clients.
 //!
 //! Invariants: a connection record exists only for a socket an edge holds
@@ -22,11 +26,15 @@
 #![forbid(unsafe_code)]
 
 pub mod client_messages;
+pub mod delivery;
 pub mod edge_stream;
 pub mod edges;
 pub mod error;
+pub mod grpc;
 pub mod identities;
+pub mod inbound;
 pub mod model;
+pub mod registry;
 pub mod routers;
 pub mod service;
 

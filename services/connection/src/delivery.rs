@@ -1,0 +1,242 @@
+//! Delivery: how a payload reaches sockets ([`Delivery`], one
+//! implementation per transport: [`EdgeDelivery`] for the edges attached
+//! to this replica), and what its outcome means for the records.
+//!
+//! Outcomes: DELIVERED; GONE when the socket is known not to be there (the
+//! transport said so: its record is removed); UNAVAILABLE when the transport
+//! could not tell (an edge not attached here, or no report in time: the
+//! socket may well be there, so its record stays and a sender may retry);
+//! THROTTLED when a slow consumer was closed instead.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use streamer_api::v1::{self, DeliveryOutcome, DeliveryResult, edge_command::Command};
+use streamer_core::store::{ConnectionRecord, now_ms};
+use streamer_core::trust::Caller;
+
+use crate::edges::{EdgeLink, EdgeRegistry};
+use crate::error::ConnectionError;
+use crate::model::{BroadcastCommand, BroadcastTarget, DisconnectCommand, SendCommand};
+use crate::service::{ConnectionServer, TOUCH_INTERVAL_MS};
+
+/// A way to reach sockets.
+#[async_trait::async_trait]
+pub trait Delivery: Send + Sync + 'static {
+    /// Writes `payload` to each of `targets` and reports each one's outcome
+    /// (see the module doc; NOT_FOUND counts as GONE).
+    async fn deliver(
+        &self,
+        targets: &[ConnectionRecord],
+        payload: v1::Payload,
+        sequence: Option<v1::Sequence>,
+    ) -> Vec<DeliveryResult>;
+
+    /// Closes one socket with a WebSocket close code; whether the transport
+    /// took the command.
+    async fn close(&self, target: &ConnectionRecord, code: u32, reason: String) -> bool;
+}
+
+/// Delivery through the edges attached to this replica: one command per
+/// edge, answered by the edge's report.
+pub struct EdgeDelivery {
+    edges: Arc<EdgeRegistry>,
+    /// How long an edge has to report a delivery.
+    timeout: Duration,
+}
+
+impl EdgeDelivery {
+    pub fn new(edges: Arc<EdgeRegistry>, timeout: Duration) -> Self {
+        Self { edges, timeout }
+    }
+}
+
+#[async_trait::async_trait]
+impl Delivery for EdgeDelivery {
+    async fn deliver(
+        &self,
+        targets: &[ConnectionRecord],
+        payload: v1::Payload,
+        sequence: Option<v1::Sequence>,
+    ) -> Vec<DeliveryResult> {
+        let mut by_edge: HashMap<&str, Vec<String>> = HashMap::new();
+        for target in targets {
+            by_edge
+                .entry(target.edge_id.as_str())
+                .or_default()
+                .push(target.connection_id.clone());
+        }
+        let deliveries = by_edge.into_iter().map(|(edge_id, ids)| {
+            let payload = payload.clone();
+            let sequence = sequence.clone();
+            async move {
+                match self.edges.get(edge_id) {
+                    Some(link) => link.deliver(ids, payload, sequence, self.timeout).await,
+                    // Not attached here, perhaps only for a moment: the
+                    // records stay (their edge's lease decides).
+                    None => EdgeLink::outcome_all(&ids, DeliveryOutcome::Unavailable),
+                }
+            }
+        });
+        futures::future::join_all(deliveries)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    async fn close(&self, target: &ConnectionRecord, code: u32, reason: String) -> bool {
+        match self.edges.get(&target.edge_id) {
+            Some(link) => {
+                link.command(Command::Close(v1::CloseConnection {
+                    connection_id: target.connection_id.clone(),
+                    code,
+                    reason,
+                }))
+                .await
+            }
+            None => false,
+        }
+    }
+}
+
+impl ConnectionServer {
+    /// Delivers one payload to these connections and returns an outcome
+    /// per connection: records the transport says are gone are removed
+    /// (GONE), and records of sockets that got it have their expiry slid
+    /// (at most every [`TOUCH_INTERVAL_MS`]).
+    pub(crate) async fn deliver(
+        &self,
+        records: Vec<ConnectionRecord>,
+        payload: v1::Payload,
+        sequence: Option<v1::Sequence>,
+    ) -> Vec<DeliveryResult> {
+        let now = now_ms();
+        let mut results = self
+            .shared
+            .delivery
+            .deliver(&records, payload, sequence)
+            .await;
+        let last_seen: HashMap<&str, u64> = records
+            .iter()
+            .map(|r| (r.connection_id.as_str(), r.last_seen_ms))
+            .collect();
+        for result in &mut results {
+            match DeliveryOutcome::try_from(result.outcome).unwrap_or_default() {
+                // The transport itself says the socket is not there.
+                DeliveryOutcome::NotFound | DeliveryOutcome::Gone => {
+                    if let Err(error) = self
+                        .shared
+                        .store
+                        .delete_connection(&result.connection_id)
+                        .await
+                    {
+                        tracing::warn!(%error, connection_id = %result.connection_id, "cannot remove stale connection");
+                    }
+                    result.outcome = DeliveryOutcome::Gone as i32;
+                }
+                DeliveryOutcome::Delivered => {
+                    let seen = last_seen.get(result.connection_id.as_str()).copied();
+                    if seen.is_some_and(|s| now.saturating_sub(s) > TOUCH_INTERVAL_MS) {
+                        let _ = self
+                            .shared
+                            .store
+                            .touch_connection(&result.connection_id, now)
+                            .await;
+                    }
+                }
+                _ => {}
+            }
+            let outcome = DeliveryOutcome::try_from(result.outcome).unwrap_or_default();
+            metrics::counter!("streamer_deliveries_total", "outcome" => outcome.as_str_name())
+                .increment(1);
+        }
+        results
+    }
+
+    pub(crate) async fn send(
+        &self,
+        cmd: SendCommand,
+        caller: &Caller,
+    ) -> Result<DeliveryOutcome, ConnectionError> {
+        let record = self
+            .find(&cmd.connection_id, cmd.tenant_id.as_deref(), caller)
+            .await?;
+        let results = self.deliver(vec![record], cmd.payload, cmd.sequence).await;
+        Ok(results
+            .first()
+            .and_then(|r| DeliveryOutcome::try_from(r.outcome).ok())
+            .unwrap_or(DeliveryOutcome::Unavailable))
+    }
+
+    pub(crate) async fn broadcast(
+        &self,
+        cmd: BroadcastCommand,
+        caller: &Caller,
+    ) -> Result<Vec<DeliveryResult>, ConnectionError> {
+        let (records, mut missing) = match cmd.target {
+            BroadcastTarget::Connections(ids) => {
+                let mut records = Vec::with_capacity(ids.len());
+                let mut missing = Vec::new();
+                for id in ids {
+                    match self.find(&id, cmd.tenant_id.as_deref(), caller).await {
+                        Ok(record) => records.push(record),
+                        Err(ConnectionError::NotFound(_)) => missing.push(DeliveryResult {
+                            connection_id: id,
+                            outcome: DeliveryOutcome::NotFound as i32,
+                        }),
+                        Err(other) => return Err(other),
+                    }
+                }
+                (records, missing)
+            }
+            BroadcastTarget::User { tenant_id, user_id } => {
+                Self::check_reach(caller, &tenant_id)?;
+                (
+                    self.all_connections(&tenant_id, Some(&user_id)).await?,
+                    Vec::new(),
+                )
+            }
+            BroadcastTarget::Tenant(tenant_id) => {
+                Self::check_reach(caller, &tenant_id)?;
+                (self.all_connections(&tenant_id, None).await?, Vec::new())
+            }
+        };
+        let mut results = self.deliver(records, cmd.payload, None).await;
+        results.append(&mut missing);
+        Ok(results)
+    }
+
+    pub(crate) async fn disconnect(
+        &self,
+        cmd: DisconnectCommand,
+        caller: &Caller,
+    ) -> Result<(), ConnectionError> {
+        let record = self
+            .find(&cmd.connection_id, cmd.tenant_id.as_deref(), caller)
+            .await?;
+        self.shared.delivery.close(&record, 1000, cmd.reason).await;
+        self.shared
+            .store
+            .delete_connection(&record.connection_id)
+            .await?;
+        tracing::info!(connection_id = %record.connection_id, "connection disconnected by request");
+        Ok(())
+    }
+
+    /// Writes a JSON message to one client, best effort (used for answers to
+    /// frames; a client that left meanwhile simply misses it).
+    pub(crate) async fn reply(&self, connection_id: &str, message: Value) {
+        let Ok(record) = self.find(connection_id, None, Caller::everyone()).await else {
+            return;
+        };
+        // Text, not a protobuf Struct, so the client sees the protocol's
+        // field order (`type` first) rather than sorted keys.
+        let payload = v1::Payload {
+            body: Some(v1::payload::Body::Text(message.to_string())),
+        };
+        self.deliver(vec![record], payload, None).await;
+    }
+}

@@ -1,0 +1,177 @@
+//! The thin tonic adapter: each RPC validated into a command (see
+//! [`crate::model`]), run by the domain code, and its outcome mapped back.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use streamer_api::v1::{
+    self, DeliveryOutcome, DeliveryResult, InboundMessage,
+    connection_service_server::ConnectionService,
+};
+use streamer_core::trust::Caller;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::error::ConnectionError;
+use crate::model::{ListQuery, connection_to_proto, optional_id, required_id};
+use crate::service::{BUILTIN_ACTIONS, BoxStream, ConnectionServer, ROUTER_QUEUE, Shared};
+
+fn counts(results: &[DeliveryResult]) -> v1::BroadcastResponse {
+    let mut response = v1::BroadcastResponse::default();
+    for r in results {
+        match DeliveryOutcome::try_from(r.outcome).unwrap_or_default() {
+            DeliveryOutcome::Delivered => response.delivered += 1,
+            DeliveryOutcome::NotFound => response.not_found += 1,
+            DeliveryOutcome::Gone => response.gone += 1,
+            DeliveryOutcome::Throttled => response.throttled += 1,
+            DeliveryOutcome::Unavailable => response.unavailable += 1,
+            DeliveryOutcome::Unspecified => {}
+        }
+    }
+    response.results = results.to_vec();
+    response
+}
+
+#[tonic::async_trait]
+impl ConnectionService for ConnectionServer {
+    async fn send(
+        &self,
+        request: Request<v1::SendRequest>,
+    ) -> Result<Response<v1::SendResponse>, Status> {
+        let caller = Caller::of(&request);
+        let outcome = self.send(request.into_inner().try_into()?, &caller).await?;
+        Ok(Response::new(v1::SendResponse {
+            outcome: outcome as i32,
+        }))
+    }
+
+    async fn broadcast(
+        &self,
+        request: Request<v1::BroadcastRequest>,
+    ) -> Result<Response<v1::BroadcastResponse>, Status> {
+        let caller = Caller::of(&request);
+        let results = self
+            .broadcast(request.into_inner().try_into()?, &caller)
+            .await?;
+        Ok(Response::new(counts(&results)))
+    }
+
+    async fn is_active(
+        &self,
+        request: Request<v1::IsActiveRequest>,
+    ) -> Result<Response<v1::IsActiveResponse>, Status> {
+        let caller = Caller::of(&request);
+        let id = required_id("connection_id", request.into_inner().connection_id)?;
+        let active = match self.find(&id, None, &caller).await {
+            Ok(record) => self.shared.edges.get(&record.edge_id).is_some(),
+            Err(ConnectionError::NotFound(_)) => false,
+            Err(error) => return Err(error.into()),
+        };
+        Ok(Response::new(v1::IsActiveResponse { active }))
+    }
+
+    async fn get_connection(
+        &self,
+        request: Request<v1::GetConnectionRequest>,
+    ) -> Result<Response<v1::Connection>, Status> {
+        let caller = Caller::of(&request);
+        let r = request.into_inner();
+        let id = required_id("connection_id", r.connection_id)?;
+        let tenant = optional_id("tenant_id", r.tenant_id)?;
+        let record = self.find(&id, tenant.as_deref(), &caller).await?;
+        Ok(Response::new(connection_to_proto(record)))
+    }
+
+    async fn list_connections(
+        &self,
+        request: Request<v1::ListConnectionsRequest>,
+    ) -> Result<Response<v1::ListConnectionsResponse>, Status> {
+        let caller = Caller::of(&request);
+        let query: ListQuery = request.into_inner().try_into()?;
+        Self::check_reach(&caller, &query.tenant_id)?;
+        let mut records = self
+            .shared
+            .store
+            .list_connections(
+                &query.tenant_id,
+                query.user_id.as_deref(),
+                query.after.as_deref(),
+                query.page_size + 1,
+            )
+            .await
+            .map_err(ConnectionError::from)?;
+        let next_page_token = if records.len() > query.page_size {
+            records.truncate(query.page_size);
+            records
+                .last()
+                .map(|r| r.connection_id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(v1::ListConnectionsResponse {
+            connections: records.into_iter().map(connection_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn disconnect(
+        &self,
+        request: Request<v1::DisconnectRequest>,
+    ) -> Result<Response<v1::DisconnectResponse>, Status> {
+        let caller = Caller::of(&request);
+        self.disconnect(request.into_inner().try_into()?, &caller)
+            .await?;
+        Ok(Response::new(v1::DisconnectResponse {}))
+    }
+
+    type ReceiveStream = BoxStream<InboundMessage>;
+
+    async fn receive(
+        &self,
+        request: Request<v1::ReceiveRequest>,
+    ) -> Result<Response<Self::ReceiveStream>, Status> {
+        let caller = Caller::of(&request);
+        let r = request.into_inner();
+        if r.actions.is_empty() {
+            return Err(ConnectionError::invalid("actions", "declare at least one action").into());
+        }
+        let mut actions = Vec::with_capacity(r.actions.len());
+        for action in r.actions {
+            let action = required_id("actions", action)?;
+            if BUILTIN_ACTIONS.contains(&action.as_str()) {
+                return Err(ConnectionError::invalid(
+                    "actions",
+                    format!("{action:?} is answered by Streamer itself"),
+                )
+                .into());
+            }
+            actions.push(action);
+        }
+        let router_id = optional_id("router_id", r.router_id)?.unwrap_or_else(|| "router".into());
+        let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
+        let key = self
+            .shared
+            .routers
+            .register(&router_id, &actions, caller.tenants.clone(), tx);
+        tracing::info!(router_id = %router_id, actions = ?actions, tenants = ?caller.tenants, "router attached");
+
+        // Unregisters the router when its stream is dropped, whatever ends it.
+        struct Unregister(Arc<Shared>, u64, String);
+        impl Drop for Unregister {
+            fn drop(&mut self) {
+                self.0.routers.unregister(self.1);
+                tracing::info!(router_id = %self.2, "router detached");
+            }
+        }
+        let guard = Unregister(self.shared.clone(), key, router_id);
+        let stream = ReceiverStream::new(rx)
+            .take_until(self.shared.shutdown.clone().cancelled_owned())
+            .map(move |item| {
+                let _keep = &guard;
+                item
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

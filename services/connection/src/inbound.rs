@@ -1,0 +1,242 @@
+//! Inbound routing: what a client sends, on its way to a router, to
+//! ProgressService as a request, or to a built-in action; whatever cannot
+//! be routed is answered to the client.
+
+use serde_json::Value;
+use streamer_api::v1::{self, InboundMessage};
+use streamer_core::store::{ConnectionRecord, now_ms};
+use streamer_core::trust::Caller;
+use tokio::sync::mpsc;
+use tonic::Response;
+
+use crate::client_messages::{self, ClientErrorCode};
+use crate::routers::RouteError;
+use crate::service::{ConnectionServer, Inbound, TOUCH_INTERVAL_MS};
+
+impl ConnectionServer {
+    /// Handles one shard's frames, one at a time, in arrival order.
+    pub(crate) async fn inbound_worker(self, mut frames: mpsc::Receiver<Inbound>) {
+        loop {
+            let next = tokio::select! {
+                next = frames.recv() => next,
+                () = self.shared.shutdown.cancelled() => return,
+            };
+            let Some(Inbound { edge_id, frame }) = next else {
+                return;
+            };
+            self.inbound(&edge_id, frame).await;
+        }
+    }
+
+    /// Queues a frame on its connection's worker without waiting; a full
+    /// worker answers the client RATE_LIMITED instead of stalling the edge.
+    pub(crate) fn enqueue_frame(&self, edge_id: &str, frame: v1::InboundFrame) {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        frame.connection_id.hash(&mut hasher);
+        let shard = (hasher.finish() as usize) % self.shared.inbound.len();
+        let inbound = Inbound {
+            edge_id: edge_id.to_owned(),
+            frame,
+        };
+        if let Err(mpsc::error::TrySendError::Full(Inbound { frame, .. })) =
+            self.shared.inbound[shard].try_send(inbound)
+        {
+            metrics::counter!("streamer_inbound_rejected_total", "reason" => "overloaded")
+                .increment(1);
+            let this = self.clone();
+            tokio::spawn(async move {
+                let message = client_messages::error(
+                    &frame.request_id,
+                    ClientErrorCode::RateLimited,
+                    "too many frames in flight; try again",
+                );
+                this.reply(&frame.connection_id, message).await;
+            });
+        }
+    }
+
+    /// Routes one client frame: built-in actions, then routers, then the
+    /// async request queue; anything else is INVALID_ACTION.
+    pub(crate) async fn inbound(&self, edge_id: &str, frame: v1::InboundFrame) {
+        let record = match self
+            .find(&frame.connection_id, None, Caller::everyone())
+            .await
+        {
+            // Only the edge holding a socket speaks for it.
+            Ok(record) if record.edge_id == edge_id => record,
+            Ok(_) => {
+                tracing::warn!(edge_id, connection_id = %frame.connection_id, "frame from an edge that does not hold the connection; dropped");
+                return;
+            }
+            Err(_) => return, // closed meanwhile
+        };
+        let now = now_ms();
+        if now.saturating_sub(record.last_seen_ms) > TOUCH_INTERVAL_MS {
+            let _ = self
+                .shared
+                .store
+                .touch_connection(&record.connection_id, now)
+                .await;
+        }
+        metrics::counter!("streamer_inbound_frames_total").increment(1);
+        let request_id = frame.request_id.clone();
+        let answer = match frame.action.as_str() {
+            "get_request" | "cancel_request" => self.request_action(&record, frame).await,
+            _ => self.route(&record, frame).await,
+        };
+        if let Some(message) = answer {
+            self.reply(&record.connection_id, message).await;
+        } else {
+            tracing::trace!(request_id = %request_id, "frame routed");
+        }
+    }
+
+    pub(crate) async fn route(
+        &self,
+        record: &ConnectionRecord,
+        frame: v1::InboundFrame,
+    ) -> Option<Value> {
+        let request_id = frame.request_id.clone();
+        let action = frame.action.clone();
+        let message = InboundMessage {
+            connection_id: record.connection_id.clone(),
+            identity: Some(v1::Identity {
+                user_id: record.user_id.clone(),
+                tenant_id: record.tenant_id.clone(),
+                permissions: record.permissions.clone(),
+            }),
+            action: frame.action,
+            request_id: frame.request_id,
+            payload: frame.payload,
+            metadata: frame.metadata,
+            received_at: frame.received_at,
+        };
+        let message = match self.shared.routers.dispatch(message) {
+            Ok(_) => return None,
+            Err((RouteError::Busy, _)) => {
+                metrics::counter!("streamer_inbound_rejected_total", "reason" => "busy")
+                    .increment(1);
+                return Some(client_messages::error(
+                    &request_id,
+                    ClientErrorCode::RateLimited,
+                    format!("every router for action {action:?} is busy; try again"),
+                ));
+            }
+            Err((RouteError::NoRouter, message)) => message,
+        };
+        let invalid = || {
+            client_messages::error(
+                &request_id,
+                ClientErrorCode::InvalidAction,
+                format!("no handler for action {action:?}"),
+            )
+        };
+        let Some(mut progress) = self.shared.progress.clone() else {
+            return Some(invalid());
+        };
+        let submitted = progress
+            .submit(v1::SubmitRequest {
+                connection_id: message.connection_id,
+                action: message.action,
+                request_id: message.request_id,
+                payload: message.payload,
+                metadata: message.metadata,
+            })
+            .await;
+        match submitted {
+            // ProgressService acknowledges to the client itself, so the
+            // acknowledgment is ordered before the request's progress.
+            Ok(_) => None,
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => Some(invalid()),
+            Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                Some(client_messages::error(
+                    &request_id,
+                    ClientErrorCode::Validation,
+                    status.message().to_owned(),
+                ))
+            }
+            Err(status) => {
+                tracing::warn!(error = %status, action = %action, "submit failed");
+                Some(client_messages::error(
+                    &request_id,
+                    ClientErrorCode::Internal,
+                    "the request could not be queued; try again",
+                ))
+            }
+        }
+    }
+
+    /// `get_request` and `cancel_request`, with `{"request_id": ...}` as
+    /// payload, always scoped to the connection's own user.
+    pub(crate) async fn request_action(
+        &self,
+        record: &ConnectionRecord,
+        frame: v1::InboundFrame,
+    ) -> Option<Value> {
+        let id = frame.request_id.as_str();
+        let payload = frame.payload.map(streamer_api::json::from_proto);
+        let Some(target) = payload
+            .as_ref()
+            .and_then(|p| p.get("request_id"))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+        else {
+            return Some(client_messages::error(
+                id,
+                ClientErrorCode::Validation,
+                "payload.request_id is required",
+            ));
+        };
+        let Some(mut progress) = self.shared.progress.clone() else {
+            return Some(client_messages::error(
+                id,
+                ClientErrorCode::InvalidAction,
+                "requests are not enabled on this deployment",
+            ));
+        };
+        let owner = v1::Identity {
+            user_id: record.user_id.clone(),
+            tenant_id: record.tenant_id.clone(),
+            permissions: Vec::new(),
+        };
+        let get = v1::GetRequest {
+            selector: Some(v1::get_request::Selector::Client(v1::ClientRequestRef {
+                tenant_id: record.tenant_id.clone(),
+                user_id: record.user_id.clone(),
+                request_id: target.to_owned(),
+            })),
+            owner: Some(owner.clone()),
+            // A client asking about its request wants its updates here.
+            deliver_to_connection_id: if frame.action == "get_request" {
+                record.connection_id.clone()
+            } else {
+                String::new()
+            },
+        };
+        let result = match progress.get(get).await {
+            Ok(found) if frame.action == "cancel_request" => progress
+                .cancel(v1::CancelRequest {
+                    id: found.into_inner().id,
+                    reason: "cancelled by the client".into(),
+                    owner: Some(owner),
+                })
+                .await
+                .map(Response::into_inner),
+            other => other.map(Response::into_inner),
+        };
+        Some(match result {
+            Ok(request) => client_messages::response(id, client_messages::request_state(request)),
+            Err(status) => {
+                let code = match status.code() {
+                    tonic::Code::NotFound => ClientErrorCode::NotFound,
+                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
+                        ClientErrorCode::Validation
+                    }
+                    _ => ClientErrorCode::Internal,
+                };
+                client_messages::error(id, code, status.message().to_owned())
+            }
+        })
+    }
+}
