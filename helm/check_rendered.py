@@ -25,6 +25,18 @@ another namespace, not an address outside the cluster), while the public gRPC
 port and the metrics port admit whom they admitted without the policy, or,
 where the scenario names peers, exactly those (and the release's progress
 pods for the gRPC port).
+
+Scale (DYNAMODB below, per scenario): with the embedded store connection and
+progress are StatefulSets of one replica with their volume, there is no
+HorizontalPodAutoscaler, PDBs only for auth and gateway, and the gateway dials
+the connection Service (and a cert-manager certificate names only the role's
+Service). With store.type dynamodb they are Deployments of the expected
+replicas without a volume or STREAMER_DATA_DIR; a headless Service (clusterIP
+None) selects exactly the connection pods and carries their edge port; the
+gateway's STREAMER_CONNECTION_EDGE_URL names it (so the name resolves to every
+replica), and the connection certificate is valid for it; every role has the
+expected HPA (which owns the Deployment's replicas) and PDB (which keeps at
+least one replica up); progress lists its async actions.
 """
 
 import ipaddress
@@ -51,7 +63,41 @@ ENV_OUTSIDE_HELP = {"STREAMER_LOG"}
 # of the scenario named here.
 BASE_SCENARIO = {"trust-none": "defaults", "trust-existing": "defaults",
                  "trust-mtls": "defaults", "trust-mtls-cert-manager": "defaults",
-                 "trust-token-tls": "defaults", "store-dynamodb": "defaults"}
+                 "trust-token-tls": "defaults", "store-dynamodb": "defaults",
+                 "dynamodb-scaled": "defaults", "dynamodb-one-progress": "defaults"}
+ALL_ROLES = ["auth", "connection", "gateway", "progress"]
+# Scenarios with store.type dynamodb: the tables' prefix and region; the
+# replicas each role's Deployment renders (None: none rendered, left to its
+# HPA); each role's HPA as (minReplicas, maxReplicas, {resource: target %});
+# the roles with a PDB; STREAMER_ASYNC_ACTIONS, STREAMER_EDGE_LEASE_SECS and
+# STREAMER_STORE_POLL_MS (None: not set); the ServiceAccount's annotations.
+DYNAMODB = {
+    "store-dynamodb": {
+        "prefix": "prod-streamer-", "region": "eu-west-1",
+        "replicas": {"auth": 1, "gateway": 2, "connection": 2, "progress": 2},
+        "hpa": {}, "pdbs": ALL_ROLES, "async_actions": "generate_report",
+        "edge_lease": None, "store_poll_ms": None, "sa_annotations": None,
+    },
+    "dynamodb-scaled": {
+        "prefix": "streamer-", "region": "us-east-1",
+        "replicas": {"auth": None, "gateway": None, "connection": 3, "progress": None},
+        "hpa": {"auth": (2, 4, {"cpu": 60}), "gateway": (3, 12, {"cpu": 70}),
+                "progress": (2, 6, {"cpu": 75, "memory": 80})},
+        "pdbs": ALL_ROLES, "async_actions": "generate_report,export",
+        "edge_lease": "20", "store_poll_ms": "250",
+        "sa_annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/streamer"},
+    },
+    "dynamodb-one-progress": {
+        "prefix": "streamer-", "region": None,
+        "replicas": {"auth": 1, "gateway": 2, "connection": 2, "progress": 1},
+        "hpa": {}, "pdbs": ["auth", "gateway"], "async_actions": None,
+        "edge_lease": None, "store_poll_ms": None, "sa_annotations": None,
+    },
+}
+# Where auth's keys come from (kind, field, name); the development key elsewhere.
+AUTH_KEYS = {"production": ("secret", "secretName", "streamer-auth-keys"),
+             "ephemeral": ("configMap", "name", "streamer-jwks"),
+             "dynamodb-scaled": ("secret", "secretName", "streamer-auth-keys")}
 # scenario: (trust mode, the Secret the pods mount or None for the chart's
 # own, its key). Mode none mounts nothing.
 TRUST = {
@@ -64,6 +110,8 @@ TRUST = {
     "trust-mtls-cert-manager": ("mtls", None, None),
     "trust-token-tls": ("token", None, "service-secret"),
     "store-dynamodb": ("token", None, "service-secret"),
+    "dynamodb-scaled": ("mtls", None, None),
+    "dynamodb-one-progress": ("token", None, "service-secret"),
 }
 # scenario: the Secret each role's certificate comes from when gRPC runs over
 # TLS (None: plain text), and whether cert-manager issues them.
@@ -71,6 +119,7 @@ TLS = {
     "trust-mtls": ({r: f"{r}-tls" for r in ("auth", "connection", "progress", "gateway")}, False),
     "trust-mtls-cert-manager": ({r: f"rel-streamer-{r}-tls" for r in ("auth", "connection", "progress", "gateway")}, True),
     "trust-token-tls": ({r: f"{r}-tls" for r in ("auth", "connection", "progress", "gateway")}, False),
+    "dynamodb-scaled": ({r: f"rel-streamer-{r}-tls" for r in ("auth", "connection", "progress", "gateway")}, True),
 }
 # The roles each role's certificate grants (its URI names), by role.
 CERT_ROLES = {"auth": [], "connection": ["backend"], "progress": ["backend"], "gateway": ["edge"]}
@@ -91,6 +140,8 @@ NETWORK_POLICY = {
     "trust-mtls-cert-manager": {"grpc": None, "metrics": None},
     "trust-token-tls": {"grpc": None, "metrics": None},
     "store-dynamodb": {"grpc": None, "metrics": None},
+    "dynamodb-scaled": {"grpc": None, "metrics": None},
+    "dynamodb-one-progress": {"grpc": None, "metrics": None},
 }
 # Where the callers the NetworkPolicy is evaluated for come from.
 RELEASE_NAMESPACE = "streaming"
@@ -196,6 +247,8 @@ def main():
     trust_mode, trust_secret, trust_key = TRUST[scenario]
     tls_secrets, cert_manager = TLS.get(scenario, (None, False))
     scenario_name, scenario = scenario, BASE_SCENARIO.get(scenario, scenario)
+    dynamodb = DYNAMODB.get(scenario_name)
+    headless_name = "rel-streamer-connection-headless"
 
     seen = set()
     for d in docs:
@@ -238,6 +291,12 @@ def main():
             fqdn = f"rel-streamer-{role}.streaming.svc.cluster.local"
             check(spec.get("secretName") == tls_secrets[role], f"{role} Certificate: secretName {spec.get('secretName')}")
             check(fqdn in spec.get("dnsNames", []), f"{role} Certificate: {fqdn} not among {spec.get('dnsNames')}")
+            # The role's Service names; with DynamoDB the connection
+            # certificate also those of the headless Service the gateways dial.
+            services_named = [f"rel-streamer-{role}"] + ([headless_name] if dynamodb and role == "connection" else [])
+            want_names = [f"{n}{suffix}" for n in services_named
+                          for suffix in ("", ".streaming", ".streaming.svc", ".streaming.svc.cluster.local")]
+            check(spec.get("dnsNames") == want_names, f"{role} Certificate: dnsNames {spec.get('dnsNames')}, want {want_names}")
             check(sorted(spec.get("uris", [])) == [f"urn:streamer:role:{r}" for r in CERT_ROLES[role]],
                   f"{role} Certificate: uris {spec.get('uris')}")
             check({"server auth", "client auth"} <= set(spec.get("usages", [])), f"{role} Certificate: usages {spec.get('usages')}")
@@ -247,13 +306,19 @@ def main():
 
     workloads = {}
     for role, (kind, grpc_service, port_name) in ROLES.items():
+        if dynamodb:
+            kind = "Deployment"
         found = [d for d in docs if d["kind"] == kind and role_of(d) == role]
         if not check(len(found) == 1, f"{role}: expected one {kind}, found {len(found)}"):
             continue
         workloads[role] = found[0]
+    # The release's names (fullnameOverride changes them).
+    if "connection" in workloads:
+        headless_name = workloads["connection"]["metadata"]["name"] + "-headless"
 
     for role, w in workloads.items():
         kind, grpc_service, port_name = ROLES[role]
+        kind = w["kind"]
         spec = w["spec"]
         pod = spec["template"]["spec"]
         pod_labels = spec["template"]["metadata"]["labels"]
@@ -274,6 +339,20 @@ def main():
                 check(len(claims) == 1 and claims[0]["metadata"]["name"] == "data",
                       f"{name}: expected one volumeClaimTemplate named data")
                 check(not data_volumes, f"{name}: a pod volume shadows the data claim")
+        elif dynamodb:
+            # Several replicas, or as many as the HPA says (then the
+            # Deployment renders none, so an upgrade does not reset them).
+            expected = dynamodb["replicas"][role]
+            check(spec.get("replicas") == expected, f"{name}: replicas {spec.get('replicas')}, expected {expected}")
+            if role in ("connection", "progress"):
+                data_mounts = [m for m in pod["containers"][0].get("volumeMounts", []) if m["name"] == "data"]
+                check(not spec.get("volumeClaimTemplates") and not data_mounts
+                      and "data" not in [v["name"] for v in pod.get("volumes", [])],
+                      f"{name}: a data volume with the DynamoDB store")
+                check("STREAMER_DATA_DIR" not in env_map(pod["containers"][0]), f"{name}: STREAMER_DATA_DIR with the DynamoDB store")
+                rolling = spec.get("strategy", {}).get("rollingUpdate", {})
+                check(rolling.get("maxUnavailable") == 0 and rolling.get("maxSurge") == 1,
+                      f"{name}: a rollout may take a replica down before its successor is up: {spec.get('strategy')}")
         else:
             expected = {"auth": {"defaults": 1, "production": 3, "ephemeral": 2},
                         "gateway": {"defaults": 2, "production": 4, "ephemeral": 2}}[role][scenario]
@@ -414,16 +493,26 @@ def main():
             check(not set(tls_vars) & set(env), f"{name}: TLS variables without TLS")
 
         # The store: every stateful role is told which, the gateway nothing.
-        store = "dynamodb" if scenario_name == "store-dynamodb" else "embedded"
+        store = "dynamodb" if dynamodb else "embedded"
         if role == "gateway":
             check("STREAMER_STORE" not in env, f"{name}: STREAMER_STORE is set on the gateway")
         else:
             check(env.get("STREAMER_STORE", {}).get("value") == store, f"{name}: STREAMER_STORE is {env.get('STREAMER_STORE')}")
-            want = {"STREAMER_DYNAMODB_TABLE_PREFIX": "prod-streamer-", "STREAMER_DYNAMODB_REGION": "eu-west-1",
-                    "STREAMER_DYNAMODB_ENDPOINT_URL": None} if store == "dynamodb" else {
+            want = {"STREAMER_DYNAMODB_TABLE_PREFIX": dynamodb["prefix"], "STREAMER_DYNAMODB_REGION": dynamodb["region"],
+                    "STREAMER_DYNAMODB_ENDPOINT_URL": None} if dynamodb else {
                     "STREAMER_DYNAMODB_TABLE_PREFIX": None, "STREAMER_DYNAMODB_REGION": None}
             for var, value in want.items():
                 check(env.get(var, {}).get("value") == value, f"{name}: {var} is {env.get(var)}, expected {value!r}")
+
+        # What only several replicas need: the edge lease, the store's poll
+        # and the async actions, as the scenario gives them (not set by
+        # default, so the embedded rendering is unchanged).
+        scaled_env = {"connection": {"STREAMER_EDGE_LEASE_SECS": dynamodb["edge_lease"] if dynamodb else None},
+                      "progress": {"STREAMER_STORE_POLL_MS": dynamodb["store_poll_ms"] if dynamodb else None}}
+        if dynamodb:
+            scaled_env["progress"]["STREAMER_ASYNC_ACTIONS"] = dynamodb["async_actions"]
+        for var, value in scaled_env.get(role, {}).items():
+            check(env.get(var, {}).get("value") == value, f"{name}: {var} is {env.get(var)}, expected {value!r}")
 
         # Issuers' JWKS URLs, as ISSUER=URL pairs; and no key files then.
         if role == "auth":
@@ -452,6 +541,8 @@ def main():
     # The wiring: each URL names a Service of the chart, on the named port,
     # in the release namespace; the gateway dials ConnectionService's edge
     # stream, not its public API.
+    # With DynamoDB the gateway dials the headless Service instead, whose
+    # name resolves to every connection replica.
     wiring = [("gateway", "STREAMER_AUTH_URL", "auth", "grpc"),
               ("gateway", "STREAMER_CONNECTION_EDGE_URL", "connection", "edge"),
               ("progress", "STREAMER_CONNECTION_URL", "connection", "grpc"),
@@ -465,8 +556,15 @@ def main():
         host = (url.hostname or "").split(".")
         svc = services.get(host[0]) if host else None
         target_name = workloads[target]["metadata"]["name"]
-        check(url.scheme == ("https" if tls_secrets else "http") and svc is not None and host[0] == target_name and host[1:3] == ["streaming", "svc"],
-              f"{role}: {var}={value!r} does not name the {target} Service in the release namespace")
+        if dynamodb and var == "STREAMER_CONNECTION_EDGE_URL":
+            target_name = headless_name
+        check(url.scheme == ("https" if tls_secrets else "http") and svc is not None and host[0] == target_name
+              and host[1:] == ["streaming", "svc", "cluster", "local"],
+              f"{role}: {var}={value!r} does not name the {target_name} Service in the release namespace")
+        if cert_manager and svc is not None:
+            # The name the client verifies the target's certificate against.
+            check(url.hostname in certificates.get(target, {}).get("spec", {}).get("dnsNames", []),
+                  f"{role}: {var} names {url.hostname}, which the {target} certificate does not")
         if svc is not None:
             check(url.port in [p["port"] for p in svc["spec"]["ports"] if p["name"] == port_name],
                   f"{role}: {var} port is not the {target} Service's {port_name} port")
@@ -484,10 +582,34 @@ def main():
               "connection: two container ports share a number")
         # The Service the gateways dial and the headless one both carry it.
         conn_name = workloads["connection"]["metadata"]["name"]
-        for svc_name in (conn_name, workloads["connection"]["spec"].get("serviceName")):
+        headless = workloads["connection"]["spec"].get("serviceName") or headless_name
+        check(headless == headless_name, f"connection: its headless Service is {headless}")
+        for svc_name in (conn_name, headless):
             svc_ports = {p["name"]: p for p in services.get(svc_name, {}).get("spec", {}).get("ports", [])}
             check(svc_ports.get("edge", {}).get("targetPort") == "edge",
                   f"Service {svc_name}: no port `edge` targeting the container's edge port")
+
+    # The headless Services: with the embedded store each StatefulSet's
+    # governing Service; with DynamoDB only connection's, which every gateway
+    # resolves to find each replica: clusterIP None, selecting exactly the
+    # connection pods (not-ready ones too, so the edges attach to a replica
+    # while it starts), carrying the edge port.
+    headless_services = sorted(n for n, s in services.items()
+                               if s["spec"].get("clusterIP") == "None" and not n.endswith("-metrics"))
+    want_headless = [headless_name] if dynamodb else sorted(
+        [headless_name] + [w["metadata"]["name"] + "-headless" for r, w in workloads.items() if r == "progress"])
+    check(headless_services == want_headless, f"headless Services {headless_services}, want {want_headless}")
+    if dynamodb and "connection" in workloads and headless_name in services:
+        hs = services[headless_name]["spec"]
+        check(hs.get("publishNotReadyAddresses") is True, f"{headless_name}: not-ready replicas are not published")
+        for role, w in workloads.items():
+            selected = matches(hs.get("selector", {}), w["spec"]["template"]["metadata"]["labels"])
+            check(selected == (role == "connection"), f"{headless_name} {'misses' if role == 'connection' else 'selects'} the {role} pods")
+        edge_ports = [p for p in workloads["connection"]["spec"]["template"]["spec"]["containers"][0].get("ports", [])
+                      if p["name"] == "edge"]
+        svc_edge = [p for p in hs.get("ports", []) if p["name"] == "edge"]
+        check(edge_ports and svc_edge and svc_edge[0]["port"] == edge_ports[0]["containerPort"] and svc_edge[0]["targetPort"] == "edge",
+              f"{headless_name}: its edge port {svc_edge} is not the connection pods' {edge_ports}")
 
     # The NetworkPolicy, evaluated for callers inside and outside the
     # release: only this release's gateway pods reach the edge port; the
@@ -542,14 +664,55 @@ def main():
                 check(admits(policy, caller, port_name, container_ports) == expected,
                       f"the NetworkPolicy {'refuses' if expected else 'admits'} {who} on the {port_name} port")
 
-    # PodDisruptionBudgets only for the roles that scale.
+    # PodDisruptionBudgets only for the roles that scale (with DynamoDB
+    # connection and progress too, while they may run more than one replica):
+    # each keeps at least one replica of its role up.
     pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
     pdb_roles = sorted(role_of(p) for p in pdbs)
-    check(pdb_roles == ([] if scenario == "ephemeral" else ["auth", "gateway"]), f"PDBs for {pdb_roles}")
+    want_pdbs = sorted(dynamodb["pdbs"]) if dynamodb else ([] if scenario == "ephemeral" else ["auth", "gateway"])
+    check(pdb_roles == want_pdbs, f"PDBs for {pdb_roles}, want {want_pdbs}")
+    hpas = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
     for p in pdbs:
-        w = workloads.get(role_of(p))
+        role = role_of(p)
+        w = workloads.get(role)
         check(w is not None and matches(p["spec"]["selector"]["matchLabels"], w["spec"]["template"]["metadata"]["labels"]),
               f"PDB {p['metadata']['name']} selects no workload")
+        hpa = next((h for h in hpas if role_of(h) == role), None)
+        least = hpa["spec"]["minReplicas"] if hpa else (w or {}).get("spec", {}).get("replicas", 1)
+        if least > 1:
+            check(isinstance(p["spec"].get("maxUnavailable"), int) and p["spec"]["maxUnavailable"] < least
+                  and "minAvailable" not in p["spec"],
+                  f"PDB {p['metadata']['name']}: maxUnavailable {p['spec'].get('maxUnavailable')} of {least} replicas")
+
+    # HorizontalPodAutoscalers: none unless enabled (never with the embedded
+    # store's StatefulSets); each scales its role's Deployment, which then
+    # renders no replicas of its own.
+    want_hpa = dynamodb["hpa"] if dynamodb else {}
+    check(sorted(role_of(h) for h in hpas) == sorted(want_hpa), f"HPAs for {sorted(role_of(h) for h in hpas)}, want {sorted(want_hpa)}")
+    for h in hpas:
+        role = role_of(h)
+        if role not in want_hpa or role not in workloads:
+            continue
+        w = workloads[role]
+        minimum, maximum, targets = want_hpa[role]
+        spec = h["spec"]
+        check(h["apiVersion"] == "autoscaling/v2", f"HPA {role}: apiVersion {h['apiVersion']}")
+        check(spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": w["metadata"]["name"]}
+              and w["kind"] == "Deployment", f"HPA {role}: scales {spec['scaleTargetRef']}")
+        check("replicas" not in w["spec"], f"HPA {role}: its Deployment still renders replicas")
+        check((spec.get("minReplicas"), spec.get("maxReplicas")) == (minimum, maximum),
+              f"HPA {role}: {spec.get('minReplicas')}..{spec.get('maxReplicas')} replicas, want {minimum}..{maximum}")
+        got = {m["resource"]["name"]: m["resource"]["target"].get("averageUtilization") for m in spec.get("metrics", [])
+               if m.get("type") == "Resource" and m["resource"]["target"].get("type") == "Utilization"}
+        check(got == targets and len(spec.get("metrics", [])) == len(targets), f"HPA {role}: targets {spec.get('metrics')}, want {targets}")
+        container = w["spec"]["template"]["spec"]["containers"][0]
+        for resource in targets:
+            check(resource in container.get("resources", {}).get("requests", {}),
+                  f"HPA {role}: a {resource} target, but the container requests no {resource}")
+    if dynamodb and "gateway" in want_hpa and hpas:
+        gateway_hpa = next(h for h in hpas if role_of(h) == "gateway")
+        check(gateway_hpa["spec"].get("behavior", {}).get("scaleDown", {}).get("stabilizationWindowSeconds") == 600,
+              f"HPA gateway: behavior {gateway_hpa['spec'].get('behavior')}")
 
     # Scenario facts.
     auth = workloads.get("auth")
@@ -557,11 +720,10 @@ def main():
         apod = auth["spec"]["template"]["spec"]
         aenv = env_map(apod["containers"][0])
         keys_volume = next((v for v in apod.get("volumes", []) if v["name"] == "auth-keys"), None)
-        if scenario == "defaults":
+        source = AUTH_KEYS.get(scenario_name, AUTH_KEYS.get(scenario))
+        if source is None:
             check("STREAMER_AUTH_KEYS" not in aenv and keys_volume is None, "defaults: auth should use the development key")
         else:
-            source = {"production": ("secret", "secretName", "streamer-auth-keys"),
-                      "ephemeral": ("configMap", "name", "streamer-jwks")}[scenario]
             check(keys_volume is not None and keys_volume.get(source[0], {}).get(source[1]) == source[2],
                   f"{scenario}: auth keys are not mounted from {source[0]} {source[2]}")
             mount = next((m for m in apod["containers"][0]["volumeMounts"] if m["name"] == "auth-keys"), {})
@@ -604,6 +766,14 @@ def main():
 
     sa = [d for d in docs if d["kind"] == "ServiceAccount"]
     check(len(sa) == (0 if scenario == "ephemeral" else 1), f"{scenario}: {len(sa)} ServiceAccounts")
+    # Its annotations (the cloud credentials, e.g. IRSA's role), as given.
+    if sa:
+        want_annotations = dynamodb["sa_annotations"] if dynamodb else None
+        check(sa[0]["metadata"].get("annotations") == want_annotations,
+              f"ServiceAccount annotations {sa[0]['metadata'].get('annotations')}, want {want_annotations}")
+        for role, w in workloads.items():
+            check(w["spec"]["template"]["spec"].get("serviceAccountName") == sa[0]["metadata"]["name"],
+                  f"{role}: runs under another ServiceAccount than the chart's")
 
     for f in failures:
         print(f"       {scenario_name}: {f}")

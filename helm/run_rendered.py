@@ -8,11 +8,22 @@ the kubelet would start it: the image's entrypoint (`streamer`) with the
 container's args, and exactly the container's environment. What Kubernetes
 would provide is stood in for locally:
 
-  - ports: every container port gets a free local port (the listen addresses
-    stay 0.0.0.0, as rendered, since that is what decides whether a role
-    without caller authentication refuses to start);
+  - replicas: as many processes of a role as its workload's replicas (or its
+    HorizontalPodAutoscaler's minReplicas), each a pod of its own;
+  - ports: every container port of every pod gets a free local port (the
+    listen addresses stay 0.0.0.0, as rendered, since that is what decides
+    whether a role without caller authentication refuses to start);
   - Services: a URL naming a Service of the release points at the local port
-    of the container port it targets;
+    of the container port it targets, on one of the pods it selects (each
+    client pod its own, as kube-proxy would spread them); a URL naming a
+    headless Service (clusterIP None), whose name resolves to every pod it
+    selects, becomes the list of every such pod's URL, comma-separated, which
+    the binary takes the same way (it attaches to every address);
+  - the DynamoDB store (STREAMER_STORE=dynamodb): moto's DynamoDB-protocol
+    server on a local port, with the tables `streamer dynamodb create-tables`
+    makes under the rendered prefix and region; every pod reaches it through
+    STREAMER_DYNAMODB_ENDPOINT_URL, with AWS credentials in its environment
+    as a stand-in for the IAM role (IRSA) the cluster would give it;
   - volumes: emptyDir and PersistentVolumeClaim volumes are empty directories;
     a Secret volume holds the items of the Secret the chart rendered or, for
     a Secret the chart only names (trust.existingSecret), a random secret made
@@ -29,20 +40,21 @@ would provide is stood in for locally:
     Anything else it wrote to would be the root-owned pod directory, where it
     cannot write: a stand-in for the read-only root filesystem.
 
-Then, as the probes would, it waits for every role to be ready (the gRPC
+Then, as the probes would, it waits for every pod to be ready (the gRPC
 readiness probe's health check, without any credential; the gateway's
 /readyz, which needs the edge attached to ConnectionService) and checks that
-every other probe of every role passes too (ConnectionService's liveness
-probe asks its edge listener). It checks the edge stream: the gateway's
-STREAMER_CONNECTION_EDGE_URL leads to the connection pod's `edge` port (so
-the ready gateway attached through it), that port serves EdgeService and
+every other probe of every pod passes too (ConnectionService's liveness
+probe asks its edge listener). It checks the edge stream: every gateway's
+STREAMER_CONNECTION_EDGE_URL leads to the `edge` port of every connection
+pod, and every connection pod counts every gateway attached to it
+(streamer_edges_attached on its metrics port), that port serves EdgeService and
 the public port does not, and in mode token EdgeService refuses a caller
 without a token (Unauthenticated) and a backend's token (PermissionDenied:
 only role `edge`). And it checks the trust mode from outside: in mode token
 a call without a token is refused (Unauthenticated) and one with a token
 minted the way NOTES.txt says (`streamer service-token` run with the
-connection container's environment, as `kubectl exec` would) succeeds; in
-mode none the call succeeds without one.
+connection container's environment, as `kubectl exec` would) succeeds, on
+every connection pod; in mode none the call succeeds without one.
 
 With TLS (mode mtls, or trust.tls.enabled), each role's certificate Secret
 holds what `streamer certs` issued to that role (valid for 127.0.0.1), the
@@ -76,8 +88,10 @@ from urllib.parse import urlparse
 
 import yaml
 
-ROLES = {"auth": "Deployment", "connection": "StatefulSet", "progress": "StatefulSet", "gateway": "Deployment"}
-READY_TIMEOUT = 40
+ROLES = ["auth", "connection", "progress", "gateway"]
+READY_TIMEOUT = 60
+# How pods of a Deployment's ReplicaSet are named after it.
+POD_SUFFIXES = ["x2k8p", "q9w4z", "m3n7v", "b6c2d", "t8r5j", "h4k9s"]
 
 failures = []
 
@@ -126,14 +140,39 @@ def write_public_key(directory):
         f.write(key)
 
 
+def start_moto(root):
+    """moto's DynamoDB-protocol server on a loopback port it picks, serving
+    one request at a time (as deploy/test.sh runs it). Returns (process, URL)."""
+    log = open(os.path.join(root, "moto.log"), "w")
+    proc = subprocess.Popen([sys.executable, "-c", """import logging
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import make_server
+server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=False)
+print(server.server_port, flush=True)
+server.serve_forever()"""], stdout=subprocess.PIPE, stderr=log, text=True)
+    port = proc.stdout.readline().strip()
+    if not port.isdigit():
+        raise SystemExit(f"moto's server did not start: {open(os.path.join(root, 'moto.log')).read()[-400:]}")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+# What the cluster would give a pod that uses DynamoDB (through its IAM role);
+# moto takes any credentials.
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "helm-test", "AWS_SECRET_ACCESS_KEY": "helm-test", "AWS_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+
+
 class Pod:
-    def __init__(self, role, workload, root, secret_data):
+    def __init__(self, role, workload, root, secret_data, index=0):
         self.role = role
         self.workload = workload
-        self.name = workload["metadata"]["name"] + ("-0" if workload["kind"] == "StatefulSet" else "-7d4b9c-x2k8p")
+        self.index = index
+        self.name = workload["metadata"]["name"] + (
+            f"-{index}" if workload["kind"] == "StatefulSet" else f"-7d4b9c-{POD_SUFFIXES[index]}")
         pod = workload["spec"]["template"]["spec"]
         self.container = pod["containers"][0]
-        self.dir = os.path.join(root, role)
+        self.dir = os.path.join(root, f"{role}-{index}")
         os.makedirs(self.dir)
         os.chmod(self.dir, 0o755)
         # The pod's user, as the kubelet runs it (when this runs as root).
@@ -232,7 +271,7 @@ class Pod:
                 return self.mounts[mount] + value[len(mount):]
         return value
 
-    def env(self, pods, service_ports, drop=()):
+    def env(self, service_ports, drop=(), dynamodb_url=None):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.dir}
         for e in self.container.get("env", []):
             if e["name"] in drop:
@@ -248,8 +287,15 @@ class Pod:
             if url.scheme in ("http", "https") and url.hostname:
                 target = service_ports.get((url.hostname.split(".")[0], url.port))
                 if target is not None:
-                    value = f"{url.scheme}://127.0.0.1:{target}"
+                    headless, ports = target
+                    if headless:  # the name resolves to every pod
+                        value = ",".join(f"{url.scheme}://127.0.0.1:{p}" for p in ports)
+                    else:  # the Service's address leads to one of them
+                        value = f"{url.scheme}://127.0.0.1:{ports[self.index % len(ports)]}"
             env[e["name"]] = self.local_path(value)
+        if dynamodb_url and env.get("STREAMER_STORE") == "dynamodb":
+            env.update(AWS_ENV)
+            env["STREAMER_DYNAMODB_ENDPOINT_URL"] = dynamodb_url
         return env
 
 
@@ -277,57 +323,84 @@ def main():
             d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in d.get("data", {}).items()}
             for d in docs if d["kind"] == "Secret"
         }
+        # Every role's workload, and as many pods of it as it has replicas
+        # (its HPA's minReplicas when the HPA owns them).
+        hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in docs if h["kind"] == "HorizontalPodAutoscaler"}
         pods = {}
-        for role, kind in ROLES.items():
-            found = [d for d in docs if d["kind"] == kind
+        for role in ROLES:
+            found = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
                      and d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == role]
-            if not check(len(found) == 1, f"{role}: expected one {kind}"):
+            if not check(len(found) == 1, f"{role}: expected one workload, found {len(found)}"):
                 return 1
-            pods[role] = Pod(role, found[0], root, secret_data)
-        # (Service name, Service port) -> the local port of the pod it selects.
+            workload = found[0]
+            hpa = hpas.get(workload["metadata"]["name"])
+            replicas = workload["spec"].get("replicas", hpa["spec"]["minReplicas"] if hpa else 1)
+            if not check(1 <= replicas <= len(POD_SUFFIXES), f"{role}: {replicas} replicas"):
+                return 1
+            pods[role] = [Pod(role, workload, root, secret_data, i) for i in range(replicas)]
+        # (Service name, Service port) -> (headless, the local ports of the
+        # pods it selects).
         service_ports = {}
         for svc in (d for d in docs if d["kind"] == "Service"):
-            for role, pod in pods.items():
-                labels = pod.workload["spec"]["template"]["metadata"]["labels"]
-                if all(labels.get(k) == v for k, v in svc["spec"].get("selector", {}).items()):
-                    for p in svc["spec"]["ports"]:
-                        local = pod.named_ports.get(p["targetPort"]) or pod.ports.get(p["targetPort"])
-                        if local:
-                            service_ports[(svc["metadata"]["name"], p["port"])] = local
+            headless = svc["spec"].get("clusterIP") == "None"
+            for p in svc["spec"]["ports"]:
+                for role_pods in pods.values():
+                    labels = role_pods[0].workload["spec"]["template"]["metadata"]["labels"]
+                    if not all(labels.get(k) == v for k, v in svc["spec"].get("selector", {}).items()):
+                        continue
+                    local = [pod.named_ports.get(p["targetPort"]) or pod.ports.get(p["targetPort"]) for pod in role_pods]
+                    if all(local):
+                        service_ports.setdefault((svc["metadata"]["name"], p["port"]), (headless, []))[1].extend(local)
+
+        # The DynamoDB store: a local server with the tables made under the
+        # rendered prefix and region, as an operator makes them beforehand.
+        dynamodb_url = None
+        if any(e.get("value") == "dynamodb" for role_pods in pods.values()
+               for e in role_pods[0].container.get("env", []) if e["name"] == "STREAMER_STORE"):
+            moto, dynamodb_url = start_moto(root)
+            procs["moto"] = moto
+            table_env = {e["name"]: str(e["value"]) for e in pods["connection"][0].container["env"]
+                         if e["name"].startswith("STREAMER_DYNAMODB_")}
+            made = subprocess.run([binary, "dynamodb", "create-tables"], capture_output=True, text=True,
+                                  env=dict(table_env, PATH=os.environ.get("PATH", ""), STREAMER_LOG_FORMAT="plain",
+                                           STREAMER_DYNAMODB_ENDPOINT_URL=dynamodb_url, **AWS_ENV))
+            if not check(made.returncode == 0, f"streamer dynamodb create-tables failed: {made.stdout}{made.stderr}"):
+                return report(scenario, "")
 
         drop = ("STREAMER_TRUST", "STREAMER_SERVICE_SECRET_FILE") if expect_refusal else ()
-        envs = {role: pod.env(pods, service_ports, drop) for role, pod in pods.items()}
+        envs = {role: [pod.env(service_ports, drop, dynamodb_url) for pod in role_pods] for role, role_pods in pods.items()}
         for role in ("connection", "progress", "auth", "gateway"):
-            pod = pods[role]
-            log = open(os.path.join(pod.dir, "log"), "w")
-            args = pod.container.get("command", ["streamer"])[1:] + pod.container.get("args", [])
-            procs[role] = subprocess.Popen([binary] + args, env=envs[role], cwd=pod.dir, preexec_fn=pod.preexec(),
-                                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            for pod, env in zip(pods[role], envs[role]):
+                log = open(os.path.join(pod.dir, "log"), "w")
+                args = pod.container.get("command", ["streamer"])[1:] + pod.container.get("args", [])
+                procs[pod.name] = subprocess.Popen([binary] + args, env=env, cwd=pod.dir, preexec_fn=pod.preexec(),
+                                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
-        def log_of(role):
-            return open(os.path.join(pods[role].dir, "log")).read()
+        all_pods = [pod for role in ROLES for pod in pods[role]]
+
+        def log_of(pod):
+            return open(os.path.join(pod.dir, "log")).read()
 
         if expect_refusal:
-            for role in ("auth", "connection", "progress"):
+            for pod in (pod for role in ("auth", "connection", "progress") for pod in pods[role]):
                 try:
-                    status = procs[role].wait(10)
+                    status = procs[pod.name].wait(10)
                 except subprocess.TimeoutExpired:
                     status = None
-                check(status not in (None, 0) and "--trust" in log_of(role),
-                      f"{role}: without STREAMER_TRUST on 0.0.0.0 it should refuse to start naming --trust "
-                      f"(status {status}): {log_of(role)[-400:]}")
+                check(status not in (None, 0) and "--trust" in log_of(pod),
+                      f"{pod.name}: without STREAMER_TRUST on 0.0.0.0 it should refuse to start naming --trust "
+                      f"(status {status}): {log_of(pod)[-400:]}")
             return report(scenario, "without the trust settings, every gRPC role refuses to start")
 
-        # A probe of a role, as the kubelet runs it.
-        def probe_passes(role, kind="readinessProbe"):
-            c = pods[role].container
-            probe = c[kind]
+        # A probe of a pod, as the kubelet runs it.
+        def probe_passes(pod, kind="readinessProbe"):
+            probe = pod.container[kind]
             if "grpc" in probe:
-                port = pods[role].ports[probe["grpc"]["port"]]
+                port = pod.ports[probe["grpc"]["port"]]
                 r = grpcurl(port, "grpc.health.v1.Health/Check", {"service": probe["grpc"].get("service", "")})
                 return r.returncode == 0 and '"SERVING"' in r.stdout
             http = probe["httpGet"]
-            port = pods[role].named_ports.get(http["port"]) or pods[role].ports[http["port"]]
+            port = pod.named_ports.get(http["port"]) or pod.ports[http["port"]]
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}{http['path']}", timeout=2) as r:
                     return r.status == 200
@@ -335,37 +408,62 @@ def main():
                 return False
 
         deadline = time.monotonic() + READY_TIMEOUT
-        waiting = set(pods)
+        waiting = {pod.name: pod for pod in all_pods}
         while waiting and time.monotonic() < deadline:
-            for role in list(waiting):
-                if procs[role].poll() is not None:
-                    check(False, f"{role} exited with status {procs[role].returncode}: {log_of(role)[-600:]}")
+            for name, pod in list(waiting.items()):
+                if procs[name].poll() is not None:
+                    check(False, f"{name} exited with status {procs[name].returncode}: {log_of(pod)[-600:]}")
                     return report(scenario, "")
-                if probe_passes(role):
-                    waiting.discard(role)
+                if probe_passes(pod):
+                    del waiting[name]
             time.sleep(0.2)
         if not check(not waiting, f"not ready after {READY_TIMEOUT} s: {sorted(waiting)}"):
-            for role in sorted(waiting):
-                print(f"       {role} log: {log_of(role)[-600:]}")
+            for name, pod in sorted(waiting.items()):
+                print(f"       {name} log: {log_of(pod)[-600:]}")
             return report(scenario, "")
 
-        for role, pod in pods.items():
+        for pod in all_pods:
             for kind in ("startupProbe", "livenessProbe"):
                 if kind in pod.container:
-                    check(probe_passes(role, kind), f"{role}: the {kind} fails once the role is ready: "
-                                                    f"{pod.container[kind]}")
+                    check(probe_passes(pod, kind), f"{pod.name}: the {kind} fails once the pod is ready: "
+                                                   f"{pod.container[kind]}")
 
-        # The edge stream: the gateway was pointed at the connection pod's
-        # edge port, which serves EdgeService (and the public port does not).
-        mode = envs["connection"].get("STREAMER_TRUST")
-        tls = "STREAMER_TLS_CERT" in envs["connection"]
+        # The edge stream: every gateway was pointed at every connection
+        # pod's edge port (one URL per pod: what the headless Service's name
+        # resolves to), and every connection pod counts every gateway as
+        # attached to it.
+        connection_env = envs["connection"][0]
+        mode = connection_env.get("STREAMER_TRUST")
+        tls = "STREAMER_TLS_CERT" in connection_env
         scheme = "https" if tls else "http"
-        conn_port = pods["connection"].named_ports["grpc"]
-        edge_port = pods["connection"].named_ports.get("edge")
-        edge_url = envs["gateway"].get("STREAMER_CONNECTION_EDGE_URL")
-        check(edge_port and edge_url == f"{scheme}://127.0.0.1:{edge_port}",
-              f"gateway: STREAMER_CONNECTION_EDGE_URL leads to {edge_url}, not the connection pod's edge port "
-              f"(127.0.0.1:{edge_port})")
+        conn_port = pods["connection"][0].named_ports["grpc"]
+        edge_port = pods["connection"][0].named_ports.get("edge")
+        edge_urls = sorted(f"{scheme}://127.0.0.1:{pod.named_ports.get('edge')}" for pod in pods["connection"])
+        for pod, env in zip(pods["gateway"], envs["gateway"]):
+            edge_url = env.get("STREAMER_CONNECTION_EDGE_URL", "")
+            check(sorted(edge_url.split(",")) == edge_urls,
+                  f"{pod.name}: STREAMER_CONNECTION_EDGE_URL leads to {edge_url}, not every connection pod's edge port "
+                  f"({','.join(edge_urls)})")
+
+        def edges_attached(pod):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{pod.named_ports['metrics']}/metrics", timeout=2) as r:
+                    text = r.read().decode()
+            except OSError:
+                return None
+            found = re.search(r"^streamer_edges_attached(?:\{[^}]*\})? ([0-9.e+]+)$", text, re.M)
+            return float(found.group(1)) if found else None
+
+        gateways = len(pods["gateway"])
+        deadline = time.monotonic() + 20
+        attached = {}
+        while time.monotonic() < deadline:
+            attached = {pod.name: edges_attached(pod) for pod in pods["connection"]}
+            if all(n == gateways for n in attached.values()):
+                break
+            time.sleep(0.5)
+        check(all(n == gateways for n in attached.values()),
+              f"edges attached per connection pod {attached}, want all {gateways} gateways on each")
         if edge_port:
             health = grpcurl(edge_port, "grpc.health.v1.Health/Check", {"service": "streamer.v1.EdgeService"}, tls=tls)
             check(health.returncode == 0 and '"SERVING"' in health.stdout,
@@ -390,9 +488,10 @@ def main():
             check(anonymous.returncode != 0 and "Code: Unauthenticated" in anonymous.stderr,
                   f"mode mtls: a call without a client certificate was not refused as Unauthenticated: "
                   f"{anonymous.stdout}{anonymous.stderr}")
-            r = grpcurl(conn_port, *call, tls=True, cert="backend")
-            check(r.returncode == 0, f"mode mtls: a call with a backend certificate failed: {r.stdout}{r.stderr}")
-            what = ("every role ready over TLS, the gateway attached through the edge port with its certificate; "
+            for pod in pods["connection"]:
+                r = grpcurl(pod.named_ports["grpc"], *call, tls=True, cert="backend")
+                check(r.returncode == 0, f"mode mtls: a call to {pod.name} with a backend certificate failed: {r.stdout}{r.stderr}")
+            what = ("every role ready over TLS, every gateway attached to every connection pod through its edge port with its certificate; "
                     "a call without a client certificate is Unauthenticated, with a backend's it succeeds, "
                     "plain text gets nothing; EdgeService only for role edge")
         elif mode == "token":
@@ -406,24 +505,29 @@ def main():
             # What NOTES.txt says: kubectl exec into the connection pod, which
             # runs the command with the container's environment.
             minted = subprocess.run([binary, "service-token", "--sub", "grpcurl", "--roles", "backend", "--ttl", "3600"],
-                                    env=envs["connection"], cwd=pods["connection"].dir,
-                                    preexec_fn=pods["connection"].preexec(), capture_output=True, text=True)
+                                    env=connection_env, cwd=pods["connection"][0].dir,
+                                    preexec_fn=pods["connection"][0].preexec(), capture_output=True, text=True)
             if check(minted.returncode == 0 and minted.stdout.strip(),
                      f"`streamer service-token` in the connection container failed: {minted.stderr}"):
-                r = grpcurl(conn_port, *call, token=minted.stdout.strip(), tls=tls)
-                check(r.returncode == 0, f"mode token: a call with a minted token failed: {r.stdout}{r.stderr}")
+                for pod in pods["connection"]:
+                    r = grpcurl(pod.named_ports["grpc"], *call, token=minted.stdout.strip(), tls=tls)
+                    check(r.returncode == 0, f"mode token: a call to {pod.name} with a minted token failed: {r.stdout}{r.stderr}")
                 if edge_port:
                     r = grpcurl(edge_port, *attach, token=minted.stdout.strip(), tls=tls)
                     check(r.returncode != 0 and "Code: PermissionDenied" in r.stderr,
                           f"mode token: EdgeService/Attach with a backend's token was not refused: {r.stdout}{r.stderr}")
-            what = ("every role ready, the gateway attached through the edge port; a call without a token is "
+            what = ("every role ready, every gateway attached to every connection pod through its edge port; a call without a token is "
                     "Unauthenticated, with a service token it succeeds; EdgeService only for role edge"
                     + ("; all over TLS, plain text gets nothing" if tls else ""))
         else:
             check(anonymous.returncode == 0, f"mode {mode}: a call without a token failed: {anonymous.stderr}")
-            what = f"every role ready, the gateway attached through the edge port; mode {mode}: a call without a token succeeds"
-        for role, p in procs.items():
-            check(p.poll() is None, f"{role} exited during the checks: {log_of(role)[-400:]}")
+            what = f"every role ready, every gateway attached to every connection pod through its edge port; mode {mode}: a call without a token succeeds"
+        if len(all_pods) > len(ROLES):
+            what += "; " + ", ".join(f"{len(pods[role])} {role}" for role in ROLES) + " pods"
+        if dynamodb_url:
+            what += ", on the DynamoDB store (a local server)"
+        for pod in all_pods:
+            check(procs[pod.name].poll() is None, f"{pod.name} exited during the checks: {log_of(pod)[-400:]}")
         return report(scenario, what)
     finally:
         for p in procs.values():

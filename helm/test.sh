@@ -7,19 +7,25 @@
 # parses every rendered document (python3 + PyYAML) and checks the facts in
 # helm/check_rendered.py (after kubernetes-validate has checked every object
 # against the Kubernetes schemas): probes, security contexts, one replica for
-# connection and progress, the env wiring between roles (the gateway dials
-# ConnectionService's edge port), Service selectors and ports, PDBs, the
-# ServiceMonitor, the trust settings (STREAMER_TRUST, the service secret's
-# Secret and mount; with TLS the certificate Secrets, their mounts, HTTP probes
-# on the metrics port, https URLs and cert-manager Certificates), and the
-# NetworkPolicy, evaluated for callers in and out
+# connection and progress with the embedded store, the env wiring between
+# roles (the gateway dials ConnectionService's edge port), Service selectors
+# and ports, PDBs, the ServiceMonitor, the trust settings (STREAMER_TRUST, the
+# service secret's Secret and mount; with TLS the certificate Secrets, their
+# mounts, HTTP probes on the metrics port, https URLs and cert-manager
+# Certificates), and the NetworkPolicy, evaluated for callers in and out
 # of the release (only the gateway pods reach the edge port; the public gRPC
-# port and metrics stay reachable; no policy when disabled). Then, with a
+# port and metrics stay reachable; no policy when disabled). With the DynamoDB
+# store: connection and progress as Deployments of several replicas without a
+# volume, the headless Service the gateways dial to reach every connection
+# replica (and the certificate names it), HPAs, PDBs for every role, the
+# ServiceAccount's IRSA annotation, the async actions. Then, with a
 # built streamer binary and grpcurl, it runs the rendered pods as local
-# processes (helm/run_rendered.py) to check that every role starts and is
-# ready with exactly the environment, Secrets and user the chart gives it,
-# that every probe passes, that the gateway attaches through the edge port,
-# and that the trust mode holds. It
+# processes (helm/run_rendered.py), as many of each role as it has replicas
+# (the DynamoDB scenarios on moto's local DynamoDB-protocol server), to check
+# that every pod starts and is ready with exactly the environment, Secrets and
+# user the chart gives it, that every probe passes, that every gateway
+# attaches to every connection pod through the edge port, and that the trust
+# mode holds. It
 # renders against a stand-in API server (helm/fake_kube.py) to check that an
 # upgrade keeps the generated service secret. Last, it checks that bad values
 # are refused, by values.schema.json or by the chart's own checks.
@@ -176,8 +182,18 @@ scenario trust-mtls-cert-manager 1.27.0 --set trust.mode=mtls \
 scenario trust-token-tls 1.27.0 --set trust.tls.enabled=true "${tls_secrets[@]}"
 # The DynamoDB store (rendered and checked; the pods are not run, since the
 # tables would live on a server of their own).
+# Several replicas of every role on the DynamoDB store: connection and
+# progress as Deployments (2 replicas by default) without a volume, the
+# gateways dialling every connection replica through the headless Service,
+# a PDB for every role; then autoscalers, IRSA and cert-manager
+# (test-values/dynamodb.yaml); and progress held to one replica, which needs
+# no async actions.
 scenario store-dynamodb 1.27.0 --set store.type=dynamodb \
-  --set store.dynamodb.tablePrefix=prod-streamer- --set store.dynamodb.region=eu-west-1
+  --set store.dynamodb.tablePrefix=prod-streamer- --set store.dynamodb.region=eu-west-1 \
+  --set 'progress.asyncActions[0]=generate_report'
+scenario dynamodb-scaled 1.27.0 -f "$here/test-values/dynamodb.yaml"
+scenario dynamodb-one-progress 1.27.0 --set store.type=dynamodb --set progress.replicaCount=1 \
+  --set connection.podDisruptionBudget.enabled=false
 
 # run NAME [--expect-refusal]: the rendered pods of scenario NAME as processes.
 run() {
@@ -208,6 +224,16 @@ else
     run trust-mtls
   what="start over TLS; calls need a service token" run trust-token-tls
   what="refuse to start without STREAMER_TRUST (the control)" run defaults --expect-refusal
+  # Several replicas on the DynamoDB store, on moto's local server.
+  if python3 -c 'import moto.server, werkzeug' 2>/dev/null; then
+    what="start on the DynamoDB store, 2 connection and 2 progress replicas; every gateway attaches to every connection replica" \
+      run store-dynamodb
+    what="start over mTLS on the DynamoDB store, as many replicas as each HPA's minimum and 3 connection replicas; every gateway attaches to every connection replica" \
+      run dynamodb-scaled
+    what="start on the DynamoDB store with one progress replica and no async actions" run dynamodb-one-progress
+  else
+    echo "  skip: the DynamoDB scenarios' pods (python3 lacks moto[server])"
+  fi
 fi
 
 # The Secret the chart makes must keep its value on `helm upgrade`, or pods of
@@ -263,10 +289,30 @@ secret_check "with trust.existingSecret the chart makes no Secret and mounts tha
   "$([[ -z "$got" ]] && grep -q 'secretName: mine$' "$work/upgrade.yaml" && echo yes)"
 
 echo "==> bad values are refused"
-refuse "connection.replicaCount (one replica while the store is embedded)" \
-  "additional properties 'replicaCount' not allowed" --set connection.replicaCount=2
-refuse "progress.replicaCount" \
-  "additional properties 'replicaCount' not allowed" --set progress.replicaCount=3
+refuse "connection.replicaCount > 1 while the store is embedded (one process owns the file)" \
+  "connection.replicaCount > 1 needs store.type dynamodb" --set connection.replicaCount=2
+refuse "progress.replicaCount > 1 while the store is embedded" \
+  "progress.replicaCount > 1 needs store.type dynamodb" --set progress.replicaCount=3
+refuse "an autoscaler for connection while the store is embedded" \
+  "connection.autoscaling needs store.type dynamodb" --set connection.autoscaling.enabled=true
+refuse "several progress replicas (DynamoDB's default 2) without progress.asyncActions" \
+  "need progress.asyncActions to list every async action" --set store.type=dynamodb
+refuse "a progress autoscaler that may add replicas, without progress.asyncActions" \
+  "need progress.asyncActions to list every async action" --set store.type=dynamodb \
+  --set progress.replicaCount=1 --set progress.autoscaling.enabled=true
+refuse "connection.replicaCount 0" "at '/connection/replicaCount'" --set store.type=dynamodb \
+  --set connection.replicaCount=0 --set progress.replicaCount=1
+refuse "an autoscaler whose minReplicas exceeds maxReplicas" \
+  "gateway.autoscaling.minReplicas must not exceed gateway.autoscaling.maxReplicas" \
+  --set gateway.autoscaling.enabled=true --set gateway.autoscaling.minReplicas=5 --set gateway.autoscaling.maxReplicas=3
+refuse "an autoscaler without a target" "gateway.autoscaling needs targetCPUUtilizationPercentage" \
+  --set gateway.autoscaling.enabled=true --set gateway.autoscaling.targetCPUUtilizationPercentage=null
+refuse "an auth autoscaler with the per-pod development key" "auth.autoscaling (maxReplicas > 1) needs auth.keys" \
+  --set auth.autoscaling.enabled=true
+refuse "a misspelt autoscaling key" "additional properties 'maxReplica' not allowed" \
+  --set gateway.autoscaling.maxReplica=3
+refuse "connection.edgeLeaseSeconds under 3" "at '/connection/edgeLeaseSeconds'" --set connection.edgeLeaseSeconds=2
+refuse "progress.storePollMs under 50" "at '/progress/storePollMs'" --set progress.storePollMs=10
 refuse "a misspelt key" "additional properties 'replicas' not allowed" --set gateway.replicas=3
 refuse "logFormat outside json|plain" "at '/logFormat'" --set logFormat=xml
 refuse "progress.leaseSeconds 0" "at '/progress/leaseSeconds'" --set progress.leaseSeconds=0

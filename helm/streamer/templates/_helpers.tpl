@@ -88,10 +88,51 @@ app.kubernetes.io/component: {{ .role }}
 {{- printf "%s://%s.%s.svc.%s:%d" (include "streamer.grpcScheme" .ctx) (include "streamer.roleName" .) .ctx.Release.Namespace .ctx.Values.clusterDomain (int $values.port) }}
 {{- end }}
 
-{{/* ConnectionService's internal edge stream, which the gateways dial. */}}
+{{/* True (non-empty) when the store is DynamoDB: connection and progress are
+Deployments of several replicas then. */}}
+{{- define "streamer.dynamodb" -}}
+{{- if eq .Values.store.type "dynamodb" }}true{{- end }}
+{{- end }}
+
+{{/* A role's headless Service: {"ctx": $, "role": ...}. Kept within the
+63 characters of a Service name. */}}
+{{- define "streamer.headlessName" -}}
+{{- printf "%s-headless" (include "streamer.roleName" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+The replicas a role runs (without autoscaling): {"ctx": $, "role": ...}.
+auth and gateway: replicaCount. connection and progress: 1 with the embedded
+store (a file one process owns); with DynamoDB replicaCount, or 2 when unset.
+*/}}
+{{- define "streamer.replicas" -}}
+{{- $v := index .ctx.Values .role }}
+{{- if has .role (list "auth" "gateway") }}
+{{- $v.replicaCount | int }}
+{{- else if include "streamer.dynamodb" .ctx }}
+{{- if kindIs "invalid" $v.replicaCount }}2{{ else }}{{ $v.replicaCount | int }}{{ end }}
+{{- else }}1
+{{- end }}
+{{- end }}
+
+{{/* The most replicas a role may run: autoscaling's maxReplicas, else its replicas. */}}
+{{- define "streamer.maxReplicas" -}}
+{{- $v := index .ctx.Values .role }}
+{{- if $v.autoscaling.enabled }}
+{{- $v.autoscaling.maxReplicas | int }}
+{{- else }}
+{{- include "streamer.replicas" . }}
+{{- end }}
+{{- end }}
+
+{{/* ConnectionService's internal edge stream, which the gateways dial. With
+the embedded store, the one replica behind the connection Service; with
+DynamoDB, the headless Service, whose name resolves to every replica (the
+gateway resolves it again every 5 s and attaches to each address). */}}
 {{- define "streamer.connectionEdgeUrl" -}}
 {{- $role := dict "ctx" . "role" "connection" }}
-{{- printf "%s://%s.%s.svc.%s:%d" (include "streamer.grpcScheme" .) (include "streamer.roleName" $role) .Release.Namespace .Values.clusterDomain (int .Values.connection.edgePort) }}
+{{- $host := ternary (include "streamer.headlessName" $role) (include "streamer.roleName" $role) (eq (include "streamer.dynamodb" .) "true") }}
+{{- printf "%s://%s.%s.svc.%s:%d" (include "streamer.grpcScheme" .) $host .Release.Namespace .Values.clusterDomain (int .Values.connection.edgePort) }}
 {{- end }}
 
 {{/* The Secret holding a role's TLS certificate: {"ctx": $, "role": ...}. */}}
@@ -136,6 +177,34 @@ app.kubernetes.io/component: {{ .role }}
 {{- end }}
 {{- if and (not (include "streamer.auth.hasKeys" .)) (not .Values.auth.jwks) (gt (int .Values.auth.replicaCount) 1) }}
 {{- fail "auth.replicaCount > 1 needs auth.keys.existingSecret, auth.keys.existingConfigMap or auth.jwks: without them every auth replica makes its own development key, and a token would be accepted by one replica and refused by the next" }}
+{{- end }}
+{{- if and (not (include "streamer.auth.hasKeys" .)) (not .Values.auth.jwks) .Values.auth.autoscaling.enabled (gt (int .Values.auth.autoscaling.maxReplicas) 1) }}
+{{- fail "auth.autoscaling (maxReplicas > 1) needs auth.keys.existingSecret, auth.keys.existingConfigMap or auth.jwks: without them every auth replica makes its own development key" }}
+{{- end }}
+{{- range $name := list "connection" "progress" }}
+{{- $v := index $.Values $name }}
+{{- if not (include "streamer.dynamodb" $) }}
+{{- if and (not (kindIs "invalid" $v.replicaCount)) (gt (int $v.replicaCount) 1) }}
+{{- fail (printf "%s.replicaCount > 1 needs store.type dynamodb: the embedded store is a file that one process owns, so %s runs as exactly one replica" $name $name) }}
+{{- end }}
+{{- if $v.autoscaling.enabled }}
+{{- fail (printf "%s.autoscaling needs store.type dynamodb: with the embedded store %s runs as exactly one replica" $name $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $name := list "auth" "connection" "progress" "gateway" }}
+{{- $a := (index $.Values $name).autoscaling }}
+{{- if $a.enabled }}
+{{- if gt (int $a.minReplicas) (int $a.maxReplicas) }}
+{{- fail (printf "%s.autoscaling.minReplicas must not exceed %s.autoscaling.maxReplicas" $name $name) }}
+{{- end }}
+{{- if and (kindIs "invalid" $a.targetCPUUtilizationPercentage) (kindIs "invalid" $a.targetMemoryUtilizationPercentage) }}
+{{- fail (printf "%s.autoscaling needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (gt (int (include "streamer.maxReplicas" (dict "ctx" . "role" "progress"))) 1) (not .Values.progress.asyncActions) }}
+{{- fail "several progress replicas (progress.replicaCount, 2 when unset with store.type dynamodb, or progress.autoscaling) need progress.asyncActions to list every async action: a ProgressService replica otherwise accepts only the actions of the processors connected to it, so a request would be refused or accepted depending on the replica it reached. List them, or set progress.replicaCount=1" }}
 {{- end }}
 {{- if and (ne .Values.trust.mode "token") .Values.trust.existingSecret }}
 {{- fail "trust.existingSecret is used only with trust.mode token: no other mode mounts a shared secret" }}
@@ -415,6 +484,48 @@ spec:
   selector:
     matchLabels:
       {{- include "streamer.roleSelectorLabels" . | nindent 6 }}
+{{- end }}
+{{- end }}
+
+{{/* A role's HorizontalPodAutoscaler (its Deployment), when enabled. */}}
+{{- define "streamer.hpa" -}}
+{{- $a := (index .ctx.Values .role).autoscaling }}
+{{- if $a.enabled }}
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: {{ include "streamer.roleName" . }}
+  namespace: {{ .ctx.Release.Namespace }}
+  labels:
+    {{- include "streamer.roleLabels" . | nindent 4 }}
+spec:
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: Deployment
+    name: {{ include "streamer.roleName" . }}
+  minReplicas: {{ $a.minReplicas }}
+  maxReplicas: {{ $a.maxReplicas }}
+  metrics:
+    {{- with $a.targetCPUUtilizationPercentage }}
+    - type: Resource
+      resource:
+        name: cpu
+        target:
+          type: Utilization
+          averageUtilization: {{ . }}
+    {{- end }}
+    {{- with $a.targetMemoryUtilizationPercentage }}
+    - type: Resource
+      resource:
+        name: memory
+        target:
+          type: Utilization
+          averageUtilization: {{ . }}
+    {{- end }}
+  {{- with $a.behavior }}
+  behavior:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end }}
 {{- end }}
 
