@@ -1,8 +1,9 @@
 //! What the edge reads from clients and writes to them, independent of any
 //! socket: frame validation and the edge's own error messages.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use streamer_api::{json, v1};
+use streamer_core::client::{self, ErrorCode};
 
 /// A client frame that passed validation.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,16 +87,10 @@ pub fn parse(text: &str, max_bytes: usize) -> Result<ClientFrame, FrameError> {
     })
 }
 
-/// `{"type":"error",...}` with the protocol's error codes.
-pub fn error_message(request_id: &str, code: &str, message: &str) -> String {
-    let mut value = json!({
-        "type": "error",
-        "error": { "code": code, "message": message },
-    });
-    if !request_id.is_empty() {
-        value["request_id"] = Value::String(request_id.to_owned());
-    }
-    value.to_string()
+/// `{"type":"error",...}` as the text the socket gets (see
+/// [`streamer_core::client`]).
+pub fn error_message(request_id: &str, code: ErrorCode, message: &str) -> String {
+    client::error(request_id, code, message).to_string()
 }
 
 impl ClientFrame {
@@ -115,6 +110,7 @@ impl ClientFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn accepts_a_full_frame() {

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::edge::{Edge, Outbound, Registered, close_message};
 use crate::frames;
 use crate::limits::{Admit, SocketLimits, TokenBucket, close, close_code_for};
+use streamer_core::client::{self, ErrorCode};
 
 /// Close code for a client that cannot keep up.
 pub const CLOSE_SLOW_CONSUMER: u16 = close::POLICY;
@@ -162,7 +163,7 @@ pub async fn run<S>(
                             .increment(1);
                         replies(frames::error_message(
                             "",
-                            "RATE_LIMITED",
+                            ErrorCode::RateLimited,
                             "too many messages; slow down",
                         ));
                         continue;
@@ -186,7 +187,7 @@ pub async fn run<S>(
                             if !edge.emit(Event::Frame(inbound)).await {
                                 replies(frames::error_message(
                                     &frame.id,
-                                    "INTERNAL_ERROR",
+                                    ErrorCode::Internal,
                                     "control plane unavailable; try again",
                                 ));
                             }
@@ -196,7 +197,7 @@ pub async fn run<S>(
                                 .increment(1);
                             replies(frames::error_message(
                                 &error.request_id,
-                                "VALIDATION_ERROR",
+                                ErrorCode::Validation,
                                 &error.message,
                             ));
                         }
@@ -205,7 +206,7 @@ pub async fn run<S>(
                 Ok(Message::Binary(_)) => {
                     replies(frames::error_message(
                         "",
-                        "VALIDATION_ERROR",
+                        ErrorCode::Validation,
                         "binary frames are not accepted; send JSON text",
                     ));
                 }
@@ -287,21 +288,23 @@ async fn refresh(
         .and_then(serde_json::Value::as_str)
         .filter(|t| !t.is_empty())
     else {
-        return frames::error_message(&frame.id, "VALIDATION_ERROR", "payload.token is required");
+        return frames::error_message(
+            &frame.id,
+            ErrorCode::Validation,
+            "payload.token is required",
+        );
     };
     match check(token.to_owned()).await {
         Ok(expires_at) => {
             expiry.send_replace(Some(expires_at));
             metrics::counter!("streamer_gateway_token_refreshes_total").increment(1);
             let remaining = expires_at.saturating_duration_since(Instant::now());
-            serde_json::json!({
-                "type": "response",
-                "request_id": frame.id,
-                "success": true,
-                "data": {"expires_in_seconds": remaining.as_secs()},
-            })
+            client::response(
+                &frame.id,
+                serde_json::json!({"expires_in_seconds": remaining.as_secs()}),
+            )
             .to_string()
         }
-        Err(reason) => frames::error_message(&frame.id, "UNAUTHORIZED", &reason),
+        Err(reason) => frames::error_message(&frame.id, ErrorCode::Unauthorized, &reason),
     }
 }

@@ -9,9 +9,9 @@ use streamer_core::trust::Caller;
 use tokio::sync::mpsc;
 use tonic::Response;
 
-use crate::client_messages::{self, ClientErrorCode};
 use crate::routers::RouteError;
 use crate::service::{ConnectionServer, Inbound, TOUCH_INTERVAL_MS};
+use streamer_core::client::{self, ErrorCode};
 
 impl ConnectionServer {
     /// Handles one shard's frames, one at a time, in arrival order.
@@ -46,9 +46,9 @@ impl ConnectionServer {
                 .increment(1);
             let this = self.clone();
             tokio::spawn(async move {
-                let message = client_messages::error(
+                let message = client::error(
                     &frame.request_id,
-                    ClientErrorCode::RateLimited,
+                    ErrorCode::RateLimited,
                     "too many frames in flight; try again",
                 );
                 this.reply(&frame.connection_id, message).await;
@@ -117,18 +117,18 @@ impl ConnectionServer {
             Err((RouteError::Busy, _)) => {
                 metrics::counter!("streamer_inbound_rejected_total", "reason" => "busy")
                     .increment(1);
-                return Some(client_messages::error(
+                return Some(client::error(
                     &request_id,
-                    ClientErrorCode::RateLimited,
+                    ErrorCode::RateLimited,
                     format!("every router for action {action:?} is busy; try again"),
                 ));
             }
             Err((RouteError::NoRouter, message)) => message,
         };
         let invalid = || {
-            client_messages::error(
+            client::error(
                 &request_id,
-                ClientErrorCode::InvalidAction,
+                ErrorCode::InvalidAction,
                 format!("no handler for action {action:?}"),
             )
         };
@@ -149,18 +149,16 @@ impl ConnectionServer {
             // acknowledgment is ordered before the request's progress.
             Ok(_) => None,
             Err(status) if status.code() == tonic::Code::FailedPrecondition => Some(invalid()),
-            Err(status) if status.code() == tonic::Code::InvalidArgument => {
-                Some(client_messages::error(
-                    &request_id,
-                    ClientErrorCode::Validation,
-                    status.message().to_owned(),
-                ))
-            }
+            Err(status) if status.code() == tonic::Code::InvalidArgument => Some(client::error(
+                &request_id,
+                ErrorCode::Validation,
+                status.message().to_owned(),
+            )),
             Err(status) => {
                 tracing::warn!(error = %status, action = %action, "submit failed");
-                Some(client_messages::error(
+                Some(client::error(
                     &request_id,
-                    ClientErrorCode::Internal,
+                    ErrorCode::Internal,
                     "the request could not be queued; try again",
                 ))
             }
@@ -182,16 +180,16 @@ impl ConnectionServer {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
         else {
-            return Some(client_messages::error(
+            return Some(client::error(
                 id,
-                ClientErrorCode::Validation,
+                ErrorCode::Validation,
                 "payload.request_id is required",
             ));
         };
         let Some(mut progress) = self.shared.progress.clone() else {
-            return Some(client_messages::error(
+            return Some(client::error(
                 id,
-                ClientErrorCode::InvalidAction,
+                ErrorCode::InvalidAction,
                 "requests are not enabled on this deployment",
             ));
         };
@@ -226,16 +224,16 @@ impl ConnectionServer {
             other => other.map(Response::into_inner),
         };
         Some(match result {
-            Ok(request) => client_messages::response(id, client_messages::request_state(request)),
+            Ok(request) => client::response(id, client::request_state(request)),
             Err(status) => {
                 let code = match status.code() {
-                    tonic::Code::NotFound => ClientErrorCode::NotFound,
+                    tonic::Code::NotFound => ErrorCode::NotFound,
                     tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
-                        ClientErrorCode::Validation
+                        ErrorCode::Validation
                     }
-                    _ => ClientErrorCode::Internal,
+                    _ => ErrorCode::Internal,
                 };
-                client_messages::error(id, code, status.message().to_owned())
+                client::error(id, code, status.message().to_owned())
             }
         })
     }

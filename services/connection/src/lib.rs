@@ -14,7 +14,6 @@
 //! - [`delivery`]: how payloads reach sockets, behind one interface.
 //! - [`inbound`]: routing what clients send.
 //! - [`grpc`]: the thin tonic adapter.
-//! - [`client_messages`]: the JSON this service writes to clients.
 //!
 //! Invariants: a connection record exists only for a socket an edge holds
 //! (edges announce sockets only after AuthService accepted their token,
@@ -25,7 +24,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod client_messages;
 pub mod delivery;
 pub mod edge_stream;
 pub mod edges;

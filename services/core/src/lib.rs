@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod grpc;
 pub mod shutdown;
 pub mod store;

@@ -14,7 +14,7 @@
 //!   sweeper that takes back lapsed leases.
 //! - `outbox`: one sender task per request that talks to its client, in
 //!   order, rate-limited, with the final message never dropped.
-//! - `messages`: the JSON the client sees.
+//! - the JSON the client sees: `streamer_core::client`.
 //! - `connections`: the ConnectionService client (identity and delivery).
 //! - `grpc`: the thin tonic adapter.
 //!
@@ -30,7 +30,6 @@ mod connections;
 mod error;
 mod grpc;
 mod lifecycle;
-mod messages;
 pub mod model;
 mod outbox;
 

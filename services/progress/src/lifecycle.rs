@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 use streamer_api::v1;
+use streamer_core::client;
 use streamer_core::shutdown::Shutdown;
 use streamer_core::store::{
     Durability, ProgressState, RequestError, RequestRecord, RequestStatus, SharedStore, StoreError,
@@ -36,7 +37,6 @@ use tokio_util::task::TaskTracker;
 use crate::ProgressConfig;
 use crate::connections::ConnectionDirectory;
 use crate::error::ProgressError;
-use crate::messages;
 use crate::model::{self, Cancel, Claim, Complete, Fail, Lookup, Report, Selector, Submit};
 use crate::outbox::Outboxes;
 
@@ -441,7 +441,7 @@ impl Lifecycle {
             self.dispatch.notify_one();
         }
         if effects.progress
-            && let Some(message) = messages::progress(record)
+            && let Some(message) = client::progress(record)
         {
             let sequence = record.progress.as_ref().map_or(0, |p| p.sequence);
             self.outboxes.progress(
@@ -453,7 +453,7 @@ impl Lifecycle {
             );
         }
         if effects.final_message
-            && let Some(message) = messages::final_message(record, false)
+            && let Some(message) = client::final_message(record, false)
         {
             metrics::counter!("streamer_progress_finished_total", "status" => crate::error::status_name(record.status)).increment(1);
             self.outboxes.final_message(
@@ -528,7 +528,7 @@ impl Lifecycle {
             &record.id,
             &record.tenant_id,
             &record.connection_id,
-            messages::acknowledgment(&record),
+            client::acknowledgment(&record),
         );
         self.after_change(&record, Effects::none());
         drop(guard);
@@ -804,7 +804,7 @@ impl Lifecycle {
         // lock), so two concurrent resumes do not both re-send.
         let moved = changed.written;
         let record = changed.record;
-        if moved && let Some(message) = messages::final_message(&record, true) {
+        if moved && let Some(message) = client::final_message(&record, true) {
             // A client that resumed on a new connection may have missed the
             // outcome: it gets it again there, as the same message (same
             // sequence and timestamp) marked as a replay. The connection
