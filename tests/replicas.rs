@@ -618,3 +618,62 @@ async fn an_edge_spreads_token_checks_over_auth_replicas_and_survives_one_going(
             .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_through_another_replica_reaches_the_processor_and_frees_its_slot() {
+    // The client's frames go through ProgressService 1; the processor is on
+    // ProgressService 0, with room for one request.
+    let cluster = Cluster::start(1, 2, 1).await;
+    let mut processor = cluster.progress(0).await;
+    let mut work = processor
+        .claim(support::claim_request("p0", ACTION, 1, 60))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut client, _) = cluster.connect(cluster.gateways[0], "alice").await;
+    client
+        .send_json(json!({"action": ACTION, "id": "job-1", "payload": {}}))
+        .await;
+    assert_eq!(next(&mut client).await["type"], "acknowledgment");
+    let held = next_work(&mut work).await;
+    client
+        .send_json(
+            json!({"action": "cancel_request", "id": "c-1", "payload": {"request_id": "job-1"}}),
+        )
+        .await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        seen.push(next(&mut client).await["type"].as_str().unwrap().to_owned());
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["error", "response"],
+        "the cancel's answer and the final"
+    );
+
+    // Replica 0 could not be told; the processor's next report tells it.
+    let summary = processor
+        .report(tokio_stream::iter([v1::ProgressReport {
+            id: held.id.clone(),
+            processor_id: "p0".into(),
+            percentage: 50.0,
+            ..Default::default()
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((summary.accepted, summary.rejected), (0, 1));
+    let notice = within("the cancel notice", work.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(notice.item, Some(Item::Cancelled(held.id.clone())));
+    // Its one slot is free again: the next request reaches it.
+    client
+        .send_json(json!({"action": ACTION, "id": "job-2", "payload": {}}))
+        .await;
+    assert_eq!(next(&mut client).await["type"], "acknowledgment");
+    let next_one = next_work(&mut work).await;
+    assert_ne!(next_one.id, held.id);
+}

@@ -663,8 +663,41 @@ impl Lifecycle {
                 ProgressError::RequestNotFound
                 | ProgressError::NotLeaseHolder { .. }
                 | ProgressError::AlreadyFinished { .. },
-            ) => Ok(false),
+            ) => {
+                self.no_longer_held(&cmd.id, &cmd.processor_id);
+                Ok(false)
+            }
             Err(error) => Err(error),
+        }
+    }
+
+    /// After a Complete or Fail refused because the caller no longer holds
+    /// the request: see [`Lifecycle::no_longer_held`].
+    fn refused_holder(&self, error: &ProgressError, id: &str, processor_id: &str) {
+        if matches!(
+            error,
+            ProgressError::NotLeaseHolder { .. } | ProgressError::AlreadyFinished { .. }
+        ) {
+            self.no_longer_held(id, processor_id);
+        }
+    }
+
+    /// A processor worked on a request that is no longer its own: cancelled
+    /// or taken back through another replica, which could not tell this
+    /// replica's stream. Tells the processor to stop now (as a cancel made
+    /// here would have) and frees its slot.
+    fn no_longer_held(&self, id: &str, processor_id: &str) {
+        let mut registry = self.registry();
+        let Some(hold) = registry.holds.get(id).copied() else {
+            return;
+        };
+        if let Some(session) = registry.sessions.get(&hold.session)
+            && session.processor_id == processor_id
+        {
+            let _ = session.tx.send(v1::ClaimResponse {
+                item: Some(v1::claim_response::Item::Cancelled(id.to_owned())),
+            });
+            registry.release_hold(id);
         }
     }
 
@@ -678,7 +711,8 @@ impl Lifecycle {
                 r.sequence += 1;
                 Ok(Some(Effects::final_message(None)))
             })
-            .await?;
+            .await
+            .inspect_err(|e| self.refused_holder(e, &cmd.id, &cmd.processor_id))?;
         tracing::info!(request = %cmd.id, processor = %cmd.processor_id, "request completed");
         Ok(changed.record)
     }
@@ -698,7 +732,8 @@ impl Lifecycle {
                 r.sequence += 1;
                 Ok(Some(Effects::final_message(None)))
             })
-            .await?;
+            .await
+            .inspect_err(|e| self.refused_holder(e, &cmd.id, &cmd.processor_id))?;
         tracing::info!(request = %cmd.id, processor = %cmd.processor_id, code = %cmd.error.code, retryable = cmd.retryable, status = crate::error::status_name(changed.record.status), "request failed");
         Ok(changed.record)
     }
