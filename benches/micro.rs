@@ -201,6 +201,7 @@ fn request(id: &str) -> RequestRecord {
         created_at_ms: now,
         updated_at_ms: now,
         sequence: 0,
+        final_pending: false,
         version: 0,
     }
 }

@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use serde_json::json;
 use streamer_api::v1::{
     self, claim_response::Item, connection_service_client::ConnectionServiceClient,
@@ -44,10 +45,21 @@ fn addr(listener: &TcpListener) -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
+/// A ConnectionService replica, restartable on the same addresses.
 struct Replica {
     api: SocketAddr,
     edge: SocketAddr,
     shutdown: Shutdown,
+    config: streamer_connection::ConnectionConfig,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A ProgressService replica, restartable on the same address.
+struct ProgressReplica {
+    addr: SocketAddr,
+    shutdown: Shutdown,
+    config: streamer_progress::ProgressConfig,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 struct Cluster {
@@ -57,8 +69,7 @@ struct Cluster {
     key: streamer_auth::dev::DevKey,
     store: SharedStore,
     replicas: Vec<Replica>,
-    /// ProgressService replicas: their address and what stops each.
-    progress: Vec<(SocketAddr, Shutdown)>,
+    progress: Vec<ProgressReplica>,
     gateways: Vec<SocketAddr>,
     shutdown: Shutdown,
 }
@@ -83,7 +94,10 @@ impl Cluster {
 
     /// The same with `auth` AuthService replicas, every edge using them all.
     async fn start_with(auth: usize, replicas: usize, progress: usize, edges: usize) -> Self {
-        streamer_core::telemetry::init_logs(streamer_core::telemetry::LogFormat::Plain, "error");
+        streamer_core::telemetry::init_logs(
+            streamer_core::telemetry::LogFormat::Plain,
+            &std::env::var("TEST_LOG").unwrap_or("error".into()),
+        );
         let data = tempfile::tempdir().unwrap();
         let key = streamer_auth::dev::ensure_dev_key(data.path()).unwrap();
         let shutdown = Shutdown::new();
@@ -118,41 +132,48 @@ impl Cluster {
         let mut progress_replicas = Vec::new();
         for i in 0..progress {
             let progress_l = listener().await;
-            let stop = shutdown.child_token();
-            progress_replicas.push((addr(&progress_l), stop.clone()));
-            tokio::spawn(streamer::run_progress(
-                progress_l,
-                store.clone(),
-                streamer_progress::ProgressConfig {
+            let mut replica = ProgressReplica {
+                addr: addr(&progress_l),
+                shutdown: shutdown.child_token(),
+                config: streamer_progress::ProgressConfig {
                     connection_endpoint: format!("http://{}", addr(&api_listeners[i % replicas])),
                     async_actions: vec![ACTION.into()],
                     store_poll: Duration::from_millis(200),
                     ..Default::default()
                 },
-                stop,
-            ));
+                task: None,
+            };
+            replica.task = Some(tokio::spawn(streamer::run_progress(
+                progress_l,
+                store.clone(),
+                replica.config.clone(),
+                replica.shutdown.clone(),
+            )));
+            progress_replicas.push(replica);
         }
         let mut started = Vec::new();
         for (i, api_l) in api_listeners.into_iter().enumerate() {
             let edge_l = listener().await;
-            let replica = Replica {
+            let mut replica = Replica {
                 api: addr(&api_l),
                 edge: addr(&edge_l),
                 shutdown: shutdown.child_token(),
-            };
-            tokio::spawn(streamer::run_connection(
-                api_l,
-                edge_l,
-                store.clone(),
-                streamer_connection::ConnectionConfig {
+                config: streamer_connection::ConnectionConfig {
                     progress_endpoint: (progress > 0)
-                        .then(|| format!("http://{}", progress_replicas[(i + 1) % progress].0)),
+                        .then(|| format!("http://{}", progress_replicas[(i + 1) % progress].addr)),
                     auth_endpoint: Some(format!("http://{auth}")),
                     edge_lease: EDGE_LEASE,
                     ..Default::default()
                 },
+                task: None,
+            };
+            replica.task = Some(tokio::spawn(streamer::run_connection(
+                api_l,
+                edge_l,
+                store.clone(),
+                replica.config.clone(),
                 replica.shutdown.clone(),
-            ));
+            )));
             started.push(replica);
         }
         let every_replica = started
@@ -190,6 +211,52 @@ impl Cluster {
         cluster
     }
 
+    /// Stops ConnectionService replica `i` and starts it again on the same
+    /// addresses and store.
+    async fn restart_connection(&mut self, i: usize) {
+        let replica = &mut self.replicas[i];
+        replica.shutdown.cancel();
+        if let Some(task) = replica.task.take() {
+            within("a connection replica to stop", task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let (api_l, edge_l) = (
+            TcpListener::bind(replica.api).await.unwrap(),
+            TcpListener::bind(replica.edge).await.unwrap(),
+        );
+        replica.shutdown = self.shutdown.child_token();
+        replica.task = Some(tokio::spawn(streamer::run_connection(
+            api_l,
+            edge_l,
+            self.store.clone(),
+            replica.config.clone(),
+            replica.shutdown.clone(),
+        )));
+    }
+
+    /// Stops ProgressService replica `i` and starts it again on the same
+    /// address and store.
+    async fn restart_progress(&mut self, i: usize) {
+        let replica = &mut self.progress[i];
+        replica.shutdown.cancel();
+        if let Some(task) = replica.task.take() {
+            within("a progress replica to stop", task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let listener = TcpListener::bind(replica.addr).await.unwrap();
+        replica.shutdown = self.shutdown.child_token();
+        replica.task = Some(tokio::spawn(streamer::run_progress(
+            listener,
+            self.store.clone(),
+            replica.config.clone(),
+            replica.shutdown.clone(),
+        )));
+    }
+
     /// Until the edge at `gateway` is attached to `replicas` replicas.
     async fn wait_attached(&self, gateway: SocketAddr, replicas: usize) {
         let want = format!("attached to {replicas} connection");
@@ -224,7 +291,7 @@ impl Cluster {
     }
 
     async fn progress(&self, replica: usize) -> ProgressServiceClient<Channel> {
-        ProgressServiceClient::connect(format!("http://{}", self.progress[replica].0))
+        ProgressServiceClient::connect(format!("http://{}", self.progress[replica].addr))
             .await
             .unwrap()
     }
@@ -521,7 +588,7 @@ async fn work_held_on_a_replica_that_goes_away_is_taken_back_by_its_lease() {
 
     // ProgressService 0 goes away with its processor and the work it held;
     // the lease (2 s) is in the store.
-    cluster.progress[0].1.cancel();
+    cluster.progress[0].shutdown.cancel();
     drop(first_work);
     let mut second = cluster.progress(1).await;
     let mut second_work = second
@@ -676,4 +743,166 @@ async fn a_cancel_through_another_replica_reaches_the_processor_and_frees_its_sl
     assert_eq!(next(&mut client).await["type"], "acknowledgment");
     let next_one = next_work(&mut work).await;
     assert_ne!(next_one.id, held.id);
+}
+
+/// A processor that completes whatever it is given, claiming on the
+/// ProgressService replicas in turn: when its stream ends (its replica
+/// restarts), it claims on the next one.
+fn spawn_processor(
+    replicas: Vec<SocketAddr>,
+    id: &str,
+    stop: Shutdown,
+) -> tokio::task::JoinHandle<()> {
+    let id = id.to_owned();
+    tokio::spawn(async move {
+        for turn in 0.. {
+            if stop.is_cancelled() {
+                return;
+            }
+            let address = replicas[turn % replicas.len()];
+            let claimed = async {
+                let mut client = ProgressServiceClient::connect(format!("http://{address}"))
+                    .await
+                    .ok()?;
+                let work = client
+                    .claim(support::claim_request(&id, ACTION, 8, 3))
+                    .await
+                    .ok()?
+                    .into_inner();
+                Some((client, work))
+            };
+            let Some((mut client, mut work)) = claimed.await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            loop {
+                let next = tokio::select! {
+                    next = work.message() => next,
+                    () = stop.cancelled() => return,
+                };
+                match next {
+                    Ok(Some(v1::ClaimResponse {
+                        item: Some(Item::Work(request)),
+                    })) => {
+                        // A refusal (the lease went elsewhere) is fine.
+                        let _ = client.complete(complete(&request.id, &id)).await;
+                    }
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_connection_and_progress_replicas_loses_no_accepted_request() {
+    let mut cluster = Cluster::start(2, 2, 2).await;
+    let stop_processors = Shutdown::new();
+    let progress: Vec<SocketAddr> = cluster.progress.iter().map(|p| p.addr).collect();
+    let processors: Vec<_> = (0..2)
+        .map(|n| {
+            let mut order = progress.clone();
+            order.rotate_left(n);
+            spawn_processor(order, &format!("p{n}"), stop_processors.clone())
+        })
+        .collect();
+
+    const REQUESTS: usize = 20;
+    let mut clients = Vec::new();
+    for (i, gateway) in cluster.gateways.clone().into_iter().enumerate() {
+        for n in 0..2 {
+            let (client, _) = cluster.connect(gateway, &format!("user-{i}-{n}")).await;
+            clients.push(client);
+        }
+    }
+    // Each client submits a request every 150 ms while replicas restart,
+    // and reads until every acknowledged request has its final (or a
+    // generous deadline passes).
+    let traffic: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut client)| {
+            tokio::spawn(async move {
+                let mut acknowledged = std::collections::BTreeSet::new();
+                let mut finals: BTreeMap<String, usize> = BTreeMap::new();
+                let mut sent = 0;
+                let mut tick = tokio::time::interval(Duration::from_millis(150));
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+                loop {
+                    let done_sending = sent == REQUESTS;
+                    if done_sending && acknowledged.iter().all(|id| finals.contains_key(id)) {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = tick.tick(), if !done_sending => {
+                            client
+                                .send_json(json!({"action": ACTION, "id": format!("c{c}-r{sent}"), "payload": {}}))
+                                .await;
+                            sent += 1;
+                        }
+                        message = client.ws.next() => {
+                            let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) = message else {
+                                continue;
+                            };
+                            let message: serde_json::Value = serde_json::from_str(&text).unwrap();
+                            let id = message["request_id"].as_str().unwrap_or_default().to_owned();
+                            match message["type"].as_str() {
+                                Some("acknowledgment") => { acknowledged.insert(id); }
+                                Some("complete") => *finals.entry(id).or_default() += 1,
+                                _ => {}
+                            }
+                        }
+                        () = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+                (acknowledged, finals, client)
+            })
+        })
+        .collect();
+
+    for i in 0..2 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.restart_connection(i).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.restart_progress(i).await;
+    }
+
+    let mut after = Vec::new();
+    for client in traffic {
+        let (acknowledged, finals, client) = client.await.unwrap();
+        let missing: Vec<&String> = acknowledged
+            .iter()
+            .filter(|id| !finals.contains_key(*id))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "acknowledged without a final: {missing:?}"
+        );
+        for (id, count) in &finals {
+            assert_eq!(*count, 1, "{id}: one final, never two");
+        }
+        after.push(client);
+    }
+    // Requests sent while a replica stopped may have been refused (the
+    // client told, or not answered: it retries). After the restarts every
+    // client is served again.
+    for (c, client) in after.iter_mut().enumerate() {
+        let id = format!("c{c}-after");
+        client
+            .send_json(json!({"action": ACTION, "id": id, "payload": {}}))
+            .await;
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let message = next(client).await;
+            if message["request_id"] == id.as_str() {
+                seen.push(message["type"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+        assert_eq!(seen, ["acknowledgment", "complete"], "{id}");
+    }
+    stop_processors.cancel();
+    for processor in processors {
+        processor.await.unwrap();
+    }
 }

@@ -42,6 +42,11 @@ use crate::outbox::Outboxes;
 
 /// How often lapsed leases are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// How long the replica that records a request's end has to deliver its
+/// final message before another replica may take the delivery over (the
+/// first one died, say). A takeover while the first still tries sends the
+/// same message with the same sequence, which the edge writes once.
+const FINAL_DELIVERY_LEASE: Duration = Duration::from_secs(10);
 /// Requests read per query of the store's pending and lapsed indexes.
 const POLL_BATCH: usize = 100;
 /// Reads and writes before a contended change gives up with ABORTED.
@@ -117,6 +122,9 @@ struct Registry {
     pending_since: HashMap<String, u64>,
     /// PROCESSING requests: id -> lease expiry (ms).
     leases: HashMap<String, u64>,
+    /// Finished requests whose final message is not known to be delivered:
+    /// id -> delivery lease expiry (ms).
+    undelivered: HashMap<String, u64>,
     holds: HashMap<String, Hold>,
 }
 
@@ -180,6 +188,10 @@ impl Registry {
             RequestStatus::Completed | RequestStatus::Failed | RequestStatus::Cancelled => {
                 self.remove_pending(&record.id);
                 self.leases.remove(&record.id);
+                match record.held_until_ms() {
+                    Some(lease) => self.undelivered.insert(record.id.clone(), lease),
+                    None => self.undelivered.remove(&record.id),
+                };
                 self.release_hold(&record.id);
             }
         }
@@ -383,6 +395,12 @@ impl Lifecycle {
             if !effects.binding_only {
                 record.updated_at_ms = now;
             }
+            if effects.final_message {
+                // Settled only once the outbox has delivered it (see
+                // `final_delivered`); until then it is leased for delivery.
+                record.final_pending = true;
+                record.lease_expires_at_ms = Some(now + FINAL_DELIVERY_LEASE.as_millis() as u64);
+            }
             match self.store.update_request(record, durability).await {
                 Ok(stored) => {
                     self.after_change(&stored, effects);
@@ -455,7 +473,9 @@ impl Lifecycle {
         if effects.final_message
             && let Some(message) = client::final_message(record, false)
         {
-            metrics::counter!("streamer_progress_finished_total", "status" => crate::error::status_name(record.status)).increment(1);
+            if !effects.binding_only {
+                metrics::counter!("streamer_progress_finished_total", "status" => crate::error::status_name(record.status)).increment(1);
+            }
             self.outboxes.final_message(
                 &record.id,
                 &record.tenant_id,
@@ -508,6 +528,7 @@ impl Lifecycle {
             created_at_ms: now,
             updated_at_ms: now,
             sequence: 0,
+            final_pending: false,
             version: 0,
         };
         let guard = self.lock(&record.id).await;
@@ -1117,9 +1138,73 @@ impl Lifecycle {
                     }
                 }
             }
+            let undelivered: Vec<String> = self
+                .registry()
+                .undelivered
+                .iter()
+                .filter(|(_, expiry)| **expiry <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in undelivered {
+                self.take_over_delivery(&id).await;
+            }
             if has_pending {
                 // Covers hand-outs that failed on a store error.
                 self.dispatch.notify_one();
+            }
+        }
+    }
+
+    /// A final message whose delivery lease lapsed (the replica that had it
+    /// died, or could not reach the client for the whole lease): this
+    /// replica takes the lease (a conditional write, so one replica does)
+    /// and sends the message again.
+    async fn take_over_delivery(&self, id: &str) {
+        let result = self
+            .change(id, Durability::Immediate, |r, now| {
+                if !r.final_pending || r.lease_expires_at_ms.is_some_and(|expiry| expiry > now) {
+                    return Ok(None);
+                }
+                tracing::info!(request = %r.id, "final message not confirmed delivered; sending it again");
+                Ok(Some(Effects {
+                    final_message: true,
+                    binding_only: true,
+                    ..Effects::none()
+                }))
+            })
+            .await;
+        match result {
+            Ok(_) => {}
+            Err(ProgressError::RequestNotFound) => {
+                self.registry().undelivered.remove(id);
+            }
+            Err(error) => tracing::warn!(request = %id, %error, "cannot take over a final message"),
+        }
+    }
+}
+
+/// The outbox delivered a final message (or learned the connection is gone,
+/// so the client finds it with `get_request`): the request is settled, its
+/// delivery lease released. A conditional write like every other change;
+/// when it cannot be made, the lease lapses and the message is sent again.
+pub(crate) async fn final_delivered(store: &SharedStore, id: &str, sequence: u64) {
+    for _ in 0..CONFLICT_RETRIES {
+        let mut record = match store.get_request(id).await {
+            Ok(Some(record)) if record.final_pending && record.sequence == sequence => record,
+            Ok(_) => return,
+            Err(error) => {
+                tracing::warn!(request = %id, %error, "cannot record a final message as delivered");
+                return;
+            }
+        };
+        record.final_pending = false;
+        record.lease_expires_at_ms = None;
+        match store.update_request(record, Durability::Relaxed).await {
+            Ok(_) => return,
+            Err(StoreError::Conflict) => continue,
+            Err(error) => {
+                tracing::warn!(request = %id, %error, "cannot record a final message as delivered");
+                return;
             }
         }
     }

@@ -276,8 +276,11 @@ impl Sender {
                     if kind == Kind::Progress {
                         last_progress = Some(Instant::now());
                     }
-                    self.deliver(kind, sequence, message).await;
+                    let settled = self.deliver(kind, sequence, message).await;
                     if kind == Kind::Final {
+                        if settled {
+                            crate::lifecycle::final_delivered(&ctx.store, &self.id, sequence).await;
+                        }
                         break;
                     }
                 }
@@ -317,7 +320,9 @@ impl Sender {
         }
     }
 
-    async fn deliver(&self, kind: Kind, sequence: u64, message: Value) {
+    /// Sends one message, retrying while its outcome is unknown; whether
+    /// that settled it (delivered, or the connection is known to be gone).
+    async fn deliver(&self, kind: Kind, sequence: u64, message: Value) -> bool {
         let ctx = &self.outboxes.ctx;
         let attempts = if kind == Kind::Progress {
             // A newer update will follow, or the final one will.
@@ -341,12 +346,14 @@ impl Sender {
                 Delivery::Delivered => {
                     metrics::counter!("streamer_progress_messages_total", "kind" => kind.label())
                         .increment(1);
-                    return;
+                    return true;
                 }
                 Delivery::Gone => {
                     // The state is stored: the client can resume with Get.
                     tracing::debug!(request = %self.id, connection_id, kind = kind.label(), "connection gone; message dropped");
-                    break;
+                    metrics::counter!("streamer_progress_dropped_total", "kind" => kind.label())
+                        .increment(1);
+                    return true;
                 }
                 Delivery::Unavailable if attempt < attempts && !ctx.shutdown.is_cancelled() => {
                     tokio::time::sleep(backoff).await;
@@ -359,5 +366,6 @@ impl Sender {
             }
         }
         metrics::counter!("streamer_progress_dropped_total", "kind" => kind.label()).increment(1);
+        false
     }
 }

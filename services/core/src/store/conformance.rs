@@ -57,7 +57,8 @@ macro_rules! store_conformance_suite {
             subscriptions_go_with_their_connection,
             topic_offsets_are_contiguous_within_an_epoch,
             topic_recovery_says_when_history_no_longer_covers_the_gap,
-            concurrent_appends_get_distinct_contiguous_offsets
+            concurrent_appends_get_distinct_contiguous_offsets,
+            an_undelivered_final_stays_unsettled_and_leased
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -106,6 +107,7 @@ pub fn request(id: &str, client_id: &str) -> RequestRecord {
         created_at_ms: now_ms(),
         updated_at_ms: now_ms(),
         sequence: 0,
+        final_pending: false,
         version: 0,
     }
 }
@@ -1184,6 +1186,54 @@ pub async fn concurrent_appends_get_distinct_contiguous_offsets(store: SharedSto
         .map(|m| m.payload.as_u64().unwrap())
         .collect();
     assert_eq!(payloads, (0..12).collect(), "every message once");
+}
+
+pub async fn an_undelivered_final_stays_unsettled_and_leased(store: SharedStore) {
+    let now = now_ms();
+    let mut record = store
+        .create_request(request_at("r1", "report", now))
+        .await
+        .unwrap()
+        .record;
+    record.status = RequestStatus::Completed;
+    record.final_pending = true;
+    record.lease_expires_at_ms = Some(now - 1);
+    let record = store
+        .update_request(record, Durability::Immediate)
+        .await
+        .unwrap();
+    assert_eq!(
+        request_ids(store.unfinished_requests().await.unwrap()),
+        ["r1"]
+    );
+    assert_eq!(
+        request_ids(store.lapsed_leases(now, 10).await.unwrap()),
+        ["r1"]
+    );
+    assert!(
+        store
+            .pending_requests("report", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Delivered: settled, neither unfinished nor leased any more.
+    let mut delivered = record;
+    delivered.final_pending = false;
+    delivered.lease_expires_at_ms = None;
+    store
+        .update_request(delivered, Durability::Relaxed)
+        .await
+        .unwrap();
+    assert!(store.unfinished_requests().await.unwrap().is_empty());
+    assert!(
+        store
+            .lapsed_leases(u64::MAX / 2, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// A local DynamoDB-protocol server for tests: moto's server mode, started

@@ -716,7 +716,7 @@ fn request_item(record: &RequestRecord) -> StoreResult<Item> {
         ("expires_at".into(), epoch_seconds(record.expires_at_ms())),
         ("record".into(), json(record)?),
     ]);
-    if !record.status.is_final() {
+    if record.is_unsettled() {
         item.insert("unfinished".into(), AttributeValue::S("1".into()));
     }
     if record.status == RequestStatus::Pending {
@@ -725,7 +725,7 @@ fn request_item(record: &RequestRecord) -> StoreResult<Item> {
             AttributeValue::S(record.action.clone()),
         );
     }
-    if let (RequestStatus::Processing, Some(lease)) = (record.status, record.lease_expires_at_ms) {
+    if let Some(lease) = record.held_until_ms() {
         item.insert("leased".into(), AttributeValue::S("1".into()));
         item.insert("lease_expires_at_ms".into(), number(lease));
     }

@@ -318,9 +318,9 @@ fn index_request_in(
 ) -> StoreResult<()> {
     let id = record.id.as_str();
     let mut unfinished = txn.open_table(REQUESTS_UNFINISHED).map_err(backend)?;
-    if present && !record.status.is_final() {
+    if present && record.is_unsettled() {
         unfinished.insert(id, ()).map_err(backend)?;
-    } else if !present || record.status.is_final() {
+    } else {
         unfinished.remove(id).map_err(backend)?;
     }
     if record.status == RequestStatus::Pending {
@@ -332,7 +332,7 @@ fn index_request_in(
             pending.remove(key).map_err(backend)?;
         }
     }
-    if let (RequestStatus::Processing, Some(lease)) = (record.status, record.lease_expires_at_ms) {
+    if let Some(lease) = record.held_until_ms() {
         let mut leased = txn.open_table(REQUESTS_LEASED).map_err(backend)?;
         if present {
             leased.insert((lease, id), ()).map_err(backend)?;

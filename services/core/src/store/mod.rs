@@ -187,6 +187,12 @@ pub struct RequestRecord {
     pub updated_at_ms: u64,
     /// The sequence number of the last update given to the client.
     pub sequence: u64,
+    /// Finished, and its final message not yet known to have reached the
+    /// client (or known to be undeliverable): the request stays among the
+    /// unfinished ones, and `lease_expires_at_ms` is the delivery's lease,
+    /// so that a replica that dies before delivering it leaves it to another.
+    #[serde(default)]
+    pub final_pending: bool,
     /// Bumped by every write; the condition of every update.
     pub version: u64,
 }
@@ -194,6 +200,20 @@ pub struct RequestRecord {
 impl RequestRecord {
     pub fn expires_at_ms(&self) -> u64 {
         self.updated_at_ms + REQUEST_TTL.as_millis() as u64
+    }
+
+    /// Not settled yet: still to be done, or its final message still to be
+    /// delivered. What [`RequestStore::unfinished_requests`] returns.
+    pub fn is_unsettled(&self) -> bool {
+        !self.status.is_final() || self.final_pending
+    }
+
+    /// The lease someone holds on it (a processor's on its work, or a
+    /// replica's on delivering its final message), if any: what
+    /// [`RequestStore::lapsed_leases`] looks at.
+    pub fn held_until_ms(&self) -> Option<u64> {
+        let held = self.status == RequestStatus::Processing || self.final_pending;
+        self.lease_expires_at_ms.filter(|_| held)
     }
 }
 
@@ -449,15 +469,18 @@ pub trait RequestStore: Send + Sync + 'static {
         durability: Durability,
     ) -> StoreResult<RequestRecord>;
 
-    /// Every request not yet final (PENDING or PROCESSING), for recovery at start.
+    /// Every unsettled request ([`RequestRecord::is_unsettled`]: PENDING,
+    /// PROCESSING, or final with its final message pending), for recovery
+    /// at start.
     async fn unfinished_requests(&self) -> StoreResult<Vec<RequestRecord>>;
 
     /// PENDING requests for `action`, the oldest first, at most `limit`.
     async fn pending_requests(&self, action: &str, limit: usize)
     -> StoreResult<Vec<RequestRecord>>;
 
-    /// PROCESSING requests whose lease ended at or before `now_ms`, the
-    /// longest-lapsed first, at most `limit`.
+    /// Requests whose lease ([`RequestRecord::held_until_ms`]: a
+    /// processor's, or a final message's delivery) ended at or before
+    /// `now_ms`, the longest-lapsed first, at most `limit`.
     async fn lapsed_leases(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<RequestRecord>>;
 }
 
