@@ -13,6 +13,23 @@ use crate::routers::RouteError;
 use crate::service::{ConnectionServer, Inbound, TOUCH_INTERVAL_MS};
 use streamer_core::client::{self, ErrorCode};
 
+/// Submits of one frame whose outcome stays unknown before the client is
+/// told so.
+const SUBMIT_ATTEMPTS: u32 = 3;
+const SUBMIT_FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A call that failed without saying what happened: ProgressService went
+/// away, or did not answer in time.
+fn outcome_unknown(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+    )
+}
+
 impl ConnectionServer {
     /// Handles one shard's frames, one at a time, in arrival order.
     pub(crate) async fn inbound_worker(self, mut frames: mpsc::Receiver<Inbound>) {
@@ -135,15 +152,35 @@ impl ConnectionServer {
         let Some(mut progress) = self.shared.progress.clone() else {
             return Some(invalid());
         };
-        let submitted = progress
-            .submit(v1::SubmitRequest {
-                connection_id: message.connection_id,
-                action: message.action,
-                request_id: message.request_id,
-                payload: message.payload,
-                metadata: message.metadata,
-            })
-            .await;
+        // The client's id makes Submit idempotent (one request per user and
+        // id), so a Submit whose outcome is unknown (ProgressService went
+        // away mid-call) is safely made again; a frame without an id gets one
+        // here, for the same reason.
+        let request_id = if message.request_id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            message.request_id
+        };
+        let submit = v1::SubmitRequest {
+            connection_id: message.connection_id,
+            action: message.action,
+            request_id: request_id.clone(),
+            payload: message.payload,
+            metadata: message.metadata,
+        };
+        let mut backoff = SUBMIT_FIRST_BACKOFF;
+        let mut attempt = 1;
+        let submitted = loop {
+            match progress.submit(submit.clone()).await {
+                Err(status) if outcome_unknown(&status) && attempt < SUBMIT_ATTEMPTS => {
+                    tracing::info!(error = %status, action = %action, attempt, "submit outcome unknown; submitting again");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                other => break other,
+            }
+        };
         match submitted {
             // ProgressService acknowledges to the client itself, so the
             // acknowledgment is ordered before the request's progress.
@@ -159,7 +196,9 @@ impl ConnectionServer {
                 Some(client::error(
                     &request_id,
                     ErrorCode::Internal,
-                    "the request could not be queued; try again",
+                    "the request service did not answer, so the request may or may not be \
+                     queued: send it again with the same id (it is queued at most once) or \
+                     ask with get_request",
                 ))
             }
         }
