@@ -46,7 +46,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// final message before another replica may take the delivery over (the
 /// first one died, say). A takeover while the first still tries sends the
 /// same message with the same sequence, which the edge writes once.
-const FINAL_DELIVERY_LEASE: Duration = Duration::from_secs(10);
+const FINAL_DELIVERY_LEASE: Duration = Duration::from_secs(5);
 /// Requests read per query of the store's pending and lapsed indexes.
 const POLL_BATCH: usize = 100;
 /// Reads and writes before a contended change gives up with ABORTED.
