@@ -542,14 +542,22 @@ fn complete(id: &str, processor: &str) -> v1::CompleteRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_processor_on_one_progress_replica_does_work_submitted_through_another() {
-    // The one ConnectionService replica submits through ProgressService 1;
-    // the processor is on ProgressService 0.
+/// One ConnectionService replica submitting through ProgressService 1, a
+/// processor on ProgressService 0 with room for `max_in_flight`, and a
+/// client whose request `job-1` the processor now holds.
+async fn work_across_replicas(
+    max_in_flight: u32,
+) -> (
+    Cluster,
+    ProgressServiceClient<Channel>,
+    tonic::Streaming<v1::ClaimResponse>,
+    WsClient,
+    v1::Request,
+) {
     let cluster = Cluster::start(1, 2, 1).await;
     let mut processor = cluster.progress(0).await;
     let mut work = processor
-        .claim(support::claim_request("p0", ACTION, 4, 60))
+        .claim(support::claim_request("p0", ACTION, max_in_flight, 60))
         .await
         .unwrap()
         .into_inner();
@@ -559,6 +567,12 @@ async fn a_processor_on_one_progress_replica_does_work_submitted_through_another
         .await;
     assert_eq!(next(&mut client).await["type"], "acknowledgment");
     let request = next_work(&mut work).await;
+    (cluster, processor, work, client, request)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_on_one_progress_replica_does_work_submitted_through_another() {
+    let (_cluster, mut processor, _work, mut client, request) = work_across_replicas(4).await;
     processor
         .complete(complete(&request.id, "p0"))
         .await
@@ -688,21 +702,8 @@ async fn an_edge_spreads_token_checks_over_auth_replicas_and_survives_one_going(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_through_another_replica_reaches_the_processor_and_frees_its_slot() {
-    // The client's frames go through ProgressService 1; the processor is on
-    // ProgressService 0, with room for one request.
-    let cluster = Cluster::start(1, 2, 1).await;
-    let mut processor = cluster.progress(0).await;
-    let mut work = processor
-        .claim(support::claim_request("p0", ACTION, 1, 60))
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut client, _) = cluster.connect(cluster.gateways[0], "alice").await;
-    client
-        .send_json(json!({"action": ACTION, "id": "job-1", "payload": {}}))
-        .await;
-    assert_eq!(next(&mut client).await["type"], "acknowledgment");
-    let held = next_work(&mut work).await;
+    // The processor has room for one request.
+    let (_cluster, mut processor, mut work, mut client, held) = work_across_replicas(1).await;
     client
         .send_json(
             json!({"action": "cancel_request", "id": "c-1", "payload": {"request_id": "job-1"}}),

@@ -1046,14 +1046,7 @@ impl RequestStore for DynamoStore {
                 duplicate: false,
             }),
             Err(error) => {
-                let guard_taken = error.as_service_error().is_some_and(|e| {
-                    e.is_transaction_canceled_exception()
-                        && matches!(
-                            e,
-                            aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c)
-                                if c.cancellation_reasons().first().and_then(|r| r.code()) == Some("ConditionalCheckFailed")
-                        )
-                });
+                let guard_taken = first_condition_failed(&error);
                 if !guard_taken {
                     return Err(classify("create request", error));
                 }
