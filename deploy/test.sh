@@ -526,12 +526,15 @@ server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_
 print(server.server_port, flush=True)
 server.serve_forever()' >"$work/moto.port" 2>"$work/moto.log" &
   moto_pid=$!
-  for _ in $(seq 200); do
+  # Up to a minute: importing moto's backends takes seconds, and more on
+  # a machine whose cores are busy.
+  for _ in $(seq 600); do
     grep -qx '[0-9]\+' "$work/moto.port" && break
     kill -0 "$moto_pid" 2>/dev/null || break
     sleep 0.1
   done
   check "moto's server listens on a port it picked" grep -qx '[0-9]\+' "$work/moto.port"
+  grep -qx '[0-9]\+' "$work/moto.port" || sed 's/^/       /' "$work/moto.log"
   moto_url="http://127.0.0.1:$(head -n 1 "$work/moto.port")"
   prefix="deploy-test-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')-"
 }
