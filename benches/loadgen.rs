@@ -26,6 +26,11 @@
 //!   drop at random, first alone, then beside a flood, a slowloris and
 //!   oversized frames; every accepted request must reach its client's final
 //!   exactly once, and the clients' latency is set beside the quiet run's.
+//! - `store-cost` (in `store_cost.rs`): the DynamoDB calls, and the request
+//!   units derived from them, of each product operation, on a local moto
+//!   server; then the same operations timed on moto and on the embedded
+//!   store. Not part of `all` (it needs moto), except in the smoke run,
+//!   which runs it when python3 can import moto.
 //! - `all` (the default): `progress` at the default rate limit, `progress`
 //!   unlimited, `broadcast` and `soak`, each on a fresh in-process system.
 //!
@@ -38,6 +43,8 @@
 // Not `benches/soak.rs`: Cargo would take a file there for a bench target.
 #[path = "loadgen/soak.rs"]
 mod soak;
+#[path = "loadgen/store_cost.rs"]
+mod store_cost;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -84,6 +91,8 @@ enum Scenario {
     Broadcast,
     /// Well-behaved clients, quiet and then beside attackers.
     Soak,
+    /// DynamoDB calls per product operation (needs moto); not in `all`.
+    StoreCost,
 }
 
 /// A role whose listener `--listener-nodelay` can change.
@@ -188,6 +197,15 @@ struct Args {
     #[arg(long)]
     seed: Option<u64>,
 
+    /// store-cost: tenant sizes, ascending: clients connect up to each size,
+    /// then the tenant broadcasts to them.
+    #[arg(long, value_delimiter = ',', default_values_t = [10, 100])]
+    store_cost_clients: Vec<usize>,
+    /// store-cost: seconds the system idles after the operations, to count
+    /// its background calls.
+    #[arg(long, default_value_t = 60.0)]
+    store_cost_idle_secs: f64,
+
     /// Give up on a run (and report what is missing) after this long.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
@@ -236,6 +254,8 @@ impl Args {
         self.soak_dribble_ms = self.soak_dribble_ms.min(300);
         self.soak_oversized = self.soak_oversized.min(1);
         self.soak_header_timeout_ms = self.soak_header_timeout_ms.min(1000);
+        self.store_cost_clients = vec![2, 5];
+        self.store_cost_idle_secs = self.store_cost_idle_secs.min(1.0);
         self.timeout_secs = self.timeout_secs.min(30);
     }
 }
@@ -1321,6 +1341,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if matches!(args.scenario, Scenario::All | Scenario::Soak) {
         let result = soak::run_soak(&args).await?;
+        result.print();
+        failed |= result.failed();
+        results.push(result.to_json());
+    }
+    // Not in `all` but for the smoke run: it needs moto (and skips itself
+    // when moto is missing there).
+    let cost =
+        args.scenario == Scenario::StoreCost || (args.scenario == Scenario::All && !args.bench);
+    if cost && let Some(result) = store_cost::run_store_cost(&args).await? {
         result.print();
         failed |= result.failed();
         results.push(result.to_json());
