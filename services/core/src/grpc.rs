@@ -304,17 +304,20 @@ pub fn channel_to(endpoint: &Endpoint, address: SocketAddr, trust: &Trust) -> Ch
     }
 }
 
+/// A URI's host as a name or address to dial (an IPv6 literal without
+/// its brackets).
+pub(crate) fn host_of(uri: &http::Uri) -> Option<&str> {
+    uri.host()
+        .map(|host| host.trim_start_matches('[').trim_end_matches(']'))
+}
+
 /// Every address `url`'s host resolves to now (several for a name such as
 /// a Kubernetes headless Service, one for an IP address).
 pub async fn resolve(url: &str) -> anyhow::Result<Vec<SocketAddr>> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| anyhow::anyhow!("invalid URL {url:?}: {e}"))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| anyhow::anyhow!("{url}: no host"))?
-        .trim_start_matches('[')
-        .trim_end_matches(']');
+    let host = host_of(&uri).ok_or_else(|| anyhow::anyhow!("{url}: no host"))?;
     let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
         Some("https") => 443,
         _ => 80,
@@ -453,15 +456,6 @@ impl<T: Clone + Send + Sync + 'static> Balanced<T> {
         (0..clients.len())
             .map(|i| clients[(turn + i) % clients.len()].1.clone())
             .collect()
-    }
-
-    /// How many replicas are known.
-    pub fn len(&self) -> usize {
-        self.clients.read().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

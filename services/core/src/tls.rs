@@ -359,11 +359,8 @@ impl tower::Service<http::Uri> for TlsConnector {
         let address = self.address;
         Box::pin(async move {
             let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
-            let host = uri
-                .host()
+            let host = crate::grpc::host_of(&uri)
                 .ok_or_else(|| invalid("the URL names no host"))?
-                .trim_start_matches('[')
-                .trim_end_matches(']')
                 .to_owned();
             let port = uri.port_u16().unwrap_or(443);
             let name = ServerName::try_from(host.clone())
