@@ -316,6 +316,24 @@ async fn clients(cluster: &Cluster) -> BTreeMap<String, (WsClient, String)> {
     clients
 }
 
+/// A broadcast of `value` to tenant acme, and what became of it.
+async fn to_acme(
+    connections: &mut ConnectionServiceClient<Channel>,
+    value: serde_json::Value,
+) -> v1::BroadcastResponse {
+    connections
+        .broadcast(v1::BroadcastRequest {
+            target: Some(v1::broadcast_request::Target::Tenant(v1::TenantTarget {
+                tenant_id: "acme".into(),
+            })),
+            payload: json_payload(value),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// What `client` receives next, within the test's patience.
 async fn next(client: &mut WsClient) -> serde_json::Value {
     within("a message", client.recv_json()).await
@@ -357,17 +375,7 @@ async fn sends_and_broadcasts_through_either_replica_reach_each_socket_exactly_o
                 "{user} via {replica}"
             );
         }
-        let broadcast = connections
-            .broadcast(v1::BroadcastRequest {
-                target: Some(v1::broadcast_request::Target::Tenant(v1::TenantTarget {
-                    tenant_id: "acme".into(),
-                })),
-                payload: json_payload(json!({"all": replica})),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let broadcast = to_acme(&mut connections, json!({"all": replica})).await;
         assert_eq!(broadcast.delivered, 6, "via {replica}: {broadcast:?}");
         assert_eq!(
             broadcast.unavailable + broadcast.gone + broadcast.not_found,
@@ -396,17 +404,7 @@ async fn a_replica_that_stops_takes_no_socket_with_it() {
     tokio::time::sleep(EDGE_LEASE * 2).await;
 
     let mut connections = cluster.connections(0).await;
-    let broadcast = connections
-        .broadcast(v1::BroadcastRequest {
-            target: Some(v1::broadcast_request::Target::Tenant(v1::TenantTarget {
-                tenant_id: "acme".into(),
-            })),
-            payload: json_payload(json!({"after": "stop"})),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let broadcast = to_acme(&mut connections, json!({"after": "stop"})).await;
     assert_eq!(broadcast.delivered, 6, "{broadcast:?}");
     for (user, (client, id)) in &mut clients {
         assert_eq!(next(client).await, json!({"after": "stop"}), "{user}");
