@@ -545,15 +545,19 @@ pub struct ConnectionCmd {
     /// Prometheus metrics address.
     #[arg(long, env = "STREAMER_METRICS_LISTEN", default_value = "0.0.0.0:9092")]
     pub metrics_listen: SocketAddr,
-    /// ProgressService URL, for async actions and the request actions.
+    /// ProgressService, for async actions and the request actions: one URL,
+    /// a DNS name that resolves to every replica, or a comma-separated list
+    /// of URLs (calls go to each in turn, and on to the next when one does
+    /// not answer).
     #[arg(
         long,
         env = "STREAMER_PROGRESS_URL",
         default_value = "http://127.0.0.1:50053"
     )]
     pub progress_url: String,
-    /// AuthService URL: the token of every connection an edge announces is
-    /// verified again there (except in trust mode none).
+    /// AuthService, where the token of every connection an edge announces
+    /// is verified again (except in trust mode none): one URL, a DNS name
+    /// that resolves to every replica, or a comma-separated list of URLs.
     #[arg(
         long,
         env = "STREAMER_AUTH_URL",
@@ -584,7 +588,10 @@ pub struct ProgressCmd {
     /// Prometheus metrics address.
     #[arg(long, env = "STREAMER_METRICS_LISTEN", default_value = "0.0.0.0:9093")]
     pub metrics_listen: SocketAddr,
-    /// ConnectionService URL, for identities and delivery.
+    /// ConnectionService, for identities and delivery: one URL, a DNS name
+    /// that resolves to every replica, or a comma-separated list of URLs
+    /// (calls go to each in turn, and on to the next when one does not
+    /// answer).
     #[arg(
         long,
         env = "STREAMER_CONNECTION_URL",

@@ -3,9 +3,11 @@
 # and two (STREAMER_REPLICAS) each of connection, progress and gateway, as
 # separate processes, the way a deployment runs several replicas of every
 # role. Every gateway attaches to every ConnectionService replica (its
-# STREAMER_CONNECTION_EDGE_URL lists their edge streams); progress-N calls
-# connection-N and connection-N calls progress-N. Kill any one process and
-# the others carry on: this is what the replicas are for.
+# STREAMER_CONNECTION_EDGE_URL lists their edge streams); every connection
+# replica calls every progress replica in turn and every progress replica
+# every connection replica (their URLs list them all), going on to the next
+# when one does not answer. Kill any one process and the others carry on:
+# this is what the replicas are for.
 #
 #   cargo build --bin streamer            # or set STREAMER_BIN
 #   export STREAMER_STORE=dynamodb STREAMER_DYNAMODB_ENDPOINT_URL=http://127.0.0.1:8000 \
@@ -85,10 +87,15 @@ use_secret
 # address N OFFSET: replica N's address at OFFSET from the base.
 address() { echo "127.0.0.1:$((base + 100 * ($1 - 1) + $2))"; }
 auth_url="http://$(address 1 51)"
-edge_urls=""
-for n in $(seq "$replicas"); do
-  edge_urls+="${edge_urls:+,}http://$(address "$n" 54)"
-done
+# urls OFFSET: every replica's URL at OFFSET, comma-separated.
+urls() {
+  local list="" n
+  for n in $(seq "$replicas"); do list+="${list:+,}http://$(address "$n" "$1")"; done
+  echo "$list"
+}
+edge_urls="$(urls 54)"
+connection_urls="$(urls 52)"
+progress_urls="$(urls 53)"
 
 # The ports of each role, as offsets: its listeners (gRPC or WebSocket,
 # and connection's edge stream), then its metrics.
@@ -114,12 +121,12 @@ launch() {
       start_process "$name" connection "listen ${at[0]}, edge ${at[1]}, metrics ${at[2]}" \
         STREAMER_CONNECTION_LISTEN="${at[0]}" STREAMER_CONNECTION_EDGE_LISTEN="${at[1]}" \
         STREAMER_METRICS_LISTEN="${at[2]}" STREAMER_AUTH_URL="$auth_url" \
-        STREAMER_PROGRESS_URL="http://$(address "$n" 53)"
+        STREAMER_PROGRESS_URL="$progress_urls"
       ;;
     progress)
       start_process "$name" progress "listen ${at[0]}, metrics ${at[1]}" \
         STREAMER_PROGRESS_LISTEN="${at[0]}" STREAMER_METRICS_LISTEN="${at[1]}" \
-        STREAMER_CONNECTION_URL="http://$(address "$n" 52)"
+        STREAMER_CONNECTION_URL="$connection_urls"
       ;;
     gateway)
       start_process "$name" gateway "listen ${at[0]}, metrics ${at[1]}, edge id edge-$n" \

@@ -38,7 +38,7 @@ use streamer_api::v1::{
     self, TokenFailure, auth_service_client::AuthServiceClient,
     edge_service_client::EdgeServiceClient,
 };
-use streamer_core::grpc::Balanced;
+use streamer_core::grpc::{Balanced, url_list};
 use streamer_core::shutdown::Shutdown;
 use streamer_core::trust::{AuthedChannel, Role, Trust};
 use tokio::net::TcpListener;
@@ -137,21 +137,6 @@ fn channel_to(
     Ok(streamer_core::grpc::channel_to(&endpoint, address, trust))
 }
 
-/// The URLs of a comma-separated list, each checked now so that a bad one
-/// stops the edge at start.
-fn urls(list: &str, trust: &Trust) -> anyhow::Result<Vec<String>> {
-    let urls: Vec<String> = list
-        .split(',')
-        .map(|url| url.trim().to_owned())
-        .filter(|url| !url.is_empty())
-        .collect();
-    anyhow::ensure!(!urls.is_empty(), "no URL in {list:?}");
-    for url in &urls {
-        streamer_core::grpc::endpoint(url, trust)?;
-    }
-    Ok(urls)
-}
-
 /// A client per AuthService replica, taken in turn.
 type AuthReplicas = Arc<Balanced<AuthServiceClient<AuthedChannel>>>;
 
@@ -163,17 +148,24 @@ async fn validate(
     token: &str,
     timeout: Duration,
 ) -> Option<v1::ValidateTokenResponse> {
-    for mut client in auth.in_turn().into_iter().take(2) {
-        let call = client.validate_token(v1::ValidateTokenRequest {
-            token: token.to_owned(),
-        });
-        match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(answer)) => return Some(answer.into_inner()),
-            Ok(Err(status)) => tracing::warn!(error = %status, "auth service call failed"),
-            Err(_) => tracing::warn!("auth service timed out"),
+    let answer = auth
+        .call(2, Duration::ZERO, |mut client| async move {
+            let call = client.validate_token(v1::ValidateTokenRequest {
+                token: token.to_owned(),
+            });
+            match tokio::time::timeout(timeout, call).await {
+                Ok(answer) => answer,
+                Err(_) => Err(tonic::Status::deadline_exceeded("auth service timed out")),
+            }
+        })
+        .await;
+    match answer {
+        Ok(answer) => Some(answer.into_inner()),
+        Err(status) => {
+            tracing::warn!(error = %status, "auth service call failed");
+            None
         }
     }
-    None
 }
 
 /// Serves the edge on `listener` until `shutdown`, then closes every socket
@@ -189,7 +181,7 @@ pub async fn serve(
     let auth = {
         let (trust, credentials) = (trust.clone(), credentials.clone());
         Balanced::follow(
-            urls(&config.auth_endpoint, &trust)?,
+            url_list(&config.auth_endpoint, &trust)?,
             move |url, address| {
                 Ok(AuthServiceClient::with_interceptor(
                     channel_to(url, address, timeout, &trust)?,
@@ -208,7 +200,7 @@ pub async fn serve(
         ))
     };
     let upstream = tokio::spawn(edge.clone().follow_replicas(
-        urls(&config.connection_endpoint, &config.trust)?,
+        url_list(&config.connection_endpoint, &config.trust)?,
         dial,
         shutdown.clone(),
     ));

@@ -14,10 +14,13 @@
 //!    `hello` fails as a whole, so the edge attaches again later without
 //!    losing a socket.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use streamer_api::v1::{self, auth_service_client::AuthServiceClient};
+use streamer_core::grpc::{Balanced, channel_to, url_list};
+use streamer_core::shutdown::Shutdown;
 use streamer_core::store::ConnectionRecord;
 use streamer_core::trust::{AuthedChannel, Check, Role};
 
@@ -51,32 +54,41 @@ impl Refusal {
 /// takes them as announced.
 #[derive(Clone)]
 pub struct IdentityCheck {
-    auth: Option<AuthServiceClient<AuthedChannel>>,
+    auth: Option<Arc<Balanced<AuthServiceClient<AuthedChannel>>>>,
 }
 
 impl IdentityCheck {
-    pub fn new(config: &ConnectionConfig) -> anyhow::Result<Self> {
+    /// Follows every AuthService replica the configuration names until
+    /// `shutdown` (none in trust mode none).
+    pub async fn new(config: &ConnectionConfig, shutdown: &Shutdown) -> anyhow::Result<Self> {
         if let Check::None = config.trust.check() {
             return Ok(Self { auth: None });
         }
-        let url = config.auth_endpoint.as_deref().ok_or_else(|| {
+        let list = config.auth_endpoint.as_deref().ok_or_else(|| {
             anyhow::anyhow!(
                 "ConnectionService verifies the tokens edges announce (trust mode {}): give it \
                  AuthService's URL (--auth-url)",
                 config.trust.name()
             )
         })?;
-        let endpoint = streamer_core::grpc::endpoint(url, &config.trust)?
-            .connect_timeout(VERIFY_TIMEOUT)
-            .timeout(VERIFY_TIMEOUT);
-        Ok(Self {
-            auth: Some(AuthServiceClient::with_interceptor(
-                streamer_core::grpc::channel(&endpoint, &config.trust),
-                config
-                    .trust
-                    .credentials("connection-service", &[Role::Backend]),
-            )),
-        })
+        let urls = url_list(list, &config.trust)?;
+        let trust = config.trust.clone();
+        let credentials = trust.credentials("connection-service", &[Role::Backend]);
+        let auth = Balanced::follow(
+            urls,
+            move |url, address| {
+                let endpoint = streamer_core::grpc::endpoint(url, &trust)?
+                    .connect_timeout(VERIFY_TIMEOUT)
+                    .timeout(VERIFY_TIMEOUT);
+                Ok(AuthServiceClient::with_interceptor(
+                    channel_to(&endpoint, address, &trust),
+                    credentials.clone(),
+                ))
+            },
+            shutdown.clone(),
+        )
+        .await;
+        Ok(Self { auth: Some(auth) })
     }
 
     /// The record to keep for a connection announced with `token`.
@@ -91,10 +103,15 @@ impl IdentityCheck {
         if token.is_empty() {
             return Err(Refusal::NotVerified("the edge sent no token".into()));
         }
+        // A replica that does not answer (it may have just gone) is
+        // followed by one more.
         let answer = auth
-            .clone()
-            .validate_token(v1::ValidateTokenRequest {
-                token: token.to_owned(),
+            .call(2, Duration::ZERO, |mut client| async move {
+                client
+                    .validate_token(v1::ValidateTokenRequest {
+                        token: token.to_owned(),
+                    })
+                    .await
             })
             .await
             .map_err(|status| Refusal::Unavailable(status.message().to_owned()))?

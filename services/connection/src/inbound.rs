@@ -15,20 +15,8 @@ use streamer_core::client::{self, ErrorCode};
 
 /// Submits of one frame whose outcome stays unknown before the client is
 /// told so.
-const SUBMIT_ATTEMPTS: u32 = 3;
+const SUBMIT_ATTEMPTS: usize = 3;
 const SUBMIT_FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_millis(200);
-
-/// A call that failed without saying what happened: ProgressService went
-/// away, or did not answer in time.
-fn outcome_unknown(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable
-            | tonic::Code::Unknown
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Cancelled
-    )
-}
 
 impl ConnectionServer {
     /// Handles one shard's frames, one at a time, in arrival order.
@@ -149,13 +137,13 @@ impl ConnectionServer {
                 format!("no handler for action {action:?}"),
             )
         };
-        let Some(mut progress) = self.shared.progress.clone() else {
+        let Some(progress) = &self.shared.progress else {
             return Some(invalid());
         };
         // The client's id makes Submit idempotent (one request per user and
-        // id), so a Submit whose outcome is unknown (ProgressService went
-        // away mid-call) is safely made again; a frame without an id gets one
-        // here, for the same reason.
+        // id), so a Submit whose outcome is unknown (a ProgressService
+        // replica went away mid-call) is safely made again, on the next
+        // replica; a frame without an id gets one here, for the same reason.
         let request_id = if message.request_id.is_empty() {
             uuid::Uuid::new_v4().to_string()
         } else {
@@ -168,19 +156,12 @@ impl ConnectionServer {
             payload: message.payload,
             metadata: message.metadata,
         };
-        let mut backoff = SUBMIT_FIRST_BACKOFF;
-        let mut attempt = 1;
-        let submitted = loop {
-            match progress.submit(submit.clone()).await {
-                Err(status) if outcome_unknown(&status) && attempt < SUBMIT_ATTEMPTS => {
-                    tracing::info!(error = %status, action = %action, attempt, "submit outcome unknown; submitting again");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                    attempt += 1;
-                }
-                other => break other,
-            }
-        };
+        let submitted = progress
+            .call(SUBMIT_ATTEMPTS, SUBMIT_FIRST_BACKOFF, |mut client| {
+                let submit = submit.clone();
+                async move { client.submit(submit).await }
+            })
+            .await;
         match submitted {
             // ProgressService acknowledges to the client itself, so the
             // acknowledgment is ordered before the request's progress.
@@ -225,7 +206,7 @@ impl ConnectionServer {
                 "payload.request_id is required",
             ));
         };
-        let Some(mut progress) = self.shared.progress.clone() else {
+        let Some(progress) = &self.shared.progress else {
             return Some(client::error(
                 id,
                 ErrorCode::InvalidAction,
@@ -251,17 +232,32 @@ impl ConnectionServer {
                 String::new()
             },
         };
-        let result = match progress.get(get).await {
-            Ok(found) if frame.action == "cancel_request" => progress
-                .cancel(v1::CancelRequest {
-                    id: found.into_inner().id,
-                    reason: "cancelled by the client".into(),
-                    owner: Some(owner),
-                })
-                .await
-                .map(Response::into_inner),
-            other => other.map(Response::into_inner),
-        };
+        // Both calls go on to another replica when one does not answer. A
+        // cancel made again finds the request cancelled when the first one
+        // took effect unseen: that is its answer, not "already finished".
+        let cancel = frame.action == "cancel_request";
+        let mut again = false;
+        let result = progress
+            .call(SUBMIT_ATTEMPTS, SUBMIT_FIRST_BACKOFF, |mut client| {
+                let (get, owner) = (get.clone(), owner.clone());
+                let again = std::mem::replace(&mut again, true);
+                async move {
+                    let found = client.get(get).await?.into_inner();
+                    let cancelled = found.status() == v1::RequestStatus::Cancelled;
+                    if !cancel || (again && cancelled) {
+                        return Ok(found);
+                    }
+                    client
+                        .cancel(v1::CancelRequest {
+                            id: found.id,
+                            reason: "cancelled by the client".into(),
+                            owner: Some(owner),
+                        })
+                        .await
+                        .map(Response::into_inner)
+                }
+            })
+            .await;
         Some(match result {
             Ok(request) => client::response(id, client::request_state(request)),
             Err(status) => {

@@ -12,6 +12,7 @@ use streamer_api::v1::{
     self, connection_service_server::ConnectionServiceServer,
     edge_service_server::EdgeServiceServer, progress_service_client::ProgressServiceClient,
 };
+use streamer_core::grpc::{Balanced, channel_to, url_list};
 use streamer_core::shutdown::Shutdown;
 use streamer_core::store::SharedStore;
 use streamer_core::trust::{AuthedChannel, Role, Trust};
@@ -47,8 +48,9 @@ pub(crate) const PROGRESS_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct ConnectionConfig {
-    /// ProgressService, for async actions and the built-in request actions.
-    /// None: only routers handle frames.
+    /// ProgressService, for async actions and the built-in request actions:
+    /// one URL, a DNS name that resolves to every replica, or a
+    /// comma-separated list of URLs. None: only routers handle frames.
     pub progress_endpoint: Option<String>,
     /// How long to wait for an edge to report a delivery.
     pub delivery_timeout: Duration,
@@ -96,10 +98,40 @@ pub(crate) struct Shared {
     /// How payloads reach sockets.
     pub(crate) delivery: Arc<dyn Delivery>,
     pub(crate) routers: RouterTable,
-    pub(crate) progress: Option<ProgressServiceClient<AuthedChannel>>,
+    /// Every ProgressService replica, called in turn.
+    pub(crate) progress: Option<ProgressReplicas>,
     pub(crate) identities: IdentityCheck,
     pub(crate) config: ConnectionConfig,
     pub(crate) shutdown: Shutdown,
+}
+
+/// A client per ProgressService replica, taken in turn.
+pub(crate) type ProgressReplicas = Arc<Balanced<ProgressServiceClient<AuthedChannel>>>;
+
+/// Follows every ProgressService replica `list` names (see
+/// [`ConnectionConfig::progress_endpoint`]) until `shutdown`.
+async fn progress_replicas(
+    list: &str,
+    trust: &Trust,
+    shutdown: &Shutdown,
+) -> anyhow::Result<ProgressReplicas> {
+    let urls = url_list(list, trust)?;
+    let trust = trust.clone();
+    let credentials = trust.credentials("connection-service", &[Role::Backend]);
+    Ok(Balanced::follow(
+        urls,
+        move |url, address| {
+            let endpoint = streamer_core::grpc::endpoint(url, &trust)?
+                .connect_timeout(Duration::from_secs(3))
+                .timeout(PROGRESS_CALL_TIMEOUT);
+            Ok(ProgressServiceClient::with_interceptor(
+                channel_to(&endpoint, address, &trust),
+                credentials.clone(),
+            ))
+        },
+        shutdown.clone(),
+    )
+    .await)
 }
 
 /// A frame on its way to an inbound worker, with the edge it came from.
@@ -120,30 +152,21 @@ impl ConnectionServer {
         config: ConnectionConfig,
         shutdown: Shutdown,
     ) -> anyhow::Result<Self> {
-        let server = Self::new(store, config, shutdown)?;
+        let server = Self::new(store, config, shutdown).await?;
         server.adopt_edges().await?;
         Ok(server)
     }
 
     /// Builds the service and starts its expiry sweeper (which ends with
-    /// `shutdown`). The ProgressService channel connects lazily.
-    pub fn new(
+    /// `shutdown`). ProgressService's replicas are followed from here on,
+    /// their channels connecting lazily.
+    pub async fn new(
         store: SharedStore,
         config: ConnectionConfig,
         shutdown: Shutdown,
     ) -> anyhow::Result<Self> {
         let progress = match &config.progress_endpoint {
-            Some(url) => {
-                let endpoint = streamer_core::grpc::endpoint(url, &config.trust)?
-                    .connect_timeout(Duration::from_secs(3))
-                    .timeout(PROGRESS_CALL_TIMEOUT);
-                Some(ProgressServiceClient::with_interceptor(
-                    streamer_core::grpc::channel(&endpoint, &config.trust),
-                    config
-                        .trust
-                        .credentials("connection-service", &[Role::Backend]),
-                ))
-            }
+            Some(list) => Some(progress_replicas(list, &config.trust, &shutdown).await?),
             None => None,
         };
         let edges = Arc::new(EdgeRegistry::default());
@@ -158,7 +181,7 @@ impl ConnectionServer {
                 delivery: Arc::new(EdgeDelivery::new(edges, config.delivery_timeout)),
                 routers: RouterTable::default(),
                 progress,
-                identities: IdentityCheck::new(&config)?,
+                identities: IdentityCheck::new(&config, &shutdown).await?,
                 config,
                 shutdown,
             }),

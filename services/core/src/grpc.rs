@@ -331,6 +331,35 @@ pub async fn resolve(url: &str) -> anyhow::Result<Vec<SocketAddr>> {
     Ok(addresses)
 }
 
+/// The URLs of a comma-separated list (one URL, a DNS name that resolves
+/// to every replica, or several URLs), each checked now so that a bad one
+/// stops the process at start.
+pub fn url_list(list: &str, trust: &Trust) -> anyhow::Result<Vec<String>> {
+    let urls: Vec<String> = list
+        .split(',')
+        .map(|url| url.trim().to_owned())
+        .filter(|url| !url.is_empty())
+        .collect();
+    anyhow::ensure!(!urls.is_empty(), "no URL in {list:?}");
+    for url in &urls {
+        endpoint(url, trust)?;
+    }
+    Ok(urls)
+}
+
+/// A call that failed without saying what happened: the server went away,
+/// or did not answer in time. Made again (on another replica) only when
+/// it is safe to repeat.
+pub fn outcome_unknown(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+    )
+}
+
 /// How often [`follow_addresses`] resolves its URLs again.
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -445,6 +474,42 @@ impl<T: Clone + Send + Sync + 'static> Balanced<T> {
         clients.sort_by_key(|(address, _)| *address);
     }
 
+    /// Makes `call` on the next replica in turn and, while its outcome is
+    /// unknown (see [`outcome_unknown`]), again on the following replica,
+    /// waiting `backoff` (doubled each time) before each new attempt, at
+    /// most `attempts` calls in all. Only for calls that are safe to repeat.
+    /// No replica known: UNAVAILABLE.
+    pub async fn call<R, F, Fut>(
+        &self,
+        attempts: usize,
+        mut backoff: Duration,
+        mut call: F,
+    ) -> Result<R, tonic::Status>
+    where
+        F: FnMut(T) -> Fut,
+        Fut: Future<Output = Result<R, tonic::Status>>,
+    {
+        let replicas = self.in_turn();
+        if replicas.is_empty() {
+            return Err(tonic::Status::unavailable(
+                "no replica of the service is known",
+            ));
+        }
+        let mut attempt = 0;
+        loop {
+            let client = replicas[attempt % replicas.len()].clone();
+            attempt += 1;
+            match call(client).await {
+                Err(status) if outcome_unknown(&status) && attempt < attempts => {
+                    tracing::info!(error = %status, attempt, "outcome unknown; calling the next replica");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
     /// Every replica's client, starting with the next one in turn: a caller
     /// whose first choice does not answer tries the following one.
     pub fn in_turn(&self) -> Vec<T> {
@@ -487,5 +552,70 @@ mod tests {
         }
         assert_eq!(held.len(), 400);
         drop(listener);
+    }
+
+    /// Two replicas, as a list of URLs names them; each "client" is its
+    /// address.
+    async fn two_replicas(shutdown: Shutdown) -> Arc<Balanced<SocketAddr>> {
+        let urls = vec!["http://127.0.0.1:1".into(), "http://127.0.0.2:2".into()];
+        Balanced::follow(urls, |_, address| Ok(address), shutdown).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_without_answer_goes_on_to_the_next_replica() {
+        let shutdown = Shutdown::new();
+        let replicas = two_replicas(shutdown.clone()).await;
+        let gone: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        for _ in 0..4 {
+            let mut called = Vec::new();
+            let answer = replicas
+                .call(3, Duration::from_millis(200), |address| {
+                    called.push(address);
+                    async move {
+                        if address == gone {
+                            Err(tonic::Status::unavailable("connection refused"))
+                        } else {
+                            Ok(address)
+                        }
+                    }
+                })
+                .await;
+            assert_eq!(answer.unwrap(), "127.0.0.2:2".parse().unwrap());
+            assert_eq!(called.last(), Some(&"127.0.0.2:2".parse().unwrap()));
+            assert!(called.len() <= 2, "called {called:?}");
+        }
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_is_final_and_attempts_are_bounded() {
+        let shutdown = Shutdown::new();
+        let replicas = two_replicas(shutdown.clone()).await;
+        // A refusal is an answer: no other replica is asked.
+        let mut calls = 0;
+        let refused: Result<(), _> = replicas
+            .call(3, Duration::ZERO, |_| {
+                calls += 1;
+                async { Err(tonic::Status::failed_precondition("already finished")) }
+            })
+            .await;
+        assert_eq!(refused.unwrap_err().code(), tonic::Code::FailedPrecondition);
+        assert_eq!(calls, 1);
+        // Nobody answers: exactly `attempts` calls, alternating replicas.
+        let mut called = Vec::new();
+        let unanswered: Result<(), _> = replicas
+            .call(3, Duration::from_millis(200), |address| {
+                called.push(address);
+                async { Err(tonic::Status::deadline_exceeded("timed out")) }
+            })
+            .await;
+        assert_eq!(
+            unanswered.unwrap_err().code(),
+            tonic::Code::DeadlineExceeded
+        );
+        assert_eq!(called.len(), 3);
+        assert_ne!(called[0], called[1]);
+        assert_eq!(called[0], called[2]);
+        shutdown.cancel();
     }
 }

@@ -1,10 +1,13 @@
 //! ProgressService's view of ConnectionService: who is behind a connection,
 //! and delivering one message to it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use streamer_api::v1;
 use streamer_api::v1::connection_service_client::ConnectionServiceClient;
+use streamer_core::grpc::{Balanced, channel_to, url_list};
+use streamer_core::shutdown::Shutdown;
 use streamer_core::trust::{AuthedChannel, Role, Trust};
 
 use crate::error::ProgressError;
@@ -27,35 +30,54 @@ pub(crate) enum Delivery {
     Unavailable,
 }
 
-/// A cheap-to-clone client; tonic channels multiplex, so clones share one
-/// HTTP/2 connection.
+/// A cheap-to-clone handle on every ConnectionService replica, called in
+/// turn; a call that gets no answer from one replica goes on to the next.
 #[derive(Clone)]
 pub(crate) struct ConnectionDirectory {
-    client: ConnectionServiceClient<AuthedChannel>,
+    replicas: Arc<Balanced<ConnectionServiceClient<AuthedChannel>>>,
 }
 
+/// Calls made of one question before it counts as unanswered: the next
+/// replica in turn, then one more.
+const ATTEMPTS: usize = 2;
+
 impl ConnectionDirectory {
-    /// Connects lazily, so this service may start before ConnectionService.
-    pub fn lazy(endpoint: &str, trust: &Trust) -> anyhow::Result<Self> {
-        let endpoint = streamer_core::grpc::endpoint(endpoint, trust)?
-            .connect_timeout(Duration::from_secs(5))
-            // A hung call must not stall a request's outbox forever.
-            .timeout(Duration::from_secs(10));
-        Ok(Self {
-            client: ConnectionServiceClient::with_interceptor(
-                streamer_core::grpc::channel(&endpoint, trust),
-                trust.credentials("progress-service", &[Role::Backend]),
-            ),
-        })
+    /// Follows every replica `list` names (one URL, a DNS name that
+    /// resolves to every replica, or a comma-separated list) until
+    /// `shutdown`. Channels connect lazily, so this service may start
+    /// before ConnectionService.
+    pub async fn follow(list: &str, trust: &Trust, shutdown: &Shutdown) -> anyhow::Result<Self> {
+        let urls = url_list(list, trust)?;
+        let trust = trust.clone();
+        let credentials = trust.credentials("progress-service", &[Role::Backend]);
+        let replicas = Balanced::follow(
+            urls,
+            move |url, address| {
+                let endpoint = streamer_core::grpc::endpoint(url, &trust)?
+                    .connect_timeout(Duration::from_secs(5))
+                    // A hung call must not stall a request's outbox forever.
+                    .timeout(Duration::from_secs(10));
+                Ok(ConnectionServiceClient::with_interceptor(
+                    channel_to(&endpoint, address, &trust),
+                    credentials.clone(),
+                ))
+            },
+            shutdown.clone(),
+        )
+        .await;
+        Ok(Self { replicas })
     }
 
     pub async fn identity(&self, connection_id: &str) -> Result<ConnectionIdentity, ProgressError> {
         let reply = self
-            .client
-            .clone()
-            .get_connection(v1::GetConnectionRequest {
-                connection_id: connection_id.to_owned(),
-                tenant_id: String::new(),
+            .replicas
+            .call(ATTEMPTS, Duration::ZERO, |mut client| async move {
+                client
+                    .get_connection(v1::GetConnectionRequest {
+                        connection_id: connection_id.to_owned(),
+                        tenant_id: String::new(),
+                    })
+                    .await
             })
             .await;
         match reply {
@@ -91,22 +113,25 @@ impl ConnectionDirectory {
         (request_id, sequence): (&str, u64),
         message: serde_json::Value,
     ) -> Delivery {
+        let send = v1::SendRequest {
+            connection_id: connection_id.to_owned(),
+            // Serialised here, as text, so the client sees the protocol's
+            // field order (`type` first); a protobuf Struct would sort the
+            // keys.
+            payload: Some(v1::Payload {
+                body: Some(v1::payload::Body::Text(message.to_string())),
+            }),
+            tenant_id: tenant_id.to_owned(),
+            sequence: Some(v1::Sequence {
+                stream: request_id.to_owned(),
+                number: sequence,
+            }),
+        };
         let reply = self
-            .client
-            .clone()
-            .send(v1::SendRequest {
-                connection_id: connection_id.to_owned(),
-                // Serialised here, as text, so the client sees the
-                // protocol's field order (`type` first); a protobuf Struct
-                // would sort the keys.
-                payload: Some(v1::Payload {
-                    body: Some(v1::payload::Body::Text(message.to_string())),
-                }),
-                tenant_id: tenant_id.to_owned(),
-                sequence: Some(v1::Sequence {
-                    stream: request_id.to_owned(),
-                    number: sequence,
-                }),
+            .replicas
+            .call(ATTEMPTS, Duration::ZERO, |mut client| {
+                let send = send.clone();
+                async move { client.send(send).await }
             })
             .await;
         match reply {

@@ -52,8 +52,9 @@ use crate::lifecycle::Lifecycle;
 /// How the service runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProgressConfig {
-    /// ConnectionService's URL, e.g. `http://127.0.0.1:50052`. Connected
-    /// lazily, so the two may start in any order.
+    /// ConnectionService: one URL (e.g. `http://127.0.0.1:50052`), a DNS
+    /// name that resolves to every replica, or a comma-separated list of
+    /// URLs. Connected lazily, so the two may start in any order.
     pub connection_endpoint: String,
     /// Most progress messages per second per request sent to the client;
     /// 0 (or less) means no limit.
@@ -129,7 +130,9 @@ impl ProgressServer {
         shutdown: Shutdown,
     ) -> anyhow::Result<Self> {
         config.validate()?;
-        let connections = ConnectionDirectory::lazy(&config.connection_endpoint, &config.trust)?;
+        let connections =
+            ConnectionDirectory::follow(&config.connection_endpoint, &config.trust, &shutdown)
+                .await?;
         let tasks = TaskTracker::new();
         let lifecycle = Arc::new(Lifecycle::new(
             store,
