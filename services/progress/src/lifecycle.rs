@@ -535,10 +535,24 @@ impl Lifecycle {
         let created = self.store.create_request(record).await?;
         let record = created.record;
         if created.duplicate {
-            // The caller learns it from the answer; the client already had
-            // its acknowledgment and hears nothing new (a client that lost
-            // track asks with `get_request`).
+            // The caller learns it from the answer. A Submit made again for
+            // the same connection is most often ConnectionService's retry of
+            // one whose answer was lost (the replica that queued it died),
+            // and that replica may have died before acknowledging: the
+            // acknowledgment is queued again. It carries the same sequence
+            // number (0), so the edge writes it only if the socket has had
+            // nothing about this request yet: never twice. A client asking
+            // again from another connection hears nothing new (it asks with
+            // `get_request`).
             tracing::debug!(request = %record.id, "duplicate submit");
+            if record.connection_id == cmd.connection_id && !record.status.is_final() {
+                self.outboxes.acknowledgment(
+                    &record.id,
+                    &record.tenant_id,
+                    &record.connection_id,
+                    client::acknowledgment(&record),
+                );
+            }
             return Ok((record, true));
         }
         tracing::info!(request = %record.id, action = %record.action, tenant = %record.tenant_id, "request queued");

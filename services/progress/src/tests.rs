@@ -504,11 +504,32 @@ async fn repeated_submit_is_idempotent() {
     let (_, ack) = h.message().await;
     assert_eq!(ack["type"], "acknowledgment");
 
+    // Made again for the same connection (ConnectionService's retry of a
+    // Submit whose answer was lost): the caller is told, and the
+    // acknowledgment goes again with the same sequence number, in case the
+    // replica that queued the request died before sending it; the edge
+    // writes a number at most once, so a client that had it sees nothing.
     let second = h.submit("c1", "report", "same").await;
     assert!(second.duplicate);
-    assert_eq!(second.request.unwrap().id, first.request.unwrap().id);
-    // The caller is told; the client, who had its acknowledgment, is not
-    // sent another.
+    let id = first.request.unwrap().id;
+    assert_eq!(second.request.unwrap().id, id);
+    let (_, again) = h.message().await;
+    assert_eq!(again["type"], "acknowledgment");
+    assert_eq!(again["sequence"], ack["sequence"]);
+    let numbers: Vec<_> = h.fake.identities.lock().unwrap().clone();
+    assert_eq!(
+        numbers,
+        vec![
+            ("c1".to_owned(), id.clone(), 0),
+            ("c1".to_owned(), id.clone(), 0)
+        ]
+    );
+
+    // The same user asking again from another connection hears nothing:
+    // the acknowledgment is not moved to it.
+    h.connect("c1-later", "t1", "u1");
+    let third = h.submit("c1-later", "report", "same").await;
+    assert!(third.duplicate);
     h.assert_nothing_more_for("same").await;
 
     // Another user's identical client id is another request.
