@@ -9,7 +9,9 @@
 //!   there first;
 //! - a processor on one ProgressService replica gets work submitted through
 //!   another, and work held by a processor whose replica went away is taken
-//!   back when its lease lapses and done elsewhere: its final arrives once.
+//!   back when its lease lapses and done elsewhere: its final arrives once;
+//! - a ConnectionService replica that follows every ProgressService replica
+//!   queues each request through another when the one in turn is gone.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -579,6 +581,64 @@ async fn a_processor_on_one_progress_replica_does_work_submitted_through_another
     assert_eq!(done["type"], "complete", "{done}");
     assert_eq!(done["request_id"], "job-1");
     assert_eq!(done["result"], json!({"done": "p0"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_goes_on_to_another_progress_replica_when_one_is_gone() {
+    let mut cluster = Cluster::start(1, 2, 1).await;
+    // The connection replica follows both progress replicas, in turn.
+    let both = format!(
+        "http://{},http://{}",
+        cluster.progress[0].addr, cluster.progress[1].addr
+    );
+    cluster.replicas[0].config.progress_endpoint = Some(both);
+    cluster.restart_connection(0).await;
+    cluster.wait_attached(cluster.gateways[0], 1).await;
+    let mut processor = cluster.progress(0).await;
+    let mut work = processor
+        .claim(support::claim_request("p0", ACTION, 8, 60))
+        .await
+        .unwrap()
+        .into_inner();
+    // Progress replica 1 goes away: every other Submit meets it first.
+    cluster.progress[1].shutdown.cancel();
+    within(
+        "progress replica 1 to stop",
+        cluster.progress[1].task.take().unwrap(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    let (mut client, _) = cluster.connect(cluster.gateways[0], "alice").await;
+    let jobs: Vec<String> = (1..=4).map(|n| format!("job-{n}")).collect();
+    for job in &jobs {
+        client
+            .send_json(json!({"action": ACTION, "id": job, "payload": {}}))
+            .await;
+    }
+    for _ in &jobs {
+        let request = next_work(&mut work).await;
+        processor
+            .complete(complete(&request.id, "p0"))
+            .await
+            .unwrap();
+    }
+    let mut acknowledged = Vec::new();
+    let mut completed = Vec::new();
+    while completed.len() < jobs.len() {
+        let message = next(&mut client).await;
+        let id = message["request_id"].as_str().unwrap().to_owned();
+        match message["type"].as_str() {
+            Some("acknowledgment") => acknowledged.push(id),
+            Some("complete") => completed.push(id),
+            _ => panic!("unexpected: {message}"),
+        }
+    }
+    acknowledged.sort();
+    completed.sort();
+    assert_eq!(acknowledged, jobs, "each queued once, and acknowledged");
+    assert_eq!(completed, jobs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
