@@ -26,17 +26,28 @@ port and the metrics port admit whom they admitted without the policy, or,
 where the scenario names peers, exactly those (and the release's progress
 pods for the gRPC port).
 
+Balancing: the roles call each other through headless Services (clusterIP
+None), whose names resolve to every pod, so that each caller spreads its
+calls over every replica instead of pinning one HTTP/2 connection to the one
+virtual IP of a ClusterIP Service. auth, connection and progress each have
+exactly one, selecting exactly that role's pods and carrying its grpc port
+(connection's its edge port too); only connection's publishes not-ready
+addresses (the edges attach to a replica while it starts), and progress's
+while it is the embedded store's StatefulSet governing Service. The
+gateway's and connection's STREAMER_AUTH_URL, connection's
+STREAMER_PROGRESS_URL and progress's STREAMER_CONNECTION_URL name them, and a
+cert-manager certificate is valid for every name the others dial. Every role
+keeps its ClusterIP Service for callers outside the release.
+
 Scale (DYNAMODB below, per scenario): with the embedded store connection and
 progress are StatefulSets of one replica with their volume, there is no
-HorizontalPodAutoscaler, PDBs only for auth and gateway, and the gateway dials
-the connection Service (and a cert-manager certificate names only the role's
-Service). With store.type dynamodb they are Deployments of the expected
-replicas without a volume or STREAMER_DATA_DIR; a headless Service (clusterIP
-None) selects exactly the connection pods and carries their edge port; the
-gateway's STREAMER_CONNECTION_EDGE_URL names it (so the name resolves to every
-replica), and the connection certificate is valid for it; every role has the
-expected HPA (which owns the Deployment's replicas) and PDB (which keeps at
-least one replica up); progress lists its async actions.
+HorizontalPodAutoscaler, PDBs only for auth and gateway, and the gateway's
+edge stream dials the connection Service. With store.type dynamodb they are
+Deployments of the expected replicas without a volume or STREAMER_DATA_DIR;
+the gateway's STREAMER_CONNECTION_EDGE_URL names the connection headless
+Service (so the name resolves to every replica); every role has the expected
+HPA (which owns the Deployment's replicas) and PDB (which keeps at least one
+replica up); progress lists its async actions.
 """
 
 import ipaddress
@@ -284,6 +295,8 @@ def main():
     # mounts, valid for the Service name the others dial, naming the role's
     # roles; without cert-manager the chart issues none.
     certificates = {role_of(d): d for d in docs if d["kind"] == "Certificate"}
+    # The roles the others dial through a headless Service (`-headless`).
+    balanced_roles = ("auth", "connection", "progress")
     if cert_manager:
         check(sorted(certificates) == sorted(CERT_ROLES), f"Certificates for {sorted(certificates)}")
         for role, cert in certificates.items():
@@ -291,9 +304,9 @@ def main():
             fqdn = f"rel-streamer-{role}.streaming.svc.cluster.local"
             check(spec.get("secretName") == tls_secrets[role], f"{role} Certificate: secretName {spec.get('secretName')}")
             check(fqdn in spec.get("dnsNames", []), f"{role} Certificate: {fqdn} not among {spec.get('dnsNames')}")
-            # The role's Service names; with DynamoDB the connection
-            # certificate also those of the headless Service the gateways dial.
-            services_named = [f"rel-streamer-{role}"] + ([headless_name] if dynamodb and role == "connection" else [])
+            # The role's Service names, and those of its headless Service,
+            # which the other roles dial (the gateway has none).
+            services_named = [f"rel-streamer-{role}"] + ([f"rel-streamer-{role}-headless"] if role in balanced_roles else [])
             want_names = [f"{n}{suffix}" for n in services_named
                           for suffix in ("", ".streaming", ".streaming.svc", ".streaming.svc.cluster.local")]
             check(spec.get("dnsNames") == want_names, f"{role} Certificate: dnsNames {spec.get('dnsNames')}, want {want_names}")
@@ -530,6 +543,11 @@ def main():
         # Each role's Service selects exactly this workload and its port name.
         svc = services.get(w["metadata"]["name"])
         if check(svc is not None, f"{name}: no Service named like it"):
+            # A Service with a virtual address (ClusterIP unless the values
+            # say otherwise), for callers outside the release: grpcurl,
+            # backends, routers, processors.
+            check(svc["spec"].get("clusterIP") != "None",
+                  f"{name}: its Service is headless (clusterIP None), not one for callers outside the release")
             check(svc["spec"]["selector"] == spec["selector"]["matchLabels"], f"{name}: its Service selects other pods")
             for p in svc["spec"]["ports"]:
                 check(p["targetPort"] in ports, f"{name}: Service targetPort {p['targetPort']} is not a container port")
@@ -540,15 +558,17 @@ def main():
 
     # The wiring: each URL names a Service of the chart, on the named port,
     # in the release namespace; the gateway dials ConnectionService's edge
-    # stream, not its public API.
-    # With DynamoDB the gateway dials the headless Service instead, whose
-    # name resolves to every connection replica.
-    wiring = [("gateway", "STREAMER_AUTH_URL", "auth", "grpc"),
-              ("gateway", "STREAMER_CONNECTION_EDGE_URL", "connection", "edge"),
-              ("progress", "STREAMER_CONNECTION_URL", "connection", "grpc"),
-              ("connection", "STREAMER_PROGRESS_URL", "progress", "grpc"),
-              ("connection", "STREAMER_AUTH_URL", "auth", "grpc")]
-    for role, var, target, port_name in wiring:
+    # stream, not its public API. The calls between the roles go through the
+    # target's headless Service, whose name resolves to every replica, so
+    # that the caller spreads them over all (a ClusterIP Service's one
+    # address would pin one HTTP/2 connection to one pod); the edge stream
+    # too with DynamoDB (with the embedded store there is one replica).
+    wiring = [("gateway", "STREAMER_AUTH_URL", "auth", "grpc", True),
+              ("gateway", "STREAMER_CONNECTION_EDGE_URL", "connection", "edge", bool(dynamodb)),
+              ("progress", "STREAMER_CONNECTION_URL", "connection", "grpc", True),
+              ("connection", "STREAMER_PROGRESS_URL", "progress", "grpc", True),
+              ("connection", "STREAMER_AUTH_URL", "auth", "grpc", True)]
+    for role, var, target, port_name, every_replica in wiring:
         if role not in workloads or target not in workloads:
             continue
         value = env_map(workloads[role]["spec"]["template"]["spec"]["containers"][0]).get(var, {}).get("value", "")
@@ -556,11 +576,15 @@ def main():
         host = (url.hostname or "").split(".")
         svc = services.get(host[0]) if host else None
         target_name = workloads[target]["metadata"]["name"]
-        if dynamodb and var == "STREAMER_CONNECTION_EDGE_URL":
-            target_name = headless_name
+        if every_replica:
+            target_name += "-headless"
         check(url.scheme == ("https" if tls_secrets else "http") and svc is not None and host[0] == target_name
               and host[1:] == ["streaming", "svc", "cluster", "local"],
               f"{role}: {var}={value!r} does not name the {target_name} Service in the release namespace")
+        if svc is not None:
+            check((svc["spec"].get("clusterIP") == "None") == every_replica,
+                  f"{role}: {var} names {host[0]}, which is {'not ' if every_replica else ''}a headless Service"
+                  + (" (its one address would pin the calls to one pod)" if every_replica else ""))
         if cert_manager and svc is not None:
             # The name the client verifies the target's certificate against.
             check(url.hostname in certificates.get(target, {}).get("spec", {}).get("dnsNames", []),
@@ -589,27 +613,36 @@ def main():
             check(svc_ports.get("edge", {}).get("targetPort") == "edge",
                   f"Service {svc_name}: no port `edge` targeting the container's edge port")
 
-    # The headless Services: with the embedded store each StatefulSet's
-    # governing Service; with DynamoDB only connection's, which every gateway
-    # resolves to find each replica: clusterIP None, selecting exactly the
-    # connection pods (not-ready ones too, so the edges attach to a replica
-    # while it starts), carrying the edge port.
+    # The headless Services (clusterIP None), one per role the others dial,
+    # so that the name resolves to every replica: auth's and (with DynamoDB)
+    # progress's publish only ready pods, which alone get calls; connection's
+    # also not-ready ones, so the edges attach to a replica while it starts;
+    # with the embedded store progress's is also its StatefulSet's governing
+    # Service, which keeps publishing not-ready pods. Each selects exactly its
+    # role's pods and carries its grpc port (connection's its edge port too).
     headless_services = sorted(n for n, s in services.items()
                                if s["spec"].get("clusterIP") == "None" and not n.endswith("-metrics"))
-    want_headless = [headless_name] if dynamodb else sorted(
-        [headless_name] + [w["metadata"]["name"] + "-headless" for r, w in workloads.items() if r == "progress"])
-    check(headless_services == want_headless, f"headless Services {headless_services}, want {want_headless}")
-    if dynamodb and "connection" in workloads and headless_name in services:
-        hs = services[headless_name]["spec"]
-        check(hs.get("publishNotReadyAddresses") is True, f"{headless_name}: not-ready replicas are not published")
+    want_headless = {w["metadata"]["name"] + "-headless": role for role, w in workloads.items() if role in balanced_roles}
+    check(headless_services == sorted(want_headless), f"headless Services {headless_services}, want {sorted(want_headless)}")
+    publish_not_ready = {"auth": False, "connection": True, "progress": not dynamodb}
+    for hs_name, hs_role in want_headless.items():
+        if hs_name not in services:
+            continue
+        hs = services[hs_name]["spec"]
+        check(hs.get("publishNotReadyAddresses", False) is publish_not_ready[hs_role],
+              f"{hs_name}: publishNotReadyAddresses {hs.get('publishNotReadyAddresses')}, want {publish_not_ready[hs_role]}")
         for role, w in workloads.items():
             selected = matches(hs.get("selector", {}), w["spec"]["template"]["metadata"]["labels"])
-            check(selected == (role == "connection"), f"{headless_name} {'misses' if role == 'connection' else 'selects'} the {role} pods")
-        edge_ports = [p for p in workloads["connection"]["spec"]["template"]["spec"]["containers"][0].get("ports", [])
-                      if p["name"] == "edge"]
-        svc_edge = [p for p in hs.get("ports", []) if p["name"] == "edge"]
-        check(edge_ports and svc_edge and svc_edge[0]["port"] == edge_ports[0]["containerPort"] and svc_edge[0]["targetPort"] == "edge",
-              f"{headless_name}: its edge port {svc_edge} is not the connection pods' {edge_ports}")
+            check(bool(hs.get("selector")) and selected == (role == hs_role),
+                  f"{hs_name} {'misses' if role == hs_role else 'selects'} the {role} pods")
+        container_ports = {p["name"]: p["containerPort"]
+                           for p in workloads[hs_role]["spec"]["template"]["spec"]["containers"][0].get("ports", [])}
+        svc_ports = {p["name"]: p for p in hs.get("ports", [])}
+        for port_name in (["grpc", "edge"] if hs_role == "connection" else ["grpc"]):
+            p = svc_ports.get(port_name, {})
+            check(port_name in container_ports and p.get("port") == container_ports[port_name]
+                  and p.get("targetPort") == port_name and p.get("appProtocol") == "grpc" and p.get("protocol", "TCP") == "TCP",
+                  f"{hs_name}: its {port_name} port {p or None} is not the {hs_role} pods' {container_ports.get(port_name)}")
 
     # The NetworkPolicy, evaluated for callers inside and outside the
     # release: only this release's gateway pods reach the edge port; the
@@ -663,6 +696,19 @@ def main():
                         caller["namespace"] in namespaces or (port_name == "grpc" and who == "the progress pods"))
                 check(admits(policy, caller, port_name, container_ports) == expected,
                       f"the NetworkPolicy {'refuses' if expected else 'admits'} {who} on the {port_name} port")
+        # The calls the wiring makes to the pods this policy selects reach
+        # them: through a headless Service a caller dials each pod's address
+        # directly, so the Service's target port (a container port) decides.
+        for role, var, target, _, _ in wiring:
+            if target != "connection" or role not in labels:
+                continue
+            url = urlparse(env_map(workloads[role]["spec"]["template"]["spec"]["containers"][0]).get(var, {}).get("value", ""))
+            svc = services.get((url.hostname or "").split(".")[0], {})
+            target_ports = [p["targetPort"] for p in svc.get("spec", {}).get("ports", []) if p["port"] == url.port]
+            if check(len(target_ports) == 1 and target_ports[0] in container_ports,
+                     f"{role}: {var} leads to no container port of the connection pods"):
+                check(admits(policy, pod(labels[role]), target_ports[0], container_ports),
+                      f"the NetworkPolicy refuses the {role} pods' calls through {var} (port {target_ports[0]})")
 
     # PodDisruptionBudgets only for the roles that scale (with DynamoDB
     # connection and progress too, while they may run more than one replica):

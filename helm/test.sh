@@ -8,8 +8,10 @@
 # helm/check_rendered.py (after kubernetes-validate has checked every object
 # against the Kubernetes schemas): probes, security contexts, one replica for
 # connection and progress with the embedded store, the env wiring between
-# roles (the gateway dials ConnectionService's edge port), Service selectors
-# and ports, PDBs, the ServiceMonitor, the trust settings (STREAMER_TRUST, the
+# roles (the gateway dials ConnectionService's edge port; the roles call each
+# other through headless Services, whose names resolve to every replica, and
+# each certificate names what the others dial), Service selectors and ports,
+# PDBs, the ServiceMonitor, the trust settings (STREAMER_TRUST, the
 # service secret's Secret and mount; with TLS the certificate Secrets, their
 # mounts, HTTP probes on the metrics port, https URLs and cert-manager
 # Certificates), and the NetworkPolicy, evaluated for callers in and out
@@ -246,9 +248,12 @@ service_secret() {
   local cluster="$work/cluster.json" fake port=""
   printf '%s' "$1" >"$cluster"
   shift
+  # A port file left by the previous call would name a server already gone:
+  # only the new server's may be read.
+  rm -f "$work/fake.port"
   python3 "$here/fake_kube.py" "$cluster" >"$work/fake.port" &
   fake=$!
-  for _ in $(seq 50); do port="$(cat "$work/fake.port")"; [[ -n "$port" ]] && break; sleep 0.1; done
+  for _ in $(seq 50); do port="$(cat "$work/fake.port" 2>/dev/null || true)"; [[ -n "$port" ]] && break; sleep 0.1; done
   cat >"$work/kubeconfig" <<EOF
 apiVersion: v1
 kind: Config

@@ -88,6 +88,20 @@ app.kubernetes.io/component: {{ .role }}
 {{- printf "%s://%s.%s.svc.%s:%d" (include "streamer.grpcScheme" .ctx) (include "streamer.roleName" .) .ctx.Release.Namespace .ctx.Values.clusterDomain (int $values.port) }}
 {{- end }}
 
+{{/* In-cluster URL of every replica of a gRPC role, for the roles' calls to
+each other: {"ctx": $, "role": "auth"}. It names the role's headless Service
+(clusterIP None), whose name resolves to the address of every pod (ready ones
+only, but for connection's, which publishes starting pods for the edges); the
+caller resolves it again every 5 s, keeps a channel to each address, spreads
+its calls over them in turn and goes on to the next replica when one does not
+answer. The ClusterIP Service's name would resolve to one virtual IP: each
+caller would pin one HTTP/2 connection to one pod. The host is the name the
+caller verifies the target's certificate against (templates/certificates.yaml). */}}
+{{- define "streamer.replicasUrl" -}}
+{{- $values := index .ctx.Values .role }}
+{{- printf "%s://%s.%s.svc.%s:%d" (include "streamer.grpcScheme" .ctx) (include "streamer.headlessName" .) .ctx.Release.Namespace .ctx.Values.clusterDomain (int $values.port) }}
+{{- end }}
+
 {{/* True (non-empty) when the store is DynamoDB: connection and progress are
 Deployments of several replicas then. */}}
 {{- define "streamer.dynamodb" -}}
