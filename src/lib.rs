@@ -95,13 +95,22 @@ pub async fn run_connection(
     );
     let internal = streamer_core::grpc::serve(
         edge_listener,
-        tonic::service::Routes::new(server.into_edge_service()),
+        tonic::service::Routes::new(server.clone().into_edge_service()),
         &[service_names::EDGE],
         trust,
         Health::of_store(store),
         shutdown,
     );
-    tokio::try_join!(public, internal).map(|_| ())
+    tokio::try_join!(public, internal)?;
+    // The frames edges handed over before the stop are handled (the
+    // servers' drain already gave it the time).
+    if tokio::time::timeout(std::time::Duration::from_secs(1), server.drained())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connection service stopped before handling every frame it was handed");
+    }
+    Ok(())
 }
 
 /// Serves ProgressService until `shutdown`.

@@ -965,3 +965,139 @@ async fn a_rolling_restart_of_connection_and_progress_replicas_loses_no_accepted
         processor.await.unwrap();
     }
 }
+
+/// A ProgressService that takes its time over each Submit and records
+/// the client ids it was handed, in order; it answers nothing else.
+#[derive(Clone)]
+struct SlowProgress {
+    submitted: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+#[tonic::async_trait]
+impl v1::progress_service_server::ProgressService for SlowProgress {
+    async fn submit(
+        &self,
+        request: tonic::Request<v1::SubmitRequest>,
+    ) -> Result<tonic::Response<v1::SubmitResponse>, tonic::Status> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = self.submitted.send(request.into_inner().request_id);
+        Ok(tonic::Response::new(v1::SubmitResponse::default()))
+    }
+
+    type ClaimStream = futures::stream::Empty<Result<v1::ClaimResponse, tonic::Status>>;
+
+    async fn claim(
+        &self,
+        _: tonic::Request<v1::ClaimRequest>,
+    ) -> Result<tonic::Response<Self::ClaimStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("claim"))
+    }
+
+    async fn report(
+        &self,
+        _: tonic::Request<tonic::Streaming<v1::ProgressReport>>,
+    ) -> Result<tonic::Response<v1::ReportSummary>, tonic::Status> {
+        Err(tonic::Status::unimplemented("report"))
+    }
+
+    async fn complete(
+        &self,
+        _: tonic::Request<v1::CompleteRequest>,
+    ) -> Result<tonic::Response<v1::Request>, tonic::Status> {
+        Err(tonic::Status::unimplemented("complete"))
+    }
+
+    async fn fail(
+        &self,
+        _: tonic::Request<v1::FailRequest>,
+    ) -> Result<tonic::Response<v1::Request>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fail"))
+    }
+
+    async fn cancel(
+        &self,
+        _: tonic::Request<v1::CancelRequest>,
+    ) -> Result<tonic::Response<v1::Request>, tonic::Status> {
+        Err(tonic::Status::unimplemented("cancel"))
+    }
+
+    async fn get(
+        &self,
+        _: tonic::Request<v1::GetRequest>,
+    ) -> Result<tonic::Response<v1::Request>, tonic::Status> {
+        Err(tonic::Status::unimplemented("get"))
+    }
+
+    type WatchStream = futures::stream::Empty<Result<v1::RequestUpdate, tonic::Status>>;
+
+    async fn watch(
+        &self,
+        _: tonic::Request<v1::GetRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("watch"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stops_handles_every_frame_it_was_handed_first() {
+    let mut cluster = Cluster::start(1, 0, 1).await;
+    let (submitted_tx, mut submitted) = tokio::sync::mpsc::unbounded_channel();
+    let slow_l = listener().await;
+    let slow = addr(&slow_l);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(v1::progress_service_server::ProgressServiceServer::new(
+                SlowProgress {
+                    submitted: submitted_tx,
+                },
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(slow_l)),
+    );
+    cluster.replicas[0].config.progress_endpoint = Some(format!("http://{slow}"));
+    cluster.restart_connection(0).await;
+    cluster.wait_attached(cluster.gateways[0], 1).await;
+    let (mut client, _) = cluster.connect(cluster.gateways[0], "alice").await;
+
+    // Six requests from one connection: its worker takes them one at a
+    // time, 300 ms each, so most are still queued when the replica stops.
+    let jobs: Vec<String> = (1..=6).map(|n| format!("job-{n}")).collect();
+    for job in &jobs {
+        client
+            .send_json(json!({"action": ACTION, "id": job, "payload": {}}))
+            .await;
+    }
+    let first = within("the first submit", submitted.recv()).await.unwrap();
+    assert_eq!(first, "job-1");
+    let stopping = std::time::Instant::now();
+    cluster.replicas[0].shutdown.cancel();
+    within(
+        "the replica to stop",
+        cluster.replicas[0].task.take().unwrap(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let stopped_after = stopping.elapsed();
+
+    // Each frame the edge handed over is submitted before the replica ends,
+    // in order; one the edge had not handed over yet is answered by the
+    // edge itself (nothing to attach to): none is dropped unanswered.
+    let mut handled = vec![first];
+    while let Ok(job) = submitted.try_recv() {
+        handled.push(job);
+    }
+    assert_eq!(handled, jobs[..handled.len()], "in order");
+    for job in &jobs[handled.len()..] {
+        let answer = next(&mut client).await;
+        assert_eq!(answer["type"], "error", "{answer}");
+        assert_eq!(answer["request_id"], json!(job), "{answer}");
+    }
+    assert!(
+        handled.len() >= 2,
+        "the queued frames were handled, not dropped: {handled:?}"
+    );
+    assert!(
+        stopped_after < Duration::from_secs(10),
+        "stopped after {stopped_after:?}"
+    );
+}

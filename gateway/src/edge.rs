@@ -8,7 +8,9 @@
 //! one stream, chosen by rendezvous hashing of the connection id over the
 //! open streams: the same one for as long as the set of replicas holds, so
 //! one connection's frames keep their order, and a replica coming or going
-//! moves only the connections it gains or loses.
+//! moves only the connections it gains or loses. A replica that is
+//! stopping says so (`drain`): its stream is taken out of that choice at
+//! once, answered `drained`, and kept open for the answers it still sends.
 //!
 //! Each socket has a bounded outbound queue. A delivery that finds the queue
 //! full does not wait: the client is a slow consumer, so it is closed with
@@ -177,7 +179,7 @@ impl Edge {
             Event::Opened(o) => (o.connection.as_ref().map_or("", |c| &c.connection_id), None),
             Event::Closed(c) => (&c.connection_id, None),
             Event::Frame(f) => (&f.connection_id, Some(&f.action)),
-            Event::Hello(_) | Event::Delivered(_) => ("", None),
+            Event::Hello(_) | Event::Delivered(_) | Event::Drained(_) => ("", None),
         }
     }
 
@@ -370,6 +372,22 @@ impl Edge {
         match command {
             Command::Routes(routes) => {
                 write(&self.routes).insert(address, routes.actions.into_iter().collect());
+            }
+            Command::Drain(v1::Drain {}) => {
+                // Events go to the other replicas from now on; this stream
+                // only carries the reports of this replica's deliveries.
+                {
+                    let mut upstreams = write(&self.upstreams);
+                    if upstreams
+                        .get(&address)
+                        .is_some_and(|t| t.same_channel(reply))
+                    {
+                        upstreams.remove(&address);
+                        write(&self.routes).remove(&address);
+                    }
+                }
+                tracing::info!(edge_id = %self.edge_id, %address, "connection service replica draining");
+                send_nowait(reply, Event::Drained(v1::Drained {}));
             }
             Command::Registered(r) => {
                 if let Some((_, done)) = self.lock_registrations().remove(&r.connection_id) {

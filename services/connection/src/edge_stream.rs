@@ -165,10 +165,19 @@ impl ConnectionServer {
 
     async fn run_edge(self, link: Arc<EdgeLink>, mut events: Streaming<EdgeEvent>) {
         let edge_id = link.edge_id.clone();
+        // Held while this edge may still send frames (see
+        // `ConnectionServer::drain_on_shutdown`).
+        let mut intake = Some(self.shared.drain.intake.token());
+        let mut draining = false;
         loop {
             let event = tokio::select! {
                 event = events.message() => event,
-                () = self.shared.shutdown.cancelled() => break,
+                () = self.shared.shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    link.command_nowait(Command::Drain(v1::Drain {}));
+                    continue;
+                }
+                () = self.shared.drain.drained.cancelled() => break,
             };
             let event = match event {
                 Ok(Some(EdgeEvent { event: Some(event) })) => event,
@@ -187,8 +196,13 @@ impl ConnectionServer {
                 Event::Closed(closed) => self.edge_closed(&link, closed).await,
                 Event::Frame(frame) => self.enqueue_frame(&edge_id, frame),
                 Event::Delivered(report) => link.report(report),
+                Event::Drained(v1::Drained {}) => {
+                    tracing::info!(edge_id = %edge_id, "edge drained");
+                    intake = None;
+                }
             }
         }
+        drop(intake);
         link.abandon();
         if self.shared.edges.detach(&link) {
             // Its lease is no longer renewed here; if no other replica
@@ -395,6 +409,10 @@ impl EdgeService for ConnectionServer {
         &self,
         request: Request<Streaming<EdgeEvent>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        // A stopping replica takes no new edge (see `drain_on_shutdown`).
+        if self.shared.shutdown.is_cancelled() {
+            return Err(ConnectionError::ShuttingDown.into());
+        }
         let caller = Caller::of(&request);
         let mut events = request.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), events.message()).await {
@@ -441,7 +459,7 @@ impl EdgeService for ConnectionServer {
         tokio::spawn(self.clone().advertise_routes(link.clone()));
         tokio::spawn(self.clone().run_edge(link, events));
         let stream =
-            ReceiverStream::new(rx).take_until(self.shared.shutdown.clone().cancelled_owned());
+            ReceiverStream::new(rx).take_until(self.shared.drain.drained.clone().cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -132,6 +132,9 @@ impl ConnectionService for ConnectionServer {
         &self,
         request: Request<v1::ReceiveRequest>,
     ) -> Result<Response<Self::ReceiveStream>, Status> {
+        if self.shared.shutdown.is_cancelled() {
+            return Err(ConnectionError::ShuttingDown.into());
+        }
         let caller = Caller::of(&request);
         let r = request.into_inner();
         if r.actions.is_empty() {
@@ -167,7 +170,9 @@ impl ConnectionService for ConnectionServer {
         }
         let guard = Unregister(self.shared.clone(), key, router_id);
         let stream = ReceiverStream::new(rx)
-            .take_until(self.shared.shutdown.clone().cancelled_owned())
+            // Open while this replica drains: frames queued before it
+            // began stopping may still be for this router.
+            .take_until(self.shared.drain.drained.clone().cancelled_owned())
             .map(move |item| {
                 let _keep = &guard;
                 item

@@ -19,16 +19,20 @@ const SUBMIT_ATTEMPTS: usize = 3;
 const SUBMIT_FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl ConnectionServer {
-    /// Handles one shard's frames, one at a time, in arrival order.
+    /// Handles one shard's frames, one at a time, in arrival order, until
+    /// no frame can arrive any more and the ones queued are handled.
     pub(crate) async fn inbound_worker(self, mut frames: mpsc::Receiver<Inbound>) {
         loop {
             let next = tokio::select! {
                 next = frames.recv() => next,
-                () = self.shared.shutdown.cancelled() => return,
+                () = self.shared.drain.quiet.cancelled() => break,
             };
             let Some(Inbound { edge_id, frame }) = next else {
                 return;
             };
+            self.inbound(&edge_id, frame).await;
+        }
+        while let Ok(Inbound { edge_id, frame }) = frames.try_recv() {
             self.inbound(&edge_id, frame).await;
         }
     }

@@ -17,6 +17,8 @@ use streamer_core::shutdown::Shutdown;
 use streamer_core::store::SharedStore;
 use streamer_core::trust::{AuthedChannel, Role, Trust};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 use crate::delivery::{Delivery, EdgeDelivery};
@@ -103,7 +105,30 @@ pub(crate) struct Shared {
     pub(crate) identities: IdentityCheck,
     pub(crate) config: ConnectionConfig,
     pub(crate) shutdown: Shutdown,
+    pub(crate) drain: Drain,
 }
+
+/// How a replica stops without dropping a frame an edge handed it (see
+/// [`ConnectionServer::drain_on_shutdown`]).
+pub(crate) struct Drain {
+    /// One token per edge stream that may still send frames.
+    pub(crate) intake: TaskTracker,
+    /// The inbound workers.
+    pub(crate) workers: TaskTracker,
+    /// Cancelled once no frame can arrive any more.
+    pub(crate) quiet: CancellationToken,
+    /// Cancelled once every frame received is handled: the edge and router
+    /// streams end then.
+    pub(crate) drained: CancellationToken,
+}
+
+/// How long a stopping replica waits for its edges to confirm that they
+/// send it nothing more.
+const INTAKE_GRACE: Duration = Duration::from_secs(2);
+/// How long it then gives its workers to handle the frames already queued;
+/// with the grace, within the servers' own drain
+/// ([`streamer_core::grpc::DRAIN_TIMEOUT`]).
+const FRAME_DRAIN: Duration = Duration::from_secs(7);
 
 /// A client per ProgressService replica, taken in turn.
 pub(crate) type ProgressReplicas = Arc<Balanced<ProgressServiceClient<AuthedChannel>>>;
@@ -184,14 +209,64 @@ impl ConnectionServer {
                 identities: IdentityCheck::new(&config, &shutdown).await?,
                 config,
                 shutdown,
+                drain: Drain {
+                    intake: TaskTracker::new(),
+                    workers: TaskTracker::new(),
+                    quiet: CancellationToken::new(),
+                    drained: CancellationToken::new(),
+                },
             }),
         };
         tokio::spawn(server.clone().sweep_expired());
         tokio::spawn(server.clone().keep_edge_leases());
         for receiver in receivers {
-            tokio::spawn(server.clone().inbound_worker(receiver));
+            server
+                .shared
+                .drain
+                .workers
+                .spawn(server.clone().inbound_worker(receiver));
         }
+        tokio::spawn(server.clone().drain_on_shutdown());
         Ok(server)
+    }
+
+    /// At shutdown, hands every frame an edge already sent this replica to
+    /// its handler before the replica lets go of the edges:
+    /// 1. each edge stream tells its edge to send nothing more here
+    ///    (`drain`), while it keeps carrying out this replica's commands;
+    ///    the edge moves its connections' events to the other replicas and
+    ///    answers `drained` after the last frame it sent here;
+    /// 2. once every edge answered (or [`INTAKE_GRACE`] passed), the
+    ///    workers handle what is queued and end (within [`FRAME_DRAIN`]);
+    /// 3. then the edge and router streams end.
+    async fn drain_on_shutdown(self) {
+        let drain = &self.shared.drain;
+        self.shared.shutdown.cancelled().await;
+        drain.intake.close();
+        if tokio::time::timeout(INTAKE_GRACE, drain.intake.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                edges = drain.intake.len(),
+                "edges did not confirm the drain in time"
+            );
+        }
+        drain.quiet.cancel();
+        drain.workers.close();
+        if tokio::time::timeout(FRAME_DRAIN, drain.workers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("queued frames not all handled before the replica stopped");
+        }
+        drain.drained.cancel();
+    }
+
+    /// Resolves once the replica has stopped and handled every frame it
+    /// was handed (see [`Self::drain_on_shutdown`]).
+    pub async fn drained(&self) {
+        self.shared.drain.drained.cancelled().await;
     }
 
     pub fn into_service(self) -> ConnectionServiceServer<Self> {
