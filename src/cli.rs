@@ -32,15 +32,22 @@ use crate::{StoreChoice, SystemAddrs, SystemConfig, SystemListeners, dial_addr};
     about = "Streamer: a control plane for real-time WebSocket applications",
     long_about = "Streamer holds your clients' WebSockets and lets your backends reach them over gRPC.\n\n\
                   Run `streamer all` for the whole system in one process, or one role per process \
-                  (auth, connection, progress, gateway) for a deployment."
+                  (auth, connection, progress, gateway) for a deployment.",
+    after_help = "Logs: STREAMER_LOG chooses which are written, as a filter such as `info` (the \
+                  default) or `warn,streamer_gateway=debug`; --log-format (STREAMER_LOG_FORMAT) \
+                  chooses how."
 )]
 pub struct Cli {
-    /// Log format: one JSON object per line, or human-readable lines.
+    /// Log format: `auto` writes coloured human-readable lines to a terminal
+    /// and one JSON object per line anywhere else (a file, a pipe, a
+    /// container's log); `json` and `plain` force one (colour only ever on a
+    /// terminal). Which logs: the STREAMER_LOG filter, e.g. `info` or
+    /// `warn,streamer_gateway=debug` (default info).
     #[arg(
         long,
         env = "STREAMER_LOG_FORMAT",
         value_enum,
-        default_value = "json",
+        default_value = "auto",
         global = true
     )]
     pub log_format: LogFormat,
@@ -711,8 +718,8 @@ pub struct TokenCmd {
     /// `permissions`, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "read,write")]
     pub permissions: Vec<String>,
-    /// Lifetime, in seconds.
-    #[arg(long, default_value_t = 3600)]
+    /// Lifetime, in seconds (default 24 h, as the banner's demo token).
+    #[arg(long, default_value_t = 24 * 3600)]
     pub ttl: u64,
     /// Mint a token that expired an hour ago.
     #[arg(long)]
@@ -878,8 +885,9 @@ async fn all(cmd: AllCmd, shutdown: Shutdown) -> anyhow::Result<()> {
     let metrics = bind(cmd.metrics_listen).await?;
     let metrics_addr = metrics.local_addr()?;
     drop(metrics);
-    spawn_metrics(metrics_addr, shutdown.clone());
-    let system = crate::start_system(listeners, config, shutdown).await?;
+    let system = crate::start_system(listeners, config, shutdown.clone()).await?;
+    // Only once the system runs: a start that fails says nothing more.
+    spawn_metrics(metrics_addr, shutdown);
     let demo = dev_key.mint(&MintOptions {
         ttl: Duration::from_secs(24 * 3600),
         ..MintOptions::default()
@@ -920,6 +928,20 @@ pub fn banner(
          with the development key and is refused unless that key is among them."
             .to_owned()
     };
+    let everything = [
+        addrs.auth,
+        addrs.connection,
+        addrs.edge,
+        addrs.progress,
+        addrs.gateway,
+        metrics,
+    ];
+    let reach = if everything.iter().all(|a| a.ip().is_loopback()) {
+        "Everything listens on loopback: reachable from this machine only (the --*-listen \
+         flags change that)."
+    } else {
+        "Some ports listen beyond loopback: other machines can reach them."
+    };
     let data = data_dir.display();
     let auth = dial_addr(addrs.auth);
     let progress = dial_addr(addrs.progress);
@@ -928,6 +950,7 @@ pub fn banner(
     [
         String::new(),
         format!("Streamer is running (embedded store in {data})"),
+        reach.to_owned(),
         String::new(),
         format!("  WebSocket          ws://{ws}/?Authorization=<token>"),
         format!("  AuthService        {auth}"),
@@ -1113,6 +1136,33 @@ mod tests {
         assert_eq!(progress.progress_rate, 5.0);
         assert_eq!(progress.async_actions, ["generate_report", "export"]);
         assert_eq!(cmd.keys.allowed_tenants, ["a", "b"]);
+    }
+
+    /// `streamer all` is for one machine: with no flags, nothing it opens
+    /// is reachable from elsewhere. The roles run alone (in containers)
+    /// listen on every interface.
+    #[test]
+    fn streamer_all_listens_only_on_loopback_by_default() {
+        let Command::All(all) = Cli::try_parse_from(["streamer", "all"]).unwrap().command else {
+            panic!("expected all");
+        };
+        for address in [
+            all.auth_listen,
+            all.connection_listen,
+            all.connection_edge_listen,
+            all.progress_listen,
+            all.gateway_listen,
+            all.metrics_listen,
+        ] {
+            assert!(address.ip().is_loopback(), "{address}");
+        }
+        let Command::Gateway(gateway) = Cli::try_parse_from(["streamer", "gateway"])
+            .unwrap()
+            .command
+        else {
+            panic!("expected gateway");
+        };
+        assert!(gateway.listen.ip().is_unspecified());
     }
 
     #[test]

@@ -80,7 +80,9 @@ pub enum KeyError {
     },
     /// The development key has not been created yet.
     #[error(
-        "no development key at {}: run `streamer all` once to create it, or pass a key",
+        "no development key at {}: run `streamer all` once to create it, or point \
+         --data-dir (STREAMER_DATA_DIR) at the data directory of the `streamer all` that \
+         made it",
         path.display()
     )]
     DevKeyMissing {

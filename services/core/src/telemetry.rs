@@ -1,9 +1,11 @@
 //! Logs and metrics, set up once per process.
 //!
-//! Logs are structured (`tracing`), JSON by default so a log pipeline can
-//! index fields, or plain text for a terminal. The filter comes from
-//! `STREAMER_LOG` (falling back to `RUST_LOG`, then `info`). Metrics are
-//! Prometheus text on `GET /metrics` of a small HTTP listener.
+//! Logs are structured (`tracing`): plain lines, coloured, when they go to
+//! a terminal, and one JSON object per line otherwise (a container's log
+//! pipeline indexes the fields); either can be forced. Colour codes are
+//! written only to a terminal. The filter comes from `STREAMER_LOG`
+//! (falling back to `RUST_LOG`, then `info`). Metrics are Prometheus text on
+//! `GET /metrics` of a small HTTP listener.
 
 use std::net::SocketAddr;
 
@@ -14,11 +16,24 @@ use crate::shutdown::Shutdown;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
-    /// One JSON object per line.
+    /// Plain on a terminal, JSON otherwise.
     #[default]
+    Auto,
+    /// One JSON object per line.
     Json,
-    /// Human-readable lines.
+    /// Human-readable lines (coloured only on a terminal).
     Plain,
+}
+
+impl LogFormat {
+    /// The format for logs written to a terminal or not.
+    pub fn resolve(self, terminal: bool) -> LogFormat {
+        match self {
+            LogFormat::Auto if terminal => LogFormat::Plain,
+            LogFormat::Auto => LogFormat::Json,
+            chosen => chosen,
+        }
+    }
 }
 
 /// Installs the global log subscriber, filtered by `STREAMER_LOG` or
@@ -31,11 +46,13 @@ pub fn init_logs(format: LogFormat, default_filter: &str) {
         .and_then(|s| EnvFilter::try_new(s).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new(default_filter));
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        .with_writer(std::io::stderr)
+        .with_ansi(terminal);
+    let _ = match format.resolve(terminal) {
+        LogFormat::Json | LogFormat::Auto => builder.json().flatten_event(true).try_init(),
         LogFormat::Plain => builder.compact().try_init(),
     };
 }
@@ -90,4 +107,19 @@ pub async fn serve_metrics(addr: SocketAddr, shutdown: Shutdown) -> anyhow::Resu
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_plain_on_a_terminal_and_json_elsewhere() {
+        assert_eq!(LogFormat::Auto.resolve(true), LogFormat::Plain);
+        assert_eq!(LogFormat::Auto.resolve(false), LogFormat::Json);
+        for forced in [LogFormat::Json, LogFormat::Plain] {
+            assert_eq!(forced.resolve(true), forced);
+            assert_eq!(forced.resolve(false), forced);
+        }
+    }
 }
