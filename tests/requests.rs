@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use serde_json::{Value, json};
 use streamer_api::v1::{self, claim_response::Item};
 use support::{TestSystem, WsClient, within};
-use tokio::io::AsyncBufReadExt;
 use tokio_stream::StreamExt;
 
 /// A processor that runs every request it is given: `steps` progress
@@ -170,55 +169,6 @@ async fn a_routed_action_is_answered_by_its_router_and_routers_share_the_load() 
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
-}
-
-/// The example router, run as its own process.
-#[tokio::test]
-async fn the_example_router_answers_echo_and_health() {
-    let system = TestSystem::start().await;
-    let exe = std::env::current_exe().unwrap();
-    let router_path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("examples")
-        .join("router");
-    assert!(
-        router_path.exists(),
-        "{} is built by `cargo test` with the examples",
-        router_path.display()
-    );
-    let mut router = tokio::process::Command::new(router_path)
-        .args([
-            "--connection",
-            &format!("http://{}", system.addrs.connection),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(router.stdout.take().unwrap()).lines();
-    let ready = within("the router's ready line", lines.next_line())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(ready.starts_with("ready"), "{ready}");
-
-    let (mut client, _) = system.connect_found("alice", "acme").await;
-    client
-        .send_json(json!({"action": "echo", "id": "1", "payload": {"hi": [1, 2]}}))
-        .await;
-    assert_eq!(
-        client.recv_json().await,
-        json!({"type": "response", "request_id": "1", "success": true, "data": {"hi": [1, 2]}})
-    );
-    client
-        .send_json(json!({"action": "health", "id": "2"}))
-        .await;
-    let health = client.recv_json().await;
-    assert_eq!(health["request_id"], "2");
-    assert_eq!(health["data"]["status"], "ok");
-    assert_eq!(health["data"]["user_id"], "alice");
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 //! `ConnectionService.Send`. Start it against `streamer all`:
 //!
 //! ```text
-//! cargo run --example router
+//! cargo run --release -p streamer-example-router
 //! ```
 //!
 //! Then a client frame `{"action":"echo","id":"1","payload":{"hi":1}}` is
@@ -60,9 +60,18 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let client = ConnectionServiceClient::with_interceptor(channel, ServiceToken(token));
+    // Ctrl-C (SIGINT) ends the router whatever it is doing: serving,
+    // reconnecting or waiting to. One listener for the whole run: once a
+    // process listens for it, SIGINT no longer ends it by default.
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
     let mut backoff = Duration::from_millis(200);
     loop {
-        match serve(client.clone(), &router_id).await {
+        let served = tokio::select! {
+            served = serve(client.clone(), &router_id) => served,
+            _ = &mut stop => break,
+        };
+        match served {
             Ok(()) => eprintln!("router: stream ended; reconnecting"),
             Err(status) => eprintln!(
                 "router: {url}: {}; retrying in {backoff:?}",
@@ -70,11 +79,13 @@ async fn main() -> anyhow::Result<()> {
             ),
         }
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut stop => break,
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+    eprintln!("router: stopped");
+    Ok(())
 }
 
 /// Receives frames until the stream ends, answering each on its own task.

@@ -1,0 +1,99 @@
+//! The example router, run as its own process against a whole system, as
+//! the README's walkthrough runs it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../../tests/support/mod.rs"]
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::json;
+use support::{TestSystem, within};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+/// The router, started against `system`, once it says it is ready.
+async fn start_router(system: &TestSystem) -> (Child, Lines<BufReader<ChildStdout>>) {
+    let mut router = Command::new(env!("CARGO_BIN_EXE_example-router"))
+        .args([
+            "--connection",
+            &format!("http://{}", system.addrs.connection),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(router.stdout.take().unwrap()).lines();
+    let ready = within("the router's ready line", lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ready.starts_with("ready"), "{ready}");
+    (router, lines)
+}
+
+#[tokio::test]
+async fn the_example_router_answers_echo_and_health() {
+    let system = TestSystem::start().await;
+    let (_router, _lines) = start_router(&system).await;
+
+    let (mut client, _) = system.connect_found("alice", "acme").await;
+    client
+        .send_json(json!({"action": "echo", "id": "1", "payload": {"hi": [1, 2]}}))
+        .await;
+    assert_eq!(
+        client.recv_json().await,
+        json!({"type": "response", "request_id": "1", "success": true, "data": {"hi": [1, 2]}})
+    );
+    client
+        .send_json(json!({"action": "health", "id": "2"}))
+        .await;
+    let health = client.recv_json().await;
+    assert_eq!(health["request_id"], "2");
+    assert_eq!(health["data"]["status"], "ok");
+    assert_eq!(health["data"]["user_id"], "alice");
+}
+
+/// Ctrl-C ends the router while it is connected and serving, not only
+/// while it waits to reconnect.
+#[tokio::test]
+async fn the_example_router_exits_on_sigint_while_connected() {
+    let system = TestSystem::start().await;
+    let (mut router, _lines) = start_router(&system).await;
+    // Connected and answering.
+    let (mut client, _) = system.connect_found("alice", "acme").await;
+    client
+        .send_json(json!({"action": "echo", "id": "1", "payload": 1}))
+        .await;
+    assert_eq!(client.recv_json().await["data"], 1);
+
+    let pid = router.id().unwrap().to_string();
+    let sent = Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(sent.success());
+    let status = within("the router to exit on SIGINT", router.wait())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+    // And it is gone: the frame finds no router now.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            client
+                .send_json(json!({"action": "echo", "id": "2", "payload": 2}))
+                .await;
+            let answer = client.recv_json().await;
+            if answer["type"] == "error" {
+                assert_eq!(answer["error"]["code"], "INVALID_ACTION", "{answer}");
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the router's action is unanswered once it exited");
+}
