@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs the `docker run` commands the docs show, without a container engine.
 
-    unshare -rn python3 run_image.py DOCKERFILE DOC... -- STREAMER_BINARY
+    unshare -rn python3 run_image.py DOCKERFILE DOC... -- STREAMER_BINARY IMAGE
 
 Run it in a network namespace of its own (`unshare -rn`): the documented
 ports (8080, 50051-50054, 9090) are then free whatever else runs on the
@@ -28,7 +28,9 @@ then run as the container would run it:
     command publishes it: its gateway is in the same process, and nothing
     outside needs it; so for `all` it is checked to listen on loopback only.
 
-A command that prints help must exit 0. A server must start (stay up, print
+Every command runs IMAGE (the tag the docs build and the Helm chart pulls by
+default), so following any of them never ends in a pull of an image nobody
+built. A command that prints help must exit 0. A server must start (stay up, print
 its banner or listen) and stop on SIGTERM. If it sets STREAMER_TRUST=token,
 a gRPC call without a token to each published gRPC port must get
 Unauthenticated and one with a token from `streamer service-token` (with the
@@ -241,7 +243,7 @@ class Container:
         return self.proc.returncode
 
 
-def check_command(image, prepare, command, binary, root, index):
+def check_command(image, prepare, command, binary, root, index, expected_image):
     host_dir = os.path.join(root, f"host{index}")
     os.makedirs(host_dir)
     for line in prepare:
@@ -249,6 +251,7 @@ def check_command(image, prepare, command, binary, root, index):
     run = parse_run(command, host_dir)
     short = re.sub(r"\s+", " ", re.sub(r"\s+#\s.*$", "", command))
     short = short if len(short) < 90 else short[:87] + "..."
+    result(run["image"] == expected_image, f"`{short}` runs {expected_image}", f"it runs {run['image']}")
     c = Container(image, run, binary, root, f"c{index}")
     if "--help" in run["args"]:
         r = subprocess.run(c.argv, env=c.env, cwd=c.cwd, capture_output=True, text=True)
@@ -327,6 +330,7 @@ def main():
     args = sys.argv[1:]
     split = args.index("--")
     dockerfile_path, docs, binary = args[0], args[1:split], os.path.abspath(args[split + 1])
+    expected_image = args[split + 2]
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     image = dockerfile(dockerfile_path)
     root = tempfile.mkdtemp(prefix="streamer-image-")
@@ -336,7 +340,7 @@ def main():
         print(f"  ({os.path.basename(doc)}: {len(blocks)} docker run commands)")
         for prepare, command in blocks:
             index += 1
-            check_command(image, prepare, command, binary, root, index)
+            check_command(image, prepare, command, binary, root, index, expected_image)
     subprocess.run(["rm", "-rf", root])
     return 0 if results and all(results) else 1
 

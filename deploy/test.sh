@@ -250,8 +250,17 @@ echo "==> the documented docker run commands (without a container engine)"
 # interfaces (loopback is unreachable through -p), in mode token a call
 # without a token is refused and one with a service token served, and without
 # its trust settings the command refuses to start.
+# The image every doc builds and runs is the one the Helm chart pulls by
+# default (image.repository, tag = the chart's appVersion).
+image="$(sed -n 's/^  repository: *//p' "$repo/helm/streamer/values.yaml" | head -1):$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$repo/helm/streamer/Chart.yaml")"
+check "the chart's default image is streamer:<the workspace version> ($image)" \
+  test "$image" = "streamer:$(sed -n 's/^version = "\(.*\)"$/\1/p' "$repo/Cargo.toml" | head -1)"
+check "every docker build in the docs tags $image" \
+  bash -c "! grep -hoE 'docker build [^#]*-t [^ ]+' '$repo/README.md' '$deploy/README.md' '$deploy/Dockerfile' \
+             '$repo/helm/streamer/README.md' '$repo/helm/streamer/values.yaml' |
+             grep -vE -- '-t $image( |\$)'"
 if unshare -rn true 2>/dev/null; then
-  tally run_image.py unshare -rn python3 "$deploy/run_image.py" "$deploy/Dockerfile" "$deploy/README.md" -- "$bin"
+  tally run_image.py unshare -rn python3 "$deploy/run_image.py" "$deploy/Dockerfile" "$deploy/README.md" -- "$bin" "$image"
 else
   fail "the documented docker run commands need a private network namespace (unshare -rn)"
 fi
