@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 use streamer_api::v1::{self, InboundMessage};
-use streamer_core::ids::{ConnectionId, EdgeId};
+use streamer_core::ids::{ClientRequestId, ConnectionId, EdgeId};
 use streamer_core::store::{ConnectionRecord, now_ms};
 use streamer_core::trust::Caller;
 use tokio::sync::mpsc;
@@ -57,7 +57,7 @@ impl ConnectionServer {
             let this = self.clone();
             tokio::spawn(async move {
                 let message = client::error(
-                    &frame.request_id,
+                    &ClientRequestId::from(frame.request_id),
                     ErrorCode::RateLimited,
                     "too many frames in flight; try again",
                 );
@@ -106,7 +106,7 @@ impl ConnectionServer {
         record: &ConnectionRecord,
         frame: v1::InboundFrame,
     ) -> Option<Value> {
-        let request_id = frame.request_id.clone();
+        let request_id = ClientRequestId::from(frame.request_id.as_str());
         let action = frame.action.clone();
         let message = InboundMessage {
             connection_id: record.connection_id.to_string(),
@@ -148,15 +148,15 @@ impl ConnectionServer {
         // id), so a Submit whose outcome is unknown (a ProgressService
         // replica went away mid-call) is safely made again, on the next
         // replica; a frame without an id gets one here, for the same reason.
-        let request_id = if message.request_id.is_empty() {
+        let request_id = ClientRequestId::from(if message.request_id.is_empty() {
             uuid::Uuid::new_v4().to_string()
         } else {
             message.request_id
-        };
+        });
         let submit = v1::SubmitRequest {
             connection_id: message.connection_id,
             action: message.action,
-            request_id: request_id.clone(),
+            request_id: request_id.to_string(),
             payload: message.payload,
             metadata: message.metadata,
         };
@@ -196,7 +196,7 @@ impl ConnectionServer {
         record: &ConnectionRecord,
         frame: v1::InboundFrame,
     ) -> Option<Value> {
-        let id = frame.request_id.as_str();
+        let id = &ClientRequestId::from(frame.request_id.as_str());
         let payload = frame.payload.map(streamer_api::json::from_proto);
         let Some(target) = payload
             .as_ref()

@@ -444,14 +444,14 @@ impl Trust {
     /// The id an edge attaches with: `edge_id` as given, except that in
     /// mode `mtls` it is put under the certificate's name (see
     /// [`Caller::may_attach_as`]) unless it already is.
-    pub fn edge_id(&self, edge_id: &str) -> String {
+    pub fn edge_id(&self, edge_id: &EdgeId) -> EdgeId {
         match (&self.check, self.tls.as_ref().and_then(|t| t.subject())) {
             (Check::Certificate, Some(subject))
-                if edge_id != subject && !edge_id.starts_with(&format!("{subject}/")) =>
+                if edge_id != subject && !edge_id.as_str().starts_with(&format!("{subject}/")) =>
             {
-                format!("{subject}/{edge_id}")
+                EdgeId::from(format!("{subject}/{edge_id}"))
             }
-            _ => edge_id.to_owned(),
+            _ => edge_id.clone(),
         }
     }
 
