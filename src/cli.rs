@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use streamer_auth::dev::MintOptions;
 use streamer_auth::{AuthConfig, JwksRefresh, JwksSource};
 use streamer_connection::ConnectionConfig;
-use streamer_core::ids::EdgeId;
+use streamer_core::ids::{EdgeId, TenantId};
 use streamer_core::shutdown::Shutdown;
 use streamer_core::store::{DynamoConfig, DynamoStore};
 use streamer_core::telemetry::LogFormat;
@@ -314,8 +314,12 @@ impl KeyArgs {
             key_paths,
             issuer: self.issuer.clone(),
             audience: self.audience.clone(),
-            allowed_tenants: (!self.allowed_tenants.is_empty())
-                .then(|| self.allowed_tenants.clone()),
+            allowed_tenants: (!self.allowed_tenants.is_empty()).then(|| {
+                self.allowed_tenants
+                    .iter()
+                    .map(|t| TenantId::from(t.as_str()))
+                    .collect()
+            }),
             leeway: Duration::from_secs(self.leeway_secs),
             jwks: self.jwks.clone(),
             jwks_refresh: JwksRefresh {
