@@ -23,6 +23,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use serde_json::{Value, json};
 use streamer_auth::dev::MintOptions;
 use streamer_auth::{AuthConfig, TokenValidator};
+use streamer_core::ids::ConnectionId;
 use streamer_core::store::{
     ConnectionRecord, ConnectionStore, Durability, EmbeddedStore, RequestRecord, RequestStatus,
     RequestStore, Store, now_ms,
@@ -167,7 +168,7 @@ fn auth(c: &mut Criterion) {
 fn connection(id: &str) -> ConnectionRecord {
     let now = now_ms();
     ConnectionRecord {
-        connection_id: id.to_owned(),
+        connection_id: id.into(),
         user_id: "bench-user".into(),
         tenant_id: "bench".into(),
         permissions: vec!["read".into(), "write".into()],
@@ -182,8 +183,8 @@ fn connection(id: &str) -> ConnectionRecord {
 fn request(id: &str) -> RequestRecord {
     let now = now_ms();
     RequestRecord {
-        id: id.to_owned(),
-        client_request_id: format!("client-{id}"),
+        id: id.into(),
+        client_request_id: format!("client-{id}").into(),
         user_id: "bench-user".into(),
         tenant_id: "bench".into(),
         connection_id: "c-bench".into(),
@@ -235,8 +236,8 @@ fn store(c: &mut Criterion) {
             async move {
                 let start = Instant::now();
                 for i in 0..iters {
-                    let id = format!("c-churn-{i}");
-                    store.put_connection(connection(&id)).await.unwrap();
+                    let id = ConnectionId::from(format!("c-churn-{i}"));
+                    store.put_connection(connection(id.as_str())).await.unwrap();
                     store.delete_connection(&id).await.unwrap();
                 }
                 start.elapsed()
@@ -246,10 +247,11 @@ fn store(c: &mut Criterion) {
     group.bench_function("get_connection", |b| {
         b.to_async(&runtime).iter_custom(|iters| {
             let store = store.clone();
+            let id = ConnectionId::from("c-read");
             async move {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    black_box(store.get_connection("c-read").await.unwrap());
+                    black_box(store.get_connection(&id).await.unwrap());
                 }
                 start.elapsed()
             }

@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use streamer_auth::dev::MintOptions;
 use streamer_auth::{AuthConfig, JwksRefresh, JwksSource};
 use streamer_connection::ConnectionConfig;
+use streamer_core::ids::{EdgeId, TenantId};
 use streamer_core::shutdown::Shutdown;
 use streamer_core::store::{DynamoConfig, DynamoStore};
 use streamer_core::telemetry::LogFormat;
@@ -320,8 +321,12 @@ impl KeyArgs {
             key_paths,
             issuer: self.issuer.clone(),
             audience: self.audience.clone(),
-            allowed_tenants: (!self.allowed_tenants.is_empty())
-                .then(|| self.allowed_tenants.clone()),
+            allowed_tenants: (!self.allowed_tenants.is_empty()).then(|| {
+                self.allowed_tenants
+                    .iter()
+                    .map(|t| TenantId::from(t.as_str()))
+                    .collect()
+            }),
             leeway: Duration::from_secs(self.leeway_secs),
             jwks: self.jwks.clone(),
             jwks_refresh: JwksRefresh {
@@ -459,7 +464,10 @@ impl EdgeArgs {
         Ok(GatewayConfig {
             auth_endpoint,
             connection_endpoint,
-            edge_id: self.edge_id.clone().unwrap_or(defaults.edge_id),
+            edge_id: self
+                .edge_id
+                .as_deref()
+                .map_or(defaults.edge_id, EdgeId::from),
             limits: streamer_gateway::limits::SocketLimits {
                 max_frame_bytes: self.max_frame_bytes,
                 message_rate: self.message_rate,

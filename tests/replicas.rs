@@ -474,8 +474,8 @@ async fn an_edge_that_vanishes_has_its_connections_removed_once_its_lease_lapses
     });
     within("the ghost to attach", attached).await.unwrap();
     let listed = |store: SharedStore| async move {
-        let mut ids: Vec<String> = store
-            .list_connections("acme", Some("ghost"), None, 10)
+        let mut ids: Vec<streamer_core::ids::ConnectionId> = store
+            .list_connections(&"acme".into(), Some(&"ghost".into()), None, 10)
             .await
             .unwrap()
             .into_iter()
@@ -485,7 +485,12 @@ async fn an_edge_that_vanishes_has_its_connections_removed_once_its_lease_lapses
         ids
     };
     assert_eq!(listed(cluster.store.clone()).await, ["ghost-1", "ghost-2"]);
-    let edge = cluster.store.get_edge("ghost-edge").await.unwrap().unwrap();
+    let edge = cluster
+        .store
+        .get_edge(&"ghost-edge".into())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(edge.lease_expires_at_ms > streamer_core::store::now_ms());
 
     let vanished = std::time::Instant::now();
@@ -506,7 +511,7 @@ async fn an_edge_that_vanishes_has_its_connections_removed_once_its_lease_lapses
     assert!(
         cluster
             .store
-            .get_edge("ghost-edge")
+            .get_edge(&"ghost-edge".into())
             .await
             .unwrap()
             .is_none()

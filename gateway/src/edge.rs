@@ -27,6 +27,7 @@ use streamer_api::v1::{
     self, DeliveryOutcome, DeliveryResult, EdgeCommand, EdgeEvent, edge_command::Command,
     edge_event::Event, edge_service_client::EdgeServiceClient,
 };
+use streamer_core::ids::{ConnectionId, EdgeId};
 use streamer_core::shutdown::Shutdown;
 use streamer_core::trust::AuthedChannel;
 use tokio::sync::{mpsc, oneshot};
@@ -75,17 +76,17 @@ pub enum RegisterError {
 
 /// Shared by the HTTP handlers, the socket tasks and the Attach loop.
 pub struct Edge {
-    pub edge_id: String,
+    pub edge_id: EdgeId,
     /// A std RwLock: looked up per delivery, written per connect and
     /// disconnect; never held across an await.
-    connections: RwLock<HashMap<String, LocalConnection>>,
+    connections: RwLock<HashMap<ConnectionId, LocalConnection>>,
     /// The open Attach streams' senders by replica address; empty while
     /// attached to no replica.
     upstreams: RwLock<BTreeMap<SocketAddr, mpsc::Sender<EdgeEvent>>>,
     /// The actions each attached replica has routers for.
     routes: RwLock<HashMap<SocketAddr, std::collections::HashSet<String>>>,
     /// Registrations awaiting a replica's answer, with the replica asked.
-    registrations: Mutex<HashMap<String, (SocketAddr, oneshot::Sender<bool>)>>,
+    registrations: Mutex<HashMap<ConnectionId, (SocketAddr, oneshot::Sender<bool>)>>,
     outbound_queue: usize,
 }
 
@@ -119,7 +120,7 @@ pub fn payload_message(payload: Option<v1::Payload>) -> Option<Message> {
 }
 
 impl Edge {
-    pub fn new(edge_id: String, outbound_queue: usize) -> Arc<Self> {
+    pub fn new(edge_id: EdgeId, outbound_queue: usize) -> Arc<Self> {
         Arc::new(Self {
             edge_id,
             connections: RwLock::new(HashMap::new()),
@@ -146,7 +147,8 @@ impl Edge {
     /// The stream that carries an event about `connection_id`: among the
     /// open streams (for a frame of an action some replicas have routers
     /// for, among theirs), the one whose address ranks highest for the
-    /// connection (rendezvous hashing).
+    /// connection (rendezvous hashing). The id is an event's, as the wire
+    /// has it.
     fn upstream_for(
         &self,
         connection_id: &str,
@@ -214,7 +216,7 @@ impl Edge {
         token: String,
         timeout: Duration,
     ) -> Result<Registered, RegisterError> {
-        let id = record.connection_id.clone();
+        let id = ConnectionId::from(record.connection_id.as_str());
         let (tx, rx) = mpsc::channel(self.outbound_queue);
         let evict = CancellationToken::new();
         // Held locally before the announcement so a delivery that races the
@@ -230,7 +232,7 @@ impl Edge {
             },
         );
         let (done, answer) = oneshot::channel();
-        let upstream = self.upstream_for(&id, None);
+        let upstream = self.upstream_for(id.as_str(), None);
         if let Some((address, _)) = &upstream {
             self.lock_registrations()
                 .insert(id.clone(), (*address, done));
@@ -271,7 +273,7 @@ impl Edge {
     }
 
     /// Drops a connection from the local table (its socket is done).
-    pub fn forget(&self, connection_id: &str) -> bool {
+    pub fn forget(&self, connection_id: &ConnectionId) -> bool {
         let removed = write(&self.connections).remove(connection_id).is_some();
         metrics::gauge!("streamer_gateway_connections").set(self.connection_count() as f64);
         removed
@@ -282,7 +284,7 @@ impl Edge {
     /// [`crate::sequences`]); one it had already counts as DELIVERED.
     pub fn push(
         &self,
-        connection_id: &str,
+        connection_id: &ConnectionId,
         out: Outbound,
         sequence: Option<&v1::Sequence>,
     ) -> DeliveryOutcome {
@@ -302,7 +304,7 @@ impl Edge {
                 && sequences.admit(&sequence.stream, sequence.number) == Admission::Drop
             {
                 metrics::counter!("streamer_gateway_duplicates_dropped_total").increment(1);
-                tracing::debug!(connection_id, stream = %sequence.stream, number = sequence.number, "already written; dropped");
+                tracing::debug!(connection_id = connection_id.as_str(), stream = %sequence.stream, number = sequence.number, "already written; dropped");
                 return DeliveryOutcome::Delivered;
             }
             connection
@@ -315,7 +317,10 @@ impl Edge {
             Err((mpsc::error::TrySendError::Closed(_), _)) => DeliveryOutcome::NotFound,
             Err((mpsc::error::TrySendError::Full(_), evict)) => {
                 metrics::counter!("streamer_gateway_slow_consumer_closes_total").increment(1);
-                tracing::warn!(connection_id, "outbound queue full; closing slow consumer");
+                tracing::warn!(
+                    connection_id = connection_id.as_str(),
+                    "outbound queue full; closing slow consumer"
+                );
                 // The queue is full, so a close cannot wait behind it:
                 // eviction makes the writer close with 1008 at once.
                 evict.cancel();
@@ -327,7 +332,7 @@ impl Edge {
 
     /// Closes every socket (shutdown).
     pub fn close_all(&self, code: u16, reason: &str) {
-        let ids: Vec<String> = read(&self.connections).keys().cloned().collect();
+        let ids: Vec<ConnectionId> = read(&self.connections).keys().cloned().collect();
         for id in ids {
             self.push(
                 &id,
@@ -346,14 +351,14 @@ impl Edge {
         let records = connections.values().map(|c| c.record.clone()).collect();
         let tokens = connections
             .iter()
-            .map(|(id, c)| (id.clone(), c.token.clone()))
+            .map(|(id, c)| (id.to_string(), c.token.clone()))
             .collect();
         (records, tokens)
     }
 
     /// Keeps the token a client refreshed its socket with, for the next
     /// announcement.
-    pub fn refreshed(&self, connection_id: &str, token: String) {
+    pub fn refreshed(&self, connection_id: &ConnectionId, token: String) {
         if let Some(connection) = write(&self.connections).get_mut(connection_id) {
             connection.token = token;
         }
@@ -362,7 +367,7 @@ impl Edge {
     #[allow(clippy::type_complexity)]
     fn lock_registrations(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, (SocketAddr, oneshot::Sender<bool>)>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, (SocketAddr, oneshot::Sender<bool>)>> {
         self.registrations.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -390,17 +395,19 @@ impl Edge {
                 send_nowait(reply, Event::Drained(v1::Drained {}));
             }
             Command::Registered(r) => {
-                if let Some((_, done)) = self.lock_registrations().remove(&r.connection_id) {
+                if let Some((_, done)) = self.lock_registrations().remove(r.connection_id.as_str())
+                {
                     let _ = done.send(true);
                 }
             }
             Command::Close(close) => {
-                if let Some((_, done)) = self.lock_registrations().remove(&close.connection_id) {
+                let connection_id = ConnectionId::from(close.connection_id);
+                if let Some((_, done)) = self.lock_registrations().remove(&connection_id) {
                     let _ = done.send(false);
                     return;
                 }
                 self.push(
-                    &close.connection_id,
+                    &connection_id,
                     Outbound::Close {
                         code: u16::try_from(close.code).unwrap_or(1000),
                         reason: close.reason,
@@ -414,13 +421,14 @@ impl Edge {
                         .connection_ids
                         .into_iter()
                         .map(|connection_id| {
+                            let connection_id = ConnectionId::from(connection_id);
                             let outcome = self.push(
                                 &connection_id,
                                 Outbound::Message(message.clone()),
                                 deliver.sequence.as_ref(),
                             );
                             DeliveryResult {
-                                connection_id,
+                                connection_id: connection_id.into(),
                                 outcome: outcome as i32,
                             }
                         })
@@ -506,7 +514,7 @@ impl Edge {
             let (connections, tokens) = self.snapshot();
             let hello = EdgeEvent {
                 event: Some(Event::Hello(v1::EdgeHello {
-                    edge_id: self.edge_id.clone(),
+                    edge_id: self.edge_id.to_string(),
                     connections,
                     tokens,
                     taken_at: Some(taken_at),
@@ -590,7 +598,7 @@ fn send_nowait(tx: &mpsc::Sender<EdgeEvent>, event: Event) -> bool {
 /// tells ConnectionService, in case it recorded it after all.
 struct RegistrationGuard<'a> {
     edge: &'a Edge,
-    connection_id: String,
+    connection_id: ConnectionId,
     armed: bool,
 }
 
@@ -602,7 +610,7 @@ impl Drop for RegistrationGuard<'_> {
         self.edge.lock_registrations().remove(&self.connection_id);
         self.edge.forget(&self.connection_id);
         self.edge.emit_nowait(Event::Closed(v1::ConnectionClosed {
-            connection_id: std::mem::take(&mut self.connection_id),
+            connection_id: std::mem::take(&mut self.connection_id).into(),
             code: 1011,
             reason: "registration failed".into(),
         }));

@@ -4,12 +4,14 @@
 use serde_json::Value;
 use streamer_api::{json, v1};
 use streamer_core::client::{self, ErrorCode};
+use streamer_core::ids::{ClientRequestId, ConnectionId};
 
 /// A client frame that passed validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientFrame {
     pub action: String,
-    pub id: String,
+    /// The client's id for the frame; empty when it gave none.
+    pub id: ClientRequestId,
     pub payload: Value,
     pub metadata: serde_json::Map<String, Value>,
 }
@@ -18,19 +20,20 @@ pub struct ClientFrame {
 /// and keeps the socket open.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FrameError {
-    pub request_id: String,
+    pub request_id: ClientRequestId,
     pub message: String,
 }
 
 /// Parses and checks one text frame.
 pub fn parse(text: &str, max_bytes: usize) -> Result<ClientFrame, FrameError> {
-    let refuse = |request_id: &str, message: String| FrameError {
-        request_id: request_id.to_owned(),
+    let refuse = |request_id: &ClientRequestId, message: String| FrameError {
+        request_id: request_id.clone(),
         message,
     };
+    let none = ClientRequestId::default();
     if text.len() > max_bytes {
         return Err(refuse(
-            "",
+            &none,
             format!(
                 "frame of {} bytes exceeds the limit of {max_bytes} bytes",
                 text.len()
@@ -38,16 +41,16 @@ pub fn parse(text: &str, max_bytes: usize) -> Result<ClientFrame, FrameError> {
         ));
     }
     let value: Value =
-        serde_json::from_str(text).map_err(|e| refuse("", format!("malformed JSON: {e}")))?;
+        serde_json::from_str(text).map_err(|e| refuse(&none, format!("malformed JSON: {e}")))?;
     let Value::Object(mut object) = value else {
-        return Err(refuse("", "a frame must be a JSON object".into()));
+        return Err(refuse(&none, "a frame must be a JSON object".into()));
     };
-    let id = match object.remove("id") {
+    let id = ClientRequestId::from(match object.remove("id") {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s,
         Some(Value::Number(n)) => n.to_string(),
-        Some(_) => return Err(refuse("", "`id` must be a string".into())),
-    };
+        Some(_) => return Err(refuse(&none, "`id` must be a string".into())),
+    });
     let action = match object.remove("action") {
         Some(Value::String(s)) if !s.trim().is_empty() => s,
         Some(Value::String(_)) | None | Some(Value::Null) => {
@@ -89,17 +92,17 @@ pub fn parse(text: &str, max_bytes: usize) -> Result<ClientFrame, FrameError> {
 
 /// `{"type":"error",...}` as the text the socket gets (see
 /// [`streamer_core::client`]).
-pub fn error_message(request_id: &str, code: ErrorCode, message: &str) -> String {
+pub fn error_message(request_id: &ClientRequestId, code: ErrorCode, message: &str) -> String {
     client::error(request_id, code, message).to_string()
 }
 
 impl ClientFrame {
     /// The frame as it goes up the Attach stream.
-    pub fn into_inbound(self, connection_id: &str) -> v1::InboundFrame {
+    pub fn into_inbound(self, connection_id: &ConnectionId) -> v1::InboundFrame {
         v1::InboundFrame {
-            connection_id: connection_id.to_owned(),
+            connection_id: connection_id.to_string(),
             action: self.action,
-            request_id: self.id,
+            request_id: self.id.into(),
             payload: Some(streamer_api::json::to_proto(self.payload)),
             metadata: Some(streamer_api::json::object_to_struct(self.metadata)),
             received_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
@@ -220,7 +223,7 @@ mod tests {
             proptest::prop_assert_eq!(parsed.is_ok(), wraps.len() <= json::MAX_DEPTH);
             if let Ok(parsed) = parsed {
                 let event = v1::EdgeEvent {
-                    event: Some(v1::edge_event::Event::Frame(parsed.into_inbound("c1"))),
+                    event: Some(v1::edge_event::Event::Frame(parsed.into_inbound(&"c1".into()))),
                 };
                 proptest::prop_assert!(v1::EdgeEvent::decode(event.encode_to_vec().as_slice()).is_ok());
             }
@@ -240,7 +243,7 @@ mod tests {
             }
             if let Ok(parsed) = parse(&frame.to_string(), usize::MAX) {
                 let event = v1::EdgeEvent {
-                    event: Some(v1::edge_event::Event::Frame(parsed.into_inbound("c1"))),
+                    event: Some(v1::edge_event::Event::Frame(parsed.into_inbound(&"c1".into()))),
                 };
                 let bytes = event.encode_to_vec();
                 proptest::prop_assert!(v1::EdgeEvent::decode(bytes.as_slice()).is_ok());

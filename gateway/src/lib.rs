@@ -39,6 +39,7 @@ use streamer_api::v1::{
     edge_service_client::EdgeServiceClient,
 };
 use streamer_core::grpc::{Balanced, url_list};
+use streamer_core::ids::{ConnectionId, EdgeId, TenantId, UserId};
 use streamer_core::shutdown::Shutdown;
 use streamer_core::trust::{AuthedChannel, Role, Trust};
 use tokio::net::TcpListener;
@@ -61,7 +62,7 @@ pub struct GatewayConfig {
     /// a Kubernetes headless Service).
     pub connection_endpoint: String,
     /// Unique per edge process.
-    pub edge_id: String,
+    pub edge_id: EdgeId,
     /// What one socket may cost: frame size, message rate, pings and idle
     /// timeout (see [`limits`]).
     pub limits: SocketLimits,
@@ -97,7 +98,7 @@ impl Default for GatewayConfig {
         Self {
             auth_endpoint: "http://127.0.0.1:50051".into(),
             connection_endpoint: "http://127.0.0.1:50054".into(),
-            edge_id: format!("edge-{}", uuid::Uuid::new_v4().simple()),
+            edge_id: EdgeId::from(format!("edge-{}", uuid::Uuid::new_v4().simple())),
             limits: SocketLimits::default(),
             max_connections: 10_000,
             max_handshakes: 1_000,
@@ -176,7 +177,7 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let edge_id = config.trust.edge_id(&config.edge_id);
-    let credentials = config.trust.credentials(&edge_id, &[Role::Edge]);
+    let credentials = config.trust.credentials(edge_id.as_str(), &[Role::Edge]);
     let (trust, timeout) = (config.trust.clone(), config.control_plane_timeout);
     let auth = {
         let (trust, credentials) = (trust.clone(), credentials.clone());
@@ -340,9 +341,9 @@ fn instant_of(at: prost_types::Timestamp) -> Option<tokio::time::Instant> {
 /// The socket a `refresh` is for, and whom it was opened for.
 struct Subject {
     edge: Arc<Edge>,
-    connection_id: String,
-    user_id: String,
-    tenant_id: String,
+    connection_id: ConnectionId,
+    user_id: UserId,
+    tenant_id: TenantId,
 }
 
 /// Validates the fresh tokens one socket's client sends: they must be
@@ -365,7 +366,7 @@ fn refresher(auth: AuthReplicas, timeout: Duration, subject: Subject) -> socket:
                     return Err(refusal(failure, &answer.message).1);
                 }
             };
-            if claims.user_id != subject.user_id || claims.tenant_id != subject.tenant_id {
+            if subject.user_id != *claims.user_id || subject.tenant_id != *claims.tenant_id {
                 return Err("the token is for another user or tenant".to_owned());
             }
             let expires_at = claims
@@ -451,7 +452,7 @@ async fn connect(
         Err(rejection) => return rejection.into_response(),
     };
 
-    let connection_id = uuid::Uuid::new_v4().to_string();
+    let connection_id = ConnectionId::from(uuid::Uuid::new_v4().to_string());
     let session = socket::Session {
         expires_at: claims.expires_at.and_then(instant_of),
         refresh: refresher(
@@ -460,20 +461,20 @@ async fn connect(
             Subject {
                 edge: state.edge.clone(),
                 connection_id: connection_id.clone(),
-                user_id: claims.user_id.clone(),
-                tenant_id: claims.tenant_id.clone(),
+                user_id: UserId::from(claims.user_id.as_str()),
+                tenant_id: TenantId::from(claims.tenant_id.as_str()),
             },
         ),
     };
     let now = prost_types::Timestamp::from(std::time::SystemTime::now());
     let record = v1::Connection {
-        connection_id: connection_id.clone(),
+        connection_id: connection_id.to_string(),
         identity: Some(v1::Identity {
             user_id: claims.user_id,
             tenant_id: claims.tenant_id,
             permissions: claims.permissions,
         }),
-        edge_id: state.edge.edge_id.clone(),
+        edge_id: state.edge.edge_id.to_string(),
         connected_at: Some(now),
         last_seen: Some(now),
         user_agent: headers
@@ -517,7 +518,7 @@ async fn connect(
             let id = failed_id.clone();
             tokio::spawn(async move {
                 edge.emit(v1::edge_event::Event::Closed(v1::ConnectionClosed {
-                    connection_id: id,
+                    connection_id: id.into(),
                     code: 1006,
                     reason: "upgrade failed".into(),
                 }))

@@ -18,6 +18,7 @@ use crate::edge::{Edge, Outbound, Registered, close_message};
 use crate::frames;
 use crate::limits::{Admit, SocketLimits, TokenBucket, close, close_code_for};
 use streamer_core::client::{self, ErrorCode};
+use streamer_core::ids::{ClientRequestId, ConnectionId};
 
 /// Close code for a client that cannot keep up.
 pub const CLOSE_SLOW_CONSUMER: u16 = close::POLICY;
@@ -59,7 +60,7 @@ const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 /// locally and reported closed upstream.
 pub async fn run<S>(
     socket: S,
-    connection_id: String,
+    connection_id: ConnectionId,
     registered: Registered,
     edge: Arc<Edge>,
     limits: SocketLimits,
@@ -162,7 +163,7 @@ pub async fn run<S>(
                         metrics::counter!("streamer_gateway_frames_refused_total", "reason" => "rate_limited")
                             .increment(1);
                         replies(frames::error_message(
-                            "",
+                            &ClientRequestId::default(),
                             ErrorCode::RateLimited,
                             "too many messages; slow down",
                         ));
@@ -205,7 +206,7 @@ pub async fn run<S>(
                 }
                 Ok(Message::Binary(_)) => {
                     replies(frames::error_message(
-                        "",
+                        &ClientRequestId::default(),
                         ErrorCode::Validation,
                         "binary frames are not accepted; send JSON text",
                     ));
@@ -258,7 +259,7 @@ pub async fn run<S>(
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
     edge.forget(&connection_id);
     edge.emit(Event::Closed(v1::ConnectionClosed {
-        connection_id: connection_id.clone(),
+        connection_id: connection_id.to_string(),
         code,
         reason,
     }))

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use streamer_core::ids::TenantId;
+
 /// The clock skew allowed by default when checking `exp`, `nbf` and `iat`.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 
@@ -30,7 +32,7 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     /// When set, a token's `tenant_id` must be one of these. `None` allows
     /// every tenant.
-    pub allowed_tenants: Option<Vec<String>>,
+    pub allowed_tenants: Option<Vec<TenantId>>,
     /// Clock skew allowance for `exp`, `nbf` and `iat`; whole seconds count.
     pub leeway: Duration,
     /// Issuers whose keys are fetched from a JWKS URL. A token whose `iss`

@@ -112,8 +112,8 @@ impl AuthService for AuthServer {
 impl From<VerifiedClaims> for Claims {
     fn from(claims: VerifiedClaims) -> Self {
         Self {
-            user_id: claims.user_id,
-            tenant_id: claims.tenant_id,
+            user_id: claims.user_id.into(),
+            tenant_id: claims.tenant_id.into(),
             permissions: claims.permissions,
             expires_at: Some(timestamp(claims.expires_at)),
             issued_at: claims.issued_at.map(timestamp),

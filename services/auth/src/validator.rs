@@ -61,6 +61,7 @@ use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use streamer_api::v1::TokenFailure;
+use streamer_core::ids::{TenantId, UserId};
 use streamer_core::shutdown::Shutdown;
 
 use crate::jwks::IssuerKeys;
@@ -80,9 +81,9 @@ const MAX_NUMERIC_DATE: u64 = 253_402_300_799;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedClaims {
     /// `sub`.
-    pub user_id: String,
+    pub user_id: UserId,
     /// `tenant_id`.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// `permissions`, in token order; empty when the token has none.
     pub permissions: Vec<String>,
     /// `exp`, in Unix seconds.
@@ -141,7 +142,7 @@ struct Shared {
     http: Option<reqwest::Client>,
     issuer: Option<String>,
     audience: Option<String>,
-    allowed_tenants: Option<HashSet<String>>,
+    allowed_tenants: Option<HashSet<TenantId>>,
     leeway_secs: u64,
 }
 
@@ -487,8 +488,8 @@ impl TokenValidator {
         }
 
         Ok(VerifiedClaims {
-            user_id: claims.sub.to_owned(),
-            tenant_id: claims.tenant_id.to_owned(),
+            user_id: UserId::from(claims.sub),
+            tenant_id: TenantId::from(claims.tenant_id),
             permissions: claims.permissions,
             expires_at: claims.exp,
             issued_at: claims.iat,

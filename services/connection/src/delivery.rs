@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use streamer_api::v1::{self, DeliveryOutcome, DeliveryResult, edge_command::Command};
+use streamer_core::ids::{ConnectionId, EdgeId};
 use streamer_core::store::{ConnectionRecord, now_ms};
 use streamer_core::trust::Caller;
 
@@ -61,10 +62,10 @@ impl Delivery for EdgeDelivery {
         payload: v1::Payload,
         sequence: Option<v1::Sequence>,
     ) -> Vec<DeliveryResult> {
-        let mut by_edge: HashMap<&str, Vec<String>> = HashMap::new();
+        let mut by_edge: HashMap<&EdgeId, Vec<ConnectionId>> = HashMap::new();
         for target in targets {
             by_edge
-                .entry(target.edge_id.as_str())
+                .entry(&target.edge_id)
                 .or_default()
                 .push(target.connection_id.clone());
         }
@@ -91,7 +92,7 @@ impl Delivery for EdgeDelivery {
         match self.edges.get(&target.edge_id) {
             Some(link) => {
                 link.command(Command::Close(v1::CloseConnection {
-                    connection_id: target.connection_id.clone(),
+                    connection_id: target.connection_id.to_string(),
                     code,
                     reason,
                 }))
@@ -127,12 +128,8 @@ impl ConnectionServer {
             match DeliveryOutcome::try_from(result.outcome).unwrap_or_default() {
                 // The transport itself says the socket is not there.
                 DeliveryOutcome::NotFound | DeliveryOutcome::Gone => {
-                    if let Err(error) = self
-                        .shared
-                        .store
-                        .delete_connection(&result.connection_id)
-                        .await
-                    {
+                    let connection_id = ConnectionId::from(result.connection_id.as_str());
+                    if let Err(error) = self.shared.store.delete_connection(&connection_id).await {
                         tracing::warn!(%error, connection_id = %result.connection_id, "cannot remove stale connection");
                     }
                     result.outcome = DeliveryOutcome::Gone as i32;
@@ -140,10 +137,11 @@ impl ConnectionServer {
                 DeliveryOutcome::Delivered => {
                     let seen = last_seen.get(result.connection_id.as_str()).copied();
                     if seen.is_some_and(|s| now.saturating_sub(s) > TOUCH_INTERVAL_MS) {
+                        let connection_id = ConnectionId::from(result.connection_id.as_str());
                         let _ = self
                             .shared
                             .store
-                            .touch_connection(&result.connection_id, now)
+                            .touch_connection(&connection_id, now)
                             .await;
                     }
                 }
@@ -162,7 +160,7 @@ impl ConnectionServer {
         caller: &Caller,
     ) -> Result<DeliveryOutcome, ConnectionError> {
         let record = self
-            .find(&cmd.connection_id, cmd.tenant_id.as_deref(), caller)
+            .find(&cmd.connection_id, cmd.tenant_id.as_ref(), caller)
             .await?;
         let results = self.deliver(vec![record], cmd.payload, cmd.sequence).await;
         Ok(results
@@ -181,10 +179,10 @@ impl ConnectionServer {
                 let mut records = Vec::with_capacity(ids.len());
                 let mut missing = Vec::new();
                 for id in ids {
-                    match self.find(&id, cmd.tenant_id.as_deref(), caller).await {
+                    match self.find(&id, cmd.tenant_id.as_ref(), caller).await {
                         Ok(record) => records.push(record),
                         Err(ConnectionError::NotFound(_)) => missing.push(DeliveryResult {
-                            connection_id: id,
+                            connection_id: id.into(),
                             outcome: DeliveryOutcome::NotFound as i32,
                         }),
                         Err(other) => return Err(other),
@@ -215,7 +213,7 @@ impl ConnectionServer {
         caller: &Caller,
     ) -> Result<(), ConnectionError> {
         let record = self
-            .find(&cmd.connection_id, cmd.tenant_id.as_deref(), caller)
+            .find(&cmd.connection_id, cmd.tenant_id.as_ref(), caller)
             .await?;
         self.shared.delivery.close(&record, 1000, cmd.reason).await;
         self.shared
@@ -228,7 +226,7 @@ impl ConnectionServer {
 
     /// Writes a JSON message to one client, best effort (used for answers to
     /// frames; a client that left meanwhile simply misses it).
-    pub(crate) async fn reply(&self, connection_id: &str, message: Value) {
+    pub(crate) async fn reply(&self, connection_id: &ConnectionId, message: Value) {
         let Ok(record) = self.find(connection_id, None, Caller::everyone()).await else {
             return;
         };

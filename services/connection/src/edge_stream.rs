@@ -22,6 +22,7 @@ use futures::StreamExt;
 use streamer_api::v1::{
     self, EdgeEvent, edge_command::Command, edge_event::Event, edge_service_server::EdgeService,
 };
+use streamer_core::ids::{ConnectionId, EdgeId};
 use streamer_core::store::{ConnectionRecord, EdgeRecord, Heartbeat, now_ms};
 use streamer_core::trust::Caller;
 use tokio::sync::mpsc;
@@ -218,14 +219,14 @@ impl ConnectionServer {
     async fn held_elsewhere(
         &self,
         record: &ConnectionRecord,
-        edge_id: &str,
+        edge_id: &EdgeId,
     ) -> Result<bool, ConnectionError> {
         Ok(self
             .shared
             .store
             .get_connection(&record.connection_id)
             .await?
-            .is_some_and(|existing| existing.edge_id != edge_id))
+            .is_some_and(|existing| existing.edge_id != *edge_id))
     }
 
     async fn edge_opened(&self, link: &EdgeLink, opened: v1::ConnectionOpened) {
@@ -270,7 +271,7 @@ impl ConnectionServer {
             Ok(true) | Err(_) => {
                 tracing::warn!(edge_id = %link.edge_id, connection_id = %connection_id, "edge announced a connection id that another edge holds; refused");
                 link.command_nowait(Command::Close(v1::CloseConnection {
-                    connection_id,
+                    connection_id: connection_id.into(),
                     code: 1008,
                     reason: "connection id in use".into(),
                 }));
@@ -280,12 +281,14 @@ impl ConnectionServer {
         let command = match self.shared.store.put_connection(record).await {
             Ok(()) => {
                 metrics::counter!("streamer_connections_opened_total").increment(1);
-                Command::Registered(v1::ConnectionRegistered { connection_id })
+                Command::Registered(v1::ConnectionRegistered {
+                    connection_id: connection_id.into(),
+                })
             }
             Err(error) => {
                 tracing::error!(%error, connection_id = %connection_id, "cannot record connection");
                 Command::Close(v1::CloseConnection {
-                    connection_id,
+                    connection_id: connection_id.into(),
                     code: 1011,
                     reason: "connection registry unavailable".into(),
                 })
@@ -296,20 +299,11 @@ impl ConnectionServer {
 
     async fn edge_closed(&self, link: &EdgeLink, closed: v1::ConnectionClosed) {
         // Only the edge that holds a connection may remove it.
-        match self
-            .shared
-            .store
-            .get_connection(&closed.connection_id)
-            .await
-        {
+        let connection_id = ConnectionId::from(closed.connection_id);
+        match self.shared.store.get_connection(&connection_id).await {
             Ok(Some(record)) if record.edge_id == link.edge_id => {
-                if let Err(error) = self
-                    .shared
-                    .store
-                    .delete_connection(&closed.connection_id)
-                    .await
-                {
-                    tracing::warn!(%error, connection_id = %closed.connection_id, "cannot remove closed connection");
+                if let Err(error) = self.shared.store.delete_connection(&connection_id).await {
+                    tracing::warn!(%error, connection_id = %connection_id, "cannot remove closed connection");
                 }
                 metrics::counter!("streamer_connections_closed_total").increment(1);
             }
@@ -323,13 +317,13 @@ impl ConnectionServer {
     /// be closed once the stream is open.
     async fn reconcile(
         &self,
-        edge_id: &str,
+        edge_id: &EdgeId,
         hello: v1::EdgeHello,
-    ) -> Result<Vec<(String, crate::identities::Refusal)>, Status> {
+    ) -> Result<Vec<(ConnectionId, crate::identities::Refusal)>, Status> {
         let store = &self.shared.store;
         let now = now_ms();
         let taken_at = hello.taken_at.as_ref().map_or(now, timestamp_ms);
-        let recorded: HashSet<String> = store
+        let recorded: HashSet<ConnectionId> = store
             .connections_of_edge(edge_id)
             .await
             .map_err(ConnectionError::from)?
@@ -343,7 +337,9 @@ impl ConnectionServer {
                 Ok(record) => {
                     held.insert(record.connection_id.clone());
                     if !recorded.contains(&record.connection_id) {
-                        let token = tokens.remove(&record.connection_id).unwrap_or_default();
+                        let token = tokens
+                            .remove(record.connection_id.as_str())
+                            .unwrap_or_default();
                         unknown.push((record, token));
                     }
                 }
@@ -365,7 +361,7 @@ impl ConnectionServer {
         let mut restored = 0;
         for record in verified {
             if self.held_elsewhere(&record, edge_id).await? {
-                tracing::warn!(edge_id, connection_id = %record.connection_id, "edge re-announced another edge's connection; ignored");
+                tracing::warn!(edge_id = edge_id.as_str(), connection_id = %record.connection_id, "edge re-announced another edge's connection; ignored");
                 continue;
             }
             store
@@ -381,7 +377,7 @@ impl ConnectionServer {
                 .get_connection(id)
                 .await
                 .map_err(ConnectionError::from)?
-                .is_some_and(|r| r.edge_id == edge_id && r.connected_at_ms < taken_at);
+                .is_some_and(|r| r.edge_id == *edge_id && r.connected_at_ms < taken_at);
             if stale {
                 store
                     .delete_connection(id)
@@ -391,7 +387,7 @@ impl ConnectionServer {
             }
         }
         tracing::info!(
-            edge_id,
+            edge_id = edge_id.as_str(),
             held = held.len(),
             restored,
             removed,
@@ -426,14 +422,15 @@ impl EdgeService for ConnectionServer {
                 .into());
             }
         };
-        let edge_id = required_id("hello.edge_id", hello.edge_id.clone())?;
+        let edge_id: EdgeId = required_id("hello.edge_id", hello.edge_id.clone())?;
         // An authenticated edge speaks only as itself: its id is its
         // credential's name (or a name under it), so no other caller can
         // take its sockets over.
         if !caller.may_attach_as(&edge_id) {
             return Err(ConnectionError::PermissionDenied(format!(
-                "this credential ({0}) may attach only as edge {0:?} or {0:?}/<name>, not {edge_id:?}",
-                caller.subject
+                "this credential ({0}) may attach only as edge {0:?} or {0:?}/<name>, not {1:?}",
+                caller.subject,
+                edge_id.as_str()
             ))
             .into());
         }
@@ -451,7 +448,7 @@ impl EdgeService for ConnectionServer {
             tracing::warn!(edge_id = %edge_id, connection_id = %connection_id, ?refusal, "edge re-announced a connection whose token does not hold; closing it");
             let (code, reason) = refusal.close();
             link.command_nowait(Command::Close(v1::CloseConnection {
-                connection_id,
+                connection_id: connection_id.into(),
                 code,
                 reason,
             }));

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use streamer_api::v1::{self, DeliveryOutcome, DeliveryResult, EdgeCommand, edge_command::Command};
+use streamer_core::ids::{ConnectionId, EdgeId};
 use tokio::sync::{mpsc, oneshot};
 
 /// Longest wait for room in an edge's command queue.
@@ -23,7 +24,7 @@ pub type CommandSender = mpsc::Sender<Result<EdgeCommand, tonic::Status>>;
 /// One attached edge.
 #[derive(Debug)]
 pub struct EdgeLink {
-    pub edge_id: String,
+    pub edge_id: EdgeId,
     /// Distinguishes a re-attached edge from its previous stream.
     pub generation: u64,
     commands: CommandSender,
@@ -34,10 +35,10 @@ pub struct EdgeLink {
 
 impl EdgeLink {
     /// The same outcome for every one of `ids`.
-    pub fn outcome_all(ids: &[String], outcome: DeliveryOutcome) -> Vec<DeliveryResult> {
+    pub fn outcome_all(ids: &[ConnectionId], outcome: DeliveryOutcome) -> Vec<DeliveryResult> {
         ids.iter()
             .map(|id| DeliveryResult {
-                connection_id: id.clone(),
+                connection_id: id.to_string(),
                 outcome: outcome as i32,
             })
             .collect()
@@ -52,7 +53,7 @@ impl EdgeLink {
     /// of something the edge did write is not written again.
     pub async fn deliver(
         &self,
-        connection_ids: Vec<String>,
+        connection_ids: Vec<ConnectionId>,
         payload: v1::Payload,
         sequence: Option<v1::Sequence>,
         timeout: Duration,
@@ -64,7 +65,7 @@ impl EdgeLink {
         let command = EdgeCommand {
             command: Some(Command::Deliver(v1::Deliver {
                 delivery_id,
-                connection_ids: connection_ids.clone(),
+                connection_ids: connection_ids.iter().map(ToString::to_string).collect(),
                 payload: Some(payload),
                 sequence,
             })),
@@ -167,13 +168,13 @@ impl EdgeLink {
 pub struct EdgeRegistry {
     /// A std RwLock: lookups on every delivery, writes only on attach and
     /// detach; never held across an await.
-    edges: RwLock<HashMap<String, Vec<Arc<EdgeLink>>>>,
+    edges: RwLock<HashMap<EdgeId, Vec<Arc<EdgeLink>>>>,
     generations: AtomicU64,
 }
 
 impl EdgeRegistry {
     /// Registers one of an edge's streams.
-    pub fn attach(&self, edge_id: String, commands: CommandSender) -> Arc<EdgeLink> {
+    pub fn attach(&self, edge_id: EdgeId, commands: CommandSender) -> Arc<EdgeLink> {
         let link = Arc::new(EdgeLink {
             edge_id: edge_id.clone(),
             generation: self.generations.fetch_add(1, Ordering::Relaxed),
@@ -212,7 +213,7 @@ impl EdgeRegistry {
             .collect()
     }
 
-    pub fn get(&self, edge_id: &str) -> Option<Arc<EdgeLink>> {
+    pub fn get(&self, edge_id: &EdgeId) -> Option<Arc<EdgeLink>> {
         self.read()
             .get(edge_id)
             .and_then(|links| links.last().cloned())
@@ -226,11 +227,11 @@ impl EdgeRegistry {
         self.len() == 0
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Vec<Arc<EdgeLink>>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<EdgeId, Vec<Arc<EdgeLink>>>> {
         self.edges.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Vec<Arc<EdgeLink>>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<EdgeId, Vec<Arc<EdgeLink>>>> {
         self.edges.write().unwrap_or_else(|e| e.into_inner())
     }
 }

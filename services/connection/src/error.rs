@@ -1,14 +1,15 @@
 //! Every way a ConnectionService call can fail, and the one place that
 //! decides which gRPC status each becomes.
 
+use streamer_core::ids::ConnectionId;
 use streamer_core::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
     #[error("invalid argument `{field}`: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
-    #[error("connection {0:?} not found")]
-    NotFound(String),
+    #[error("connection {:?} not found", .0.as_str())]
+    NotFound(ConnectionId),
     #[error("{0}")]
     PermissionDenied(String),
     #[error("edge stream protocol violation: {0}")]

@@ -8,6 +8,7 @@ use streamer_api::v1::{
     self, DeliveryOutcome, DeliveryResult, InboundMessage,
     connection_service_server::ConnectionService,
 };
+use streamer_core::ids::{ConnectionId, TenantId};
 use streamer_core::trust::Caller;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -62,7 +63,7 @@ impl ConnectionService for ConnectionServer {
         request: Request<v1::IsActiveRequest>,
     ) -> Result<Response<v1::IsActiveResponse>, Status> {
         let caller = Caller::of(&request);
-        let id = required_id("connection_id", request.into_inner().connection_id)?;
+        let id: ConnectionId = required_id("connection_id", request.into_inner().connection_id)?;
         let active = match self.find(&id, None, &caller).await {
             Ok(record) => self.shared.edges.get(&record.edge_id).is_some(),
             Err(ConnectionError::NotFound(_)) => false,
@@ -77,9 +78,9 @@ impl ConnectionService for ConnectionServer {
     ) -> Result<Response<v1::Connection>, Status> {
         let caller = Caller::of(&request);
         let r = request.into_inner();
-        let id = required_id("connection_id", r.connection_id)?;
-        let tenant = optional_id("tenant_id", r.tenant_id)?;
-        let record = self.find(&id, tenant.as_deref(), &caller).await?;
+        let id: ConnectionId = required_id("connection_id", r.connection_id)?;
+        let tenant: Option<TenantId> = optional_id("tenant_id", r.tenant_id)?;
+        let record = self.find(&id, tenant.as_ref(), &caller).await?;
         Ok(Response::new(connection_to_proto(record)))
     }
 
@@ -95,8 +96,8 @@ impl ConnectionService for ConnectionServer {
             .store
             .list_connections(
                 &query.tenant_id,
-                query.user_id.as_deref(),
-                query.after.as_deref(),
+                query.user_id.as_ref(),
+                query.after.as_ref(),
                 query.page_size + 1,
             )
             .await
@@ -105,7 +106,7 @@ impl ConnectionService for ConnectionServer {
             records.truncate(query.page_size);
             records
                 .last()
-                .map(|r| r.connection_id.clone())
+                .map(|r| r.connection_id.to_string())
                 .unwrap_or_default()
         } else {
             String::new()
@@ -142,7 +143,7 @@ impl ConnectionService for ConnectionServer {
         }
         let mut actions = Vec::with_capacity(r.actions.len());
         for action in r.actions {
-            let action = required_id("actions", action)?;
+            let action: String = required_id("actions", action)?;
             if BUILTIN_ACTIONS.contains(&action.as_str()) {
                 return Err(ConnectionError::invalid(
                     "actions",
@@ -152,13 +153,20 @@ impl ConnectionService for ConnectionServer {
             }
             actions.push(action);
         }
-        let router_id = optional_id("router_id", r.router_id)?.unwrap_or_else(|| "router".into());
+        let router_id: String =
+            optional_id("router_id", r.router_id)?.unwrap_or_else(|| "router".into());
         let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
         let key = self
             .shared
             .routers
             .register(&router_id, &actions, caller.tenants.clone(), tx);
-        tracing::info!(router_id = %router_id, actions = ?actions, tenants = ?caller.tenants, "router attached");
+        // The tenants as their strings, as every log line shows ids.
+        let tenants = caller.tenants.as_ref().map(|t| {
+            t.iter()
+                .map(TenantId::as_str)
+                .collect::<std::collections::BTreeSet<_>>()
+        });
+        tracing::info!(router_id = %router_id, actions = ?actions, ?tenants, "router attached");
 
         // Unregisters the router when its stream is dropped, whatever ends it.
         struct Unregister(Arc<Shared>, u64, String);

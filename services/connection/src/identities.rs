@@ -20,6 +20,7 @@ use std::time::Duration;
 use futures::{StreamExt as _, TryStreamExt as _};
 use streamer_api::v1::{self, auth_service_client::AuthServiceClient};
 use streamer_core::grpc::{Balanced, channel_to, url_list};
+use streamer_core::ids::ConnectionId;
 use streamer_core::shutdown::Shutdown;
 use streamer_core::store::ConnectionRecord;
 use streamer_core::trust::{AuthedChannel, Check, Role};
@@ -120,7 +121,7 @@ impl IdentityCheck {
             Some(claims) if answer.valid => claims,
             _ => return Err(Refusal::NotVerified(answer.message)),
         };
-        if claims.user_id != record.user_id || claims.tenant_id != record.tenant_id {
+        if record.user_id != *claims.user_id || record.tenant_id != *claims.tenant_id {
             return Err(Refusal::NotVerified(
                 "the token names another user or tenant".into(),
             ));
@@ -135,7 +136,7 @@ impl IdentityCheck {
     pub async fn verify_all(
         &self,
         announced: Vec<(ConnectionRecord, String)>,
-    ) -> Result<(Vec<ConnectionRecord>, Vec<(String, Refusal)>), Refusal> {
+    ) -> Result<(Vec<ConnectionRecord>, Vec<(ConnectionId, Refusal)>), Refusal> {
         let results: Vec<_> = futures::stream::iter(announced)
             .map(|(record, token)| async move {
                 let id = record.connection_id.clone();

@@ -4,6 +4,7 @@
 
 use serde_json::Value;
 use streamer_api::v1::{self, InboundMessage};
+use streamer_core::ids::{ClientRequestId, ConnectionId, EdgeId};
 use streamer_core::store::{ConnectionRecord, now_ms};
 use streamer_core::trust::Caller;
 use tokio::sync::mpsc;
@@ -39,13 +40,13 @@ impl ConnectionServer {
 
     /// Queues a frame on its connection's worker without waiting; a full
     /// worker answers the client RATE_LIMITED instead of stalling the edge.
-    pub(crate) fn enqueue_frame(&self, edge_id: &str, frame: v1::InboundFrame) {
+    pub(crate) fn enqueue_frame(&self, edge_id: &EdgeId, frame: v1::InboundFrame) {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         frame.connection_id.hash(&mut hasher);
         let shard = (hasher.finish() as usize) % self.shared.inbound.len();
         let inbound = Inbound {
-            edge_id: edge_id.to_owned(),
+            edge_id: edge_id.clone(),
             frame,
         };
         if let Err(mpsc::error::TrySendError::Full(Inbound { frame, .. })) =
@@ -56,26 +57,25 @@ impl ConnectionServer {
             let this = self.clone();
             tokio::spawn(async move {
                 let message = client::error(
-                    &frame.request_id,
+                    &ClientRequestId::from(frame.request_id),
                     ErrorCode::RateLimited,
                     "too many frames in flight; try again",
                 );
-                this.reply(&frame.connection_id, message).await;
+                this.reply(&ConnectionId::from(frame.connection_id), message)
+                    .await;
             });
         }
     }
 
     /// Routes one client frame: built-in actions, then routers, then the
     /// async request queue; anything else is INVALID_ACTION.
-    pub(crate) async fn inbound(&self, edge_id: &str, frame: v1::InboundFrame) {
-        let record = match self
-            .find(&frame.connection_id, None, Caller::everyone())
-            .await
-        {
+    pub(crate) async fn inbound(&self, edge_id: &EdgeId, frame: v1::InboundFrame) {
+        let connection_id = ConnectionId::from(frame.connection_id.as_str());
+        let record = match self.find(&connection_id, None, Caller::everyone()).await {
             // Only the edge holding a socket speaks for it.
-            Ok(record) if record.edge_id == edge_id => record,
+            Ok(record) if record.edge_id == *edge_id => record,
             Ok(_) => {
-                tracing::warn!(edge_id, connection_id = %frame.connection_id, "frame from an edge that does not hold the connection; dropped");
+                tracing::warn!(edge_id = edge_id.as_str(), connection_id = %connection_id, "frame from an edge that does not hold the connection; dropped");
                 return;
             }
             Err(_) => return, // closed meanwhile
@@ -106,13 +106,13 @@ impl ConnectionServer {
         record: &ConnectionRecord,
         frame: v1::InboundFrame,
     ) -> Option<Value> {
-        let request_id = frame.request_id.clone();
+        let request_id = ClientRequestId::from(frame.request_id.as_str());
         let action = frame.action.clone();
         let message = InboundMessage {
-            connection_id: record.connection_id.clone(),
+            connection_id: record.connection_id.to_string(),
             identity: Some(v1::Identity {
-                user_id: record.user_id.clone(),
-                tenant_id: record.tenant_id.clone(),
+                user_id: record.user_id.to_string(),
+                tenant_id: record.tenant_id.to_string(),
                 permissions: record.permissions.clone(),
             }),
             action: frame.action,
@@ -148,15 +148,15 @@ impl ConnectionServer {
         // id), so a Submit whose outcome is unknown (a ProgressService
         // replica went away mid-call) is safely made again, on the next
         // replica; a frame without an id gets one here, for the same reason.
-        let request_id = if message.request_id.is_empty() {
+        let request_id = ClientRequestId::from(if message.request_id.is_empty() {
             uuid::Uuid::new_v4().to_string()
         } else {
             message.request_id
-        };
+        });
         let submit = v1::SubmitRequest {
             connection_id: message.connection_id,
             action: message.action,
-            request_id: request_id.clone(),
+            request_id: request_id.to_string(),
             payload: message.payload,
             metadata: message.metadata,
         };
@@ -196,7 +196,7 @@ impl ConnectionServer {
         record: &ConnectionRecord,
         frame: v1::InboundFrame,
     ) -> Option<Value> {
-        let id = frame.request_id.as_str();
+        let id = &ClientRequestId::from(frame.request_id.as_str());
         let payload = frame.payload.map(streamer_api::json::from_proto);
         let Some(target) = payload
             .as_ref()
@@ -218,20 +218,20 @@ impl ConnectionServer {
             ));
         };
         let owner = v1::Identity {
-            user_id: record.user_id.clone(),
-            tenant_id: record.tenant_id.clone(),
+            user_id: record.user_id.to_string(),
+            tenant_id: record.tenant_id.to_string(),
             permissions: Vec::new(),
         };
         let get = v1::GetRequest {
             selector: Some(v1::get_request::Selector::Client(v1::ClientRequestRef {
-                tenant_id: record.tenant_id.clone(),
-                user_id: record.user_id.clone(),
+                tenant_id: record.tenant_id.to_string(),
+                user_id: record.user_id.to_string(),
                 request_id: target.to_owned(),
             })),
             owner: Some(owner.clone()),
             // A client asking about its request wants its updates here.
             deliver_to_connection_id: if frame.action == "get_request" {
-                record.connection_id.clone()
+                record.connection_id.to_string()
             } else {
                 String::new()
             },

@@ -2,6 +2,7 @@
 //! way in, so the service logic never sees a tonic type or an unchecked id.
 
 use streamer_api::v1;
+use streamer_core::ids::{ConnectionId, EdgeId, TenantId, UserId};
 use streamer_core::store::ConnectionRecord;
 use streamer_core::timestamp;
 
@@ -17,9 +18,14 @@ pub const MAX_BROADCAST_IDS: usize = 10_000;
 /// Close reasons must fit a WebSocket close frame (123 bytes).
 pub const MAX_CLOSE_REASON_BYTES: usize = 120;
 
-/// Checks an identifier: present, bounded, and free of the NUL byte the
-/// store uses as its index separator.
-pub fn required_id(field: &'static str, value: String) -> Result<String, ConnectionError> {
+/// Checks an identifier from the wire: present, bounded, and free of the NUL
+/// byte the store uses as its index separator. It comes out as the type
+/// the caller names ([`ConnectionId`], [`TenantId`], …, or a `String` for a
+/// name that is no id).
+pub fn required_id<T: From<String>>(
+    field: &'static str,
+    value: String,
+) -> Result<T, ConnectionError> {
     if value.is_empty() {
         return Err(ConnectionError::invalid(field, "is required"));
     }
@@ -27,7 +33,10 @@ pub fn required_id(field: &'static str, value: String) -> Result<String, Connect
 }
 
 /// Like [`required_id`], but empty means "not given".
-pub fn optional_id(field: &'static str, value: String) -> Result<Option<String>, ConnectionError> {
+pub fn optional_id<T: From<String>>(
+    field: &'static str,
+    value: String,
+) -> Result<Option<T>, ConnectionError> {
     if value.is_empty() {
         return Ok(None);
     }
@@ -40,7 +49,7 @@ pub fn optional_id(field: &'static str, value: String) -> Result<Option<String>,
     if value.contains('\0') {
         return Err(ConnectionError::invalid(field, "contains a NUL character"));
     }
-    Ok(Some(value))
+    Ok(Some(T::from(value)))
 }
 
 fn required_payload(payload: Option<v1::Payload>) -> Result<v1::Payload, ConnectionError> {
@@ -62,9 +71,9 @@ fn required_payload(payload: Option<v1::Payload>) -> Result<v1::Payload, Connect
 
 #[derive(Debug)]
 pub struct SendCommand {
-    pub connection_id: String,
+    pub connection_id: ConnectionId,
     pub payload: v1::Payload,
-    pub tenant_id: Option<String>,
+    pub tenant_id: Option<TenantId>,
     pub sequence: Option<v1::Sequence>,
 }
 
@@ -89,16 +98,19 @@ impl TryFrom<v1::SendRequest> for SendCommand {
 
 #[derive(Debug, PartialEq)]
 pub enum BroadcastTarget {
-    Connections(Vec<String>),
-    User { tenant_id: String, user_id: String },
-    Tenant(String),
+    Connections(Vec<ConnectionId>),
+    User {
+        tenant_id: TenantId,
+        user_id: UserId,
+    },
+    Tenant(TenantId),
 }
 
 #[derive(Debug)]
 pub struct BroadcastCommand {
     pub target: BroadcastTarget,
     pub payload: v1::Payload,
-    pub tenant_id: Option<String>,
+    pub tenant_id: Option<TenantId>,
 }
 
 impl TryFrom<v1::BroadcastRequest> for BroadcastCommand {
@@ -126,7 +138,7 @@ impl TryFrom<v1::BroadcastRequest> for BroadcastCommand {
                     .ids
                     .into_iter()
                     .map(|id| required_id("connections.ids", id))
-                    .collect::<Result<Vec<_>, _>>()?;
+                    .collect::<Result<Vec<ConnectionId>, _>>()?;
                 // A connection named twice still gets the payload once.
                 let mut seen = std::collections::HashSet::new();
                 ids.retain(|id| seen.insert(id.clone()));
@@ -150,10 +162,10 @@ impl TryFrom<v1::BroadcastRequest> for BroadcastCommand {
 
 #[derive(Debug, PartialEq)]
 pub struct ListQuery {
-    pub tenant_id: String,
-    pub user_id: Option<String>,
+    pub tenant_id: TenantId,
+    pub user_id: Option<UserId>,
     pub page_size: usize,
-    pub after: Option<String>,
+    pub after: Option<ConnectionId>,
 }
 
 impl TryFrom<v1::ListConnectionsRequest> for ListQuery {
@@ -181,9 +193,9 @@ impl TryFrom<v1::ListConnectionsRequest> for ListQuery {
 
 #[derive(Debug)]
 pub struct DisconnectCommand {
-    pub connection_id: String,
+    pub connection_id: ConnectionId,
     pub reason: String,
-    pub tenant_id: Option<String>,
+    pub tenant_id: Option<TenantId>,
 }
 
 impl TryFrom<v1::DisconnectRequest> for DisconnectCommand {
@@ -214,12 +226,12 @@ pub fn connection_to_proto(r: ConnectionRecord) -> v1::Connection {
     let expires_at = r.expires_at_ms();
     v1::Connection {
         identity: Some(v1::Identity {
-            user_id: r.user_id,
-            tenant_id: r.tenant_id,
+            user_id: r.user_id.into(),
+            tenant_id: r.tenant_id.into(),
             permissions: r.permissions,
         }),
-        connection_id: r.connection_id,
-        edge_id: r.edge_id,
+        connection_id: r.connection_id.into(),
+        edge_id: r.edge_id.into(),
         connected_at: Some(timestamp(r.connected_at_ms)),
         last_seen: Some(timestamp(r.last_seen_ms)),
         user_agent: r.user_agent,
@@ -232,7 +244,7 @@ pub fn connection_to_proto(r: ConnectionRecord) -> v1::Connection {
 /// it only announces sockets whose token AuthService verified.
 pub fn connection_from_edge(
     c: v1::Connection,
-    edge_id: &str,
+    edge_id: &EdgeId,
     now_ms: u64,
 ) -> Result<ConnectionRecord, ConnectionError> {
     let identity = c
@@ -247,7 +259,7 @@ pub fn connection_from_edge(
         user_id: required_id("user_id", identity.user_id).map_err(bad)?,
         tenant_id: required_id("tenant_id", identity.tenant_id).map_err(bad)?,
         permissions: identity.permissions,
-        edge_id: edge_id.to_owned(),
+        edge_id: edge_id.clone(),
         connected_at_ms: ms(c.connected_at).unwrap_or(now_ms),
         last_seen_ms: ms(c.last_seen).unwrap_or(now_ms).max(now_ms),
         user_agent: c.user_agent,
@@ -298,9 +310,9 @@ mod tests {
 
     #[test]
     fn ids_with_nul_or_too_long_are_refused() {
-        assert!(required_id("x", "a\0b".into()).is_err());
-        assert!(required_id("x", "a".repeat(MAX_ID_BYTES + 1)).is_err());
-        assert_eq!(required_id("x", "ok".into()).unwrap(), "ok");
+        assert!(required_id::<ConnectionId>("x", "a\0b".into()).is_err());
+        assert!(required_id::<ConnectionId>("x", "a".repeat(MAX_ID_BYTES + 1)).is_err());
+        assert_eq!(required_id::<ConnectionId>("x", "ok".into()).unwrap(), "ok");
     }
 
     #[test]
@@ -371,8 +383,8 @@ mod tests {
                 sequence: None,
             }) {
                 Ok(cmd) => {
-                    proptest::prop_assert!(valid(&cmd.connection_id));
-                    proptest::prop_assert!(cmd.tenant_id.as_deref().is_none_or(valid));
+                    proptest::prop_assert!(valid(cmd.connection_id.as_str()));
+                    proptest::prop_assert!(cmd.tenant_id.as_ref().map(TenantId::as_str).is_none_or(valid));
                 }
                 Err(error) => proptest::prop_assert!(error.to_string().contains('`')),
             }
@@ -382,7 +394,7 @@ mod tests {
                 tenant_id,
             });
             if let Ok(BroadcastCommand { target: BroadcastTarget::Connections(ids), .. }) = broadcast {
-                proptest::prop_assert!(!ids.is_empty() && ids.iter().all(|id| valid(id)));
+                proptest::prop_assert!(!ids.is_empty() && ids.iter().all(|id| valid(id.as_str())));
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The registry: which connections exist, found by id, tenant or user
 //! within what a caller may reach, and the sweep of expired records.
 
+use streamer_core::ids::{ConnectionId, TenantId, UserId};
 use streamer_core::store::{ConnectionRecord, now_ms};
 use streamer_core::trust::Caller;
 
@@ -28,35 +29,39 @@ impl ConnectionServer {
     /// a caller learns nothing of other tenants' connections.
     pub(crate) async fn find(
         &self,
-        connection_id: &str,
-        tenant: Option<&str>,
+        connection_id: &ConnectionId,
+        tenant: Option<&TenantId>,
         caller: &Caller,
     ) -> Result<ConnectionRecord, ConnectionError> {
         self.shared
             .store
             .get_connection(connection_id)
             .await?
-            .filter(|r| tenant.is_none_or(|t| t == r.tenant_id) && caller.reaches(&r.tenant_id))
-            .ok_or_else(|| ConnectionError::NotFound(connection_id.to_owned()))
+            .filter(|r| tenant.is_none_or(|t| *t == r.tenant_id) && caller.reaches(&r.tenant_id))
+            .ok_or_else(|| ConnectionError::NotFound(connection_id.clone()))
     }
 
     /// A whole tenant (or one of its users) is addressed: the caller must
     /// be allowed to reach it.
-    pub(crate) fn check_reach(caller: &Caller, tenant_id: &str) -> Result<(), ConnectionError> {
+    pub(crate) fn check_reach(
+        caller: &Caller,
+        tenant_id: &TenantId,
+    ) -> Result<(), ConnectionError> {
         if caller.reaches(tenant_id) {
             Ok(())
         } else {
             Err(ConnectionError::PermissionDenied(format!(
-                "this credential ({}) may not reach tenant {tenant_id:?}",
-                caller.subject
+                "this credential ({}) may not reach tenant {:?}",
+                caller.subject,
+                tenant_id.as_str()
             )))
         }
     }
 
     pub(crate) async fn all_connections(
         &self,
-        tenant: &str,
-        user: Option<&str>,
+        tenant: &TenantId,
+        user: Option<&UserId>,
     ) -> Result<Vec<ConnectionRecord>, ConnectionError> {
         const PAGE: usize = 1000;
         let mut out: Vec<ConnectionRecord> = Vec::new();
@@ -65,7 +70,7 @@ impl ConnectionServer {
             let page = self
                 .shared
                 .store
-                .list_connections(tenant, user, after.as_deref(), PAGE)
+                .list_connections(tenant, user, after.as_ref(), PAGE)
                 .await?;
             let done = page.len() < PAGE;
             out.extend(page);

@@ -10,6 +10,7 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use streamer_api::v1::InboundMessage;
+use streamer_core::ids::TenantId;
 use tokio::sync::{mpsc, watch};
 
 pub type InboundSender = mpsc::Sender<Result<InboundMessage, tonic::Status>>;
@@ -19,7 +20,7 @@ struct RouterLink {
     key: u64,
     router_id: String,
     /// `None`: every tenant.
-    tenants: Option<BTreeSet<String>>,
+    tenants: Option<BTreeSet<TenantId>>,
     tx: InboundSender,
 }
 
@@ -70,7 +71,7 @@ impl RouterTable {
         &self,
         router_id: &str,
         actions: &[String],
-        tenants: Option<BTreeSet<String>>,
+        tenants: Option<BTreeSet<TenantId>>,
         tx: InboundSender,
     ) -> u64 {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);

@@ -13,6 +13,7 @@ use streamer_api::v1::{
     edge_service_server::EdgeServiceServer, progress_service_client::ProgressServiceClient,
 };
 use streamer_core::grpc::{Balanced, channel_to, url_list};
+use streamer_core::ids::EdgeId;
 use streamer_core::shutdown::Shutdown;
 use streamer_core::store::SharedStore;
 use streamer_core::trust::{AuthedChannel, Role, Trust};
@@ -161,7 +162,7 @@ async fn progress_replicas(
 
 /// A frame on its way to an inbound worker, with the edge it came from.
 pub(crate) struct Inbound {
-    pub(crate) edge_id: String,
+    pub(crate) edge_id: EdgeId,
     pub(crate) frame: v1::InboundFrame,
 }
 

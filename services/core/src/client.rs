@@ -11,6 +11,7 @@
 use serde_json::{Map, Value, json};
 use streamer_api::v1;
 
+use crate::ids::ClientRequestId;
 use crate::store::{RequestRecord, RequestStatus};
 use crate::timestamp;
 
@@ -40,21 +41,23 @@ impl ErrorCode {
     }
 }
 
-/// `{"type":"error","request_id":...,"error":{"code","message"}}`; the
-/// `request_id` is omitted when the frame had no id.
-pub fn error(request_id: &str, code: ErrorCode, message: impl Into<String>) -> Value {
+/// `{"type":"error","request_id":...,"error":{"code","message"}}`, for the
+/// client's frame `request_id`; the `request_id` is omitted when the frame
+/// had no id.
+pub fn error(request_id: &ClientRequestId, code: ErrorCode, message: impl Into<String>) -> Value {
     let mut value = json!({
         "type": "error",
         "error": { "code": code.as_str(), "message": message.into() },
     });
     if !request_id.is_empty() {
-        value["request_id"] = Value::String(request_id.to_owned());
+        value["request_id"] = Value::String(request_id.to_string());
     }
     value
 }
 
-/// `{"type":"response","request_id","success":true,"data"}`.
-pub fn response(request_id: &str, data: Value) -> Value {
+/// `{"type":"response","request_id","success":true,"data"}`, answering the
+/// client's frame `request_id`.
+pub fn response(request_id: &ClientRequestId, data: Value) -> Value {
     json!({
         "type": "response",
         "request_id": request_id,
@@ -215,10 +218,10 @@ mod tests {
 
     #[test]
     fn error_omits_an_empty_request_id() {
-        let e = error("", ErrorCode::Validation, "bad");
+        let e = error(&ClientRequestId::default(), ErrorCode::Validation, "bad");
         assert!(e.get("request_id").is_none());
         assert_eq!(e["error"]["code"], "VALIDATION_ERROR");
-        let e = error("r1", ErrorCode::InvalidAction, "nope");
+        let e = error(&"r1".into(), ErrorCode::InvalidAction, "nope");
         assert_eq!(e["request_id"], "r1");
         assert_eq!(e["error"]["code"], "INVALID_ACTION");
     }

@@ -1,5 +1,7 @@
 //! What every Streamer service shares.
 //!
+//! - [`ids`]: the identifiers (connections, edges, tenants, users, requests),
+//!   one type each.
 //! - [`store`]: the storage interface and its embedded (redb) backend.
 //! - [`grpc`]: serving a tonic service with health, reflection and graceful
 //!   shutdown, the same way in every process.
@@ -14,6 +16,7 @@
 
 pub mod client;
 pub mod grpc;
+pub mod ids;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

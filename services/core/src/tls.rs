@@ -606,14 +606,14 @@ mod tests {
         let caller = certificate_caller(&der(&pem.cert)).unwrap();
         assert_eq!(caller.subject, "billing");
         assert_eq!(caller.roles, [Role::Backend, Role::Router].into());
-        assert!(caller.reaches("acme") && !caller.reaches("globex"));
+        assert!(caller.reaches(&"acme".into()) && !caller.reaches(&"globex".into()));
         assert!(caller.authenticated);
 
         let everywhere = ca.issue("ops", &[Role::Backend], &[], &[]).unwrap();
         assert!(
             certificate_caller(&der(&everywhere.cert))
                 .unwrap()
-                .reaches("globex")
+                .reaches(&"globex".into())
         );
     }
 

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tonic::Status;
 use tonic::metadata::AsciiMetadataValue;
 
+use crate::ids::{EdgeId, TenantId};
 use crate::tls::{PeerIdentity, Tls};
 
 /// What a caller is allowed to be.
@@ -117,7 +118,7 @@ pub struct Caller {
     pub subject: String,
     pub roles: BTreeSet<Role>,
     /// The tenants it may reach; `None`: every tenant.
-    pub tenants: Option<BTreeSet<String>>,
+    pub tenants: Option<BTreeSet<TenantId>>,
     /// False in mode `none`, where nobody proved who they are.
     pub authenticated: bool,
 }
@@ -152,7 +153,7 @@ impl Caller {
     }
 
     /// Whether this caller may reach `tenant_id`'s connections and requests.
-    pub fn reaches(&self, tenant_id: &str) -> bool {
+    pub fn reaches(&self, tenant_id: &TenantId) -> bool {
         self.tenants.as_ref().is_none_or(|t| t.contains(tenant_id))
     }
 
@@ -163,7 +164,8 @@ impl Caller {
     /// or a name under it (`gateway/pod-1` for the certificate `gateway`,
     /// which every replica of a Deployment shares). Unauthenticated callers
     /// exist only in mode `none`, where anyone may.
-    pub fn may_attach_as(&self, edge_id: &str) -> bool {
+    pub fn may_attach_as(&self, edge_id: &EdgeId) -> bool {
+        let edge_id = edge_id.as_str();
         !self.authenticated
             || edge_id == self.subject
             || edge_id
@@ -273,7 +275,9 @@ impl ServiceTokens {
         Ok(Caller {
             subject: claims.sub,
             roles: claims.roles.into_iter().collect(),
-            tenants: claims.tenants.map(|t| t.into_iter().collect()),
+            tenants: claims
+                .tenants
+                .map(|t| t.into_iter().map(TenantId::from).collect()),
             authenticated: true,
         })
     }
@@ -328,7 +332,7 @@ pub fn certificate_caller(der: &[u8]) -> Result<Caller, String> {
                 .map_err(|_| format!("{uri} names no Streamer role"))?;
             roles.insert(role);
         } else if let Some(tenant) = uri.strip_prefix(TENANT_URI_PREFIX) {
-            tenants.insert(tenant.to_owned());
+            tenants.insert(TenantId::from(tenant));
         }
     }
     if roles.is_empty() {
@@ -440,14 +444,14 @@ impl Trust {
     /// The id an edge attaches with: `edge_id` as given, except that in
     /// mode `mtls` it is put under the certificate's name (see
     /// [`Caller::may_attach_as`]) unless it already is.
-    pub fn edge_id(&self, edge_id: &str) -> String {
+    pub fn edge_id(&self, edge_id: &EdgeId) -> EdgeId {
         match (&self.check, self.tls.as_ref().and_then(|t| t.subject())) {
             (Check::Certificate, Some(subject))
-                if edge_id != subject && !edge_id.starts_with(&format!("{subject}/")) =>
+                if edge_id != subject && !edge_id.as_str().starts_with(&format!("{subject}/")) =>
             {
-                format!("{subject}/{edge_id}")
+                EdgeId::from(format!("{subject}/{edge_id}"))
             }
-            _ => edge_id.to_owned(),
+            _ => edge_id.clone(),
         }
     }
 
@@ -681,7 +685,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(caller, Caller::anyone());
-        assert!(caller.reaches("any"));
+        assert!(caller.reaches(&"any".into()));
     }
 
     #[test]
@@ -719,8 +723,8 @@ mod tests {
             .unwrap();
         let caller = trust.authorize(send, &headers(&backend), None).unwrap();
         assert_eq!(caller.subject, "billing");
-        assert!(caller.reaches("acme"));
-        assert!(!caller.reaches("globex"));
+        assert!(caller.reaches(&"acme".into()));
+        assert!(!caller.reaches(&"globex".into()));
 
         // Probes need nothing, and get no power from it.
         let probe = trust
@@ -730,7 +734,7 @@ mod tests {
                 None,
             )
             .unwrap();
-        assert!(probe.roles.is_empty() && !probe.reaches("acme"));
+        assert!(probe.roles.is_empty() && !probe.reaches(&"acme".into()));
     }
 
     #[test]

@@ -34,7 +34,7 @@ async fn creating_the_tables_again_changes_nothing() {
     let again = DynamoStore::local(&endpoint, "unused-");
     again.create_tables().await.unwrap();
     again.create_tables().await.unwrap();
-    assert!(store.get_connection("c1").await.unwrap().is_some());
+    assert!(store.get_connection(&"c1".into()).await.unwrap().is_some());
     store.ping().await.unwrap();
 }
 
@@ -46,7 +46,7 @@ async fn an_unreachable_server_is_a_retryable_error() {
     let store = DynamoStore::local(&endpoint, "x-");
     let error = store.ping().await.unwrap_err();
     assert!(error.is_retryable(), "{error:?}");
-    let error = store.get_connection("c1").await.unwrap_err();
+    let error = store.get_connection(&"c1".into()).await.unwrap_err();
     assert!(error.is_retryable(), "{error:?}");
     assert!(
         std::error::Error::source(&error).is_some(),

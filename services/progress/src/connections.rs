@@ -7,6 +7,7 @@ use std::time::Duration;
 use streamer_api::v1;
 use streamer_api::v1::connection_service_client::ConnectionServiceClient;
 use streamer_core::grpc::{Balanced, channel_to, url_list};
+use streamer_core::ids::{ConnectionId, RequestId, TenantId, UserId};
 use streamer_core::shutdown::Shutdown;
 use streamer_core::trust::{AuthedChannel, Role, Trust};
 
@@ -15,8 +16,8 @@ use crate::error::ProgressError;
 /// The verified identity behind a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ConnectionIdentity {
-    pub tenant_id: String,
-    pub user_id: String,
+    pub tenant_id: TenantId,
+    pub user_id: UserId,
 }
 
 /// What became of one delivery.
@@ -68,13 +69,16 @@ impl ConnectionDirectory {
         Ok(Self { replicas })
     }
 
-    pub async fn identity(&self, connection_id: &str) -> Result<ConnectionIdentity, ProgressError> {
+    pub async fn identity(
+        &self,
+        connection_id: &ConnectionId,
+    ) -> Result<ConnectionIdentity, ProgressError> {
         let reply = self
             .replicas
             .call(ATTEMPTS, Duration::ZERO, |mut client| async move {
                 client
                     .get_connection(v1::GetConnectionRequest {
-                        connection_id: connection_id.to_owned(),
+                        connection_id: connection_id.to_string(),
                         tenant_id: String::new(),
                     })
                     .await
@@ -85,16 +89,17 @@ impl ConnectionDirectory {
                 let identity = connection.into_inner().identity.unwrap_or_default();
                 if identity.user_id.is_empty() {
                     return Err(ProgressError::ConnectionService(format!(
-                        "connection {connection_id:?} has no identity"
+                        "connection {:?} has no identity",
+                        connection_id.as_str()
                     )));
                 }
                 Ok(ConnectionIdentity {
-                    tenant_id: identity.tenant_id,
-                    user_id: identity.user_id,
+                    tenant_id: identity.tenant_id.into(),
+                    user_id: identity.user_id.into(),
                 })
             }
             Err(status) if status.code() == tonic::Code::NotFound => {
-                Err(ProgressError::ConnectionNotFound(connection_id.to_owned()))
+                Err(ProgressError::ConnectionNotFound(connection_id.clone()))
             }
             Err(status) => Err(ProgressError::ConnectionService(
                 status.message().to_owned(),
@@ -108,22 +113,22 @@ impl ConnectionDirectory {
     /// always be retried.
     pub async fn send(
         &self,
-        connection_id: &str,
-        tenant_id: &str,
-        (request_id, sequence): (&str, u64),
+        connection_id: &ConnectionId,
+        tenant_id: &TenantId,
+        (request_id, sequence): (&RequestId, u64),
         message: serde_json::Value,
     ) -> Delivery {
         let send = v1::SendRequest {
-            connection_id: connection_id.to_owned(),
+            connection_id: connection_id.to_string(),
             // Serialised here, as text, so the client sees the protocol's
             // field order (`type` first); a protobuf Struct would sort the
             // keys.
             payload: Some(v1::Payload {
                 body: Some(v1::payload::Body::Text(message.to_string())),
             }),
-            tenant_id: tenant_id.to_owned(),
+            tenant_id: tenant_id.to_string(),
             sequence: Some(v1::Sequence {
-                stream: request_id.to_owned(),
+                stream: request_id.to_string(),
                 number: sequence,
             }),
         };
@@ -152,7 +157,7 @@ impl ConnectionDirectory {
             // Includes this call's own timeout: the edge may have written
             // the message, so the retry carries the same sequence.
             Err(status) => {
-                tracing::debug!(connection_id, code = ?status.code(), error = status.message(), "send failed");
+                tracing::debug!(connection_id = connection_id.as_str(), code = ?status.code(), error = status.message(), "send failed");
                 Delivery::Unavailable
             }
         }

@@ -1,6 +1,7 @@
 //! The one error type of the service, and the one place that decides which
 //! gRPC status each case becomes.
 
+use streamer_core::ids::{ConnectionId, RequestId};
 use streamer_core::store::{RequestStatus, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -16,8 +17,8 @@ pub enum ProgressError {
 
     /// The connection named by the caller does not exist (or is another
     /// user's, for a resume).
-    #[error("connection {0:?} not found")]
-    ConnectionNotFound(String),
+    #[error("connection {:?} not found", .0.as_str())]
+    ConnectionNotFound(ConnectionId),
 
     /// Nothing would ever run the action.
     #[error("no processor handles action {0:?}")]
@@ -25,11 +26,11 @@ pub enum ProgressError {
 
     /// The request already reached a final state.
     #[error("request {id} is already {status}: a request is completed at most once")]
-    AlreadyFinished { id: String, status: &'static str },
+    AlreadyFinished { id: RequestId, status: &'static str },
 
     /// The caller does not hold the request's lease.
     #[error("processor {processor_id:?} does not hold the lease of request {id}")]
-    NotLeaseHolder { id: String, processor_id: String },
+    NotLeaseHolder { id: RequestId, processor_id: String },
 
     /// Conditional writes kept losing to other writers.
     #[error("{0} is being changed concurrently; retry")]
@@ -56,9 +57,9 @@ impl ProgressError {
         }
     }
 
-    pub(crate) fn already_finished(id: &str, status: RequestStatus) -> Self {
+    pub(crate) fn already_finished(id: &RequestId, status: RequestStatus) -> Self {
         Self::AlreadyFinished {
-            id: id.to_owned(),
+            id: id.clone(),
             status: status_name(status),
         }
     }

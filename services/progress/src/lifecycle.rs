@@ -25,6 +25,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use streamer_api::v1;
 use streamer_core::client;
+use streamer_core::ids::{ClientRequestId, RequestId};
 use streamer_core::shutdown::Shutdown;
 use streamer_core::store::{
     Durability, ProgressState, RequestError, RequestRecord, RequestStatus, SharedStore, StoreError,
@@ -97,13 +98,13 @@ struct Session {
     actions: HashSet<String>,
     max_in_flight: usize,
     lease: Duration,
-    in_flight: HashSet<String>,
+    in_flight: HashSet<RequestId>,
     tx: mpsc::UnboundedSender<v1::ClaimResponse>,
 }
 
 /// What the dispatcher decided: hand `id` to `session`.
 struct Assignment {
-    id: String,
+    id: RequestId,
     session: u64,
     processor_id: String,
     lease: Duration,
@@ -118,20 +119,20 @@ struct Registry {
     /// Round robin: the next session id to prefer among equal candidates.
     next_turn: u64,
     /// PENDING requests, FIFO by creation: (created_at_ms, id) -> action.
-    pending: BTreeMap<(u64, String), String>,
-    pending_since: HashMap<String, u64>,
+    pending: BTreeMap<(u64, RequestId), String>,
+    pending_since: HashMap<RequestId, u64>,
     /// PROCESSING requests: id -> lease expiry (ms).
-    leases: HashMap<String, u64>,
+    leases: HashMap<RequestId, u64>,
     /// Finished requests whose final message is not known to be delivered:
     /// id -> delivery lease expiry (ms).
-    undelivered: HashMap<String, u64>,
-    holds: HashMap<String, Hold>,
+    undelivered: HashMap<RequestId, u64>,
+    holds: HashMap<RequestId, Hold>,
 }
 
 impl Registry {
-    fn remove_pending(&mut self, id: &str) {
+    fn remove_pending(&mut self, id: &RequestId) {
         if let Some(created) = self.pending_since.remove(id) {
-            self.pending.remove(&(created, id.to_owned()));
+            self.pending.remove(&(created, id.clone()));
         }
     }
 
@@ -145,7 +146,7 @@ impl Registry {
             .insert(record.id.clone(), record.created_at_ms);
     }
 
-    fn release_hold(&mut self, id: &str) {
+    fn release_hold(&mut self, id: &RequestId) {
         if let Some(hold) = self.holds.remove(id)
             && let Some(session) = self.sessions.get_mut(&hold.session)
         {
@@ -315,7 +316,7 @@ impl Lifecycle {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn lock(&self, id: &str) -> OwnedMutexGuard<()> {
+    async fn lock(&self, id: &RequestId) -> OwnedMutexGuard<()> {
         let mut hasher = DefaultHasher::new();
         id.hash(&mut hasher);
         let stripe = (hasher.finish() % STRIPES as u64) as usize;
@@ -366,7 +367,7 @@ impl Lifecycle {
     /// act before any other change.
     async fn change<F>(
         &self,
-        id: &str,
+        id: &RequestId,
         durability: Durability,
         mut change: F,
     ) -> Result<(Changed, OwnedMutexGuard<()>), ProgressError>
@@ -413,7 +414,7 @@ impl Lifecycle {
                     ));
                 }
                 Err(StoreError::Conflict) => {
-                    tracing::debug!(request = id, "conditional write lost; re-reading");
+                    tracing::debug!(request = id.as_str(), "conditional write lost; re-reading");
                     continue;
                 }
                 Err(error) => return Err(error.into()),
@@ -427,7 +428,7 @@ impl Lifecycle {
             let mut registry = self.registry();
             if let Some(processor_id) = &effects.stop_processor {
                 let notice = v1::ClaimResponse {
-                    item: Some(v1::claim_response::Item::Cancelled(record.id.clone())),
+                    item: Some(v1::claim_response::Item::Cancelled(record.id.to_string())),
                 };
                 match registry.holds.get(&record.id) {
                     Some(hold) => {
@@ -507,10 +508,10 @@ impl Lifecycle {
         }
         let now = now_ms();
         let record = RequestRecord {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: RequestId::from(uuid::Uuid::now_v7().to_string()),
             client_request_id: cmd
                 .request_id
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                .unwrap_or_else(|| ClientRequestId::from(uuid::Uuid::new_v4().to_string())),
             user_id: identity.user_id,
             tenant_id: identity.tenant_id,
             connection_id: cmd.connection_id.clone(),
@@ -618,7 +619,7 @@ impl Lifecycle {
         let Some(session) = self.registry().sessions.remove(&session_id) else {
             return;
         };
-        let lost: Vec<(String, Option<u32>)> = {
+        let lost: Vec<(RequestId, Option<u32>)> = {
             let mut registry = self.registry();
             session
                 .in_flight
@@ -708,7 +709,7 @@ impl Lifecycle {
 
     /// After a Complete or Fail refused because the caller no longer holds
     /// the request: see [`Lifecycle::no_longer_held`].
-    fn refused_holder(&self, error: &ProgressError, id: &str, processor_id: &str) {
+    fn refused_holder(&self, error: &ProgressError, id: &RequestId, processor_id: &str) {
         if matches!(
             error,
             ProgressError::NotLeaseHolder { .. } | ProgressError::AlreadyFinished { .. }
@@ -721,7 +722,7 @@ impl Lifecycle {
     /// or taken back through another replica, which could not tell this
     /// replica's stream. Tells the processor to stop now (as a cancel made
     /// here would have) and frees its slot.
-    fn no_longer_held(&self, id: &str, processor_id: &str) {
+    fn no_longer_held(&self, id: &RequestId, processor_id: &str) {
         let mut registry = self.registry();
         let Some(hold) = registry.holds.get(id).copied() else {
             return;
@@ -730,7 +731,7 @@ impl Lifecycle {
             && session.processor_id == processor_id
         {
             let _ = session.tx.send(v1::ClaimResponse {
-                item: Some(v1::claim_response::Item::Cancelled(id.to_owned())),
+                item: Some(v1::claim_response::Item::Cancelled(id.to_string())),
             });
             registry.release_hold(id);
         }
@@ -1116,7 +1117,7 @@ impl Lifecycle {
             let now = now_ms();
             let (lapsed, has_pending) = {
                 let registry = self.registry();
-                let lapsed: Vec<String> = registry
+                let lapsed: Vec<RequestId> = registry
                     .leases
                     .iter()
                     .filter(|(_, expiry)| **expiry <= now)
@@ -1152,7 +1153,7 @@ impl Lifecycle {
                     }
                 }
             }
-            let undelivered: Vec<String> = self
+            let undelivered: Vec<RequestId> = self
                 .registry()
                 .undelivered
                 .iter()
@@ -1173,7 +1174,7 @@ impl Lifecycle {
     /// died, or could not reach the client for the whole lease): this
     /// replica takes the lease (a conditional write, so one replica does)
     /// and sends the message again.
-    async fn take_over_delivery(&self, id: &str) {
+    async fn take_over_delivery(&self, id: &RequestId) {
         let result = self
             .change(id, Durability::Immediate, |r, now| {
                 if !r.final_pending || r.lease_expires_at_ms.is_some_and(|expiry| expiry > now) {
@@ -1201,7 +1202,7 @@ impl Lifecycle {
 /// so the client finds it with `get_request`): the request is settled, its
 /// delivery lease released. A conditional write like every other change;
 /// when it cannot be made, the lease lapses and the message is sent again.
-pub(crate) async fn final_delivered(store: &SharedStore, id: &str, sequence: u64) {
+pub(crate) async fn final_delivered(store: &SharedStore, id: &RequestId, sequence: u64) {
     for _ in 0..CONFLICT_RETRIES {
         let mut record = match store.get_request(id).await {
             Ok(Some(record)) if record.final_pending && record.sequence == sequence => record,

@@ -11,6 +11,7 @@ use streamer_api::json::{
     MAX_DEPTH, from_proto, object_to_struct, proto_depth, struct_depth, struct_to_object, to_proto,
 };
 use streamer_api::v1;
+use streamer_core::ids::{ClientRequestId, ConnectionId, RequestId, TenantId, UserId};
 use streamer_core::store::{RequestError, RequestRecord, RequestStatus};
 use streamer_core::timestamp;
 
@@ -26,15 +27,18 @@ pub(crate) const MAX_IN_FLIGHT: u32 = 1000;
 pub(crate) const MAX_LEASE_SECONDS: u32 = 3600;
 
 /// A name the store can index: non-empty, bounded, and free of NUL, which
-/// the store uses as its key separator.
-fn name(field: &'static str, value: String) -> Result<String, ProgressError> {
+/// the store uses as its key separator. It comes out as the type the
+/// caller names: an id ([`RequestId`], [`ConnectionId`], …) or a `String`.
+fn name<T: From<String>>(field: &'static str, value: String) -> Result<T, ProgressError> {
     if value.is_empty() {
         return Err(ProgressError::invalid(field, "is required"));
     }
     optional_name(field, value)
 }
 
-fn optional_name(field: &'static str, value: String) -> Result<String, ProgressError> {
+/// Like [`name`], but empty is let through (the caller decides what it
+/// means).
+fn optional_name<T: From<String>>(field: &'static str, value: String) -> Result<T, ProgressError> {
     if value.len() > MAX_NAME_LEN {
         return Err(ProgressError::invalid(
             field,
@@ -44,7 +48,7 @@ fn optional_name(field: &'static str, value: String) -> Result<String, ProgressE
     if value.contains('\0') {
         return Err(ProgressError::invalid(field, "contains a NUL character"));
     }
-    Ok(value)
+    Ok(T::from(value))
 }
 
 /// A JSON object from the wire, within the one nesting rule.
@@ -78,8 +82,8 @@ fn too_deep(field: &'static str) -> ProgressError {
 /// The identity a caller scopes a lookup to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
-    pub tenant_id: String,
-    pub user_id: String,
+    pub tenant_id: TenantId,
+    pub user_id: UserId,
 }
 
 impl Owner {
@@ -100,10 +104,10 @@ impl TryFrom<v1::Identity> for Owner {
 
 #[derive(Debug, Clone)]
 pub struct Submit {
-    pub connection_id: String,
+    pub connection_id: ConnectionId,
     pub action: String,
     /// The client's id; `None` when the client gave none.
-    pub request_id: Option<String>,
+    pub request_id: Option<ClientRequestId>,
     pub payload: Value,
     pub metadata: Map<String, Value>,
 }
@@ -111,7 +115,7 @@ pub struct Submit {
 impl TryFrom<v1::SubmitRequest> for Submit {
     type Error = ProgressError;
     fn try_from(r: v1::SubmitRequest) -> Result<Self, Self::Error> {
-        let request_id = optional_name("request_id", r.request_id)?;
+        let request_id: ClientRequestId = optional_name("request_id", r.request_id)?;
         Ok(Self {
             connection_id: name("connection_id", r.connection_id)?,
             action: name("action", r.action)?,
@@ -150,7 +154,7 @@ impl TryFrom<v1::ClaimRequest> for Claim {
             .actions
             .into_iter()
             .map(|a| name("actions", a))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<String>, _>>()?;
         if r.max_in_flight > MAX_IN_FLIGHT {
             return Err(ProgressError::invalid(
                 "max_in_flight",
@@ -174,7 +178,7 @@ impl TryFrom<v1::ClaimRequest> for Claim {
 
 #[derive(Debug, Clone)]
 pub struct Report {
-    pub id: String,
+    pub id: RequestId,
     pub processor_id: String,
     pub percentage: f64,
     pub message: String,
@@ -200,7 +204,7 @@ impl TryFrom<v1::ProgressReport> for Report {
 
 #[derive(Debug, Clone)]
 pub struct Complete {
-    pub id: String,
+    pub id: RequestId,
     pub processor_id: String,
     pub result: Value,
 }
@@ -218,7 +222,7 @@ impl TryFrom<v1::CompleteRequest> for Complete {
 
 #[derive(Debug, Clone)]
 pub struct Fail {
-    pub id: String,
+    pub id: RequestId,
     pub processor_id: String,
     pub error: RequestError,
     pub retryable: bool,
@@ -251,7 +255,7 @@ impl TryFrom<v1::FailRequest> for Fail {
 
 #[derive(Debug, Clone)]
 pub struct Cancel {
-    pub id: String,
+    pub id: RequestId,
     pub reason: String,
     pub owner: Option<Owner>,
 }
@@ -270,11 +274,11 @@ impl TryFrom<v1::CancelRequest> for Cancel {
 /// How a caller names a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {
-    Id(String),
+    Id(RequestId),
     Client {
-        tenant_id: String,
-        user_id: String,
-        request_id: String,
+        tenant_id: TenantId,
+        user_id: UserId,
+        request_id: ClientRequestId,
     },
 }
 
@@ -283,7 +287,7 @@ pub struct Lookup {
     pub selector: Selector,
     pub owner: Option<Owner>,
     /// Resume delivery on this connection.
-    pub deliver_to: Option<String>,
+    pub deliver_to: Option<ConnectionId>,
 }
 
 impl TryFrom<v1::GetRequest> for Lookup {
@@ -303,7 +307,8 @@ impl TryFrom<v1::GetRequest> for Lookup {
                 ));
             }
         };
-        let deliver_to = optional_name("deliver_to_connection_id", r.deliver_to_connection_id)?;
+        let deliver_to: ConnectionId =
+            optional_name("deliver_to_connection_id", r.deliver_to_connection_id)?;
         Ok(Self {
             selector,
             owner: r.owner.map(Owner::try_from).transpose()?,
@@ -325,14 +330,14 @@ pub(crate) fn status_to_proto(status: RequestStatus) -> v1::RequestStatus {
 /// A stored request as the wire shows it.
 pub(crate) fn request_to_proto(r: RequestRecord) -> v1::Request {
     v1::Request {
-        id: r.id,
-        request_id: r.client_request_id,
+        id: r.id.into(),
+        request_id: r.client_request_id.into(),
         identity: Some(v1::Identity {
-            user_id: r.user_id,
-            tenant_id: r.tenant_id,
+            user_id: r.user_id.into(),
+            tenant_id: r.tenant_id.into(),
             permissions: Vec::new(),
         }),
-        connection_id: r.connection_id,
+        connection_id: r.connection_id.into(),
         action: r.action,
         payload: Some(to_proto(r.payload)),
         metadata: Some(object_to_struct(r.metadata)),

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::Value;
+use streamer_core::ids::{ConnectionId, RequestId, TenantId};
 use streamer_core::shutdown::Shutdown;
 use streamer_core::store::SharedStore;
 use tokio::sync::Notify;
@@ -98,7 +99,7 @@ struct Context {
 pub(crate) struct Outboxes {
     ctx: Arc<Context>,
     // A plain mutex: lookups and inserts only, never held across an await.
-    live: Arc<Mutex<HashMap<String, Arc<Mailbox>>>>,
+    live: Arc<Mutex<HashMap<RequestId, Arc<Mailbox>>>>,
 }
 
 impl Outboxes {
@@ -123,7 +124,7 @@ impl Outboxes {
         }
     }
 
-    fn live(&self) -> MutexGuard<'_, HashMap<String, Arc<Mailbox>>> {
+    fn live(&self) -> MutexGuard<'_, HashMap<RequestId, Arc<Mailbox>>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -134,9 +135,9 @@ impl Outboxes {
     /// finishes its own send; each goes to one socket, in order there.
     fn mailbox(
         &self,
-        id: &str,
-        tenant_id: &str,
-        connection_id: &str,
+        id: &RequestId,
+        tenant_id: &TenantId,
+        connection_id: &ConnectionId,
         reopen: bool,
     ) -> Arc<Mailbox> {
         let mut live = self.live();
@@ -149,20 +150,26 @@ impl Outboxes {
             slots: Mutex::default(),
             wake: Notify::new(),
         });
-        live.insert(id.to_owned(), mailbox.clone());
+        live.insert(id.clone(), mailbox.clone());
         drop(live);
         let sender = Sender {
             outboxes: self.clone(),
             mailbox: mailbox.clone(),
-            id: id.to_owned(),
-            tenant_id: tenant_id.to_owned(),
-            connection_id: connection_id.to_owned(),
+            id: id.clone(),
+            tenant_id: tenant_id.clone(),
+            connection_id: connection_id.clone(),
         };
         self.ctx.tasks.spawn(sender.run());
         mailbox
     }
 
-    pub fn acknowledgment(&self, id: &str, tenant_id: &str, connection_id: &str, message: Value) {
+    pub fn acknowledgment(
+        &self,
+        id: &RequestId,
+        tenant_id: &TenantId,
+        connection_id: &ConnectionId,
+        message: Value,
+    ) {
         let mailbox = self.mailbox(id, tenant_id, connection_id, false);
         let mut slots = mailbox.slots();
         if slots.closed {
@@ -175,9 +182,9 @@ impl Outboxes {
 
     pub fn progress(
         &self,
-        id: &str,
-        tenant_id: &str,
-        connection_id: &str,
+        id: &RequestId,
+        tenant_id: &TenantId,
+        connection_id: &ConnectionId,
         sequence: u64,
         message: Value,
     ) {
@@ -196,9 +203,9 @@ impl Outboxes {
 
     pub fn final_message(
         &self,
-        id: &str,
-        tenant_id: &str,
-        connection_id: &str,
+        id: &RequestId,
+        tenant_id: &TenantId,
+        connection_id: &ConnectionId,
         sequence: u64,
         message: Value,
     ) {
@@ -215,7 +222,7 @@ impl Outboxes {
         mailbox.wake.notify_one();
     }
 
-    fn remove(&self, id: &str, mailbox: &Arc<Mailbox>) {
+    fn remove(&self, id: &RequestId, mailbox: &Arc<Mailbox>) {
         let mut live = self.live();
         if live.get(id).is_some_and(|m| Arc::ptr_eq(m, mailbox)) {
             live.remove(id);
@@ -233,11 +240,11 @@ enum Next {
 struct Sender {
     outboxes: Outboxes,
     mailbox: Arc<Mailbox>,
-    id: String,
-    tenant_id: String,
+    id: RequestId,
+    tenant_id: TenantId,
     /// The connection known when the mailbox opened; used only when the
     /// store cannot say which one is current.
-    connection_id: String,
+    connection_id: ConnectionId,
 }
 
 impl Sender {
@@ -309,7 +316,7 @@ impl Sender {
     }
 
     /// The connection the request's updates go to now.
-    async fn current_connection(&self) -> String {
+    async fn current_connection(&self) -> ConnectionId {
         match self.outboxes.ctx.store.get_request(&self.id).await {
             Ok(Some(record)) => record.connection_id,
             Ok(None) => self.connection_id.clone(),
@@ -350,7 +357,7 @@ impl Sender {
                 }
                 Delivery::Gone => {
                     // The state is stored: the client can resume with Get.
-                    tracing::debug!(request = %self.id, connection_id, kind = kind.label(), "connection gone; message dropped");
+                    tracing::debug!(request = %self.id, connection_id = connection_id.as_str(), kind = kind.label(), "connection gone; message dropped");
                     metrics::counter!("streamer_progress_dropped_total", "kind" => kind.label())
                         .increment(1);
                     return true;
@@ -360,7 +367,7 @@ impl Sender {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Delivery::Unavailable => {
-                    tracing::warn!(request = %self.id, connection_id, kind = kind.label(), attempt, "connection service unavailable; message dropped");
+                    tracing::warn!(request = %self.id, connection_id = connection_id.as_str(), kind = kind.label(), attempt, "connection service unavailable; message dropped");
                     break;
                 }
             }

@@ -21,6 +21,8 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
+use crate::ids::{ConnectionId, EdgeId, RequestId};
+
 use super::{
     CONNECTION_TTL, ConnectionRecord, Durability, Heartbeat, RequestRecord, RequestStatus,
     Retention, SharedStore, StoreError, Subscription, TopicPosition, now_ms,
@@ -112,7 +114,7 @@ pub fn request(id: &str, client_id: &str) -> RequestRecord {
     }
 }
 
-fn ids(records: Vec<ConnectionRecord>) -> Vec<String> {
+fn ids(records: Vec<ConnectionRecord>) -> Vec<ConnectionId> {
     records.into_iter().map(|c| c.connection_id).collect()
 }
 
@@ -120,27 +122,30 @@ pub async fn connection_round_trip(store: SharedStore) {
     let record = connection("c1", "t1", "alice");
     store.put_connection(record.clone()).await.unwrap();
     assert_eq!(
-        store.get_connection("c1").await.unwrap(),
+        store.get_connection(&"c1".into()).await.unwrap(),
         Some(record.clone())
     );
-    assert_eq!(store.get_connection("c2").await.unwrap(), None);
-    assert_eq!(store.delete_connection("c1").await.unwrap(), Some(record));
-    assert_eq!(store.get_connection("c1").await.unwrap(), None);
+    assert_eq!(store.get_connection(&"c2".into()).await.unwrap(), None);
+    assert_eq!(
+        store.delete_connection(&"c1".into()).await.unwrap(),
+        Some(record)
+    );
+    assert_eq!(store.get_connection(&"c1".into()).await.unwrap(), None);
     assert!(
         store
-            .list_connections("t1", None, None, 10)
+            .list_connections(&"t1".into(), None, None, 10)
             .await
             .unwrap()
             .is_empty()
     );
     assert!(
         store
-            .connections_of_edge("edge-1")
+            .connections_of_edge(&"edge-1".into())
             .await
             .unwrap()
             .is_empty()
     );
-    assert_eq!(store.delete_connection("c1").await.unwrap(), None);
+    assert_eq!(store.delete_connection(&"c1".into()).await.unwrap(), None);
 }
 
 pub async fn put_connection_replaces_and_reindexes(store: SharedStore) {
@@ -151,36 +156,42 @@ pub async fn put_connection_replaces_and_reindexes(store: SharedStore) {
     let mut moved = connection("c1", "t2", "bob");
     moved.edge_id = "edge-2".into();
     store.put_connection(moved.clone()).await.unwrap();
-    assert_eq!(store.get_connection("c1").await.unwrap(), Some(moved));
+    assert_eq!(
+        store.get_connection(&"c1".into()).await.unwrap(),
+        Some(moved)
+    );
     assert!(
         store
-            .list_connections("t1", None, None, 10)
+            .list_connections(&"t1".into(), None, None, 10)
             .await
             .unwrap()
             .is_empty()
     );
     assert!(
         store
-            .list_connections("t2", Some("alice"), None, 10)
+            .list_connections(&"t2".into(), Some(&"alice".into()), None, 10)
             .await
             .unwrap()
             .is_empty()
     );
     assert_eq!(
         ids(store
-            .list_connections("t2", Some("bob"), None, 10)
+            .list_connections(&"t2".into(), Some(&"bob".into()), None, 10)
             .await
             .unwrap()),
         ["c1"]
     );
     assert!(
         store
-            .connections_of_edge("edge-1")
+            .connections_of_edge(&"edge-1".into())
             .await
             .unwrap()
             .is_empty()
     );
-    assert_eq!(store.connections_of_edge("edge-2").await.unwrap(), ["c1"]);
+    assert_eq!(
+        store.connections_of_edge(&"edge-2".into()).await.unwrap(),
+        ["c1"]
+    );
 }
 
 pub async fn touch_slides_expiry_and_reports_missing(store: SharedStore) {
@@ -188,17 +199,17 @@ pub async fn touch_slides_expiry_and_reports_missing(store: SharedStore) {
     stale.last_seen_ms = 1;
     store.put_connection(stale).await.unwrap();
     assert_eq!(
-        store.get_connection("c1").await.unwrap(),
+        store.get_connection(&"c1".into()).await.unwrap(),
         None,
         "expired before the touch"
     );
     let now = now_ms();
-    assert!(store.touch_connection("c1", now).await.unwrap());
-    let touched = store.get_connection("c1").await.unwrap().unwrap();
+    assert!(store.touch_connection(&"c1".into(), now).await.unwrap());
+    let touched = store.get_connection(&"c1".into()).await.unwrap().unwrap();
     assert_eq!(touched.last_seen_ms, now);
-    assert!(!store.touch_connection("nobody", now).await.unwrap());
+    assert!(!store.touch_connection(&"nobody".into(), now).await.unwrap());
     assert_eq!(
-        store.get_connection("nobody").await.unwrap(),
+        store.get_connection(&"nobody".into()).await.unwrap(),
         None,
         "a touch creates nothing"
     );
@@ -213,14 +224,17 @@ pub async fn expired_connections_are_invisible_and_swept(store: SharedStore) {
         .put_connection(connection("c2", "t1", "alice"))
         .await
         .unwrap();
-    assert_eq!(store.get_connection("c1").await.unwrap(), None);
+    assert_eq!(store.get_connection(&"c1".into()).await.unwrap(), None);
     assert_eq!(
-        ids(store.list_connections("t1", None, None, 10).await.unwrap()),
+        ids(store
+            .list_connections(&"t1".into(), None, None, 10)
+            .await
+            .unwrap()),
         ["c2"]
     );
     assert_eq!(store.sweep_connections(now).await.unwrap(), 1);
     assert_eq!(store.sweep_connections(now).await.unwrap(), 0);
-    assert!(store.get_connection("c2").await.unwrap().is_some());
+    assert!(store.get_connection(&"c2".into()).await.unwrap().is_some());
 }
 
 pub async fn lists_by_tenant_and_user_in_pages_and_isolates_tenants(store: SharedStore) {
@@ -236,30 +250,36 @@ pub async fn lists_by_tenant_and_user_in_pages_and_isolates_tenants(store: Share
             .unwrap();
     }
     assert_eq!(
-        ids(store.list_connections("t1", None, None, 100).await.unwrap()),
+        ids(store
+            .list_connections(&"t1".into(), None, None, 100)
+            .await
+            .unwrap()),
         ["c1", "c2", "c3"]
     );
     assert_eq!(
         ids(store
-            .list_connections("t1", Some("alice"), None, 100)
+            .list_connections(&"t1".into(), Some(&"alice".into()), None, 100)
             .await
             .unwrap()),
         ["c1", "c3"]
     );
     assert_eq!(
-        ids(store.list_connections("t1", None, None, 2).await.unwrap()),
+        ids(store
+            .list_connections(&"t1".into(), None, None, 2)
+            .await
+            .unwrap()),
         ["c1", "c2"]
     );
     assert_eq!(
         ids(store
-            .list_connections("t1", None, Some("c2"), 2)
+            .list_connections(&"t1".into(), None, Some(&"c2".into()), 2)
             .await
             .unwrap()),
         ["c3"]
     );
     assert_eq!(
         ids(store
-            .list_connections("t1", Some("alice"), Some("c1"), 1)
+            .list_connections(&"t1".into(), Some(&"alice".into()), Some(&"c1".into()), 1)
             .await
             .unwrap()),
         ["c3"]
@@ -267,14 +287,14 @@ pub async fn lists_by_tenant_and_user_in_pages_and_isolates_tenants(store: Share
     // A tenant or user that is a prefix of another sees nothing of it.
     assert!(
         store
-            .list_connections("t", None, None, 10)
+            .list_connections(&"t".into(), None, None, 10)
             .await
             .unwrap()
             .is_empty()
     );
     assert!(
         store
-            .list_connections("t1", Some("ali"), None, 10)
+            .list_connections(&"t1".into(), Some(&"ali".into()), None, 10)
             .await
             .unwrap()
             .is_empty()
@@ -289,13 +309,13 @@ pub async fn lists_many_pages_in_order(store: SharedStore) {
             .put_connection(connection(&id, "t1", "alice"))
             .await
             .unwrap();
-        expected.push(id);
+        expected.push(ConnectionId::from(id));
     }
     let mut seen = Vec::new();
-    let mut after: Option<String> = None;
+    let mut after: Option<ConnectionId> = None;
     loop {
         let page = store
-            .list_connections("t1", Some("alice"), after.as_deref(), 10)
+            .list_connections(&"t1".into(), Some(&"alice".into()), after.as_ref(), 10)
             .await
             .unwrap();
         assert!(page.len() <= 10);
@@ -312,23 +332,23 @@ pub async fn connections_of_edge_and_the_edges(store: SharedStore) {
         record.edge_id = edge.into();
         store.put_connection(record).await.unwrap();
     }
-    let mut of_a = store.connections_of_edge("edge-a").await.unwrap();
+    let mut of_a = store.connections_of_edge(&"edge-a".into()).await.unwrap();
     of_a.sort();
     assert_eq!(of_a, ["c1", "c3"]);
     assert!(
         store
-            .connections_of_edge("edge-c")
+            .connections_of_edge(&"edge-c".into())
             .await
             .unwrap()
             .is_empty()
     );
-    let edges: BTreeSet<String> = store
+    let edges: BTreeSet<EdgeId> = store
         .connection_edges()
         .await
         .unwrap()
         .into_iter()
         .collect();
-    assert_eq!(edges, ["edge-a".to_string(), "edge-b".to_string()].into());
+    assert_eq!(edges, ["edge-a".into(), "edge-b".into()].into());
 }
 
 pub async fn create_request_is_idempotent_per_user_and_client_id(store: SharedStore) {
@@ -338,7 +358,7 @@ pub async fn create_request_is_idempotent_per_user_and_client_id(store: SharedSt
     let again = store.create_request(request("r2", "job-1")).await.unwrap();
     assert!(again.duplicate);
     assert_eq!(again.record, first.record);
-    assert!(store.get_request("r2").await.unwrap().is_none());
+    assert!(store.get_request(&"r2".into()).await.unwrap().is_none());
     let mut other_user = request("r3", "job-1");
     other_user.user_id = "u2".into();
     assert!(!store.create_request(other_user).await.unwrap().duplicate);
@@ -347,7 +367,7 @@ pub async fn create_request_is_idempotent_per_user_and_client_id(store: SharedSt
     assert!(!store.create_request(other_tenant).await.unwrap().duplicate);
     assert_eq!(
         store
-            .find_request("t1", "u1", "job-1")
+            .find_request(&"t1".into(), &"u1".into(), &"job-1".into())
             .await
             .unwrap()
             .unwrap()
@@ -356,7 +376,7 @@ pub async fn create_request_is_idempotent_per_user_and_client_id(store: SharedSt
     );
     assert_eq!(
         store
-            .find_request("t1", "u2", "job-1")
+            .find_request(&"t1".into(), &"u2".into(), &"job-1".into())
             .await
             .unwrap()
             .unwrap()
@@ -365,12 +385,15 @@ pub async fn create_request_is_idempotent_per_user_and_client_id(store: SharedSt
     );
     assert!(
         store
-            .find_request("t1", "u9", "job-1")
+            .find_request(&"t1".into(), &"u9".into(), &"job-1".into())
             .await
             .unwrap()
             .is_none()
     );
-    assert_eq!(store.get_request("r1").await.unwrap(), Some(first.record));
+    assert_eq!(
+        store.get_request(&"r1".into()).await.unwrap(),
+        Some(first.record)
+    );
 }
 
 pub async fn concurrent_creates_of_one_client_id_make_one_request(store: SharedStore) {
@@ -413,7 +436,10 @@ pub async fn update_is_conditional_on_version(store: SharedStore) {
         .await
         .unwrap();
     assert_eq!(a.version, 1);
-    assert_eq!(store.get_request("r1").await.unwrap(), Some(a.clone()));
+    assert_eq!(
+        store.get_request(&"r1".into()).await.unwrap(),
+        Some(a.clone())
+    );
     let mut stale = created;
     stale.status = RequestStatus::Cancelled;
     assert!(matches!(
@@ -456,7 +482,10 @@ pub async fn concurrent_updates_of_one_version_have_one_winner(store: SharedStor
         }
     }
     assert_eq!(won.len(), 1, "exactly one writer wins");
-    assert_eq!(store.get_request("r1").await.unwrap(), Some(won.remove(0)));
+    assert_eq!(
+        store.get_request(&"r1".into()).await.unwrap(),
+        Some(won.remove(0))
+    );
 }
 
 pub async fn unfinished_requests_are_the_pending_and_processing_ones(store: SharedStore) {
@@ -485,7 +514,7 @@ pub async fn unfinished_requests_are_the_pending_and_processing_ones(store: Shar
         }
         records.push(record);
     }
-    let mut unfinished: Vec<String> = store
+    let mut unfinished: Vec<RequestId> = store
         .unfinished_requests()
         .await
         .unwrap()
@@ -500,7 +529,7 @@ pub async fn unfinished_requests_are_the_pending_and_processing_ones(store: Shar
         .update_request(done, Durability::Immediate)
         .await
         .unwrap();
-    let unfinished: Vec<String> = store
+    let unfinished: Vec<RequestId> = store
         .unfinished_requests()
         .await
         .unwrap()
@@ -545,17 +574,20 @@ pub async fn edge_leases_start_extend_and_lapse(store: SharedStore) {
     let lease = Duration::from_secs(30);
     let t0 = now_ms();
     assert_eq!(
-        store.heartbeat_edge("edge-a", t0, lease).await.unwrap(),
+        store
+            .heartbeat_edge(&"edge-a".into(), t0, lease)
+            .await
+            .unwrap(),
         Heartbeat::Started
     );
     assert_eq!(
         store
-            .heartbeat_edge("edge-a", t0 + 10_000, lease)
+            .heartbeat_edge(&"edge-a".into(), t0 + 10_000, lease)
             .await
             .unwrap(),
         Heartbeat::Extended
     );
-    let edge = store.get_edge("edge-a").await.unwrap().unwrap();
+    let edge = store.get_edge(&"edge-a".into()).await.unwrap().unwrap();
     assert_eq!(
         (
             edge.started_at_ms,
@@ -567,16 +599,19 @@ pub async fn edge_leases_start_extend_and_lapse(store: SharedStore) {
     // A heartbeat never shortens a lease.
     assert_eq!(
         store
-            .heartbeat_edge("edge-a", t0 + 11_000, Duration::from_secs(1))
+            .heartbeat_edge(&"edge-a".into(), t0 + 11_000, Duration::from_secs(1))
             .await
             .unwrap(),
         Heartbeat::Extended
     );
-    let edge = store.get_edge("edge-a").await.unwrap().unwrap();
+    let edge = store.get_edge(&"edge-a".into()).await.unwrap().unwrap();
     assert_eq!(edge.lease_expires_at_ms, t0 + 40_000);
-    assert_eq!(store.get_edge("edge-z").await.unwrap(), None);
+    assert_eq!(store.get_edge(&"edge-z".into()).await.unwrap(), None);
 
-    store.heartbeat_edge("edge-b", t0, lease).await.unwrap();
+    store
+        .heartbeat_edge(&"edge-b".into(), t0, lease)
+        .await
+        .unwrap();
     assert!(
         store
             .lapsed_edges(t0 + 29_999, 10)
@@ -584,7 +619,7 @@ pub async fn edge_leases_start_extend_and_lapse(store: SharedStore) {
             .unwrap()
             .is_empty()
     );
-    let lapsed: Vec<String> = store
+    let lapsed: Vec<EdgeId> = store
         .lapsed_edges(t0 + 40_000, 10)
         .await
         .unwrap()
@@ -598,20 +633,23 @@ pub async fn edge_leases_start_extend_and_lapse(store: SharedStore) {
     let mut record = connection("c1", "t1", "alice");
     record.edge_id = "edge-b".into();
     store.put_connection(record).await.unwrap();
-    assert_eq!(store.connections_of_edge("edge-b").await.unwrap(), ["c1"]);
+    assert_eq!(
+        store.connections_of_edge(&"edge-b".into()).await.unwrap(),
+        ["c1"]
+    );
 
     // A heartbeat after the lease lapsed starts a new one.
     assert_eq!(
         store
-            .heartbeat_edge("edge-b", t0 + 31_000, lease)
+            .heartbeat_edge(&"edge-b".into(), t0 + 31_000, lease)
             .await
             .unwrap(),
         Heartbeat::Started
     );
-    let edge = store.get_edge("edge-b").await.unwrap().unwrap();
+    let edge = store.get_edge(&"edge-b".into()).await.unwrap().unwrap();
     assert_eq!(edge.started_at_ms, t0 + 31_000);
-    store.release_edge("edge-b").await.unwrap();
-    assert_eq!(store.get_edge("edge-b").await.unwrap(), None);
+    store.release_edge(&"edge-b".into()).await.unwrap();
+    assert_eq!(store.get_edge(&"edge-b".into()).await.unwrap(), None);
     assert!(
         store
             .lapsed_edges(u64::MAX / 2, 10)
@@ -625,8 +663,14 @@ pub async fn edge_leases_start_extend_and_lapse(store: SharedStore) {
 pub async fn removing_a_lapsed_edge_has_one_winner_and_spares_a_revived_one(store: SharedStore) {
     let lease = Duration::from_secs(5);
     let t0 = now_ms();
-    store.heartbeat_edge("edge-a", t0, lease).await.unwrap();
-    store.heartbeat_edge("edge-b", t0, lease).await.unwrap();
+    store
+        .heartbeat_edge(&"edge-a".into(), t0, lease)
+        .await
+        .unwrap();
+    store
+        .heartbeat_edge(&"edge-b".into(), t0, lease)
+        .await
+        .unwrap();
     let lapsed = store.lapsed_edges(t0 + 5_000, 10).await.unwrap();
     assert_eq!(lapsed.len(), 2);
 
@@ -668,7 +712,7 @@ fn request_at(id: &str, action: &str, created_at_ms: u64) -> RequestRecord {
     record
 }
 
-fn request_ids(records: Vec<RequestRecord>) -> Vec<String> {
+fn request_ids(records: Vec<RequestRecord>) -> Vec<RequestId> {
     records.into_iter().map(|r| r.id).collect()
 }
 
@@ -706,14 +750,14 @@ pub async fn pending_work_by_action_oldest_first(store: SharedStore) {
     );
 
     // Claimed or finished work is no longer pending; work handed back is.
-    let mut claimed = store.get_request("r4").await.unwrap().unwrap();
+    let mut claimed = store.get_request(&"r4".into()).await.unwrap().unwrap();
     claimed.status = RequestStatus::Processing;
     claimed.lease_expires_at_ms = Some(t0 + 60_000);
     let claimed = store
         .update_request(claimed, Durability::Immediate)
         .await
         .unwrap();
-    let mut done = store.get_request("r3").await.unwrap().unwrap();
+    let mut done = store.get_request(&"r3".into()).await.unwrap().unwrap();
     done.status = RequestStatus::Cancelled;
     store
         .update_request(done, Durability::Immediate)
@@ -765,7 +809,7 @@ pub async fn concurrent_claims_of_pending_work_have_one_winner(store: SharedStor
         }
     }
     assert_eq!(winners.len(), 1, "exactly one processor claims the work");
-    let stored = store.get_request("r1").await.unwrap().unwrap();
+    let stored = store.get_request(&"r1".into()).await.unwrap().unwrap();
     assert_eq!(stored.processor_id, winners[0].processor_id);
     assert!(
         store
@@ -808,13 +852,13 @@ pub async fn lapsed_leases_are_found_by_query(store: SharedStore) {
         ["r3"]
     );
     // A lease renewed, or work finished, is no longer lapsed.
-    let mut renewed = store.get_request("r3").await.unwrap().unwrap();
+    let mut renewed = store.get_request(&"r3".into()).await.unwrap().unwrap();
     renewed.lease_expires_at_ms = Some(now + 30_000);
     store
         .update_request(renewed, Durability::Relaxed)
         .await
         .unwrap();
-    let mut done = store.get_request("r1").await.unwrap().unwrap();
+    let mut done = store.get_request(&"r1".into()).await.unwrap().unwrap();
     done.status = RequestStatus::Completed;
     store
         .update_request(done, Durability::Immediate)
@@ -837,7 +881,7 @@ fn subscription(tenant: &str, topic: &str, connection: &str) -> Subscription {
     }
 }
 
-fn subscriber_ids(subscriptions: Vec<Subscription>) -> Vec<String> {
+fn subscriber_ids(subscriptions: Vec<Subscription>) -> Vec<ConnectionId> {
     subscriptions.into_iter().map(|s| s.connection_id).collect()
 }
 
@@ -858,7 +902,7 @@ pub async fn subscriptions_need_a_live_connection_of_the_tenant(store: SharedSto
     assert!(store.subscribe(again).await.unwrap());
     assert_eq!(
         store
-            .subscribers("t1", "orders/42", None, 10)
+            .subscribers(&"t1".into(), "orders/42", None, 10)
             .await
             .unwrap(),
         vec![first]
@@ -886,7 +930,7 @@ pub async fn subscriptions_need_a_live_connection_of_the_tenant(store: SharedSto
     );
     assert!(
         store
-            .subscribers("t2", "orders/42", None, 10)
+            .subscribers(&"t2".into(), "orders/42", None, 10)
             .await
             .unwrap()
             .is_empty()
@@ -894,23 +938,39 @@ pub async fn subscriptions_need_a_live_connection_of_the_tenant(store: SharedSto
     assert_eq!(
         subscriber_ids(
             store
-                .subscribers("t1", "orders/42", None, 10)
+                .subscribers(&"t1".into(), "orders/42", None, 10)
                 .await
                 .unwrap()
         ),
         ["c1"]
     );
 
-    assert!(store.unsubscribe("t1", "orders/42", "c1").await.unwrap());
-    assert!(!store.unsubscribe("t1", "orders/42", "c1").await.unwrap());
     assert!(
         store
-            .subscribers("t1", "orders/42", None, 10)
+            .unsubscribe(&"t1".into(), "orders/42", &"c1".into())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .unsubscribe(&"t1".into(), "orders/42", &"c1".into())
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .subscribers(&"t1".into(), "orders/42", None, 10)
             .await
             .unwrap()
             .is_empty()
     );
-    assert!(store.subscriptions_of("c1").await.unwrap().is_empty());
+    assert!(
+        store
+            .subscriptions_of(&"c1".into())
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 pub async fn subscribers_page_in_order_and_isolate_tenants_and_topics(store: SharedStore) {
@@ -927,7 +987,7 @@ pub async fn subscribers_page_in_order_and_isolate_tenants_and_topics(store: Sha
                 .await
                 .unwrap()
         );
-        expected.push(id);
+        expected.push(ConnectionId::from(id));
     }
     store
         .put_connection(connection("d1", "t2", "bob"))
@@ -953,10 +1013,10 @@ pub async fn subscribers_page_in_order_and_isolate_tenants_and_topics(store: Sha
     );
 
     let mut seen = Vec::new();
-    let mut after: Option<String> = None;
+    let mut after: Option<ConnectionId> = None;
     loop {
         let page = store
-            .subscribers("t1", "news", after.as_deref(), 10)
+            .subscribers(&"t1".into(), "news", after.as_ref(), 10)
             .await
             .unwrap();
         assert!(page.len() <= 10);
@@ -966,11 +1026,16 @@ pub async fn subscribers_page_in_order_and_isolate_tenants_and_topics(store: Sha
     }
     assert_eq!(seen, expected);
     assert_eq!(
-        subscriber_ids(store.subscribers("t2", "news", None, 10).await.unwrap()),
+        subscriber_ids(
+            store
+                .subscribers(&"t2".into(), "news", None, 10)
+                .await
+                .unwrap()
+        ),
         ["d1"]
     );
     let topics: Vec<String> = store
-        .subscriptions_of("c00")
+        .subscriptions_of(&"c00".into())
         .await
         .unwrap()
         .into_iter()
@@ -998,13 +1063,24 @@ pub async fn subscriptions_go_with_their_connection(store: SharedStore) {
     let mut moved = connection("c1", "t1", "alice");
     moved.edge_id = "edge-2".into();
     store.put_connection(moved).await.unwrap();
-    assert_eq!(store.subscriptions_of("c1").await.unwrap().len(), 2);
+    assert_eq!(store.subscriptions_of(&"c1".into()).await.unwrap().len(), 2);
 
     // Deleting it removes them.
-    store.delete_connection("c1").await.unwrap();
-    assert!(store.subscriptions_of("c1").await.unwrap().is_empty());
+    store.delete_connection(&"c1".into()).await.unwrap();
+    assert!(
+        store
+            .subscriptions_of(&"c1".into())
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
-        subscriber_ids(store.subscribers("t1", "a", None, 10).await.unwrap()),
+        subscriber_ids(
+            store
+                .subscribers(&"t1".into(), "a", None, 10)
+                .await
+                .unwrap()
+        ),
         ["c2", "c3"]
     );
 
@@ -1015,7 +1091,12 @@ pub async fn subscriptions_go_with_their_connection(store: SharedStore) {
     assert_eq!(store.sweep_connections(now_ms()).await.unwrap(), 1);
     for topic in ["a", "b"] {
         assert_eq!(
-            subscriber_ids(store.subscribers("t1", topic, None, 10).await.unwrap()),
+            subscriber_ids(
+                store
+                    .subscribers(&"t1".into(), topic, None, 10)
+                    .await
+                    .unwrap()
+            ),
             ["c3"]
         );
     }
@@ -1035,13 +1116,16 @@ fn offsets(recovery: &super::Recovery) -> Vec<u64> {
 pub async fn topic_offsets_are_contiguous_within_an_epoch(store: SharedStore) {
     let keep = retention(100, 3_600);
     let now = now_ms();
-    let start = store.topic_position("t1", "orders").await.unwrap();
+    let start = store.topic_position(&"t1".into(), "orders").await.unwrap();
     assert_eq!(start.offset, 0);
-    assert_eq!(store.topic_position("t1", "orders").await.unwrap(), start);
+    assert_eq!(
+        store.topic_position(&"t1".into(), "orders").await.unwrap(),
+        start
+    );
     for (i, n) in [1u64, 2, 3].into_iter().enumerate() {
         let position = store
             .append_topic(
-                "t1",
+                &"t1".into(),
                 "orders",
                 serde_json::json!({"n": n}),
                 now + i as u64,
@@ -1059,7 +1143,7 @@ pub async fn topic_offsets_are_contiguous_within_an_epoch(store: SharedStore) {
     }
     // Another tenant's topic of the same name is another topic.
     let other = store
-        .append_topic("t2", "orders", serde_json::json!({}), now, keep)
+        .append_topic(&"t2".into(), "orders", serde_json::json!({}), now, keep)
         .await
         .unwrap();
     assert_eq!(other.offset, 1);
@@ -1070,7 +1154,7 @@ pub async fn topic_offsets_are_contiguous_within_an_epoch(store: SharedStore) {
         offset: 1,
     };
     let recovery = store
-        .topic_since("t1", "orders", &since_one, now, keep)
+        .topic_since(&"t1".into(), "orders", &since_one, now, keep)
         .await
         .unwrap();
     assert!(recovery.recovered);
@@ -1079,13 +1163,13 @@ pub async fn topic_offsets_are_contiguous_within_an_epoch(store: SharedStore) {
     assert_eq!(recovery.position.offset, 3);
 
     let current = store
-        .topic_since("t1", "orders", &start, now, keep)
+        .topic_since(&"t1".into(), "orders", &start, now, keep)
         .await
         .unwrap();
     assert!(current.recovered);
     assert_eq!(offsets(&current), [1, 2, 3]);
     let up_to_date = store
-        .topic_since("t1", "orders", &recovery.position, now, keep)
+        .topic_since(&"t1".into(), "orders", &recovery.position, now, keep)
         .await
         .unwrap();
     assert!(up_to_date.recovered && up_to_date.messages.is_empty());
@@ -1094,10 +1178,16 @@ pub async fn topic_offsets_are_contiguous_within_an_epoch(store: SharedStore) {
 pub async fn topic_recovery_says_when_history_no_longer_covers_the_gap(store: SharedStore) {
     let now = now_ms();
     let keep_three = retention(3, 3_600);
-    let start = store.topic_position("t1", "alerts").await.unwrap();
+    let start = store.topic_position(&"t1".into(), "alerts").await.unwrap();
     for n in 1..=5u64 {
         store
-            .append_topic("t1", "alerts", serde_json::json!(n), now, keep_three)
+            .append_topic(
+                &"t1".into(),
+                "alerts",
+                serde_json::json!(n),
+                now,
+                keep_three,
+            )
             .await
             .unwrap();
     }
@@ -1107,13 +1197,13 @@ pub async fn topic_recovery_says_when_history_no_longer_covers_the_gap(store: Sh
     };
     // Messages 1 and 2 are gone: a client at 0 or 1 missed something.
     let gap = store
-        .topic_since("t1", "alerts", &at(1), now, keep_three)
+        .topic_since(&"t1".into(), "alerts", &at(1), now, keep_three)
         .await
         .unwrap();
     assert!(!gap.recovered);
     assert_eq!(offsets(&gap), [3, 4, 5], "what is kept still comes");
     let covered = store
-        .topic_since("t1", "alerts", &at(2), now, keep_three)
+        .topic_since(&"t1".into(), "alerts", &at(2), now, keep_three)
         .await
         .unwrap();
     assert!(covered.recovered);
@@ -1129,7 +1219,7 @@ pub async fn topic_recovery_says_when_history_no_longer_covers_the_gap(store: Sh
         at(9),
     ] {
         let lost = store
-            .topic_since("t1", "alerts", &since, now, keep_three)
+            .topic_since(&"t1".into(), "alerts", &since, now, keep_three)
             .await
             .unwrap();
         assert!(!lost.recovered, "{since:?}");
@@ -1140,13 +1230,13 @@ pub async fn topic_recovery_says_when_history_no_longer_covers_the_gap(store: Sh
     // By age: an hour later nothing is kept.
     let later = now + 3_600_000;
     let aged = store
-        .topic_since("t1", "alerts", &at(3), later, keep_three)
+        .topic_since(&"t1".into(), "alerts", &at(3), later, keep_three)
         .await
         .unwrap();
     assert!(!aged.recovered);
     assert!(aged.messages.is_empty());
     let caught_up = store
-        .topic_since("t1", "alerts", &at(5), later, keep_three)
+        .topic_since(&"t1".into(), "alerts", &at(5), later, keep_three)
         .await
         .unwrap();
     assert!(caught_up.recovered, "nothing was missed");
@@ -1154,12 +1244,12 @@ pub async fn topic_recovery_says_when_history_no_longer_covers_the_gap(store: Sh
 
 pub async fn concurrent_appends_get_distinct_contiguous_offsets(store: SharedStore) {
     let keep = retention(100, 3_600);
-    let start = store.topic_position("t1", "busy").await.unwrap();
+    let start = store.topic_position(&"t1".into(), "busy").await.unwrap();
     let appends = (0..12u64).map(|n| {
         let store = Arc::clone(&store);
         tokio::spawn(async move {
             store
-                .append_topic("t1", "busy", serde_json::json!(n), now_ms(), keep)
+                .append_topic(&"t1".into(), "busy", serde_json::json!(n), now_ms(), keep)
                 .await
         })
     });
@@ -1175,7 +1265,7 @@ pub async fn concurrent_appends_get_distinct_contiguous_offsets(store: SharedSto
     }
     assert_eq!(given, (1..=12).collect());
     let all = store
-        .topic_since("t1", "busy", &start, now_ms(), keep)
+        .topic_since(&"t1".into(), "busy", &start, now_ms(), keep)
         .await
         .unwrap();
     assert!(all.recovered);

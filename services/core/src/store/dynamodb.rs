@@ -50,11 +50,12 @@ use aws_sdk_dynamodb::types::{
 };
 
 use super::{
-    CONNECTION_TTL, ConnectionRecord, ConnectionStore, Created, Durability, EdgeRecord, EdgeStore,
-    Heartbeat, REQUEST_TTL, Recovery, RequestRecord, RequestStatus, RequestStore, Retention, Store,
-    StoreError, StoreResult, Subscription, SubscriptionStore, TokenStore, TopicMessage,
-    TopicPosition, TopicStore, now_ms,
+    CONNECTION_TTL, ClientRequestId, ConnectionId, ConnectionRecord, ConnectionStore, Created,
+    Durability, EdgeRecord, EdgeStore, Heartbeat, REQUEST_TTL, Recovery, RequestRecord,
+    RequestStatus, RequestStore, Retention, Store, StoreError, StoreResult, Subscription,
+    SubscriptionStore, TokenStore, TopicMessage, TopicPosition, TopicStore, now_ms,
 };
+use crate::ids::{EdgeId, RequestId, TenantId, UserId};
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -389,8 +390,8 @@ impl DynamoStore {
     /// Deletes a connection's subscription items (`topics` from its record).
     async fn delete_subscriptions(
         &self,
-        tenant_id: &str,
-        connection_id: &str,
+        tenant_id: &TenantId,
+        connection_id: &ConnectionId,
         topics: &[String],
     ) -> StoreResult<()> {
         for topic in topics {
@@ -398,7 +399,10 @@ impl DynamoStore {
                 .delete_item()
                 .table_name(&self.subscriptions)
                 .key("topic_key", AttributeValue::S(topic_key(tenant_id, topic)))
-                .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+                .key(
+                    "connection_id",
+                    AttributeValue::S(connection_id.to_string()),
+                )
                 .send()
                 .await
                 .map_err(|e| classify("delete a subscription", e))?;
@@ -484,6 +488,8 @@ impl DynamoStore {
         written(&format!("delete from {table}"), deleted)
     }
 
+    /// The item of the requests table whose key is `id`: a request's id, or
+    /// a client-id guard's ([`client_guard_id`]).
     async fn get_request_item(&self, id: &str) -> StoreResult<Option<Item>> {
         Ok(self
             .client
@@ -676,7 +682,7 @@ fn epoch_seconds(ms: u64) -> AttributeValue {
     number(ms.div_ceil(1000))
 }
 
-fn tenant_user(tenant_id: &str, user_id: &str) -> String {
+fn tenant_user(tenant_id: &TenantId, user_id: &UserId) -> String {
     format!("{tenant_id}{SEP}{user_id}")
 }
 
@@ -684,17 +690,20 @@ fn connection_item(record: &ConnectionRecord) -> StoreResult<Item> {
     Ok(HashMap::from([
         (
             "connection_id".into(),
-            AttributeValue::S(record.connection_id.clone()),
+            AttributeValue::S(record.connection_id.to_string()),
         ),
         (
             "tenant_id".into(),
-            AttributeValue::S(record.tenant_id.clone()),
+            AttributeValue::S(record.tenant_id.to_string()),
         ),
         (
             "tenant_user".into(),
             AttributeValue::S(tenant_user(&record.tenant_id, &record.user_id)),
         ),
-        ("edge_id".into(), AttributeValue::S(record.edge_id.clone())),
+        (
+            "edge_id".into(),
+            AttributeValue::S(record.edge_id.to_string()),
+        ),
         ("last_seen_ms".into(), number(record.last_seen_ms)),
         ("expires_at".into(), epoch_seconds(record.expires_at_ms())),
         ("record".into(), json(record)?),
@@ -710,7 +719,7 @@ fn connection_of(item: &Item) -> StoreResult<ConnectionRecord> {
 
 fn request_item(record: &RequestRecord) -> StoreResult<Item> {
     let mut item = HashMap::from([
-        ("id".into(), AttributeValue::S(record.id.clone())),
+        ("id".into(), AttributeValue::S(record.id.to_string())),
         ("version".into(), number(record.version)),
         ("created_at_ms".into(), number(record.created_at_ms)),
         ("expires_at".into(), epoch_seconds(record.expires_at_ms())),
@@ -732,7 +741,7 @@ fn request_item(record: &RequestRecord) -> StoreResult<Item> {
     Ok(item)
 }
 
-fn topic_key(tenant_id: &str, topic: &str) -> String {
+fn topic_key(tenant_id: &TenantId, topic: &str) -> String {
     format!("{tenant_id}{SEP}{topic}")
 }
 
@@ -746,7 +755,7 @@ fn topics_of(item: &Item) -> Vec<String> {
 
 fn edge_of(item: &Item) -> StoreResult<EdgeRecord> {
     Ok(EdgeRecord {
-        edge_id: string(item, "edge_id")?,
+        edge_id: string(item, "edge_id")?.into(),
         started_at_ms: integer(item, "started_at_ms")?,
         heartbeat_at_ms: integer(item, "heartbeat_at_ms")?,
         lease_expires_at_ms: integer(item, "lease_expires_at_ms")?,
@@ -761,7 +770,11 @@ const EDGE_RECORD_TTL: Duration = CONNECTION_TTL;
 /// per edge process), so one partition holds them all.
 const EDGE_SHARD: &str = "edges";
 
-fn client_guard_id(tenant_id: &str, user_id: &str, client_request_id: &str) -> String {
+fn client_guard_id(
+    tenant_id: &TenantId,
+    user_id: &UserId,
+    client_request_id: &ClientRequestId,
+) -> String {
     format!("client{SEP}{tenant_id}{SEP}{user_id}{SEP}{client_request_id}")
 }
 
@@ -802,7 +815,7 @@ impl ConnectionStore for DynamoStore {
         item.remove("connection_id");
         let mut update = self.client.update_item().table_name(&self.connections).key(
             "connection_id",
-            AttributeValue::S(record.connection_id.clone()),
+            AttributeValue::S(record.connection_id.to_string()),
         );
         let mut sets = Vec::new();
         for (i, (name, value)) in item.into_iter().enumerate() {
@@ -819,12 +832,18 @@ impl ConnectionStore for DynamoStore {
         Ok(())
     }
 
-    async fn get_connection(&self, connection_id: &str) -> StoreResult<Option<ConnectionRecord>> {
+    async fn get_connection(
+        &self,
+        connection_id: &ConnectionId,
+    ) -> StoreResult<Option<ConnectionRecord>> {
         let item = self
             .client
             .get_item()
             .table_name(&self.connections)
-            .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+            .key(
+                "connection_id",
+                AttributeValue::S(connection_id.to_string()),
+            )
             .consistent_read(true)
             .send()
             .await
@@ -839,13 +858,16 @@ impl ConnectionStore for DynamoStore {
 
     async fn delete_connection(
         &self,
-        connection_id: &str,
+        connection_id: &ConnectionId,
     ) -> StoreResult<Option<ConnectionRecord>> {
         let old = self
             .client
             .delete_item()
             .table_name(&self.connections)
-            .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+            .key(
+                "connection_id",
+                AttributeValue::S(connection_id.to_string()),
+            )
             .return_values(ReturnValue::AllOld)
             .send()
             .await
@@ -862,13 +884,20 @@ impl ConnectionStore for DynamoStore {
         }
     }
 
-    async fn touch_connection(&self, connection_id: &str, now_ms: u64) -> StoreResult<bool> {
+    async fn touch_connection(
+        &self,
+        connection_id: &ConnectionId,
+        now_ms: u64,
+    ) -> StoreResult<bool> {
         let expires = now_ms + CONNECTION_TTL.as_millis() as u64;
         let touched = self
             .client
             .update_item()
             .table_name(&self.connections)
-            .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+            .key(
+                "connection_id",
+                AttributeValue::S(connection_id.to_string()),
+            )
             .update_expression("SET last_seen_ms = :now, expires_at = :expires")
             .condition_expression("attribute_exists(connection_id)")
             .expression_attribute_values(":now", number(now_ms))
@@ -880,9 +909,9 @@ impl ConnectionStore for DynamoStore {
 
     async fn list_connections(
         &self,
-        tenant_id: &str,
-        user_id: Option<&str>,
-        after: Option<&str>,
+        tenant_id: &TenantId,
+        user_id: Option<&UserId>,
+        after: Option<&ConnectionId>,
         limit: usize,
     ) -> StoreResult<Vec<ConnectionRecord>> {
         let (index, partition, value) = match user_id {
@@ -891,7 +920,7 @@ impl ConnectionStore for DynamoStore {
                 "tenant_user",
                 tenant_user(tenant_id, user),
             ),
-            None => ("by_tenant", "tenant_id", tenant_id.to_owned()),
+            None => ("by_tenant", "tenant_id", tenant_id.to_string()),
         };
         let now = now_ms();
         let mut out = Vec::new();
@@ -912,7 +941,7 @@ impl ConnectionStore for DynamoStore {
                 .limit(i32::try_from(limit - out.len()).unwrap_or(i32::MAX));
             if let Some(after) = after {
                 query = query
-                    .expression_attribute_values(":after", AttributeValue::S(after.to_owned()));
+                    .expression_attribute_values(":after", AttributeValue::S(after.to_string()));
             }
             let page = query
                 .send()
@@ -932,21 +961,21 @@ impl ConnectionStore for DynamoStore {
         Ok(out)
     }
 
-    async fn connections_of_edge(&self, edge_id: &str) -> StoreResult<Vec<String>> {
+    async fn connections_of_edge(&self, edge_id: &EdgeId) -> StoreResult<Vec<ConnectionId>> {
         self.query(
             &self.connections,
             Some("by_edge"),
             "edge_id = :e",
-            vec![(":e", AttributeValue::S(edge_id.to_owned()))],
+            vec![(":e", AttributeValue::S(edge_id.to_string()))],
             usize::MAX,
         )
         .await?
         .iter()
-        .map(|item| string(item, "connection_id"))
+        .map(|item| string(item, "connection_id").map(ConnectionId::from))
         .collect()
     }
 
-    async fn connection_edges(&self) -> StoreResult<Vec<String>> {
+    async fn connection_edges(&self) -> StoreResult<Vec<EdgeId>> {
         // At start only: a scan of the edge index's keys.
         let mut edges = std::collections::BTreeSet::new();
         let mut start: Option<Item> = None;
@@ -962,7 +991,7 @@ impl ConnectionStore for DynamoStore {
                 .await
                 .map_err(|e| classify("list edges", e))?;
             for item in page.items() {
-                edges.insert(string(item, "edge_id")?);
+                edges.insert(EdgeId::from(string(item, "edge_id")?));
             }
             match page.last_evaluated_key() {
                 Some(key) if !key.is_empty() => start = Some(key.clone()),
@@ -978,11 +1007,12 @@ impl ConnectionStore for DynamoStore {
             .scan_at_most(&self.connections, "connection_id", "last_seen_ms", cutoff)
             .await?
         {
+            let id = ConnectionId::from(id);
             let deleted = self
                 .client
                 .delete_item()
                 .table_name(&self.connections)
-                .key("connection_id", AttributeValue::S(id.clone()))
+                .key("connection_id", AttributeValue::S(id.to_string()))
                 .condition_expression("last_seen_ms <= :bound")
                 .expression_attribute_values(":bound", number(cutoff))
                 .return_values(ReturnValue::AllOld)
@@ -994,7 +1024,7 @@ impl ConnectionStore for DynamoStore {
                 Err(error) => return Err(classify("sweep a connection", error)),
             };
             if let Some(item) = old.filter(|item| !item.is_empty()) {
-                let tenant = string(&item, "tenant_id")?;
+                let tenant = TenantId::from(string(&item, "tenant_id")?);
                 self.delete_subscriptions(&tenant, &id, &topics_of(&item))
                     .await?;
                 removed += 1;
@@ -1029,7 +1059,7 @@ impl RequestStore for DynamoStore {
             ("id".to_owned(), AttributeValue::S(guard.clone())),
             (
                 "request_id".to_owned(),
-                AttributeValue::S(record.id.clone()),
+                AttributeValue::S(record.id.to_string()),
             ),
             ("expires_at".to_owned(), epoch_seconds(guard_expires)),
         ]);
@@ -1070,21 +1100,24 @@ impl RequestStore for DynamoStore {
         }
     }
 
-    async fn get_request(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
-        live_request(self.get_request_item(id).await?)
+    async fn get_request(&self, id: &RequestId) -> StoreResult<Option<RequestRecord>> {
+        live_request(self.get_request_item(id.as_str()).await?)
     }
 
     async fn find_request(
         &self,
-        tenant_id: &str,
-        user_id: &str,
-        client_request_id: &str,
+        tenant_id: &TenantId,
+        user_id: &UserId,
+        client_request_id: &ClientRequestId,
     ) -> StoreResult<Option<RequestRecord>> {
         let guard = self
             .get_request_item(&client_guard_id(tenant_id, user_id, client_request_id))
             .await?;
         match guard {
-            Some(guard) => self.get_request(&string(&guard, "request_id")?).await,
+            Some(guard) => {
+                self.get_request(&RequestId::from(string(&guard, "request_id")?))
+                    .await
+            }
             None => Ok(None),
         }
     }
@@ -1218,7 +1251,7 @@ impl TokenStore for DynamoStore {
 impl EdgeStore for DynamoStore {
     async fn heartbeat_edge(
         &self,
-        edge_id: &str,
+        edge_id: &EdgeId,
         now_ms: u64,
         lease: Duration,
     ) -> StoreResult<Heartbeat> {
@@ -1232,7 +1265,7 @@ impl EdgeStore for DynamoStore {
                 .client
                 .update_item()
                 .table_name(&self.edges)
-                .key("edge_id", AttributeValue::S(edge_id.to_owned()))
+                .key("edge_id", AttributeValue::S(edge_id.to_string()))
                 .update_expression(
                     "SET heartbeat_at_ms = :now, lease_expires_at_ms = :until, expires_at = :x",
                 )
@@ -1251,7 +1284,7 @@ impl EdgeStore for DynamoStore {
                 .client
                 .put_item()
                 .table_name(&self.edges)
-                .item("edge_id", AttributeValue::S(edge_id.to_owned()))
+                .item("edge_id", AttributeValue::S(edge_id.to_string()))
                 .item("lease_shard", AttributeValue::S(EDGE_SHARD.into()))
                 .item("started_at_ms", number(now_ms))
                 .item("heartbeat_at_ms", number(now_ms))
@@ -1278,11 +1311,11 @@ impl EdgeStore for DynamoStore {
         Err(StoreError::Conflict)
     }
 
-    async fn get_edge(&self, edge_id: &str) -> StoreResult<Option<EdgeRecord>> {
+    async fn get_edge(&self, edge_id: &EdgeId) -> StoreResult<Option<EdgeRecord>> {
         self.client
             .get_item()
             .table_name(&self.edges)
-            .key("edge_id", AttributeValue::S(edge_id.to_owned()))
+            .key("edge_id", AttributeValue::S(edge_id.to_string()))
             .consistent_read(true)
             .send()
             .await
@@ -1309,12 +1342,12 @@ impl EdgeStore for DynamoStore {
         .collect()
     }
 
-    async fn remove_edge(&self, edge_id: &str, lease_expires_at_ms: u64) -> StoreResult<bool> {
+    async fn remove_edge(&self, edge_id: &EdgeId, lease_expires_at_ms: u64) -> StoreResult<bool> {
         let removed = self
             .client
             .delete_item()
             .table_name(&self.edges)
-            .key("edge_id", AttributeValue::S(edge_id.to_owned()))
+            .key("edge_id", AttributeValue::S(edge_id.to_string()))
             .condition_expression("lease_expires_at_ms = :lease")
             .expression_attribute_values(":lease", number(lease_expires_at_ms))
             .send()
@@ -1322,11 +1355,11 @@ impl EdgeStore for DynamoStore {
         written("remove an edge", removed)
     }
 
-    async fn release_edge(&self, edge_id: &str) -> StoreResult<()> {
+    async fn release_edge(&self, edge_id: &EdgeId) -> StoreResult<()> {
         self.client
             .delete_item()
             .table_name(&self.edges)
-            .key("edge_id", AttributeValue::S(edge_id.to_owned()))
+            .key("edge_id", AttributeValue::S(edge_id.to_string()))
             .send()
             .await
             .map_err(|e| classify("release an edge", e))?;
@@ -1346,14 +1379,14 @@ impl SubscriptionStore for DynamoStore {
             .table_name(&self.connections)
             .key(
                 "connection_id",
-                AttributeValue::S(subscription.connection_id.clone()),
+                AttributeValue::S(subscription.connection_id.to_string()),
             )
             .update_expression("ADD topics :topic")
             .condition_expression(
                 "attribute_exists(connection_id) AND tenant_id = :tenant AND last_seen_ms > :cutoff",
             )
             .expression_attribute_values(":topic", AttributeValue::Ss(vec![subscription.topic.clone()]))
-            .expression_attribute_values(":tenant", AttributeValue::S(subscription.tenant_id.clone()))
+            .expression_attribute_values(":tenant", AttributeValue::S(subscription.tenant_id.to_string()))
             .expression_attribute_values(":cutoff", number(cutoff))
             .build()
             .map_err(|e| StoreError::backend_from("transaction item", e))?;
@@ -1365,7 +1398,7 @@ impl SubscriptionStore for DynamoStore {
             )
             .key(
                 "connection_id",
-                AttributeValue::S(subscription.connection_id.clone()),
+                AttributeValue::S(subscription.connection_id.to_string()),
             )
             // Subscribing again keeps the first record.
             .update_expression("SET #record = if_not_exists(#record, :record)")
@@ -1389,16 +1422,19 @@ impl SubscriptionStore for DynamoStore {
 
     async fn unsubscribe(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         topic: &str,
-        connection_id: &str,
+        connection_id: &ConnectionId,
     ) -> StoreResult<bool> {
         let old = self
             .client
             .delete_item()
             .table_name(&self.subscriptions)
             .key("topic_key", AttributeValue::S(topic_key(tenant_id, topic)))
-            .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+            .key(
+                "connection_id",
+                AttributeValue::S(connection_id.to_string()),
+            )
             .return_values(ReturnValue::AllOld)
             .send()
             .await
@@ -1411,7 +1447,10 @@ impl SubscriptionStore for DynamoStore {
             .client
             .update_item()
             .table_name(&self.connections)
-            .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+            .key(
+                "connection_id",
+                AttributeValue::S(connection_id.to_string()),
+            )
             .update_expression("DELETE topics :topic")
             .condition_expression("attribute_exists(connection_id)")
             .expression_attribute_values(":topic", AttributeValue::Ss(vec![topic.to_owned()]))
@@ -1423,15 +1462,15 @@ impl SubscriptionStore for DynamoStore {
 
     async fn subscribers(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         topic: &str,
-        after: Option<&str>,
+        after: Option<&ConnectionId>,
         limit: usize,
     ) -> StoreResult<Vec<Subscription>> {
         let mut values = vec![(":t", AttributeValue::S(topic_key(tenant_id, topic)))];
         let condition = match after {
             Some(after) => {
-                values.push((":after", AttributeValue::S(after.to_owned())));
+                values.push((":after", AttributeValue::S(after.to_string())));
                 "topic_key = :t AND connection_id > :after"
             }
             None => "topic_key = :t",
@@ -1443,12 +1482,18 @@ impl SubscriptionStore for DynamoStore {
             .collect()
     }
 
-    async fn subscriptions_of(&self, connection_id: &str) -> StoreResult<Vec<Subscription>> {
+    async fn subscriptions_of(
+        &self,
+        connection_id: &ConnectionId,
+    ) -> StoreResult<Vec<Subscription>> {
         let item = self
             .client
             .get_item()
             .table_name(&self.connections)
-            .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+            .key(
+                "connection_id",
+                AttributeValue::S(connection_id.to_string()),
+            )
             .projection_expression("tenant_id, topics")
             .consistent_read(true)
             .send()
@@ -1458,7 +1503,7 @@ impl SubscriptionStore for DynamoStore {
         let Some(item) = item else {
             return Ok(Vec::new());
         };
-        let tenant = string(&item, "tenant_id")?;
+        let tenant = TenantId::from(string(&item, "tenant_id")?);
         let mut topics = topics_of(&item);
         topics.sort();
         let mut out = Vec::new();
@@ -1468,7 +1513,10 @@ impl SubscriptionStore for DynamoStore {
                 .get_item()
                 .table_name(&self.subscriptions)
                 .key("topic_key", AttributeValue::S(topic_key(&tenant, &topic)))
-                .key("connection_id", AttributeValue::S(connection_id.to_owned()))
+                .key(
+                    "connection_id",
+                    AttributeValue::S(connection_id.to_string()),
+                )
                 .consistent_read(true)
                 .send()
                 .await
@@ -1498,7 +1546,7 @@ fn first_condition_failed<R>(
 impl TopicStore for DynamoStore {
     async fn append_topic(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         topic: &str,
         payload: serde_json::Value,
         now_ms: u64,
@@ -1594,7 +1642,11 @@ impl TopicStore for DynamoStore {
         Err(StoreError::Conflict)
     }
 
-    async fn topic_position(&self, tenant_id: &str, topic: &str) -> StoreResult<TopicPosition> {
+    async fn topic_position(
+        &self,
+        tenant_id: &TenantId,
+        topic: &str,
+    ) -> StoreResult<TopicPosition> {
         let key = topic_key(tenant_id, topic);
         loop {
             if let Some(position) = self.read_position(&key).await? {
@@ -1628,7 +1680,7 @@ impl TopicStore for DynamoStore {
 
     async fn topic_since(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         topic: &str,
         since: &TopicPosition,
         now_ms: u64,

@@ -21,11 +21,12 @@ use std::sync::{Arc, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{
-    ConnectionRecord, ConnectionStore, Created, Durability, EdgeRecord, EdgeStore, Heartbeat,
-    Recovery, RequestRecord, RequestStatus, RequestStore, Retention, Store, StoreError,
-    StoreResult, Subscription, SubscriptionStore, TokenStore, TopicMessage, TopicPosition,
-    TopicStore, now_ms,
+    ClientRequestId, ConnectionId, ConnectionRecord, ConnectionStore, Created, Durability,
+    EdgeRecord, EdgeStore, Heartbeat, Recovery, RequestRecord, RequestStatus, RequestStore,
+    Retention, Store, StoreError, StoreResult, Subscription, SubscriptionStore, TokenStore,
+    TopicMessage, TopicPosition, TopicStore, now_ms,
 };
+use crate::ids::{EdgeId, RequestId, TenantId, UserId};
 
 const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
 /// `tenant \0 connection_id`
@@ -267,10 +268,10 @@ impl EmbeddedStore {
 /// subscriptions: a replaced record keeps them).
 fn unindex_connection_in(
     txn: &WriteTransaction,
-    connection_id: &str,
+    connection_id: &ConnectionId,
 ) -> StoreResult<Option<ConnectionRecord>> {
     let mut table = txn.open_table(CONNECTIONS).map_err(backend)?;
-    let old = match table.remove(connection_id).map_err(backend)? {
+    let old = match table.remove(connection_id.as_str()).map_err(backend)? {
         Some(bytes) => Some(decode::<ConnectionRecord>(bytes.value())?),
         None => None,
     };
@@ -278,15 +279,15 @@ fn unindex_connection_in(
         let id = old.connection_id.as_str();
         txn.open_table(CONNECTIONS_BY_TENANT)
             .map_err(backend)?
-            .remove(key(&[&old.tenant_id, id]).as_str())
+            .remove(key(&[old.tenant_id.as_str(), id]).as_str())
             .map_err(backend)?;
         txn.open_table(CONNECTIONS_BY_USER)
             .map_err(backend)?
-            .remove(key(&[&old.tenant_id, &old.user_id, id]).as_str())
+            .remove(key(&[old.tenant_id.as_str(), old.user_id.as_str(), id]).as_str())
             .map_err(backend)?;
         txn.open_table(CONNECTIONS_BY_EDGE)
             .map_err(backend)?
-            .remove(key(&[&old.edge_id, id]).as_str())
+            .remove(key(&[old.edge_id.as_str(), id]).as_str())
             .map_err(backend)?;
     }
     Ok(old)
@@ -343,12 +344,13 @@ fn index_request_in(
     Ok(())
 }
 
-fn topic_key(tenant_id: &str, topic: &str) -> String {
-    key(&[tenant_id, topic])
+fn topic_key(tenant_id: &TenantId, topic: &str) -> String {
+    key(&[tenant_id.as_str(), topic])
 }
 
 /// Removes every subscription of a connection.
-fn unsubscribe_all_in(txn: &WriteTransaction, connection_id: &str) -> StoreResult<()> {
+fn unsubscribe_all_in(txn: &WriteTransaction, connection_id: &ConnectionId) -> StoreResult<()> {
+    let connection_id = connection_id.as_str();
     let mut by_connection = txn
         .open_table(SUBSCRIPTIONS_BY_CONNECTION)
         .map_err(backend)?;
@@ -405,10 +407,10 @@ fn set_edge_lease_in(
 
 fn edge_in<T: ReadableTable<&'static str, &'static [u8]>>(
     table: &T,
-    edge_id: &str,
+    edge_id: &EdgeId,
 ) -> StoreResult<Option<EdgeRecord>> {
     table
-        .get(edge_id)
+        .get(edge_id.as_str())
         .map_err(backend)?
         .map(|bytes| decode(bytes.value()))
         .transpose()
@@ -439,25 +441,29 @@ impl ConnectionStore for EmbeddedStore {
                 .map_err(backend)?
                 .insert(id, encode(&record)?.as_slice())
                 .map_err(backend)?;
+            let (tenant, user) = (record.tenant_id.as_str(), record.user_id.as_str());
             txn.open_table(CONNECTIONS_BY_TENANT)
                 .map_err(backend)?
-                .insert(key(&[&record.tenant_id, id]).as_str(), ())
+                .insert(key(&[tenant, id]).as_str(), ())
                 .map_err(backend)?;
             txn.open_table(CONNECTIONS_BY_USER)
                 .map_err(backend)?
-                .insert(key(&[&record.tenant_id, &record.user_id, id]).as_str(), ())
+                .insert(key(&[tenant, user, id]).as_str(), ())
                 .map_err(backend)?;
             txn.open_table(CONNECTIONS_BY_EDGE)
                 .map_err(backend)?
-                .insert(key(&[&record.edge_id, id]).as_str(), ())
+                .insert(key(&[record.edge_id.as_str(), id]).as_str(), ())
                 .map_err(backend)?;
             Ok(())
         })
         .await
     }
 
-    async fn get_connection(&self, connection_id: &str) -> StoreResult<Option<ConnectionRecord>> {
-        let id = connection_id.to_owned();
+    async fn get_connection(
+        &self,
+        connection_id: &ConnectionId,
+    ) -> StoreResult<Option<ConnectionRecord>> {
+        let id = connection_id.clone();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(CONNECTIONS).map_err(backend)?;
@@ -472,9 +478,9 @@ impl ConnectionStore for EmbeddedStore {
 
     async fn delete_connection(
         &self,
-        connection_id: &str,
+        connection_id: &ConnectionId,
     ) -> StoreResult<Option<ConnectionRecord>> {
-        let id = connection_id.to_owned();
+        let id = connection_id.clone();
         self.write(Durability::Relaxed, move |txn| {
             let old = unindex_connection_in(txn, &id)?;
             unsubscribe_all_in(txn, &id)?;
@@ -483,8 +489,12 @@ impl ConnectionStore for EmbeddedStore {
         .await
     }
 
-    async fn touch_connection(&self, connection_id: &str, now_ms: u64) -> StoreResult<bool> {
-        let id = connection_id.to_owned();
+    async fn touch_connection(
+        &self,
+        connection_id: &ConnectionId,
+        now_ms: u64,
+    ) -> StoreResult<bool> {
+        let id = connection_id.clone();
         self.write(Durability::Relaxed, move |txn| {
             let mut table = txn.open_table(CONNECTIONS).map_err(backend)?;
             let record = match table.get(id.as_str()).map_err(backend)? {
@@ -505,14 +515,14 @@ impl ConnectionStore for EmbeddedStore {
 
     async fn list_connections(
         &self,
-        tenant_id: &str,
-        user_id: Option<&str>,
-        after: Option<&str>,
+        tenant_id: &TenantId,
+        user_id: Option<&UserId>,
+        after: Option<&ConnectionId>,
         limit: usize,
     ) -> StoreResult<Vec<ConnectionRecord>> {
-        let tenant = tenant_id.to_owned();
-        let user = user_id.map(str::to_owned);
-        let after = after.map(str::to_owned);
+        let tenant = tenant_id.clone();
+        let user = user_id.cloned();
+        let after = after.map(|id| id.as_str().to_owned());
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let records = txn.open_table(CONNECTIONS).map_err(backend)?;
@@ -554,26 +564,29 @@ impl ConnectionStore for EmbeddedStore {
         .await
     }
 
-    async fn connections_of_edge(&self, edge_id: &str) -> StoreResult<Vec<String>> {
+    async fn connections_of_edge(&self, edge_id: &EdgeId) -> StoreResult<Vec<ConnectionId>> {
         let prefix = format!("{edge_id}{SEP}");
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(CONNECTIONS_BY_EDGE).map_err(backend)?;
-            suffixes_after(&table, &prefix, None, usize::MAX)
+            Ok(suffixes_after(&table, &prefix, None, usize::MAX)?
+                .into_iter()
+                .map(ConnectionId::from)
+                .collect())
         })
         .await
     }
 
-    async fn connection_edges(&self) -> StoreResult<Vec<String>> {
+    async fn connection_edges(&self) -> StoreResult<Vec<EdgeId>> {
         self.blocking(|db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(CONNECTIONS_BY_EDGE).map_err(backend)?;
-            let mut edges: Vec<String> = Vec::new();
+            let mut edges: Vec<EdgeId> = Vec::new();
             for entry in table.iter().map_err(backend)? {
                 let (k, ()) = entry.map_err(backend).map(|(k, v)| (k, v.value()))?;
-                let edge = k.value().split(SEP).next().unwrap_or_default().to_owned();
-                if edges.last() != Some(&edge) {
-                    edges.push(edge);
+                let edge = k.value().split(SEP).next().unwrap_or_default();
+                if edges.last().is_none_or(|last| last != edge) {
+                    edges.push(EdgeId::from(edge));
                 }
             }
             Ok(edges)
@@ -583,14 +596,14 @@ impl ConnectionStore for EmbeddedStore {
 
     async fn sweep_connections(&self, now_ms: u64) -> StoreResult<usize> {
         self.write(Durability::Relaxed, move |txn| {
-            let expired: Vec<String> = {
+            let expired: Vec<ConnectionId> = {
                 let table = txn.open_table(CONNECTIONS).map_err(backend)?;
                 let mut ids = Vec::new();
                 for entry in table.iter().map_err(backend)? {
                     let (k, v) = entry.map_err(backend)?;
                     let record: ConnectionRecord = decode(v.value())?;
                     if record.is_expired(now_ms) {
-                        ids.push(k.value().to_owned());
+                        ids.push(ConnectionId::from(k.value()));
                     }
                 }
                 ids
@@ -610,9 +623,9 @@ impl RequestStore for EmbeddedStore {
     async fn create_request(&self, record: RequestRecord) -> StoreResult<Created> {
         self.write(Durability::Immediate, move |txn| {
             let client_key = key(&[
-                &record.tenant_id,
-                &record.user_id,
-                &record.client_request_id,
+                record.tenant_id.as_str(),
+                record.user_id.as_str(),
+                record.client_request_id.as_str(),
             ]);
             let mut by_client = txn.open_table(REQUESTS_BY_CLIENT_ID).map_err(backend)?;
             let existing_id = by_client
@@ -640,8 +653,8 @@ impl RequestStore for EmbeddedStore {
         .await
     }
 
-    async fn get_request(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
-        let id = id.to_owned();
+    async fn get_request(&self, id: &RequestId) -> StoreResult<Option<RequestRecord>> {
+        let id = id.clone();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(REQUESTS).map_err(backend)?;
@@ -658,11 +671,15 @@ impl RequestStore for EmbeddedStore {
 
     async fn find_request(
         &self,
-        tenant_id: &str,
-        user_id: &str,
-        client_request_id: &str,
+        tenant_id: &TenantId,
+        user_id: &UserId,
+        client_request_id: &ClientRequestId,
     ) -> StoreResult<Option<RequestRecord>> {
-        let client_key = key(&[tenant_id, user_id, client_request_id]);
+        let client_key = key(&[
+            tenant_id.as_str(),
+            user_id.as_str(),
+            client_request_id.as_str(),
+        ]);
         let id = self
             .blocking(move |db| {
                 let txn = db.begin_read().map_err(backend)?;
@@ -670,7 +687,7 @@ impl RequestStore for EmbeddedStore {
                 Ok(table
                     .get(client_key.as_str())
                     .map_err(backend)?
-                    .map(|v| v.value().to_owned()))
+                    .map(|v| RequestId::from(v.value())))
             })
             .await?;
         match id {
@@ -843,11 +860,11 @@ impl TokenStore for EmbeddedStore {
 impl EdgeStore for EmbeddedStore {
     async fn heartbeat_edge(
         &self,
-        edge_id: &str,
+        edge_id: &EdgeId,
         now_ms: u64,
         lease: std::time::Duration,
     ) -> StoreResult<Heartbeat> {
-        let edge_id = edge_id.to_owned();
+        let edge_id = edge_id.clone();
         self.write(Durability::Immediate, move |txn| {
             let old = edge_in(&txn.open_table(EDGES).map_err(backend)?, &edge_id)?;
             let until = now_ms + lease.as_millis() as u64;
@@ -876,8 +893,8 @@ impl EdgeStore for EmbeddedStore {
         .await
     }
 
-    async fn get_edge(&self, edge_id: &str) -> StoreResult<Option<EdgeRecord>> {
-        let edge_id = edge_id.to_owned();
+    async fn get_edge(&self, edge_id: &EdgeId) -> StoreResult<Option<EdgeRecord>> {
+        let edge_id = edge_id.clone();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             edge_in(&txn.open_table(EDGES).map_err(backend)?, &edge_id)
@@ -899,7 +916,7 @@ impl EdgeStore for EmbeddedStore {
                     break;
                 }
                 let (k, _) = entry.map_err(backend)?;
-                if let Some(record) = edge_in(&edges, k.value().1)? {
+                if let Some(record) = edge_in(&edges, &EdgeId::from(k.value().1))? {
                     out.push(record);
                 }
             }
@@ -908,8 +925,8 @@ impl EdgeStore for EmbeddedStore {
         .await
     }
 
-    async fn remove_edge(&self, edge_id: &str, lease_expires_at_ms: u64) -> StoreResult<bool> {
-        let edge_id = edge_id.to_owned();
+    async fn remove_edge(&self, edge_id: &EdgeId, lease_expires_at_ms: u64) -> StoreResult<bool> {
+        let edge_id = edge_id.clone();
         self.write(Durability::Immediate, move |txn| {
             let old = edge_in(&txn.open_table(EDGES).map_err(backend)?, &edge_id)?;
             match old {
@@ -923,8 +940,8 @@ impl EdgeStore for EmbeddedStore {
         .await
     }
 
-    async fn release_edge(&self, edge_id: &str) -> StoreResult<()> {
-        let edge_id = edge_id.to_owned();
+    async fn release_edge(&self, edge_id: &EdgeId) -> StoreResult<()> {
+        let edge_id = edge_id.clone();
         self.write(Durability::Immediate, move |txn| {
             let old = edge_in(&txn.open_table(EDGES).map_err(backend)?, &edge_id)?;
             set_edge_lease_in(txn, old.as_ref(), None)
@@ -979,12 +996,12 @@ impl SubscriptionStore for EmbeddedStore {
 
     async fn unsubscribe(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         topic: &str,
-        connection_id: &str,
+        connection_id: &ConnectionId,
     ) -> StoreResult<bool> {
         let topic = topic_key(tenant_id, topic);
-        let connection = connection_id.to_owned();
+        let connection = connection_id.clone();
         self.write(Durability::Immediate, move |txn| {
             let removed = txn
                 .open_table(SUBSCRIPTIONS)
@@ -1003,13 +1020,13 @@ impl SubscriptionStore for EmbeddedStore {
 
     async fn subscribers(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         topic: &str,
-        after: Option<&str>,
+        after: Option<&ConnectionId>,
         limit: usize,
     ) -> StoreResult<Vec<Subscription>> {
         let topic = topic_key(tenant_id, topic);
-        let after = after.map(str::to_owned);
+        let after = after.cloned();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(SUBSCRIPTIONS).map_err(backend)?;
@@ -1033,8 +1050,11 @@ impl SubscriptionStore for EmbeddedStore {
         .await
     }
 
-    async fn subscriptions_of(&self, connection_id: &str) -> StoreResult<Vec<Subscription>> {
-        let connection = connection_id.to_owned();
+    async fn subscriptions_of(
+        &self,
+        connection_id: &ConnectionId,
+    ) -> StoreResult<Vec<Subscription>> {
+        let connection = connection_id.clone();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let by_connection = txn
@@ -1048,7 +1068,7 @@ impl SubscriptionStore for EmbeddedStore {
             {
                 let (k, _) = entry.map_err(backend)?;
                 let (of, topic) = k.value();
-                if of != connection {
+                if connection != of {
                     break;
                 }
                 if let Some(bytes) = table.get((topic, of)).map_err(backend)? {
@@ -1088,7 +1108,7 @@ fn position_in(txn: &WriteTransaction, topic: &str) -> StoreResult<TopicPosition
 impl TopicStore for EmbeddedStore {
     async fn append_topic(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         topic: &str,
         payload: serde_json::Value,
         now_ms: u64,
@@ -1140,7 +1160,11 @@ impl TopicStore for EmbeddedStore {
         .await
     }
 
-    async fn topic_position(&self, tenant_id: &str, topic: &str) -> StoreResult<TopicPosition> {
+    async fn topic_position(
+        &self,
+        tenant_id: &TenantId,
+        topic: &str,
+    ) -> StoreResult<TopicPosition> {
         let topic = topic_key(tenant_id, topic);
         self.write(Durability::Immediate, move |txn| position_in(txn, &topic))
             .await
@@ -1148,7 +1172,7 @@ impl TopicStore for EmbeddedStore {
 
     async fn topic_since(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         topic: &str,
         since: &TopicPosition,
         now_ms: u64,
@@ -1233,7 +1257,7 @@ mod tests {
             assert!(down.is_retryable(), "{down:?}");
             assert!(store.ping().await.unwrap_err().is_retryable());
             assert!(matches!(
-                store.get_connection("c1").await,
+                store.get_connection(&"c1".into()).await,
                 Err(StoreError::Unavailable { .. })
             ));
         };
@@ -1246,13 +1270,13 @@ mod tests {
         // Once the file can be written, the next probe re-opens it; what
         // was written before the fault is there, and writes work again.
         store.ping().await.unwrap();
-        assert!(store.get_connection("c1").await.unwrap().is_some());
+        assert!(store.get_connection(&"c1".into()).await.unwrap().is_some());
         store
             .put_connection(connection("c3", "t1", "carol"))
             .await
             .unwrap();
         store.flush().await.unwrap();
-        assert!(store.get_connection("c3").await.unwrap().is_some());
+        assert!(store.get_connection(&"c3".into()).await.unwrap().is_some());
     }
 
     #[tokio::test]
@@ -1261,14 +1285,22 @@ mod tests {
         {
             let store = EmbeddedStore::open(dir.path()).unwrap();
             store.create_request(request("r1", "job-1")).await.unwrap();
-            let mut r = store.get_request("r1").await.unwrap().unwrap();
+            let mut r = store.get_request(&"r1".into()).await.unwrap().unwrap();
             r.sequence = 7;
             store.update_request(r, Durability::Relaxed).await.unwrap();
             store.revoke_token("jti", u64::MAX).await.unwrap();
             store.flush().await.unwrap();
         }
         let store = EmbeddedStore::open(dir.path()).unwrap();
-        assert_eq!(store.get_request("r1").await.unwrap().unwrap().sequence, 7);
+        assert_eq!(
+            store
+                .get_request(&"r1".into())
+                .await
+                .unwrap()
+                .unwrap()
+                .sequence,
+            7
+        );
         assert!(store.is_token_revoked("jti", now_ms()).await.unwrap());
     }
 }

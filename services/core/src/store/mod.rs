@@ -18,6 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{ClientRequestId, ConnectionId, EdgeId, RequestId, TenantId, UserId};
+
 pub use dynamodb::{DynamoConfig, DynamoStore};
 pub use embedded::EmbeddedStore;
 
@@ -103,12 +105,12 @@ pub type SharedStore = Arc<dyn Store>;
 /// One open WebSocket connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionRecord {
-    pub connection_id: String,
-    pub user_id: String,
-    pub tenant_id: String,
+    pub connection_id: ConnectionId,
+    pub user_id: UserId,
+    pub tenant_id: TenantId,
     pub permissions: Vec<String>,
     /// The edge process holding the socket.
-    pub edge_id: String,
+    pub edge_id: EdgeId,
     pub connected_at_ms: u64,
     pub last_seen_ms: u64,
     pub user_agent: String,
@@ -165,13 +167,13 @@ pub struct RequestError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestRecord {
     /// Server-assigned, globally unique.
-    pub id: String,
+    pub id: RequestId,
     /// The client's id for it; unique per (tenant, user).
-    pub client_request_id: String,
-    pub user_id: String,
-    pub tenant_id: String,
+    pub client_request_id: ClientRequestId,
+    pub user_id: UserId,
+    pub tenant_id: TenantId,
     /// The connection updates go to: the latest one of the user that asked.
-    pub connection_id: String,
+    pub connection_id: ConnectionId,
     pub action: String,
     pub payload: serde_json::Value,
     pub metadata: serde_json::Map<String, serde_json::Value>,
@@ -243,7 +245,7 @@ pub enum Durability {
 /// caller wins) removes its connections.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EdgeRecord {
-    pub edge_id: String,
+    pub edge_id: EdgeId,
     /// When this lease began: the first heartbeat after the edge started or
     /// after its previous lease lapsed.
     pub started_at_ms: u64,
@@ -264,10 +266,10 @@ pub enum Heartbeat {
 /// A connection's subscription to a topic of its tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subscription {
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     pub topic: String,
-    pub connection_id: String,
-    pub user_id: String,
+    pub connection_id: ConnectionId,
+    pub user_id: UserId,
     pub subscribed_at_ms: u64,
 }
 
@@ -383,31 +385,40 @@ pub trait ConnectionStore: Send + Sync + 'static {
     async fn put_connection(&self, record: ConnectionRecord) -> StoreResult<()>;
 
     /// A live (unexpired) connection record.
-    async fn get_connection(&self, connection_id: &str) -> StoreResult<Option<ConnectionRecord>>;
+    async fn get_connection(
+        &self,
+        connection_id: &ConnectionId,
+    ) -> StoreResult<Option<ConnectionRecord>>;
 
     /// Removes a record and its subscriptions, returning it if it existed.
-    async fn delete_connection(&self, connection_id: &str)
-    -> StoreResult<Option<ConnectionRecord>>;
+    async fn delete_connection(
+        &self,
+        connection_id: &ConnectionId,
+    ) -> StoreResult<Option<ConnectionRecord>>;
 
     /// Slides a connection's expiry; false when it does not exist.
-    async fn touch_connection(&self, connection_id: &str, now_ms: u64) -> StoreResult<bool>;
+    async fn touch_connection(
+        &self,
+        connection_id: &ConnectionId,
+        now_ms: u64,
+    ) -> StoreResult<bool>;
 
     /// A tenant's live connections (or one user's), in connection-id order,
     /// starting after `after`.
     async fn list_connections(
         &self,
-        tenant_id: &str,
-        user_id: Option<&str>,
-        after: Option<&str>,
+        tenant_id: &TenantId,
+        user_id: Option<&UserId>,
+        after: Option<&ConnectionId>,
         limit: usize,
     ) -> StoreResult<Vec<ConnectionRecord>>;
 
     /// The ids of the connections an edge holds.
-    async fn connections_of_edge(&self, edge_id: &str) -> StoreResult<Vec<String>>;
+    async fn connections_of_edge(&self, edge_id: &EdgeId) -> StoreResult<Vec<ConnectionId>>;
 
     /// The distinct edges that hold recorded connections (at start only: on
     /// DynamoDB this reads a whole index).
-    async fn connection_edges(&self) -> StoreResult<Vec<String>>;
+    async fn connection_edges(&self) -> StoreResult<Vec<EdgeId>>;
 
     /// Deletes expired connection records and their subscriptions; returns
     /// how many connections.
@@ -421,13 +432,13 @@ pub trait EdgeStore: Send + Sync + 'static {
     /// or starts a new one when there is none (never shortens one).
     async fn heartbeat_edge(
         &self,
-        edge_id: &str,
+        edge_id: &EdgeId,
         now_ms: u64,
         lease: Duration,
     ) -> StoreResult<Heartbeat>;
 
     /// The edge's lease record, lapsed or not.
-    async fn get_edge(&self, edge_id: &str) -> StoreResult<Option<EdgeRecord>>;
+    async fn get_edge(&self, edge_id: &EdgeId) -> StoreResult<Option<EdgeRecord>>;
 
     /// Edges whose lease lapsed at or before `now_ms`, the longest-lapsed
     /// first, at most `limit`.
@@ -437,10 +448,10 @@ pub trait EdgeStore: Send + Sync + 'static {
     /// read (`lease_expires_at_ms`): of several callers racing to clean up a
     /// dead edge exactly one gets true, and an edge that came back in the
     /// meantime keeps its record.
-    async fn remove_edge(&self, edge_id: &str, lease_expires_at_ms: u64) -> StoreResult<bool>;
+    async fn remove_edge(&self, edge_id: &EdgeId, lease_expires_at_ms: u64) -> StoreResult<bool>;
 
     /// Removes an edge's record whatever its lease (a clean shutdown).
-    async fn release_edge(&self, edge_id: &str) -> StoreResult<()>;
+    async fn release_edge(&self, edge_id: &EdgeId) -> StoreResult<()>;
 }
 
 /// Long-running requests and their leases.
@@ -449,14 +460,14 @@ pub trait RequestStore: Send + Sync + 'static {
     /// Inserts a new request unless its (tenant, user, client id) exists.
     async fn create_request(&self, record: RequestRecord) -> StoreResult<Created>;
 
-    async fn get_request(&self, id: &str) -> StoreResult<Option<RequestRecord>>;
+    async fn get_request(&self, id: &RequestId) -> StoreResult<Option<RequestRecord>>;
 
     /// Finds a request by the client's id within its user.
     async fn find_request(
         &self,
-        tenant_id: &str,
-        user_id: &str,
-        client_request_id: &str,
+        tenant_id: &TenantId,
+        user_id: &UserId,
+        client_request_id: &ClientRequestId,
     ) -> StoreResult<Option<RequestRecord>>;
 
     /// Writes `record` if the stored version is still `record.version`;
@@ -494,22 +505,25 @@ pub trait SubscriptionStore: Send + Sync + 'static {
     /// Whether the subscription existed.
     async fn unsubscribe(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         topic: &str,
-        connection_id: &str,
+        connection_id: &ConnectionId,
     ) -> StoreResult<bool>;
 
     /// A topic's subscriptions in connection-id order, after `after`.
     async fn subscribers(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         topic: &str,
-        after: Option<&str>,
+        after: Option<&ConnectionId>,
         limit: usize,
     ) -> StoreResult<Vec<Subscription>>;
 
     /// A connection's subscriptions in topic order.
-    async fn subscriptions_of(&self, connection_id: &str) -> StoreResult<Vec<Subscription>>;
+    async fn subscriptions_of(
+        &self,
+        connection_id: &ConnectionId,
+    ) -> StoreResult<Vec<Subscription>>;
 }
 
 /// Each topic's recent history, for clients that reconnect.
@@ -520,7 +534,7 @@ pub trait TopicStore: Send + Sync + 'static {
     /// longer keeps; returns the message's position.
     async fn append_topic(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         topic: &str,
         payload: serde_json::Value,
         now_ms: u64,
@@ -529,13 +543,14 @@ pub trait TopicStore: Send + Sync + 'static {
 
     /// Where the topic stands (a topic never published to gets its epoch
     /// now, at offset 0).
-    async fn topic_position(&self, tenant_id: &str, topic: &str) -> StoreResult<TopicPosition>;
+    async fn topic_position(&self, tenant_id: &TenantId, topic: &str)
+    -> StoreResult<TopicPosition>;
 
     /// The kept messages after `since`, and whether they are all that was
     /// published after it ([`Recovery::of`]).
     async fn topic_since(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         topic: &str,
         since: &TopicPosition,
         now_ms: u64,
@@ -557,4 +572,38 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Deletes deny-list entries that expired at or before `now_ms`; returns
     /// how many.
     async fn sweep_revoked_tokens(&self, now_ms: u64) -> StoreResult<usize>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ids are types in the process and plain strings in the store: a
+    /// record encodes as it always did, and a record written before the
+    /// types existed reads back.
+    #[test]
+    fn records_encode_ids_as_plain_strings() {
+        let connection = r#"{"connection_id":"c1","user_id":"alice","tenant_id":"acme","permissions":["read"],"edge_id":"edge-1","connected_at_ms":1,"last_seen_ms":2,"user_agent":"ua","client_ip":"127.0.0.1"}"#;
+        let record: ConnectionRecord = serde_json::from_str(connection).unwrap();
+        assert_eq!(record.connection_id, "c1");
+        assert_eq!(record.edge_id, "edge-1");
+        assert_eq!(serde_json::to_string(&record).unwrap(), connection);
+
+        let request = r#"{"id":"r1","client_request_id":"job-1","user_id":"alice","tenant_id":"acme","connection_id":"c1","action":"report","payload":null,"metadata":{},"status":"Pending","attempts":0,"max_attempts":3,"processor_id":null,"lease_expires_at_ms":null,"progress":null,"result":null,"error":null,"created_at_ms":1,"updated_at_ms":1,"sequence":0,"final_pending":false,"version":0}"#;
+        let record: RequestRecord = serde_json::from_str(request).unwrap();
+        assert_eq!(
+            (record.id.as_str(), record.client_request_id.as_str()),
+            ("r1", "job-1")
+        );
+        assert_eq!(serde_json::to_string(&record).unwrap(), request);
+
+        let edge =
+            r#"{"edge_id":"edge-1","started_at_ms":1,"heartbeat_at_ms":2,"lease_expires_at_ms":3}"#;
+        let record: EdgeRecord = serde_json::from_str(edge).unwrap();
+        assert_eq!(serde_json::to_string(&record).unwrap(), edge);
+
+        let subscription = r#"{"tenant_id":"acme","topic":"news","connection_id":"c1","user_id":"alice","subscribed_at_ms":1}"#;
+        let record: Subscription = serde_json::from_str(subscription).unwrap();
+        assert_eq!(serde_json::to_string(&record).unwrap(), subscription);
+    }
 }
