@@ -58,7 +58,7 @@ pub fn parse(text: &str, max_bytes: usize) -> Result<ClientFrame, FrameError> {
         }
         Some(_) => return Err(refuse(&id, "`action` must be a string".into())),
     };
-    if action.len() > 256 || action.contains('\0') {
+    if streamer_core::ids::unusable(&action).is_some() {
         return Err(refuse(&id, "`action` is not a valid action name".into()));
     }
     let metadata = match object.remove("metadata") {

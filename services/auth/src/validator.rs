@@ -626,9 +626,6 @@ struct ClaimSet<'a> {
     permissions: Vec<String>,
 }
 
-/// The longest `sub` or `tenant_id` accepted (the registry's id limit).
-const MAX_IDENTITY_LEN: usize = 256;
-
 impl<'a> ClaimSet<'a> {
     fn parse(claims: &'a Map<String, Value>) -> Result<Self, Rejection> {
         let exp = numeric_date(claims, "exp")?;
@@ -665,16 +662,10 @@ impl<'a> ClaimSet<'a> {
             )
         };
         let present = |value: Option<&'a str>| value.filter(|v| !v.trim().is_empty());
-        // Identities become registry keys: bounded, and free of the NUL the
-        // store uses as its index separator.
-        let usable = |name: &str, value: &'a str| {
-            if value.len() > MAX_IDENTITY_LEN || value.contains('\0') {
-                Err(malformed(format!(
-                    "`{name}` must be at most {MAX_IDENTITY_LEN} bytes without NUL characters"
-                )))
-            } else {
-                Ok(value)
-            }
+        // Identities become registry keys (see `streamer_core::ids::unusable`).
+        let usable = |name: &str, value: &'a str| match streamer_core::ids::unusable(value) {
+            Some(why) => Err(malformed(format!("`{name}` {why}"))),
+            None => Ok(value),
         };
         Ok(Self {
             exp: exp.ok_or_else(|| missing("exp"))?,
@@ -1202,15 +1193,18 @@ mod tests {
     fn identities_that_cannot_be_registry_keys_are_malformed() {
         let (_dir, validator) = standard_validator(AuthConfig::default());
         for change in [
-            json!({"sub": "u".repeat(MAX_IDENTITY_LEN + 1)}),
+            json!({"sub": "u".repeat(streamer_core::ids::MAX_ID_BYTES + 1)}),
             json!({"tenant_id": "a\0b"}),
+            // DynamoDB's key separator: `a␟b` + `c` would meet `a` + `b␟c`.
+            json!({"tenant_id": "a\u{1f}b"}),
+            json!({"sub": "line\nbreak"}),
         ] {
             let rejection = validator
                 .validate(&rs256(&claims_with(change.clone())))
                 .expect_err("unusable identity");
             assert_eq!(rejection.failure, TokenFailure::Malformed, "{change}");
         }
-        let longest = json!({"sub": "u".repeat(MAX_IDENTITY_LEN)});
+        let longest = json!({"sub": "u".repeat(streamer_core::ids::MAX_ID_BYTES)});
         assert!(validator.validate(&rs256(&claims_with(longest))).is_ok());
     }
 

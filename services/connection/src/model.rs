@@ -9,7 +9,7 @@ use streamer_core::timestamp;
 use crate::error::ConnectionError;
 
 /// Longest id, user, tenant or action accepted.
-pub const MAX_ID_BYTES: usize = 256;
+pub use streamer_core::ids::MAX_ID_BYTES;
 /// Largest page of `ListConnections`.
 pub const MAX_PAGE_SIZE: usize = 1000;
 pub const DEFAULT_PAGE_SIZE: usize = 100;
@@ -18,8 +18,8 @@ pub const MAX_BROADCAST_IDS: usize = 10_000;
 /// Close reasons must fit a WebSocket close frame (123 bytes).
 pub const MAX_CLOSE_REASON_BYTES: usize = 120;
 
-/// Checks an identifier from the wire: present, bounded, and free of the NUL
-/// byte the store uses as its index separator. It comes out as the type
+/// Checks an identifier from the wire: present, and usable as one (see
+/// [`streamer_core::ids::unusable`]). It comes out as the type
 /// the caller names ([`ConnectionId`], [`TenantId`], …, or a `String` for a
 /// name that is no id).
 pub fn required_id<T: From<String>>(
@@ -40,14 +40,8 @@ pub fn optional_id<T: From<String>>(
     if value.is_empty() {
         return Ok(None);
     }
-    if value.len() > MAX_ID_BYTES {
-        return Err(ConnectionError::invalid(
-            field,
-            format!("is longer than {MAX_ID_BYTES} bytes"),
-        ));
-    }
-    if value.contains('\0') {
-        return Err(ConnectionError::invalid(field, "contains a NUL character"));
+    if let Some(why) = streamer_core::ids::unusable(&value) {
+        return Err(ConnectionError::invalid(field, why));
     }
     Ok(Some(T::from(value)))
 }
@@ -375,7 +369,7 @@ mod tests {
             tenant_id in "(\\PC|\\x00){0,300}",
             ids in proptest::collection::vec("(\\PC|\\x00){0,20}", 0..20),
         ) {
-            let valid = |id: &str| !id.is_empty() && id.len() <= MAX_ID_BYTES && !id.contains('\0');
+            let valid = |id: &str| !id.is_empty() && streamer_core::ids::unusable(id).is_none();
             match SendCommand::try_from(v1::SendRequest {
                 connection_id: connection_id.clone(),
                 payload: payload(),

@@ -23,6 +23,26 @@
 //! ([`as_str`](ConnectionId::as_str), `into()`), so an id never silently
 //! turns back into a string and then into another kind of id.
 
+/// The longest id (or indexed name, such as an action or a topic), in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Why `value` cannot be an id or a name the stores index, if it cannot:
+/// the one rule every entry point applies (the gRPC adapters, the token
+/// validator, the edge's frame parser). Bounded by [`MAX_ID_BYTES`], and
+/// free of control characters: the stores join fields with them (NUL in
+/// the embedded store's keys, U+001F in DynamoDB's), so one inside an id
+/// could make two tenants' keys collide. Empty is the caller's business
+/// (required or "not given").
+pub fn unusable(value: &str) -> Option<String> {
+    if value.len() > MAX_ID_BYTES {
+        return Some(format!("is longer than {MAX_ID_BYTES} bytes"));
+    }
+    if value.chars().any(char::is_control) {
+        return Some("contains a control character".to_owned());
+    }
+    None
+}
+
 use std::borrow::Borrow;
 use std::fmt;
 
@@ -181,5 +201,23 @@ mod tests {
         // Ordered as their strings, so an id-ordered page is a string-ordered one.
         let (a, b) = (ClientRequestId::from("a"), ClientRequestId::from("b"));
         assert!(a < b);
+    }
+
+    #[test]
+    fn an_id_is_bounded_and_free_of_the_stores_separators() {
+        assert_eq!(unusable("acme"), None);
+        assert_eq!(unusable(&"x".repeat(MAX_ID_BYTES)), None);
+        assert_eq!(unusable("ünïcödé/orders:42"), None);
+        assert!(unusable(&"x".repeat(MAX_ID_BYTES + 1)).is_some());
+        // NUL joins the embedded store's keys, U+001F DynamoDB's: with one
+        // inside, tenant `a␟b` and user `c` would meet tenant `a` and user
+        // `b␟c`.
+        for bad in ["a\0b", "a\u{1f}b", "line\nbreak", "\u{7f}"] {
+            assert_eq!(
+                unusable(bad).as_deref(),
+                Some("contains a control character"),
+                "{bad:?}"
+            );
+        }
     }
 }

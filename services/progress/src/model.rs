@@ -17,8 +17,6 @@ use streamer_core::timestamp;
 
 use crate::error::ProgressError;
 
-/// The longest action name, client request id or processor id accepted.
-const MAX_NAME_LEN: usize = 256;
 /// The most actions one processor may declare.
 const MAX_ACTIONS: usize = 256;
 /// The most requests one processor may hold at once.
@@ -26,8 +24,8 @@ pub(crate) const MAX_IN_FLIGHT: u32 = 1000;
 /// The longest lease a processor may ask for.
 pub(crate) const MAX_LEASE_SECONDS: u32 = 3600;
 
-/// A name the store can index: non-empty, bounded, and free of NUL, which
-/// the store uses as its key separator. It comes out as the type the
+/// A name the store can index: non-empty, and usable as one (see
+/// [`streamer_core::ids::unusable`]). It comes out as the type the
 /// caller names: an id ([`RequestId`], [`ConnectionId`], …) or a `String`.
 fn name<T: From<String>>(field: &'static str, value: String) -> Result<T, ProgressError> {
     if value.is_empty() {
@@ -39,14 +37,8 @@ fn name<T: From<String>>(field: &'static str, value: String) -> Result<T, Progre
 /// Like [`name`], but empty is let through (the caller decides what it
 /// means).
 fn optional_name<T: From<String>>(field: &'static str, value: String) -> Result<T, ProgressError> {
-    if value.len() > MAX_NAME_LEN {
-        return Err(ProgressError::invalid(
-            field,
-            format!("is longer than {MAX_NAME_LEN} bytes"),
-        ));
-    }
-    if value.contains('\0') {
-        return Err(ProgressError::invalid(field, "contains a NUL character"));
+    if let Some(why) = streamer_core::ids::unusable(&value) {
+        return Err(ProgressError::invalid(field, why));
     }
     Ok(T::from(value))
 }
