@@ -77,7 +77,7 @@ impl EdgeLink {
             return Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable);
         }
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(results)) => results,
+            Ok(Ok(results)) => self.reconcile(&connection_ids, results),
             Ok(Err(_)) => {
                 // The stream ended before the report came (see `abandon`).
                 tracing::info!(edge_id = %self.edge_id, delivery_id, "edge detached before reporting a delivery");
@@ -90,6 +90,39 @@ impl EdgeLink {
                 Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable)
             }
         }
+    }
+
+    /// An edge's report, taken for what it was asked about only: one result
+    /// per asked id, in the asked order; an asked id the report leaves out
+    /// is UNAVAILABLE, and a result for an id that was not asked is
+    /// dropped (an edge speaks only for its own sockets: a GONE it made up
+    /// for another edge's connection would have that record removed).
+    fn reconcile(
+        &self,
+        asked: &[ConnectionId],
+        reported: Vec<DeliveryResult>,
+    ) -> Vec<DeliveryResult> {
+        let mut outcomes: HashMap<&str, Option<i32>> =
+            asked.iter().map(|id| (id.as_str(), None)).collect();
+        for result in reported {
+            match outcomes.get_mut(result.connection_id.as_str()) {
+                Some(outcome) => *outcome = Some(result.outcome),
+                None => {
+                    tracing::warn!(edge_id = %self.edge_id, connection_id = %result.connection_id, "edge reported on a connection it was not asked about; ignored");
+                }
+            }
+        }
+        asked
+            .iter()
+            .map(|id| DeliveryResult {
+                connection_id: id.to_string(),
+                outcome: outcomes
+                    .get(id.as_str())
+                    .copied()
+                    .flatten()
+                    .unwrap_or(DeliveryOutcome::Unavailable as i32),
+            })
+            .collect()
     }
 
     /// The stream is gone: every delivery still waiting for a report is
@@ -233,5 +266,63 @@ impl EdgeRegistry {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<EdgeId, Vec<Arc<EdgeLink>>>> {
         self.edges.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// An edge answers for the sockets it was asked about and nothing else:
+    /// a GONE it reports for another connection is dropped (it would have
+    /// that connection's record removed), and an asked one it leaves out
+    /// counts as UNAVAILABLE.
+    #[tokio::test]
+    async fn a_report_counts_only_for_the_connections_asked_about() {
+        let registry = EdgeRegistry::default();
+        let (tx, mut commands) = mpsc::channel(4);
+        let link = registry.attach(EdgeId::from("edge-1"), tx);
+        let edge = link.clone();
+        tokio::spawn(async move {
+            let Some(Ok(EdgeCommand {
+                command: Some(Command::Deliver(deliver)),
+            })) = commands.recv().await
+            else {
+                panic!("expected a deliver command");
+            };
+            assert_eq!(deliver.connection_ids, ["mine", "silent"]);
+            let result = |id: &str, outcome: DeliveryOutcome| DeliveryResult {
+                connection_id: id.into(),
+                outcome: outcome as i32,
+            };
+            edge.report(v1::DeliveryReport {
+                delivery_id: deliver.delivery_id,
+                results: vec![
+                    result("someone-elses", DeliveryOutcome::Gone),
+                    result("mine", DeliveryOutcome::Delivered),
+                ],
+            });
+        });
+        let results = link
+            .deliver(
+                vec![ConnectionId::from("mine"), ConnectionId::from("silent")],
+                v1::Payload::default(),
+                None,
+                Duration::from_secs(5),
+            )
+            .await;
+        let outcomes: Vec<(String, DeliveryOutcome)> = results
+            .into_iter()
+            .map(|r| (r.connection_id.clone(), r.outcome()))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("mine".to_owned(), DeliveryOutcome::Delivered),
+                ("silent".to_owned(), DeliveryOutcome::Unavailable),
+            ]
+        );
     }
 }
