@@ -31,8 +31,12 @@
 //!   server; then the same operations timed on moto and on the embedded
 //!   store. Not part of `all` (it needs moto), except in the smoke run,
 //!   which runs it when python3 can import moto.
+//! - `idle-memory` (in `idle_memory.rs`): N idle authenticated connections
+//!   to `streamer all` running as a process of its own; its resident memory
+//!   per connection, and how much of it stays once they close.
 //! - `all` (the default): `progress` at the default rate limit, `progress`
-//!   unlimited, `broadcast` and `soak`, each on a fresh in-process system.
+//!   unlimited, `broadcast`, `soak` and `idle-memory`, each on a fresh
+//!   system.
 //!
 //! Every run is bounded by counts and by `--timeout-secs`, uses loopback
 //! only, and exits by itself. Run by `cargo test --benches` (without the
@@ -41,6 +45,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 // Not `benches/soak.rs`: Cargo would take a file there for a bench target.
+#[path = "loadgen/idle_memory.rs"]
+mod idle_memory;
 #[path = "loadgen/soak.rs"]
 mod soak;
 #[path = "loadgen/store_cost.rs"]
@@ -91,6 +97,8 @@ enum Scenario {
     Broadcast,
     /// Well-behaved clients, quiet and then beside attackers.
     Soak,
+    /// Resident memory of the edge per idle connection.
+    IdleMemory,
     /// DynamoDB calls per product operation (needs moto); not in `all`.
     StoreCost,
 }
@@ -197,6 +205,10 @@ struct Args {
     #[arg(long)]
     seed: Option<u64>,
 
+    /// idle-memory: idle authenticated connections.
+    #[arg(long, default_value_t = 10_000)]
+    idle_clients: usize,
+
     /// store-cost: tenant sizes, ascending: clients connect up to each size,
     /// then the tenant broadcasts to them.
     #[arg(long, value_delimiter = ',', default_values_t = [10, 100])]
@@ -254,6 +266,7 @@ impl Args {
         self.soak_dribble_ms = self.soak_dribble_ms.min(300);
         self.soak_oversized = self.soak_oversized.min(1);
         self.soak_header_timeout_ms = self.soak_header_timeout_ms.min(1000);
+        self.idle_clients = self.idle_clients.min(50);
         self.store_cost_clients = vec![2, 5];
         self.store_cost_idle_secs = self.store_cost_idle_secs.min(1.0);
         self.timeout_secs = self.timeout_secs.min(30);
@@ -1343,6 +1356,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let result = soak::run_soak(&args).await?;
         result.print();
         failed |= result.failed();
+        results.push(result.to_json());
+    }
+    if matches!(args.scenario, Scenario::All | Scenario::IdleMemory) {
+        let result = idle_memory::run_idle_memory(&args).await?;
+        result.print();
         results.push(result.to_json());
     }
     // Not in `all` but for the smoke run: it needs moto (and skips itself

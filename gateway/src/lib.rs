@@ -138,6 +138,9 @@ fn channel_to(
     Ok(streamer_core::grpc::channel_to(&endpoint, address, trust))
 }
 
+/// The read buffer each socket starts with (see [`connect`]).
+pub const SOCKET_READ_BUFFER: usize = 2 * 1024;
+
 /// A client per AuthService replica, taken in turn.
 type AuthReplicas = Arc<Balanced<AuthServiceClient<AuthedChannel>>>;
 
@@ -511,6 +514,10 @@ async fn connect(
         // and the socket is closed with 1009.
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
+        // What an idle socket costs is mostly its read buffer, allocated
+        // whole at the upgrade: 128 KiB by default. Client frames are small;
+        // a larger one grows the buffer for as long as it needs.
+        .read_buffer_size(SOCKET_READ_BUFFER)
         .on_failed_upgrade(move |error| {
             tracing::info!(%error, connection_id = %failed_id, "upgrade failed");
             failed_edge.forget(&failed_id);
