@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::outbox::{OutboxReceiver, OutboxSender, TrySendError, outbox};
 use crate::sequences::{Admission, SequenceWindow};
 
 /// What a socket's writer task is asked to do.
@@ -45,7 +46,7 @@ pub enum Outbound {
 
 #[derive(Debug)]
 struct LocalConnection {
-    outbound: mpsc::Sender<Outbound>,
+    outbound: OutboxSender,
     /// Cancelled to close the socket at once with 1008, skipping whatever
     /// is still queued (a slow consumer).
     evict: CancellationToken,
@@ -61,7 +62,7 @@ struct LocalConnection {
 /// A registered connection's half that the socket task owns.
 #[derive(Debug)]
 pub struct Registered {
-    pub outbound: mpsc::Receiver<Outbound>,
+    pub outbound: OutboxReceiver,
     pub evict: CancellationToken,
 }
 
@@ -217,7 +218,7 @@ impl Edge {
         timeout: Duration,
     ) -> Result<Registered, RegisterError> {
         let id = ConnectionId::from(record.connection_id.as_str());
-        let (tx, rx) = mpsc::channel(self.outbound_queue);
+        let (tx, rx) = outbox(self.outbound_queue);
         let evict = CancellationToken::new();
         // Held locally before the announcement so a delivery that races the
         // registration answer already finds the queue.
@@ -314,8 +315,8 @@ impl Edge {
         };
         match attempt {
             Ok(()) => DeliveryOutcome::Delivered,
-            Err((mpsc::error::TrySendError::Closed(_), _)) => DeliveryOutcome::NotFound,
-            Err((mpsc::error::TrySendError::Full(_), evict)) => {
+            Err((TrySendError::Closed, _)) => DeliveryOutcome::NotFound,
+            Err((TrySendError::Full, evict)) => {
                 metrics::counter!("streamer_gateway_slow_consumer_closes_total").increment(1);
                 tracing::warn!(
                     connection_id = connection_id.as_str(),

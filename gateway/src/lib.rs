@@ -8,6 +8,8 @@
 //! Layout:
 //! - [`frames`]: frame validation and the edge's own error messages.
 //! - [`edge`]: local sockets, outbound queues, the Attach loop.
+//! - [`outbox`]: each socket's bounded outbound queue, allocated only
+//!   while messages wait.
 //! - [`sequences`]: each sequenced message written to a socket at most
 //!   once, in order.
 //! - [`limits`]: what one client may cost the edge.
@@ -20,6 +22,7 @@ pub mod edge;
 pub mod frames;
 mod http;
 pub mod limits;
+pub mod outbox;
 pub mod sequences;
 pub mod socket;
 

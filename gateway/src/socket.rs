@@ -241,7 +241,7 @@ pub async fn run<S>(
                 // What was already queued (the answers that told the client
                 // why) goes out before the close frame, in the same order.
                 let flush = async {
-                    while let Ok(Outbound::Message(message)) = outbound.try_recv() {
+                    while let Some(Outbound::Message(message)) = outbound.try_recv() {
                         if sink.send(message).await.is_err() {
                             break;
                         }
