@@ -58,6 +58,11 @@ const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Runs one socket: client frames go up as events, queued deliveries go
 /// down. Returns when either side closes; the connection is then forgotten
 /// locally and reported closed upstream.
+///
+/// Every idle socket holds this future, which is as large as its largest
+/// await; the awaits that are rare or already allocate (closing, a token
+/// refresh, handing a frame up) are boxed so they cost nothing while the
+/// socket waits (3,152 bytes before, 1,888 after, release build).
 pub async fn run<S>(
     socket: S,
     connection_id: ConnectionId,
@@ -102,7 +107,7 @@ pub async fn run<S>(
                 () = until(deadline) => {
                     metrics::counter!("streamer_gateway_expired_closes_total").increment(1);
                     let close = sink.send(close_message(close::POLICY, "token expired".into()));
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+                    let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, close)).await;
                     return close::POLICY;
                 }
                 Ok(()) = expires.changed() => continue,
@@ -114,7 +119,7 @@ pub async fn run<S>(
                     if silent >= limits.idle_timeout {
                         metrics::counter!("streamer_gateway_idle_closes_total").increment(1);
                         let close = sink.send(close_message(close::GOING_AWAY, "idle timeout".into()));
-                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+                        let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, close)).await;
                         return close::GOING_AWAY;
                     }
                     Some(Some(Outbound::Message(Message::Ping(bytes::Bytes::new()))))
@@ -125,7 +130,7 @@ pub async fn run<S>(
                 Some(Some(Outbound::Message(message))) => message,
                 Some(Some(Outbound::Close { code, reason })) => {
                     let close = sink.send(close_message(code, reason));
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+                    let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, close)).await;
                     return code;
                 }
                 Some(None) => return 1000,
@@ -148,7 +153,7 @@ pub async fn run<S>(
             CLOSE_SLOW_CONSUMER,
             "slow consumer: outbound queue full".into(),
         ));
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+        let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, close)).await;
         CLOSE_SLOW_CONSUMER
     };
 
@@ -180,12 +185,12 @@ pub async fn run<S>(
                     metrics::counter!("streamer_gateway_frames_total").increment(1);
                     match frames::parse(text.as_str(), limits.max_frame_bytes) {
                         Ok(frame) if frame.action == REFRESH_ACTION => {
-                            let answer = refresh(&session.refresh, &expiry, frame).await;
+                            let answer = Box::pin(refresh(&session.refresh, &expiry, frame)).await;
                             replies(answer);
                         }
                         Ok(frame) => {
                             let inbound = frame.clone().into_inbound(&connection_id);
-                            if !edge.emit(Event::Frame(inbound)).await {
+                            if !Box::pin(edge.emit(Event::Frame(inbound))).await {
                                 replies(frames::error_message(
                                     &frame.id,
                                     ErrorCode::Internal,
@@ -248,7 +253,7 @@ pub async fn run<S>(
                     }
                     let _ = sink.send(close_message(code, reason.into())).await;
                 };
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, flush).await;
+                let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, flush)).await;
                 (u32::from(code), reason.to_owned())
             }
             ReadEnd::Lost => (1006, String::new()),
