@@ -41,14 +41,13 @@ use streamer_api::v1::{
     self, TokenFailure, auth_service_client::AuthServiceClient,
     edge_service_client::EdgeServiceClient,
 };
-use streamer_core::grpc::{Balanced, url_list};
+use streamer_core::grpc::{Balanced, replica_channel, url_list};
 use streamer_core::ids::{ConnectionId, EdgeId, TenantId, UserId};
 use streamer_core::shutdown::Shutdown;
 use streamer_core::trust::{AuthedChannel, Role, Trust};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Channel;
 
 use crate::edge::{Edge, RegisterError};
 use crate::limits::{PerIpRate, SocketLimits};
@@ -130,17 +129,6 @@ struct AppState {
     per_ip: Arc<PerIpRate>,
 }
 
-/// A channel to one replica (`address`) of the service at `url`.
-fn channel_to(
-    url: &str,
-    address: std::net::SocketAddr,
-    timeout: Duration,
-    trust: &Trust,
-) -> anyhow::Result<Channel> {
-    let endpoint = streamer_core::grpc::endpoint(url, trust)?.connect_timeout(timeout);
-    Ok(streamer_core::grpc::channel_to(&endpoint, address, trust))
-}
-
 /// The read buffer each socket starts with (see [`connect`]).
 pub const SOCKET_READ_BUFFER: usize = 2 * 1024;
 
@@ -186,23 +174,20 @@ pub async fn serve(
     let credentials = config.trust.credentials(edge_id.as_str(), &[Role::Edge]);
     let (trust, timeout) = (config.trust.clone(), config.control_plane_timeout);
     let auth = {
-        let (trust, credentials) = (trust.clone(), credentials.clone());
-        Balanced::follow(
-            url_list(&config.auth_endpoint, &trust)?,
-            move |url, address| {
-                Ok(AuthServiceClient::with_interceptor(
-                    channel_to(url, address, timeout, &trust)?,
-                    credentials.clone(),
-                ))
-            },
+        let credentials = credentials.clone();
+        Balanced::follow_list(
+            &config.auth_endpoint,
+            &trust,
+            (timeout, None),
+            move |channel| AuthServiceClient::with_interceptor(channel, credentials.clone()),
             shutdown.clone(),
         )
-        .await
+        .await?
     };
     let edge = Edge::new(edge_id, config.outbound_queue);
     let dial = move |url: &str, address| {
         Ok(EdgeServiceClient::with_interceptor(
-            channel_to(url, address, timeout, &trust)?,
+            replica_channel(url, address, &trust, timeout, None)?,
             credentials.clone(),
         ))
     };

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use streamer_api::v1::{self, auth_service_client::AuthServiceClient};
-use streamer_core::grpc::{Balanced, channel_to, url_list};
+use streamer_core::grpc::Balanced;
 use streamer_core::ids::ConnectionId;
 use streamer_core::shutdown::Shutdown;
 use streamer_core::store::ConnectionRecord;
@@ -72,23 +72,17 @@ impl IdentityCheck {
                 config.trust.name()
             )
         })?;
-        let urls = url_list(list, &config.trust)?;
-        let trust = config.trust.clone();
-        let credentials = trust.credentials("connection-service", &[Role::Backend]);
-        let auth = Balanced::follow(
-            urls,
-            move |url, address| {
-                let endpoint = streamer_core::grpc::endpoint(url, &trust)?
-                    .connect_timeout(VERIFY_TIMEOUT)
-                    .timeout(VERIFY_TIMEOUT);
-                Ok(AuthServiceClient::with_interceptor(
-                    channel_to(&endpoint, address, &trust),
-                    credentials.clone(),
-                ))
-            },
+        let credentials = config
+            .trust
+            .credentials("connection-service", &[Role::Backend]);
+        let auth = Balanced::follow_list(
+            list,
+            &config.trust,
+            (VERIFY_TIMEOUT, Some(VERIFY_TIMEOUT)),
+            move |channel| AuthServiceClient::with_interceptor(channel, credentials.clone()),
             shutdown.clone(),
         )
-        .await;
+        .await?;
         Ok(Self { auth: Some(auth) })
     }
 

@@ -12,7 +12,7 @@ use streamer_api::v1::{
     self, connection_service_server::ConnectionServiceServer,
     edge_service_server::EdgeServiceServer, progress_service_client::ProgressServiceClient,
 };
-use streamer_core::grpc::{Balanced, channel_to, url_list};
+use streamer_core::grpc::Balanced;
 use streamer_core::ids::EdgeId;
 use streamer_core::shutdown::Shutdown;
 use streamer_core::store::SharedStore;
@@ -141,23 +141,15 @@ async fn progress_replicas(
     trust: &Trust,
     shutdown: &Shutdown,
 ) -> anyhow::Result<ProgressReplicas> {
-    let urls = url_list(list, trust)?;
-    let trust = trust.clone();
     let credentials = trust.credentials("connection-service", &[Role::Backend]);
-    Ok(Balanced::follow(
-        urls,
-        move |url, address| {
-            let endpoint = streamer_core::grpc::endpoint(url, &trust)?
-                .connect_timeout(Duration::from_secs(3))
-                .timeout(PROGRESS_CALL_TIMEOUT);
-            Ok(ProgressServiceClient::with_interceptor(
-                channel_to(&endpoint, address, &trust),
-                credentials.clone(),
-            ))
-        },
+    Balanced::follow_list(
+        list,
+        trust,
+        (Duration::from_secs(3), Some(PROGRESS_CALL_TIMEOUT)),
+        move |channel| ProgressServiceClient::with_interceptor(channel, credentials.clone()),
         shutdown.clone(),
     )
-    .await)
+    .await
 }
 
 /// A frame on its way to an inbound worker, with the edge it came from.

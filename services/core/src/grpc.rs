@@ -347,6 +347,24 @@ pub fn url_list(list: &str, trust: &Trust) -> anyhow::Result<Vec<String>> {
     Ok(urls)
 }
 
+/// A lazily connecting channel to the replica at `address`, reached as
+/// `url` names it (the authority, and the name its TLS certificate is
+/// checked against): each connect bounded by `connect`, each call by
+/// `call` when given.
+pub fn replica_channel(
+    url: &str,
+    address: SocketAddr,
+    trust: &Trust,
+    connect: Duration,
+    call: Option<Duration>,
+) -> anyhow::Result<Channel> {
+    let mut endpoint = endpoint(url, trust)?.connect_timeout(connect);
+    if let Some(call) = call {
+        endpoint = endpoint.timeout(call);
+    }
+    Ok(channel_to(&endpoint, address, trust))
+}
+
 /// A call that failed without saying what happened: the server went away,
 /// or did not answer in time. Made again (on another replica) only when
 /// it is safe to repeat.
@@ -454,6 +472,33 @@ impl<T: Clone + Send + Sync + 'static> Balanced<T> {
             }
         });
         balanced
+    }
+
+    /// Follows every replica `list` names (see [`url_list`]) until
+    /// `shutdown`, with one client per address, made by `client` from a
+    /// [`replica_channel`] bounded by `connect` and `call`.
+    pub async fn follow_list<F>(
+        list: &str,
+        trust: &Trust,
+        (connect, call): (Duration, Option<Duration>),
+        client: F,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<Arc<Self>>
+    where
+        F: Fn(Channel) -> T + Send + Sync + 'static,
+    {
+        let urls = url_list(list, trust)?;
+        let trust = trust.clone();
+        Ok(Self::follow(
+            urls,
+            move |url, address| {
+                Ok(client(replica_channel(
+                    url, address, &trust, connect, call,
+                )?))
+            },
+            shutdown,
+        )
+        .await)
     }
 
     fn update<F>(&self, addresses: &std::collections::BTreeMap<SocketAddr, String>, make: &F)

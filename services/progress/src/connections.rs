@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use streamer_api::v1;
 use streamer_api::v1::connection_service_client::ConnectionServiceClient;
-use streamer_core::grpc::{Balanced, channel_to, url_list};
+use streamer_core::grpc::Balanced;
 use streamer_core::ids::{ConnectionId, RequestId, TenantId, UserId};
 use streamer_core::shutdown::Shutdown;
 use streamer_core::trust::{AuthedChannel, Role, Trust};
@@ -48,24 +48,16 @@ impl ConnectionDirectory {
     /// `shutdown`. Channels connect lazily, so this service may start
     /// before ConnectionService.
     pub async fn follow(list: &str, trust: &Trust, shutdown: &Shutdown) -> anyhow::Result<Self> {
-        let urls = url_list(list, trust)?;
-        let trust = trust.clone();
         let credentials = trust.credentials("progress-service", &[Role::Backend]);
-        let replicas = Balanced::follow(
-            urls,
-            move |url, address| {
-                let endpoint = streamer_core::grpc::endpoint(url, &trust)?
-                    .connect_timeout(Duration::from_secs(5))
-                    // A hung call must not stall a request's outbox forever.
-                    .timeout(Duration::from_secs(10));
-                Ok(ConnectionServiceClient::with_interceptor(
-                    channel_to(&endpoint, address, &trust),
-                    credentials.clone(),
-                ))
-            },
+        let replicas = Balanced::follow_list(
+            list,
+            trust,
+            // A hung call must not stall a request's outbox forever.
+            (Duration::from_secs(5), Some(Duration::from_secs(10))),
+            move |channel| ConnectionServiceClient::with_interceptor(channel, credentials.clone()),
             shutdown.clone(),
         )
-        .await;
+        .await?;
         Ok(Self { replicas })
     }
 
