@@ -172,6 +172,7 @@ fn connection(id: &str) -> ConnectionRecord {
         user_id: "bench-user".into(),
         tenant_id: "bench".into(),
         permissions: vec!["read".into(), "write".into()],
+        topics: Vec::new(),
         edge_id: "edge-bench".into(),
         connected_at_ms: now,
         last_seen_ms: now,

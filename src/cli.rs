@@ -14,9 +14,10 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use streamer_auth::dev::MintOptions;
 use streamer_auth::{AuthConfig, JwksRefresh, JwksSource};
-use streamer_connection::ConnectionConfig;
+use streamer_connection::{ConnectionConfig, TopicsConfig};
 use streamer_core::ids::{EdgeId, TenantId};
 use streamer_core::shutdown::Shutdown;
+use streamer_core::store::Retention;
 use streamer_core::store::{DynamoConfig, DynamoStore};
 use streamer_core::telemetry::LogFormat;
 use streamer_core::tls::{Tls, TlsFiles};
@@ -338,6 +339,51 @@ impl KeyArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct TopicArgs {
+    /// Messages of each topic's history kept for clients that reconnect
+    /// and recover what they missed.
+    #[arg(long, env = "STREAMER_TOPIC_HISTORY_MESSAGES", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub topic_history_messages: u64,
+    /// How long, in seconds, a topic's messages are kept for recovery.
+    #[arg(long, env = "STREAMER_TOPIC_HISTORY_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=30 * 24 * 3600))]
+    pub topic_history_secs: u64,
+    /// Topic patterns every client may subscribe itself to, comma-separated,
+    /// beside those its token's `topics` claim allows (`*` one segment,
+    /// a last `**` the rest, `{user_id}` the client's user:
+    /// `users/{user_id}/**`).
+    #[arg(long, env = "STREAMER_CLIENT_TOPICS", value_delimiter = ',')]
+    pub client_topics: Vec<String>,
+    /// Topic patterns whose slow consumers are conflated rather than
+    /// closed: while a socket is behind, only the latest message of each key
+    /// waits for it. Comma-separated.
+    #[arg(long, env = "STREAMER_CONFLATE_TOPICS", value_delimiter = ',')]
+    pub conflate_topics: Vec<String>,
+}
+
+impl TopicArgs {
+    fn config(&self) -> anyhow::Result<TopicsConfig> {
+        for (flag, patterns) in [
+            ("--client-topics", &self.client_topics),
+            ("--conflate-topics", &self.conflate_topics),
+        ] {
+            for pattern in patterns {
+                if let Some(why) = streamer_core::topics::unusable_pattern(pattern) {
+                    anyhow::bail!("{flag}: pattern {pattern:?} {why}");
+                }
+            }
+        }
+        Ok(TopicsConfig {
+            retention: Retention {
+                max_messages: self.topic_history_messages,
+                max_age: Duration::from_secs(self.topic_history_secs),
+            },
+            client_topics: self.client_topics.clone(),
+            conflated: self.conflate_topics.clone(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct ProgressArgs {
     /// Most progress messages per second sent to a client per request
     /// (newer progress replaces unsent older progress).
@@ -432,6 +478,11 @@ pub struct EdgeArgs {
     /// consumer and is closed (1008).
     #[arg(long, env = "STREAMER_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
+    /// The kernel's send buffer per socket, in bytes (default: the kernel
+    /// tunes it, on Linux up to 4 MiB): how much a client that stops
+    /// reading holds before its queue fills and it counts as slow.
+    #[arg(long, env = "STREAMER_SOCKET_SEND_BUFFER", value_parser = clap::value_parser!(u64).range(4096..=64 * 1024 * 1024))]
+    pub socket_send_buffer: Option<u64>,
     /// This edge's id (unique per process). Default: a random one.
     #[arg(long, env = "STREAMER_EDGE_ID")]
     pub edge_id: Option<String>,
@@ -482,6 +533,7 @@ impl EdgeArgs {
             connection_rate_per_ip: self.connection_rate_per_ip,
             connection_burst_per_ip: self.connection_burst_per_ip.max(1),
             outbound_queue: self.outbound_queue,
+            send_buffer: self.socket_send_buffer.map(|b| b as usize),
             control_plane_timeout: defaults.control_plane_timeout,
             trust: Trust::none(),
         })
@@ -583,6 +635,8 @@ pub struct ConnectionCmd {
     /// it; an edge gone for longer has its connections removed.
     #[arg(long, env = "STREAMER_EDGE_LEASE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
     pub edge_lease_secs: u64,
+    #[command(flatten)]
+    pub topics: TopicArgs,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
@@ -712,6 +766,8 @@ pub struct AllCmd {
     #[command(flatten)]
     pub progress: ProgressArgs,
     #[command(flatten)]
+    pub topics: TopicArgs,
+    #[command(flatten)]
     pub edge: EdgeArgs,
 }
 
@@ -726,6 +782,10 @@ pub struct TokenCmd {
     /// `permissions`, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "read,write")]
     pub permissions: Vec<String>,
+    /// `topics`, comma-separated: patterns of the topics the client may
+    /// subscribe itself to (`orders/*`, `users/{user_id}/**`).
+    #[arg(long, value_delimiter = ',')]
+    pub topics: Vec<String>,
     /// Lifetime, in seconds (default 24 h, as the banner's demo token).
     #[arg(long, default_value_t = 24 * 3600)]
     pub ttl: u64,
@@ -805,6 +865,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 auth_endpoint: Some(cmd.auth_url),
                 edge_lease: Duration::from_secs(cmd.edge_lease_secs),
                 trust: cmd.trust.trust(&[cmd.listen, cmd.edge_listen])?,
+                topics: cmd.topics.config()?,
                 ..ConnectionConfig::default()
             };
             let listener = bind(cmd.listen).await?;
@@ -857,7 +918,10 @@ async fn all(cmd: AllCmd, shutdown: Shutdown) -> anyhow::Result<()> {
     let placeholder = String::new();
     let config = SystemConfig {
         auth: cmd.keys.config(&data_dir)?,
-        connection: ConnectionConfig::default(),
+        connection: ConnectionConfig {
+            topics: cmd.topics.config()?,
+            ..ConnectionConfig::default()
+        },
         progress: cmd.progress.config(placeholder.clone())?,
         gateway: cmd.edge.config(placeholder.clone(), placeholder)?,
         data_dir: data_dir.clone(),
@@ -1104,6 +1168,7 @@ fn token(cmd: TokenCmd) -> anyhow::Result<()> {
         sub: cmd.sub,
         tenant: cmd.tenant,
         permissions: cmd.permissions,
+        topics: cmd.topics,
         ttl: Duration::from_secs(cmd.ttl),
         expired: cmd.expired,
         not_before: cmd.not_before.map(Duration::from_secs),

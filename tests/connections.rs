@@ -149,7 +149,8 @@ async fn user_and_tenant_broadcasts_reach_exactly_the_right_sockets() {
     .await;
     assert_eq!(reached, [true, true, false, false]);
     assert_eq!(response.delivered, 2);
-    assert_eq!(response.results.len(), 2);
+    // A user or tenant is one fan-out per edge, answered with counts.
+    assert!(response.results.is_empty(), "{:?}", response.results);
 
     let (reached, response) = received_broadcast(
         &system,

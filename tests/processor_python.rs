@@ -212,6 +212,7 @@ async fn try_get(
                 user_id: user.into(),
                 tenant_id: tenant.into(),
                 permissions: vec![],
+                topics: vec![],
             }),
             deliver_to_connection_id: String::new(),
         })

@@ -429,6 +429,7 @@ async fn an_edge_that_vanishes_has_its_connections_removed_once_its_lease_lapses
                 user_id: "ghost".into(),
                 tenant_id: "acme".into(),
                 permissions: vec![],
+                topics: vec![],
             }),
             ..Default::default()
         })

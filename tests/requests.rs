@@ -332,6 +332,7 @@ async fn a_request_is_invisible_to_every_other_user() {
                     user_id: user.into(),
                     tenant_id: tenant.into(),
                     permissions: vec![],
+                    topics: vec![],
                 }),
                 deliver_to_connection_id: String::new(),
             })

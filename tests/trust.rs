@@ -505,6 +505,7 @@ async fn an_edge_cannot_take_over_another_edges_id_or_connections() {
             user_id: "alice".into(),
             tenant_id: "acme".into(),
             permissions: vec!["admin".into()],
+            topics: vec![],
         }),
         ..Default::default()
     };
@@ -557,6 +558,7 @@ async fn an_edge_credential_cannot_announce_an_identity_without_its_token() {
         user_id: user.into(),
         tenant_id: tenant.into(),
         permissions: permissions.iter().map(|p| p.to_string()).collect(),
+        topics: vec![],
     };
     let connection = |id: &str, identity: v1::Identity| v1::Connection {
         connection_id: id.into(),

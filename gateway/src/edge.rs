@@ -15,6 +15,12 @@
 //! Each socket has a bounded outbound queue. A delivery that finds the queue
 //! full does not wait: the client is a slow consumer, so it is closed with
 //! 1008 and the delivery reports THROTTLED. Nobody else is ever stalled.
+//! (A conflated topic's message instead takes the place of the waiting
+//! message of its key; see [`crate::outbox`].)
+//!
+//! Tenant, user and topic deliveries come down as one `fanout` command
+//! each: the edge finds the sockets in its own indexes ([`crate::audience`])
+//! and writes the one encoded frame to each.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -27,15 +33,16 @@ use streamer_api::v1::{
     self, DeliveryOutcome, DeliveryResult, EdgeCommand, EdgeEvent, edge_command::Command,
     edge_event::Event, edge_service_client::EdgeServiceClient,
 };
-use streamer_core::ids::{ConnectionId, EdgeId};
+use streamer_core::ids::{ConnectionId, EdgeId, TenantId, UserId};
 use streamer_core::shutdown::Shutdown;
 use streamer_core::trust::AuthedChannel;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::audience::{self, Directory, Subscribers, TopicKey, TopicMessage};
 use crate::outbox::{OutboxReceiver, OutboxSender, TrySendError, outbox};
-use crate::sequences::{Admission, SequenceWindow};
+use crate::sequences::{self, SequenceWindow};
 
 /// What a socket's writer task is asked to do.
 #[derive(Debug)]
@@ -59,6 +66,44 @@ struct LocalConnection {
     sequences: Mutex<SequenceWindow>,
 }
 
+impl LocalConnection {
+    fn owner(&self) -> (TenantId, UserId) {
+        let identity = self.record.identity.as_ref();
+        (
+            TenantId::from(identity.map_or("", |i| i.tenant_id.as_str())),
+            UserId::from(identity.map_or("", |i| i.user_id.as_str())),
+        )
+    }
+}
+
+/// The sockets held, and who they belong to.
+#[derive(Debug, Default)]
+struct Sockets {
+    by_id: HashMap<ConnectionId, LocalConnection>,
+    directory: Directory,
+}
+
+/// What became of one message queued for one socket.
+enum Queued {
+    Yes,
+    /// The socket had it already (a sequenced message written before).
+    Duplicate,
+    Gone,
+    /// Its queue is full: a slow consumer, to be evicted once the locks
+    /// are released.
+    Slow(CancellationToken),
+}
+
+impl Queued {
+    fn outcome(&self) -> DeliveryOutcome {
+        match self {
+            Queued::Yes | Queued::Duplicate => DeliveryOutcome::Delivered,
+            Queued::Gone => DeliveryOutcome::NotFound,
+            Queued::Slow(_) => DeliveryOutcome::Throttled,
+        }
+    }
+}
+
 /// A registered connection's half that the socket task owns.
 #[derive(Debug)]
 pub struct Registered {
@@ -80,7 +125,10 @@ pub struct Edge {
     pub edge_id: EdgeId,
     /// A std RwLock: looked up per delivery, written per connect and
     /// disconnect; never held across an await.
-    connections: RwLock<HashMap<ConnectionId, LocalConnection>>,
+    connections: RwLock<Sockets>,
+    /// Topic subscriptions. A std mutex, taken before `connections` when
+    /// both are held, never across an await.
+    subscribers: Mutex<Subscribers>,
     /// The open Attach streams' senders by replica address; empty while
     /// attached to no replica.
     upstreams: RwLock<BTreeMap<SocketAddr, mpsc::Sender<EdgeEvent>>>,
@@ -124,7 +172,8 @@ impl Edge {
     pub fn new(edge_id: EdgeId, outbound_queue: usize) -> Arc<Self> {
         Arc::new(Self {
             edge_id,
-            connections: RwLock::new(HashMap::new()),
+            connections: RwLock::default(),
+            subscribers: Mutex::default(),
             upstreams: RwLock::new(BTreeMap::new()),
             routes: RwLock::new(HashMap::new()),
             registrations: Mutex::new(HashMap::new()),
@@ -137,7 +186,7 @@ impl Edge {
     }
 
     pub fn connection_count(&self) -> usize {
-        read(&self.connections).len()
+        read(&self.connections).by_id.len()
     }
 
     /// The replicas this edge is attached to now.
@@ -182,7 +231,9 @@ impl Edge {
             Event::Opened(o) => (o.connection.as_ref().map_or("", |c| &c.connection_id), None),
             Event::Closed(c) => (&c.connection_id, None),
             Event::Frame(f) => (&f.connection_id, Some(&f.action)),
-            Event::Hello(_) | Event::Delivered(_) | Event::Drained(_) => ("", None),
+            Event::Hello(_) | Event::Delivered(_) | Event::Drained(_) | Event::FannedOut(_) => {
+                ("", None)
+            }
         }
     }
 
@@ -222,16 +273,22 @@ impl Edge {
         let evict = CancellationToken::new();
         // Held locally before the announcement so a delivery that races the
         // registration answer already finds the queue.
-        write(&self.connections).insert(
-            id.clone(),
-            LocalConnection {
-                outbound: tx,
-                evict: evict.clone(),
-                record: record.clone(),
-                token: token.clone(),
-                sequences: Mutex::default(),
-            },
-        );
+        let connection = LocalConnection {
+            outbound: tx,
+            evict: evict.clone(),
+            record: record.clone(),
+            token: token.clone(),
+            sequences: Mutex::default(),
+        };
+        let (tenant, user) = connection.owner();
+        {
+            let mut sockets = write(&self.connections);
+            sockets.directory.insert(&tenant, &user, id.clone());
+            if let Some(replaced) = sockets.by_id.insert(id.clone(), connection) {
+                let (tenant, user) = replaced.owner();
+                sockets.directory.remove(&tenant, &user, &id);
+            }
+        }
         let (done, answer) = oneshot::channel();
         let upstream = self.upstream_for(id.as_str(), None);
         if let Some((address, _)) = &upstream {
@@ -273,11 +330,68 @@ impl Edge {
         outcome
     }
 
-    /// Drops a connection from the local table (its socket is done).
+    /// Drops a connection from the local table and its subscriptions (its
+    /// socket is done).
     pub fn forget(&self, connection_id: &ConnectionId) -> bool {
-        let removed = write(&self.connections).remove(connection_id).is_some();
+        self.lock_subscribers().forget(connection_id);
+        let removed = {
+            let mut sockets = write(&self.connections);
+            let removed = sockets.by_id.remove(connection_id);
+            if let Some(connection) = &removed {
+                let (tenant, user) = connection.owner();
+                sockets.directory.remove(&tenant, &user, connection_id);
+            }
+            removed.is_some()
+        };
         metrics::gauge!("streamer_gateway_connections").set(self.connection_count() as f64);
         removed
+    }
+
+    /// Closes a slow consumer at once with 1008, skipping whatever is still
+    /// queued (called with no lock held).
+    fn evict(&self, connection_id: &ConnectionId, evict: CancellationToken) {
+        metrics::counter!("streamer_gateway_slow_consumer_closes_total").increment(1);
+        tracing::warn!(
+            connection_id = connection_id.as_str(),
+            "outbound queue full; closing slow consumer"
+        );
+        // The queue is full, so a close cannot wait behind it: eviction
+        // makes the writer close with 1008 at once.
+        evict.cancel();
+        self.forget(connection_id);
+    }
+
+    /// Queues a message on one socket without waiting (under the caller's
+    /// read lock; the caller evicts a slow one after releasing it).
+    fn queue(
+        connection: &LocalConnection,
+        out: Outbound,
+        sequence: Option<&v1::Sequence>,
+        conflation: Option<&Arc<str>>,
+    ) -> Queued {
+        // Checked and queued under the socket's own lock, so two
+        // deliveries of one message (from two Attach streams) cannot both
+        // be written.
+        let mut sequences = connection
+            .sequences
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(sequence) = sequence
+            && sequences.admit(&sequence.stream, sequence.number) == sequences::Admission::Drop
+        {
+            return Queued::Duplicate;
+        }
+        let sent = match (conflation, out) {
+            (Some(key), Outbound::Message(message)) => {
+                connection.outbound.try_send_conflated(message, key)
+            }
+            (_, out) => connection.outbound.try_send(out),
+        };
+        match sent {
+            Ok(()) => Queued::Yes,
+            Err(TrySendError::Closed) => Queued::Gone,
+            Err(TrySendError::Full) => Queued::Slow(connection.evict.clone()),
+        }
     }
 
     /// Queues a message for one socket without waiting. A message with a
@@ -289,51 +403,195 @@ impl Edge {
         out: Outbound,
         sequence: Option<&v1::Sequence>,
     ) -> DeliveryOutcome {
-        let attempt = {
-            let connections = read(&self.connections);
-            let Some(connection) = connections.get(connection_id) else {
-                return DeliveryOutcome::NotFound;
-            };
-            // Checked and queued under the socket's own lock, so two
-            // deliveries of one message (from two Attach streams) cannot
-            // both be written.
-            let mut sequences = connection
-                .sequences
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let Some(sequence) = sequence
-                && sequences.admit(&sequence.stream, sequence.number) == Admission::Drop
-            {
-                metrics::counter!("streamer_gateway_duplicates_dropped_total").increment(1);
-                tracing::debug!(connection_id = connection_id.as_str(), stream = %sequence.stream, number = sequence.number, "already written; dropped");
-                return DeliveryOutcome::Delivered;
-            }
-            connection
-                .outbound
-                .try_send(out)
-                .map_err(|error| (error, connection.evict.clone()))
+        let queued = match read(&self.connections).by_id.get(connection_id) {
+            Some(connection) => Self::queue(connection, out, sequence, None),
+            None => Queued::Gone,
         };
-        match attempt {
-            Ok(()) => DeliveryOutcome::Delivered,
-            Err((TrySendError::Closed, _)) => DeliveryOutcome::NotFound,
-            Err((TrySendError::Full, evict)) => {
-                metrics::counter!("streamer_gateway_slow_consumer_closes_total").increment(1);
-                tracing::warn!(
+        self.settle(connection_id, queued)
+    }
+
+    /// The outcome of a message queued with no lock held any more: a
+    /// duplicate is counted, a slow consumer evicted.
+    fn settle(&self, connection_id: &ConnectionId, queued: Queued) -> DeliveryOutcome {
+        let outcome = queued.outcome();
+        match queued {
+            Queued::Duplicate => {
+                metrics::counter!("streamer_gateway_duplicates_dropped_total").increment(1);
+                tracing::debug!(
                     connection_id = connection_id.as_str(),
-                    "outbound queue full; closing slow consumer"
+                    "already written; dropped"
                 );
-                // The queue is full, so a close cannot wait behind it:
-                // eviction makes the writer close with 1008 at once.
-                evict.cancel();
-                self.forget(connection_id);
-                DeliveryOutcome::Throttled
             }
+            Queued::Slow(evict) => self.evict(connection_id, evict),
+            Queued::Yes | Queued::Gone => {}
+        }
+        outcome
+    }
+
+    /// Writes one payload to every socket a selector picks; returns how
+    /// many got it and how many were slow consumers, closed instead.
+    fn fan_out(&self, fanout: v1::Fanout) -> v1::FanoutReport {
+        use v1::fanout::Selector;
+        let mut report = v1::FanoutReport {
+            delivery_id: fanout.delivery_id,
+            ..Default::default()
+        };
+        let Some(message) = payload_message(fanout.payload) else {
+            return report;
+        };
+        let mut slow: Vec<(ConnectionId, CancellationToken)> = Vec::new();
+        let mut tally = |id: &ConnectionId, queued: Queued| match queued {
+            Queued::Yes | Queued::Duplicate => report.delivered += 1,
+            Queued::Slow(evict) => {
+                report.throttled += 1;
+                slow.push((id.clone(), evict));
+            }
+            Queued::Gone => {}
+        };
+        match fanout.selector {
+            Some(Selector::Tenant(t)) => {
+                let sockets = read(&self.connections);
+                for id in sockets.directory.tenant(&TenantId::from(t.tenant_id)) {
+                    if let Some(connection) = sockets.by_id.get(id) {
+                        let out = Outbound::Message(message.clone());
+                        tally(id, Self::queue(connection, out, None, None));
+                    }
+                }
+            }
+            Some(Selector::User(u)) => {
+                let sockets = read(&self.connections);
+                let (tenant, user) = (TenantId::from(u.tenant_id), UserId::from(u.user_id));
+                for id in sockets.directory.user(&tenant, &user) {
+                    if let Some(connection) = sockets.by_id.get(id) {
+                        let out = Outbound::Message(message.clone());
+                        tally(id, Self::queue(connection, out, None, None));
+                    }
+                }
+            }
+            Some(Selector::Topic(t)) => {
+                let topic: TopicKey = (TenantId::from(t.tenant_id), t.topic);
+                let conflation = (!t.conflation_key.is_empty())
+                    .then(|| Arc::<str>::from(t.conflation_key.as_str()));
+                let message = TopicMessage {
+                    epoch: Arc::from(t.epoch),
+                    offset: t.offset,
+                    message,
+                };
+                let mut subscribers = self.lock_subscribers();
+                let Some(members) = subscribers.members(&topic) else {
+                    return report;
+                };
+                let sockets = read(&self.connections);
+                for (id, cursor) in members {
+                    let Some(connection) = sockets.by_id.get(id) else {
+                        continue;
+                    };
+                    match cursor.admit(&message) {
+                        audience::Admission::Write => {
+                            let out = Outbound::Message(message.message.clone());
+                            tally(id, Self::queue(connection, out, None, conflation.as_ref()));
+                        }
+                        // It had it: it counts as reached.
+                        audience::Admission::Skip | audience::Admission::Held => {
+                            tally(id, Queued::Duplicate);
+                        }
+                        audience::Admission::Overflow => {
+                            tally(id, Queued::Slow(connection.evict.clone()));
+                        }
+                    }
+                }
+            }
+            None => {}
+        }
+        for (id, evict) in slow {
+            self.evict(&id, evict);
+        }
+        report
+    }
+
+    /// Subscribes sockets to a topic (they catch up until their replay).
+    fn watch(&self, watch: v1::Watch) -> v1::DeliveryReport {
+        let topic: TopicKey = (TenantId::from(watch.tenant_id), watch.topic);
+        let mut subscribers = self.lock_subscribers();
+        let sockets = read(&self.connections);
+        let results = watch
+            .connection_ids
+            .into_iter()
+            .map(|id| {
+                let id = ConnectionId::from(id);
+                let outcome = match sockets.by_id.get(&id) {
+                    Some(_) => {
+                        subscribers.watch(&topic, &id);
+                        DeliveryOutcome::Delivered
+                    }
+                    None => DeliveryOutcome::NotFound,
+                };
+                DeliveryResult {
+                    connection_id: id.into(),
+                    outcome: outcome as i32,
+                }
+            })
+            .collect();
+        v1::DeliveryReport {
+            delivery_id: watch.delivery_id,
+            results,
+        }
+    }
+
+    /// Brings one watching socket up to date: its answer, what it missed,
+    /// then what was held for it.
+    fn replay(&self, replay: v1::Replay) {
+        let topic: TopicKey = (TenantId::from(replay.tenant_id), replay.topic);
+        let id = ConnectionId::from(replay.connection_id);
+        let epoch: Arc<str> = Arc::from(replay.epoch);
+        let missed = replay
+            .messages
+            .into_iter()
+            .filter_map(|frame| {
+                Some(TopicMessage {
+                    epoch: epoch.clone(),
+                    offset: frame.offset,
+                    message: payload_message(frame.payload)?,
+                })
+            })
+            .collect();
+        let conflation = (!replay.conflation_key.is_empty())
+            .then(|| Arc::<str>::from(replay.conflation_key.as_str()));
+        let queued = {
+            let mut subscribers = self.lock_subscribers();
+            // Unsubscribed meanwhile, or gone.
+            let Some(cursor) = subscribers.cursor(&topic, &id) else {
+                return;
+            };
+            let sockets = read(&self.connections);
+            let Some(connection) = sockets.by_id.get(&id) else {
+                return;
+            };
+            let answer = payload_message(replay.answer).map(Outbound::Message);
+            let mut queued = answer.map_or(Queued::Yes, |a| Self::queue(connection, a, None, None));
+            for message in cursor.replay(epoch, replay.offset, missed) {
+                if !matches!(queued, Queued::Yes) {
+                    break;
+                }
+                let out = Outbound::Message(message.message);
+                queued = Self::queue(connection, out, None, conflation.as_ref());
+            }
+            queued
+        };
+        self.settle(&id, queued);
+    }
+
+    fn unwatch(&self, unwatch: v1::Unwatch) {
+        let topic: TopicKey = (TenantId::from(unwatch.tenant_id), unwatch.topic);
+        let mut subscribers = self.lock_subscribers();
+        for id in unwatch.connection_ids {
+            subscribers.unwatch(&topic, &ConnectionId::from(id));
         }
     }
 
     /// Closes every socket (shutdown).
     pub fn close_all(&self, code: u16, reason: &str) {
-        let ids: Vec<ConnectionId> = read(&self.connections).keys().cloned().collect();
+        let ids: Vec<ConnectionId> = read(&self.connections).by_id.keys().cloned().collect();
         for id in ids {
             self.push(
                 &id,
@@ -348,7 +606,7 @@ impl Edge {
 
     /// The connections held, and each one's current token.
     pub(crate) fn snapshot(&self) -> (Vec<v1::Connection>, HashMap<String, String>) {
-        let connections = read(&self.connections);
+        let connections = &read(&self.connections).by_id;
         let records = connections.values().map(|c| c.record.clone()).collect();
         let tokens = connections
             .iter()
@@ -360,9 +618,13 @@ impl Edge {
     /// Keeps the token a client refreshed its socket with, for the next
     /// announcement.
     pub fn refreshed(&self, connection_id: &ConnectionId, token: String) {
-        if let Some(connection) = write(&self.connections).get_mut(connection_id) {
+        if let Some(connection) = write(&self.connections).by_id.get_mut(connection_id) {
             connection.token = token;
         }
+    }
+
+    fn lock_subscribers(&self) -> std::sync::MutexGuard<'_, Subscribers> {
+        self.subscribers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     #[allow(clippy::type_complexity)]
@@ -446,6 +708,17 @@ impl Edge {
                     );
                 }
             }
+            Command::Fanout(fanout) => {
+                let report = self.fan_out(fanout);
+                if report.delivery_id != 0 {
+                    send_nowait(reply, Event::FannedOut(report));
+                }
+            }
+            Command::Watch(watch) => {
+                send_nowait(reply, Event::Delivered(self.watch(watch)));
+            }
+            Command::Replay(replay) => self.replay(replay),
+            Command::Unwatch(unwatch) => self.unwatch(unwatch),
         }
     }
 

@@ -30,7 +30,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    header_read_timeout: Duration,
+    (header_read_timeout, send_buffer): (Duration, Option<usize>),
     shutdown: impl Future<Output = ()>,
 ) {
     // Dropped to tell every connection to finish.
@@ -53,6 +53,11 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        if let Some(bytes) = send_buffer
+            && let Err(error) = socket2::SockRef::from(&stream).set_send_buffer_size(bytes)
+        {
+            tracing::warn!(%error, bytes, "cannot set the socket's send buffer");
+        }
         // Always ready: it only pairs the router with the peer's address.
         let Ok(service) = Service::<SocketAddr>::call(&mut make_service, peer).await;
         let service = service.map_request(|request: http::Request<hyper::body::Incoming>| {

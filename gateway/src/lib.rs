@@ -8,6 +8,7 @@
 //! Layout:
 //! - [`frames`]: frame validation and the edge's own error messages.
 //! - [`edge`]: local sockets, outbound queues, the Attach loop.
+//! - [`audience`]: who a tenant, user or topic fan-out reaches here.
 //! - [`outbox`]: each socket's bounded outbound queue, allocated only
 //!   while messages wait.
 //! - [`sequences`]: each sequenced message written to a socket at most
@@ -18,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audience;
 pub mod edge;
 pub mod frames;
 mod http;
@@ -87,6 +89,11 @@ pub struct GatewayConfig {
     pub allowed_origins: Vec<String>,
     /// Messages queued per socket before its client counts as slow.
     pub outbound_queue: usize,
+    /// The kernel's send buffer per socket, in bytes. None: the kernel
+    /// tunes it (on Linux up to `net.ipv4.tcp_wmem`'s maximum, 4 MiB by
+    /// default). What a client that stops reading can hold there, before
+    /// its outbound queue fills and the slow-consumer policy applies.
+    pub send_buffer: Option<usize>,
     /// How long AuthService and ConnectionService may take at connect time
     /// before the client gets 503.
     pub control_plane_timeout: Duration,
@@ -109,6 +116,7 @@ impl Default for GatewayConfig {
             connection_rate_per_ip: 20.0,
             connection_burst_per_ip: 100,
             outbound_queue: 1024,
+            send_buffer: None,
             control_plane_timeout: Duration::from_secs(3),
             trust: Trust::none(),
         }
@@ -197,7 +205,7 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let sockets = TaskTracker::new();
-    let header_read_timeout = config.header_read_timeout;
+    let http_limits = (config.header_read_timeout, config.send_buffer);
     let state = AppState {
         edge: edge.clone(),
         auth,
@@ -219,7 +227,7 @@ pub async fn serve(
     let local = listener.local_addr()?;
     tracing::info!(address = %local, edge_id = %edge.edge_id, "websocket edge listening");
     let stopping = shutdown.clone();
-    http::serve(listener, app, header_read_timeout, async move {
+    http::serve(listener, app, http_limits, async move {
         stopping.cancelled().await
     })
     .await;
@@ -464,6 +472,7 @@ async fn connect(
             user_id: claims.user_id,
             tenant_id: claims.tenant_id,
             permissions: claims.permissions,
+            topics: claims.topics,
         }),
         edge_id: state.edge.edge_id.to_string(),
         connected_at: Some(now),

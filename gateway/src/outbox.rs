@@ -10,10 +10,16 @@
 //!
 //! Overflow policy: [`OutboxSender::try_send`] never waits; a full queue
 //! answers [`TrySendError::Full`] and the caller decides (the edge closes
-//! the socket as a slow consumer).
+//! the socket as a slow consumer). A message sent with a conflation key
+//! ([`OutboxSender::try_send_conflated`]) replaces the waiting message of
+//! the same key, if there is one, in its place in the queue: a socket that
+//! is behind gets the latest value of each key, never a stale one, and the
+//! last message of a key is never dropped.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::extract::ws::Message;
 
 use tokio::sync::Notify;
 
@@ -45,7 +51,7 @@ struct Shared {
 }
 
 struct State {
-    queue: VecDeque<Outbound>,
+    queue: VecDeque<Entry>,
     /// Whether each side is still there.
     sender: bool,
     receiver: bool,
@@ -83,6 +89,38 @@ impl std::fmt::Debug for Shared {
 impl OutboxSender {
     /// Queues `message` without waiting.
     pub fn try_send(&self, message: Outbound) -> Result<(), TrySendError> {
+        self.push(Entry {
+            out: message,
+            key: None,
+        })
+    }
+
+    /// Queues `message`, or, when a message of the same `key` still waits,
+    /// puts it in that one's place.
+    pub fn try_send_conflated(&self, message: Message, key: &Arc<str>) -> Result<(), TrySendError> {
+        {
+            let mut state = self.0.lock();
+            if !state.receiver {
+                return Err(TrySendError::Closed);
+            }
+            if let Some(waiting) = state
+                .queue
+                .iter_mut()
+                .rev()
+                .find(|e| e.key.as_deref() == Some(&**key))
+            {
+                waiting.out = Outbound::Message(message);
+                metrics::counter!("streamer_gateway_conflated_total").increment(1);
+                return Ok(());
+            }
+        }
+        self.push(Entry {
+            out: Outbound::Message(message),
+            key: Some(key.clone()),
+        })
+    }
+
+    fn push(&self, entry: Entry) -> Result<(), TrySendError> {
         {
             let mut state = self.0.lock();
             if !state.receiver {
@@ -91,7 +129,7 @@ impl OutboxSender {
             if state.queue.len() >= self.0.capacity {
                 return Err(TrySendError::Full);
             }
-            state.queue.push_back(message);
+            state.queue.push_back(entry);
         }
         self.0.ready.notify_one();
         Ok(())
@@ -136,16 +174,22 @@ impl OutboxReceiver {
     fn take(&self) -> Taken {
         let mut state = self.0.lock();
         match state.queue.pop_front() {
-            Some(message) => {
+            Some(entry) => {
                 if state.queue.is_empty() && state.queue.capacity() > KEPT_SLOTS {
                     state.queue = VecDeque::new();
                 }
-                Taken::Message(message)
+                Taken::Message(entry.out)
             }
             None if state.sender => Taken::Empty,
             None => Taken::Closed,
         }
     }
+}
+
+/// A waiting message, and its conflation key if it has one.
+struct Entry {
+    out: Outbound,
+    key: Option<Arc<str>>,
 }
 
 enum Taken {
@@ -201,6 +245,30 @@ mod tests {
             assert!(is_text(rx.recv().await, &i.to_string()));
         }
         assert_eq!(rx.0.lock().queue.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_conflated_message_takes_the_place_of_the_waiting_one_of_its_key() {
+        let (tx, mut rx) = outbox(3);
+        let (price, volume): (Arc<str>, Arc<str>) = (Arc::from("price"), Arc::from("volume"));
+        let message = |s: &str| axum::extract::ws::Message::Text(s.into());
+        tx.try_send_conflated(message("p1"), &price).unwrap();
+        tx.try_send(text("plain")).unwrap();
+        tx.try_send_conflated(message("v1"), &volume).unwrap();
+        // Full, but each key's latest value still gets its place.
+        for i in 2..100 {
+            tx.try_send_conflated(message(&format!("p{i}")), &price)
+                .unwrap();
+        }
+        tx.try_send_conflated(message("v2"), &volume).unwrap();
+        assert_eq!(tx.try_send(text("more")), Err(TrySendError::Full));
+        assert!(is_text(rx.recv().await, "p99"));
+        assert!(is_text(rx.recv().await, "plain"));
+        assert!(is_text(rx.recv().await, "v2"));
+        // Once taken, a key's next message queues anew.
+        tx.try_send_conflated(message("p100"), &price).unwrap();
+        assert!(is_text(rx.recv().await, "p100"));
+        assert!(rx.try_recv().is_none());
     }
 
     #[tokio::test]

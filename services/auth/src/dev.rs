@@ -75,6 +75,9 @@ pub struct MintOptions {
     pub tenant: String,
     /// `permissions`.
     pub permissions: Vec<String>,
+    /// `topics`: patterns of the topics the client may subscribe itself
+    /// to; left out when empty.
+    pub topics: Vec<String>,
     /// `exp` is this long after `iat` (now).
     pub ttl: Duration,
     /// Mint a token that expired an hour ago (`iat` two hours ago); `ttl`
@@ -94,6 +97,7 @@ impl Default for MintOptions {
             sub: "demo-user".to_owned(),
             tenant: "demo-tenant".to_owned(),
             permissions: vec!["read".to_owned(), "write".to_owned()],
+            topics: Vec::new(),
             ttl: Duration::from_secs(3600),
             expired: false,
             not_before: None,
@@ -116,6 +120,9 @@ impl DevKey {
         claims.insert("sub".into(), opts.sub.clone().into());
         claims.insert("tenant_id".into(), opts.tenant.clone().into());
         claims.insert("permissions".into(), opts.permissions.clone().into());
+        if !opts.topics.is_empty() {
+            claims.insert("topics".into(), opts.topics.clone().into());
+        }
         claims.insert("iat".into(), iat.into());
         claims.insert("exp".into(), exp.into());
         // A random id, so a development token can be revoked like any other.

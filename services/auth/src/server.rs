@@ -115,6 +115,7 @@ impl From<VerifiedClaims> for Claims {
             user_id: claims.user_id.into(),
             tenant_id: claims.tenant_id.into(),
             permissions: claims.permissions,
+            topics: claims.topics,
             expires_at: Some(timestamp(claims.expires_at)),
             issued_at: claims.issued_at.map(timestamp),
             issuer: claims.issuer.unwrap_or_default(),

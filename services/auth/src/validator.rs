@@ -86,6 +86,10 @@ pub struct VerifiedClaims {
     pub tenant_id: TenantId,
     /// `permissions`, in token order; empty when the token has none.
     pub permissions: Vec<String>,
+    /// `topics`, in token order: patterns of the topics the client may
+    /// subscribe itself to (see `streamer_core::topics`); empty when the
+    /// token has none.
+    pub topics: Vec<String>,
     /// `exp`, in Unix seconds.
     pub expires_at: u64,
     /// `iat`, in Unix seconds, when present.
@@ -491,6 +495,7 @@ impl TokenValidator {
             user_id: UserId::from(claims.sub),
             tenant_id: TenantId::from(claims.tenant_id),
             permissions: claims.permissions,
+            topics: claims.topics,
             expires_at: claims.exp,
             issued_at: claims.iat,
             issuer: claims.iss.map(str::to_owned),
@@ -624,6 +629,7 @@ struct ClaimSet<'a> {
     jti: Option<&'a str>,
     aud: Vec<&'a str>,
     permissions: Vec<String>,
+    topics: Vec<String>,
 }
 
 impl<'a> ClaimSet<'a> {
@@ -645,15 +651,14 @@ impl<'a> ClaimSet<'a> {
                 .ok_or_else(|| malformed("`aud` must be a string or a list of strings"))?,
             Some(_) => return Err(malformed("`aud` must be a string or a list of strings")),
         };
-        let permissions = match claims.get("permissions") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|item| item.as_str().map(str::to_owned))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| malformed("`permissions` must be a list of strings"))?,
-            Some(_) => return Err(malformed("`permissions` must be a list of strings")),
-        };
+        let permissions = string_list(claims, "permissions")?;
+        let topics = string_list(claims, "topics")?;
+        if let Some((pattern, why)) = topics
+            .iter()
+            .find_map(|p| streamer_core::topics::unusable_pattern(p).map(|why| (p, why)))
+        {
+            return Err(malformed(format!("`topics` pattern {pattern:?} {why}")));
+        }
 
         let missing = |name: &str| {
             Rejection::new(
@@ -680,7 +685,22 @@ impl<'a> ClaimSet<'a> {
             jti,
             aud,
             permissions,
+            topics,
         })
+    }
+}
+
+/// An optional claim that is a list of strings (absent or null: empty).
+fn string_list(claims: &Map<String, Value>, name: &str) -> Result<Vec<String>, Rejection> {
+    let invalid = || malformed(format!("`{name}` must be a list of strings"));
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(invalid),
+        Some(_) => Err(invalid()),
     }
 }
 

@@ -12,9 +12,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use serde_json::Value;
 use streamer_api::v1::{self, DeliveryOutcome, DeliveryResult, edge_command::Command};
-use streamer_core::ids::{ConnectionId, EdgeId};
+use streamer_core::ids::{ConnectionId, EdgeId, TenantId};
 use streamer_core::store::{ConnectionRecord, now_ms};
 use streamer_core::trust::Caller;
 
@@ -38,6 +39,62 @@ pub trait Delivery: Send + Sync + 'static {
     /// Closes one socket with a WebSocket close code; whether the transport
     /// took the command.
     async fn close(&self, target: &ConnectionRecord, code: u32, reason: String) -> bool;
+
+    /// Hands `payload` to the transport for every socket `selector` picks
+    /// (a tenant's, a user's, a topic's subscribers), and returns once it
+    /// is handed over: fan-outs dispatched one after another are written
+    /// in that order. The returned future gives the counts.
+    async fn dispatch(
+        &self,
+        selector: Selector,
+        payload: v1::Payload,
+    ) -> BoxFuture<'static, Fanout>;
+
+    /// Subscribes these sockets to a topic. Their messages of the topic
+    /// are held back until a [`Delivery::replay`] for each brings it up to
+    /// date. DELIVERED: subscribed.
+    async fn watch(
+        &self,
+        tenant_id: &TenantId,
+        topic: &str,
+        targets: &[ConnectionRecord],
+    ) -> Vec<DeliveryResult>;
+
+    /// Brings one subscribed socket up to date (see `v1::Replay`).
+    async fn replay(&self, target: &ConnectionRecord, replay: v1::Replay) -> bool;
+
+    /// Ends these sockets' subscriptions to a topic.
+    async fn unwatch(&self, tenant_id: &TenantId, topic: &str, targets: &[ConnectionRecord]);
+}
+
+/// Which sockets a fan-out reaches.
+pub type Selector = v1::fanout::Selector;
+
+/// What a fan-out reached.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    /// Sockets written to.
+    pub delivered: u32,
+    /// Slow consumers closed instead.
+    pub throttled: u32,
+    /// Edges with at least one socket written to.
+    pub edges: u32,
+    /// Edges that did not confirm in time.
+    pub unavailable_edges: u32,
+}
+
+impl Fanout {
+    fn add(mut self, report: Option<v1::FanoutReport>) -> Self {
+        match report {
+            Some(report) => {
+                self.delivered += report.delivered;
+                self.throttled += report.throttled;
+                self.edges += u32::from(report.delivered > 0);
+            }
+            None => self.unavailable_edges += 1,
+        }
+        self
+    }
 }
 
 /// Delivery through the edges attached to this replica: one command per
@@ -62,14 +119,7 @@ impl Delivery for EdgeDelivery {
         payload: v1::Payload,
         sequence: Option<v1::Sequence>,
     ) -> Vec<DeliveryResult> {
-        let mut by_edge: HashMap<&EdgeId, Vec<ConnectionId>> = HashMap::new();
-        for target in targets {
-            by_edge
-                .entry(&target.edge_id)
-                .or_default()
-                .push(target.connection_id.clone());
-        }
-        let deliveries = by_edge.into_iter().map(|(edge_id, ids)| {
+        let deliveries = by_edge(targets).into_iter().map(|(edge_id, ids)| {
             let payload = payload.clone();
             let sequence = sequence.clone();
             async move {
@@ -101,6 +151,91 @@ impl Delivery for EdgeDelivery {
             None => false,
         }
     }
+
+    /// One `fanout` command to every edge attached here (an edge with no
+    /// such socket answers 0 at once). An edge attached to no replica at
+    /// this moment is not reached: its topic subscribers see the gap in
+    /// offsets and recover the message from the history.
+    async fn dispatch(
+        &self,
+        selector: Selector,
+        payload: v1::Payload,
+    ) -> BoxFuture<'static, Fanout> {
+        let mut waits = Vec::new();
+        for link in self.edges.all() {
+            waits.push(
+                link.dispatch_fan_out(selector.clone(), payload.clone(), self.timeout)
+                    .await,
+            );
+        }
+        Box::pin(async move {
+            futures::future::join_all(waits)
+                .await
+                .into_iter()
+                .fold(Fanout::default(), Fanout::add)
+        })
+    }
+
+    async fn watch(
+        &self,
+        tenant_id: &TenantId,
+        topic: &str,
+        targets: &[ConnectionRecord],
+    ) -> Vec<DeliveryResult> {
+        let by_edge = by_edge(targets);
+        let watches = by_edge.into_iter().map(|(edge_id, ids)| async move {
+            match self.edges.get(edge_id) {
+                Some(link) => link.watch(tenant_id, topic, ids, self.timeout).await,
+                None => EdgeLink::outcome_all(&ids, DeliveryOutcome::Unavailable),
+            }
+        });
+        futures::future::join_all(watches)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    async fn replay(&self, target: &ConnectionRecord, replay: v1::Replay) -> bool {
+        match self.edges.get(&target.edge_id) {
+            Some(link) => link.command(Command::Replay(replay)).await,
+            None => false,
+        }
+    }
+
+    async fn unwatch(&self, tenant_id: &TenantId, topic: &str, targets: &[ConnectionRecord]) {
+        for (edge_id, ids) in by_edge(targets) {
+            if let Some(link) = self.edges.get(edge_id) {
+                link.command(Command::Unwatch(v1::Unwatch {
+                    tenant_id: tenant_id.to_string(),
+                    topic: topic.to_owned(),
+                    connection_ids: ids.into_iter().map(ConnectionId::into_string).collect(),
+                }))
+                .await;
+            }
+        }
+    }
+}
+
+/// The targets' ids, by the edge that holds them.
+fn by_edge(targets: &[ConnectionRecord]) -> HashMap<&EdgeId, Vec<ConnectionId>> {
+    let mut by_edge: HashMap<&EdgeId, Vec<ConnectionId>> = HashMap::new();
+    for target in targets {
+        by_edge
+            .entry(&target.edge_id)
+            .or_default()
+            .push(target.connection_id.clone());
+    }
+    by_edge
+}
+
+/// What a broadcast reached.
+#[derive(Debug)]
+pub enum Broadcasted {
+    /// One outcome per connection named.
+    Each(Vec<DeliveryResult>),
+    /// A user or tenant: counts.
+    Counted(Fanout),
 }
 
 impl ConnectionServer {
@@ -169,11 +304,36 @@ impl ConnectionServer {
             .unwrap_or(DeliveryOutcome::Unavailable))
     }
 
+    /// A broadcast to a list of connections answers for each one; one to a
+    /// user or a tenant is one fan-out, answered with counts.
     pub(crate) async fn broadcast(
         &self,
         cmd: BroadcastCommand,
         caller: &Caller,
-    ) -> Result<Vec<DeliveryResult>, ConnectionError> {
+    ) -> Result<Broadcasted, ConnectionError> {
+        let selector = match cmd.target {
+            BroadcastTarget::Connections(_) => None,
+            BroadcastTarget::User {
+                ref tenant_id,
+                ref user_id,
+            } => {
+                Self::check_reach(caller, tenant_id)?;
+                Some(Selector::User(v1::UserTarget {
+                    tenant_id: tenant_id.to_string(),
+                    user_id: user_id.to_string(),
+                }))
+            }
+            BroadcastTarget::Tenant(ref tenant_id) => {
+                Self::check_reach(caller, tenant_id)?;
+                Some(Selector::Tenant(v1::TenantTarget {
+                    tenant_id: tenant_id.to_string(),
+                }))
+            }
+        };
+        if let Some(selector) = selector {
+            let fanout = self.fan_out(selector, cmd.payload).await;
+            return Ok(Broadcasted::Counted(fanout));
+        }
         let (records, mut missing) = match cmd.target {
             BroadcastTarget::Connections(ids) => {
                 let mut records = Vec::with_capacity(ids.len());
@@ -190,21 +350,32 @@ impl ConnectionServer {
                 }
                 (records, missing)
             }
-            BroadcastTarget::User { tenant_id, user_id } => {
-                Self::check_reach(caller, &tenant_id)?;
-                (
-                    self.all_connections(&tenant_id, Some(&user_id)).await?,
-                    Vec::new(),
-                )
-            }
-            BroadcastTarget::Tenant(tenant_id) => {
-                Self::check_reach(caller, &tenant_id)?;
-                (self.all_connections(&tenant_id, None).await?, Vec::new())
-            }
+            BroadcastTarget::User { .. } | BroadcastTarget::Tenant(_) => (Vec::new(), Vec::new()),
         };
         let mut results = self.deliver(records, cmd.payload, None).await;
         results.append(&mut missing);
-        Ok(results)
+        Ok(Broadcasted::Each(results))
+    }
+
+    /// One fan-out, counted in the metrics.
+    pub(crate) async fn fan_out(&self, selector: Selector, payload: v1::Payload) -> Fanout {
+        let kind = match &selector {
+            Selector::Tenant(_) => "tenant",
+            Selector::User(_) => "user",
+            Selector::Topic(_) => "topic",
+        };
+        let fanout = self.shared.delivery.dispatch(selector, payload).await.await;
+        Self::count(kind, fanout);
+        fanout
+    }
+
+    /// Counts a fan-out's outcome in the metrics.
+    pub(crate) fn count(kind: &'static str, fanout: Fanout) {
+        metrics::counter!("streamer_fanouts_total", "selector" => kind).increment(1);
+        metrics::counter!("streamer_deliveries_total", "outcome" => DeliveryOutcome::Delivered.as_str_name())
+            .increment(u64::from(fanout.delivered));
+        metrics::counter!("streamer_deliveries_total", "outcome" => DeliveryOutcome::Throttled.as_str_name())
+            .increment(u64::from(fanout.throttled));
     }
 
     pub(crate) async fn disconnect(

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::edges::EdgeLink;
+use crate::edges::{EdgeLink, Report};
 use crate::error::ConnectionError;
 use crate::model::{connection_from_edge, required_id};
 use crate::service::{BoxStream, ConnectionServer, EDGE_QUEUE};
@@ -196,7 +196,12 @@ impl ConnectionServer {
                 Event::Opened(opened) => self.edge_opened(&link, opened).await,
                 Event::Closed(closed) => self.edge_closed(&link, closed).await,
                 Event::Frame(frame) => self.enqueue_frame(&edge_id, frame),
-                Event::Delivered(report) => link.report(report),
+                Event::Delivered(report) => {
+                    link.report(report.delivery_id, Report::Delivered(report.results));
+                }
+                Event::FannedOut(report) => {
+                    link.report(report.delivery_id, Report::FannedOut(report))
+                }
                 Event::Drained(v1::Drained {}) => {
                     tracing::info!(edge_id = %edge_id, "edge drained");
                     intake = None;

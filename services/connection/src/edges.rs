@@ -2,9 +2,9 @@
 //! flight to them.
 //!
 //! Each edge holds one `Attach` stream. Commands go down an mpsc channel
-//! that feeds the stream; a `deliver` command carries an id, and the edge's
-//! `DeliveryReport` with that id resolves the waiting caller, so `Send` and
-//! `Broadcast` report what really happened to each socket.
+//! that feeds the stream; a `deliver`, `watch` or `fanout` command carries
+//! an id, and the edge's report with that id resolves the waiting caller,
+//! so `Send`, `Broadcast` and `Publish` report what really happened.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use streamer_api::v1::{self, DeliveryOutcome, DeliveryResult, EdgeCommand, edge_command::Command};
-use streamer_core::ids::{ConnectionId, EdgeId};
+use streamer_core::ids::{ConnectionId, EdgeId, TenantId};
 use tokio::sync::{mpsc, oneshot};
 
 /// Longest wait for room in an edge's command queue.
@@ -28,9 +28,28 @@ pub struct EdgeLink {
     /// Distinguishes a re-attached edge from its previous stream.
     pub generation: u64,
     commands: CommandSender,
-    /// Deliveries awaiting the edge's report. A std mutex: held only to
+    /// Commands awaiting the edge's report. A std mutex: held only to
     /// insert or remove one entry, never across an await.
-    pending: Mutex<HashMap<u64, oneshot::Sender<Vec<DeliveryResult>>>>,
+    pending: Arc<Mutex<Pending>>,
+}
+
+/// Commands awaiting a report, by delivery id.
+type Pending = HashMap<u64, oneshot::Sender<Report>>;
+
+/// An edge's answer to a command that wants one.
+#[derive(Debug)]
+pub enum Report {
+    /// To `deliver` and `watch`: one result per socket.
+    Delivered(Vec<DeliveryResult>),
+    /// To `fanout`: counts.
+    FannedOut(v1::FanoutReport),
+}
+
+/// The next id of a command that wants a report (unique per process, so
+/// that a report can never be taken for another command's).
+fn next_delivery_id() -> u64 {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
 impl EdgeLink {
@@ -58,36 +77,115 @@ impl EdgeLink {
         sequence: Option<v1::Sequence>,
         timeout: Duration,
     ) -> Vec<DeliveryResult> {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        let delivery_id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.lock_pending().insert(delivery_id, tx);
-        let command = EdgeCommand {
-            command: Some(Command::Deliver(v1::Deliver {
+        let command = |delivery_id| {
+            Command::Deliver(v1::Deliver {
                 delivery_id,
                 connection_ids: connection_ids.iter().map(ToString::to_string).collect(),
                 payload: Some(payload),
                 sequence,
-            })),
+            })
+        };
+        match self.ask(command, timeout).await {
+            Some(Report::Delivered(results)) => self.reconcile(&connection_ids, results),
+            _ => Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable),
+        }
+    }
+
+    /// Subscribes these sockets to a topic on the edge and waits for its
+    /// report (UNAVAILABLE for each when none comes in `timeout`).
+    pub async fn watch(
+        &self,
+        tenant_id: &TenantId,
+        topic: &str,
+        connection_ids: Vec<ConnectionId>,
+        timeout: Duration,
+    ) -> Vec<DeliveryResult> {
+        let command = |delivery_id| {
+            Command::Watch(v1::Watch {
+                delivery_id,
+                tenant_id: tenant_id.to_string(),
+                topic: topic.to_owned(),
+                connection_ids: connection_ids.iter().map(ToString::to_string).collect(),
+            })
+        };
+        match self.ask(command, timeout).await {
+            Some(Report::Delivered(results)) => self.reconcile(&connection_ids, results),
+            _ => Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable),
+        }
+    }
+
+    /// Hands the edge a payload for every socket a selector picks, and
+    /// returns once the command is queued on the stream (so commands
+    /// dispatched one after another reach the edge in that order), with
+    /// the wait for the edge's counts: `None` when none came in `timeout`.
+    pub async fn dispatch_fan_out(
+        &self,
+        selector: v1::fanout::Selector,
+        payload: v1::Payload,
+        timeout: Duration,
+    ) -> impl Future<Output = Option<v1::FanoutReport>> + Send + 'static {
+        let command = |delivery_id| {
+            Command::Fanout(v1::Fanout {
+                delivery_id,
+                selector: Some(selector),
+                payload: Some(payload),
+            })
+        };
+        let report = self.send_asking(command, timeout).await;
+        async move {
+            match report.await {
+                Some(Report::FannedOut(report)) => Some(report),
+                _ => None,
+            }
+        }
+    }
+
+    /// Sends the command `make` builds around a fresh delivery id and waits
+    /// for the edge's report on it (see [`Self::send_asking`]).
+    async fn ask(&self, make: impl FnOnce(u64) -> Command, timeout: Duration) -> Option<Report> {
+        self.send_asking(make, timeout).await.await
+    }
+
+    /// Queues the command `make` builds around a fresh delivery id, and
+    /// returns the wait for the edge's report on it: `None` when the
+    /// stream is closed or full, or no report comes in `timeout` (the
+    /// command may or may not have been carried out).
+    async fn send_asking(
+        &self,
+        make: impl FnOnce(u64) -> Command,
+        timeout: Duration,
+    ) -> impl Future<Output = Option<Report>> + Send + 'static {
+        let delivery_id = next_delivery_id();
+        let (tx, rx) = oneshot::channel();
+        self.lock_pending().insert(delivery_id, tx);
+        let command = EdgeCommand {
+            command: Some(make(delivery_id)),
         };
         let sent = tokio::time::timeout(timeout, self.commands.send(Ok(command))).await;
-        if !matches!(sent, Ok(Ok(()))) {
+        let edge_id = self.edge_id.clone();
+        let queued = matches!(sent, Ok(Ok(())));
+        if !queued {
             self.lock_pending().remove(&delivery_id);
-            tracing::warn!(edge_id = %self.edge_id, "edge stream closed or full; delivery unavailable");
-            return Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable);
+            tracing::warn!(edge_id = %edge_id, "edge stream closed or full; delivery unavailable");
         }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(results)) => self.reconcile(&connection_ids, results),
-            Ok(Err(_)) => {
-                // The stream ended before the report came (see `abandon`).
-                tracing::info!(edge_id = %self.edge_id, delivery_id, "edge detached before reporting a delivery");
-                Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable)
+        let pending = self.pending.clone();
+        async move {
+            if !queued {
+                return None;
             }
-            Err(_) => {
-                self.lock_pending().remove(&delivery_id);
-                metrics::counter!("streamer_delivery_report_timeouts_total").increment(1);
-                tracing::warn!(edge_id = %self.edge_id, delivery_id, "edge did not report a delivery in time");
-                Self::outcome_all(&connection_ids, DeliveryOutcome::Unavailable)
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(report)) => Some(report),
+                Ok(Err(_)) => {
+                    // The stream ended before the report came (see `abandon`).
+                    tracing::info!(edge_id = %edge_id, delivery_id, "edge detached before reporting a delivery");
+                    None
+                }
+                Err(_) => {
+                    lock(&pending).remove(&delivery_id);
+                    metrics::counter!("streamer_delivery_report_timeouts_total").increment(1);
+                    tracing::warn!(edge_id = %edge_id, delivery_id, "edge did not report a delivery in time");
+                    None
+                }
             }
         }
     }
@@ -131,10 +229,10 @@ impl EdgeLink {
         self.lock_pending().clear();
     }
 
-    /// Resolves a waiting delivery with the edge's report.
-    pub fn report(&self, report: v1::DeliveryReport) {
-        if let Some(waiter) = self.lock_pending().remove(&report.delivery_id) {
-            let _ = waiter.send(report.results);
+    /// Resolves a waiting command with the edge's report.
+    pub fn report(&self, delivery_id: u64, report: Report) {
+        if let Some(waiter) = self.lock_pending().remove(&delivery_id) {
+            let _ = waiter.send(report);
         }
     }
 
@@ -184,13 +282,15 @@ impl EdgeLink {
         )
     }
 
-    fn lock_pending(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Vec<DeliveryResult>>>> {
-        // A poisoned map only means a panic elsewhere mid-insert; the map
-        // itself is still consistent, so keep using it.
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        lock(&self.pending)
     }
+}
+
+fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    // A poisoned map only means a panic elsewhere mid-insert; the map
+    // itself is still consistent, so keep using it.
+    pending.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Every attached edge by id. An edge may hold more than one stream to this
@@ -212,7 +312,7 @@ impl EdgeRegistry {
             edge_id: edge_id.clone(),
             generation: self.generations.fetch_add(1, Ordering::Relaxed),
             commands,
-            pending: Mutex::new(HashMap::new()),
+            pending: Arc::default(),
         });
         self.write().entry(edge_id).or_default().push(link.clone());
         metrics::gauge!("streamer_edges_attached").set(self.len() as f64);
@@ -297,13 +397,13 @@ mod tests {
                 connection_id: id.into(),
                 outcome: outcome as i32,
             };
-            edge.report(v1::DeliveryReport {
-                delivery_id: deliver.delivery_id,
-                results: vec![
+            edge.report(
+                deliver.delivery_id,
+                Report::Delivered(vec![
                     result("someone-elses", DeliveryOutcome::Gone),
                     result("mine", DeliveryOutcome::Delivered),
-                ],
-            });
+                ]),
+            );
         });
         let results = link
             .deliver(

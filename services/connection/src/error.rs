@@ -16,6 +16,8 @@ pub enum ConnectionError {
     EdgeProtocol(String),
     #[error("service is shutting down")]
     ShuttingDown,
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -37,7 +39,9 @@ impl From<ConnectionError> for tonic::Status {
             ConnectionError::NotFound(_) => tonic::Status::not_found(message),
             ConnectionError::PermissionDenied(_) => tonic::Status::permission_denied(message),
             ConnectionError::EdgeProtocol(_) => tonic::Status::failed_precondition(message),
-            ConnectionError::ShuttingDown => tonic::Status::unavailable(message),
+            ConnectionError::ShuttingDown | ConnectionError::Unavailable(_) => {
+                tonic::Status::unavailable(message)
+            }
             ConnectionError::Store(StoreError::Conflict) => tonic::Status::aborted(message),
             ConnectionError::Store(_) => tonic::Status::unavailable(message),
         }

@@ -14,9 +14,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::delivery::Broadcasted;
 use crate::error::ConnectionError;
 use crate::model::{ListQuery, connection_to_proto, optional_id, required_id};
 use crate::service::{BUILTIN_ACTIONS, BoxStream, ConnectionServer, ROUTER_QUEUE, Shared};
+use crate::topics::position_to_proto;
 
 fn counts(results: &[DeliveryResult]) -> v1::BroadcastResponse {
     let mut response = v1::BroadcastResponse::default();
@@ -52,10 +54,19 @@ impl ConnectionService for ConnectionServer {
         request: Request<v1::BroadcastRequest>,
     ) -> Result<Response<v1::BroadcastResponse>, Status> {
         let caller = Caller::of(&request);
-        let results = self
+        let answer = match self
             .broadcast(request.into_inner().try_into()?, &caller)
-            .await?;
-        Ok(Response::new(counts(&results)))
+            .await?
+        {
+            Broadcasted::Each(results) => counts(&results),
+            Broadcasted::Counted(fanout) => v1::BroadcastResponse {
+                delivered: fanout.delivered,
+                throttled: fanout.throttled,
+                unavailable: fanout.unavailable_edges,
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(answer))
     }
 
     async fn is_active(
@@ -125,6 +136,76 @@ impl ConnectionService for ConnectionServer {
         self.disconnect(request.into_inner().try_into()?, &caller)
             .await?;
         Ok(Response::new(v1::DisconnectResponse {}))
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<v1::SubscribeResponse>, Status> {
+        let caller = Caller::of(&request);
+        let subscribed = self
+            .subscribe(request.into_inner().try_into()?, &caller)
+            .await?;
+        Ok(Response::new(v1::SubscribeResponse {
+            connection_ids: subscribed
+                .connection_ids
+                .into_iter()
+                .map(ConnectionId::into_string)
+                .collect(),
+            position: Some(position_to_proto(subscribed.position)),
+        }))
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: Request<v1::UnsubscribeRequest>,
+    ) -> Result<Response<v1::UnsubscribeResponse>, Status> {
+        let caller = Caller::of(&request);
+        let ended = self
+            .unsubscribe(request.into_inner().try_into()?, &caller)
+            .await?;
+        Ok(Response::new(v1::UnsubscribeResponse {
+            connection_ids: ended.into_iter().map(ConnectionId::into_string).collect(),
+        }))
+    }
+
+    async fn publish(
+        &self,
+        request: Request<v1::PublishRequest>,
+    ) -> Result<Response<v1::PublishResponse>, Status> {
+        let caller = Caller::of(&request);
+        let published = self
+            .publish(request.into_inner().try_into()?, &caller)
+            .await?;
+        Ok(Response::new(v1::PublishResponse {
+            position: Some(position_to_proto(published.position)),
+            delivered: published.fanout.delivered,
+            edges: published.fanout.edges,
+            throttled: published.fanout.throttled,
+            unavailable_edges: published.fanout.unavailable_edges,
+        }))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        request: Request<v1::ListSubscriptionsRequest>,
+    ) -> Result<Response<v1::ListSubscriptionsResponse>, Status> {
+        let caller = Caller::of(&request);
+        let (page, next_page_token) = self
+            .list_subscriptions(request.into_inner().try_into()?, &caller)
+            .await?;
+        Ok(Response::new(v1::ListSubscriptionsResponse {
+            subscriptions: page
+                .into_iter()
+                .map(|s| v1::Subscription {
+                    topic: s.topic,
+                    connection_id: s.connection_id.into(),
+                    user_id: s.user_id.into(),
+                    subscribed_at: Some(streamer_core::timestamp(s.subscribed_at_ms)),
+                })
+                .collect(),
+            next_page_token,
+        }))
     }
 
     type ReceiveStream = BoxStream<InboundMessage>;

@@ -8,7 +8,8 @@
 //!    AuthService verify it again. A token that is not valid, or that names
 //!    another user or tenant than the edge announced, gets the connection
 //!    refused: an edge credential alone cannot speak for anyone.
-//! 2. The recorded permissions are the token's, not the edge's.
+//! 2. The recorded permissions and topic patterns are the token's, not the
+//!    edge's.
 //! 3. When AuthService cannot answer, nothing is recorded on the edge's word:
 //!    an `opened` is refused as unavailable (the client may retry), and a
 //!    `hello` fails as a whole, so the edge attaches again later without
@@ -121,6 +122,7 @@ impl IdentityCheck {
             ));
         }
         record.permissions = claims.permissions;
+        record.topics = claims.topics;
         Ok(record)
     }
 

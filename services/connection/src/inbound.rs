@@ -92,6 +92,8 @@ impl ConnectionServer {
         let request_id = frame.request_id.clone();
         let answer = match frame.action.as_str() {
             "get_request" | "cancel_request" => self.request_action(&record, frame).await,
+            "subscribe" => self.client_subscribe(&record, frame).await,
+            "unsubscribe" => self.client_unsubscribe(&record, frame).await,
             _ => self.route(&record, frame).await,
         };
         if let Some(message) = answer {
@@ -114,6 +116,7 @@ impl ConnectionServer {
                 user_id: record.user_id.to_string(),
                 tenant_id: record.tenant_id.to_string(),
                 permissions: record.permissions.clone(),
+                topics: record.topics.clone(),
             }),
             action: frame.action,
             request_id: frame.request_id,
@@ -221,6 +224,7 @@ impl ConnectionServer {
             user_id: record.user_id.to_string(),
             tenant_id: record.tenant_id.to_string(),
             permissions: Vec::new(),
+            topics: Vec::new(),
         };
         let get = v1::GetRequest {
             selector: Some(v1::get_request::Selector::Client(v1::ClientRequestRef {

@@ -13,6 +13,8 @@
 //! - [`registry`]: finding connections within what a caller may reach.
 //! - [`delivery`]: how payloads reach sockets, behind one interface.
 //! - [`inbound`]: routing what clients send.
+//! - [`topics`]: subscriptions, publishing, and bringing subscribers up to
+//!   date from a topic's history.
 //! - [`grpc`]: the thin tonic adapter.
 //!
 //! Invariants: a connection record exists only for a socket an edge holds
@@ -35,6 +37,8 @@ pub mod model;
 pub mod registry;
 pub mod routers;
 pub mod service;
+pub mod topics;
 
 pub use error::ConnectionError;
 pub use service::{BUILTIN_ACTIONS, ConnectionConfig, ConnectionServer};
+pub use topics::TopicsConfig;

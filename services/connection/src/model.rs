@@ -154,6 +154,168 @@ impl TryFrom<v1::BroadcastRequest> for BroadcastCommand {
     }
 }
 
+/// Checks a topic name from the wire (see [`streamer_core::topics`]).
+pub fn required_topic(field: &'static str, value: String) -> Result<String, ConnectionError> {
+    match streamer_core::topics::unusable(&value) {
+        Some(why) => Err(ConnectionError::invalid(field, why)),
+        None => Ok(value),
+    }
+}
+
+/// Whom a subscription is for.
+#[derive(Debug, PartialEq)]
+pub enum Subscriber {
+    Connection(ConnectionId),
+    /// Every connection the user has open.
+    User(UserId),
+}
+
+/// A `Subscribe` or an `Unsubscribe`.
+#[derive(Debug, PartialEq)]
+pub struct SubscribeCommand {
+    pub tenant_id: TenantId,
+    pub topic: String,
+    pub subscriber: Subscriber,
+}
+
+fn subscriber(
+    connection_id: Option<String>,
+    user_id: Option<String>,
+) -> Result<Subscriber, ConnectionError> {
+    match (connection_id, user_id) {
+        (Some(id), None) => Ok(Subscriber::Connection(required_id("connection_id", id)?)),
+        (None, Some(user)) => Ok(Subscriber::User(required_id("user_id", user)?)),
+        _ => Err(ConnectionError::invalid(
+            "target",
+            "is required: set one of `connection_id` or `user_id`",
+        )),
+    }
+}
+
+impl TryFrom<v1::SubscribeRequest> for SubscribeCommand {
+    type Error = ConnectionError;
+    fn try_from(r: v1::SubscribeRequest) -> Result<Self, Self::Error> {
+        use v1::subscribe_request::Target;
+        let (connection, user) = match r.target {
+            Some(Target::ConnectionId(id)) => (Some(id), None),
+            Some(Target::UserId(user)) => (None, Some(user)),
+            None => (None, None),
+        };
+        Ok(Self {
+            tenant_id: required_id("tenant_id", r.tenant_id)?,
+            topic: required_topic("topic", r.topic)?,
+            subscriber: subscriber(connection, user)?,
+        })
+    }
+}
+
+impl TryFrom<v1::UnsubscribeRequest> for SubscribeCommand {
+    type Error = ConnectionError;
+    fn try_from(r: v1::UnsubscribeRequest) -> Result<Self, Self::Error> {
+        use v1::unsubscribe_request::Target;
+        let (connection, user) = match r.target {
+            Some(Target::ConnectionId(id)) => (Some(id), None),
+            Some(Target::UserId(user)) => (None, Some(user)),
+            None => (None, None),
+        };
+        Ok(Self {
+            tenant_id: required_id("tenant_id", r.tenant_id)?,
+            topic: required_topic("topic", r.topic)?,
+            subscriber: subscriber(connection, user)?,
+        })
+    }
+}
+
+/// A `Publish`.
+#[derive(Debug, PartialEq)]
+pub struct PublishCommand {
+    pub tenant_id: TenantId,
+    pub topic: String,
+    /// The message's `data`.
+    pub data: serde_json::Value,
+    /// The conflation key; empty: the topic.
+    pub key: String,
+}
+
+impl TryFrom<v1::PublishRequest> for PublishCommand {
+    type Error = ConnectionError;
+    fn try_from(r: v1::PublishRequest) -> Result<Self, Self::Error> {
+        let data = match required_payload(r.payload)?.body {
+            Some(v1::payload::Body::Json(value)) => streamer_api::json::from_proto(value),
+            Some(v1::payload::Body::Text(text)) => serde_json::Value::String(text),
+            _ => {
+                return Err(ConnectionError::invalid(
+                    "payload",
+                    "topic messages are JSON: set `json` or `text`, not `binary`",
+                ));
+            }
+        };
+        let key: String = optional_id("key", r.key)?.unwrap_or_default();
+        Ok(Self {
+            tenant_id: required_id("tenant_id", r.tenant_id)?,
+            topic: required_topic("topic", r.topic)?,
+            data,
+            key,
+        })
+    }
+}
+
+/// Whose subscriptions a `ListSubscriptions` lists.
+#[derive(Debug, PartialEq)]
+pub enum SubscriptionsOf {
+    Topic(String),
+    Connection(ConnectionId),
+}
+
+/// A `ListSubscriptions`.
+#[derive(Debug, PartialEq)]
+pub struct SubscriptionQuery {
+    pub tenant_id: TenantId,
+    pub of: SubscriptionsOf,
+    pub page_size: usize,
+    /// The last item of the previous page (a connection id, or a topic).
+    pub after: Option<String>,
+}
+
+impl TryFrom<v1::ListSubscriptionsRequest> for SubscriptionQuery {
+    type Error = ConnectionError;
+    fn try_from(r: v1::ListSubscriptionsRequest) -> Result<Self, Self::Error> {
+        use v1::list_subscriptions_request::Selector;
+        let page = r.page.unwrap_or_default();
+        let of = match r.selector {
+            Some(Selector::Topic(topic)) => SubscriptionsOf::Topic(required_topic("topic", topic)?),
+            Some(Selector::ConnectionId(id)) => {
+                SubscriptionsOf::Connection(required_id("connection_id", id)?)
+            }
+            None => {
+                return Err(ConnectionError::invalid(
+                    "selector",
+                    "is required: set one of `topic` or `connection_id`",
+                ));
+            }
+        };
+        Ok(Self {
+            tenant_id: required_id("tenant_id", r.tenant_id)?,
+            of,
+            page_size: page_size(page.page_size)?,
+            after: optional_id("page.page_token", page.page_token)?,
+        })
+    }
+}
+
+/// A page's size from the wire: 0 is the default, past the largest is
+/// refused.
+fn page_size(asked: u32) -> Result<usize, ConnectionError> {
+    match asked as usize {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n > MAX_PAGE_SIZE => Err(ConnectionError::invalid(
+            "page.page_size",
+            format!("must be at most {MAX_PAGE_SIZE}"),
+        )),
+        n => Ok(n),
+    }
+}
+
 #[derive(Debug, PartialEq)]
 pub struct ListQuery {
     pub tenant_id: TenantId,
@@ -166,20 +328,10 @@ impl TryFrom<v1::ListConnectionsRequest> for ListQuery {
     type Error = ConnectionError;
     fn try_from(r: v1::ListConnectionsRequest) -> Result<Self, Self::Error> {
         let page = r.page.unwrap_or_default();
-        let page_size = match page.page_size as usize {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n > MAX_PAGE_SIZE => {
-                return Err(ConnectionError::invalid(
-                    "page.page_size",
-                    format!("must be at most {MAX_PAGE_SIZE}"),
-                ));
-            }
-            n => n,
-        };
         Ok(Self {
             tenant_id: required_id("tenant_id", r.tenant_id)?,
             user_id: optional_id("user_id", r.user_id)?,
-            page_size,
+            page_size: page_size(page.page_size)?,
             after: optional_id("page.page_token", page.page_token)?,
         })
     }
@@ -223,6 +375,7 @@ pub fn connection_to_proto(r: ConnectionRecord) -> v1::Connection {
             user_id: r.user_id.into(),
             tenant_id: r.tenant_id.into(),
             permissions: r.permissions,
+            topics: r.topics,
         }),
         connection_id: r.connection_id.into(),
         edge_id: r.edge_id.into(),
@@ -253,6 +406,7 @@ pub fn connection_from_edge(
         user_id: required_id("user_id", identity.user_id).map_err(bad)?,
         tenant_id: required_id("tenant_id", identity.tenant_id).map_err(bad)?,
         permissions: identity.permissions,
+        topics: identity.topics,
         edge_id: edge_id.clone(),
         connected_at_ms: ms(c.connected_at).unwrap_or(now_ms),
         last_seen_ms: ms(c.last_seen).unwrap_or(now_ms).max(now_ms),

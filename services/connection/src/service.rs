@@ -26,10 +26,17 @@ use crate::delivery::{Delivery, EdgeDelivery};
 use crate::edges::EdgeRegistry;
 use crate::identities::IdentityCheck;
 use crate::routers::RouterTable;
+use crate::topics::{TOPIC_LOCKS, TopicsConfig};
 
 /// Actions Streamer answers itself (`refresh` at the edge); no router may
 /// claim them.
-pub const BUILTIN_ACTIONS: &[&str] = &["get_request", "cancel_request", "refresh"];
+pub const BUILTIN_ACTIONS: &[&str] = &[
+    "get_request",
+    "cancel_request",
+    "refresh",
+    "subscribe",
+    "unsubscribe",
+];
 
 /// A connection's expiry slides at most this often, so busy sockets do not
 /// turn every message into a store write.
@@ -73,6 +80,9 @@ pub struct ConnectionConfig {
     /// edge announces (see [`crate::identities`]); not needed in trust mode
     /// none.
     pub auth_endpoint: Option<String>,
+    /// Topic history, the topics clients may subscribe themselves to, and
+    /// which topics conflate.
+    pub topics: TopicsConfig,
 }
 
 impl Default for ConnectionConfig {
@@ -84,6 +94,7 @@ impl Default for ConnectionConfig {
             edge_lease: Duration::from_secs(30),
             trust: Trust::none(),
             auth_endpoint: Some("http://127.0.0.1:50051".into()),
+            topics: TopicsConfig::default(),
         }
     }
 }
@@ -107,6 +118,8 @@ pub(crate) struct Shared {
     pub(crate) config: ConnectionConfig,
     pub(crate) shutdown: Shutdown,
     pub(crate) drain: Drain,
+    /// Order the publishes to each topic (see [`crate::topics`]).
+    pub(crate) topic_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
 /// How a replica stops without dropping a frame an edge handed it (see
@@ -208,6 +221,9 @@ impl ConnectionServer {
                     quiet: CancellationToken::new(),
                     drained: CancellationToken::new(),
                 },
+                topic_locks: (0..TOPIC_LOCKS)
+                    .map(|_| tokio::sync::Mutex::new(()))
+                    .collect(),
             }),
         };
         tokio::spawn(server.clone().sweep_expired());

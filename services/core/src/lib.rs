@@ -7,6 +7,7 @@
 //!   shutdown, the same way in every process.
 //! - [`telemetry`]: structured logs and the Prometheus endpoint.
 //! - [`shutdown`]: the one future that says "stop".
+//! - [`topics`]: topic names, subscription patterns, the subscriber's message.
 //! - [`trust`]: caller authentication and which role may call what.
 //!
 //! Invariant: nothing here knows about a particular service; services depend
@@ -21,6 +22,7 @@ pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod topics;
 pub mod trust;
 
 /// A timestamp for the wire from the store's milliseconds.

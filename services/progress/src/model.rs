@@ -328,6 +328,7 @@ pub(crate) fn request_to_proto(r: RequestRecord) -> v1::Request {
             user_id: r.user_id.into(),
             tenant_id: r.tenant_id.into(),
             permissions: Vec::new(),
+            topics: Vec::new(),
         }),
         connection_id: r.connection_id.into(),
         action: r.action,

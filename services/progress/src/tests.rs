@@ -139,6 +139,30 @@ impl ConnectionService for FakeConnections {
     ) -> Result<Response<v1::DisconnectResponse>, Status> {
         Err(Status::unimplemented("test"))
     }
+    async fn subscribe(
+        &self,
+        _: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<v1::SubscribeResponse>, Status> {
+        Err(Status::unimplemented("test"))
+    }
+    async fn unsubscribe(
+        &self,
+        _: Request<v1::UnsubscribeRequest>,
+    ) -> Result<Response<v1::UnsubscribeResponse>, Status> {
+        Err(Status::unimplemented("test"))
+    }
+    async fn publish(
+        &self,
+        _: Request<v1::PublishRequest>,
+    ) -> Result<Response<v1::PublishResponse>, Status> {
+        Err(Status::unimplemented("test"))
+    }
+    async fn list_subscriptions(
+        &self,
+        _: Request<v1::ListSubscriptionsRequest>,
+    ) -> Result<Response<v1::ListSubscriptionsResponse>, Status> {
+        Err(Status::unimplemented("test"))
+    }
     type ReceiveStream = tokio_stream::Empty<Result<v1::InboundMessage, Status>>;
     async fn receive(
         &self,
@@ -264,6 +288,7 @@ impl Harness {
                 user_id: user.to_owned(),
                 tenant_id: tenant.to_owned(),
                 permissions: vec![],
+                topics: vec![],
             },
         );
     }
@@ -845,6 +870,7 @@ async fn cancel_tells_the_processor_and_the_client() {
                 user_id: "u2".into(),
                 tenant_id: "t1".into(),
                 permissions: vec![],
+                topics: vec![],
             }),
         })
         .await
@@ -859,6 +885,7 @@ async fn cancel_tells_the_processor_and_the_client() {
                 user_id: "u1".into(),
                 tenant_id: "t1".into(),
                 permissions: vec![],
+                topics: vec![],
             }),
         })
         .await
@@ -897,6 +924,7 @@ async fn get_never_reveals_another_users_request() {
         user_id: user.into(),
         tenant_id: "t1".into(),
         permissions: vec![],
+        topics: vec![],
     };
     let by_id = |user: &str| v1::GetRequest {
         selector: Some(v1::get_request::Selector::Id(request.id.clone())),

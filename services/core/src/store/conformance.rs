@@ -80,6 +80,7 @@ pub fn connection(id: &str, tenant: &str, user: &str) -> ConnectionRecord {
         user_id: user.into(),
         tenant_id: tenant.into(),
         permissions: vec!["read".into()],
+        topics: Vec::new(),
         edge_id: "edge-1".into(),
         connected_at_ms: now_ms(),
         last_seen_ms: now_ms(),

@@ -109,6 +109,10 @@ pub struct ConnectionRecord {
     pub user_id: UserId,
     pub tenant_id: TenantId,
     pub permissions: Vec<String>,
+    /// The token's `topics` claim: patterns of the topics the client may
+    /// subscribe itself to (see [`crate::topics`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<String>,
     /// The edge process holding the socket.
     pub edge_id: EdgeId,
     pub connected_at_ms: u64,
