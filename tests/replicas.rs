@@ -1,7 +1,8 @@
 //! Two ConnectionService replicas on one DynamoDB-protocol server (moto,
 //! started by the test), and edges attached to both:
-//! - a `Send` or tenant `Broadcast` made through either replica reaches
-//!   every intended socket, on either edge, exactly once;
+//! - a `Send`, a tenant `Broadcast` or a topic `Publish` made through
+//!   either replica reaches every intended socket, on either edge, exactly
+//!   once;
 //! - a replica that stops takes no socket with it: the edges stay attached
 //!   to the other, which still reaches every client;
 //! - an edge that vanishes without a word (its streams reset) has its
@@ -388,6 +389,59 @@ async fn sends_and_broadcasts_through_either_replica_reach_each_socket_exactly_o
         for replica in 0..2 {
             assert_eq!(next(client).await, json!({"to": user, "via": replica}));
             assert_eq!(next(client).await, json!({"all": replica}));
+        }
+        nothing_more(&cluster, user, client, id).await;
+    }
+}
+
+/// Subscribers on two edges, subscribed through one replica (by RPC and by
+/// client action): publishes through either replica reach each of them
+/// once, in offset order, and one topic's offsets are shared by both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_publishes_through_either_replica_reach_every_subscriber_once_in_order() {
+    let cluster = Cluster::start(2, 0, 2).await;
+    let mut clients = clients(&cluster).await;
+    let mut first = cluster.connections(0).await;
+    for (user, (client, id)) in clients.iter_mut() {
+        if user.ends_with("-0") {
+            client
+                .send_json(json!({"action": "subscribe", "id": "s", "payload": {"topic": "news"}}))
+                .await;
+            // Refused: their tokens allow no topic.
+            assert_eq!(next(client).await["error"]["code"], "UNAUTHORIZED");
+        }
+        first
+            .subscribe(v1::SubscribeRequest {
+                tenant_id: "acme".into(),
+                topic: "news".into(),
+                target: Some(v1::subscribe_request::Target::ConnectionId(id.clone())),
+            })
+            .await
+            .unwrap();
+    }
+    for n in 1..=10u64 {
+        let mut connections = cluster.connections((n % 2) as usize).await;
+        let published = connections
+            .publish(v1::PublishRequest {
+                tenant_id: "acme".into(),
+                topic: "news".into(),
+                payload: json_payload(json!(n)),
+                key: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(published.position.unwrap().offset, n);
+        assert_eq!((published.delivered, published.edges), (6, 2), "{n}");
+    }
+    for (user, (client, id)) in &mut clients {
+        for n in 1..=10u64 {
+            let message = next(client).await;
+            assert_eq!(
+                (&message["offset"], &message["data"]),
+                (&json!(n), &json!(n)),
+                "{user}"
+            );
         }
         nothing_more(&cluster, user, client, id).await;
     }

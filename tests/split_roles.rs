@@ -6,7 +6,8 @@
 //! - the edge is slow to report deliveries (a proxy holds what it says to
 //!   ConnectionService), so deliveries time out and are retried while the
 //!   edge has in fact written them: the client still gets each message
-//!   exactly once, in order.
+//!   exactly once, in order;
+//! - subscriptions survive a ConnectionService restart.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -441,4 +442,69 @@ async fn a_slow_edge_gets_each_message_to_the_client_exactly_once_in_order() {
     assert_eq!(seen[0]["type"], "complete", "{seen:?}");
     assert_eq!(seen[0]["sequence"], 2);
     assert_eq!(seen[0]["result"], json!({"ok": true}));
+}
+
+/// Subscriptions live in the store and in the edge's own index, so a
+/// ConnectionService restart loses neither: a publish after it still
+/// reaches the subscriber, and the subscription is still listed.
+#[tokio::test]
+async fn subscriptions_survive_a_connection_service_restart() {
+    let mut roles = SplitRoles::start(Default::default(), |conn| async move { conn }).await;
+    let (conn_shutdown, conn_task) = roles.start_connection(Default::default()).await;
+    eventually("the edge to attach", || roles.edge_attached()).await;
+    let mut client = roles.connect_alice().await;
+    let mut connections = roles.connections().await;
+    let alice = support::user_connection_ids(&mut connections, "acme", "alice").await;
+    connections
+        .subscribe(v1::SubscribeRequest {
+            tenant_id: "acme".into(),
+            topic: "news".into(),
+            target: Some(v1::subscribe_request::Target::ConnectionId(
+                alice[0].clone(),
+            )),
+        })
+        .await
+        .unwrap();
+
+    conn_shutdown.cancel();
+    within("connection service to stop", conn_task)
+        .await
+        .unwrap()
+        .unwrap();
+    let (conn_shutdown, conn_task) = roles.start_connection(Default::default()).await;
+    eventually("the edge to re-attach", || roles.edge_attached()).await;
+
+    let mut connections = roles.connections().await;
+    let published = connections
+        .publish(v1::PublishRequest {
+            tenant_id: "acme".into(),
+            topic: "news".into(),
+            payload: support::json_payload(json!("after the restart")),
+            key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(published.delivered, 1);
+    let message = client.recv_json().await;
+    assert_eq!(message["data"], "after the restart", "{message}");
+    let listed = connections
+        .list_subscriptions(v1::ListSubscriptionsRequest {
+            tenant_id: "acme".into(),
+            selector: Some(v1::list_subscriptions_request::Selector::Topic(
+                "news".into(),
+            )),
+            page: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.subscriptions.len(), 1);
+    assert_eq!(listed.subscriptions[0].connection_id, alice[0]);
+
+    conn_shutdown.cancel();
+    within("connection service to stop", conn_task)
+        .await
+        .unwrap()
+        .unwrap();
 }

@@ -555,9 +555,25 @@ async fn a_subscriber_that_never_reads_is_closed_and_delays_nobody() {
         .subscribe(subscribe("acme", "feed", &stalled_id))
         .await
         .unwrap();
-    let mut readers = Vec::new();
+    // Each reader reads from the start (answering the edge's pings while
+    // the others are set up), until it has every message.
+    let mut receivers = Vec::new();
     for n in 0..READERS {
-        readers.push(system.connect(&format!("reader-{n}"), "acme").await);
+        let mut reader = system.connect(&format!("reader-{n}"), "acme").await;
+        receivers.push(tokio::spawn(async move {
+            let mut offsets = Vec::new();
+            while offsets.len() < MESSAGES as usize {
+                match reader.ws.next().await {
+                    Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => {
+                        let message: Value = serde_json::from_str(&text).unwrap();
+                        offsets.push(message["offset"].as_u64().unwrap());
+                    }
+                    Some(Ok(_)) => {}
+                    other => panic!("reader {n} ended: {other:?}"),
+                }
+            }
+            offsets
+        }));
     }
     for n in 0..READERS {
         connections
@@ -569,19 +585,6 @@ async fn a_subscriber_that_never_reads_is_closed_and_delays_nobody() {
             .await
             .unwrap();
     }
-    let receivers: Vec<_> = readers
-        .into_iter()
-        .map(|mut reader| {
-            tokio::spawn(async move {
-                let mut offsets = Vec::new();
-                while offsets.len() < MESSAGES as usize {
-                    let message = reader.recv_json().await;
-                    offsets.push(message["offset"].as_u64().unwrap());
-                }
-                offsets
-            })
-        })
-        .collect();
     let pad = "x".repeat(1024);
     let mut throttled = 0;
     for n in 1..=MESSAGES {

@@ -1242,6 +1242,10 @@ mod tests {
             json!({"aud": [1]}),
             json!({"permissions": "read"}),
             json!({"permissions": ["read", 7]}),
+            json!({"topics": "orders/*"}),
+            json!({"topics": ["orders/*", null]}),
+            json!({"topics": ["a/**/b"]}),
+            json!({"topics": [""]}),
         ];
         for change in cases {
             let token = rs256(&claims_with(change.clone()));
@@ -1259,6 +1263,18 @@ mod tests {
         let verified = validator.validate(&token).expect("valid");
         assert!(verified.permissions.is_empty());
         assert_eq!(verified.expires_at, now + 3600);
+    }
+
+    #[test]
+    fn topic_patterns_come_through_in_token_order() {
+        let (_dir, validator) = standard_validator(AuthConfig::default());
+        let token = rs256(&claims_with(
+            json!({"topics": ["orders/*", "users/{user_id}/**"]}),
+        ));
+        let verified = validator.validate(&token).expect("valid");
+        assert_eq!(verified.topics, ["orders/*", "users/{user_id}/**"]);
+        let verified = validator.validate(&rs256(&claims())).expect("valid");
+        assert!(verified.topics.is_empty());
     }
 
     #[test]
