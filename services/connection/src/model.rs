@@ -240,6 +240,8 @@ pub struct PublishCommand {
 impl TryFrom<v1::PublishRequest> for PublishCommand {
     type Error = ConnectionError;
     fn try_from(r: v1::PublishRequest) -> Result<Self, Self::Error> {
+        let tenant_id = required_id("tenant_id", r.tenant_id)?;
+        let topic = required_topic("topic", r.topic)?;
         let data = match required_payload(r.payload)?.body {
             Some(v1::payload::Body::Json(value)) => streamer_api::json::from_proto(value),
             Some(v1::payload::Body::Text(text)) => serde_json::Value::String(text),
@@ -252,8 +254,8 @@ impl TryFrom<v1::PublishRequest> for PublishCommand {
         };
         let key: String = optional_id("key", r.key)?.unwrap_or_default();
         Ok(Self {
-            tenant_id: required_id("tenant_id", r.tenant_id)?,
-            topic: required_topic("topic", r.topic)?,
+            tenant_id,
+            topic,
             data,
             key,
         })
