@@ -144,8 +144,12 @@ impl Cursor {
         missed: Vec<TopicMessage>,
     ) -> Vec<TopicMessage> {
         let held = self.held.take().unwrap_or_default();
+        // A socket that was following already keeps its place if it is
+        // further back: what it would have had goes on arriving.
+        if self.epoch != epoch || offset < self.offset {
+            self.offset = offset;
+        }
         self.epoch = epoch;
-        self.offset = offset;
         missed
             .into_iter()
             .chain(held)
@@ -280,6 +284,21 @@ mod tests {
         assert_eq!(offsets(&written), [3, 4, 5, 6]);
         assert_eq!(cursor.admit(&message("e", 6)), Admission::Skip);
         assert_eq!(cursor.admit(&message("e", 7)), Admission::Write);
+    }
+
+    #[test]
+    fn subscribing_again_from_now_skips_nothing_the_socket_was_owed() {
+        let mut cursor = live("e", 10);
+        // Subscribed again, with no position: 11 and 12 come meanwhile,
+        // and the topic stood at 12 when it was read.
+        cursor.held = Some(Vec::new());
+        for offset in [11, 12] {
+            assert_eq!(cursor.admit(&message("e", offset)), Admission::Held);
+        }
+        assert_eq!(
+            offsets(&cursor.replay(Arc::from("e"), 12, Vec::new())),
+            [11, 12]
+        );
     }
 
     #[test]
