@@ -48,6 +48,11 @@ the gateway's STREAMER_CONNECTION_EDGE_URL names the connection headless
 Service (so the name resolves to every replica); every role has the expected
 HPA (which owns the Deployment's replicas) and PDB (which keeps at least one
 replica up); progress lists its async actions.
+
+Topics and slow clients (TOPIC_ENV below, per scenario): connection gets the
+topic history and the client and conflated topic patterns (comma-joined), the
+gateway the socket send buffer, exactly where the values set them; unset,
+the variable is absent, so the binary's default applies.
 """
 
 import ipaddress
@@ -105,6 +110,25 @@ DYNAMODB = {
         "edge_lease": None, "store_poll_ms": None, "sa_annotations": None,
     },
 }
+# scenario: the topic and slow-client settings each role gets, as the values
+# give them: ConnectionService's topic history and topic patterns (lists
+# joined with commas), the edge's socket send buffer. Every variable named
+# here is absent wherever the table does not give it a value (the values
+# leave it unset, so the binary's default applies), on every role.
+TOPIC_ENV = {
+    "production": {
+        "connection": {"STREAMER_TOPIC_HISTORY_MESSAGES": "10000", "STREAMER_TOPIC_HISTORY_SECS": "2592000",
+                       "STREAMER_CLIENT_TOPICS": "users/{user_id}/**,public/*",
+                       "STREAMER_CONFLATE_TOPICS": "prices/**,users/*/presence"},
+        "gateway": {"STREAMER_SOCKET_SEND_BUFFER": "262144"},
+    },
+    "ephemeral": {
+        "connection": {"STREAMER_TOPIC_HISTORY_MESSAGES": "1", "STREAMER_CONFLATE_TOPICS": "ticker/*"},
+        "gateway": {"STREAMER_SOCKET_SEND_BUFFER": "4096"},
+    },
+}
+TOPIC_VARS = ["STREAMER_TOPIC_HISTORY_MESSAGES", "STREAMER_TOPIC_HISTORY_SECS", "STREAMER_CLIENT_TOPICS",
+              "STREAMER_CONFLATE_TOPICS", "STREAMER_SOCKET_SEND_BUFFER"]
 # Where auth's keys come from (kind, field, name); the development key elsewhere.
 AUTH_KEYS = {"production": ("secret", "secretName", "streamer-auth-keys"),
              "ephemeral": ("configMap", "name", "streamer-jwks"),
@@ -526,6 +550,13 @@ def main():
             scaled_env["progress"]["STREAMER_ASYNC_ACTIONS"] = dynamodb["async_actions"]
         for var, value in scaled_env.get(role, {}).items():
             check(env.get(var, {}).get("value") == value, f"{name}: {var} is {env.get(var)}, expected {value!r}")
+
+        # Topics and slow clients: each setting on the role that reads it, as
+        # the values give it, and nowhere when they leave it unset.
+        want_topics = TOPIC_ENV.get(scenario_name, TOPIC_ENV.get(scenario, {})).get(role, {})
+        for var in TOPIC_VARS:
+            check(env.get(var, {}).get("value") == want_topics.get(var) and (var in env) == (var in want_topics),
+                  f"{name}: {var} is {env.get(var)}, expected {want_topics.get(var)!r}")
 
         # Issuers' JWKS URLs, as ISSUER=URL pairs; and no key files then.
         if role == "auth":

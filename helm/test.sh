@@ -11,7 +11,9 @@
 # roles (the gateway dials ConnectionService's edge port; the roles call each
 # other through headless Services, whose names resolve to every replica, and
 # each certificate names what the others dial), Service selectors and ports,
-# PDBs, the ServiceMonitor, the trust settings (STREAMER_TRUST, the
+# PDBs, the ServiceMonitor, the topic and slow-client settings (topic
+# history, client and conflated topic patterns, the socket send buffer: set
+# only where the values set them), the trust settings (STREAMER_TRUST, the
 # service secret's Secret and mount; with TLS the certificate Secrets, their
 # mounts, HTTP probes on the metrics port, https URLs and cert-manager
 # Certificates), and the NetworkPolicy, evaluated for callers in and out
@@ -161,6 +163,8 @@ scenario ephemeral 1.27.0 \
   --set auth.replicaCount=2 \
   --set connection.persistence.enabled=false \
   --set connection.edgePort=50060 \
+  --set connection.topicHistoryMessages=1 --set 'connection.conflateTopics[0]=ticker/*' \
+  --set gateway.socketSendBuffer=4096 \
   --set networkPolicy.enabled=false \
   --set progress.persistence.enabled=false \
   --set auth.podDisruptionBudget.enabled=false \
@@ -318,6 +322,16 @@ refuse "a misspelt autoscaling key" "additional properties 'maxReplica' not allo
   --set gateway.autoscaling.maxReplica=3
 refuse "connection.edgeLeaseSeconds under 3" "at '/connection/edgeLeaseSeconds'" --set connection.edgeLeaseSeconds=2
 refuse "progress.storePollMs under 50" "at '/progress/storePollMs'" --set progress.storePollMs=10
+refuse "connection.topicHistoryMessages 0" "at '/connection/topicHistoryMessages'" \
+  --set connection.topicHistoryMessages=0
+refuse "connection.topicHistorySeconds over 30 days" "at '/connection/topicHistorySeconds'" \
+  --set connection.topicHistorySeconds=2592001
+refuse "a client topic pattern with a comma" "at '/connection/clientTopics/0'" \
+  --set 'connection.clientTopics[0]=orders/*\,users/*'
+refuse "a conflated topic pattern with ** before its last segment" "at '/connection/conflateTopics/0'" \
+  --set 'connection.conflateTopics[0]=prices/**/eur'
+refuse "gateway.socketSendBuffer under 4096 bytes" "at '/gateway/socketSendBuffer'" --set gateway.socketSendBuffer=1024
+refuse "gateway.socketSendBuffer over 64 MiB" "at '/gateway/socketSendBuffer'" --set gateway.socketSendBuffer=67108865
 refuse "a misspelt key" "additional properties 'replicas' not allowed" --set gateway.replicas=3
 refuse "logFormat outside json|plain" "at '/logFormat'" --set logFormat=xml
 refuse "progress.leaseSeconds 0" "at '/progress/leaseSeconds'" --set progress.leaseSeconds=0
