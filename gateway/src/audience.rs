@@ -34,7 +34,8 @@ impl Directory {
             .entry(tenant.clone())
             .or_default()
             .entry(user.clone())
-            .or_default()
+            // Most users have one socket here: no room kept for more.
+            .or_insert_with(|| Vec::with_capacity(1))
             .push(id);
     }
 
