@@ -447,7 +447,7 @@ def main():
 
         def edges_attached(pod):
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{pod.named_ports['metrics']}/metrics", timeout=2) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{pod.named_ports['metrics']}/metrics", timeout=5) as r:
                     text = r.read().decode()
             except OSError:
                 return None
@@ -455,7 +455,8 @@ def main():
             return float(found.group(1)) if found else None
 
         gateways = len(pods["gateway"])
-        deadline = time.monotonic() + 20
+        # Generous: with both cores busy, attaching and a scrape can be slow.
+        deadline = time.monotonic() + 60
         attached = {}
         while time.monotonic() < deadline:
             attached = {pod.name: edges_attached(pod) for pod in pods["connection"]}
