@@ -45,6 +45,23 @@ async fn publish(
         .into_inner()
 }
 
+/// One page of a tenant's subscriptions, by topic or by connection.
+async fn listed(
+    connections: &mut Connections,
+    selector: v1::list_subscriptions_request::Selector,
+) -> Vec<v1::Subscription> {
+    connections
+        .list_subscriptions(v1::ListSubscriptionsRequest {
+            tenant_id: "acme".into(),
+            selector: Some(selector),
+            page: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .subscriptions
+}
+
 /// Proves nothing else is on its way to a client: a marker sent after
 /// everything else is the next thing it gets.
 async fn nothing_more(connections: &mut Connections, client: &mut WsClient, connection_id: &str) {
@@ -80,6 +97,19 @@ async fn client_subscribe(client: &mut WsClient, id: &str, payload: Value) -> Va
     let answer = client.recv_json().await;
     assert_eq!(answer["request_id"], id, "{answer}");
     answer
+}
+
+/// The client subscribes itself again from where it stood; returns its
+/// answer.
+async fn resubscribe(
+    client: &mut WsClient,
+    id: &str,
+    topic: &str,
+    epoch: &str,
+    offset: u64,
+) -> Value {
+    let since = json!({"epoch": epoch, "offset": offset});
+    client_subscribe(client, id, json!({"topic": topic, "since": since})).await
 }
 
 /// The next `count` topic messages' offsets and data.
@@ -128,54 +158,22 @@ async fn a_publish_reaches_exactly_the_topics_subscribers_and_never_another_tena
 
     // Listed by topic and by connection; a subscription ends with its
     // connection.
-    let listed = connections
-        .list_subscriptions(v1::ListSubscriptionsRequest {
-            tenant_id: "acme".into(),
-            selector: Some(v1::list_subscriptions_request::Selector::Topic(
-                "orders/42".into(),
-            )),
-            page: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let ids: Vec<&str> = listed
-        .subscriptions
-        .iter()
-        .map(|s| s.connection_id.as_str())
-        .collect();
+    use v1::list_subscriptions_request::Selector;
+    let by_topic = listed(&mut connections, Selector::Topic("orders/42".into())).await;
+    let ids: Vec<&str> = by_topic.iter().map(|s| s.connection_id.as_str()).collect();
     assert_eq!(ids, [alice_id.as_str()]);
-    assert_eq!(listed.subscriptions[0].user_id, "alice");
-    let of_alice = connections
-        .list_subscriptions(v1::ListSubscriptionsRequest {
-            tenant_id: "acme".into(),
-            selector: Some(v1::list_subscriptions_request::Selector::ConnectionId(
-                alice_id.clone(),
-            )),
-            page: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(of_alice.subscriptions.len(), 1);
-    assert_eq!(of_alice.subscriptions[0].topic, "orders/42");
+    assert_eq!(by_topic[0].user_id, "alice");
+    let of_alice = listed(&mut connections, Selector::ConnectionId(alice_id.clone())).await;
+    assert_eq!(of_alice.len(), 1);
+    assert_eq!(of_alice[0].topic, "orders/42");
 
     alice.close().await;
     support::eventually("alice's subscription to end", || {
         let mut connections = connections.clone();
         async move {
-            let listed = connections
-                .list_subscriptions(v1::ListSubscriptionsRequest {
-                    tenant_id: "acme".into(),
-                    selector: Some(v1::list_subscriptions_request::Selector::Topic(
-                        "orders/42".into(),
-                    )),
-                    page: None,
-                })
+            listed(&mut connections, Selector::Topic("orders/42".into()))
                 .await
-                .unwrap()
-                .into_inner();
-            listed.subscriptions.is_empty()
+                .is_empty()
         }
     })
     .await;
@@ -302,12 +300,7 @@ async fn a_reconnecting_client_gets_exactly_what_it_missed_in_order_then_new_mes
         publish(&mut connections, "acme", "news", json!(n)).await;
     }
     let mut alice = connect_with_topics(&system, "alice", &["news"]).await;
-    let answer = client_subscribe(
-        &mut alice,
-        "s2",
-        json!({"topic": "news", "since": {"epoch": epoch, "offset": 3}}),
-    )
-    .await;
+    let answer = resubscribe(&mut alice, "s2", "news", &epoch, 3).await;
     assert_eq!(answer["data"]["recovered"], true, "{answer}");
     assert_eq!(answer["data"]["offset"], 6);
     publish(&mut connections, "acme", "news", json!(7)).await;
@@ -341,12 +334,7 @@ async fn messages_published_while_a_client_recovers_come_once_and_in_order() {
         })
     };
     let mut alice = connect_with_topics(&system, "alice", &["ticks"]).await;
-    let answer = client_subscribe(
-        &mut alice,
-        "s1",
-        json!({"topic": "ticks", "since": {"epoch": epoch, "offset": 10}}),
-    )
-    .await;
+    let answer = resubscribe(&mut alice, "s1", "ticks", &epoch, 10).await;
     assert_eq!(answer["data"]["recovered"], true, "{answer}");
     within("the publisher", publisher).await.unwrap();
     let offsets: Vec<u64> = messages(&mut alice, 140)
@@ -377,24 +365,14 @@ async fn a_gap_the_history_no_longer_covers_is_reported_not_hidden() {
     }
     let mut alice = connect_with_topics(&system, "alice", &["news"]).await;
     // Offsets 3..7 are gone: told so, and given what is kept.
-    let answer = client_subscribe(
-        &mut alice,
-        "s1",
-        json!({"topic": "news", "since": {"epoch": epoch, "offset": 2}}),
-    )
-    .await;
+    let answer = resubscribe(&mut alice, "s1", "news", &epoch, 2).await;
     assert_eq!(answer["data"]["recovered"], false, "{answer}");
     assert_eq!(
         messages(&mut alice, 3).await,
         [(8, json!(8)), (9, json!(9)), (10, json!(10))]
     );
     // A position of another epoch (a lost history) recovers nothing.
-    let answer = client_subscribe(
-        &mut alice,
-        "s2",
-        json!({"topic": "news", "since": {"epoch": "some-other-epoch", "offset": 9}}),
-    )
-    .await;
+    let answer = resubscribe(&mut alice, "s2", "news", "some-other-epoch", 9).await;
     assert_eq!(answer["data"]["recovered"], false, "{answer}");
     assert_eq!(answer["data"]["epoch"], epoch.as_str());
 }
@@ -423,12 +401,7 @@ async fn topic_history_survives_a_restart() {
         }
     );
     let mut alice = connect_with_topics(&system, "alice", &["news"]).await;
-    let answer = client_subscribe(
-        &mut alice,
-        "s1",
-        json!({"topic": "news", "since": {"epoch": epoch, "offset": 1}}),
-    )
-    .await;
+    let answer = resubscribe(&mut alice, "s1", "news", &epoch, 1).await;
     assert_eq!(answer["data"]["recovered"], true, "{answer}");
     assert_eq!(
         messages(&mut alice, 3).await,

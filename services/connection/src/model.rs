@@ -178,17 +178,36 @@ pub struct SubscribeCommand {
     pub subscriber: Subscriber,
 }
 
-fn subscriber(
-    connection_id: Option<String>,
-    user_id: Option<String>,
-) -> Result<Subscriber, ConnectionError> {
-    match (connection_id, user_id) {
-        (Some(id), None) => Ok(Subscriber::Connection(required_id("connection_id", id)?)),
-        (None, Some(user)) => Ok(Subscriber::User(required_id("user_id", user)?)),
-        _ => Err(ConnectionError::invalid(
-            "target",
-            "is required: set one of `connection_id` or `user_id`",
-        )),
+/// A subscription target as the wire gives it (each request type has its
+/// own `oneof`).
+enum WireSubscriber {
+    Connection(String),
+    User(String),
+}
+
+impl SubscribeCommand {
+    fn from_wire(
+        tenant_id: String,
+        topic: String,
+        target: Option<WireSubscriber>,
+    ) -> Result<Self, ConnectionError> {
+        let subscriber = match target {
+            Some(WireSubscriber::Connection(id)) => {
+                Subscriber::Connection(required_id("connection_id", id)?)
+            }
+            Some(WireSubscriber::User(user)) => Subscriber::User(required_id("user_id", user)?),
+            None => {
+                return Err(ConnectionError::invalid(
+                    "target",
+                    "is required: set one of `connection_id` or `user_id`",
+                ));
+            }
+        };
+        Ok(Self {
+            tenant_id: required_id("tenant_id", tenant_id)?,
+            topic: required_topic("topic", topic)?,
+            subscriber,
+        })
     }
 }
 
@@ -196,16 +215,11 @@ impl TryFrom<v1::SubscribeRequest> for SubscribeCommand {
     type Error = ConnectionError;
     fn try_from(r: v1::SubscribeRequest) -> Result<Self, Self::Error> {
         use v1::subscribe_request::Target;
-        let (connection, user) = match r.target {
-            Some(Target::ConnectionId(id)) => (Some(id), None),
-            Some(Target::UserId(user)) => (None, Some(user)),
-            None => (None, None),
-        };
-        Ok(Self {
-            tenant_id: required_id("tenant_id", r.tenant_id)?,
-            topic: required_topic("topic", r.topic)?,
-            subscriber: subscriber(connection, user)?,
-        })
+        let target = r.target.map(|t| match t {
+            Target::ConnectionId(id) => WireSubscriber::Connection(id),
+            Target::UserId(user) => WireSubscriber::User(user),
+        });
+        Self::from_wire(r.tenant_id, r.topic, target)
     }
 }
 
@@ -213,16 +227,11 @@ impl TryFrom<v1::UnsubscribeRequest> for SubscribeCommand {
     type Error = ConnectionError;
     fn try_from(r: v1::UnsubscribeRequest) -> Result<Self, Self::Error> {
         use v1::unsubscribe_request::Target;
-        let (connection, user) = match r.target {
-            Some(Target::ConnectionId(id)) => (Some(id), None),
-            Some(Target::UserId(user)) => (None, Some(user)),
-            None => (None, None),
-        };
-        Ok(Self {
-            tenant_id: required_id("tenant_id", r.tenant_id)?,
-            topic: required_topic("topic", r.topic)?,
-            subscriber: subscriber(connection, user)?,
-        })
+        let target = r.target.map(|t| match t {
+            Target::ConnectionId(id) => WireSubscriber::Connection(id),
+            Target::UserId(user) => WireSubscriber::User(user),
+        });
+        Self::from_wire(r.tenant_id, r.topic, target)
     }
 }
 

@@ -382,11 +382,9 @@ impl ConnectionServer {
         record: &ConnectionRecord,
         frame: v1::InboundFrame,
     ) -> Option<Value> {
-        let id = ClientRequestId::from(frame.request_id.as_str());
-        let payload = frame.payload.map(streamer_api::json::from_proto);
-        let topic = match client_topic(payload.as_ref()) {
-            Ok(topic) => topic,
-            Err(why) => return Some(client::error(&id, ErrorCode::Validation, why)),
+        let (id, payload, topic) = match client_topic(frame) {
+            Ok(request) => request,
+            Err(refused) => return Some(refused),
         };
         let since = match payload.as_ref().and_then(|p| p.get("since")) {
             None | Some(Value::Null) => None,
@@ -447,11 +445,9 @@ impl ConnectionServer {
         record: &ConnectionRecord,
         frame: v1::InboundFrame,
     ) -> Option<Value> {
-        let id = ClientRequestId::from(frame.request_id.as_str());
-        let payload = frame.payload.map(streamer_api::json::from_proto);
-        let topic = match client_topic(payload.as_ref()) {
-            Ok(topic) => topic,
-            Err(why) => return Some(client::error(&id, ErrorCode::Validation, why)),
+        let (id, _, topic) = match client_topic(frame) {
+            Ok(request) => request,
+            Err(refused) => return Some(refused),
         };
         Some(
             match self
@@ -483,15 +479,28 @@ fn text(message: &Value) -> v1::Payload {
     }
 }
 
-/// The `topic` of a client's subscribe or unsubscribe.
-fn client_topic(payload: Option<&Value>) -> Result<String, String> {
-    let Some(topic) = payload.and_then(|p| p.get("topic")).and_then(Value::as_str) else {
-        return Err("payload.topic is required".to_owned());
+/// A client's subscribe or unsubscribe: its id, its payload and the
+/// topic the payload names; or the error that answers it.
+fn client_topic(
+    frame: v1::InboundFrame,
+) -> Result<(ClientRequestId, Option<Value>, String), Value> {
+    let id = ClientRequestId::from(frame.request_id);
+    let payload = frame.payload.map(streamer_api::json::from_proto);
+    let why = match payload
+        .as_ref()
+        .and_then(|p| p.get("topic"))
+        .and_then(Value::as_str)
+    {
+        None => "payload.topic is required".to_owned(),
+        Some(topic) => match topics::unusable(topic) {
+            Some(why) => format!("payload.topic {why}"),
+            None => {
+                let topic = topic.to_owned();
+                return Ok((id, payload, topic));
+            }
+        },
     };
-    match topics::unusable(topic) {
-        Some(why) => Err(format!("payload.topic {why}")),
-        None => Ok(topic.to_owned()),
-    }
+    Err(client::error(&id, ErrorCode::Validation, why))
 }
 
 /// A client's `since`: `{"epoch": string, "offset": integer}`.
