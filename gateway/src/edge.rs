@@ -369,18 +369,24 @@ impl Edge {
         sequence: Option<&v1::Sequence>,
         conflation: Option<&Arc<str>>,
     ) -> Queued {
-        // Checked and queued under the socket's own lock, so two
-        // deliveries of one message (from two Attach streams) cannot both
-        // be written.
-        let mut sequences = connection
-            .sequences
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(sequence) = sequence
-            && sequences.admit(&sequence.stream, sequence.number) == sequences::Admission::Drop
-        {
-            return Queued::Duplicate;
-        }
+        // A sequenced message is checked and queued under the socket's own
+        // lock, so two deliveries of it (from two Attach streams) cannot
+        // both be written; any other message needs no lock of its own.
+        let _checked = match sequence {
+            Some(sequence) => {
+                let mut sequences = connection
+                    .sequences
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if sequences.admit(&sequence.stream, sequence.number)
+                    == sequences::Admission::Drop
+                {
+                    return Queued::Duplicate;
+                }
+                Some(sequences)
+            }
+            None => None,
+        };
         let sent = match (conflation, out) {
             (Some(key), Outbound::Message(message)) => {
                 connection.outbound.try_send_conflated(message, key)
