@@ -57,6 +57,8 @@ struct LocalConnection {
     /// Cancelled to close the socket at once with 1008, skipping whatever
     /// is still queued (a slow consumer).
     evict: CancellationToken,
+    /// Its record as announced, less the connection id (the table's key)
+    /// and the edge id (this edge's): filled in again when announced.
     record: v1::Connection,
     /// The token the client last presented, which ConnectionService
     /// verifies again whenever the connection is announced.
@@ -276,7 +278,11 @@ impl Edge {
         let connection = LocalConnection {
             outbound: tx,
             evict: evict.clone(),
-            record: record.clone(),
+            record: v1::Connection {
+                connection_id: String::new(),
+                edge_id: String::new(),
+                ..record.clone()
+            },
             token: token.clone(),
             sequences: Mutex::default(),
         };
@@ -613,7 +619,14 @@ impl Edge {
     /// The connections held, and each one's current token.
     pub(crate) fn snapshot(&self) -> (Vec<v1::Connection>, HashMap<String, String>) {
         let connections = &read(&self.connections).by_id;
-        let records = connections.values().map(|c| c.record.clone()).collect();
+        let records = connections
+            .iter()
+            .map(|(id, c)| v1::Connection {
+                connection_id: id.to_string(),
+                edge_id: self.edge_id.to_string(),
+                ..c.record.clone()
+            })
+            .collect();
         let tokens = connections
             .iter()
             .map(|(id, c)| (id.to_string(), c.token.clone()))
