@@ -208,6 +208,10 @@ struct Args {
     /// idle-memory: idle authenticated connections.
     #[arg(long, default_value_t = 10_000)]
     idle_clients: usize,
+    /// idle-memory: seconds, after the last socket closed, to wait for the
+    /// memory they took to come back.
+    #[arg(long, default_value_t = 30)]
+    idle_return_secs: u64,
 
     /// store-cost: tenant sizes, ascending: clients connect up to each size,
     /// then the tenant broadcasts to them.
@@ -267,6 +271,7 @@ impl Args {
         self.soak_oversized = self.soak_oversized.min(1);
         self.soak_header_timeout_ms = self.soak_header_timeout_ms.min(1000);
         self.idle_clients = self.idle_clients.min(50);
+        self.idle_return_secs = self.idle_return_secs.min(2);
         self.store_cost_clients = vec![2, 5];
         self.store_cost_idle_secs = self.store_cost_idle_secs.min(1.0);
         self.timeout_secs = self.timeout_secs.min(30);

@@ -5,8 +5,13 @@
 //! own (so its resident memory is its alone), on ephemeral loopback ports
 //! and a fresh data directory. Each client mints its own token (one user per
 //! socket, one tenant), upgrades, and then says nothing. Resident memory
-//! (VmRSS) is read from /proc when it has settled: before any socket, with
-//! every socket open and idle, and after they all closed.
+//! (VmRSS) is read from /proc when it has settled: before any socket, and
+//! with every socket open and idle. Then the sockets close; once the edge's
+//! own gauge counts none left, resident memory is read again, and then
+//! every half second for up to `--idle-return-secs` (default 30) until it
+//! has come back (to within [`RETURNED`] of what the sockets took): an
+//! allocator that gives memory back does it over a few seconds, not at the
+//! instant of the free.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +19,7 @@ use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 use streamer_auth::dev::MintOptions;
-use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::{Args, Ws, open_files_limit};
@@ -23,12 +28,23 @@ use super::{Args, Ws, open_files_limit};
 /// 20,000 open files a process may have; the server's are in its own.
 const MAX_IDLE_CLIENTS: usize = 15_000;
 
+/// Memory counts as back when at most this share of what the sockets took
+/// is still held.
+const RETURNED: f64 = 0.05;
+
 pub(crate) struct IdleMemoryResult {
     clients: usize,
     connect_window: Duration,
     base_kib: u64,
     open_kib: u64,
+    /// When the edge counted the last socket closed.
     closed_kib: u64,
+    /// At the end of the wait for memory to come back.
+    returned_kib: u64,
+    /// From the last close to `returned_kib`.
+    return_wait: Duration,
+    /// How long it could have been.
+    return_patience: Duration,
 }
 
 impl IdleMemoryResult {
@@ -36,13 +52,14 @@ impl IdleMemoryResult {
         self.open_kib.saturating_sub(self.base_kib) as f64 / self.clients as f64
     }
 
-    /// Of what the sockets took, the part still held once they closed.
-    fn kept_after_close(&self) -> f64 {
+    /// Of what the sockets took, the part still held when resident memory
+    /// was `kib`.
+    fn kept(&self, kib: u64) -> f64 {
         let taken = self.open_kib.saturating_sub(self.base_kib);
         if taken == 0 {
             return 0.0;
         }
-        self.closed_kib.saturating_sub(self.base_kib) as f64 / taken as f64
+        kib.saturating_sub(self.base_kib) as f64 / taken as f64
     }
 
     pub(crate) fn print(&self) {
@@ -50,17 +67,34 @@ impl IdleMemoryResult {
             "\nidle-memory: {} idle authenticated connections to `streamer all` (its own process)",
             self.clients
         );
+        let mib = |kib: u64| kib as f64 / 1024.0;
         println!(
-            "  resident memory: {:.1} MiB before, {:.1} MiB with every socket open, {:.1} MiB after they closed",
-            self.base_kib as f64 / 1024.0,
-            self.open_kib as f64 / 1024.0,
-            self.closed_kib as f64 / 1024.0
+            "  resident memory: {:.1} MiB before, {:.1} MiB with every socket open, \
+             {:.1} MiB when the last one closed, {:.1} MiB {:.1} s later",
+            mib(self.base_kib),
+            mib(self.open_kib),
+            mib(self.closed_kib),
+            mib(self.returned_kib),
+            self.return_wait.as_secs_f64()
         );
         println!(
-            "  per idle connection: {:.1} KiB; kept after close: {:.0}% of it; connected in {:.1} s",
+            "  per idle connection: {:.1} KiB; connected in {:.1} s",
             self.per_connection_kib(),
-            self.kept_after_close() * 100.0,
             self.connect_window.as_secs_f64()
+        );
+        let kept = self.kept(self.returned_kib);
+        println!(
+            "  after close: {:.0}% of it still held at the last close, {:.0}% after {:.1} s \
+             ({:.0}% given back{})",
+            self.kept(self.closed_kib) * 100.0,
+            kept * 100.0,
+            self.return_wait.as_secs_f64(),
+            (1.0 - kept) * 100.0,
+            if kept <= RETURNED {
+                String::new()
+            } else {
+                format!("; not back within {} s", self.return_patience.as_secs())
+            }
         );
     }
 
@@ -68,9 +102,16 @@ impl IdleMemoryResult {
         json!({
             "scenario": "idle-memory",
             "clients": self.clients,
-            "rss_kib": {"before": self.base_kib, "open": self.open_kib, "closed": self.closed_kib},
+            "rss_kib": {
+                "before": self.base_kib,
+                "open": self.open_kib,
+                "closed": self.closed_kib,
+                "returned": self.returned_kib,
+            },
             "per_connection_kib": self.per_connection_kib(),
-            "kept_after_close": self.kept_after_close(),
+            "kept_at_close": self.kept(self.closed_kib),
+            "kept_after_wait": self.kept(self.returned_kib),
+            "return_wait_secs": self.return_wait.as_secs_f64(),
             "connect_secs": self.connect_window.as_secs_f64(),
         })
     }
@@ -101,6 +142,36 @@ async fn settled_rss(pid: u32, patience: Duration) -> anyhow::Result<u64> {
     }
 }
 
+/// The edge's count of open sockets (`streamer_gateway_connections`), read
+/// from the Prometheus endpoint at `metrics`.
+async fn edge_connections(metrics: &str) -> anyhow::Result<f64> {
+    let mut stream = tokio::net::TcpStream::connect(metrics).await?;
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {metrics}\r\n\r\n").as_bytes())
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("streamer_gateway_connections "))
+        .and_then(|value| value.trim().parse().ok())
+        .context("no streamer_gateway_connections in the metrics")
+}
+
+/// Waits until the edge counts no socket open.
+async fn all_closed(metrics: &str, patience: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let open = edge_connections(metrics).await?;
+        if open == 0.0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the edge still counts {open} sockets open {patience:?} after they closed");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub(crate) async fn run_idle_memory(args: &Args) -> anyhow::Result<IdleMemoryResult> {
     let n = args.idle_clients;
     if n == 0 || n > MAX_IDLE_CLIENTS {
@@ -128,6 +199,9 @@ pub(crate) async fn run_idle_memory(args: &Args) -> anyhow::Result<IdleMemoryRes
             "--metrics-listen",
             "127.0.0.1:0",
         ])
+        // The edge's default cap is 10,000 sockets.
+        .arg("--max-connections")
+        .arg(n.to_string())
         .env("STREAMER_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -135,17 +209,28 @@ pub(crate) async fn run_idle_memory(args: &Args) -> anyhow::Result<IdleMemoryRes
         .spawn()
         .context("cannot start the streamer binary")?;
     let pid = streamer.id().context("streamer exited at once")?;
-    // The banner names the WebSocket address once everything listens.
+    // The banner names the WebSocket and metrics addresses once everything
+    // listens.
     let mut lines = BufReader::new(streamer.stdout.take().context("no stdout")?).lines();
-    let gateway = tokio::time::timeout(Duration::from_secs(60), async {
+    let (gateway, metrics) = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut gateway = None;
         while let Some(line) = lines.next_line().await? {
-            if let Some(rest) = line.trim().strip_prefix("WebSocket") {
-                let url = rest.trim();
+            let line = line.trim();
+            if let Some(url) = line.strip_prefix("WebSocket") {
                 let address = url
+                    .trim()
                     .strip_prefix("ws://")
                     .and_then(|u| u.split('/').next())
                     .context("no address in the banner's WebSocket line")?;
-                return Ok::<_, anyhow::Error>(address.to_owned());
+                gateway = Some(address.to_owned());
+            } else if let Some(url) = line.strip_prefix("Metrics") {
+                let address = url
+                    .trim()
+                    .strip_prefix("http://")
+                    .and_then(|u| u.split('/').next())
+                    .context("no address in the banner's Metrics line")?;
+                let gateway = gateway.context("the banner names metrics before the WebSocket")?;
+                return Ok::<_, anyhow::Error>((gateway, address.to_owned()));
             }
         }
         bail!("streamer ended before its banner")
@@ -195,8 +280,17 @@ pub(crate) async fn run_idle_memory(args: &Args) -> anyhow::Result<IdleMemoryRes
     let open_kib = settled_rss(pid, Duration::from_secs(20)).await?;
     drop(sockets);
     // The edge notices each close as it reads it.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let closed_kib = settled_rss(pid, Duration::from_secs(20)).await?;
+    all_closed(&metrics, Duration::from_secs(30)).await?;
+    let closed = Instant::now();
+    let closed_kib = rss_kib(pid)?;
+    let return_patience = Duration::from_secs(args.idle_return_secs);
+    let back = base_kib + ((open_kib.saturating_sub(base_kib)) as f64 * RETURNED) as u64;
+    let mut returned_kib = closed_kib;
+    while returned_kib > back && closed.elapsed() < return_patience {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        returned_kib = rss_kib(pid)?;
+    }
+    let return_wait = closed.elapsed();
     streamer.kill().await?;
     Ok(IdleMemoryResult {
         clients: n,
@@ -204,5 +298,8 @@ pub(crate) async fn run_idle_memory(args: &Args) -> anyhow::Result<IdleMemoryRes
         base_kib,
         open_kib,
         closed_kib,
+        returned_kib,
+        return_wait,
+        return_patience,
     })
 }

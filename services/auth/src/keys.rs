@@ -3,11 +3,21 @@
 //!
 //! Keys are parsed here rather than by jsonwebtoken's PEM helpers because
 //! those classify a key by the first OID they meet and do not look at the
-//! curve, and because jsonwebtoken builds its verifier (so parses the key)
-//! only when a token arrives. Here the SPKI algorithm and curve are read
-//! exactly, RSA sizes are checked, and each key is handed to jsonwebtoken
-//! once at load time so that anything it would choke on is reported now,
-//! against its file, rather than as a refused token later.
+//! curve. Here the SPKI algorithm and curve are read exactly, and each key
+//! is checked once at load time (RSA: its size and exponent, by the `rsa`
+//! crate; EC and Ed25519: the point, by handing it to jsonwebtoken) so that
+//! anything unusable is reported now, against its file, rather than as a
+//! refused token later.
+//!
+//! Signatures are verified with ring, from the key's bytes kept in the form
+//! ring reads (it parses them again with each token, a small cost beside
+//! the signature check). Its RSA verification is several times faster than
+//! that of the RustCrypto `rsa` crate, which jsonwebtoken would use (see
+//! `auth/validate_rs256` in BENCHMARKS.md), and every WebSocket upgrade
+//! pays for one. What ring would refuse per token, the load-time checks
+//! refuse first: an RSA exponent that is even, below 3 or above 2^33 - 1, a
+//! modulus that is even or shorter than 2,048 bits, a point off its curve.
+//! A PSS salt must be as long as the hash (RFC 7518 §3.5).
 
 use std::io::Read as _;
 use std::path::Path;
@@ -15,7 +25,9 @@ use std::path::Path;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey};
+use ring::signature::{self as ring_signature, UnparsedPublicKey, VerificationAlgorithm};
 use rsa::BigUint;
+use rsa::pkcs1::EncodeRsaPublicKey as _;
 use rsa::pkcs1::der::Decode as _;
 use rsa::pkcs8::{ObjectIdentifier, SubjectPublicKeyInfoRef};
 use serde::Deserialize;
@@ -33,8 +45,9 @@ const OID_ED25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112"
 
 /// Below this an RSA signature is forgeable with public resources.
 const MIN_RSA_BITS: usize = 2048;
-/// jsonwebtoken's RSA verifier refuses larger moduli, so a larger key could
-/// never verify anything; better to say so at load time.
+/// The `rsa` crate's check of a public key, made at load time, stops here
+/// (ring would verify up to 8,192 bits); better to refuse a larger key at
+/// load time than every token it signs.
 const MAX_RSA_BITS: usize = rsa::RsaPublicKey::MAX_SIZE;
 
 /// A stray large file in a key directory (or a JWKS URL answering with
@@ -86,13 +99,47 @@ pub(crate) struct VerificationKey {
     /// A JWK's `alg`: when present the key verifies this algorithm only
     /// (RFC 7517 §4.4), which stops e.g. an RS256 key being used for PS256.
     pub(crate) pinned_alg: Option<Algorithm>,
-    pub(crate) decoding: DecodingKey,
+    /// The public key as ring reads it for `kind`: an RSA key's PKCS#1
+    /// `RSAPublicKey` DER, an EC key's SEC 1 uncompressed point, an Ed25519
+    /// key's 32 bytes.
+    public: Vec<u8>,
 }
 
 impl VerificationKey {
     pub(crate) fn accepts(&self, alg: Algorithm) -> bool {
         self.kind.algorithms().contains(&alg) && self.pinned_alg.is_none_or(|pinned| pinned == alg)
     }
+
+    /// Whether `signature` is this key's signature of `message` by `alg`;
+    /// never, for an algorithm the key does not accept.
+    pub(crate) fn verify(&self, alg: Algorithm, message: &[u8], signature: &[u8]) -> bool {
+        self.accepts(alg)
+            && verification_algorithm(alg).is_some_and(|algorithm| {
+                UnparsedPublicKey::new(algorithm, &self.public)
+                    .verify(message, signature)
+                    .is_ok()
+            })
+    }
+}
+
+/// ring's verifier for each algorithm of [`asymmetric_algorithm`]. ring's
+/// RSA verifiers take moduli of 2,048 to 8,192 bits, around the range
+/// [`rsa_key`] lets in.
+fn verification_algorithm(alg: Algorithm) -> Option<&'static dyn VerificationAlgorithm> {
+    Some(match alg {
+        Algorithm::RS256 => &ring_signature::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::RS384 => &ring_signature::RSA_PKCS1_2048_8192_SHA384,
+        Algorithm::RS512 => &ring_signature::RSA_PKCS1_2048_8192_SHA512,
+        Algorithm::PS256 => &ring_signature::RSA_PSS_2048_8192_SHA256,
+        Algorithm::PS384 => &ring_signature::RSA_PSS_2048_8192_SHA384,
+        Algorithm::PS512 => &ring_signature::RSA_PSS_2048_8192_SHA512,
+        // JWS ECDSA signatures are r || s at the curve's size (RFC 7518
+        // §3.4), not DER.
+        Algorithm::ES256 => &ring_signature::ECDSA_P256_SHA256_FIXED,
+        Algorithm::ES384 => &ring_signature::ECDSA_P384_SHA384_FIXED,
+        Algorithm::EdDSA => &ring_signature::ED25519,
+        _ => return None,
+    })
 }
 
 impl std::fmt::Debug for VerificationKey {
@@ -151,7 +198,7 @@ pub(crate) fn parse_pem(kid: &str, pem: &[u8]) -> Result<VerificationKey, String
     match label {
         "RSA PUBLIC KEY" => {
             let (n, e) = rsa_components_from_pkcs1(&der)?;
-            rsa_key(kid, &n, &e)
+            rsa_key(kid, n, e)
         }
         "PUBLIC KEY" => parse_spki(kid, &der),
         "PRIVATE KEY" | "RSA PRIVATE KEY" | "EC PRIVATE KEY" | "ENCRYPTED PRIVATE KEY" => Err(
@@ -176,7 +223,7 @@ fn parse_spki(kid: &str, der: &[u8]) -> Result<VerificationKey, String> {
     match spki.algorithm.oid {
         OID_RSA => {
             let (n, e) = rsa_components_from_pkcs1(bits)?;
-            rsa_key(kid, &n, &e)
+            rsa_key(kid, n, e)
         }
         OID_EC => {
             let curve = spki
@@ -192,7 +239,7 @@ fn parse_spki(kid: &str, der: &[u8]) -> Result<VerificationKey, String> {
                     ));
                 }
             };
-            checked_key(kid, kind, None, DecodingKey::from_ec_der(bits))
+            ec_key(kid, kind, bits)
         }
         OID_ED25519 => ed25519_key(kid, None, bits),
         other => Err(format!(
@@ -210,7 +257,7 @@ fn rsa_components_from_pkcs1(der: &[u8]) -> Result<(BigUint, BigUint), String> {
     ))
 }
 
-fn rsa_key(kid: &str, n: &BigUint, e: &BigUint) -> Result<VerificationKey, String> {
+fn rsa_key(kid: &str, n: BigUint, e: BigUint) -> Result<VerificationKey, String> {
     let bits = n.bits();
     if bits < MIN_RSA_BITS {
         return Err(format!(
@@ -223,14 +270,17 @@ fn rsa_key(kid: &str, n: &BigUint, e: &BigUint) -> Result<VerificationKey, Strin
         ));
     }
     // Checks the exponent and that the modulus is odd, the same checks
-    // jsonwebtoken's verifier makes per token.
-    rsa::RsaPublicKey::new(n.clone(), e.clone())
-        .map_err(|err| format!("not a valid RSA public key: {err}"))?;
+    // ring makes per token.
+    let key =
+        rsa::RsaPublicKey::new(n, e).map_err(|err| format!("not a valid RSA public key: {err}"))?;
+    let pkcs1 = key
+        .to_pkcs1_der()
+        .map_err(|err| format!("the RSA key cannot be encoded: {err}"))?;
     Ok(VerificationKey {
         kid: kid.to_owned(),
         kind: KeyKind::Rsa,
         pinned_alg: None,
-        decoding: DecodingKey::from_rsa_raw_components(&n.to_bytes_be(), &e.to_bytes_be()),
+        public: pkcs1.into_vec(),
     })
 }
 
@@ -247,32 +297,35 @@ fn ed25519_key(
             public.len()
         ));
     }
-    checked_key(
-        kid,
-        KeyKind::Ed25519,
+    probe(KeyKind::Ed25519, &DecodingKey::from_ed_der(public))?;
+    Ok(VerificationKey {
+        kid: kid.to_owned(),
+        kind: KeyKind::Ed25519,
         pinned_alg,
-        DecodingKey::from_ed_der(public),
-    )
+        public: public.to_vec(),
+    })
 }
 
-/// Hands the key to jsonwebtoken once with a dummy signature: building the
-/// verifier parses the key (the EC point must be on the curve, the Ed25519
-/// point must decompress), so an unusable key fails here and not per token.
-fn checked_key(
-    kid: &str,
-    kind: KeyKind,
-    pinned_alg: Option<Algorithm>,
-    decoding: DecodingKey,
-) -> Result<VerificationKey, String> {
-    let probe_alg = kind.algorithms()[0];
-    jsonwebtoken::crypto::verify("", b"", &decoding, probe_alg)
-        .map_err(|e| format!("{} that cannot be used: {e}", kind.describe()))?;
+/// `point` is SEC 1 uncompressed, on the curve `kind` names.
+fn ec_key(kid: &str, kind: KeyKind, point: &[u8]) -> Result<VerificationKey, String> {
+    probe(kind, &DecodingKey::from_ec_der(point))?;
     Ok(VerificationKey {
         kid: kid.to_owned(),
         kind,
-        pinned_alg,
-        decoding,
+        pinned_alg: None,
+        public: point.to_vec(),
     })
+}
+
+/// Hands an EC or Ed25519 key to jsonwebtoken once with a dummy signature:
+/// building its verifier parses the key (the EC point must be on the
+/// curve, the Ed25519 point must decompress), so an unusable key fails here
+/// and not per token. ring cannot be asked: it parses the key only with a
+/// signature, and one failure looks like any other.
+fn probe(kind: KeyKind, decoding: &DecodingKey) -> Result<(), String> {
+    jsonwebtoken::crypto::verify("", b"", decoding, kind.algorithms()[0])
+        .map(|_| ())
+        .map_err(|e| format!("{} that cannot be used: {e}", kind.describe()))
 }
 
 #[derive(Deserialize)]
@@ -363,11 +416,7 @@ fn parse_raw_jwk(jwk: RawJwk) -> Result<Option<VerificationKey>, String> {
         "RSA" => {
             let n = decode_member("n", jwk.n.as_deref())?;
             let e = decode_member("e", jwk.e.as_deref())?;
-            rsa_key(
-                kid,
-                &BigUint::from_bytes_be(&n),
-                &BigUint::from_bytes_be(&e),
-            )?
+            rsa_key(kid, BigUint::from_bytes_be(&n), BigUint::from_bytes_be(&e))?
         }
         "EC" => {
             let (kind, size) = match jwk.crv.as_deref() {
@@ -389,7 +438,7 @@ fn parse_raw_jwk(jwk: RawJwk) -> Result<Option<VerificationKey>, String> {
             point.push(0x04);
             point.extend_from_slice(&x);
             point.extend_from_slice(&y);
-            checked_key(kid, kind, None, DecodingKey::from_ec_der(&point))?
+            ec_key(kid, kind, &point)?
         }
         "OKP" => {
             if jwk.crv.as_deref() != Some("Ed25519") {

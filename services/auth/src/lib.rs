@@ -9,9 +9,10 @@
 //! - [`config`]: [`AuthConfig`], what the validator is told (key paths, JWKS
 //!   issuers and their refresh schedule, expected issuer and audience,
 //!   tenant allow-list, clock leeway).
-//! - `keys`: turning PEM and JWKS documents into verification keys. Every
-//!   key is checked when it is loaded, so a broken file is reported against
-//!   its path instead of as a mysterious failure on some later token.
+//! - `keys`: turning PEM and JWKS documents into verification keys, and
+//!   verifying a signature with one (ring). Every key is checked when it is
+//!   loaded, so a broken file is reported against its path instead of as a
+//!   mysterious failure on some later token.
 //! - `key_store`: the key files' current key set and the rules for
 //!   re-reading them.
 //! - `jwks`: one key set per JWKS issuer, and the rules for fetching it.
@@ -29,8 +30,8 @@
 //!   public key can never be misused as an HMAC secret; a JWKS `oct` key is
 //!   never loaded.
 //! - A token's algorithm must belong to the selected key's family (and curve,
-//!   and a JWK's pinned `alg`); jsonwebtoken is only ever asked to verify
-//!   such a pair.
+//!   and a JWK's pinned `alg`); ring is only ever asked to verify such a
+//!   pair.
 //! - A token whose `iss` is a JWKS issuer meets only that issuer's keys;
 //!   any other token meets only the key files.
 //! - No claim is judged before the signature is verified, so an unsigned

@@ -380,9 +380,10 @@ impl TokenValidator {
 
         // 3. Shape of the payload and signature.
         let payload: Map<String, Value> = decode_json(payload_b64, "payload")?;
-        if signature_b64.is_empty() || URL_SAFE_NO_PAD.decode(signature_b64).is_err() {
-            return Err(malformed("the token's signature is not base64url").into());
-        }
+        let signature = match URL_SAFE_NO_PAD.decode(signature_b64) {
+            Ok(signature) if !signature.is_empty() => signature,
+            _ => return Err(malformed("the token's signature is not base64url").into()),
+        };
 
         // 4. Key, from the set the claimed issuer picks.
         let jwks_issuer = payload
@@ -409,25 +410,12 @@ impl TokenValidator {
         let Some(message) = token.as_bytes().get(..signed_len) else {
             return Err(malformed("not a JWT: a JWT has three dot-separated parts").into());
         };
-        match jsonwebtoken::crypto::verify(signature_b64, message, &key.decoding, alg) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(Rejection::new(
-                    TokenFailure::BadSignature,
-                    "the token's signature does not verify",
-                )
-                .into());
-            }
-            Err(error) => {
-                // Keys are probed at load time, so this is not expected; the
-                // client only learns that the signature did not verify.
-                tracing::warn!(kid = %key.kid, %error, "signature verification failed to run");
-                return Err(Rejection::new(
-                    TokenFailure::BadSignature,
-                    "the token's signature does not verify",
-                )
-                .into());
-            }
+        if !key.verify(alg, message, &signature) {
+            return Err(Rejection::new(
+                TokenFailure::BadSignature,
+                "the token's signature does not verify",
+            )
+            .into());
         }
 
         // 6. Claim types and required claims.
@@ -857,6 +845,40 @@ mod tests {
             let token = sign(alg, Some(kid), &claims(), &key);
             let verified = validator.validate(&token).expect(kid);
             assert_eq!(verified.key_id.as_deref(), Some(kid));
+        }
+    }
+
+    #[test]
+    fn every_algorithm_refuses_a_genuine_signature_of_other_claims() {
+        let (_dir, validator) = standard_validator(AuthConfig::default());
+        let rsa = &test_support::rsa().encoding;
+        let (ec, ec384, ed) = (ec_key("es256-a.key"), ec_key("es384.key"), ed_key());
+        let cases = [
+            (Algorithm::RS256, "rsa", rsa),
+            (Algorithm::RS384, "rsa", rsa),
+            (Algorithm::RS512, "rsa", rsa),
+            (Algorithm::PS256, "rsa", rsa),
+            (Algorithm::PS384, "rsa", rsa),
+            (Algorithm::PS512, "rsa", rsa),
+            (Algorithm::ES256, "ec", &ec),
+            (Algorithm::ES384, "ec384", &ec384),
+            (Algorithm::EdDSA, "ed", &ed),
+        ];
+        for (alg, kid, key) in cases {
+            let genuine = sign(alg, Some(kid), &claims(), key);
+            let other = sign(
+                alg,
+                Some(kid),
+                &claims_with(json!({"sub": "someone-else"})),
+                key,
+            );
+            let (signed, _) = genuine.rsplit_once('.').expect("three parts");
+            let (_, signature) = other.rsplit_once('.').expect("three parts");
+            assert_eq!(
+                failure(&validator, &format!("{signed}.{signature}")),
+                TokenFailure::BadSignature,
+                "{alg:?}"
+            );
         }
     }
 
