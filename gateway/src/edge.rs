@@ -347,6 +347,12 @@ impl Edge {
                 let (tenant, user) = connection.owner();
                 sockets.directory.remove(&tenant, &user, connection_id);
             }
+            // A table a crowd of sockets grew is given back once most of
+            // them are gone (halving keeps the shrinking amortized).
+            if sockets.by_id.capacity() > 64 && sockets.by_id.len() < sockets.by_id.capacity() / 4 {
+                let keep = sockets.by_id.len() * 2;
+                sockets.by_id.shrink_to(keep);
+            }
             removed.is_some()
         };
         metrics::gauge!("streamer_gateway_connections").set(self.connection_count() as f64);
@@ -384,8 +390,7 @@ impl Edge {
                     .sequences
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
-                if sequences.admit(&sequence.stream, sequence.number)
-                    == sequences::Admission::Drop
+                if sequences.admit(&sequence.stream, sequence.number) == sequences::Admission::Drop
                 {
                     return Queued::Duplicate;
                 }
