@@ -8,6 +8,7 @@
 //! (VmRSS) is read from /proc when it has settled: before any socket, with
 //! every socket open and idle, and after they all closed.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -101,6 +102,88 @@ async fn settled_rss(pid: u32, patience: Duration) -> anyhow::Result<u64> {
     }
 }
 
+/// The `streamer all` binary that `cargo bench` built, running as a
+/// process of its own on ephemeral loopback ports and a fresh data
+/// directory (which holds the development key its tokens are minted with).
+/// Killed when dropped.
+pub(crate) struct StreamerProcess {
+    child: tokio::process::Child,
+    pub(crate) pid: u32,
+    /// The WebSocket edge.
+    pub(crate) gateway: SocketAddr,
+    /// ConnectionService.
+    pub(crate) connection: SocketAddr,
+    pub(crate) data_dir: tempfile::TempDir,
+}
+
+impl StreamerProcess {
+    /// Starts `streamer all` with `extra` flags and waits for its banner,
+    /// which it prints once everything listens.
+    pub(crate) async fn spawn(extra: &[&str]) -> anyhow::Result<Self> {
+        let data_dir = tempfile::tempdir()?;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamer"))
+            .arg("all")
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .args([
+                "--auth-listen",
+                "127.0.0.1:0",
+                "--connection-listen",
+                "127.0.0.1:0",
+                "--connection-edge-listen",
+                "127.0.0.1:0",
+                "--progress-listen",
+                "127.0.0.1:0",
+                "--gateway-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("STREAMER_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the streamer binary")?;
+        let pid = child.id().context("streamer exited at once")?;
+        let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
+        let (gateway, connection) = tokio::time::timeout(Duration::from_secs(60), async {
+            let (mut gateway, mut connection) = (None, None);
+            while let Some(line) = lines.next_line().await? {
+                let line = line.trim();
+                if let Some(rest) = line.strip_prefix("WebSocket") {
+                    gateway = rest
+                        .trim()
+                        .strip_prefix("ws://")
+                        .and_then(|url| url.split('/').next())
+                        .and_then(|address| address.parse().ok());
+                } else if let Some(rest) = line.strip_prefix("ConnectionService") {
+                    connection = rest.trim().parse().ok();
+                }
+                if let (Some(gateway), Some(connection)) = (gateway, connection) {
+                    return Ok::<_, anyhow::Error>((gateway, connection));
+                }
+            }
+            bail!("streamer ended before its banner named the edge and ConnectionService")
+        })
+        .await
+        .context("no banner within 60 s")??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            child,
+            pid,
+            gateway,
+            connection,
+            data_dir,
+        })
+    }
+
+    pub(crate) async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
 pub(crate) async fn run_idle_memory(args: &Args) -> anyhow::Result<IdleMemoryResult> {
     let n = args.idle_clients;
     if n == 0 || n > MAX_IDLE_CLIENTS {
@@ -109,51 +192,9 @@ pub(crate) async fn run_idle_memory(args: &Args) -> anyhow::Result<IdleMemoryRes
             open_files_limit()
         );
     }
-    let data_dir = tempfile::tempdir()?;
-    let mut streamer = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamer"))
-        .arg("all")
-        .arg("--data-dir")
-        .arg(data_dir.path())
-        .args([
-            "--auth-listen",
-            "127.0.0.1:0",
-            "--connection-listen",
-            "127.0.0.1:0",
-            "--connection-edge-listen",
-            "127.0.0.1:0",
-            "--progress-listen",
-            "127.0.0.1:0",
-            "--gateway-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .env("STREAMER_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start the streamer binary")?;
-    let pid = streamer.id().context("streamer exited at once")?;
-    // The banner names the WebSocket address once everything listens.
-    let mut lines = BufReader::new(streamer.stdout.take().context("no stdout")?).lines();
-    let gateway = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(rest) = line.trim().strip_prefix("WebSocket") {
-                let url = rest.trim();
-                let address = url
-                    .strip_prefix("ws://")
-                    .and_then(|u| u.split('/').next())
-                    .context("no address in the banner's WebSocket line")?;
-                return Ok::<_, anyhow::Error>(address.to_owned());
-            }
-        }
-        bail!("streamer ended before its banner")
-    })
-    .await
-    .context("no banner within 60 s")??;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let key = streamer_auth::dev::load_dev_key(data_dir.path())?;
+    let streamer = StreamerProcess::spawn(&[]).await?;
+    let (pid, gateway) = (streamer.pid, streamer.gateway);
+    let key = streamer_auth::dev::load_dev_key(streamer.data_dir.path())?;
     let tokens: Vec<String> = tokio::task::spawn_blocking(move || {
         (0..n)
             .map(|c| {
@@ -197,7 +238,7 @@ pub(crate) async fn run_idle_memory(args: &Args) -> anyhow::Result<IdleMemoryRes
     // The edge notices each close as it reads it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let closed_kib = settled_rss(pid, Duration::from_secs(20)).await?;
-    streamer.kill().await?;
+    streamer.stop().await;
     Ok(IdleMemoryResult {
         clients: n,
         connect_window,
