@@ -246,9 +246,10 @@ struct Args {
     /// versus-nchan: connects per second, open loop, of the largest set.
     #[arg(long, default_value_t = 2000.0)]
     peer_connect_rate: f64,
-    /// versus-nchan: `perf record -g` the streamer process into this file
-    /// during the largest set's lockstep fan-out (installs linux-perf when
-    /// missing).
+    /// versus-nchan: `perf record -g` the streamer process into this
+    /// directory, during the open-loop connects (`connect.perf.data`) and
+    /// the largest set's lockstep fan-out (`fanout.perf.data`); installs
+    /// linux-perf when missing.
     #[arg(long)]
     peer_perf: Option<PathBuf>,
     /// versus-nchan: rewrite its section of BENCHMARKS.md and draw

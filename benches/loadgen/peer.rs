@@ -900,27 +900,38 @@ fn per_connection(before: u64, after: u64, sockets: usize) -> f64 {
     }
 }
 
-/// A `perf record` of one process, stopped (and its file written) when
-/// dropped or stopped.
+/// Whether perf runs here; installs it with apt when not.
+fn ensure_perf() -> anyhow::Result<()> {
+    let present = std::process::Command::new("perf")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !present {
+        println!("versus-nchan: installing linux-perf (apt-get)");
+        quiet(
+            std::process::Command::new("apt-get")
+                .args(["install", "-y", "-qq", "linux-perf"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    Ok(())
+}
+
+/// A `perf record -g` of one process, written out when stopped.
 struct Profile {
     perf: tokio::process::Child,
 }
 
 impl Profile {
-    fn start(pid: u32, out: &Path) -> anyhow::Result<Self> {
-        if !std::process::Command::new("perf")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-        {
-            println!("versus-nchan: installing linux-perf (apt-get)");
-            quiet(
-                std::process::Command::new("apt-get")
-                    .args(["install", "-y", "-qq", "linux-perf"])
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            )?;
-        }
+    /// Starts recording `pid` into `dir/<phase>.perf.data`, when there is a
+    /// `dir`.
+    async fn start(dir: Option<&Path>, phase: &str, pid: u32) -> anyhow::Result<Option<Self>> {
+        let Some(dir) = dir else {
+            return Ok(None);
+        };
+        std::fs::create_dir_all(dir)?;
         let perf = tokio::process::Command::new("perf")
             .args([
                 "record",
@@ -932,20 +943,25 @@ impl Profile {
                 &pid.to_string(),
                 "-o",
             ])
-            .arg(out)
+            .arg(dir.join(format!("{phase}.perf.data")))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .context("cannot start perf")?;
-        Ok(Self { perf })
+        // perf takes a moment to attach.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(Some(Self { perf }))
     }
 
-    async fn stop(mut self) {
-        if let Some(pid) = self.perf.id() {
+    async fn stop(profile: Option<Self>) {
+        let Some(mut profile) = profile else {
+            return;
+        };
+        if let Some(pid) = profile.perf.id() {
             signal("INT", pid);
         }
-        let _ = tokio::time::timeout(Duration::from_secs(60), self.perf.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(60), profile.perf.wait()).await;
     }
 }
 
@@ -966,6 +982,7 @@ async fn measure<P: Peer>(
     let group = format!("g{largest}");
     let targets = peer.subscribers(&group, largest).await?;
     let tally = Arc::new(Tally::new(publishes + args.peer_burst, MESSAGE_LEN));
+    let recording = Profile::start(profile, "connect", peer.pids()[0]).await?;
     let (set, connect) = connect_open_loop(
         peer.address(),
         &group,
@@ -974,6 +991,7 @@ async fn measure<P: Peer>(
         tally,
     )
     .await;
+    Profile::stop(recording).await;
     if set.connected == 0 {
         bail!(
             "{name}: no subscriber connected: {:?}",
@@ -985,14 +1003,9 @@ async fn measure<P: Peer>(
 
     println!("versus-nchan: {name}: fan-out to {}", set.connected);
     warm_up(&mut peer, &set, deadline()).await?;
-    let profile = match profile {
-        Some(out) => Some(Profile::start(peer.pids()[0], out)?),
-        None => None,
-    };
+    let recording = Profile::start(profile, "fanout", peer.pids()[0]).await?;
     let largest_fanout = fan_out(&mut peer, &set, 0, publishes, deadline()).await?;
-    if let Some(profile) = profile {
-        profile.stop().await;
-    }
+    Profile::stop(recording).await;
     let burst = burst(&mut peer, &set, publishes, args.peer_burst, deadline()).await?;
     let mut unexpected = set.tally.unexpected();
     set.close().await;
@@ -1080,6 +1093,9 @@ pub(crate) async fn run_versus_nchan(args: &Args) -> anyhow::Result<VersusResult
     }
     // A smoke run installs nothing: it measures nchan only where it is.
     let nchan_here = ensure_nchan(args.bench)?;
+    if args.peer_perf.is_some() {
+        ensure_perf()?;
+    }
     if args.write_benchmarks {
         if !nchan_here {
             bail!("--write-benchmarks needs nchan");
