@@ -863,6 +863,9 @@ struct PeerRun {
     burst: BurstFigures,
     /// Measured messages nobody published, over all sets (should be 0).
     unexpected: u64,
+    /// Cores that other processes of the machine kept busy, on average,
+    /// while this server was measured.
+    others_cores: f64,
 }
 
 impl PeerRun {
@@ -973,6 +976,7 @@ async fn measure<P: Peer>(
     profile: Option<&Path>,
 ) -> anyhow::Result<PeerRun> {
     let name = peer.name();
+    let cpu_before = CpuTimes::now(&peer.pids())?;
     let deadline = || Instant::now() + args.timeout();
     let publishes = args.peer_publishes;
     let largest = *sizes.last().context("no --peer-sockets")?;
@@ -1031,6 +1035,7 @@ async fn measure<P: Peer>(
     }
     fanout.reverse();
     fanout.push(largest_fanout);
+    let others_cores = CpuTimes::now(&peer.pids())?.others_since(&cpu_before);
     Ok(PeerRun {
         name,
         memory_sockets,
@@ -1040,7 +1045,70 @@ async fn measure<P: Peer>(
         fanout,
         burst,
         unexpected,
+        others_cores,
     })
+}
+
+/// CPU time of the whole machine and of this benchmark's own processes
+/// (itself and a server's), in clock ticks: what is left is other work
+/// sharing the cores, which the figures should be read beside.
+struct CpuTimes {
+    /// Every core's busy time.
+    busy: u64,
+    /// Every core's time, idle included.
+    total: u64,
+    /// This process's and the server's.
+    ours: u64,
+}
+
+impl CpuTimes {
+    fn now(server: &[u32]) -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .and_then(|line| line.strip_prefix("cpu "))
+            .context("no cpu line in /proc/stat")?
+            .split_whitespace()
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is in user).
+        let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
+        let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+        let total = busy + at(3) + at(4);
+        let mut ours = process_ticks("self")?;
+        for pid in server {
+            ours += process_ticks(&pid.to_string())?;
+        }
+        Ok(Self { busy, total, ours })
+    }
+
+    /// Cores busy with other work since `before`, on average.
+    fn others_since(&self, before: &Self) -> f64 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let elapsed = self.total.saturating_sub(before.total) as f64 / cores;
+        let others = (self.busy.saturating_sub(before.busy))
+            .saturating_sub(self.ours.saturating_sub(before.ours));
+        if elapsed == 0.0 {
+            0.0
+        } else {
+            others as f64 / elapsed
+        }
+    }
+}
+
+/// User and system time of a process (all its threads), in clock ticks.
+fn process_ticks(pid: &str) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // After the name in parentheses: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("no name in /proc/<pid>/stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let field = |n: usize| fields.get(n - 3).and_then(|t| t.parse::<u64>().ok());
+    Ok(field(14).unwrap_or(0) + field(15).unwrap_or(0))
 }
 
 // ---- the scenario --------------------------------------------------------------------
@@ -1390,7 +1458,8 @@ impl VersusResult {
         for run in std::iter::once(&self.streamer).chain(&self.nchan) {
             println!(
                 "  {}: connects {} of {} in {:.2} s (client's schedule at worst {:.2} ms late); \
-                 memory {:.1} -> {:.1} MiB RSS; missing {}, unexpected {}",
+                 memory {:.1} -> {:.1} MiB RSS; missing {}, unexpected {}; other work on the \
+                 machine meanwhile: {:.2} cores",
                 run.name,
                 run.connect.attempted - run.connect.failures,
                 run.connect.attempted,
@@ -1399,7 +1468,8 @@ impl VersusResult {
                 run.memory_before.rss_kib as f64 / 1024.0,
                 run.memory_idle.rss_kib as f64 / 1024.0,
                 run.missing(),
-                run.unexpected
+                run.unexpected,
+                run.others_cores
             );
             for failure in &run.connect.failure_samples {
                 println!("    connect failure: {failure}");
@@ -1517,7 +1587,7 @@ impl VersusResult {
                 "{}: resident memory {:.1} MiB before the subscribers, {:.1} MiB with {} idle \
                  (PSS {:.1} → {:.1} MiB); connects {} of {} ({} failed) in {:.2} s, the \
                  client's start at worst {:.2} ms behind its schedule; missing deliveries {}, \
-                 unexpected messages {}.\n",
+                 unexpected messages {}; other work kept {:.2} of the {} cores busy meanwhile.\n",
                 run.name,
                 run.memory_before.rss_kib as f64 / 1024.0,
                 run.memory_idle.rss_kib as f64 / 1024.0,
@@ -1530,7 +1600,9 @@ impl VersusResult {
                 run.connect.window.as_secs_f64(),
                 run.connect.schedule_lag_max.as_secs_f64() * 1000.0,
                 run.missing(),
-                run.unexpected
+                run.unexpected,
+                run.others_cores,
+                e.cores
             );
         }
         let _ = writeln!(
