@@ -1051,7 +1051,8 @@ async fn measure<P: Peer>(
 
 /// CPU time of the whole machine and of this benchmark's own processes
 /// (itself and a server's), in clock ticks: what is left is other work
-/// sharing the cores, which the figures should be read beside.
+/// sharing the cores (and time the hypervisor stole), which the figures
+/// should be read beside.
 struct CpuTimes {
     /// Every core's busy time.
     busy: u64,
@@ -1072,10 +1073,12 @@ impl CpuTimes {
             .split_whitespace()
             .filter_map(|t| t.parse().ok())
             .collect();
-        // user nice system idle iowait irq softirq steal (guest time is in user).
+        // user nice system idle iowait irq softirq steal (guest time is in
+        // user). Interrupt time is nobody's in particular: on loopback it is
+        // mostly this benchmark's own traffic, so it is left out of `busy`.
         let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
-        let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
-        let total = busy + at(3) + at(4);
+        let busy = at(0) + at(1) + at(2) + at(7);
+        let total = ticks.iter().take(8).sum();
         let mut ours = process_ticks("self")?;
         for pid in server {
             ours += process_ticks(&pid.to_string())?;
@@ -1245,10 +1248,11 @@ impl Environment {
             memory: meminfo
                 .lines()
                 .find_map(|l| l.strip_prefix("MemTotal:"))
-                .map(|m| m.trim().to_owned())
+                .and_then(|m| m.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .map(|kib| format!("{:.1} GiB", kib / (1024.0 * 1024.0)))
                 .unwrap_or_default(),
             nginx: run("nginx", &["-v"])
-                .trim_start_matches("nginx version: ")
+                .trim_start_matches("nginx version: nginx/")
                 .to_owned(),
             nchan: run(
                 "dpkg-query",
@@ -1434,7 +1438,7 @@ impl VersusResult {
     pub(crate) fn print(&self) {
         println!();
         println!(
-            "== versus-nchan: Streamer beside {} with nchan {}, same client, same run",
+            "== versus-nchan: Streamer beside nginx {} with nchan {}, same client, same run",
             self.environment.nginx, self.environment.nchan
         );
         if let Some(why) = &self.nchan_skipped {
@@ -1544,11 +1548,15 @@ impl VersusResult {
         let _ = writeln!(md, "| | |\n|---|---|");
         let _ = writeln!(md, "| command | `{}` |", e.command);
         let _ = writeln!(md, "| date | {} |", e.date);
-        let _ = writeln!(md, "| commit | `{}` |", e.commit);
+        let _ = writeln!(md, "| commit | {} |", e.commit);
         let _ = writeln!(
             md,
             "| machine | {} cores (`{}`), {} RAM; {}; {} open files per process |",
-            e.cores, e.cpu, e.memory, e.rustc, e.open_files
+            e.cores,
+            e.cpu,
+            e.memory,
+            e.rustc,
+            number(e.open_files as f64, 0)
         );
         let _ = writeln!(
             md,
@@ -1594,9 +1602,9 @@ impl VersusResult {
                 number(run.memory_sockets as f64, 0),
                 run.memory_before.pss_kib as f64 / 1024.0,
                 run.memory_idle.pss_kib as f64 / 1024.0,
-                run.connect.attempted - run.connect.failures,
-                run.connect.attempted,
-                run.connect.failures,
+                number((run.connect.attempted - run.connect.failures) as f64, 0),
+                number(run.connect.attempted as f64, 0),
+                number(run.connect.failures as f64, 0),
                 run.connect.window.as_secs_f64(),
                 run.connect.schedule_lag_max.as_secs_f64() * 1000.0,
                 run.missing(),
@@ -1652,7 +1660,11 @@ impl VersusResult {
                 "Fan-out: publish to the last socket's receipt ({} publishes, 64 B)",
                 self.streamer.fanout.first().map_or(0, |f| f.publishes)
             ),
-            "subtitle": format!("{}, {}", self.environment.date, self.environment.commit),
+            "subtitle": format!(
+                "{}, {}",
+                self.environment.date,
+                self.environment.commit.replace('`', "")
+            ),
             "series": std::iter::once(&self.streamer).chain(&self.nchan).map(series).collect::<Vec<_>>(),
         });
         let data_file = tempfile::NamedTempFile::new()?;
