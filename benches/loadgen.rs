@@ -238,7 +238,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 10_000])]
     peer_sockets: Vec<usize>,
     /// versus-nchan: publishes in lockstep to each set.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 100)]
     peer_publishes: usize,
     /// versus-nchan: publishes back to back to the largest set.
     #[arg(long, default_value_t = 20)]

@@ -7,7 +7,8 @@
 //! of the benchmark's length is the k-th measured publish, and any other
 //! length is a warm-up. Each read takes one timestamp for every message it
 //! completes, and each message costs two atomic operations on the slot of
-//! its publish (a count, and the latest arrival). Pings are answered with a
+//! its publish (a count, and the latest arrival; the first subscriber to
+//! count also notes its arrival). Pings are answered with a
 //! pong, as a browser would; a close frame or the end of the stream ends
 //! the subscriber.
 
@@ -112,6 +113,8 @@ pub(crate) struct Slot {
     received: AtomicUsize,
     /// The latest receipt, in `now_us` microseconds.
     last_us: AtomicU64,
+    /// The receipt of the subscriber that counted first.
+    first_us: AtomicU64,
 }
 
 /// What a set of subscribers received, shared by their readers and the
@@ -157,6 +160,11 @@ impl Tally {
     /// When the last subscriber so far received the publish of `slot`.
     pub(crate) fn last_us(&self, slot: usize) -> u64 {
         self.slots[slot].last_us.load(Ordering::Relaxed)
+    }
+
+    /// When the first subscriber received the publish of `slot`.
+    pub(crate) fn first_us(&self, slot: usize) -> u64 {
+        self.slots[slot].first_us.load(Ordering::Relaxed)
     }
 
     pub(crate) fn warmed(&self) -> usize {
@@ -205,7 +213,11 @@ impl Tally {
         };
         *measured += 1;
         slot.last_us.fetch_max(at_us, Ordering::Relaxed);
-        if slot.received.fetch_add(1, Ordering::Relaxed) + 1 >= sockets {
+        let before = slot.received.fetch_add(1, Ordering::Relaxed);
+        if before == 0 {
+            slot.first_us.store(at_us, Ordering::Relaxed);
+        }
+        if before + 1 >= sockets {
             self.changed.notify_one();
         }
     }

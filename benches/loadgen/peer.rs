@@ -748,6 +748,9 @@ struct FanoutFigures {
     publishes: usize,
     /// Each publish's send to the last subscriber's receipt.
     last: Summary,
+    /// Each publish's send to the first subscriber's receipt: the way
+    /// through the server before any socket is written.
+    first: Summary,
     /// Each publish's send to the server's answer.
     answer: Summary,
     /// Subscribers without a publish when the wait ended (should be 0).
@@ -764,6 +767,7 @@ async fn fan_out<P: Peer>(
     deadline: Instant,
 ) -> anyhow::Result<FanoutFigures> {
     let mut last = Vec::with_capacity(publishes);
+    let mut first = Vec::with_capacity(publishes);
     let mut answer = Vec::with_capacity(publishes);
     let mut missing = 0;
     for slot in first_slot..first_slot + publishes {
@@ -783,11 +787,15 @@ async fn fan_out<P: Peer>(
         last.push(Duration::from_micros(
             set.tally.last_us(slot).saturating_sub(sent),
         ));
+        first.push(Duration::from_micros(
+            set.tally.first_us(slot).saturating_sub(sent),
+        ));
     }
     Ok(FanoutFigures {
         sockets: set.connected,
         publishes,
         last: Summary::of(last),
+        first: Summary::of(first),
         answer: Summary::of(answer),
         missing,
     })
@@ -1411,6 +1419,13 @@ impl VersusResult {
                     target,
                 });
             }
+            rows.push(Row {
+                figure: format!("fan-out to {sockets}, time to first socket: p50 (ms)"),
+                streamer: fanout.first.p50,
+                nchan: theirs.map(|f| f.first.p50),
+                decimals: 2,
+                target: None,
+            });
         }
         rows.push(Row {
             figure: format!(
@@ -1502,6 +1517,7 @@ impl VersusResult {
                     "sockets": f.sockets,
                     "publishes": f.publishes,
                     "time_to_last_socket": f.last.to_json(),
+                    "time_to_first_socket": f.first.to_json(),
                     "publish_answer": f.answer.to_json(),
                     "missing": f.missing,
                 })).collect::<Vec<_>>(),
