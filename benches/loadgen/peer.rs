@@ -1230,7 +1230,10 @@ impl Environment {
         };
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let dirty = !run("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+        // What this benchmark writes itself does not make the tree dirty.
+        let dirty = run("git", &["status", "--porcelain", "--untracked-files=no"])
+            .lines()
+            .any(|line| !line.ends_with(BENCHMARKS_MD) && !line.ends_with(PLOT_PNG));
         let command: Vec<String> = std::env::args()
             .skip(1)
             .filter(|a| a != "--bench")
@@ -1238,7 +1241,7 @@ impl Environment {
         Self {
             date: run("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
             commit: format!(
-                "{}{}",
+                "`{}`{}",
                 run("git", &["rev-parse", "--short", "HEAD"]),
                 if dirty {
                     " (with uncommitted changes)"
