@@ -864,6 +864,12 @@ struct PeerRun {
     name: &'static str,
     connect: ConnectFigures,
     memory_sockets: usize,
+    /// The server's CPU time (user and system, all its processes) per
+    /// connect of the open loop, in microseconds.
+    cpu_per_connect_us: f64,
+    /// The same per message delivered in the largest set's lockstep
+    /// fan-out.
+    cpu_per_delivery_us: f64,
     memory_before: Memory,
     memory_idle: Memory,
     /// Ascending by sockets.
@@ -995,6 +1001,7 @@ async fn measure<P: Peer>(
     let targets = peer.subscribers(&group, largest).await?;
     let tally = Arc::new(Tally::new(publishes + args.peer_burst, MESSAGE_LEN));
     let recording = Profile::start(profile, "connect", peer.pids()[0]).await?;
+    let ticks_before = server_ticks(&peer.pids())?;
     let (set, connect) = connect_open_loop(
         peer.address(),
         &group,
@@ -1003,6 +1010,7 @@ async fn measure<P: Peer>(
         tally,
     )
     .await;
+    let connect_cpu = server_ticks(&peer.pids())?.saturating_sub(ticks_before);
     Profile::stop(recording).await;
     if set.connected == 0 {
         bail!(
@@ -1016,8 +1024,12 @@ async fn measure<P: Peer>(
     println!("versus-nchan: {name}: fan-out to {}", set.connected);
     warm_up(&mut peer, &set, deadline()).await?;
     let recording = Profile::start(profile, "fanout", peer.pids()[0]).await?;
+    let ticks_before = server_ticks(&peer.pids())?;
     let largest_fanout = fan_out(&mut peer, &set, 0, publishes, deadline()).await?;
+    let fanout_cpu = server_ticks(&peer.pids())?.saturating_sub(ticks_before);
     Profile::stop(recording).await;
+    let (set_connected, largest_sockets) = (set.connected, largest_fanout.sockets);
+    let largest_missing = largest_fanout.missing > 0;
     let burst = burst(&mut peer, &set, publishes, args.peer_burst, deadline()).await?;
     let mut unexpected = set.tally.unexpected();
     set.close().await;
@@ -1047,6 +1059,11 @@ async fn measure<P: Peer>(
     Ok(PeerRun {
         name,
         memory_sockets,
+        cpu_per_connect_us: per_event_us(connect_cpu, set_connected),
+        cpu_per_delivery_us: per_event_us(
+            fanout_cpu,
+            largest_sockets * (publishes - usize::from(largest_missing)),
+        ),
         connect,
         memory_before,
         memory_idle,
@@ -1105,6 +1122,20 @@ impl CpuTimes {
         } else {
             others as f64 / elapsed
         }
+    }
+}
+
+/// User and system time of a server's processes, in clock ticks.
+fn server_ticks(pids: &[u32]) -> anyhow::Result<u64> {
+    pids.iter().map(|pid| process_ticks(&pid.to_string())).sum()
+}
+
+/// Clock ticks (USER_HZ, 100 a second on Linux) per event, in microseconds.
+fn per_event_us(ticks: u64, events: usize) -> f64 {
+    if events == 0 {
+        0.0
+    } else {
+        ticks as f64 * 10_000.0 / events as f64
     }
 }
 
@@ -1347,6 +1378,7 @@ impl VersusResult {
         let n = self.nchan.as_ref();
         let mut rows = Vec::new();
         let rate = number(s.connect.rate, 0);
+        let largest = s.largest().map_or(0, |f| f.sockets);
         let connect = |pick: fn(&Summary) -> f64| {
             (
                 pick(&s.connect.latency),
@@ -1401,7 +1433,23 @@ impl VersusResult {
             decimals: 1,
             target: None,
         });
-        let largest = s.largest().map_or(0, |f| f.sockets);
+        rows.push(Row {
+            figure: "server CPU per connect, open loop (µs)".into(),
+            streamer: s.cpu_per_connect_us,
+            nchan: n.map(|n| n.cpu_per_connect_us),
+            decimals: 0,
+            target: None,
+        });
+        rows.push(Row {
+            figure: format!(
+                "server CPU per delivery, fan-out to {} (µs)",
+                number(largest as f64, 0)
+            ),
+            streamer: s.cpu_per_delivery_us,
+            nchan: n.map(|n| n.cpu_per_delivery_us),
+            decimals: 1,
+            target: None,
+        });
         for (i, fanout) in s.fanout.iter().enumerate() {
             let theirs = n.and_then(|n| n.fanout.get(i));
             let sockets = number(fanout.sockets as f64, 0);
@@ -1533,6 +1581,9 @@ impl VersusResult {
                     "deliveries_per_s": run.burst.per_second(),
                 },
                 "unexpected": run.unexpected,
+                "cpu_per_connect_us": run.cpu_per_connect_us,
+                "cpu_per_delivery_us": run.cpu_per_delivery_us,
+                "others_cores": run.others_cores,
             })
         };
         json!({
