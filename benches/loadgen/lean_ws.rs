@@ -8,9 +8,9 @@
 //! length is a warm-up. Each read takes one timestamp for every message it
 //! completes, and each message costs two atomic operations on the slot of
 //! its publish (a count, and the latest arrival; the first subscriber to
-//! count also notes its arrival). Pings are answered with a
-//! pong, as a browser would; a close frame or the end of the stream ends
-//! the subscriber.
+//! count also notes its arrival). Pings are answered with a pong, as a
+//! browser would; a close frame or the end of the stream ends the
+//! subscriber.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

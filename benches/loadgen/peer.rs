@@ -31,6 +31,10 @@
 //!    second from the first send to the last receipt.
 //! 6. **Fan-out** to each smaller set (`--peer-sockets`), freshly connected.
 //!
+//! Beside them, to read them by: each server's CPU time per connect and per
+//! delivered message, and the CPU other work on the machine took while each
+//! server was measured.
+//!
 //! A subscriber knows a publish by its place: the k-th 64-byte message on a
 //! socket is the k-th measured publish (both servers keep a socket's order),
 //! and a message of any other length is a warm-up. Streamer sends nothing on
@@ -705,6 +709,20 @@ fn message(index: usize) -> String {
     format!("{text:x<MESSAGE_LEN$}")
 }
 
+/// Publishes through `peer`, giving up at `deadline` if the server does
+/// not answer.
+async fn publish<P: Peer>(
+    peer: &mut P,
+    group: &str,
+    payload: &str,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    let name = peer.name();
+    tokio::time::timeout_at(deadline.into(), peer.publish(group, payload))
+        .await
+        .with_context(|| format!("{name} did not answer a publish by the deadline"))?
+}
+
 /// Publishes warm-up messages until every subscriber has one: it proves
 /// each subscription is in place on the server before anything is timed.
 async fn warm_up<P: Peer>(
@@ -713,7 +731,7 @@ async fn warm_up<P: Peer>(
     deadline: Instant,
 ) -> anyhow::Result<()> {
     loop {
-        peer.publish(&set.group, WARM_UP).await?;
+        publish(peer, &set.group, WARM_UP, deadline).await?;
         let round = (Instant::now() + Duration::from_secs(1)).min(deadline);
         if set
             .tally
@@ -772,7 +790,7 @@ async fn fan_out<P: Peer>(
     let mut missing = 0;
     for slot in first_slot..first_slot + publishes {
         let sent = now_us();
-        peer.publish(&set.group, &message(slot)).await?;
+        publish(peer, &set.group, &message(slot), deadline).await?;
         answer.push(Duration::from_micros(now_us() - sent));
         let n = set.connected;
         if !set
@@ -831,7 +849,7 @@ async fn burst<P: Peer>(
     let slots = first_slot..first_slot + publishes;
     let start = now_us();
     for slot in slots.clone() {
-        peer.publish(&set.group, &message(slot)).await?;
+        publish(peer, &set.group, &message(slot), deadline).await?;
     }
     let n = set.connected;
     set.tally
