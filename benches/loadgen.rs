@@ -34,6 +34,14 @@
 //! - `idle-memory` (in `idle_memory.rs`): N idle authenticated connections
 //!   to `streamer all` running as a process of its own; its resident memory
 //!   per connection, and how much of it stays once they close.
+//! - `versus-nchan` (in `peer.rs`, with the client of `lean_ws.rs`):
+//!   Streamer and nginx with nchan, each in processes of its own, measured
+//!   in the same run by the same lean client: fan-out to 100, 1,000 and
+//!   10,000 sockets, a burst of publishes, idle memory per connection, and
+//!   an open-loop connect rate. Installs nginx and the module when they are
+//!   missing; `--write-benchmarks` puts the figures in BENCHMARKS.md with a
+//!   plot. Not part of `all`, except in the smoke run (Streamer alone when
+//!   nginx is not installed).
 //! - `all` (the default): `progress` at the default rate limit, `progress`
 //!   unlimited, `broadcast`, `soak` and `idle-memory`, each on a fresh
 //!   system.
@@ -47,6 +55,10 @@
 // Not `benches/soak.rs`: Cargo would take a file there for a bench target.
 #[path = "loadgen/idle_memory.rs"]
 mod idle_memory;
+#[path = "loadgen/lean_ws.rs"]
+mod lean_ws;
+#[path = "loadgen/peer.rs"]
+mod peer;
 #[path = "loadgen/soak.rs"]
 mod soak;
 #[path = "loadgen/store_cost.rs"]
@@ -101,6 +113,9 @@ enum Scenario {
     IdleMemory,
     /// DynamoDB calls per product operation (needs moto); not in `all`.
     StoreCost,
+    /// Streamer beside nginx with nchan (installed when missing): fan-out,
+    /// burst, idle memory, open-loop connects; not in `all`.
+    VersusNchan,
 }
 
 /// A role whose listener `--listener-nodelay` can change.
@@ -222,6 +237,30 @@ struct Args {
     #[arg(long, default_value_t = 60.0)]
     store_cost_idle_secs: f64,
 
+    /// versus-nchan: subscriber sets to fan out to; the largest also
+    /// connects open loop, is measured idle and takes the burst.
+    #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 10_000])]
+    peer_sockets: Vec<usize>,
+    /// versus-nchan: publishes in lockstep to each set.
+    #[arg(long, default_value_t = 100)]
+    peer_publishes: usize,
+    /// versus-nchan: publishes back to back to the largest set.
+    #[arg(long, default_value_t = 20)]
+    peer_burst: usize,
+    /// versus-nchan: connects per second, open loop, of the largest set.
+    #[arg(long, default_value_t = 2000.0)]
+    peer_connect_rate: f64,
+    /// versus-nchan: `perf record -g` the streamer process into this
+    /// directory, during the open-loop connects (`connect.perf.data`) and
+    /// the largest set's lockstep fan-out (`fanout.perf.data`); installs
+    /// linux-perf when missing.
+    #[arg(long)]
+    peer_perf: Option<PathBuf>,
+    /// versus-nchan: rewrite its section of BENCHMARKS.md and draw
+    /// benches/peer-fanout.png (installs matplotlib when missing).
+    #[arg(long)]
+    write_benchmarks: bool,
+
     /// Give up on a run (and report what is missing) after this long.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
@@ -274,6 +313,11 @@ impl Args {
         self.idle_return_secs = self.idle_return_secs.min(2);
         self.store_cost_clients = vec![2, 5];
         self.store_cost_idle_secs = self.store_cost_idle_secs.min(1.0);
+        self.peer_sockets = vec![5, 20];
+        self.peer_publishes = self.peer_publishes.min(3);
+        self.peer_burst = self.peer_burst.min(3);
+        self.peer_connect_rate = self.peer_connect_rate.min(200.0);
+        self.write_benchmarks = false;
         self.timeout_secs = self.timeout_secs.min(30);
     }
 }
@@ -1373,6 +1417,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cost =
         args.scenario == Scenario::StoreCost || (args.scenario == Scenario::All && !args.bench);
     if cost && let Some(result) = store_cost::run_store_cost(&args).await? {
+        result.print();
+        failed |= result.failed();
+        results.push(result.to_json());
+    }
+    // Not in `all` but for the smoke run: it installs packages and takes
+    // minutes (the smoke run installs nothing and skips nchan when nginx is
+    // not here).
+    if args.scenario == Scenario::VersusNchan || (args.scenario == Scenario::All && !args.bench) {
+        let result = peer::run_versus_nchan(&args).await?;
         result.print();
         failed |= result.failed();
         results.push(result.to_json());

@@ -13,6 +13,7 @@
 //! allocator that gives memory back does it over a few seconds, not at the
 //! instant of the free.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -172,6 +173,97 @@ async fn all_closed(metrics: &str, patience: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// The `streamer all` binary that `cargo bench` built, running as a
+/// process of its own on ephemeral loopback ports and a fresh data
+/// directory (which holds the development key its tokens are minted with).
+/// Killed when dropped.
+pub(crate) struct StreamerProcess {
+    child: tokio::process::Child,
+    pub(crate) pid: u32,
+    /// The WebSocket edge.
+    pub(crate) gateway: SocketAddr,
+    /// ConnectionService.
+    pub(crate) connection: SocketAddr,
+    /// The Prometheus endpoint.
+    pub(crate) metrics: SocketAddr,
+    pub(crate) data_dir: tempfile::TempDir,
+}
+
+impl StreamerProcess {
+    /// Starts `streamer all` with `extra` flags and waits for its banner,
+    /// which it prints once everything listens.
+    pub(crate) async fn spawn(extra: &[&str]) -> anyhow::Result<Self> {
+        let data_dir = tempfile::tempdir()?;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamer"))
+            .arg("all")
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .args([
+                "--auth-listen",
+                "127.0.0.1:0",
+                "--connection-listen",
+                "127.0.0.1:0",
+                "--connection-edge-listen",
+                "127.0.0.1:0",
+                "--progress-listen",
+                "127.0.0.1:0",
+                "--gateway-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("STREAMER_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the streamer binary")?;
+        let pid = child.id().context("streamer exited at once")?;
+        let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
+        let (gateway, connection, metrics) = tokio::time::timeout(Duration::from_secs(60), async {
+            let address = |rest: &str, scheme: &str| {
+                rest.trim()
+                    .strip_prefix(scheme)
+                    .and_then(|url| url.split('/').next())
+                    .and_then(|address| address.parse::<SocketAddr>().ok())
+            };
+            let (mut gateway, mut connection, mut metrics) = (None, None, None);
+            while let Some(line) = lines.next_line().await? {
+                let line = line.trim();
+                if let Some(rest) = line.strip_prefix("WebSocket") {
+                    gateway = address(rest, "ws://");
+                } else if let Some(rest) = line.strip_prefix("ConnectionService") {
+                    connection = rest.trim().parse().ok();
+                } else if let Some(rest) = line.strip_prefix("Metrics") {
+                    metrics = address(rest, "http://");
+                }
+                if let (Some(gateway), Some(connection), Some(metrics)) =
+                    (gateway, connection, metrics)
+                {
+                    return Ok::<_, anyhow::Error>((gateway, connection, metrics));
+                }
+            }
+            bail!("streamer ended before its banner named the edge, ConnectionService and metrics")
+        })
+        .await
+        .context("no banner within 60 s")??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            child,
+            pid,
+            gateway,
+            connection,
+            metrics,
+            data_dir,
+        })
+    }
+
+    pub(crate) async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
 pub(crate) async fn run_idle_memory(args: &Args) -> anyhow::Result<IdleMemoryResult> {
     let n = args.idle_clients;
     if n == 0 || n > MAX_IDLE_CLIENTS {
@@ -180,65 +272,11 @@ pub(crate) async fn run_idle_memory(args: &Args) -> anyhow::Result<IdleMemoryRes
             open_files_limit()
         );
     }
-    let data_dir = tempfile::tempdir()?;
-    let mut streamer = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamer"))
-        .arg("all")
-        .arg("--data-dir")
-        .arg(data_dir.path())
-        .args([
-            "--auth-listen",
-            "127.0.0.1:0",
-            "--connection-listen",
-            "127.0.0.1:0",
-            "--connection-edge-listen",
-            "127.0.0.1:0",
-            "--progress-listen",
-            "127.0.0.1:0",
-            "--gateway-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        // The edge's default cap is 10,000 sockets.
-        .arg("--max-connections")
-        .arg(n.to_string())
-        .env("STREAMER_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start the streamer binary")?;
-    let pid = streamer.id().context("streamer exited at once")?;
-    // The banner names the WebSocket and metrics addresses once everything
-    // listens.
-    let mut lines = BufReader::new(streamer.stdout.take().context("no stdout")?).lines();
-    let (gateway, metrics) = tokio::time::timeout(Duration::from_secs(60), async {
-        let mut gateway = None;
-        while let Some(line) = lines.next_line().await? {
-            let line = line.trim();
-            if let Some(url) = line.strip_prefix("WebSocket") {
-                let address = url
-                    .trim()
-                    .strip_prefix("ws://")
-                    .and_then(|u| u.split('/').next())
-                    .context("no address in the banner's WebSocket line")?;
-                gateway = Some(address.to_owned());
-            } else if let Some(url) = line.strip_prefix("Metrics") {
-                let address = url
-                    .trim()
-                    .strip_prefix("http://")
-                    .and_then(|u| u.split('/').next())
-                    .context("no address in the banner's Metrics line")?;
-                let gateway = gateway.context("the banner names metrics before the WebSocket")?;
-                return Ok::<_, anyhow::Error>((gateway, address.to_owned()));
-            }
-        }
-        bail!("streamer ended before its banner")
-    })
-    .await
-    .context("no banner within 60 s")??;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let key = streamer_auth::dev::load_dev_key(data_dir.path())?;
+    // The edge's default cap is 10,000 sockets.
+    let cap = n.to_string();
+    let streamer = StreamerProcess::spawn(&["--max-connections", &cap]).await?;
+    let (pid, gateway, metrics) = (streamer.pid, streamer.gateway, streamer.metrics.to_string());
+    let key = streamer_auth::dev::load_dev_key(streamer.data_dir.path())?;
     let tokens: Vec<String> = tokio::task::spawn_blocking(move || {
         (0..n)
             .map(|c| {
@@ -291,7 +329,7 @@ pub(crate) async fn run_idle_memory(args: &Args) -> anyhow::Result<IdleMemoryRes
         returned_kib = rss_kib(pid)?;
     }
     let return_wait = closed.elapsed();
-    streamer.kill().await?;
+    streamer.stop().await;
     Ok(IdleMemoryResult {
         clients: n,
         connect_window,
