@@ -312,29 +312,6 @@ impl ConnectionServer {
         caller: &Caller,
     ) -> Result<Broadcasted, ConnectionError> {
         let selector = match cmd.target {
-            BroadcastTarget::Connections(_) => None,
-            BroadcastTarget::User {
-                ref tenant_id,
-                ref user_id,
-            } => {
-                Self::check_reach(caller, tenant_id)?;
-                Some(Selector::User(v1::UserTarget {
-                    tenant_id: tenant_id.to_string(),
-                    user_id: user_id.to_string(),
-                }))
-            }
-            BroadcastTarget::Tenant(ref tenant_id) => {
-                Self::check_reach(caller, tenant_id)?;
-                Some(Selector::Tenant(v1::TenantTarget {
-                    tenant_id: tenant_id.to_string(),
-                }))
-            }
-        };
-        if let Some(selector) = selector {
-            let fanout = self.fan_out(selector, cmd.payload).await;
-            return Ok(Broadcasted::Counted(fanout));
-        }
-        let (records, mut missing) = match cmd.target {
             BroadcastTarget::Connections(ids) => {
                 let mut records = Vec::with_capacity(ids.len());
                 let mut missing = Vec::new();
@@ -348,13 +325,27 @@ impl ConnectionServer {
                         Err(other) => return Err(other),
                     }
                 }
-                (records, missing)
+                let mut results = self.deliver(records, cmd.payload, None).await;
+                results.append(&mut missing);
+                return Ok(Broadcasted::Each(results));
             }
-            BroadcastTarget::User { .. } | BroadcastTarget::Tenant(_) => (Vec::new(), Vec::new()),
+            BroadcastTarget::User { tenant_id, user_id } => {
+                Self::check_reach(caller, &tenant_id)?;
+                Selector::User(v1::UserTarget {
+                    tenant_id: tenant_id.into(),
+                    user_id: user_id.into(),
+                })
+            }
+            BroadcastTarget::Tenant(tenant_id) => {
+                Self::check_reach(caller, &tenant_id)?;
+                Selector::Tenant(v1::TenantTarget {
+                    tenant_id: tenant_id.into(),
+                })
+            }
         };
-        let mut results = self.deliver(records, cmd.payload, None).await;
-        results.append(&mut missing);
-        Ok(Broadcasted::Each(results))
+        Ok(Broadcasted::Counted(
+            self.fan_out(selector, cmd.payload).await,
+        ))
     }
 
     /// One fan-out, counted in the metrics.

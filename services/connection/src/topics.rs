@@ -183,10 +183,19 @@ impl ConnectionServer {
             .delivery
             .watch(tenant_id, topic, &recorded)
             .await;
+        // Results come by edge, not in the targets' order.
+        let outcomes: std::collections::HashMap<String, DeliveryOutcome> = watched
+            .into_iter()
+            .map(|r| (r.connection_id.clone(), r.outcome()))
+            .collect();
         let mut following = Vec::with_capacity(recorded.len());
         let mut unavailable = false;
-        for (target, result) in recorded.into_iter().zip(watched) {
-            match result.outcome() {
+        for target in recorded {
+            let outcome = outcomes
+                .get(target.connection_id.as_str())
+                .copied()
+                .unwrap_or(DeliveryOutcome::Unavailable);
+            match outcome {
                 DeliveryOutcome::Delivered => following.push(target),
                 outcome => {
                     // Its edge does not have it: not subscribed after all.
