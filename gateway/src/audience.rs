@@ -9,11 +9,15 @@
 //! `replay`), the topic's live messages are held for it, and written after
 //! what it missed.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::ws::Message;
 use streamer_core::ids::{ConnectionId, TenantId, UserId};
+
+/// The edge's maps, looked up once per socket and message in a fan-out:
+/// a fast seeded hash instead of SipHash (their keys are ids and topics,
+/// and a seed per map still keeps their layout unpredictable).
+pub type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A topic of a tenant.
 pub type TopicKey = (TenantId, String);

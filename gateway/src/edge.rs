@@ -81,7 +81,7 @@ impl LocalConnection {
 /// The sockets held, and who they belong to.
 #[derive(Debug, Default)]
 struct Sockets {
-    by_id: HashMap<ConnectionId, LocalConnection>,
+    by_id: audience::HashMap<ConnectionId, LocalConnection>,
     directory: Directory,
 }
 

@@ -171,6 +171,30 @@ impl OutboxReceiver {
         }
     }
 
+    /// The next message if one waits now and is a message to write (not a
+    /// close, which stays first in the queue): what a writer adds to the
+    /// batch it is about to flush.
+    pub fn try_recv_message(&mut self) -> Option<Message> {
+        let mut state = self.0.lock();
+        if !matches!(
+            state.queue.front(),
+            Some(Entry {
+                out: Outbound::Message(_),
+                ..
+            })
+        ) {
+            return None;
+        }
+        let entry = state.queue.pop_front()?;
+        if state.queue.is_empty() && state.queue.capacity() > KEPT_SLOTS {
+            state.queue = VecDeque::new();
+        }
+        match entry.out {
+            Outbound::Message(message) => Some(message),
+            Outbound::Close { .. } => None,
+        }
+    }
+
     fn take(&self) -> Taken {
         let mut state = self.0.lock();
         match state.queue.pop_front() {
@@ -269,6 +293,24 @@ mod tests {
         tx.try_send_conflated(message("p100"), &price).unwrap();
         assert!(is_text(rx.recv().await, "p100"));
         assert!(rx.try_recv().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_messages_but_leaves_a_close_first_in_line() {
+        let (tx, mut rx) = outbox(4);
+        tx.try_send(text("a")).unwrap();
+        tx.try_send(Outbound::Close {
+            code: 1000,
+            reason: String::new(),
+        })
+        .unwrap();
+        assert!(matches!(rx.try_recv_message(), Some(Message::Text(t)) if t.as_str() == "a"));
+        assert!(rx.try_recv_message().is_none());
+        assert!(matches!(
+            rx.recv().await,
+            Some(Outbound::Close { code: 1000, .. })
+        ));
+        assert!(rx.try_recv_message().is_none());
     }
 
     #[tokio::test]

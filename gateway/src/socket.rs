@@ -81,7 +81,7 @@ pub async fn run<S>(
     let last_heard = AtomicU64::new(0);
     let heard = || last_heard.store(opened.elapsed().as_millis() as u64, Ordering::Relaxed);
     // The socket lives as long as its token, or a fresher one it sent.
-    let (expiry, mut expires) = tokio::sync::watch::channel(session.expires_at);
+    let expiry = Expiry::new(opened, session.expires_at);
     let Registered {
         mut outbound,
         evict,
@@ -98,19 +98,24 @@ pub async fn run<S>(
         let mut ping =
             tokio::time::interval_at(opened + limits.ping_interval, limits.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Made once and kept across messages: a delivery wakes the task and
+        // finds them registered already, instead of registering a timer and
+        // a waiter afresh for every message.
+        let timer = tokio::time::sleep_until(opened);
+        tokio::pin!(timer);
+        let cancelled = evict.cancelled();
+        tokio::pin!(cancelled);
         // Returns the close code it ended with; breaks out on eviction.
         loop {
-            let deadline = *expires.borrow_and_update();
             let next = tokio::select! {
                 biased;
-                () = evict.cancelled() => None,
-                () = until(deadline) => {
+                () = &mut cancelled => None,
+                () = expiry.passed(timer.as_mut()) => {
                     metrics::counter!("streamer_gateway_expired_closes_total").increment(1);
                     let close = sink.send(close_message(close::POLICY, "token expired".into()));
                     let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, close)).await;
                     return close::POLICY;
                 }
-                Ok(()) = expires.changed() => continue,
                 next = outbound.recv() => Some(next),
                 _ = ping.tick() => {
                     let silent = opened.elapsed().saturating_sub(std::time::Duration::from_millis(
@@ -140,8 +145,8 @@ pub async fn run<S>(
             // memory behind it) would stay pinned for as long as it lingers.
             let sent = tokio::select! {
                 biased;
-                () = evict.cancelled() => None,
-                sent = sink.send(message) => Some(sent.is_ok()),
+                () = &mut cancelled => None,
+                sent = write_batch(&mut sink, message, &mut outbound) => Some(sent.is_ok()),
             };
             match sent {
                 None => break,
@@ -187,6 +192,9 @@ pub async fn run<S>(
                         Ok(frame) if frame.action == REFRESH_ACTION => {
                             let answer = Box::pin(refresh(&session.refresh, &expiry, frame)).await;
                             replies(answer);
+                            // The writer, polled in this same task, takes
+                            // the new expiry on its next poll: make it now.
+                            tokio::task::yield_now().await;
                         }
                         Ok(frame) => {
                             let inbound = frame.clone().into_inbound(&connection_id);
@@ -272,22 +280,92 @@ pub async fn run<S>(
     tracing::debug!(connection_id = %connection_id, code, "connection closed");
 }
 
-/// Sleeps until `deadline`, or forever when there is none.
-async fn until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
+/// Most messages a writer puts into one flush: a burst of deliveries to a
+/// socket goes out in one write instead of one each, while a close or the
+/// next ping waits for at most this many.
+const WRITE_BATCH: usize = 64;
+
+/// Writes `first` and whatever else waits in the queue now (up to
+/// [`WRITE_BATCH`] messages), then flushes them in one go.
+async fn write_batch<S>(
+    sink: &mut S,
+    first: Message,
+    outbound: &mut crate::outbox::OutboxReceiver,
+) -> Result<(), S::Error>
+where
+    S: Sink<Message> + Unpin,
+{
+    sink.feed(first).await?;
+    for _ in 1..WRITE_BATCH {
+        let Some(message) = outbound.try_recv_message() else {
+            break;
+        };
+        sink.feed(message).await?;
+    }
+    sink.flush().await
+}
+
+/// When a socket's token expires, shared by its reader (a refresh moves it)
+/// and its writer (which closes the socket once it passes).
+///
+/// Both halves run in the socket's one task, so the writer sees a change the
+/// next time that task is polled: no channel, and nothing registered per
+/// message.
+struct Expiry {
+    opened: Instant,
+    /// Milliseconds from `opened`; `NEVER` for a token without expiry.
+    at_ms: AtomicU64,
+}
+
+impl Expiry {
+    const NEVER: u64 = u64::MAX;
+
+    fn new(opened: Instant, at: Option<Instant>) -> Self {
+        let expiry = Self {
+            opened,
+            at_ms: AtomicU64::new(Self::NEVER),
+        };
+        if let Some(at) = at {
+            expiry.set(at);
+        }
+        expiry
+    }
+
+    fn set(&self, at: Instant) {
+        let ms = at.saturating_duration_since(self.opened).as_millis();
+        let ms = u64::try_from(ms).unwrap_or(Self::NEVER - 1);
+        self.at_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<Instant> {
+        match self.at_ms.load(Ordering::Relaxed) {
+            Self::NEVER => None,
+            ms => Some(self.opened + std::time::Duration::from_millis(ms)),
+        }
+    }
+
+    /// Completes once the expiry has passed, on `timer`, which follows the
+    /// expiry as it moves; never while there is none.
+    fn passed<'a>(
+        &'a self,
+        mut timer: std::pin::Pin<&'a mut tokio::time::Sleep>,
+    ) -> impl Future<Output = ()> + 'a {
+        std::future::poll_fn(move |cx| {
+            let Some(at) = self.get() else {
+                return std::task::Poll::Pending;
+            };
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
+            }
+            timer.as_mut().poll(cx)
+        })
     }
 }
 
 /// Answers a `refresh` frame: `{"payload":{"token":"<JWT>"}}`. A token
 /// valid for the same user and tenant moves the socket's expiry; anything
 /// else is UNAUTHORIZED and changes nothing.
-async fn refresh(
-    check: &Refresh,
-    expiry: &tokio::sync::watch::Sender<Option<Instant>>,
-    frame: frames::ClientFrame,
-) -> String {
+async fn refresh(check: &Refresh, expiry: &Expiry, frame: frames::ClientFrame) -> String {
     let Some(token) = frame
         .payload
         .get("token")
@@ -302,7 +380,7 @@ async fn refresh(
     };
     match check(token.to_owned()).await {
         Ok(expires_at) => {
-            expiry.send_replace(Some(expires_at));
+            expiry.set(expires_at);
             metrics::counter!("streamer_gateway_token_refreshes_total").increment(1);
             let remaining = expires_at.saturating_duration_since(Instant::now());
             client::response(
@@ -312,5 +390,47 @@ async fn refresh(
             .to_string()
         }
         Err(reason) => frames::error_message(&frame.id, ErrorCode::Unauthorized, &reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_expiry_timer_follows_the_expiry_later_and_sooner() {
+        let opened = Instant::now();
+        let expiry = Expiry::new(opened, Some(opened + Duration::from_secs(10)));
+        let timer = tokio::time::sleep_until(opened);
+        tokio::pin!(timer);
+        let wait = |d| tokio::time::timeout(Duration::from_secs(d), std::future::pending::<()>());
+        // A refresh at 5 s moves it to 20 s: nothing at 10 s.
+        let _ = wait(5).await;
+        expiry.set(opened + Duration::from_secs(20));
+        assert!(
+            tokio::time::timeout(Duration::from_secs(14), expiry.passed(timer.as_mut()))
+                .await
+                .is_err()
+        );
+        // At 19 s a shorter token moves it back to 19.5 s.
+        expiry.set(opened + Duration::from_millis(19_500));
+        tokio::time::timeout(Duration::from_secs(1), expiry.passed(timer.as_mut()))
+            .await
+            .expect("passes at the sooner expiry");
+        assert_eq!(Instant::now(), opened + Duration::from_millis(19_500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_without_expiry_never_expires() {
+        let opened = Instant::now();
+        let expiry = Expiry::new(opened, None);
+        let timer = tokio::time::sleep_until(opened);
+        tokio::pin!(timer);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3600), expiry.passed(timer.as_mut()))
+                .await
+                .is_err()
+        );
     }
 }
