@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use prost::Message as _;
 use streamer_api::v1::{
     self, DeliveryOutcome, DeliveryResult, EdgeCommand, EdgeEvent, edge_command::Command,
     edge_event::Event, edge_service_client::EdgeServiceClient,
@@ -58,22 +59,59 @@ struct LocalConnection {
     /// is still queued (a slow consumer).
     evict: CancellationToken,
     /// Its record as announced, less the connection id (the table's key)
-    /// and the edge id (this edge's): filled in again when announced.
-    record: v1::Connection,
+    /// and the edge id (this edge's), protobuf-encoded: it is read only to
+    /// announce the connection again and when it closes, and encoded it
+    /// takes one small allocation where the record took a dozen fields
+    /// inline in this table and an allocation per string.
+    record: Box<[u8]>,
     /// The token the client last presented, which ConnectionService
     /// verifies again whenever the connection is announced.
-    token: String,
+    token: Box<str>,
     /// What was written of each sequenced stream. A std mutex, held only
     /// across the check and the non-blocking queue write that it guards.
     sequences: Mutex<SequenceWindow>,
 }
 
 impl LocalConnection {
+    fn new(
+        outbound: OutboxSender,
+        evict: CancellationToken,
+        record: &v1::Connection,
+        token: &str,
+    ) -> Self {
+        let record = v1::Connection {
+            connection_id: String::new(),
+            edge_id: String::new(),
+            ..record.clone()
+        };
+        Self {
+            outbound,
+            evict,
+            record: record.encode_to_vec().into_boxed_slice(),
+            token: token.into(),
+            sequences: Mutex::default(),
+        }
+    }
+
+    /// Its record as announced, with the ids filled in again.
+    fn record(&self, connection_id: &ConnectionId, edge_id: &EdgeId) -> v1::Connection {
+        // It was encoded by `new`: decoding cannot fail.
+        let record = v1::Connection::decode(&*self.record).unwrap_or_default();
+        v1::Connection {
+            connection_id: connection_id.to_string(),
+            edge_id: edge_id.to_string(),
+            ..record
+        }
+    }
+
     fn owner(&self) -> (TenantId, UserId) {
-        let identity = self.record.identity.as_ref();
+        let identity = v1::Connection::decode(&*self.record)
+            .ok()
+            .and_then(|record| record.identity)
+            .unwrap_or_default();
         (
-            TenantId::from(identity.map_or("", |i| i.tenant_id.as_str())),
-            UserId::from(identity.map_or("", |i| i.user_id.as_str())),
+            TenantId::from(identity.tenant_id),
+            UserId::from(identity.user_id),
         )
     }
 }
@@ -275,18 +313,10 @@ impl Edge {
         let evict = CancellationToken::new();
         // Held locally before the announcement so a delivery that races the
         // registration answer already finds the queue.
-        let connection = LocalConnection {
-            outbound: tx,
-            evict: evict.clone(),
-            record: v1::Connection {
-                connection_id: String::new(),
-                edge_id: String::new(),
-                ..record.clone()
-            },
-            token: token.clone(),
-            sequences: Mutex::default(),
-        };
-        let (tenant, user) = connection.owner();
+        let connection = LocalConnection::new(tx, evict.clone(), &record, &token);
+        let identity = record.identity.as_ref();
+        let tenant = TenantId::from(identity.map_or("", |i| i.tenant_id.as_str()));
+        let user = UserId::from(identity.map_or("", |i| i.user_id.as_str()));
         {
             let mut sockets = write(&self.connections);
             sockets.directory.insert(&tenant, &user, id.clone());
@@ -626,15 +656,11 @@ impl Edge {
         let connections = &read(&self.connections).by_id;
         let records = connections
             .iter()
-            .map(|(id, c)| v1::Connection {
-                connection_id: id.to_string(),
-                edge_id: self.edge_id.to_string(),
-                ..c.record.clone()
-            })
+            .map(|(id, c)| c.record(id, &self.edge_id))
             .collect();
         let tokens = connections
             .iter()
-            .map(|(id, c)| (id.to_string(), c.token.clone()))
+            .map(|(id, c)| (id.to_string(), c.token.to_string()))
             .collect();
         (records, tokens)
     }
@@ -643,7 +669,7 @@ impl Edge {
     /// announcement.
     pub fn refreshed(&self, connection_id: &ConnectionId, token: String) {
         if let Some(connection) = write(&self.connections).by_id.get_mut(connection_id) {
-            connection.token = token;
+            connection.token = token.into();
         }
     }
 
