@@ -75,6 +75,7 @@ pub struct EmbeddedStore {
     path: Arc<PathBuf>,
     /// None while the database is being re-opened after an I/O error.
     db: Arc<RwLock<Option<Arc<Database>>>>,
+    writer: Arc<GroupCommit>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -191,9 +192,12 @@ impl EmbeddedStore {
         })?;
         let path = dir.join("streamer.redb");
         let db = open_database(&path)?;
+        let db = Arc::new(RwLock::new(Some(Arc::new(db))));
+        let writer = Arc::new(GroupCommit::start(db.clone())?);
         Ok(Self {
             path: Arc::new(path),
-            db: Arc::new(RwLock::new(Some(Arc::new(db)))),
+            db,
+            writer,
         })
     }
 
@@ -245,22 +249,220 @@ impl EmbeddedStore {
             .map_err(|e| backend(format!("store task failed: {e}")))?
     }
 
+    /// Runs `f` in a write transaction, committed with (at least)
+    /// `durability`, through the store's one writer: writes that arrive
+    /// together share a transaction (see [`GroupCommit`]). `f` may run twice
+    /// (alone, after a shared transaction failed), so it takes its inputs by
+    /// reference.
     async fn write<T, F>(&self, durability: Durability, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> StoreResult<T> + Send + 'static,
+        F: FnMut(&WriteTransaction) -> StoreResult<T> + Send + 'static,
     {
-        self.blocking(move |db| {
-            let mut txn = db.begin_write().map_err(backend)?;
-            if durability == Durability::Relaxed {
-                txn.set_durability(redb::Durability::None)
-                    .map_err(backend)?;
-            }
-            let out = f(&txn)?;
-            txn.commit().map_err(backend)?;
-            Ok(out)
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Box::new(Typed {
+            durability,
+            f,
+            out: None,
+            reply: Some(reply),
+        });
+        self.writer
+            .queue
+            .as_ref()
+            .ok_or_else(|| backend("the store's writer has stopped"))?
+            .send(job)
+            .await
+            .map_err(|_| backend("the store's writer has stopped"))?;
+        answer
+            .await
+            .map_err(|_| backend("the store's writer dropped a write"))?
+    }
+}
+
+/// Most writes one transaction takes: enough to pay one commit for a burst
+/// of connects, few enough that a write's wait behind the others stays
+/// short.
+const GROUP_COMMIT_MAX: usize = 64;
+
+/// Writes waiting for the writer; past this, `write` waits for room
+/// (backpressure on the caller, nothing dropped).
+const GROUP_COMMIT_QUEUE: usize = 1024;
+
+/// The store's writer: one thread that takes the writes waiting, runs them
+/// in one redb transaction and commits once (group commit).
+///
+/// redb admits one write transaction at a time, so writes from the blocking
+/// pool queued on its lock, each paying a thread wake-up and a commit
+/// (page allocation, checksums) of its own: about a quarter of the CPU
+/// of a connect at 2,000 connects per second. Here a burst pays one.
+///
+/// A write that fails in a shared transaction must not take the others
+/// with it, nor leave half of itself behind: the shared transaction is
+/// abandoned and each write runs again alone. The batch is committed with
+/// the strongest durability any of its writes asked for.
+///
+/// The last handle of the store to go stops the thread and waits for it,
+/// so the file is free to open again as soon as the store is dropped.
+struct GroupCommit {
+    queue: Option<tokio::sync::mpsc::Sender<Box<dyn Job>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it has answered what was
+        // queued.
+        self.queue = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl GroupCommit {
+    fn start(db: Arc<RwLock<Option<Arc<Database>>>>) -> StoreResult<Self> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Box<dyn Job>>(GROUP_COMMIT_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || {
+                let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(GROUP_COMMIT_MAX);
+                // Ends when every handle of the store is gone.
+                while let Some(first) = rx.blocking_recv() {
+                    batch.push(first);
+                    while batch.len() < GROUP_COMMIT_MAX {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    let current = db.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    match current {
+                        Some(db) => Self::commit(&db, &mut batch),
+                        None => {
+                            for job in batch.drain(..) {
+                                job.finish(Err(StoreError::Unavailable {
+                                    message:
+                                        "the embedded store is being re-opened after an I/O error"
+                                            .into(),
+                                    source: None,
+                                }));
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| backend(format!("cannot start the store's writer: {e}")))?;
+        Ok(Self {
+            queue: Some(tx),
+            thread: Some(thread),
         })
-        .await
+    }
+
+    /// Runs and commits `batch` (emptying it), together when every write
+    /// succeeds, else each alone.
+    fn commit(db: &Database, batch: &mut Vec<Box<dyn Job>>) {
+        let durability = if batch
+            .iter()
+            .any(|j| j.durability() == Durability::Immediate)
+        {
+            Durability::Immediate
+        } else {
+            Durability::Relaxed
+        };
+        // When one of them fails, the shared transaction is dropped (rolled
+        // back) and each runs again alone below.
+        if batch.len() > 1
+            && let Ok(committed) = Self::run(db, durability, batch.as_mut_slice())
+        {
+            for job in batch.drain(..) {
+                job.finish(committed.clone().map_err(|e| backend(e.0)));
+            }
+            return;
+        }
+        for mut job in batch.drain(..) {
+            let durability = job.durability();
+            let committed = Self::run(db, durability, std::slice::from_mut(&mut job));
+            // A failed write answers with its own error.
+            job.finish(committed.unwrap_or(Ok(())).map_err(|e| backend(e.0)));
+        }
+    }
+
+    /// One transaction over `jobs`: `Err(())` when a job failed (its error
+    /// is kept in it; nothing was committed), else the commit's outcome.
+    fn run(
+        db: &Database,
+        durability: Durability,
+        jobs: &mut [Box<dyn Job>],
+    ) -> Result<Result<(), SharedError>, ()> {
+        let mut txn = match db.begin_write() {
+            Ok(txn) => txn,
+            Err(e) => return Ok(Err(SharedError(e.to_string()))),
+        };
+        if durability == Durability::Relaxed
+            && let Err(e) = txn.set_durability(redb::Durability::None)
+        {
+            return Ok(Err(SharedError(e.to_string())));
+        }
+        for job in jobs.iter_mut() {
+            if !job.run(&txn) {
+                return Err(());
+            }
+        }
+        Ok(txn.commit().map_err(|e| SharedError(e.to_string())))
+    }
+}
+
+/// A commit's failure, told to every write of its transaction.
+#[derive(Debug, Clone)]
+struct SharedError(String);
+
+/// A write for [`GroupCommit`], its result type erased.
+trait Job: Send {
+    fn durability(&self) -> Durability;
+    /// Runs the write in `txn`, keeping its result; whether it succeeded.
+    fn run(&mut self, txn: &WriteTransaction) -> bool;
+    /// Answers the caller: the kept result once `committed`, else the
+    /// commit's error.
+    fn finish(self: Box<Self>, committed: StoreResult<()>);
+}
+
+/// A write of `T`: its closure, its result once run, and its caller.
+struct Typed<T, F> {
+    durability: Durability,
+    f: F,
+    out: Option<StoreResult<T>>,
+    reply: Option<tokio::sync::oneshot::Sender<StoreResult<T>>>,
+}
+
+impl<T, F> Job for Typed<T, F>
+where
+    T: Send,
+    F: FnMut(&WriteTransaction) -> StoreResult<T> + Send,
+{
+    fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    fn run(&mut self, txn: &WriteTransaction) -> bool {
+        let out = (self.f)(txn);
+        let ok = out.is_ok();
+        self.out = Some(out);
+        ok
+    }
+
+    fn finish(mut self: Box<Self>, committed: StoreResult<()>) {
+        let answer = match committed {
+            Ok(()) => self
+                .out
+                .take()
+                .unwrap_or_else(|| Err(backend("the write was not run"))),
+            Err(e) => Err(e),
+        };
+        if let Some(reply) = self.reply.take() {
+            // The caller may have gone (its request was dropped); the write
+            // stands either way.
+            let _ = reply.send(answer);
+        }
     }
 }
 
@@ -646,7 +848,7 @@ impl RequestStore for EmbeddedStore {
                 .map_err(backend)?;
             put_request_in(txn, None, &record)?;
             Ok(Created {
-                record,
+                record: record.clone(),
                 duplicate: false,
             })
         })
@@ -713,7 +915,7 @@ impl RequestStore for EmbeddedStore {
             };
             let record = RequestRecord {
                 version: record.version + 1,
-                ..record
+                ..record.clone()
             };
             put_request_in(txn, Some(&current), &record)?;
             Ok(record)
@@ -1125,7 +1327,7 @@ impl TopicStore for EmbeddedStore {
             let mut messages = txn.open_table(TOPIC_MESSAGES).map_err(backend)?;
             let message = TopicMessage {
                 offset: position.offset,
-                payload,
+                payload: payload.clone(),
                 published_at_ms: now_ms,
             };
             messages
@@ -1277,6 +1479,114 @@ mod tests {
             .unwrap();
         store.flush().await.unwrap();
         assert!(store.get_connection(&"c3".into()).await.unwrap().is_some());
+    }
+
+    /// A write that fails inside a shared transaction leaves nothing of
+    /// itself behind and takes none of the others with it.
+    #[test]
+    fn a_failed_write_in_a_group_commit_undoes_only_itself() {
+        const T: TableDefinition<&str, &str> = TableDefinition::new("group_commit_test");
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_database(&dir.path().join("streamer.redb")).unwrap();
+        let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel();
+        let job = |name: &'static str, fail: bool| -> Box<dyn Job> {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            answers.send((name, answer)).unwrap();
+            Box::new(Typed {
+                durability: Durability::Relaxed,
+                f: move |txn: &WriteTransaction| {
+                    txn.open_table(T)
+                        .map_err(backend)?
+                        .insert(name, "written")
+                        .map_err(backend)?;
+                    if fail {
+                        return Err(StoreError::Conflict);
+                    }
+                    Ok(name)
+                },
+                out: None,
+                reply: Some(reply),
+            })
+        };
+        let mut batch = vec![job("a", false), job("b", true), job("c", false)];
+        GroupCommit::commit(&db, &mut batch);
+        assert!(batch.is_empty());
+        drop(answers);
+        let mut outcomes = Vec::new();
+        while let Ok((name, mut answer)) = answered.try_recv() {
+            outcomes.push((name, answer.try_recv().unwrap().map_err(|e| e.to_string())));
+        }
+        assert_eq!(
+            outcomes,
+            vec![
+                ("a", Ok("a")),
+                ("b", Err(StoreError::Conflict.to_string())),
+                ("c", Ok("c")),
+            ]
+        );
+        let txn = db.begin_read().unwrap();
+        let table = txn.open_table(T).unwrap();
+        assert!(table.get("a").unwrap().is_some());
+        assert!(
+            table.get("b").unwrap().is_none(),
+            "the failed write left nothing"
+        );
+        assert!(table.get("c").unwrap().is_some());
+    }
+
+    /// Writes that arrive together are answered each with its own result,
+    /// and all of them are in the store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_each_get_their_own_answer() {
+        use crate::store::conformance::connection;
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store.create_request(request("r1", "job-1")).await.unwrap();
+        let stale = store.get_request(&"r1".into()).await.unwrap().unwrap();
+        let writes = (0..200).map(|i| {
+            let store = store.clone();
+            let stale = stale.clone();
+            async move {
+                if i % 10 == 5 {
+                    // Every tenth write is an update of a version that one
+                    // of the others made stale: all but the first conflict.
+                    store
+                        .update_request(stale, Durability::Relaxed)
+                        .await
+                        .map(|_| ())
+                } else {
+                    let id = format!("c{i}");
+                    store.put_connection(connection(&id, "t1", "alice")).await
+                }
+            }
+        });
+        let outcomes = futures::future::join_all(writes).await;
+        let updated = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(i, o)| i % 10 == 5 && o.is_ok())
+            .count();
+        assert_eq!(updated, 1, "exactly one update of the same version wins");
+        for (i, outcome) in outcomes.iter().enumerate() {
+            if i % 10 == 5 {
+                assert!(
+                    outcome.is_ok() || matches!(outcome, Err(StoreError::Conflict)),
+                    "{outcome:?}"
+                );
+            } else {
+                outcome.as_ref().unwrap();
+                let id = format!("c{i}");
+                assert!(
+                    store
+                        .get_connection(&id.as_str().into())
+                        .await
+                        .unwrap()
+                        .is_some()
+                );
+            }
+        }
+        let r1 = store.get_request(&"r1".into()).await.unwrap().unwrap();
+        assert_eq!(r1.version, stale.version + 1);
     }
 
     #[tokio::test]
