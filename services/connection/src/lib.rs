@@ -26,6 +26,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod apigateway;
 pub mod delivery;
 pub mod edge_stream;
 pub mod edges;

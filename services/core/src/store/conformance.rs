@@ -1327,7 +1327,11 @@ pub async fn an_undelivered_final_stays_unsettled_and_leased(store: SharedStore)
     );
 }
 
-/// A local DynamoDB-protocol server for tests: moto's server mode, started
+/// A local DynamoDB-protocol server for tests, which also serves API
+/// Gateway's management API (`/@connections/{id}`, with the stage left out
+/// of the endpoint: moto routes on the path) and lets a test read back what
+/// was posted to a connection at `GET /_streamer/apigateway/connections/{id}`
+/// (404 for one it never saw): moto's server mode, started
 /// once per test process on a port the server picks itself (no race for a
 /// free port), and gone when the process is: it exits when its stdin, a
 /// pipe this process holds, closes. moto comes from PyPI
@@ -1343,9 +1347,24 @@ pub mod local_dynamodb {
     const SERVER: &str = r#"
 import logging, os, sys, threading
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
+from moto.apigatewaymanagementapi.models import apigatewaymanagementapi_backends
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import make_server
-server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=False)
+moto = DomainDispatcherApplication(create_backend_app)
+READ_BACK = "/_streamer/apigateway/connections/"
+def app(environ, start_response):
+    path = environ.get("PATH_INFO", "")
+    if not path.startswith(READ_BACK):
+        return moto(environ, start_response)
+    connection_id = path[len(READ_BACK):]
+    for regions in list(apigatewaymanagementapi_backends.values()):
+        for backend in list(regions.values()):
+            if connection_id in backend.connections:
+                start_response("200 OK", [("Content-Type", "application/octet-stream")])
+                return [bytes(backend.connections[connection_id].data)]
+    start_response("404 Not Found", [("Content-Type", "text/plain")])
+    return [b"no such connection"]
+server = make_server("127.0.0.1", 0, app, threaded=False)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 print(server.server_port, flush=True)
 sys.stdin.read()
