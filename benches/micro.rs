@@ -178,6 +178,7 @@ fn connection(id: &str) -> ConnectionRecord {
         last_seen_ms: now,
         user_agent: "criterion".into(),
         client_ip: "127.0.0.1".into(),
+        apigateway: None,
     }
 }
 

@@ -40,6 +40,9 @@ pub trait Delivery: Send + Sync + 'static {
     /// took the command.
     async fn close(&self, target: &ConnectionRecord, code: u32, reason: String) -> bool;
 
+    /// Whether the socket is there, as far as the transport can tell.
+    async fn is_active(&self, target: &ConnectionRecord) -> bool;
+
     /// Hands `payload` to the transport for every socket `selector` picks
     /// (a tenant's, a user's, a topic's subscribers), and returns once it
     /// is handed over: fan-outs dispatched one after another are written
@@ -79,11 +82,30 @@ pub struct Fanout {
     pub throttled: u32,
     /// Edges with at least one socket written to.
     pub edges: u32,
-    /// Edges that did not confirm in time.
+    /// Edges that did not confirm in time (API Gateway counts as one when
+    /// its connections could not be looked up).
     pub unavailable_edges: u32,
+    /// API Gateway connections: gone (410; their records are removed),
+    /// refused the message for good, or not reached now.
+    pub gone: u32,
+    pub rejected: u32,
+    pub unavailable_connections: u32,
 }
 
 impl Fanout {
+    /// The counts of two transports' fan-outs together.
+    pub fn merge(self, other: Fanout) -> Fanout {
+        Fanout {
+            delivered: self.delivered + other.delivered,
+            throttled: self.throttled + other.throttled,
+            edges: self.edges + other.edges,
+            unavailable_edges: self.unavailable_edges + other.unavailable_edges,
+            gone: self.gone + other.gone,
+            rejected: self.rejected + other.rejected,
+            unavailable_connections: self.unavailable_connections + other.unavailable_connections,
+        }
+    }
+
     fn add(mut self, report: Option<v1::FanoutReport>) -> Self {
         match report {
             Some(report) => {
@@ -150,6 +172,10 @@ impl Delivery for EdgeDelivery {
             }
             None => false,
         }
+    }
+
+    async fn is_active(&self, target: &ConnectionRecord) -> bool {
+        self.edges.get(&target.edge_id).is_some()
     }
 
     /// One `fanout` command to every edge attached here (an edge with no

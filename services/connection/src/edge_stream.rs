@@ -23,7 +23,7 @@ use streamer_api::v1::{
     self, EdgeEvent, edge_command::Command, edge_event::Event, edge_service_server::EdgeService,
 };
 use streamer_core::ids::{ConnectionId, EdgeId};
-use streamer_core::store::{ConnectionRecord, EdgeRecord, Heartbeat, now_ms};
+use streamer_core::store::{APIGATEWAY_EDGE_ID, ConnectionRecord, EdgeRecord, Heartbeat, now_ms};
 use streamer_core::trust::Caller;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -50,6 +50,11 @@ impl ConnectionServer {
         let store = &self.shared.store;
         let lease = self.shared.config.edge_lease;
         for edge_id in store.connection_edges().await? {
+            // API Gateway holds these sockets, not a process of ours: they
+            // neither go stale with a restart nor take a lease.
+            if edge_id.as_str() == APIGATEWAY_EDGE_ID {
+                continue;
+            }
             if self.shared.config.connections_stale_at_start {
                 for id in store.connections_of_edge(&edge_id).await? {
                     store.delete_connection(&id).await?;
@@ -108,6 +113,9 @@ impl ConnectionServer {
     async fn remove_lapsed_edges(&self) -> Result<(), ConnectionError> {
         let store = &self.shared.store;
         for edge in store.lapsed_edges(now_ms(), LAPSED_PER_SWEEP).await? {
+            if edge.edge_id.as_str() == APIGATEWAY_EDGE_ID {
+                continue;
+            }
             if let Some(link) = self.shared.edges.get(&edge.edge_id) {
                 // Attached here after all (a renewal failed): renew now.
                 self.renew(&link).await;
@@ -428,6 +436,15 @@ impl EdgeService for ConnectionServer {
             }
         };
         let edge_id: EdgeId = required_id("hello.edge_id", hello.edge_id.clone())?;
+        // API Gateway's connections are kept under a reserved edge id; an
+        // edge attaching under it would have them all reconciled away.
+        if edge_id.as_str() == APIGATEWAY_EDGE_ID {
+            return Err(ConnectionError::invalid(
+                "hello.edge_id",
+                "is reserved for the connections AWS API Gateway holds",
+            )
+            .into());
+        }
         // An authenticated edge speaks only as itself: its id is its
         // credential's name (or a name under it), so no other caller can
         // take its sockets over.

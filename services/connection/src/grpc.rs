@@ -29,6 +29,7 @@ fn counts(results: &[DeliveryResult]) -> v1::BroadcastResponse {
             DeliveryOutcome::Gone => response.gone += 1,
             DeliveryOutcome::Throttled => response.throttled += 1,
             DeliveryOutcome::Unavailable => response.unavailable += 1,
+            DeliveryOutcome::Rejected => response.rejected += 1,
             DeliveryOutcome::Unspecified => {}
         }
     }
@@ -62,7 +63,9 @@ impl ConnectionService for ConnectionServer {
             Broadcasted::Counted(fanout) => v1::BroadcastResponse {
                 delivered: fanout.delivered,
                 throttled: fanout.throttled,
-                unavailable: fanout.unavailable_edges,
+                unavailable: fanout.unavailable_edges + fanout.unavailable_connections,
+                gone: fanout.gone,
+                rejected: fanout.rejected,
                 ..Default::default()
             },
         };
@@ -76,7 +79,7 @@ impl ConnectionService for ConnectionServer {
         let caller = Caller::of(&request);
         let id: ConnectionId = required_id("connection_id", request.into_inner().connection_id)?;
         let active = match self.find(&id, None, &caller).await {
-            Ok(record) => self.shared.edges.get(&record.edge_id).is_some(),
+            Ok(record) => self.shared.delivery.is_active(&record).await,
             Err(ConnectionError::NotFound(_)) => false,
             Err(error) => return Err(error.into()),
         };

@@ -423,6 +423,7 @@ pub fn connection_from_edge(
         last_seen_ms: ms(c.last_seen).unwrap_or(now_ms).max(now_ms),
         user_agent: c.user_agent,
         client_ip: c.client_ip,
+        apigateway: None,
     })
 }
 

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
+use crate::apigateway::{ApiGatewayConfig, ApiGatewayDelivery, CompositeDelivery};
 use crate::delivery::{Delivery, EdgeDelivery};
 use crate::edges::EdgeRegistry;
 use crate::identities::IdentityCheck;
@@ -83,6 +84,9 @@ pub struct ConnectionConfig {
     /// Topic history, the topics clients may subscribe themselves to, and
     /// which topics conflate.
     pub topics: TopicsConfig,
+    /// Connections held by AWS API Gateway are delivered to through its
+    /// management API (see [`crate::apigateway`]); none: only edges'.
+    pub apigateway: Option<ApiGatewayConfig>,
 }
 
 impl Default for ConnectionConfig {
@@ -95,6 +99,7 @@ impl Default for ConnectionConfig {
             trust: Trust::none(),
             auth_endpoint: Some("http://127.0.0.1:50051".into()),
             topics: TopicsConfig::default(),
+            apigateway: None,
         }
     }
 }
@@ -204,12 +209,20 @@ impl ConnectionServer {
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..INBOUND_WORKERS)
             .map(|_| mpsc::channel(INBOUND_QUEUE))
             .unzip();
+        let by_edge = EdgeDelivery::new(edges.clone(), config.delivery_timeout);
+        let delivery: Arc<dyn Delivery> = match &config.apigateway {
+            Some(apigateway) => Arc::new(CompositeDelivery::new(
+                by_edge,
+                ApiGatewayDelivery::new(apigateway.clone(), store.clone()),
+            )),
+            None => Arc::new(by_edge),
+        };
         let server = Self {
             shared: Arc::new(Shared {
                 store,
                 inbound: senders,
-                edges: edges.clone(),
-                delivery: Arc::new(EdgeDelivery::new(edges, config.delivery_timeout)),
+                edges,
+                delivery,
                 routers: RouterTable::default(),
                 progress,
                 identities: IdentityCheck::new(&config, &shutdown).await?,

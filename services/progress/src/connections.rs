@@ -138,6 +138,10 @@ impl ConnectionDirectory {
                 v1::DeliveryOutcome::NotFound
                 | v1::DeliveryOutcome::Gone
                 | v1::DeliveryOutcome::Throttled => Delivery::Gone,
+                // The transport will never take this message (too large for
+                // API Gateway): like a gone client, the request's state stays
+                // in the store for the client to read with `get_request`.
+                v1::DeliveryOutcome::Rejected => Delivery::Gone,
                 // The edge is detached or has not confirmed yet: it may be
                 // back in a moment, and a retry is never written twice.
                 v1::DeliveryOutcome::Unavailable => Delivery::Unavailable,

@@ -36,6 +36,7 @@ macro_rules! store_conformance_suite {
     ($make:expr) => {
         $crate::store_conformance_suite!(@tests $make;
             connection_round_trip,
+            an_api_gateway_connection_keeps_where_it_lives,
             put_connection_replaces_and_reindexes,
             touch_slides_expiry_and_reports_missing,
             expired_connections_are_invisible_and_swept,
@@ -86,6 +87,7 @@ pub fn connection(id: &str, tenant: &str, user: &str) -> ConnectionRecord {
         last_seen_ms: now_ms(),
         user_agent: "test".into(),
         client_ip: "127.0.0.1".into(),
+        apigateway: None,
     }
 }
 
@@ -117,6 +119,40 @@ pub fn request(id: &str, client_id: &str) -> RequestRecord {
 
 fn ids(records: Vec<ConnectionRecord>) -> Vec<ConnectionId> {
     records.into_iter().map(|c| c.connection_id).collect()
+}
+
+pub async fn an_api_gateway_connection_keeps_where_it_lives(store: SharedStore) {
+    let record = ConnectionRecord {
+        edge_id: super::APIGATEWAY_EDGE_ID.into(),
+        apigateway: Some(super::ApiGatewayConnection {
+            domain_name: "abc123.execute-api.eu-west-1.amazonaws.com".into(),
+            stage: "prod".into(),
+        }),
+        ..connection("Xk3J8cD2oAMCJ_Q=", "t1", "alice")
+    };
+    store.put_connection(record.clone()).await.unwrap();
+    let read = store
+        .get_connection(&"Xk3J8cD2oAMCJ_Q=".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(read.is_apigateway());
+    assert_eq!(read, record);
+    assert_eq!(
+        store
+            .connections_of_edge(&super::APIGATEWAY_EDGE_ID.into())
+            .await
+            .unwrap(),
+        vec![ConnectionId::from("Xk3J8cD2oAMCJ_Q=")]
+    );
+    // An edge's record has none.
+    store
+        .put_connection(connection("c1", "t1", "bob"))
+        .await
+        .unwrap();
+    let edge = store.get_connection(&"c1".into()).await.unwrap().unwrap();
+    assert!(!edge.is_apigateway());
+    assert_eq!(edge.apigateway, None);
 }
 
 pub async fn connection_round_trip(store: SharedStore) {

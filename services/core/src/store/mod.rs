@@ -113,15 +113,39 @@ pub struct ConnectionRecord {
     /// subscribe itself to (see [`crate::topics`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topics: Vec<String>,
-    /// The edge process holding the socket.
+    /// The edge process holding the socket; [`APIGATEWAY_EDGE_ID`] when AWS
+    /// API Gateway holds it.
     pub edge_id: EdgeId,
     pub connected_at_ms: u64,
     pub last_seen_ms: u64,
     pub user_agent: String,
     pub client_ip: String,
+    /// Where API Gateway holds the socket, for a connection made through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apigateway: Option<ApiGatewayConnection>,
+}
+
+/// The edge id of every connection AWS API Gateway holds. No process holds
+/// a lease under it: such a connection ends with API Gateway's
+/// `$disconnect`, a 410 from its management API, or its record's expiry,
+/// never because a process went away.
+pub const APIGATEWAY_EDGE_ID: &str = "apigateway";
+
+/// Where a connection lives in API Gateway: the domain and stage of its
+/// WebSocket API (its management endpoint is made from them) and API
+/// Gateway's own id of it (the record's `connection_id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiGatewayConnection {
+    pub domain_name: String,
+    pub stage: String,
 }
 
 impl ConnectionRecord {
+    /// Whether AWS API Gateway holds the socket.
+    pub fn is_apigateway(&self) -> bool {
+        self.edge_id.as_str() == APIGATEWAY_EDGE_ID
+    }
+
     /// The sliding expiry: [`CONNECTION_TTL`] after the last activity.
     pub fn expires_at_ms(&self) -> u64 {
         self.last_seen_ms + CONNECTION_TTL.as_millis() as u64

@@ -5,187 +5,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+#[path = "support/apigateway.rs"]
+mod apigateway_support;
 
-use axum::extract::{Path, State};
-use axum::http::{Method, StatusCode};
-use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+use std::time::Duration;
+
+use apigateway_support::{FaultServer, ManualClock, Reply, message, moto_read_back};
+use axum::http::Method;
 use bytes::Bytes;
 use streamer_connection::apigateway::{
-    Clock, MAX_MESSAGE_BYTES, PostOutcome, PostPolicy, Poster, SdkManagementApi, Target,
+    MAX_MESSAGE_BYTES, PostOutcome, PostPolicy, Poster, SdkManagementApi, Target,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-/// What the fault server answers to one call.
-#[derive(Debug, Clone)]
-enum Reply {
-    /// 200 (204 for a delete).
-    Ok,
-    /// This status, with the error type API Gateway names it by.
-    Status(u16, &'static str),
-    /// No answer for this long (the caller times out first).
-    Silence(Duration),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Call {
-    method: Method,
-    stage: String,
-    connection_id: String,
-    body: Bytes,
-}
-
-#[derive(Default)]
-struct Script {
-    replies: HashMap<String, VecDeque<Reply>>,
-    calls: Vec<Call>,
-}
-
-/// An HTTP server in API Gateway's place: `/{stage}/@connections/{id}`,
-/// answering each connection's calls from its script (then 200).
-struct FaultServer {
-    address: SocketAddr,
-    script: Arc<Mutex<Script>>,
-}
-
-impl FaultServer {
-    async fn start() -> Self {
-        let script = Arc::new(Mutex::new(Script::default()));
-        let app = axum::Router::new()
-            .route("/{stage}/@connections/{id}", axum::routing::any(answer))
-            .with_state(script.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { address, script }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}/prod", self.address)
-    }
-
-    fn target(&self, connection_id: &str) -> Target {
-        Target {
-            endpoint: self.endpoint(),
-            connection_id: connection_id.into(),
-        }
-    }
-
-    fn script(&self, connection_id: &str, replies: impl IntoIterator<Item = Reply>) {
-        self.script
-            .lock()
-            .unwrap()
-            .replies
-            .entry(connection_id.into())
-            .or_default()
-            .extend(replies);
-    }
-
-    fn calls(&self, connection_id: &str) -> Vec<Call> {
-        self.script
-            .lock()
-            .unwrap()
-            .calls
-            .iter()
-            .filter(|c| c.connection_id == connection_id)
-            .cloned()
-            .collect()
-    }
-}
-
-async fn answer(
-    State(script): State<Arc<Mutex<Script>>>,
-    method: Method,
-    Path((stage, connection_id)): Path<(String, String)>,
-    body: Bytes,
-) -> Response {
-    let reply = {
-        let mut script = script.lock().unwrap();
-        script.calls.push(Call {
-            method: method.clone(),
-            stage,
-            connection_id: connection_id.clone(),
-            body,
-        });
-        script
-            .replies
-            .get_mut(&connection_id)
-            .and_then(VecDeque::pop_front)
-            .unwrap_or(Reply::Ok)
-    };
-    match reply {
-        Reply::Ok if method == Method::DELETE => StatusCode::NO_CONTENT.into_response(),
-        Reply::Ok if method == Method::GET => (
-            StatusCode::OK,
-            [("content-type", "application/json")],
-            r#"{"identity":{"sourceIp":"192.0.2.1","userAgent":"test"}}"#,
-        )
-            .into_response(),
-        Reply::Ok => StatusCode::OK.into_response(),
-        Reply::Status(status, error_type) => (
-            StatusCode::from_u16(status).unwrap(),
-            [
-                ("content-type", "application/json"),
-                ("x-amzn-errortype", error_type),
-            ],
-            format!(r#"{{"message":"{error_type} from the test server"}}"#),
-        )
-            .into_response(),
-        Reply::Silence(duration) => {
-            tokio::time::sleep(duration).await;
-            StatusCode::OK.into_response()
-        }
-    }
-}
-
-/// A clock that waits for nothing: a sleep moves it on and is noted.
-#[derive(Debug)]
-struct ManualClock {
-    now: Mutex<Instant>,
-    slept: Mutex<Vec<Duration>>,
-}
-
-impl ManualClock {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            now: Mutex::new(Instant::now()),
-            slept: Mutex::new(Vec::new()),
-        })
-    }
-
-    fn advance(&self, by: Duration) {
-        *self.now.lock().unwrap() += by;
-    }
-
-    fn slept(&self) -> Vec<Duration> {
-        self.slept.lock().unwrap().clone()
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> Instant {
-        *self.now.lock().unwrap()
-    }
-
-    fn sleep(
-        &self,
-        duration: Duration,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-        self.advance(duration);
-        self.slept.lock().unwrap().push(duration);
-        Box::pin(std::future::ready(()))
-    }
-}
 
 fn poster(clock: Arc<ManualClock>, policy: PostPolicy) -> Poster {
     Poster::new(Arc::new(SdkManagementApi::local()), clock, policy)
-}
-
-fn message(text: &str) -> Bytes {
-    Bytes::copy_from_slice(text.as_bytes())
 }
 
 #[tokio::test]
@@ -319,7 +153,10 @@ async fn a_silent_server_times_out_each_attempt() {
         ..PostPolicy::default()
     };
     let poster = poster(clock.clone(), policy);
-    server.script("c1", std::iter::repeat_n(Reply::Silence(Duration::from_secs(5)), 3));
+    server.script(
+        "c1",
+        std::iter::repeat_n(Reply::Silence(Duration::from_secs(5)), 3),
+    );
     let outcome = poster.post(&server.target("c1"), message("x")).await;
     assert!(
         matches!(&outcome, PostOutcome::Unavailable(why) if why.contains("no answer")),
@@ -438,28 +275,6 @@ fn backoff_doubles_within_its_jitter_and_never_passes_the_cap() {
         if nominal < policy.cap {
             assert!(seen.1 > nominal.mul_f64(1.2), "attempt {attempt}: {seen:?}");
         }
-    }
-}
-
-/// What moto kept of the posts to `connection_id` (None: it never saw it).
-async fn moto_read_back(endpoint: &str, connection_id: &str) -> Option<Vec<u8>> {
-    let address = endpoint.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let request = format!(
-        "GET /_streamer/apigateway/connections/{connection_id} HTTP/1.0\r\nHost: {address}\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a response head");
-    let head = String::from_utf8_lossy(&response[..split]).to_string();
-    match head.split_whitespace().nth(1) {
-        Some("200") => Some(response[split + 4..].to_vec()),
-        Some("404") => None,
-        other => panic!("read-back answered {other:?}: {head}"),
     }
 }
 

@@ -1,4 +1,4 @@
-//! Posting to connections that AWS API Gateway holds: its management API
+//! Posting to one connection that AWS API Gateway holds: its management API
 //! (`PostToConnection`, `DeleteConnection`, `GetConnection`) with the
 //! retries, the limits and the circuit breaker that delivery needs.
 //!
