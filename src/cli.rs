@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use streamer_auth::dev::MintOptions;
 use streamer_auth::{AuthConfig, JwksRefresh, JwksSource};
+use streamer_connection::apigateway::{ApiGatewayConfig, SdkManagementApi};
 use streamer_connection::{ConnectionConfig, TopicsConfig};
 use streamer_core::ids::{EdgeId, TenantId};
 use streamer_core::shutdown::Shutdown;
@@ -23,6 +24,7 @@ use streamer_core::telemetry::LogFormat;
 use streamer_core::tls::{Tls, TlsFiles};
 use streamer_core::trust::{Check, Role, ServiceTokens, Trust};
 use streamer_gateway::GatewayConfig;
+use streamer_gateway::apigateway::IntegrationConfig;
 use streamer_progress::ProgressConfig;
 
 use crate::{StoreChoice, SystemAddrs, SystemConfig, SystemListeners, dial_addr};
@@ -536,6 +538,7 @@ impl EdgeArgs {
             send_buffer: self.socket_send_buffer.map(|b| b as usize),
             control_plane_timeout: defaults.control_plane_timeout,
             trust: Trust::none(),
+            apigateway: None,
         })
     }
 }
@@ -638,11 +641,59 @@ pub struct ConnectionCmd {
     #[command(flatten)]
     pub topics: TopicArgs,
     #[command(flatten)]
+    pub apigateway: ApiGatewayArgs,
+    #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
     pub store: StoreArgs,
     #[command(flatten)]
     pub trust: TrustArgs,
+}
+
+/// Delivery to the connections AWS API Gateway holds (see the README's
+/// "Behind AWS API Gateway").
+#[derive(Debug, Clone, Args)]
+pub struct ApiGatewayArgs {
+    /// Deliver to connections AWS API Gateway holds, through its management
+    /// API (`PostToConnection`), and accept API Gateway's integration (an
+    /// edge run with --apigateway-secret-file). AWS credentials and region
+    /// come from the standard chain.
+    #[arg(long, env = "STREAMER_APIGATEWAY")]
+    pub apigateway: bool,
+    /// The management endpoint of a connection: `{domain}` and `{stage}`
+    /// are replaced by the connection's (for a custom domain, for example
+    /// `https://abc123.execute-api.eu-west-1.amazonaws.com/{stage}`).
+    #[arg(
+        long,
+        env = "STREAMER_APIGATEWAY_ENDPOINT",
+        default_value = "https://{domain}/{stage}"
+    )]
+    pub apigateway_endpoint: String,
+    /// The AWS region of the WebSocket API (default: from the environment).
+    #[arg(long, env = "STREAMER_APIGATEWAY_REGION")]
+    pub apigateway_region: Option<String>,
+    /// Posts to API Gateway in flight at once.
+    #[arg(long, env = "STREAMER_APIGATEWAY_WORKERS", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub apigateway_workers: u64,
+}
+
+impl ApiGatewayArgs {
+    async fn config(&self) -> anyhow::Result<Option<ApiGatewayConfig>> {
+        if !self.apigateway {
+            return Ok(None);
+        }
+        let endpoint = &self.apigateway_endpoint;
+        anyhow::ensure!(
+            endpoint.starts_with("https://") || endpoint.starts_with("http://"),
+            "--apigateway-endpoint must be an http(s) URL, not {endpoint:?}"
+        );
+        let api = SdkManagementApi::from_environment(self.apigateway_region.clone()).await?;
+        Ok(Some(ApiGatewayConfig {
+            endpoint: endpoint.clone(),
+            workers: usize::try_from(self.apigateway_workers).unwrap_or(64),
+            ..ApiGatewayConfig::new(std::sync::Arc::new(api))
+        }))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -709,6 +760,12 @@ pub struct GatewayCmd {
         default_value = "http://127.0.0.1:50054"
     )]
     pub connection_edge_url: String,
+    /// Serve AWS API Gateway's integration endpoints (`POST
+    /// /apigateway/connect`, `/disconnect`, `/default`) instead of
+    /// WebSockets; each request must carry one of the secrets in this file
+    /// (one per line, at least 32 bytes) in `x-streamer-apigateway-secret`.
+    #[arg(long, env = "STREAMER_APIGATEWAY_SECRET_FILE")]
+    pub apigateway_secret_file: Option<PathBuf>,
     #[command(flatten)]
     pub edge: EdgeArgs,
     #[command(flatten)]
@@ -866,6 +923,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 edge_lease: Duration::from_secs(cmd.edge_lease_secs),
                 trust: cmd.trust.trust(&[cmd.listen, cmd.edge_listen])?,
                 topics: cmd.topics.config()?,
+                apigateway: cmd.apigateway.config().await?,
                 ..ConnectionConfig::default()
             };
             let listener = bind(cmd.listen).await?;
@@ -899,6 +957,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // itself to the control plane.
             let config = GatewayConfig {
                 trust: cmd.trust.trust(&[])?,
+                apigateway: cmd
+                    .apigateway_secret_file
+                    .as_deref()
+                    .map(IntegrationConfig::from_file)
+                    .transpose()?,
                 ..cmd.edge.config(cmd.auth_url, cmd.connection_edge_url)?
             };
             let listener = bind(cmd.listen).await?;

@@ -512,6 +512,7 @@ async fn an_edge_that_vanishes_has_its_connections_removed_once_its_lease_lapses
                         connections: ghost.clone(),
                         tokens: Default::default(),
                         taken_at: None,
+                        apigateway: false,
                     })),
                 };
                 let events = tokio_stream::StreamExt::chain(

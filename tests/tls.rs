@@ -237,6 +237,7 @@ async fn an_edge_certificate_attaches_only_under_its_own_name() {
                 connections: Vec::new(),
                 tokens: Default::default(),
                 taken_at: None,
+                apigateway: false,
             })),
         }])
         .chain(tokio_stream::pending())

@@ -188,6 +188,7 @@ async fn each_role_may_call_only_what_it_needs() {
             connections: vec![],
             tokens: Default::default(),
             taken_at: None,
+            apigateway: false,
         })),
     };
     let status = edges(&system, Some(&backend))
@@ -485,6 +486,7 @@ async fn an_edge_cannot_take_over_another_edges_id_or_connections() {
             connections,
             tokens: Default::default(),
             taken_at: None,
+            apigateway: false,
         })),
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -580,6 +582,7 @@ async fn an_edge_credential_cannot_announce_an_identity_without_its_token() {
             connections: vec![connection("carol-1", identity("carol", "acme", &[]))],
             tokens: [("carol-1".to_string(), "not a token".to_string())].into(),
             taken_at: None,
+            apigateway: false,
         })),
     })
     .await

@@ -176,6 +176,10 @@ pub struct Edge {
     routes: RwLock<HashMap<SocketAddr, std::collections::HashSet<String>>>,
     /// Registrations awaiting a replica's answer, with the replica asked.
     registrations: Mutex<HashMap<ConnectionId, (SocketAddr, oneshot::Sender<bool>)>>,
+    /// This edge is AWS API Gateway's integration: it holds no sockets and
+    /// announces the connections API Gateway holds (see
+    /// [`crate::apigateway`]).
+    apigateway: bool,
     outbound_queue: usize,
 }
 
@@ -210,6 +214,15 @@ pub fn payload_message(payload: Option<v1::Payload>) -> Option<Message> {
 
 impl Edge {
     pub fn new(edge_id: EdgeId, outbound_queue: usize) -> Arc<Self> {
+        Self::build(edge_id, outbound_queue, false)
+    }
+
+    /// The edge of API Gateway's integration, which holds no sockets.
+    pub fn integration(edge_id: EdgeId) -> Arc<Self> {
+        Self::build(edge_id, 0, true)
+    }
+
+    fn build(edge_id: EdgeId, outbound_queue: usize, apigateway: bool) -> Arc<Self> {
         Arc::new(Self {
             edge_id,
             connections: RwLock::default(),
@@ -217,8 +230,14 @@ impl Edge {
             upstreams: RwLock::new(BTreeMap::new()),
             routes: RwLock::new(HashMap::new()),
             registrations: Mutex::new(HashMap::new()),
+            apigateway,
             outbound_queue,
         })
+    }
+
+    /// Whether this is API Gateway's integration (no sockets of its own).
+    pub fn is_integration(&self) -> bool {
+        self.apigateway
     }
 
     pub fn is_attached(&self) -> bool {
@@ -271,6 +290,7 @@ impl Edge {
             Event::Opened(o) => (o.connection.as_ref().map_or("", |c| &c.connection_id), None),
             Event::Closed(c) => (&c.connection_id, None),
             Event::Frame(f) => (&f.connection_id, Some(&f.action)),
+            Event::Reply(r) => (&r.connection_id, None),
             Event::Hello(_) | Event::Delivered(_) | Event::Drained(_) | Event::FannedOut(_) => {
                 ("", None)
             }
@@ -325,17 +345,44 @@ impl Edge {
                 sockets.directory.remove(&tenant, &user, &id);
             }
         }
+        self.announce(record, token, timeout).await?;
+        metrics::gauge!("streamer_gateway_connections").set(self.connection_count() as f64);
+        Ok(Registered {
+            outbound: rx,
+            evict,
+        })
+    }
+
+    /// Announces a connection this edge holds no socket of (API Gateway's)
+    /// and waits for ConnectionService to record it.
+    pub async fn register_remote(
+        &self,
+        record: v1::Connection,
+        token: String,
+        timeout: Duration,
+    ) -> Result<(), RegisterError> {
+        self.announce(record, token, timeout).await
+    }
+
+    /// Announces a connection and waits for ConnectionService's answer; if
+    /// it is refused, or the caller gives up waiting (the client left), the
+    /// connection is forgotten and reported closed.
+    async fn announce(
+        &self,
+        record: v1::Connection,
+        token: String,
+        timeout: Duration,
+    ) -> Result<(), RegisterError> {
+        let id = ConnectionId::from(record.connection_id.as_str());
         let (done, answer) = oneshot::channel();
         let upstream = self.upstream_for(id.as_str(), None);
         if let Some((address, _)) = &upstream {
             self.lock_registrations()
                 .insert(id.clone(), (*address, done));
         }
-        // If the HTTP request is dropped while waiting (the client left),
-        // this guard still undoes the registration.
         let mut guard = RegistrationGuard {
             edge: self,
-            connection_id: id.clone(),
+            connection_id: id,
             armed: true,
         };
         let attempt = async {
@@ -351,17 +398,11 @@ impl Edge {
                 _ => Err(RegisterError::Refused),
             }
         };
-        let outcome = match tokio::time::timeout(timeout, attempt).await {
-            Ok(Ok(())) => Ok(Registered {
-                outbound: rx,
-                evict,
-            }),
-            Ok(Err(error)) => Err(error),
-            Err(_) => Err(RegisterError::Refused),
-        };
+        let outcome = tokio::time::timeout(timeout, attempt)
+            .await
+            .unwrap_or(Err(RegisterError::Refused));
         if outcome.is_ok() {
             guard.armed = false;
-            metrics::gauge!("streamer_gateway_connections").set(self.connection_count() as f64);
         }
         outcome
     }
@@ -842,6 +883,7 @@ impl Edge {
                     connections,
                     tokens,
                     taken_at: Some(taken_at),
+                    apigateway: self.apigateway,
                 })),
             };
             // The channel is fresh and empty, so this cannot fail.

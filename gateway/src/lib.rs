@@ -15,10 +15,13 @@
 //!   once, in order.
 //! - [`limits`]: what one client may cost the edge.
 //! - [`socket`]: one socket's read and write loops.
+//! - [`apigateway`]: the mode in which AWS API Gateway holds the sockets
+//!   and this edge serves its integration endpoints instead.
 //! - this file: configuration and the HTTP side (auth, upgrade, health).
 
 #![forbid(unsafe_code)]
 
+pub mod apigateway;
 pub mod audience;
 pub mod edge;
 pub mod frames;
@@ -100,6 +103,9 @@ pub struct GatewayConfig {
     /// How this edge presents itself to the control plane (role `edge`,
     /// named by its edge id).
     pub trust: Trust,
+    /// Serve AWS API Gateway's integration endpoints instead of WebSockets
+    /// (see [`apigateway`]).
+    pub apigateway: Option<apigateway::IntegrationConfig>,
 }
 
 impl Default for GatewayConfig {
@@ -119,6 +125,7 @@ impl Default for GatewayConfig {
             send_buffer: None,
             control_plane_timeout: Duration::from_secs(3),
             trust: Trust::none(),
+            apigateway: None,
         }
     }
 }
@@ -196,7 +203,10 @@ pub async fn serve(
         )
         .await?
     };
-    let edge = Edge::new(edge_id, config.outbound_queue);
+    let edge = match config.apigateway {
+        Some(_) => Edge::integration(edge_id),
+        None => Edge::new(edge_id, config.outbound_queue),
+    };
     let dial = move |url: &str, address| {
         Ok(EdgeServiceClient::with_interceptor(
             replica_channel(url, address, &trust, timeout, None)?,
@@ -210,6 +220,11 @@ pub async fn serve(
     ));
     let sockets = TaskTracker::new();
     let http_limits = (config.header_read_timeout, config.send_buffer);
+    let ready = {
+        let edge = edge.clone();
+        move || ready(edge.clone())
+    };
+    let integration = config.apigateway.clone();
     let state = AppState {
         edge: edge.clone(),
         auth,
@@ -222,14 +237,26 @@ pub async fn serve(
         config: Arc::new(config),
         sockets: sockets.clone(),
     };
-    let app = Router::new()
-        .route("/", get(connect))
-        .route("/ws", get(connect))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .with_state(state);
+    let app = match integration {
+        Some(integration) => apigateway::routes(apigateway::IntegrationState {
+            edge: edge.clone(),
+            auth: state.auth.clone(),
+            config: state.config.clone(),
+            integration: Arc::new(integration),
+        }),
+        None => Router::new()
+            .route("/", get(connect))
+            .route("/ws", get(connect))
+            .with_state(state),
+    }
+    .route("/healthz", get(|| async { "ok" }))
+    .route("/readyz", get(ready));
     let local = listener.local_addr()?;
-    tracing::info!(address = %local, edge_id = %edge.edge_id, "websocket edge listening");
+    if edge.is_integration() {
+        tracing::info!(address = %local, edge_id = %edge.edge_id, "API Gateway integration listening");
+    } else {
+        tracing::info!(address = %local, edge_id = %edge.edge_id, "websocket edge listening");
+    }
     let stopping = shutdown.clone();
     http::serve(listener, app, http_limits, async move {
         stopping.cancelled().await
@@ -249,10 +276,10 @@ pub async fn serve(
     Ok(())
 }
 
-async fn ready(State(state): State<AppState>) -> Response {
-    if state.edge.is_attached() {
+async fn ready(edge: Arc<Edge>) -> Response {
+    if edge.is_attached() {
         // Which replicas, for whoever looks (a rollout, a test).
-        let replicas = state.edge.attached_replicas();
+        let replicas = edge.attached_replicas();
         (
             StatusCode::OK,
             format!("ready: attached to {replicas} connection service replica(s)"),
@@ -490,6 +517,7 @@ async fn connect(
             .collect(),
         client_ip: peer.ip().to_string(),
         expires_at: None,
+        apigateway: None,
     };
     let registered = match state.edge.register(record, token, timeout).await {
         Ok(registered) => registered,

@@ -203,7 +203,8 @@ impl ConnectionServer {
                 }
                 Event::Opened(opened) => self.edge_opened(&link, opened).await,
                 Event::Closed(closed) => self.edge_closed(&link, closed).await,
-                Event::Frame(frame) => self.enqueue_frame(&edge_id, frame),
+                Event::Frame(frame) => self.enqueue_frame(&link.holder(), frame),
+                Event::Reply(reply) => self.edge_reply(&link, reply).await,
                 Event::Delivered(report) => {
                     link.report(report.delivery_id, Report::Delivered(report.results));
                 }
@@ -251,8 +252,22 @@ impl ConnectionServer {
         let record = match opened
             .connection
             .ok_or_else(|| ConnectionError::EdgeProtocol("opened without a connection".into()))
-            .and_then(|c| connection_from_edge(c, &link.edge_id, now_ms()))
-        {
+            .and_then(|c| connection_from_edge(c, &link.holder(), now_ms()))
+            .and_then(|record| {
+                // API Gateway's integration opens only API Gateway's
+                // connections, and no other edge may.
+                if record.apigateway.is_some() == link.apigateway {
+                    Ok(record)
+                } else if link.apigateway {
+                    Err(ConnectionError::EdgeProtocol(
+                        "API Gateway's integration opened a connection without its location".into(),
+                    ))
+                } else {
+                    Err(ConnectionError::EdgeProtocol(
+                        "only API Gateway's integration opens API Gateway's connections".into(),
+                    ))
+                }
+            }) {
             Ok(record) => match self.shared.identities.verify(record, &opened.token).await {
                 Ok(record) => record,
                 Err(refusal) => {
@@ -279,7 +294,7 @@ impl ConnectionServer {
             }
         };
         let connection_id = record.connection_id.clone();
-        match self.held_elsewhere(&record, &link.edge_id).await {
+        match self.held_elsewhere(&record, &link.holder()).await {
             Ok(false) => {}
             Ok(true) | Err(_) => {
                 tracing::warn!(edge_id = %link.edge_id, connection_id = %connection_id, "edge announced a connection id that another edge holds; refused");
@@ -314,7 +329,7 @@ impl ConnectionServer {
         // Only the edge that holds a connection may remove it.
         let connection_id = ConnectionId::from(closed.connection_id);
         match self.shared.store.get_connection(&connection_id).await {
-            Ok(Some(record)) if record.edge_id == link.edge_id => {
+            Ok(Some(record)) if record.edge_id == link.holder() => {
                 if let Err(error) = self.shared.store.delete_connection(&connection_id).await {
                     tracing::warn!(%error, connection_id = %connection_id, "cannot remove closed connection");
                 }
@@ -322,6 +337,26 @@ impl ConnectionServer {
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "cannot read closed connection"),
+        }
+    }
+
+    /// Delivers an answer API Gateway's integration could not write itself
+    /// (it holds no socket) to one of API Gateway's connections.
+    async fn edge_reply(&self, link: &EdgeLink, reply: v1::Reply) {
+        let connection_id = ConnectionId::from(reply.connection_id);
+        let record = match self.shared.store.get_connection(&connection_id).await {
+            Ok(Some(record)) if link.apigateway && record.edge_id == link.holder() => record,
+            Ok(_) => {
+                tracing::warn!(edge_id = %link.edge_id, connection_id = %connection_id, "reply for a connection this edge does not speak for; dropped");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, connection_id = %connection_id, "cannot read the connection of a reply");
+                return;
+            }
+        };
+        if let Some(payload) = reply.payload {
+            self.deliver(vec![record], payload, None).await;
         }
     }
 
@@ -463,9 +498,16 @@ impl EdgeService for ConnectionServer {
             .heartbeat_edge(&edge_id, now_ms(), self.shared.config.edge_lease)
             .await
             .map_err(ConnectionError::from)?;
+        let apigateway = hello.apigateway;
+        if apigateway && self.shared.config.apigateway.is_none() {
+            return Err(Status::failed_precondition(
+                "this ConnectionService does not deliver through AWS API Gateway: start it with \
+                 --apigateway to accept API Gateway's integration",
+            ));
+        }
         let refused = self.reconcile(&edge_id, hello).await?;
         let (tx, rx) = mpsc::channel(EDGE_QUEUE);
-        let link = self.shared.edges.attach(edge_id.clone(), tx);
+        let link = self.shared.edges.attach(edge_id.clone(), apigateway, tx);
         for (connection_id, refusal) in refused {
             tracing::warn!(edge_id = %edge_id, connection_id = %connection_id, ?refusal, "edge re-announced a connection whose token does not hold; closing it");
             let (code, reason) = refusal.close();

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use streamer_api::v1::{self, DeliveryOutcome, DeliveryResult, EdgeCommand, edge_command::Command};
 use streamer_core::ids::{ConnectionId, EdgeId, TenantId};
+use streamer_core::store::APIGATEWAY_EDGE_ID;
 use tokio::sync::{mpsc, oneshot};
 
 /// Longest wait for room in an edge's command queue.
@@ -25,6 +26,9 @@ pub type CommandSender = mpsc::Sender<Result<EdgeCommand, tonic::Status>>;
 #[derive(Debug)]
 pub struct EdgeLink {
     pub edge_id: EdgeId,
+    /// The edge is AWS API Gateway's integration (see `EdgeHello`): it
+    /// speaks for the connections API Gateway holds.
+    pub apigateway: bool,
     /// Distinguishes a re-attached edge from its previous stream.
     pub generation: u64,
     commands: CommandSender,
@@ -53,6 +57,16 @@ fn next_delivery_id() -> u64 {
 }
 
 impl EdgeLink {
+    /// The edge id of the connections this edge speaks for: its own, or,
+    /// for API Gateway's integration, [`APIGATEWAY_EDGE_ID`].
+    pub fn holder(&self) -> EdgeId {
+        if self.apigateway {
+            EdgeId::from(APIGATEWAY_EDGE_ID)
+        } else {
+            self.edge_id.clone()
+        }
+    }
+
     /// The same outcome for every one of `ids`.
     pub fn outcome_all(ids: &[ConnectionId], outcome: DeliveryOutcome) -> Vec<DeliveryResult> {
         ids.iter()
@@ -307,9 +321,15 @@ pub struct EdgeRegistry {
 
 impl EdgeRegistry {
     /// Registers one of an edge's streams.
-    pub fn attach(&self, edge_id: EdgeId, commands: CommandSender) -> Arc<EdgeLink> {
+    pub fn attach(
+        &self,
+        edge_id: EdgeId,
+        apigateway: bool,
+        commands: CommandSender,
+    ) -> Arc<EdgeLink> {
         let link = Arc::new(EdgeLink {
             edge_id: edge_id.clone(),
+            apigateway,
             generation: self.generations.fetch_add(1, Ordering::Relaxed),
             commands,
             pending: Arc::default(),
@@ -383,7 +403,7 @@ mod tests {
     async fn a_report_counts_only_for_the_connections_asked_about() {
         let registry = EdgeRegistry::default();
         let (tx, mut commands) = mpsc::channel(4);
-        let link = registry.attach(EdgeId::from("edge-1"), tx);
+        let link = registry.attach(EdgeId::from("edge-1"), false, tx);
         let edge = link.clone();
         tokio::spawn(async move {
             let Some(Ok(EdgeCommand {

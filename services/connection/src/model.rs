@@ -3,7 +3,7 @@
 
 use streamer_api::v1;
 use streamer_core::ids::{ConnectionId, EdgeId, TenantId, UserId};
-use streamer_core::store::ConnectionRecord;
+use streamer_core::store::{ApiGatewayConnection, ConnectionRecord};
 use streamer_core::timestamp;
 
 use crate::error::ConnectionError;
@@ -395,6 +395,10 @@ pub fn connection_to_proto(r: ConnectionRecord) -> v1::Connection {
         user_agent: r.user_agent,
         client_ip: r.client_ip,
         expires_at: Some(timestamp(expires_at)),
+        apigateway: r.apigateway.map(|a| v1::ApiGatewayLocation {
+            domain_name: a.domain_name,
+            stage: a.stage,
+        }),
     }
 }
 
@@ -423,7 +427,20 @@ pub fn connection_from_edge(
         last_seen_ms: ms(c.last_seen).unwrap_or(now_ms).max(now_ms),
         user_agent: c.user_agent,
         client_ip: c.client_ip,
-        apigateway: None,
+        apigateway: c
+            .apigateway
+            .map(|a| -> Result<ApiGatewayConnection, ConnectionError> {
+                if a.domain_name.is_empty() || a.stage.is_empty() {
+                    return Err(ConnectionError::EdgeProtocol(
+                        "an API Gateway location needs its domain name and stage".into(),
+                    ));
+                }
+                Ok(ApiGatewayConnection {
+                    domain_name: a.domain_name,
+                    stage: a.stage,
+                })
+            })
+            .transpose()?,
     })
 }
 
