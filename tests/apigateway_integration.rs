@@ -14,7 +14,7 @@ mod support;
 
 use std::sync::Arc;
 
-use apigateway_support::{FaultServer, ManualClock};
+use apigateway_support::{FaultServer, ManualClock, post_json};
 use serde_json::{Value, json};
 use streamer_api::v1;
 use streamer_auth::dev::MintOptions;
@@ -22,7 +22,6 @@ use streamer_connection::apigateway::{ApiGatewayConfig, SdkManagementApi};
 use streamer_gateway::GatewayConfig;
 use streamer_gateway::apigateway::{IntegrationConfig, SECRET_HEADER};
 use support::{TestSystem, eventually, http_status, within};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const SECRET: &str = "a-shared-secret-of-at-least-32-bytes";
 
@@ -100,26 +99,13 @@ impl Integration {
     /// POSTs `event` to the integration's `path` with `secret`: status and
     /// JSON body.
     async fn call(&self, path: &str, event: &Value, secret: Option<&str>) -> (u16, Value) {
-        let body = event.to_string();
-        let secret = secret
-            .map(|s| format!("{SECRET_HEADER}: {s}\r\n"))
-            .unwrap_or_default();
-        let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{secret}\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.address,
-            body.len()
-        );
-        let mut stream = tokio::net::TcpStream::connect(self.address).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = Vec::new();
-        within("the integration answers", stream.read_to_end(&mut response))
-            .await
-            .unwrap();
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+        let headers: Vec<(&str, &str)> = secret.map(|s| (SECRET_HEADER, s)).into_iter().collect();
+        let (status, body) = within(
+            "the integration answers",
+            post_json(self.address, path, event, &headers),
+        )
+        .await;
+        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
     }
 
     async fn connect(&self, id: &str, token: Option<&str>) -> (u16, Value) {
