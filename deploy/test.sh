@@ -61,6 +61,12 @@
 #      recovery, KMS encryption and Retain, and each role's managed policy
 #      grants exactly the DynamoDB calls its code makes, on the tables and
 #      indexes it makes them on (dynamodb/check_template.py).
+#   8. apigateway/streamer-websocket.yaml passes cfn-lint, routes $connect,
+#      $disconnect and $default to the integration's three endpoints with the
+#      shared secret, renders an event the integration reads (checked against
+#      its serde structs), and grants ConnectionService's role
+#      execute-api:ManageConnections on the stage's @connections only
+#      (apigateway/check_template.py).
 #
 # Needs: a built binary (`cargo build --bin streamer`, or STREAMER_BIN),
 # python3 with `websockets`, `moto[server]` and the example processor's
@@ -692,6 +698,11 @@ fi
 check "cfn-lint passes (no error, warning or note)" cfn-lint "$template"
 # check_template.py prints its own ok/FAIL lines, counted here.
 tally check_template.py python3 "$deploy/dynamodb/check_template.py" "$template" "$repo" "$bin"
+
+echo "==> the API Gateway WebSocket API (CloudFormation)"
+template="$deploy/apigateway/streamer-websocket.yaml"
+check "cfn-lint passes (no error, warning or note)" cfn-lint "$template"
+tally check_template.py python3 "$deploy/apigateway/check_template.py" "$template" "$repo"
 
 echo "deploy: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]
