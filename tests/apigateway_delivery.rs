@@ -129,6 +129,21 @@ fn apigateway_connection(id: &str, tenant: &str, user: &str) -> ConnectionRecord
     }
 }
 
+/// Sends `payload` to `id` through ConnectionService: its outcome.
+async fn send(system: &mut System, id: &str, payload: Option<v1::Payload>) -> DeliveryOutcome {
+    system
+        .client
+        .send(v1::SendRequest {
+            connection_id: id.into(),
+            payload,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome()
+}
+
 fn text(s: &str) -> Option<v1::Payload> {
     Some(v1::Payload {
         body: Some(v1::payload::Body::Text(s.into())),
@@ -160,17 +175,10 @@ async fn sends_broadcasts_and_publishes_are_posted_to_api_gateway() {
             .unwrap();
     }
 
-    let sent = system
-        .client
-        .send(v1::SendRequest {
-            connection_id: "Aa1=".into(),
-            payload: text("to alice"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(sent.outcome(), DeliveryOutcome::Delivered);
+    assert_eq!(
+        send(&mut system, "Aa1=", text("to alice")).await,
+        DeliveryOutcome::Delivered
+    );
     assert_eq!(server.calls("Aa1=")[0].stage, "prod");
 
     let tenant = system
@@ -260,17 +268,10 @@ async fn a_connection_api_gateway_says_is_gone_is_removed_with_its_subscriptions
         .unwrap();
 
     server.script("Aa1=", [Reply::Status(410, "GoneException")]);
-    let sent = system
-        .client
-        .send(v1::SendRequest {
-            connection_id: "Aa1=".into(),
-            payload: text("hello?"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(sent.outcome(), DeliveryOutcome::Gone);
+    assert_eq!(
+        send(&mut system, "Aa1=", text("hello?")).await,
+        DeliveryOutcome::Gone
+    );
     assert!(
         system
             .store
@@ -321,17 +322,10 @@ async fn an_oversized_message_is_rejected_and_the_connection_stays() {
         .put_connection(apigateway_connection("Aa1=", "t1", "alice"))
         .await
         .unwrap();
-    let sent = system
-        .client
-        .send(v1::SendRequest {
-            connection_id: "Aa1=".into(),
-            payload: text(&"x".repeat(200 * 1024)),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(sent.outcome(), DeliveryOutcome::Rejected);
+    assert_eq!(
+        send(&mut system, "Aa1=", text(&"x".repeat(200 * 1024))).await,
+        DeliveryOutcome::Rejected
+    );
     assert!(server.calls("Aa1=").is_empty());
     assert!(
         system
@@ -448,17 +442,10 @@ async fn a_restart_leaves_api_gateways_connections_and_removes_the_edges() {
             .unwrap()
             .is_none()
     );
-    let sent = second
-        .client
-        .send(v1::SendRequest {
-            connection_id: "Aa1=".into(),
-            payload: text("still here"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(sent.outcome(), DeliveryOutcome::Delivered);
+    assert_eq!(
+        send(&mut second, "Aa1=", text("still here")).await,
+        DeliveryOutcome::Delivered
+    );
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use apigateway_support::{ManualClock, post_json};
+use apigateway_support::{post_json, system_with_integration};
 use axum::extract::ws::{Message as AxumMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode};
@@ -29,10 +29,8 @@ use serde_json::{Value, json};
 use streamer_api::v1;
 use streamer_api::v1::progress_service_client::ProgressServiceClient;
 use streamer_auth::dev::MintOptions;
-use streamer_connection::apigateway::{ApiGatewayConfig, SdkManagementApi};
-use streamer_gateway::GatewayConfig;
-use streamer_gateway::apigateway::{IntegrationConfig, SECRET_HEADER};
-use support::{TestSystem, WsClient, eventually, http_status, within};
+use streamer_gateway::apigateway::SECRET_HEADER;
+use support::{TestSystem, WsClient, eventually, within};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite;
 
@@ -208,34 +206,8 @@ struct Deployment {
 }
 
 async fn deploy() -> Deployment {
-    let system = TestSystem::start_with(|config| {
-        config.connection.apigateway = Some(ApiGatewayConfig {
-            endpoint: "http://{domain}/{stage}".into(),
-            clock: ManualClock::new(),
-            ..ApiGatewayConfig::new(Arc::new(SdkManagementApi::local()))
-        });
-    })
-    .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let integration = listener.local_addr().unwrap();
-    tokio::spawn(streamer::run_gateway(
-        listener,
-        GatewayConfig {
-            auth_endpoint: format!("http://{}", system.addrs.auth),
-            connection_endpoint: format!("http://{}", system.addrs.edge),
-            apigateway: Some(IntegrationConfig {
-                secrets: vec![SECRET.into()],
-            }),
-            ..GatewayConfig::default()
-        },
-        system.shutdown.clone(),
-    ));
-    let ready = format!("http://{integration}/readyz");
-    eventually("the integration to attach", || {
-        let ready = ready.clone();
-        async move { http_status(&ready).await == Some(200) }
-    })
-    .await;
+    let (system, integration) =
+        system_with_integration("http://{domain}/{stage}".into(), SECRET).await;
     let (stand_in, address) = StandIn::start(integration).await;
     Deployment {
         system,

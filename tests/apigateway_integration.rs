@@ -12,16 +12,12 @@
 mod apigateway_support;
 mod support;
 
-use std::sync::Arc;
-
-use apigateway_support::{FaultServer, ManualClock, post_json};
+use apigateway_support::{FaultServer, post_json, system_with_integration};
 use serde_json::{Value, json};
 use streamer_api::v1;
 use streamer_auth::dev::MintOptions;
-use streamer_connection::apigateway::{ApiGatewayConfig, SdkManagementApi};
-use streamer_gateway::GatewayConfig;
-use streamer_gateway::apigateway::{IntegrationConfig, SECRET_HEADER};
-use support::{TestSystem, eventually, http_status, within};
+use streamer_gateway::apigateway::SECRET_HEADER;
+use support::{TestSystem, eventually, within};
 
 const SECRET: &str = "a-shared-secret-of-at-least-32-bytes";
 
@@ -36,35 +32,7 @@ struct Integration {
 async fn start() -> Integration {
     let management = FaultServer::start().await;
     let endpoint = format!("http://{}/{{stage}}", management.address);
-    let system = TestSystem::start_with(|config| {
-        config.connection.apigateway = Some(ApiGatewayConfig {
-            endpoint,
-            clock: ManualClock::new(),
-            ..ApiGatewayConfig::new(Arc::new(SdkManagementApi::local()))
-        });
-    })
-    .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let config = GatewayConfig {
-        auth_endpoint: format!("http://{}", system.addrs.auth),
-        connection_endpoint: format!("http://{}", system.addrs.edge),
-        apigateway: Some(IntegrationConfig {
-            secrets: vec![SECRET.into()],
-        }),
-        ..GatewayConfig::default()
-    };
-    tokio::spawn(streamer::run_gateway(
-        listener,
-        config,
-        system.shutdown.clone(),
-    ));
-    let ready = format!("http://{address}/readyz");
-    eventually("the integration to attach", || {
-        let ready = ready.clone();
-        async move { http_status(&ready).await == Some(200) }
-    })
-    .await;
+    let (system, address) = system_with_integration(endpoint, SECRET).await;
     Integration {
         system,
         management,

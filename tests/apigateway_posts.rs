@@ -7,6 +7,7 @@
 
 #[path = "support/apigateway.rs"]
 mod apigateway_support;
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -41,14 +41,14 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::json;
-use streamer_api::v1::{self, TokenFailure, edge_event::Event};
+use streamer_api::v1::{self, edge_event::Event};
 use streamer_core::client::ErrorCode;
 use streamer_core::ids::{ClientRequestId, ConnectionId};
 
 use crate::edge::{Edge, RegisterError};
 use crate::frames;
 use crate::socket::REFRESH_ACTION;
-use crate::{AuthReplicas, GatewayConfig, refusal, token, unauthorized, unavailable, validate};
+use crate::{AuthReplicas, GatewayConfig, authenticate, unavailable};
 
 /// The header that carries the shared secret.
 pub const SECRET_HEADER: &str = "x-streamer-apigateway-secret";
@@ -234,24 +234,10 @@ async fn connect(
         }
     }
     let query = event.query_string_parameters.clone().unwrap_or_default();
-    let Some(token) = token(&query, &client_headers) else {
-        metrics::counter!("streamer_gateway_auth_refused_total", "reason" => "missing_token")
-            .increment(1);
-        return unauthorized("missing_token", "missing token");
-    };
     let timeout = state.config.control_plane_timeout;
-    let claims = match validate(&state.auth, &token, timeout).await {
-        Some(answer) => match answer.claims {
-            Some(claims) if answer.valid => claims,
-            _ => {
-                let failure = TokenFailure::try_from(answer.failure).unwrap_or_default();
-                let (reason, message) = refusal(failure, &answer.message);
-                metrics::counter!("streamer_gateway_auth_refused_total", "reason" => reason)
-                    .increment(1);
-                return unauthorized(reason, &message);
-            }
-        },
-        None => return unavailable("authentication service unavailable"),
+    let (token, claims) = match authenticate(&state.auth, &query, &client_headers, timeout).await {
+        Ok(checked) => checked,
+        Err(refused) => return *refused,
     };
     let now = prost_types::Timestamp::from(std::time::SystemTime::now());
     let record = v1::Connection {

@@ -409,6 +409,36 @@ fn refresher(auth: AuthReplicas, timeout: Duration, subject: Subject) -> socket:
     })
 }
 
+/// The client's token and what AuthService says it holds, or the answer
+/// that refuses the client: 401 with the reason (no token, or not a valid
+/// one), 503 when AuthService does not answer. The WebSocket edge and API
+/// Gateway's integration check clients with this one function.
+async fn authenticate(
+    auth: &AuthReplicas,
+    query: &std::collections::HashMap<String, String>,
+    headers: &HeaderMap,
+    timeout: Duration,
+) -> Result<(String, v1::Claims), Box<Response>> {
+    let Some(token) = token(query, headers) else {
+        metrics::counter!("streamer_gateway_auth_refused_total", "reason" => "missing_token")
+            .increment(1);
+        return Err(Box::new(unauthorized("missing_token", "missing token")));
+    };
+    let Some(answer) = validate(auth, &token, timeout).await else {
+        return Err(Box::new(unavailable("authentication service unavailable")));
+    };
+    match answer.claims {
+        Some(claims) if answer.valid => Ok((token, claims)),
+        _ => {
+            let failure = TokenFailure::try_from(answer.failure).unwrap_or_default();
+            let (reason, message) = refusal(failure, &answer.message);
+            metrics::counter!("streamer_gateway_auth_refused_total", "reason" => reason)
+                .increment(1);
+            Err(Box::new(unauthorized(reason, &message)))
+        }
+    }
+}
+
 /// The short reason and the message of a refusal.
 fn refusal(failure: TokenFailure, message: &str) -> (&'static str, String) {
     match failure {
@@ -458,24 +488,10 @@ async fn connect(
     }
     // Then authentication: an unauthenticated caller learns nothing else,
     // not even whether it spoke WebSocket correctly.
-    let Some(token) = token(&query, &headers) else {
-        metrics::counter!("streamer_gateway_auth_refused_total", "reason" => "missing_token")
-            .increment(1);
-        return unauthorized("missing_token", "missing token");
-    };
     let timeout = state.config.control_plane_timeout;
-    let claims = match validate(&state.auth, &token, timeout).await {
-        Some(answer) => match answer.claims {
-            Some(claims) if answer.valid => claims,
-            _ => {
-                let failure = TokenFailure::try_from(answer.failure).unwrap_or_default();
-                let (reason, message) = refusal(failure, &answer.message);
-                metrics::counter!("streamer_gateway_auth_refused_total", "reason" => reason)
-                    .increment(1);
-                return unauthorized(reason, &message);
-            }
-        },
-        None => return unavailable("authentication service unavailable"),
+    let (token, claims) = match authenticate(&state.auth, &query, &headers, timeout).await {
+        Ok(checked) => checked,
+        Err(refused) => return *refused,
     };
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,

@@ -231,3 +231,46 @@ pub async fn post_json(
     let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
     (status, body)
 }
+
+/// A whole system whose ConnectionService posts to API Gateway's management
+/// API at `endpoint` (`{domain}` and `{stage}` filled in from each
+/// connection; retry waits not slept), and an edge in integration mode
+/// attached to it, accepting `secret`: the system and the integration's
+/// address.
+pub async fn system_with_integration(
+    endpoint: String,
+    secret: &str,
+) -> (crate::support::TestSystem, SocketAddr) {
+    let system = crate::support::TestSystem::start_with(|config| {
+        config.connection.apigateway = Some(streamer_connection::apigateway::ApiGatewayConfig {
+            endpoint,
+            clock: ManualClock::new(),
+            ..streamer_connection::apigateway::ApiGatewayConfig::new(Arc::new(
+                streamer_connection::apigateway::SdkManagementApi::local(),
+            ))
+        });
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let config = streamer_gateway::GatewayConfig {
+        auth_endpoint: format!("http://{}", system.addrs.auth),
+        connection_endpoint: format!("http://{}", system.addrs.edge),
+        apigateway: Some(streamer_gateway::apigateway::IntegrationConfig {
+            secrets: vec![secret.into()],
+        }),
+        ..streamer_gateway::GatewayConfig::default()
+    };
+    tokio::spawn(streamer::run_gateway(
+        listener,
+        config,
+        system.shutdown.clone(),
+    ));
+    let ready = format!("http://{address}/readyz");
+    crate::support::eventually("the integration to attach", || {
+        let ready = ready.clone();
+        async move { crate::support::http_status(&ready).await == Some(200) }
+    })
+    .await;
+    (system, address)
+}
