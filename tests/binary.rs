@@ -337,3 +337,107 @@ fn invalid_configuration_stops_at_start_with_a_clear_message() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+/// Starts `streamer` with `args` and `env`, and waits for a log line that
+/// contains `line`; then stops it.
+async fn starts_and_logs(args: &[&str], env: &[(&str, &str)], line: &str) {
+    let mut child = Command::new(STREAMER)
+        .args(args)
+        .envs(env.iter().copied())
+        .env("STREAMER_LOG_FORMAT", "plain")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let found = within(&format!("`{}` to log {line:?}", args.join(" ")), async {
+        loop {
+            let next = tokio::select! {
+                l = out.next_line() => l,
+                l = err.next_line() => l,
+            };
+            match next.unwrap() {
+                Some(l) if l.contains(line) => return true,
+                Some(l) => seen.push(l),
+                None => return false,
+            }
+        }
+    })
+    .await;
+    assert!(
+        found,
+        "{args:?} ended without {line:?}:\n{}",
+        seen.join("\n")
+    );
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_api_gateway_mode_starts_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    // No instance metadata to ask on this machine: the region and the
+    // credentials come from the environment only.
+    let aws = [
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_ACCESS_KEY_ID", "local"),
+        ("AWS_SECRET_ACCESS_KEY", "local"),
+    ];
+    let connection = [
+        "connection",
+        "--apigateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--edge-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
+    ];
+    let with_region: Vec<(&str, &str)> = aws
+        .iter()
+        .copied()
+        .chain([("AWS_REGION", "eu-west-1")])
+        .collect();
+    starts_and_logs(&connection, &with_region, "EdgeService").await;
+    let output = std::process::Command::new(STREAMER)
+        .args(connection)
+        .envs(aws)
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("AWS_REGION"), "{stderr}");
+
+    let secret = dir.path().join("apigateway.secret");
+    std::fs::write(&secret, "too short\n").unwrap();
+    let gateway = |secret: &std::path::Path| {
+        vec![
+            "gateway".to_owned(),
+            "--apigateway-secret-file".to_owned(),
+            secret.to_str().unwrap().to_owned(),
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--metrics-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ]
+    };
+    let output = std::process::Command::new(STREAMER)
+        .args(gateway(&secret))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("at least 32 bytes"), "{stderr}");
+    std::fs::write(&secret, format!("{}\n", "s".repeat(40))).unwrap();
+    let args = gateway(&secret);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    starts_and_logs(&args, &[], "API Gateway integration listening").await;
+}

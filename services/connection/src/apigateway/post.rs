@@ -410,7 +410,10 @@ impl SdkManagementApi {
     /// With the standard AWS credential chain and region (`region` when
     /// given).
     pub async fn from_environment(region: Option<String>) -> anyhow::Result<Self> {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        // The credential chain's own calls (web identity, container and
+        // instance roles) need the HTTP client too.
+        let mut loader =
+            aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(https_client());
         if let Some(region) = region {
             loader = loader.region(aws_config::Region::new(region));
         }
@@ -439,13 +442,7 @@ impl SdkManagementApi {
 
     fn with_config(builder: aws_sdk_apigatewaymanagement::config::Builder) -> Self {
         let base = builder
-            .http_client(
-                aws_smithy_http_client::Builder::new()
-                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-                    ))
-                    .build_https(),
-            )
+            .http_client(https_client())
             // Rule 3 is the only retry policy; the attempt timeout is the
             // poster's.
             .retry_config(RetryConfig::disabled())
@@ -470,6 +467,15 @@ impl SdkManagementApi {
             })
             .clone()
     }
+}
+
+/// The SDK's HTTP client: rustls with ring, as everywhere in Streamer.
+fn https_client() -> aws_sdk_apigatewaymanagement::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
 }
 
 /// The status and message of a failed SDK call: no status for a timeout or
