@@ -48,7 +48,7 @@ use streamer_core::ids::{ClientRequestId, ConnectionId};
 use crate::edge::{Edge, RegisterError};
 use crate::frames;
 use crate::socket::REFRESH_ACTION;
-use crate::{AuthReplicas, GatewayConfig, authenticate, unavailable};
+use crate::{AuthReplicas, GatewayConfig, authenticate, new_record, unavailable};
 
 /// The header that carries the shared secret.
 pub const SECRET_HEADER: &str = "x-streamer-apigateway-secret";
@@ -239,25 +239,18 @@ async fn connect(
         Ok(checked) => checked,
         Err(refused) => return *refused,
     };
-    let now = prost_types::Timestamp::from(std::time::SystemTime::now());
     let record = v1::Connection {
-        connection_id: connection_id.to_string(),
-        identity: Some(v1::Identity {
-            user_id: claims.user_id,
-            tenant_id: claims.tenant_id,
-            permissions: claims.permissions,
-            topics: claims.topics,
-        }),
-        edge_id: state.edge.edge_id.to_string(),
-        connected_at: Some(now),
-        last_seen: Some(now),
-        user_agent: context.identity.user_agent.chars().take(256).collect(),
-        client_ip: context.identity.source_ip.chars().take(64).collect(),
-        expires_at: None,
         apigateway: Some(v1::ApiGatewayLocation {
             domain_name: context.domain_name.clone(),
             stage: context.stage.clone(),
         }),
+        ..new_record(
+            &connection_id,
+            &state.edge.edge_id,
+            claims,
+            &context.identity.user_agent,
+            &context.identity.source_ip,
+        )
     };
     match state.edge.register_remote(record, token, timeout).await {
         Ok(()) => {

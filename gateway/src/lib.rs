@@ -439,6 +439,35 @@ async fn authenticate(
     }
 }
 
+/// The record a new connection is announced with: now, for the identity
+/// its token's `claims` name (the client's user agent and address cut to
+/// 256 and 64 characters).
+fn new_record(
+    connection_id: &ConnectionId,
+    edge_id: &EdgeId,
+    claims: v1::Claims,
+    user_agent: &str,
+    client_ip: &str,
+) -> v1::Connection {
+    let now = prost_types::Timestamp::from(std::time::SystemTime::now());
+    v1::Connection {
+        connection_id: connection_id.to_string(),
+        identity: Some(v1::Identity {
+            user_id: claims.user_id,
+            tenant_id: claims.tenant_id,
+            permissions: claims.permissions,
+            topics: claims.topics,
+        }),
+        edge_id: edge_id.to_string(),
+        connected_at: Some(now),
+        last_seen: Some(now),
+        user_agent: user_agent.chars().take(256).collect(),
+        client_ip: client_ip.chars().take(64).collect(),
+        expires_at: None,
+        apigateway: None,
+    }
+}
+
 /// The short reason and the message of a refusal.
 fn refusal(failure: TokenFailure, message: &str) -> (&'static str, String) {
     match failure {
@@ -512,29 +541,17 @@ async fn connect(
             },
         ),
     };
-    let now = prost_types::Timestamp::from(std::time::SystemTime::now());
-    let record = v1::Connection {
-        connection_id: connection_id.to_string(),
-        identity: Some(v1::Identity {
-            user_id: claims.user_id,
-            tenant_id: claims.tenant_id,
-            permissions: claims.permissions,
-            topics: claims.topics,
-        }),
-        edge_id: state.edge.edge_id.to_string(),
-        connected_at: Some(now),
-        last_seen: Some(now),
-        user_agent: headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .chars()
-            .take(256)
-            .collect(),
-        client_ip: peer.ip().to_string(),
-        expires_at: None,
-        apigateway: None,
-    };
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let record = new_record(
+        &connection_id,
+        &state.edge.edge_id,
+        claims,
+        user_agent,
+        &peer.ip().to_string(),
+    );
     let registered = match state.edge.register(record, token, timeout).await {
         Ok(registered) => registered,
         Err(RegisterError::Detached) => {
