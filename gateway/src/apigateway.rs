@@ -310,7 +310,7 @@ async fn default(
         None => Some(frames::error_message(
             &ClientRequestId::default(),
             ErrorCode::Validation,
-            "binary frames are not accepted; send JSON text",
+            frames::BINARY_REFUSED,
         )),
         Some(text) => match frames::parse(&text, state.config.limits.max_frame_bytes) {
             Ok(frame) if frame.action == REFRESH_ACTION => Some(frames::error_message(
@@ -320,7 +320,7 @@ async fn default(
             )),
             Ok(frame) => {
                 metrics::counter!("streamer_gateway_frames_total").increment(1);
-                let inbound = frame.clone().into_inbound(&connection_id);
+                let inbound = frame.into_inbound(&connection_id);
                 if !state.edge.emit(Event::Frame(inbound)).await {
                     return unavailable("connection service unavailable");
                 }

@@ -92,6 +92,9 @@ pub fn parse(text: &str, max_bytes: usize) -> Result<ClientFrame, FrameError> {
 
 /// `{"type":"error",...}` as the text the socket gets (see
 /// [`streamer_core::client`]).
+/// What a client is told when it sends a binary frame.
+pub const BINARY_REFUSED: &str = "binary frames are not accepted; send JSON text";
+
 pub fn error_message(request_id: &ClientRequestId, code: ErrorCode, message: &str) -> String {
     client::error(request_id, code, message).to_string()
 }

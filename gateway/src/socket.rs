@@ -221,7 +221,7 @@ pub async fn run<S>(
                     replies(frames::error_message(
                         &ClientRequestId::default(),
                         ErrorCode::Validation,
-                        "binary frames are not accepted; send JSON text",
+                        frames::BINARY_REFUSED,
                     ));
                 }
                 Ok(Message::Close(frame)) => {

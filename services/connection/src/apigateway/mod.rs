@@ -170,58 +170,77 @@ impl ApiGatewayDelivery {
         let mut found = Vec::new();
         let mut after: Option<ConnectionId> = None;
         loop {
-            let (records, last, full) = match selector {
-                Selector::Tenant(_) | Selector::User(_) => {
-                    let (tenant, user) = match selector {
-                        Selector::User(u) => (&u.tenant_id, Some(UserId::from(u.user_id.as_str()))),
-                        Selector::Tenant(t) => (&t.tenant_id, None),
-                        Selector::Topic(t) => (&t.tenant_id, None),
-                    };
-                    let page = self
-                        .store
-                        .list_connections(
-                            &TenantId::from(tenant.as_str()),
-                            user.as_ref(),
-                            after.as_ref(),
-                            FANOUT_PAGE,
-                        )
-                        .await?;
-                    let last = page.last().map(|r| r.connection_id.clone());
-                    let full = page.len() == FANOUT_PAGE;
-                    (page, last, full)
+            let page = match selector {
+                Selector::Tenant(t) => self.connections_page(&t.tenant_id, None, after).await?,
+                Selector::User(u) => {
+                    let user = UserId::from(u.user_id.as_str());
+                    self.connections_page(&u.tenant_id, Some(&user), after)
+                        .await?
                 }
-                Selector::Topic(t) => {
-                    let subscriptions = self
-                        .store
-                        .subscribers(
-                            &TenantId::from(t.tenant_id.as_str()),
-                            &t.topic,
-                            after.as_ref(),
-                            FANOUT_PAGE,
-                        )
-                        .await?;
-                    let last = subscriptions.last().map(|s| s.connection_id.clone());
-                    let full = subscriptions.len() == FANOUT_PAGE;
-                    let mut records = Vec::with_capacity(subscriptions.len());
-                    for subscription in subscriptions {
-                        // A connection gone meanwhile is simply not there.
-                        if let Some(record) = self
-                            .store
-                            .get_connection(&subscription.connection_id)
-                            .await?
-                        {
-                            records.push(record);
-                        }
-                    }
-                    (records, last, full)
-                }
+                Selector::Topic(t) => self.subscribers_page(t, after).await?,
             };
-            found.extend(records.into_iter().filter(ConnectionRecord::is_apigateway));
-            match last {
-                Some(last) if full => after = Some(last),
-                _ => return Ok(found),
+            found.extend(
+                page.records
+                    .into_iter()
+                    .filter(ConnectionRecord::is_apigateway),
+            );
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(found),
             }
         }
+    }
+
+    /// One page of a tenant's (or one of its users') connections.
+    async fn connections_page(
+        &self,
+        tenant_id: &str,
+        user_id: Option<&UserId>,
+        after: Option<ConnectionId>,
+    ) -> StoreResult<Page> {
+        let records = self
+            .store
+            .list_connections(
+                &TenantId::from(tenant_id),
+                user_id,
+                after.as_ref(),
+                FANOUT_PAGE,
+            )
+            .await?;
+        let last = records.last().map(|r| r.connection_id.clone());
+        let read = records.len();
+        Ok(Page::of(records, last, read))
+    }
+
+    /// The records of one page of a topic's subscribers (a connection gone
+    /// meanwhile is simply not there).
+    async fn subscribers_page(
+        &self,
+        topic: &v1::TopicMessageRef,
+        after: Option<ConnectionId>,
+    ) -> StoreResult<Page> {
+        let subscriptions = self
+            .store
+            .subscribers(
+                &TenantId::from(topic.tenant_id.as_str()),
+                &topic.topic,
+                after.as_ref(),
+                FANOUT_PAGE,
+            )
+            .await?;
+        let last = subscriptions.last().map(|s| s.connection_id.clone());
+        let read = subscriptions.len();
+        let mut records = Vec::with_capacity(subscriptions.len());
+        for subscription in subscriptions {
+            if let Some(record) = self
+                .store
+                .get_connection(&subscription.connection_id)
+                .await?
+            {
+                records.push(record);
+            }
+        }
+        Ok(Page::of(records, last, read))
     }
 
     /// Removes what a 410 says is gone: the record (its subscriptions go
@@ -234,6 +253,24 @@ impl ApiGatewayDelivery {
                     tracing::warn!(%error, connection_id = %id, "cannot remove a connection API Gateway says is gone");
                 }
             }
+        }
+    }
+}
+
+/// One page of a fan-out's targets, and where the next one starts (none
+/// after the last page).
+struct Page {
+    records: Vec<ConnectionRecord>,
+    next: Option<ConnectionId>,
+}
+
+impl Page {
+    /// The `records` of a page of `read` entries (at most `FANOUT_PAGE`)
+    /// whose last id is `last`: a page shorter than that is the last one.
+    fn of(records: Vec<ConnectionRecord>, last: Option<ConnectionId>, read: usize) -> Self {
+        Self {
+            records,
+            next: last.filter(|_| read == FANOUT_PAGE),
         }
     }
 }
