@@ -57,6 +57,18 @@ struct State {
     receiver: bool,
 }
 
+impl State {
+    /// The first waiting message; a drained queue gives back the buffer a
+    /// burst left, beyond [`KEPT_SLOTS`].
+    fn pop(&mut self) -> Option<Entry> {
+        let entry = self.queue.pop_front()?;
+        if self.queue.is_empty() && self.queue.capacity() > KEPT_SLOTS {
+            self.queue = VecDeque::new();
+        }
+        Some(entry)
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A poisoned lock means a panic elsewhere mid-push or mid-pop of a
@@ -185,10 +197,7 @@ impl OutboxReceiver {
         ) {
             return None;
         }
-        let entry = state.queue.pop_front()?;
-        if state.queue.is_empty() && state.queue.capacity() > KEPT_SLOTS {
-            state.queue = VecDeque::new();
-        }
+        let entry = state.pop()?;
         match entry.out {
             Outbound::Message(message) => Some(message),
             Outbound::Close { .. } => None,
@@ -197,13 +206,8 @@ impl OutboxReceiver {
 
     fn take(&self) -> Taken {
         let mut state = self.0.lock();
-        match state.queue.pop_front() {
-            Some(entry) => {
-                if state.queue.is_empty() && state.queue.capacity() > KEPT_SLOTS {
-                    state.queue = VecDeque::new();
-                }
-                Taken::Message(entry.out)
-            }
+        match state.pop() {
+            Some(entry) => Taken::Message(entry.out),
             None if state.sender => Taken::Empty,
             None => Taken::Closed,
         }
