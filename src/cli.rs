@@ -84,6 +84,9 @@ pub enum Command {
     /// Issue a new CA and a certificate for each role, to try mode `mtls`
     /// (development and tests; production certificates come from your CA).
     Certs(CertsCmd),
+    /// Print every metric family the roles export, one a line: name, type,
+    /// labels, roles, HELP (separated by tabs).
+    Metrics,
 }
 
 /// How gRPC callers are authenticated (see the README's "Trust").
@@ -885,6 +888,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Certs(cmd) = cli.command {
         return certs(cmd);
     }
+    if let Command::Metrics = cli.command {
+        print!("{}", streamer_core::metrics::catalogue_text());
+        return Ok(());
+    }
     if let Command::Dynamodb(cmd) = cli.command {
         streamer_core::telemetry::init_logs(cli.log_format, "warn");
         return dynamodb(cmd).await;
@@ -893,9 +900,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     streamer_core::shutdown::cancel_on_signal(shutdown.clone());
     match cli.command {
-        Command::Token(_) | Command::ServiceToken(_) | Command::Certs(_) | Command::Dynamodb(_) => {
-            Ok(())
-        }
+        Command::Token(_)
+        | Command::ServiceToken(_)
+        | Command::Certs(_)
+        | Command::Dynamodb(_)
+        | Command::Metrics => Ok(()),
         Command::Auth(cmd) => {
             let config = cmd.keys.config(&cmd.data.data_dir)?;
             let trust = cmd.trust.trust(&[cmd.listen])?;

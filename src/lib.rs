@@ -22,8 +22,9 @@ use streamer_api::service_names;
 use streamer_auth::{AuthConfig, AuthServer, TokenValidator};
 use streamer_connection::{ConnectionConfig, ConnectionServer};
 use streamer_core::grpc::Health;
+use streamer_core::metrics::Role;
 use streamer_core::shutdown::Shutdown;
-use streamer_core::store::{DynamoConfig, DynamoStore, EmbeddedStore, SharedStore};
+use streamer_core::store::{DynamoConfig, DynamoStore, EmbeddedStore, Instrumented, SharedStore};
 use streamer_core::trust::Trust;
 use streamer_gateway::GatewayConfig;
 use streamer_progress::{ProgressConfig, ProgressServer};
@@ -53,6 +54,7 @@ async fn serve_auth(
     trust: Trust,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    streamer_core::metrics::register(&[Role::Auth]);
     let server = AuthServer::new(validator, store.clone());
     let routes = tonic::service::Routes::new(server.clone().into_service());
     // Stopped when serving ends, also when it fails before any shutdown.
@@ -83,6 +85,7 @@ pub async fn run_connection(
     config: ConnectionConfig,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    streamer_core::metrics::register(&[Role::Connection]);
     let trust = config.trust.clone();
     let server = ConnectionServer::start(store.clone(), config, shutdown.clone()).await?;
     let public = streamer_core::grpc::serve(
@@ -120,6 +123,7 @@ pub async fn run_progress(
     config: ProgressConfig,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    streamer_core::metrics::register(&[Role::Progress]);
     let trust = config.trust.clone();
     let server = ProgressServer::start(store.clone(), config, shutdown.clone()).await?;
     let routes = tonic::service::Routes::new(server.clone().into_service());
@@ -148,14 +152,15 @@ pub async fn run_gateway(
     config: GatewayConfig,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    streamer_core::metrics::register(&[Role::Gateway]);
     streamer_gateway::serve(listener, config, shutdown).await
 }
 
-/// Opens the embedded store in `dir`.
+/// Opens the embedded store in `dir`, its operations measured.
 pub fn open_embedded_store(dir: &std::path::Path) -> anyhow::Result<SharedStore> {
     let store = EmbeddedStore::open(dir)
         .with_context(|| format!("cannot open the embedded store in {}", dir.display()))?;
-    Ok(Arc::new(store))
+    Ok(Arc::new(Instrumented::new(store, "embedded")))
 }
 
 /// Which store a process keeps its state in.
@@ -183,11 +188,15 @@ impl std::fmt::Debug for StoreChoice {
 
 impl StoreChoice {
     /// Opens the store: the embedded one in `dir`, or the DynamoDB tables
-    /// (which must exist: `streamer dynamodb create-tables`).
+    /// (which must exist: `streamer dynamodb create-tables`), its operations
+    /// measured (a store opened by the caller is as the caller made it).
     pub async fn open(&self, dir: &std::path::Path) -> anyhow::Result<SharedStore> {
         match self {
             Self::Embedded => open_embedded_store(dir),
-            Self::DynamoDb(config) => Ok(Arc::new(DynamoStore::connect(config).await?)),
+            Self::DynamoDb(config) => Ok(Arc::new(Instrumented::new(
+                DynamoStore::connect(config).await?,
+                "dynamodb",
+            ))),
             Self::Opened(store) => Ok(store.clone()),
         }
     }

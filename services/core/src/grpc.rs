@@ -7,7 +7,8 @@
 //! passes, NOT_SERVING while it fails (say, the DynamoDB tables are
 //! unreachable), SERVING again when it passes, and NOT_SERVING for good the
 //! moment shutdown begins, before the listener closes, so load balancers
-//! stop sending new work while in-flight calls drain.
+//! stop sending new work while in-flight calls drain. Every call is counted
+//! and timed per method and code ([`crate::grpc_metrics`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::grpc_metrics::GrpcMetricsLayer;
 use crate::shutdown::Shutdown;
 use crate::tls::ServerIo;
 use crate::trust::{Trust, TrustLayer};
@@ -158,9 +160,18 @@ pub async fn serve(
             Some(tls) => Box::pin(tls.clone().accept(listener)),
             None => Box::pin(crate::tls::accepted(listener).map(|s| Ok(ServerIo::plain(s)))),
         };
+    let measured: Vec<&str> = services
+        .iter()
+        .copied()
+        .chain(["grpc.health.v1.Health"])
+        .chain(["grpc.reflection.v1.ServerReflection"])
+        .chain(["grpc.reflection.v1alpha.ServerReflection"])
+        .collect();
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Outermost, so that calls the trust check refuses are counted too.
+        .layer(GrpcMetricsLayer::new(&measured))
         .layer(TrustLayer(trust))
         .add_routes(routes)
         .add_service(health_service)

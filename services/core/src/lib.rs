@@ -6,6 +6,8 @@
 //! - [`grpc`]: serving a tonic service with health, reflection and graceful
 //!   shutdown, the same way in every process.
 //! - [`telemetry`]: structured logs and the Prometheus endpoint.
+//! - [`metrics`]: the catalogue of every metric family; [`grpc_metrics`],
+//!   the gRPC servers' metrics per method and code.
 //! - [`shutdown`]: the one future that says "stop".
 //! - [`topics`]: topic names, subscription patterns, the subscriber's message.
 //! - [`trust`]: caller authentication and which role may call what.
@@ -17,7 +19,9 @@
 
 pub mod client;
 pub mod grpc;
+pub mod grpc_metrics;
 pub mod ids;
+pub mod metrics;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

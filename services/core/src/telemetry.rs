@@ -5,11 +5,12 @@
 //! pipeline indexes the fields); either can be forced. Colour codes are
 //! written only to a terminal. The filter comes from `STREAMER_LOG`
 //! (falling back to `RUST_LOG`, then `info`). Metrics are Prometheus text on
-//! `GET /metrics` of a small HTTP listener.
+//! `GET /metrics` of a small HTTP listener; what they are is in
+//! [`crate::metrics`].
 
 use std::net::SocketAddr;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
 use crate::shutdown::Shutdown;
@@ -58,12 +59,19 @@ pub fn init_logs(format: LogFormat, default_filter: &str) {
 }
 
 /// Installs the global Prometheus recorder (once per process) and returns
-/// its handle.
+/// its handle. Every `_seconds` family is a histogram with
+/// [`crate::metrics::DURATION_BUCKETS`].
 pub fn metrics_recorder() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".to_owned()),
+                    crate::metrics::DURATION_BUCKETS,
+                )
+                .map(PrometheusBuilder::build_recorder)
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
             let handle = recorder.handle();
             // Another recorder may already be installed (a test harness);
             // then this handle simply renders nothing of it.
@@ -77,14 +85,17 @@ pub fn metrics_recorder() -> PrometheusHandle {
 /// answers) and `GET /readyz` (every gRPC server of the process reports
 /// SERVING, as its gRPC health does) on `addr` until `shutdown`. The HTTP
 /// pair is for probes that cannot speak gRPC over TLS, such as the
-/// kubelet's.
+/// kubelet's. The process metrics (`process_*`) are read at each scrape.
 pub async fn serve_metrics(addr: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
     let handle = metrics_recorder();
+    let process = metrics_process::Collector::default();
+    process.describe();
     let app = axum::Router::new()
         .route(
             "/metrics",
             axum::routing::get(move || {
                 let handle = handle.clone();
+                process.collect();
                 async move { handle.render() }
             }),
         )
@@ -102,7 +113,8 @@ pub async fn serve_metrics(addr: SocketAddr, shutdown: Shutdown) -> anyhow::Resu
             }),
         );
     let listener = crate::grpc::bind(addr).await?;
-    tracing::info!(address = %addr, "metrics listening");
+    let local = listener.local_addr()?;
+    tracing::info!(address = %local, "metrics listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;

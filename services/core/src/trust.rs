@@ -574,7 +574,7 @@ where
                 Box::pin(self.inner.call(request))
             }
             Err(status) => {
-                metrics::counter!("streamer_grpc_refused_total", "code" => format!("{:?}", status.code()))
+                metrics::counter!("streamer_grpc_refused_total", "code" => crate::metrics::grpc_code(status.code()))
                     .increment(1);
                 tracing::warn!(path = %request.uri().path(), code = ?status.code(), error = status.message(), "call refused");
                 Box::pin(std::future::ready(Ok(status.into_http())))

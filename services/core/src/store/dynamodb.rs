@@ -506,7 +506,7 @@ impl DynamoStore {
 
 // ---- the SDK's setup ----
 
-/// Counts every DynamoDB call, by API operation and outcome, in
+/// Counts every DynamoDB call, by API operation (`get_item`) and outcome, in
 /// `streamer_dynamodb_calls_total`: on AWS each one is billed, so this is
 /// what the store costs (retries of one call count once).
 #[derive(Debug)]
@@ -525,7 +525,7 @@ impl aws_sdk_dynamodb::config::Intercept for Metered {
     ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
         let operation = cfg
             .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
-            .map_or_else(|| "unknown".to_owned(), |m| m.name().to_owned());
+            .map_or_else(|| "unknown".to_owned(), |m| snake_case(m.name()));
         let outcome = match context.output_or_error() {
             Some(Ok(_)) => "ok",
             _ => "error",
@@ -538,6 +538,22 @@ impl aws_sdk_dynamodb::config::Intercept for Metered {
         .increment(1);
         Ok(())
     }
+}
+
+/// An API operation's name as a label value: `GetItem` is `get_item`.
+fn snake_case(name: &str) -> String {
+    let mut snake = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                snake.push('_');
+            }
+            snake.push(c.to_ascii_lowercase());
+        } else {
+            snake.push(c);
+        }
+    }
+    snake
 }
 
 fn http_client() -> aws_sdk_dynamodb::config::SharedHttpClient {

@@ -6,12 +6,14 @@
 //! implement it: [`EmbeddedStore`] (the default, a redb file in the data
 //! directory) and, for several replicas, DynamoDB. Every state change of a
 //! request is a conditional write on its `version`, so two writers never both
-//! win; a loser gets [`StoreError::Conflict`] and re-reads.
+//! win; a loser gets [`StoreError::Conflict`] and re-reads. A process wraps
+//! its backend in [`Instrumented`], which times every operation.
 
 #[doc(hidden)]
 pub mod conformance;
 mod dynamodb;
 mod embedded;
+mod instrumented;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,6 +24,7 @@ use crate::ids::{ClientRequestId, ConnectionId, EdgeId, RequestId, TenantId, Use
 
 pub use dynamodb::{DynamoConfig, DynamoStore};
 pub use embedded::EmbeddedStore;
+pub use instrumented::Instrumented;
 
 /// How long a connection record lives after its last activity.
 pub const CONNECTION_TTL: Duration = Duration::from_secs(24 * 60 * 60);
