@@ -143,7 +143,7 @@ async fn settled_rss(pid: u32, patience: Duration) -> anyhow::Result<u64> {
     }
 }
 
-/// The edge's count of open sockets (`streamer_gateway_connections`), read
+/// The edge's count of open sockets (`streamer_gateway_connections{state="open"}`), read
 /// from the Prometheus endpoint at `metrics`.
 async fn edge_connections(metrics: &str) -> anyhow::Result<f64> {
     let mut stream = tokio::net::TcpStream::connect(metrics).await?;
@@ -153,7 +153,7 @@ async fn edge_connections(metrics: &str) -> anyhow::Result<f64> {
     let mut text = String::new();
     stream.read_to_string(&mut text).await?;
     text.lines()
-        .find_map(|line| line.strip_prefix("streamer_gateway_connections "))
+        .find_map(|line| line.strip_prefix("streamer_gateway_connections{state=\"open\"} "))
         .and_then(|value| value.trim().parse().ok())
         .context("no streamer_gateway_connections in the metrics")
 }

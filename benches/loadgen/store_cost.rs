@@ -749,12 +749,26 @@ fn counted_calls() -> BTreeMap<String, u64> {
         let operation = labels
             .split(',')
             .find_map(|l| l.strip_prefix("operation=\""))
-            .map(|o| o.trim_end_matches('"').to_owned());
+            .map(|o| api_name(o.trim_end_matches('"')));
         if let (Some(operation), Ok(value)) = (operation, value.trim().parse::<f64>()) {
             *calls.entry(operation).or_default() += value as u64;
         }
     }
     calls
+}
+
+/// The API's name of an operation label: `get_item` is `GetItem`.
+fn api_name(label: &str) -> String {
+    label
+        .split('_')
+        .map(|word| {
+            let mut chars = word.chars();
+            chars
+                .next()
+                .map(|first| first.to_ascii_uppercase().to_string() + chars.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 /// The counter's calls that no periodic task but the edges' leases makes

@@ -346,7 +346,8 @@ impl Edge {
             }
         }
         self.announce(record, token, timeout).await?;
-        metrics::gauge!("streamer_gateway_connections").set(self.connection_count() as f64);
+        metrics::gauge!("streamer_gateway_connections", "state" => "open")
+            .set(self.connection_count() as f64);
         Ok(Registered {
             outbound: rx,
             evict,
@@ -426,7 +427,8 @@ impl Edge {
             }
             removed.is_some()
         };
-        metrics::gauge!("streamer_gateway_connections").set(self.connection_count() as f64);
+        metrics::gauge!("streamer_gateway_connections", "state" => "open")
+            .set(self.connection_count() as f64);
         removed
     }
 

@@ -420,11 +420,13 @@ async fn authenticate(
     timeout: Duration,
 ) -> Result<(String, v1::Claims), Box<Response>> {
     let Some(token) = token(query, headers) else {
-        metrics::counter!("streamer_gateway_auth_refused_total", "reason" => "missing_token")
+        metrics::counter!("streamer_gateway_auth_failures_total", "reason" => "missing_token")
             .increment(1);
         return Err(Box::new(unauthorized("missing_token", "missing token")));
     };
     let Some(answer) = validate(auth, &token, timeout).await else {
+        metrics::counter!("streamer_gateway_auth_failures_total", "reason" => "auth_unavailable")
+            .increment(1);
         return Err(Box::new(unavailable("authentication service unavailable")));
     };
     match answer.claims {
@@ -432,7 +434,7 @@ async fn authenticate(
         _ => {
             let failure = TokenFailure::try_from(answer.failure).unwrap_or_default();
             let (reason, message) = refusal(failure, &answer.message);
-            metrics::counter!("streamer_gateway_auth_refused_total", "reason" => reason)
+            metrics::counter!("streamer_gateway_auth_failures_total", "reason" => reason)
                 .increment(1);
             Err(Box::new(unauthorized(reason, &message)))
         }
@@ -468,6 +470,23 @@ fn new_record(
     }
 }
 
+/// A socket being authenticated and announced: counted in
+/// `streamer_gateway_connections{state="opening"}` while it lives.
+struct Opening;
+
+impl Opening {
+    fn start() -> Self {
+        metrics::gauge!("streamer_gateway_connections", "state" => "opening").increment(1.0);
+        Opening
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        metrics::gauge!("streamer_gateway_connections", "state" => "opening").decrement(1.0);
+    }
+}
+
 /// The short reason and the message of a refusal.
 fn refusal(failure: TokenFailure, message: &str) -> (&'static str, String) {
     match failure {
@@ -498,11 +517,12 @@ async fn connect(
             .increment(1);
         return unavailable("too many new connections from this address; try again");
     }
-    let Ok(handshake) = state.handshakes.clone().try_acquire_owned() else {
+    let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
         metrics::counter!("streamer_gateway_connections_refused_total", "reason" => "handshakes")
             .increment(1);
         return unavailable("too many connections being opened; try again");
     };
+    let handshake = (permit, Opening::start());
     if let Some(origin) = headers.get(header::ORIGIN)
         && !state.config.allowed_origins.is_empty()
         && !state

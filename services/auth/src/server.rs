@@ -90,8 +90,18 @@ impl AuthService for AuthServer {
         // not justify a hop to the blocking pool per call. JWKS fetches run
         // on their refreshers; a call only waits for one.
         let response = match self.check(&token).await? {
-            Ok(claims) => ValidateTokenResponse::from(claims),
-            Err(rejection) => ValidateTokenResponse::from(rejection),
+            Ok(claims) => {
+                metrics::counter!("streamer_auth_validations_total", "result" => "valid")
+                    .increment(1);
+                ValidateTokenResponse::from(claims)
+            }
+            Err(rejection) => {
+                metrics::counter!("streamer_auth_validations_total", "result" => "refused")
+                    .increment(1);
+                metrics::counter!("streamer_auth_failures_total", "reason" => streamer_core::metrics::token_failure(rejection.failure))
+                    .increment(1);
+                ValidateTokenResponse::from(rejection)
+            }
         };
         Ok(Response::new(response))
     }
@@ -105,6 +115,7 @@ impl AuthService for AuthServer {
         self.revocations
             .revoke(revoke, &caller.subject, now_ms())
             .await?;
+        metrics::counter!("streamer_auth_revocations_total").increment(1);
         Ok(Response::new(RevokeTokenResponse {}))
     }
 }

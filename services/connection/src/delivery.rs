@@ -276,11 +276,14 @@ impl ConnectionServer {
         sequence: Option<v1::Sequence>,
     ) -> Vec<DeliveryResult> {
         let now = now_ms();
+        let started = std::time::Instant::now();
         let mut results = self
             .shared
             .delivery
             .deliver(&records, payload, sequence)
             .await;
+        metrics::histogram!("streamer_send_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         let last_seen: HashMap<&str, u64> = records
             .iter()
             .map(|r| (r.connection_id.as_str(), r.last_seen_ms))
@@ -309,7 +312,7 @@ impl ConnectionServer {
                 _ => {}
             }
             let outcome = DeliveryOutcome::try_from(result.outcome).unwrap_or_default();
-            metrics::counter!("streamer_deliveries_total", "outcome" => outcome.as_str_name())
+            metrics::counter!("streamer_deliveries_total", "outcome" => streamer_core::metrics::delivery_outcome(outcome))
                 .increment(1);
         }
         results
@@ -381,17 +384,21 @@ impl ConnectionServer {
             Selector::User(_) => "user",
             Selector::Topic(_) => "topic",
         };
+        let started = std::time::Instant::now();
         let fanout = self.shared.delivery.dispatch(selector, payload).await.await;
-        Self::count(kind, fanout);
+        Self::count(kind, fanout, started);
         fanout
     }
 
-    /// Counts a fan-out's outcome in the metrics.
-    pub(crate) fn count(kind: &'static str, fanout: Fanout) {
+    /// Counts a fan-out's outcome, and the time since it `started`, in the
+    /// metrics.
+    pub(crate) fn count(kind: &'static str, fanout: Fanout, started: std::time::Instant) {
+        metrics::histogram!("streamer_fanout_duration_seconds", "selector" => kind)
+            .record(started.elapsed().as_secs_f64());
         metrics::counter!("streamer_fanouts_total", "selector" => kind).increment(1);
-        metrics::counter!("streamer_deliveries_total", "outcome" => DeliveryOutcome::Delivered.as_str_name())
+        metrics::counter!("streamer_deliveries_total", "outcome" => "delivered")
             .increment(u64::from(fanout.delivered));
-        metrics::counter!("streamer_deliveries_total", "outcome" => DeliveryOutcome::Throttled.as_str_name())
+        metrics::counter!("streamer_deliveries_total", "outcome" => "throttled")
             .increment(u64::from(fanout.throttled));
     }
 

@@ -31,9 +31,11 @@ impl ConnectionServer {
             let Some(Inbound { edge_id, frame }) = next else {
                 return;
             };
+            metrics::gauge!("streamer_inbound_queue_depth").decrement(1.0);
             self.inbound(&edge_id, frame).await;
         }
         while let Ok(Inbound { edge_id, frame }) = frames.try_recv() {
+            metrics::gauge!("streamer_inbound_queue_depth").decrement(1.0);
             self.inbound(&edge_id, frame).await;
         }
     }
@@ -49,9 +51,14 @@ impl ConnectionServer {
             edge_id: edge_id.clone(),
             frame,
         };
-        if let Err(mpsc::error::TrySendError::Full(Inbound { frame, .. })) =
-            self.shared.inbound[shard].try_send(inbound)
-        {
+        // Counted before it is queued, so the worker never takes it off
+        // first.
+        metrics::gauge!("streamer_inbound_queue_depth").increment(1.0);
+        let queued = self.shared.inbound[shard].try_send(inbound);
+        if queued.is_err() {
+            metrics::gauge!("streamer_inbound_queue_depth").decrement(1.0);
+        }
+        if let Err(mpsc::error::TrySendError::Full(Inbound { frame, .. })) = queued {
             metrics::counter!("streamer_inbound_rejected_total", "reason" => "overloaded")
                 .increment(1);
             let this = self.clone();

@@ -323,6 +323,7 @@ impl ConnectionServer {
                 )
                 .await?;
             let message = topics::message(&cmd.topic, &position, &cmd.data);
+            let started = std::time::Instant::now();
             let selector = Selector::Topic(v1::TopicMessageRef {
                 tenant_id: cmd.tenant_id.to_string(),
                 topic: cmd.topic.clone(),
@@ -335,10 +336,11 @@ impl ConnectionServer {
                 .delivery
                 .dispatch(selector, text(&message))
                 .await;
-            (position, reached)
+            (position, (reached, started))
         };
+        let (reached, started) = reached;
         let fanout = reached.await;
-        Self::count("topic", fanout);
+        Self::count("topic", fanout, started);
         metrics::counter!("streamer_topic_messages_total").increment(1);
         Ok(Published { position, fanout })
     }

@@ -196,8 +196,10 @@ impl Registry {
                 self.release_hold(&record.id);
             }
         }
-        metrics::gauge!("streamer_progress_pending_requests").set(self.pending.len() as f64);
-        metrics::gauge!("streamer_progress_processing_requests").set(self.leases.len() as f64);
+        metrics::gauge!("streamer_progress_queue_depth", "state" => "pending")
+            .set(self.pending.len() as f64);
+        metrics::gauge!("streamer_progress_queue_depth", "state" => "processing")
+            .set(self.leases.len() as f64);
     }
 
     /// Matches PENDING requests (oldest first) with sessions that run their
@@ -475,7 +477,7 @@ impl Lifecycle {
             && let Some(message) = client::final_message(record, false)
         {
             if !effects.binding_only {
-                metrics::counter!("streamer_progress_finished_total", "status" => crate::error::status_name(record.status)).increment(1);
+                metrics::counter!("streamer_progress_requests_finished_total", "status" => crate::error::status_name(record.status)).increment(1);
             }
             self.outboxes.final_message(
                 &record.id,
@@ -557,7 +559,7 @@ impl Lifecycle {
             return Ok((record, true));
         }
         tracing::info!(request = %record.id, action = %record.action, tenant = %record.tenant_id, "request queued");
-        metrics::counter!("streamer_progress_submitted_total").increment(1);
+        metrics::counter!("streamer_progress_requests_submitted_total").increment(1);
         // The acknowledgment is queued before anyone can see the request,
         // so it is the first thing the client hears about it.
         self.outboxes.acknowledgment(
@@ -1030,7 +1032,7 @@ impl Lifecycle {
         };
         if sent {
             tracing::info!(request = %record.id, processor = %a.processor_id, attempt = record.attempts, "request handed out");
-            metrics::counter!("streamer_progress_dispatched_total").increment(1);
+            metrics::counter!("streamer_progress_requests_dispatched_total").increment(1);
             return AssignOutcome::Done;
         }
         // The stream ended while the write was in flight: give it back.
@@ -1135,6 +1137,7 @@ impl Lifecycle {
                             return Ok(None);
                         }
                         tracing::info!(request = %r.id, processor = ?r.processor_id, attempt = r.attempts, "lease lapsed");
+                        metrics::counter!("streamer_progress_leases_lapsed_total").increment(1);
                         Ok(Some(requeue_or_fail(
                             r,
                             "TIMEOUT",

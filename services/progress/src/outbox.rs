@@ -351,7 +351,7 @@ impl Sender {
                 .await
             {
                 Delivery::Delivered => {
-                    metrics::counter!("streamer_progress_messages_total", "kind" => kind.label())
+                    metrics::counter!("streamer_progress_delivered_total", "kind" => kind.label())
                         .increment(1);
                     return true;
                 }
