@@ -231,7 +231,9 @@ impl http_body::Body for Counted {
             Poll::Ready(None) => Some(tonic::Code::Unknown),
             Poll::Pending => None,
         };
-        if let (Some(code), Some(mut call)) = (code, self.call.take()) {
+        if let Some(code) = code
+            && let Some(mut call) = self.call.take()
+        {
             call.finish(code);
         }
         polled

@@ -626,8 +626,10 @@ pub fn family_named(name: &str) -> Option<&'static Family> {
 
 /// Describes the families of `roles` and creates, at 0, every series whose
 /// label values the catalogue lists; sets `streamer_build_info`. Safe to
-/// call again (for each role of a process that runs several).
+/// call again (for each role of a process that runs several). Installs the
+/// process's recorder first if nothing has yet (see [`touch`]).
 pub fn register(roles: &[Role]) {
+    crate::telemetry::metrics_recorder();
     for family in FAMILIES
         .iter()
         .filter(|f| !f.external && f.roles.iter().any(|r| roles.contains(r)))
@@ -656,8 +658,11 @@ fn describe(family: &Family) {
     }
 }
 
-/// Creates one series at 0 (a histogram with no observation).
+/// Creates one series at 0 (a histogram with no observation). The
+/// process's recorder is installed first: a series created before it would
+/// be created in nothing, and appear only with its first event.
 pub(crate) fn touch(family: &Family, labels: Vec<metrics::Label>) {
+    crate::telemetry::metrics_recorder();
     match family.kind {
         Counter => {
             let _ = metrics::counter!(family.name, labels);
