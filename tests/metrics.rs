@@ -719,3 +719,16 @@ async fn every_role_exports_every_family_and_each_moves_with_traffic() {
     )
     .await;
 }
+
+/// The README's table names every family of the catalogue.
+#[test]
+fn the_readme_lists_every_family() {
+    let readme = include_str!("../README.md");
+    for family in FAMILIES {
+        assert!(
+            readme.contains(&format!("`{}`", family.name)),
+            "README.md does not list {}",
+            family.name
+        );
+    }
+}
