@@ -1137,7 +1137,6 @@ impl Lifecycle {
                             return Ok(None);
                         }
                         tracing::info!(request = %r.id, processor = ?r.processor_id, attempt = r.attempts, "lease lapsed");
-                        metrics::counter!("streamer_progress_leases_lapsed_total").increment(1);
                         Ok(Some(requeue_or_fail(
                             r,
                             "TIMEOUT",
@@ -1147,6 +1146,10 @@ impl Lifecycle {
                     })
                     .await;
                 match result {
+                    // Counted once written: a conflict runs the change again.
+                    Ok((changed, _)) if changed.written => {
+                        metrics::counter!("streamer_progress_leases_lapsed_total").increment(1);
+                    }
                     Ok(_) => {}
                     Err(ProgressError::RequestNotFound) => {
                         self.registry().leases.remove(&id);
