@@ -2,7 +2,8 @@
 //! deployment, after real traffic: a WebSocket client connects and a bad
 //! token is refused, a Send, a tenant broadcast, an action answered by a
 //! router, a request run by a processor with progress and its completion,
-//! a topic publish, and a slow consumer closed.
+//! a topic publish, a processor's lease that lapses, a slow consumer closed,
+//! and an edge that dies, its lease lapsing.
 //!
 //! Before any traffic each role already exports every family of the
 //! catalogue it owns (created at 0), each with `# HELP` and `# TYPE`; after
@@ -38,7 +39,7 @@ const STREAMER: &str = env!("CARGO_BIN_EXE_streamer");
 
 /// One role's process and where it listens, as its log says.
 struct Process {
-    _child: Child,
+    child: Child,
     /// `message` of each "... listening" log line (with the services of a
     /// gRPC server) to the address it names.
     listening: HashMap<String, SocketAddr>,
@@ -96,10 +97,7 @@ async fn launch(role: &str, args: &[String], expect: &[&str]) -> Process {
     .await;
     // Keep reading so the process never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Process {
-        _child: child,
-        listening,
-    }
+    Process { child, listening }
 }
 
 /// A port that forwards to an address known only later: ProgressService
@@ -357,6 +355,8 @@ async fn every_role_exports_every_family_and_each_moves_with_traffic() {
             ("edge-listen", any.clone()),
             ("metrics-listen", any.clone()),
             ("data-dir", path("connection")),
+            // Short, so that an edge that dies lapses soon.
+            ("edge-lease-secs", "3".into()),
             (
                 "auth-url",
                 format!("http://{}", auth.at("grpc server listening")),
@@ -374,7 +374,7 @@ async fn every_role_exports_every_family_and_each_moves_with_traffic() {
     )
     .await;
     connection_known.send_replace(Some(connection.at("grpc server listening")));
-    let gateway = launch(
+    let mut gateway = launch(
         "gateway",
         &flags(&[
             ("listen", any.clone()),
@@ -575,6 +575,24 @@ async fn every_role_exports_every_family_and_each_moves_with_traffic() {
         .unwrap();
     assert_eq!(alice.recv_json().await["type"], "message");
 
+    // A processor that takes work and never reports: its one-second lease
+    // lapses.
+    let mut sleepy = processor
+        .claim(support::claim_request("sleepy", "export", 1, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    alice
+        .send_json(json!({"action": "export", "id": "x1", "payload": {}}))
+        .await;
+    within("the export's work", async {
+        while !matches!(
+            sleepy.next().await.unwrap().unwrap().item,
+            Some(Item::Work(_))
+        ) {}
+    })
+    .await;
+
     // A slow consumer, closed (and its connection removed).
     let mut slow = connect("slow").await;
     let slow_id = support::user_connection_ids(&mut connections, "acme", "slow")
@@ -681,6 +699,7 @@ async fn every_role_exports_every_family_and_each_moves_with_traffic() {
             ("streamer_progress_delivered_total", &[("kind", "final")]),
             ("streamer_progress_coalesced_total", &[]),
             ("streamer_progress_processors", &[]),
+            ("streamer_progress_leases_lapsed_total", &[]),
             ("streamer_grpc_server_handled_total", &grpc("Complete")),
             (
                 "streamer_store_operation_duration_seconds",
@@ -716,6 +735,15 @@ async fn every_role_exports_every_family_and_each_moves_with_traffic() {
             "streamer_grpc_server_handled_total",
             &[("method", "Claim"), ("code", "cancelled")],
         )],
+    )
+    .await;
+
+    // The edge dies without detaching: its lease lapses.
+    gateway.child.start_kill().unwrap();
+    all_moved(
+        &connection,
+        Role::Connection,
+        &[("streamer_edges_lapsed_total", &[])],
     )
     .await;
 }
