@@ -17,7 +17,7 @@ c4-c6 on gateway-2 (edge-2). It shows:
    count of sockets: 6), reach every socket meant exactly once (every message counted per client after a marker);
 2. a processor claiming on progress-1 alone completes the requests of all six
    clients, those that connection-2 submitted through progress-2 included
-   (its streamer_progress_submitted_total grows; it hands out nothing);
+   (its streamer_progress_requests_submitted_total grows; it hands out nothing);
 3. with requests in flight from every client and two processors working (one
    preferring each progress replica), progress-1, then connection-1, then
    auth-1 are SIGKILLed: every acknowledged request gets its `complete`
@@ -374,9 +374,8 @@ async def across_progress(deployment, clients):
     on = [await deployment.metric(p, "streamer_progress_processors") for p in ("progress-1", "progress-2")]
     report(on == [1, 0], "processor-1 claims on progress-1, and progress-2 has no processor",
            [f"streamer_progress_processors: {on}"])
-    before = {p: {m: await deployment.metric(p, m) for m in ("streamer_progress_submitted_total",
-                                                            "streamer_progress_dispatched_total")}
-              for p in ("progress-1", "progress-2")}
+    counted = ("streamer_progress_requests_submitted_total", "streamer_progress_requests_dispatched_total")
+    before = {p: {m: await deployment.metric(p, m) for m in counted} for p in ("progress-1", "progress-2")}
     extra = []
     through_2 = 0
     for round_ in range(6):
@@ -386,8 +385,8 @@ async def across_progress(deployment, clients):
         for c in batch:
             await c.request(f"{c.name}-across", 2)
         await until(lambda: all(c.finals(f"{c.name}-across") for c in batch), 15)
-        through_2 = await deployment.metric("progress-2", "streamer_progress_submitted_total") \
-            - before["progress-2"]["streamer_progress_submitted_total"]
+        through_2 = await deployment.metric("progress-2", "streamer_progress_requests_submitted_total") \
+            - before["progress-2"]["streamer_progress_requests_submitted_total"]
         # Connections are spread over the replicas by a hash of their id:
         # should none of the six land on connection-2, more clients come.
         if through_2:
@@ -397,8 +396,8 @@ async def across_progress(deployment, clients):
     unacked = [c.name for c in asked if not c.acked(f"{c.name}-across")]
     report(not faults and not unacked, f"the {len(asked)} clients' requests are acknowledged and each result "
            "arrives once", faults + [f"not acknowledged: {unacked}"])
-    dispatched = [await deployment.metric(p, "streamer_progress_dispatched_total")
-                  - before[p]["streamer_progress_dispatched_total"] for p in ("progress-1", "progress-2")]
+    dispatched = [await deployment.metric(p, "streamer_progress_requests_dispatched_total")
+                  - before[p]["streamer_progress_requests_dispatched_total"] for p in ("progress-1", "progress-2")]
     report(through_2 > 0 and dispatched == [len(asked), 0],
            f"progress-2 queued {int(through_2)} of them (connection-2 submitted them) and handed out none; "
            f"progress-1 handed all {len(asked)} to processor-1",
