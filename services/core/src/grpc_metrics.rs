@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use metrics::SharedString;
 use prost::Message as _;
 
 use crate::metrics::{family_named, grpc_code, touch};
@@ -32,9 +33,10 @@ use crate::metrics::{family_named, grpc_code, touch};
 const HANDLED: &str = "streamer_grpc_server_handled_total";
 const HANDLING: &str = "streamer_grpc_server_handling_seconds";
 
-/// The methods of one server, by path, with their labels.
+/// The methods of one server, by path, with their labels (shared, so that
+/// a call's labels cost no allocation).
 #[derive(Debug, Default)]
-struct Methods(HashMap<String, (String, String)>);
+struct Methods(HashMap<String, (SharedString, SharedString)>);
 
 impl Methods {
     /// Every method of `services` (full names) as the descriptor sets of the
@@ -58,9 +60,11 @@ impl Methods {
                     if !services.contains(&full.as_str()) {
                         continue;
                     }
+                    let label = SharedString::from(Arc::<str>::from(full.as_str()));
                     for method in service.method {
                         let name = method.name.unwrap_or_default();
-                        methods.insert(format!("/{full}/{name}"), (full.clone(), name));
+                        let path = format!("/{full}/{name}");
+                        methods.insert(path, (label.clone(), Arc::<str>::from(name).into()));
                     }
                 }
             }
@@ -68,11 +72,13 @@ impl Methods {
         Self(methods)
     }
 
-    fn labels(&self, path: &str) -> (String, String) {
-        self.0
-            .get(path)
-            .cloned()
-            .unwrap_or_else(|| ("unknown".to_owned(), "unknown".to_owned()))
+    fn labels(&self, path: &str) -> (SharedString, SharedString) {
+        self.0.get(path).cloned().unwrap_or_else(|| {
+            (
+                SharedString::const_str("unknown"),
+                SharedString::const_str("unknown"),
+            )
+        })
     }
 }
 
@@ -182,8 +188,8 @@ fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
 /// One call being measured; counted once, when it ends (as `cancelled`
 /// if dropped first).
 struct Call {
-    service: String,
-    method: String,
+    service: SharedString,
+    method: SharedString,
     started: Instant,
     done: bool,
 }

@@ -1733,3 +1733,16 @@ fn rand_below(bound: u64) -> u64 {
     hasher.write_u64(now_ms());
     hasher.finish() % bound.max(1)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn api_operations_are_labelled_in_snake_case() {
+        assert_eq!(super::snake_case("GetItem"), "get_item");
+        assert_eq!(
+            super::snake_case("TransactWriteItems"),
+            "transact_write_items"
+        );
+        assert_eq!(super::snake_case("Query"), "query");
+    }
+}
