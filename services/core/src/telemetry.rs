@@ -49,7 +49,7 @@ impl LogFormat {
 /// call more than once (later calls do nothing), which keeps tests that
 /// start several servers simple.
 pub fn init_logs(format: LogFormat, default_filter: &str) {
-    install(format, default_filter, &Traces::default());
+    init_with(format, default_filter, &Traces::default());
 }
 
 /// Installs logs as [`init_logs`] does and, when the standard
@@ -59,11 +59,12 @@ pub fn init_logs(format: LogFormat, default_filter: &str) {
 /// spans.
 pub fn init(format: LogFormat, default_filter: &str, service: &str) -> anyhow::Result<Traces> {
     let traces = Traces::from_env(service)?;
-    install(format, default_filter, &traces);
+    init_with(format, default_filter, &traces);
     Ok(traces)
 }
 
-fn install(format: LogFormat, default_filter: &str, traces: &Traces) {
+/// Installs logs as [`init_logs`] does, and the spans `traces` exports.
+pub fn init_with(format: LogFormat, default_filter: &str, traces: &Traces) {
     use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = std::env::var("STREAMER_LOG")
         .ok()
@@ -124,10 +125,12 @@ where
     // The product's own spans (and its events, as span events), whatever
     // `STREAMER_LOG` says: the log filter governs only the log lines.
     let spans = tracer.map(|tracer| {
-        tracing_opentelemetry::layer().with_tracer(tracer).with_filter(
-            tracing_subscriber::filter::Targets::new()
-                .with_target("streamer", tracing::Level::INFO),
-        )
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("streamer", tracing::Level::INFO),
+            )
     });
     let subscriber = tracing::Dispatch::new(tracing_subscriber::registry().with(spans).with(logs));
     let _ = dispatch.set(subscriber.downgrade());
@@ -173,7 +176,8 @@ where
             return self.format.format_event(ctx, writer, event);
         }
         let mut line = String::new();
-        self.format.format_event(ctx, Writer::new(&mut line), event)?;
+        self.format
+            .format_event(ctx, Writer::new(&mut line), event)?;
         let rest = line.strip_prefix('{').unwrap_or(&line);
         write!(
             writer,

@@ -35,6 +35,26 @@ pub fn current() -> TraceContext {
     carrier
 }
 
+/// The current span's context when it belongs to the same trace as
+/// `stored` (or `stored` is empty), else `stored`: work done for something
+/// accepted in one trace stays in that trace, even when the call that did
+/// it came without a context of its own.
+pub fn current_within(stored: &TraceContext) -> TraceContext {
+    let current = current();
+    let same_trace = |a: &TraceContext, b: &TraceContext| {
+        let trace_id = |c: &TraceContext| {
+            c.get("traceparent")
+                .and_then(|t| t.split('-').nth(1).map(str::to_owned))
+        };
+        trace_id(a).is_some() && trace_id(a) == trace_id(b)
+    };
+    if stored.is_empty() || same_trace(&current, stored) {
+        current
+    } else {
+        stored.clone()
+    }
+}
+
 /// Puts the current span's W3C Trace Context into an outgoing call's
 /// metadata (nothing when no span is traced).
 pub fn inject(metadata: &mut tonic::metadata::MetadataMap) {
@@ -71,7 +91,9 @@ pub fn from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<Context>
 
 /// The remote parent a client put in its frame's `metadata` (string
 /// `traceparent` and `tracestate` entries), if any.
-pub fn from_client_metadata(metadata: &serde_json::Map<String, serde_json::Value>) -> Option<Context> {
+pub fn from_client_metadata(
+    metadata: &serde_json::Map<String, serde_json::Value>,
+) -> Option<Context> {
     let carrier: TraceContext = ["traceparent", "tracestate"]
         .into_iter()
         .filter_map(|key| Some((key.to_owned(), metadata.get(key)?.as_str()?.to_owned())))
@@ -87,11 +109,9 @@ pub fn from_struct(metadata: Option<&prost_types::Struct>) -> Option<Context> {
     let metadata = metadata?;
     let carrier: TraceContext = ["traceparent", "tracestate"]
         .into_iter()
-        .filter_map(|key| {
-            match metadata.fields.get(key)?.kind.as_ref()? {
-                prost_types::value::Kind::StringValue(s) => Some((key.to_owned(), s.clone())),
-                _ => None,
-            }
+        .filter_map(|key| match metadata.fields.get(key)?.kind.as_ref()? {
+            prost_types::value::Kind::StringValue(s) => Some((key.to_owned(), s.clone())),
+            _ => None,
         })
         .collect();
     if carrier.is_empty() {
@@ -111,6 +131,30 @@ pub fn continue_from(span: &tracing::Span, parents: impl IntoIterator<Item = Opt
     if let Some(parent) = parents.into_iter().flatten().next() {
         // Fails only when tracing is off (no such span to parent).
         let _ = span.set_parent(parent);
+    }
+}
+
+/// `span` as the server side of a gRPC call: a child of the caller's span
+/// when the call's metadata carries one. Make it before the handler runs.
+pub fn server_span<T>(request: &tonic::Request<T>, span: tracing::Span) -> tracing::Span {
+    continue_from(&span, [from_metadata(request.metadata())]);
+    span
+}
+
+/// The span `make` makes, as a child of the span that sent
+/// `trace_context`; no span at all (and no cost) for work outside every
+/// trace.
+pub fn child_of(
+    trace_context: &TraceContext,
+    make: impl FnOnce() -> tracing::Span,
+) -> tracing::Span {
+    match from_map(trace_context) {
+        Some(parent) => {
+            let span = make();
+            let _ = span.set_parent(parent);
+            span
+        }
+        None => tracing::Span::none(),
     }
 }
 
@@ -225,29 +269,52 @@ impl Traces {
         match Export::from_vars(|key| std::env::var(key).ok())? {
             Export::Off => Ok(Traces::default()),
             Export::Otlp => {
-                use anyhow::Context as _;
-                let exporter = opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .build()
-                    .context("cannot set up the OTLP trace exporter")?;
                 let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty())
                     || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
                         .is_ok_and(|v| v.contains("service.name="));
-                let mut resource = opentelemetry_sdk::Resource::builder().with_attribute(
-                    opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
-                );
-                if !named {
-                    resource = resource.with_service_name(service.to_owned());
-                }
-                let provider = SdkTracerProvider::builder()
-                    .with_batch_exporter(exporter)
-                    .with_resource(resource.build())
-                    .build();
-                Ok(Traces {
-                    provider: Some(provider),
-                })
+                Self::export(
+                    opentelemetry_otlp::SpanExporter::builder().with_tonic(),
+                    (!named).then_some(service),
+                )
             }
         }
+    }
+
+    /// Exports to the OTLP/gRPC collector at `endpoint` (`http://host:port`)
+    /// under the service name `service`, whatever the environment says.
+    pub fn otlp(endpoint: &str, service: &str) -> anyhow::Result<Self> {
+        use opentelemetry_otlp::WithExportConfig as _;
+        Self::export(
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint),
+            Some(service),
+        )
+    }
+
+    fn export(
+        exporter: opentelemetry_otlp::SpanExporterBuilder<
+            opentelemetry_otlp::TonicExporterBuilderSet,
+        >,
+        service: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let exporter = exporter
+            .build()
+            .context("cannot set up the OTLP trace exporter")?;
+        let mut resource = opentelemetry_sdk::Resource::builder().with_attribute(
+            opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        );
+        if let Some(service) = service {
+            resource = resource.with_service_name(service.to_owned());
+        }
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource.build())
+            .build();
+        Ok(Traces {
+            provider: Some(provider),
+        })
     }
 
     /// Whether spans are exported.
@@ -260,6 +327,16 @@ impl Traces {
         self.provider
             .as_ref()
             .map(|provider| provider.tracer("streamer"))
+    }
+
+    /// Exports every span ended so far.
+    pub async fn flush(&self) {
+        if let Some(provider) = self.provider.clone() {
+            let flushed = tokio::task::spawn_blocking(move || provider.force_flush()).await;
+            if let Ok(Err(error)) = flushed {
+                tracing::warn!(%error, "traces not flushed");
+            }
+        }
     }
 
     /// Exports every span still buffered, then stops the exporter.
@@ -298,7 +375,10 @@ mod tests {
             .unwrap(),
             Export::Otlp
         );
-        for off in [("OTEL_SDK_DISABLED", "true"), ("OTEL_TRACES_EXPORTER", "none")] {
+        for off in [
+            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+        ] {
             assert_eq!(
                 Export::from_vars(vars(&[endpoint, off])).unwrap(),
                 Export::Off
