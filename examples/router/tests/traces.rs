@@ -14,158 +14,23 @@
 #[path = "../../../tests/support/mod.rs"]
 mod support;
 
-use std::collections::HashMap;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+#[path = "../../../tests/support/otlp.rs"]
+mod otlp;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value;
+use std::process::Stdio;
+
+use otlp::{Receiver, Trace};
 use serde_json::json;
 use streamer_core::telemetry::{self, LogFormat, Traces};
 use support::{TestSystem, within};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 const PROCESSOR: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../processor-python/processor.py"
 );
-
-/// A span as the receiver got it: ids in lowercase hex.
-#[derive(Debug, Clone)]
-struct Span {
-    service: String,
-    name: String,
-    trace_id: String,
-    span_id: String,
-    parent_span_id: String,
-    attributes: HashMap<String, String>,
-}
-
-/// An OTLP/gRPC trace receiver: keeps every span it is sent.
-#[derive(Clone, Default)]
-struct Receiver(Arc<Mutex<Vec<Span>>>);
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn text(value: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
-    match value.and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => s.clone(),
-        Some(any_value::Value::IntValue(i)) => i.to_string(),
-        Some(other) => format!("{other:?}"),
-        None => String::new(),
-    }
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.0.lock().unwrap();
-        for resource in request.into_inner().resource_spans {
-            let service = resource
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|a| a.key == "service.name")
-                .map(|a| text(a.value.as_ref()))
-                .unwrap_or_default();
-            for scope in resource.scope_spans {
-                for span in scope.spans {
-                    spans.push(Span {
-                        service: service.clone(),
-                        name: span.name,
-                        trace_id: hex(&span.trace_id),
-                        span_id: hex(&span.span_id),
-                        parent_span_id: hex(&span.parent_span_id),
-                        attributes: span
-                            .attributes
-                            .iter()
-                            .map(|a| (a.key.clone(), text(a.value.as_ref())))
-                            .collect(),
-                    });
-                }
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-impl Receiver {
-    async fn serve(&self) -> std::net::SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let service = TraceServiceServer::new(self.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        addr
-    }
-
-    fn trace(&self, trace_id: &str) -> Vec<Span> {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.trace_id == trace_id)
-            .cloned()
-            .collect()
-    }
-}
-
-/// The spans of one trace, looked up by name and parent.
-struct Trace(Vec<Span>);
-
-impl Trace {
-    /// The one span named `name` whose parent is `parent`.
-    fn child(&self, parent: &str, name: &str) -> &Span {
-        let found: Vec<&Span> = self
-            .0
-            .iter()
-            .filter(|s| s.name == name && s.parent_span_id == parent)
-            .collect();
-        assert!(
-            !found.is_empty(),
-            "no {name} span under {parent} in the trace:\n{}",
-            self.dump()
-        );
-        found[0]
-    }
-
-    /// Every span named `name` whose parent is `parent`.
-    fn children(&self, parent: &str, name: &str) -> Vec<&Span> {
-        self.0
-            .iter()
-            .filter(|s| s.name == name && s.parent_span_id == parent)
-            .collect()
-    }
-
-    fn dump(&self) -> String {
-        self.0
-            .iter()
-            .map(|s| {
-                format!(
-                    "  {} {} <- {} {:?}",
-                    s.name, s.span_id, s.parent_span_id, s.attributes
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
 
 async fn start_router(system: &TestSystem) -> (Child, Lines<BufReader<ChildStdout>>) {
     let mut router = Command::new(env!("CARGO_BIN_EXE_example-router"))
@@ -254,6 +119,22 @@ async fn one_client_request_is_one_trace_across_every_hop() {
         }
     }
 
+    // An upgrade whose request carries a `traceparent` header.
+    let (connect_trace, connect_parent) = ("7e0c5b7d2f3a4c1b9d8e6f5a4b3c2d1e", "1f2e3d4c5b6a7988");
+    let mut upgrade = system
+        .ws_url(&system.token("bob", "acme"))
+        .into_client_request()
+        .unwrap();
+    upgrade.headers_mut().insert(
+        "traceparent",
+        format!("00-{connect_trace}-{connect_parent}-01")
+            .parse()
+            .unwrap(),
+    );
+    let (_bob, _) = within("bob to connect", tokio_tungstenite::connect_async(upgrade))
+        .await
+        .unwrap();
+
     // A span ends once its work is done, which may be just after the client
     // has its message: flush until the last hop of each request is in.
     support::eventually("the last spans of both requests", || async {
@@ -263,6 +144,10 @@ async fn one_client_request_is_one_trace_across_every_hop() {
         job.iter()
             .any(|s| s.name == "progress.deliver" && s.attributes["kind"] == "final")
             && echo.iter().any(|s| s.name == "connection.send")
+            && receiver
+                .trace(connect_trace)
+                .iter()
+                .any(|s| s.name == "edge.connect")
     })
     .await;
 
@@ -279,6 +164,12 @@ async fn one_client_request_is_one_trace_across_every_hop() {
     assert_eq!(client.recv_json().await["request_id"], "e2");
     within("the traces to shut down", traces.shutdown()).await;
     Trace(receiver.trace(last_trace)).child(last_parent, "edge.request");
+
+    let connect = Trace(receiver.trace(connect_trace));
+    let upgrade = connect.child(connect_parent, "edge.connect");
+    assert_eq!(upgrade.attributes["tenant_id"], "acme");
+    let validate = connect.child(&upgrade.span_id, "auth.validate_token");
+    assert_eq!(validate.attributes["valid"], "true");
 
     let echo = Trace(receiver.trace(echo_trace));
     let edge = echo.child(echo_parent, "edge.request");

@@ -104,6 +104,19 @@ pub fn from_client_metadata(
     from_map(&carrier)
 }
 
+/// The remote parent an HTTP request carries in its `traceparent` (and
+/// `tracestate`) headers, if any.
+pub fn from_headers(headers: &http::HeaderMap) -> Option<Context> {
+    let carrier: TraceContext = ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|key| Some((key.to_owned(), headers.get(key)?.to_str().ok()?.to_owned())))
+        .collect();
+    if carrier.is_empty() {
+        return None;
+    }
+    from_map(&carrier)
+}
+
 /// The same, from a frame's metadata as it crossed the Attach stream.
 pub fn from_struct(metadata: Option<&prost_types::Struct>) -> Option<Context> {
     let metadata = metadata?;

@@ -1000,7 +1000,8 @@ impl Lifecycle {
             tracing::info_span!(
                 "progress.dispatch",
                 otel.kind = "producer",
-                request_id = %record.id,
+                id = %record.id,
+                request_id = %record.client_request_id,
                 tenant_id = %record.tenant_id,
                 processor_id = %a.processor_id,
                 attempt = record.attempts,

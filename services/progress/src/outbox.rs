@@ -293,7 +293,7 @@ impl Sender {
                         tracing::info_span!(
                             "progress.deliver",
                             otel.kind = "producer",
-                            request_id = %self.id,
+                            id = %self.id,
                             tenant_id = %self.tenant_id,
                             kind = kind.label(),
                             sequence,
