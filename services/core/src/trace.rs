@@ -40,18 +40,14 @@ pub fn current() -> TraceContext {
 /// accepted in one trace stays in that trace, even when the call that did
 /// it came without a context of its own.
 pub fn current_within(stored: &TraceContext) -> TraceContext {
-    let current = current();
-    let same_trace = |a: &TraceContext, b: &TraceContext| {
-        let trace_id = |c: &TraceContext| {
-            c.get("traceparent")
-                .and_then(|t| t.split('-').nth(1).map(str::to_owned))
-        };
-        trace_id(a).is_some() && trace_id(a) == trace_id(b)
-    };
-    if stored.is_empty() || same_trace(&current, stored) {
-        current
-    } else {
-        stored.clone()
+    let here = tracing::Span::current().context();
+    match from_map(stored) {
+        Some(there)
+            if there.span().span_context().trace_id() != here.span().span_context().trace_id() =>
+        {
+            stored.clone()
+        }
+        _ => current(),
     }
 }
 
@@ -439,6 +435,61 @@ mod tests {
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
         assert!(parent.span().span_context().is_remote());
+    }
+
+    /// Runs `f` with spans exported nowhere but made (a tracer, no exporter).
+    fn traced<R>(f: impl FnOnce() -> R) -> R {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, f)
+    }
+
+    fn trace_of(context: &TraceContext) -> &str {
+        context["traceparent"].split('-').nth(1).unwrap()
+    }
+
+    #[test]
+    fn work_for_a_request_stays_in_the_trace_it_was_accepted_in() {
+        let accepted: TraceContext = [(
+            "traceparent".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+        )]
+        .into();
+        traced(|| {
+            // A call that came with the request's own context: its span.
+            let span = tracing::info_span!("streamer.passed_on");
+            continue_from(&span, [from_map(&accepted)]);
+            let passed_on = span.in_scope(|| current_within(&accepted));
+            assert_eq!(trace_of(&passed_on), trace_of(&accepted));
+            assert_ne!(passed_on, accepted, "the call's own span is the parent");
+
+            // A call that came without one: the request's trace, not the
+            // call's fresh one.
+            let span = tracing::info_span!("streamer.bare");
+            let bare = span.in_scope(|| current_within(&accepted));
+            assert_eq!(bare, accepted);
+            assert_ne!(
+                trace_of(&span.in_scope(current)),
+                trace_of(&accepted),
+                "the bare call has a trace of its own"
+            );
+
+            // A request accepted while tracing was off: the call's own.
+            let untraced = span.in_scope(|| current_within(&TraceContext::new()));
+            assert_eq!(untraced, span.in_scope(current));
+        });
+        // Tracing off: nothing to carry on but what was stored.
+        assert!(current().is_empty());
+        assert_eq!(current_within(&accepted), accepted);
+    }
+
+    #[test]
+    fn a_span_without_a_traced_parent_is_none() {
+        let none = child_of(&TraceContext::new(), || tracing::info_span!("streamer.x"));
+        assert!(none.is_none());
     }
 
     #[test]
