@@ -205,6 +205,7 @@ fn request(id: &str) -> RequestRecord {
         updated_at_ms: now,
         sequence: 0,
         final_pending: false,
+        trace_context: Default::default(),
         version: 0,
     }
 }

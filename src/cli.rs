@@ -896,10 +896,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         streamer_core::telemetry::init_logs(cli.log_format, "warn");
         return dynamodb(cmd).await;
     }
-    streamer_core::telemetry::init_logs(cli.log_format, "info");
+    let service = match &cli.command {
+        Command::Auth(_) => "streamer-auth",
+        Command::Connection(_) => "streamer-connection",
+        Command::Progress(_) => "streamer-progress",
+        Command::Gateway(_) => "streamer-gateway",
+        _ => "streamer",
+    };
+    let traces = streamer_core::telemetry::init(cli.log_format, "info", service)?;
     let shutdown = Shutdown::new();
     streamer_core::shutdown::cancel_on_signal(shutdown.clone());
-    match cli.command {
+    let result = serve(cli.command, shutdown).await;
+    // The last spans, those of the shutdown among them.
+    traces.shutdown().await;
+    result
+}
+
+/// Runs one of the serving commands until `shutdown`.
+async fn serve(command: Command, shutdown: Shutdown) -> anyhow::Result<()> {
+    match command {
         Command::Token(_)
         | Command::ServiceToken(_)
         | Command::Certs(_)

@@ -8,9 +8,13 @@
 
 mod support;
 
+#[path = "support/otlp.rs"]
+mod otlp;
+
 use std::process::Stdio;
 use std::time::Duration;
 
+use futures::{SinkExt as _, StreamExt as _};
 use support::{http_get, within};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -51,6 +55,11 @@ impl Banner {
 /// Starts `streamer all` on ephemeral ports in a fresh data directory and
 /// reads its banner.
 async fn start_all(data_dir: &std::path::Path) -> (Child, Banner) {
+    start_all_with(data_dir, &[]).await
+}
+
+/// [`start_all`], with these environment variables as well.
+async fn start_all_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> (Child, Banner) {
     let mut child = Command::new(STREAMER)
         .args(["all", "--data-dir"])
         .arg(data_dir)
@@ -69,6 +78,7 @@ async fn start_all(data_dir: &std::path::Path) -> (Child, Banner) {
             "127.0.0.1:0",
         ])
         .env("STREAMER_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -89,6 +99,21 @@ async fn start_all(data_dir: &std::path::Path) -> (Child, Banner) {
     // Keep reading so the process never writes into a closed pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
     (child, Banner { lines })
+}
+
+/// The banner's demo token (on its own line after the label).
+fn demo_token(banner: &Banner) -> String {
+    let token = banner.value("Demo token").to_owned();
+    if token.is_empty() || token.starts_with('(') {
+        let at = banner
+            .lines
+            .iter()
+            .position(|l| l.starts_with("Demo token"))
+            .unwrap();
+        banner.lines[at + 2].trim().to_owned()
+    } else {
+        token
+    }
 }
 
 async fn shell(command: &str) -> (bool, String) {
@@ -114,18 +139,7 @@ async fn streamer_all_prints_commands_that_work_as_printed() {
         .and_then(|r| r.split('/').next())
         .unwrap()
         .to_owned();
-    let token = banner.value("Demo token").to_owned();
-    let token = if token.is_empty() || token.starts_with('(') {
-        // The token is on its own line after the label.
-        let at = banner
-            .lines
-            .iter()
-            .position(|l| l.starts_with("Demo token"))
-            .unwrap();
-        banner.lines[at + 2].trim().to_owned()
-    } else {
-        token
-    };
+    let token = demo_token(&banner);
     assert_eq!(
         token.split('.').count(),
         3,
@@ -440,4 +454,72 @@ async fn the_api_gateway_mode_starts_from_the_command_line() {
     let args = gateway(&secret);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     starts_and_logs(&args, &[], "API Gateway integration listening").await;
+}
+
+/// With `OTEL_EXPORTER_OTLP_ENDPOINT` set, `streamer all` exports its spans
+/// there under the service name `streamer`, and SIGTERM flushes what the
+/// batch exporter still holds (its interval is set far beyond the test).
+#[tokio::test]
+async fn streamer_all_exports_traces_to_the_otlp_endpoint_and_flushes_them_at_exit() {
+    let receiver = otlp::Receiver::default();
+    let collector = format!("http://{}", receiver.serve().await);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut streamer, banner) = start_all_with(
+        dir.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+        ],
+    )
+    .await;
+    let ws = banner
+        .value("WebSocket")
+        .replace("<token>", &demo_token(&banner));
+    let ready = format!("http://{}/readyz", ws.split('/').nth(2).unwrap());
+    support::eventually("the edge to be ready", || {
+        let ready = ready.clone();
+        async move { http_get(&ready).await.map(|r| r.0) == Some(200) }
+    })
+    .await;
+    let (mut client, _) = within(
+        "the client to connect",
+        tokio_tungstenite::connect_async(ws),
+    )
+    .await
+    .unwrap();
+    let (trace_id, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let frame = serde_json::json!({
+        "action": "no_such_action", "id": "t1",
+        "metadata": {"traceparent": format!("00-{trace_id}-{parent}-01")},
+    });
+    client
+        .send(tokio_tungstenite::tungstenite::Message::Text(
+            frame.to_string().into(),
+        ))
+        .await
+        .unwrap();
+    let answer = within("the answer", client.next()).await.unwrap().unwrap();
+    assert!(
+        answer.to_text().unwrap().contains("INVALID_ACTION"),
+        "{answer}"
+    );
+    assert!(
+        receiver.trace(trace_id).is_empty(),
+        "nothing is exported before the batch interval or the exit"
+    );
+
+    let pid = streamer.id().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = within("streamer to exit", streamer.wait()).await.unwrap();
+    assert!(status.success(), "{status}");
+
+    let trace = otlp::Trace(receiver.trace(trace_id));
+    let edge = trace.child(parent, "edge.request");
+    assert_eq!(edge.service, "streamer");
+    assert_eq!(edge.attributes["request_id"], "t1");
+    let route = trace.child(&edge.span_id, "connection.route");
+    assert_eq!(route.attributes["tenant_id"], "demo-tenant");
 }

@@ -169,6 +169,14 @@ class InvalidPayload(ValueError):
     pass
 
 
+def trace_metadata(request) -> tuple:
+    """The request's W3C trace context (`traceparent`, `tracestate`) as call
+    metadata: the calls made for it join the client's trace."""
+    if request is None:
+        return ()
+    return tuple(request.trace_context.items())
+
+
 def report_pages(payload) -> int:
     """The page count of a generate_report payload: {"pages": N}, default 5."""
     if payload is None:
@@ -341,6 +349,7 @@ class Processor:
                         ),
                         retryable=False,
                     ),
+                    request,
                 )
                 event(logging.INFO, "job rejected its payload", code="INVALID_PAYLOAD", **fields)
                 return
@@ -358,6 +367,7 @@ class Processor:
                         {"report_url": f"https://reports.example/{request.id}.pdf", "pages": pages}
                     ),
                 ),
+                request,
             )
             event(logging.INFO, "job completed", pages=pages, **fields)
         except grpc.RpcError as error:
@@ -384,6 +394,7 @@ class Processor:
                         error=self.pb.RequestError(code="INTERNAL", message=str(error)),
                         retryable=True,
                     ),
+                    request,
                 )
             except grpc.RpcError:
                 pass
@@ -396,7 +407,9 @@ class Processor:
         """Renders the pages, one progress report each; returns how many."""
         reports: queue.SimpleQueue = queue.SimpleQueue()
         # One client stream for the whole job; None ends it.
-        summary = self.stub.Report.future(iter(reports.get, None))
+        summary = self.stub.Report.future(
+            iter(reports.get, None), metadata=trace_metadata(job.request)
+        )
         done = 0
         try:
             for page in range(1, pages + 1):
@@ -425,12 +438,13 @@ class Processor:
             )
         return done
 
-    def unary(self, method, message):
-        """Calls a unary RPC, trying again while the failure is transient."""
+    def unary(self, method, message, request=None):
+        """Calls a unary RPC, trying again while the failure is transient.
+        About a `request`, the call carries its trace context."""
         backoff = Backoff(initial=0.2, cap=2.0)
         for attempt in range(1, 6):
             try:
-                return method(message, timeout=RPC_TIMEOUT_S)
+                return method(message, timeout=RPC_TIMEOUT_S, metadata=trace_metadata(request))
             except grpc.RpcError as error:
                 if error.code() not in TRANSIENT or attempt == 5 or self.stopping.is_set():
                     raise

@@ -49,6 +49,7 @@ use crate::edge::{Edge, RegisterError};
 use crate::frames;
 use crate::socket::REFRESH_ACTION;
 use crate::{AuthReplicas, GatewayConfig, authenticate, new_record, unavailable};
+use tracing::Instrument as _;
 
 /// The header that carries the shared secret.
 pub const SECRET_HEADER: &str = "x-streamer-apigateway-secret";
@@ -320,8 +321,16 @@ async fn default(
             )),
             Ok(frame) => {
                 metrics::counter!("streamer_gateway_frames_total").increment(1);
-                let inbound = frame.into_inbound(&connection_id);
-                if !state.edge.emit(Event::Frame(inbound)).await {
+                let span = frames::request_span(&connection_id, &frame);
+                let inbound = span.in_scope(|| {
+                    frame.into_inbound(&connection_id, streamer_core::trace::current())
+                });
+                let emitted = state
+                    .edge
+                    .emit(Event::Frame(inbound))
+                    .instrument(span)
+                    .await;
+                if !emitted {
                     return unavailable("connection service unavailable");
                 }
                 None

@@ -36,6 +36,7 @@ use streamer_api::v1::{
 };
 use streamer_core::ids::{ConnectionId, EdgeId, TenantId, UserId};
 use streamer_core::shutdown::Shutdown;
+use streamer_core::trace;
 use streamer_core::trust::AuthedChannel;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -772,6 +773,10 @@ impl Edge {
                 );
             }
             Command::Deliver(deliver) => {
+                let span = trace::child_of(&deliver.trace_context, || {
+                    tracing::info_span!("edge.deliver", otel.kind = "consumer")
+                });
+                let _traced = span.enter();
                 let results = match payload_message(deliver.payload) {
                     Some(message) => deliver
                         .connection_ids
@@ -802,6 +807,10 @@ impl Edge {
                 }
             }
             Command::Fanout(fanout) => {
+                let span = trace::child_of(&fanout.trace_context, || {
+                    tracing::info_span!("edge.fanout", otel.kind = "consumer")
+                });
+                let _traced = span.enter();
                 let report = self.fan_out(fanout);
                 if report.delivery_id != 0 {
                     send_nowait(reply, Event::FannedOut(report));

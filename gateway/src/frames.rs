@@ -99,9 +99,32 @@ pub fn error_message(request_id: &ClientRequestId, code: ErrorCode, message: &st
     client::error(request_id, code, message).to_string()
 }
 
+/// The edge's span for a client frame: the first of the request's trace,
+/// or a child of the client's own span when the frame's `metadata` carries
+/// its `traceparent`.
+pub fn request_span(connection_id: &ConnectionId, frame: &ClientFrame) -> tracing::Span {
+    let span = tracing::info_span!(
+        "edge.request",
+        otel.kind = "server",
+        connection_id = %connection_id,
+        request_id = %frame.id,
+        action = %frame.action,
+    );
+    streamer_core::trace::continue_from(
+        &span,
+        [streamer_core::trace::from_client_metadata(&frame.metadata)],
+    );
+    span
+}
+
 impl ClientFrame {
-    /// The frame as it goes up the Attach stream.
-    pub fn into_inbound(self, connection_id: &ConnectionId) -> v1::InboundFrame {
+    /// The frame as it goes up the Attach stream, in the trace
+    /// `trace_context`.
+    pub fn into_inbound(
+        self,
+        connection_id: &ConnectionId,
+        trace_context: streamer_core::trace::TraceContext,
+    ) -> v1::InboundFrame {
         v1::InboundFrame {
             connection_id: connection_id.to_string(),
             action: self.action,
@@ -109,6 +132,7 @@ impl ClientFrame {
             payload: Some(streamer_api::json::to_proto(self.payload)),
             metadata: Some(streamer_api::json::object_to_struct(self.metadata)),
             received_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            trace_context,
         }
     }
 }
@@ -226,7 +250,7 @@ mod tests {
             proptest::prop_assert_eq!(parsed.is_ok(), wraps.len() <= json::MAX_DEPTH);
             if let Ok(parsed) = parsed {
                 let event = v1::EdgeEvent {
-                    event: Some(v1::edge_event::Event::Frame(parsed.into_inbound(&"c1".into()))),
+                    event: Some(v1::edge_event::Event::Frame(parsed.into_inbound(&"c1".into(), Default::default()))),
                 };
                 proptest::prop_assert!(v1::EdgeEvent::decode(event.encode_to_vec().as_slice()).is_ok());
             }
@@ -246,7 +270,7 @@ mod tests {
             }
             if let Ok(parsed) = parse(&frame.to_string(), usize::MAX) {
                 let event = v1::EdgeEvent {
-                    event: Some(v1::edge_event::Event::Frame(parsed.into_inbound(&"c1".into()))),
+                    event: Some(v1::edge_event::Event::Frame(parsed.into_inbound(&"c1".into(), Default::default()))),
                 };
                 let bytes = event.encode_to_vec();
                 proptest::prop_assert!(v1::EdgeEvent::decode(bytes.as_slice()).is_ok());

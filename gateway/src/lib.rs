@@ -34,6 +34,7 @@ pub mod socket;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Query, State};
@@ -164,9 +165,10 @@ async fn validate(
 ) -> Option<v1::ValidateTokenResponse> {
     let answer = auth
         .call(2, Duration::ZERO, |mut client| async move {
-            let call = client.validate_token(v1::ValidateTokenRequest {
-                token: token.to_owned(),
-            });
+            let call =
+                client.validate_token(streamer_core::trace::request(v1::ValidateTokenRequest {
+                    token: token.to_owned(),
+                }));
             match tokio::time::timeout(timeout, call).await {
                 Ok(answer) => answer,
                 Err(_) => Err(tonic::Status::deadline_exceeded("auth service timed out")),
@@ -538,7 +540,19 @@ async fn connect(
     // Then authentication: an unauthenticated caller learns nothing else,
     // not even whether it spoke WebSocket correctly.
     let timeout = state.config.control_plane_timeout;
-    let (token, claims) = match authenticate(&state.auth, &query, &headers, timeout).await {
+    // The upgrade's span: a child of the caller's when its request carries a
+    // `traceparent` header.
+    let span = tracing::info_span!(
+        "edge.connect",
+        otel.kind = "server",
+        connection_id = tracing::field::Empty,
+        tenant_id = tracing::field::Empty,
+    );
+    streamer_core::trace::continue_from(&span, [streamer_core::trace::from_headers(&headers)]);
+    let (token, claims) = match authenticate(&state.auth, &query, &headers, timeout)
+        .instrument(span.clone())
+        .await
+    {
         Ok(checked) => checked,
         Err(refused) => return *refused,
     };
@@ -572,7 +586,16 @@ async fn connect(
         user_agent,
         &peer.ip().to_string(),
     );
-    let registered = match state.edge.register(record, token, timeout).await {
+    span.record("connection_id", connection_id.as_str());
+    if let Some(identity) = &record.identity {
+        span.record("tenant_id", identity.tenant_id.as_str());
+    }
+    let registered = match state
+        .edge
+        .register(record, token, timeout)
+        .instrument(span)
+        .await
+    {
         Ok(registered) => registered,
         Err(RegisterError::Detached) => {
             return unavailable("connection service unavailable");

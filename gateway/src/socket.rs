@@ -19,6 +19,7 @@ use crate::frames;
 use crate::limits::{Admit, SocketLimits, TokenBucket, close, close_code_for};
 use streamer_core::client::{self, ErrorCode};
 use streamer_core::ids::{ClientRequestId, ConnectionId};
+use tracing::Instrument as _;
 
 /// Close code for a client that cannot keep up.
 pub const CLOSE_SLOW_CONSUMER: u16 = close::POLICY;
@@ -197,8 +198,16 @@ pub async fn run<S>(
                             tokio::task::yield_now().await;
                         }
                         Ok(frame) => {
-                            let inbound = frame.clone().into_inbound(&connection_id);
-                            if !Box::pin(edge.emit(Event::Frame(inbound))).await {
+                            let span = frames::request_span(&connection_id, &frame);
+                            let inbound = span.in_scope(|| {
+                                frame
+                                    .clone()
+                                    .into_inbound(&connection_id, streamer_core::trace::current())
+                            });
+                            let emitted = Box::pin(edge.emit(Event::Frame(inbound)))
+                                .instrument(span)
+                                .await;
+                            if !emitted {
                                 replies(frames::error_message(
                                     &frame.id,
                                     ErrorCode::Internal,

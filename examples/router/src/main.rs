@@ -16,6 +16,7 @@
 //! service token with the roles it needs in `STREAMER_SERVICE_TOKEN`:
 //! `streamer service-token --sub router --roles router,backend`.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
@@ -98,12 +99,13 @@ async fn serve(mut client: Client, router_id: &str) -> Result<(), tonic::Status>
         .await?
         .into_inner();
     println!("ready: {router_id} answers {ACTIONS:?}");
-    while let Some(frame) = frames.message().await? {
+    while let Some(mut frame) = frames.message().await? {
         let client = client.clone();
         tokio::spawn(async move {
             let connection_id = frame.connection_id.clone();
+            let trace_context = std::mem::take(&mut frame.trace_context);
             let reply = answer(frame);
-            if let Err(status) = send(client, &connection_id, reply).await {
+            if let Err(status) = send(client, &connection_id, reply, trace_context).await {
                 eprintln!(
                     "router: reply to {connection_id} failed: {}",
                     status.message()
@@ -145,22 +147,33 @@ fn answer(frame: InboundMessage) -> Value {
     })
 }
 
+/// Sends `message` to the connection. The frame's `trace_context` goes
+/// along as the call's metadata, so the reply is part of the client's
+/// trace (a router with its own tracing would send its own span's
+/// context instead).
 async fn send(
     mut client: Client,
     connection_id: &str,
     message: Value,
+    trace_context: HashMap<String, String>,
 ) -> Result<(), tonic::Status> {
-    client
-        .send(v1::SendRequest {
-            connection_id: connection_id.to_owned(),
-            payload: Some(v1::Payload {
-                body: Some(v1::payload::Body::Json(streamer_api::json::to_proto(
-                    message,
-                ))),
-            }),
-            tenant_id: String::new(),
-            sequence: None,
-        })
-        .await
-        .map(drop)
+    let mut request = tonic::Request::new(v1::SendRequest {
+        connection_id: connection_id.to_owned(),
+        payload: Some(v1::Payload {
+            body: Some(v1::payload::Body::Json(streamer_api::json::to_proto(
+                message,
+            ))),
+        }),
+        tenant_id: String::new(),
+        sequence: None,
+    });
+    for (key, value) in trace_context {
+        if let (Ok(key), Ok(value)) = (
+            key.parse::<tonic::metadata::AsciiMetadataKey>(),
+            value.parse::<AsciiMetadataValue>(),
+        ) {
+            request.metadata_mut().insert(key, value);
+        }
+    }
+    client.send(request).await.map(drop)
 }

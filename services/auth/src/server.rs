@@ -15,6 +15,7 @@ use streamer_core::shutdown::Shutdown;
 use streamer_core::store::{SharedStore, now_ms};
 use streamer_core::trust::Caller;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::error::AuthError;
 use crate::revocation::{Revocations, Revoke};
@@ -84,13 +85,25 @@ impl AuthService for AuthServer {
         &self,
         request: Request<ValidateTokenRequest>,
     ) -> Result<Response<ValidateTokenResponse>, Status> {
+        let span = streamer_core::trace::server_span(
+            &request,
+            tracing::info_span!(
+                "auth.validate_token",
+                otel.kind = "server",
+                valid = tracing::field::Empty,
+                tenant_id = tracing::field::Empty,
+            ),
+        );
         let token = request.into_inner().token;
         // Runs on the async thread: a verification is tens of microseconds of
         // CPU, and key files are re-read at most once a second, which does
         // not justify a hop to the blocking pool per call. JWKS fetches run
         // on their refreshers; a call only waits for one.
-        let response = match self.check(&token).await? {
+        let checked = self.check(&token).instrument(span.clone()).await?;
+        span.record("valid", checked.is_ok());
+        let response = match checked {
             Ok(claims) => {
+                span.record("tenant_id", claims.tenant_id.as_str());
                 metrics::counter!("streamer_auth_validations_total", "result" => "valid")
                     .increment(1);
                 ValidateTokenResponse::from(claims)

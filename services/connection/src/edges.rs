@@ -97,6 +97,7 @@ impl EdgeLink {
                 connection_ids: connection_ids.iter().map(ToString::to_string).collect(),
                 payload: Some(payload),
                 sequence,
+                trace_context: streamer_core::trace::current(),
             })
         };
         match self.ask(command, timeout).await {
@@ -143,6 +144,7 @@ impl EdgeLink {
                 delivery_id,
                 selector: Some(selector),
                 payload: Some(payload),
+                trace_context: streamer_core::trace::current(),
             })
         };
         let report = self.send_asking(command, timeout).await;

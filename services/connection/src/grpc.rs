@@ -9,10 +9,12 @@ use streamer_api::v1::{
     connection_service_server::ConnectionService,
 };
 use streamer_core::ids::{ConnectionId, TenantId};
+use streamer_core::trace;
 use streamer_core::trust::Caller;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::delivery::Broadcasted;
 use crate::error::ConnectionError;
@@ -44,7 +46,19 @@ impl ConnectionService for ConnectionServer {
         request: Request<v1::SendRequest>,
     ) -> Result<Response<v1::SendResponse>, Status> {
         let caller = Caller::of(&request);
-        let outcome = self.send(request.into_inner().try_into()?, &caller).await?;
+        let span = trace::server_span(
+            &request,
+            tracing::info_span!(
+                "connection.send",
+                otel.kind = "server",
+                connection_id = %request.get_ref().connection_id,
+                tenant_id = %request.get_ref().tenant_id,
+            ),
+        );
+        let outcome = self
+            .send(request.into_inner().try_into()?, &caller)
+            .instrument(span)
+            .await?;
         Ok(Response::new(v1::SendResponse {
             outcome: outcome as i32,
         }))
@@ -55,8 +69,17 @@ impl ConnectionService for ConnectionServer {
         request: Request<v1::BroadcastRequest>,
     ) -> Result<Response<v1::BroadcastResponse>, Status> {
         let caller = Caller::of(&request);
+        let span = trace::server_span(
+            &request,
+            tracing::info_span!(
+                "connection.broadcast",
+                otel.kind = "server",
+                tenant_id = %request.get_ref().tenant_id,
+            ),
+        );
         let answer = match self
             .broadcast(request.into_inner().try_into()?, &caller)
+            .instrument(span)
             .await?
         {
             Broadcasted::Each(results) => counts(&results),
@@ -136,7 +159,17 @@ impl ConnectionService for ConnectionServer {
         request: Request<v1::DisconnectRequest>,
     ) -> Result<Response<v1::DisconnectResponse>, Status> {
         let caller = Caller::of(&request);
+        let span = trace::server_span(
+            &request,
+            tracing::info_span!(
+                "connection.disconnect",
+                otel.kind = "server",
+                connection_id = %request.get_ref().connection_id,
+                tenant_id = %request.get_ref().tenant_id,
+            ),
+        );
         self.disconnect(request.into_inner().try_into()?, &caller)
+            .instrument(span)
             .await?;
         Ok(Response::new(v1::DisconnectResponse {}))
     }
@@ -177,8 +210,18 @@ impl ConnectionService for ConnectionServer {
         request: Request<v1::PublishRequest>,
     ) -> Result<Response<v1::PublishResponse>, Status> {
         let caller = Caller::of(&request);
+        let span = trace::server_span(
+            &request,
+            tracing::info_span!(
+                "connection.publish",
+                otel.kind = "server",
+                tenant_id = %request.get_ref().tenant_id,
+                topic = %request.get_ref().topic,
+            ),
+        );
         let published = self
             .publish(request.into_inner().try_into()?, &caller)
+            .instrument(span)
             .await?;
         Ok(Response::new(v1::PublishResponse {
             position: Some(position_to_proto(published.position)),

@@ -6,9 +6,11 @@ use serde_json::Value;
 use streamer_api::v1::{self, InboundMessage};
 use streamer_core::ids::{ClientRequestId, ConnectionId, EdgeId};
 use streamer_core::store::{ConnectionRecord, now_ms};
+use streamer_core::trace;
 use streamer_core::trust::Caller;
 use tokio::sync::mpsc;
 use tonic::Response;
+use tracing::Instrument as _;
 
 use crate::routers::RouteError;
 use crate::service::{ConnectionServer, Inbound, TOUCH_INTERVAL_MS};
@@ -75,8 +77,29 @@ impl ConnectionServer {
     }
 
     /// Routes one client frame: built-in actions, then routers, then the
-    /// async request queue; anything else is INVALID_ACTION.
+    /// async request queue; anything else is INVALID_ACTION. Its span
+    /// continues the edge's (or, from an edge that traces nothing, the
+    /// client's own `metadata.traceparent`).
     pub(crate) async fn inbound(&self, edge_id: &EdgeId, frame: v1::InboundFrame) {
+        let span = tracing::info_span!(
+            "connection.route",
+            otel.kind = "server",
+            connection_id = %frame.connection_id,
+            request_id = %frame.request_id,
+            action = %frame.action,
+            tenant_id = tracing::field::Empty,
+        );
+        trace::continue_from(
+            &span,
+            [
+                trace::from_map(&frame.trace_context),
+                trace::from_struct(frame.metadata.as_ref()),
+            ],
+        );
+        self.route_frame(edge_id, frame).instrument(span).await;
+    }
+
+    async fn route_frame(&self, edge_id: &EdgeId, frame: v1::InboundFrame) {
         let connection_id = ConnectionId::from(frame.connection_id.as_str());
         let record = match self.find(&connection_id, None, Caller::everyone()).await {
             // Only the edge holding a socket speaks for it.
@@ -87,6 +110,7 @@ impl ConnectionServer {
             }
             Err(_) => return, // closed meanwhile
         };
+        tracing::Span::current().record("tenant_id", record.tenant_id.as_str());
         let now = now_ms();
         if now.saturating_sub(record.last_seen_ms) > TOUCH_INTERVAL_MS {
             let _ = self
@@ -130,6 +154,7 @@ impl ConnectionServer {
             payload: frame.payload,
             metadata: frame.metadata,
             received_at: frame.received_at,
+            trace_context: trace::current(),
         };
         let message = match self.shared.routers.dispatch(message) {
             Ok(_) => return None,
@@ -173,7 +198,7 @@ impl ConnectionServer {
         let submitted = progress
             .call(SUBMIT_ATTEMPTS, SUBMIT_FIRST_BACKOFF, |mut client| {
                 let submit = submit.clone();
-                async move { client.submit(submit).await }
+                async move { client.submit(trace::request(submit)).await }
             })
             .await;
         match submitted {

@@ -27,6 +27,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod topics;
+pub mod trace;
 pub mod trust;
 
 /// A timestamp for the wire from the store's milliseconds.

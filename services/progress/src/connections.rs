@@ -128,7 +128,7 @@ impl ConnectionDirectory {
             .replicas
             .call(ATTEMPTS, Duration::ZERO, |mut client| {
                 let send = send.clone();
-                async move { client.send(send).await }
+                async move { client.send(streamer_core::trace::request(send)).await }
             })
             .await;
         match reply {

@@ -6,6 +6,8 @@
 //! report on, complete or fail work that another credential holds.
 
 use std::pin::Pin;
+use streamer_core::trace;
+use tracing::Instrument as _;
 
 use futures::Stream;
 use streamer_api::v1;
@@ -39,8 +41,18 @@ impl ProgressService for ProgressServer {
         request: Request<v1::SubmitRequest>,
     ) -> Result<Response<v1::SubmitResponse>, Status> {
         let caller = Caller::of(&request);
+        let span = trace::server_span(
+            &request,
+            tracing::info_span!(
+                "progress.submit",
+                otel.kind = "server",
+                connection_id = %request.get_ref().connection_id,
+                request_id = %request.get_ref().request_id,
+                action = %request.get_ref().action,
+            ),
+        );
         let cmd: Submit = request.into_inner().try_into()?;
-        let (record, duplicate) = self.lifecycle.submit(cmd, &caller).await?;
+        let (record, duplicate) = self.lifecycle.submit(cmd, &caller).instrument(span).await?;
         Ok(Response::new(v1::SubmitResponse {
             request: Some(request_to_proto(record)),
             duplicate,
@@ -71,12 +83,17 @@ impl ProgressService for ProgressServer {
         request: Request<Streaming<v1::ProgressReport>>,
     ) -> Result<Response<v1::ReportSummary>, Status> {
         let caller = Caller::of(&request);
+        // One context for the stream: each report is a child of it.
+        let parent = trace::from_metadata(request.metadata());
         let mut reports = request.into_inner();
         let mut summary = v1::ReportSummary::default();
         while let Some(report) = reports.message().await? {
+            let span =
+                tracing::info_span!("progress.report", otel.kind = "server", id = %report.id);
+            trace::continue_from(&span, [parent.clone()]);
             let mut report: Report = report.try_into()?;
             report.processor_id = qualified(&caller, report.processor_id);
-            if self.lifecycle.report(report).await? {
+            if self.lifecycle.report(report).instrument(span).await? {
                 summary.accepted += 1;
             } else {
                 summary.rejected += 1;
@@ -90,9 +107,13 @@ impl ProgressService for ProgressServer {
         request: Request<v1::CompleteRequest>,
     ) -> Result<Response<v1::Request>, Status> {
         let caller = Caller::of(&request);
+        let span = trace::server_span(
+            &request,
+            tracing::info_span!("progress.complete", otel.kind = "server", id = %request.get_ref().id),
+        );
         let mut cmd: Complete = request.into_inner().try_into()?;
         cmd.processor_id = qualified(&caller, cmd.processor_id);
-        let record = self.lifecycle.complete(cmd).await?;
+        let record = self.lifecycle.complete(cmd).instrument(span).await?;
         Ok(Response::new(request_to_proto(record)))
     }
 
@@ -101,9 +122,13 @@ impl ProgressService for ProgressServer {
         request: Request<v1::FailRequest>,
     ) -> Result<Response<v1::Request>, Status> {
         let caller = Caller::of(&request);
+        let span = trace::server_span(
+            &request,
+            tracing::info_span!("progress.fail", otel.kind = "server", id = %request.get_ref().id),
+        );
         let mut cmd: Fail = request.into_inner().try_into()?;
         cmd.processor_id = qualified(&caller, cmd.processor_id);
-        let record = self.lifecycle.fail(cmd).await?;
+        let record = self.lifecycle.fail(cmd).instrument(span).await?;
         Ok(Response::new(request_to_proto(record)))
     }
 
@@ -112,8 +137,12 @@ impl ProgressService for ProgressServer {
         request: Request<v1::CancelRequest>,
     ) -> Result<Response<v1::Request>, Status> {
         let caller = Caller::of(&request);
+        let span = trace::server_span(
+            &request,
+            tracing::info_span!("progress.cancel", otel.kind = "server", id = %request.get_ref().id),
+        );
         let cmd: Cancel = request.into_inner().try_into()?;
-        let record = self.lifecycle.cancel(cmd, &caller).await?;
+        let record = self.lifecycle.cancel(cmd, &caller).instrument(span).await?;
         Ok(Response::new(request_to_proto(record)))
     }
 

@@ -465,13 +465,7 @@ impl Lifecycle {
             && let Some(message) = client::progress(record)
         {
             let sequence = record.progress.as_ref().map_or(0, |p| p.sequence);
-            self.outboxes.progress(
-                &record.id,
-                &record.tenant_id,
-                &record.connection_id,
-                sequence,
-                message,
-            );
+            self.outboxes.progress(record, sequence, message);
         }
         if effects.final_message
             && let Some(message) = client::final_message(record, false)
@@ -479,13 +473,8 @@ impl Lifecycle {
             if !effects.binding_only {
                 metrics::counter!("streamer_progress_requests_finished_total", "status" => crate::error::status_name(record.status)).increment(1);
             }
-            self.outboxes.final_message(
-                &record.id,
-                &record.tenant_id,
-                &record.connection_id,
-                record.sequence,
-                message,
-            );
+            self.outboxes
+                .final_message(record, record.sequence, message);
         }
         // No receivers is normal: nobody is watching.
         let _ = self.updates.send(record.clone());
@@ -532,6 +521,9 @@ impl Lifecycle {
             updated_at_ms: now,
             sequence: 0,
             final_pending: false,
+            // Its later work (dispatch, progress, the outcome) joins the
+            // trace it was submitted in.
+            trace_context: streamer_core::trace::current(),
             version: 0,
         };
         let guard = self.lock(&record.id).await;
@@ -549,12 +541,8 @@ impl Lifecycle {
             // `get_request`).
             tracing::debug!(request = %record.id, "duplicate submit");
             if record.connection_id == cmd.connection_id && !record.status.is_final() {
-                self.outboxes.acknowledgment(
-                    &record.id,
-                    &record.tenant_id,
-                    &record.connection_id,
-                    client::acknowledgment(&record),
-                );
+                self.outboxes
+                    .acknowledgment(&record, client::acknowledgment(&record));
             }
             return Ok((record, true));
         }
@@ -562,12 +550,8 @@ impl Lifecycle {
         metrics::counter!("streamer_progress_requests_submitted_total").increment(1);
         // The acknowledgment is queued before anyone can see the request,
         // so it is the first thing the client hears about it.
-        self.outboxes.acknowledgment(
-            &record.id,
-            &record.tenant_id,
-            &record.connection_id,
-            client::acknowledgment(&record),
-        );
+        self.outboxes
+            .acknowledgment(&record, client::acknowledgment(&record));
         self.after_change(&record, Effects::none());
         drop(guard);
         Ok((record, false))
@@ -883,13 +867,8 @@ impl Lifecycle {
             // sequence and timestamp) marked as a replay. The connection
             // that was bound already had it; were the binding to move back
             // there, its edge would not write that sequence again.
-            self.outboxes.final_message(
-                &record.id,
-                &record.tenant_id,
-                &record.connection_id,
-                record.sequence,
-                message,
-            );
+            self.outboxes
+                .final_message(&record, record.sequence, message);
         }
         drop(guard);
         tracing::info!(request = %record.id, connection_id = %record.connection_id, "delivery resumed on a new connection");
@@ -1019,7 +998,18 @@ impl Lifecycle {
             return AssignOutcome::Done;
         }
         let record = changed.record;
-        let sent = {
+        let span = streamer_core::trace::child_of(&record.trace_context, || {
+            tracing::info_span!(
+                "progress.dispatch",
+                otel.kind = "producer",
+                id = %record.id,
+                request_id = %record.client_request_id,
+                tenant_id = %record.tenant_id,
+                processor_id = %a.processor_id,
+                attempt = record.attempts,
+            )
+        });
+        let sent = span.in_scope(|| {
             let registry = self.registry();
             registry.sessions.get(&a.session).is_some_and(|s| {
                 s.tx.send(v1::ClaimResponse {
@@ -1029,9 +1019,9 @@ impl Lifecycle {
                 })
                 .is_ok()
             })
-        };
+        });
         if sent {
-            tracing::info!(request = %record.id, processor = %a.processor_id, attempt = record.attempts, "request handed out");
+            span.in_scope(|| tracing::info!(request = %record.id, processor = %a.processor_id, attempt = record.attempts, "request handed out"));
             metrics::counter!("streamer_progress_requests_dispatched_total").increment(1);
             return AssignOutcome::Done;
         }

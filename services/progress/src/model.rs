@@ -354,6 +354,7 @@ pub(crate) fn request_to_proto(r: RequestRecord) -> v1::Request {
         processor_id: r.processor_id.unwrap_or_default(),
         lease_expires_at: r.lease_expires_at_ms.map(timestamp),
         sequence: r.sequence,
+        trace_context: r.trace_context,
     }
 }
 

@@ -22,6 +22,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use streamer_core::store::RequestRecord;
+use streamer_core::trace::TraceContext;
+use tracing::Instrument as _;
 
 use serde_json::Value;
 use streamer_core::ids::{ConnectionId, RequestId, TenantId};
@@ -61,15 +64,34 @@ impl Kind {
 #[derive(Default)]
 struct Slots {
     /// Always sequence 0.
-    acknowledgment: Option<Value>,
+    acknowledgment: Option<Traced>,
     /// Latest wins; with its sequence, so an older update arriving late
     /// never replaces a newer one.
-    progress: Option<(u64, Value)>,
+    progress: Option<(u64, Traced)>,
     /// The highest progress sequence accepted so far.
     progress_sequence: u64,
-    final_message: Option<(u64, Value)>,
+    final_message: Option<(u64, Traced)>,
     /// Set once the final message was taken: later pushes are ignored.
     closed: bool,
+}
+
+/// A message, with the trace of the span that queued it (its delivery
+/// continues that trace).
+struct Traced {
+    message: Value,
+    trace: TraceContext,
+}
+
+impl Traced {
+    /// `message` about `record`, in the current span's trace when that is
+    /// the request's own (a processor that passed the context on), else in
+    /// the trace the request was accepted in.
+    fn new(message: Value, record: &RequestRecord) -> Self {
+        Traced {
+            message,
+            trace: streamer_core::trace::current_within(&record.trace_context),
+        }
+    }
 }
 
 struct Mailbox {
@@ -163,53 +185,37 @@ impl Outboxes {
         mailbox
     }
 
-    pub fn acknowledgment(
-        &self,
-        id: &RequestId,
-        tenant_id: &TenantId,
-        connection_id: &ConnectionId,
-        message: Value,
-    ) {
-        let mailbox = self.mailbox(id, tenant_id, connection_id, false);
+    pub fn acknowledgment(&self, record: &RequestRecord, message: Value) {
+        let mailbox = self.mailbox(&record.id, &record.tenant_id, &record.connection_id, false);
         let mut slots = mailbox.slots();
         if slots.closed {
             return;
         }
-        slots.acknowledgment = Some(message);
+        slots.acknowledgment = Some(Traced::new(message, record));
         drop(slots);
         mailbox.wake.notify_one();
     }
 
-    pub fn progress(
-        &self,
-        id: &RequestId,
-        tenant_id: &TenantId,
-        connection_id: &ConnectionId,
-        sequence: u64,
-        message: Value,
-    ) {
-        let mailbox = self.mailbox(id, tenant_id, connection_id, false);
+    pub fn progress(&self, record: &RequestRecord, sequence: u64, message: Value) {
+        let mailbox = self.mailbox(&record.id, &record.tenant_id, &record.connection_id, false);
         let mut slots = mailbox.slots();
         if slots.closed || slots.final_message.is_some() || sequence <= slots.progress_sequence {
             return;
         }
         slots.progress_sequence = sequence;
-        if slots.progress.replace((sequence, message)).is_some() {
+        if slots
+            .progress
+            .replace((sequence, Traced::new(message, record)))
+            .is_some()
+        {
             metrics::counter!("streamer_progress_coalesced_total").increment(1);
         }
         drop(slots);
         mailbox.wake.notify_one();
     }
 
-    pub fn final_message(
-        &self,
-        id: &RequestId,
-        tenant_id: &TenantId,
-        connection_id: &ConnectionId,
-        sequence: u64,
-        message: Value,
-    ) {
-        let mailbox = self.mailbox(id, tenant_id, connection_id, true);
+    pub fn final_message(&self, record: &RequestRecord, sequence: u64, message: Value) {
+        let mailbox = self.mailbox(&record.id, &record.tenant_id, &record.connection_id, true);
         let mut slots = mailbox.slots();
         if slots.closed {
             return;
@@ -217,7 +223,7 @@ impl Outboxes {
         if slots.progress.take().is_some() {
             metrics::counter!("streamer_progress_coalesced_total").increment(1);
         }
-        slots.final_message = Some((sequence, message));
+        slots.final_message = Some((sequence, Traced::new(message, record)));
         drop(slots);
         mailbox.wake.notify_one();
     }
@@ -231,7 +237,7 @@ impl Outboxes {
 }
 
 enum Next {
-    Send(Kind, u64, Value),
+    Send(Kind, u64, Traced),
     WaitUntil(Instant),
     Idle,
 }
@@ -283,7 +289,20 @@ impl Sender {
                     if kind == Kind::Progress {
                         last_progress = Some(Instant::now());
                     }
-                    let settled = self.deliver(kind, sequence, message).await;
+                    let span = streamer_core::trace::child_of(&message.trace, || {
+                        tracing::info_span!(
+                            "progress.deliver",
+                            otel.kind = "producer",
+                            id = %self.id,
+                            tenant_id = %self.tenant_id,
+                            kind = kind.label(),
+                            sequence,
+                        )
+                    });
+                    let settled = self
+                        .deliver(kind, sequence, message.message)
+                        .instrument(span)
+                        .await;
                     if kind == Kind::Final {
                         if settled {
                             crate::lifecycle::final_delivered(&ctx.store, &self.id, sequence).await;

@@ -113,6 +113,7 @@ pub fn request(id: &str, client_id: &str) -> RequestRecord {
         updated_at_ms: now_ms(),
         sequence: 0,
         final_pending: false,
+        trace_context: Default::default(),
         version: 0,
     }
 }

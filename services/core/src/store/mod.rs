@@ -226,6 +226,10 @@ pub struct RequestRecord {
     /// so that a replica that dies before delivering it leaves it to another.
     #[serde(default)]
     pub final_pending: bool,
+    /// The W3C Trace Context it was accepted in (empty when tracing was
+    /// off): what its later work continues.
+    #[serde(default, skip_serializing_if = "std::collections::HashMap::is_empty")]
+    pub trace_context: crate::trace::TraceContext,
     /// Bumped by every write; the condition of every update.
     pub version: u64,
 }
