@@ -73,8 +73,13 @@ ROLES = {
     "progress": ("StatefulSet", "streamer.v1.ProgressService", "grpc"),
     "gateway": ("Deployment", None, "http"),
 }
-# Read by the telemetry module, not by a flag, so --help does not list it.
-ENV_OUTSIDE_HELP = {"STREAMER_LOG"}
+# Read by the telemetry module, not by a flag, so --help does not list them:
+# the log filter and OpenTelemetry's standard variables.
+ENV_OUTSIDE_HELP = {"STREAMER_LOG", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME",
+                    "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}
+# scenario: the traces' collector endpoint and sample ratio every role gets
+# (absent: no OTEL_* variable at all).
+TRACES = {"production": ("http://otel-collector.observability:4317", "0.25")}
 # Scenarios that only change the trust values: every other fact is the one
 # of the scenario named here.
 BASE_SCENARIO = {"trust-none": "defaults", "trust-existing": "defaults",
@@ -808,6 +813,14 @@ def main():
                   f"{scenario}: STREAMER_AUTH_KEYS does not point at the read-only key mount")
         if scenario == "production":
             check(aenv.get("STREAMER_ALLOWED_TENANTS", {}).get("value") == "acme,globex", "production: allowed tenants")
+    traces = TRACES.get(scenario_name, TRACES.get(scenario))
+    for role in ALL_ROLES:
+        renv = env_map(workloads[role]["spec"]["template"]["spec"]["containers"][0])
+        otel = {k: v.get("value") for k, v in renv.items() if k.startswith("OTEL_")}
+        expected = {} if traces is None else {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": traces[0], "OTEL_SERVICE_NAME": f"streamer-{role}",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": traces[1]}
+        check(otel == expected, f"{scenario}: {role}'s trace settings are {otel}, expected {expected}")
     if scenario == "production":
         penv = env_map(workloads["progress"]["spec"]["template"]["spec"]["containers"][0])
         check(penv.get("STREAMER_ASYNC_ACTIONS", {}).get("value") == "generate_report,export", "production: async actions")

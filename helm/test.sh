@@ -392,6 +392,8 @@ refuse "an error ratio above 1" "at '/metrics/prometheusRule/thresholds/errorRat
 refuse "a misspelt alert threshold" "additional properties 'latencySecs' not allowed" \
   --set metrics.prometheusRule.thresholds.latencySecs=1
 refuse "logFormat outside json|plain" "at '/logFormat'" --set logFormat=xml
+refuse "a traces endpoint that is not an http(s) URL" "at '/traces/otlpEndpoint'" --set traces.otlpEndpoint=collector:4317
+refuse "a trace sample ratio above 1" "at '/traces/sampleRatio'" --set traces.sampleRatio=2
 refuse "progress.leaseSeconds 0" "at '/progress/leaseSeconds'" --set progress.leaseSeconds=0
 refuse "a negative progress.rate" "at '/progress/rate'" --set progress.rate=-1
 refuse "a port out of range" "at '/gateway/port'" --set gateway.port=70000

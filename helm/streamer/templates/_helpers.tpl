@@ -316,6 +316,16 @@ readinessProbe:
   value: {{ .ctx.Values.logFormat | quote }}
 - name: STREAMER_LOG
   value: {{ .ctx.Values.logLevel | quote }}
+{{- with .ctx.Values.traces.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ printf "streamer-%s" $.role | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: parentbased_traceidratio
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $.ctx.Values.traces.sampleRatio | toString | quote }}
+{{- end }}
 - name: STREAMER_METRICS_LISTEN
   value: {{ printf "0.0.0.0:%d" (int (index .ctx.Values .role).metricsPort) | quote }}
 # Set explicitly in both modes: unset, a role listening on 0.0.0.0 with no
