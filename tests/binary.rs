@@ -101,6 +101,17 @@ async fn start_all_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> (Ch
     (child, Banner { lines })
 }
 
+/// Sends SIGTERM and expects a clean exit.
+async fn terminate(streamer: &mut Child) {
+    let pid = streamer.id().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = within("streamer to exit", streamer.wait()).await.unwrap();
+    assert!(status.success(), "{status}");
+}
+
 /// The banner's demo token (on its own line after the label).
 fn demo_token(banner: &Banner) -> String {
     let token = banner.value("Demo token").to_owned();
@@ -258,13 +269,7 @@ async fn streamer_all_prints_commands_that_work_as_printed() {
     assert!(body.contains("token_expired"), "{body}");
 
     // SIGTERM: a clean exit, and the client sees 1001.
-    let pid = streamer.id().unwrap();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let status = within("streamer to exit", streamer.wait()).await.unwrap();
-    assert!(status.success(), "{status}");
+    terminate(&mut streamer).await;
     let closed = within("the client to see the close", async {
         loop {
             match client_out.next_line().await.unwrap() {
@@ -508,13 +513,7 @@ async fn streamer_all_exports_traces_to_the_otlp_endpoint_and_flushes_them_at_ex
         "nothing is exported before the batch interval or the exit"
     );
 
-    let pid = streamer.id().unwrap();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let status = within("streamer to exit", streamer.wait()).await.unwrap();
-    assert!(status.success(), "{status}");
+    terminate(&mut streamer).await;
 
     let trace = otlp::Trace(receiver.trace(trace_id));
     let edge = trace.child(parent, "edge.request");

@@ -6,39 +6,18 @@
 #[path = "../../../tests/support/mod.rs"]
 mod support;
 
-use std::process::Stdio;
+mod process;
+
 use std::time::Duration;
 
 use serde_json::json;
 use support::{TestSystem, within};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
-
-/// The router, started against `system`, once it says it is ready.
-async fn start_router(system: &TestSystem) -> (Child, Lines<BufReader<ChildStdout>>) {
-    let mut router = Command::new(env!("CARGO_BIN_EXE_example-router"))
-        .args([
-            "--connection",
-            &format!("http://{}", system.addrs.connection),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(router.stdout.take().unwrap()).lines();
-    let ready = within("the router's ready line", lines.next_line())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(ready.starts_with("ready"), "{ready}");
-    (router, lines)
-}
+use tokio::process::Command;
 
 #[tokio::test]
 async fn the_example_router_answers_echo_and_health() {
     let system = TestSystem::start().await;
-    let (_router, _lines) = start_router(&system).await;
+    let (_router, _lines) = process::start_router(&system).await;
 
     let (mut client, _) = system.connect_found("alice", "acme").await;
     client
@@ -62,7 +41,7 @@ async fn the_example_router_answers_echo_and_health() {
 #[tokio::test]
 async fn the_example_router_exits_on_sigint_while_connected() {
     let system = TestSystem::start().await;
-    let (mut router, _lines) = start_router(&system).await;
+    let (mut router, _lines) = process::start_router(&system).await;
     // Connected and answering.
     let (mut client, _) = system.connect_found("alice", "acme").await;
     client

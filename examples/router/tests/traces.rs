@@ -17,6 +17,8 @@ mod support;
 #[path = "../../../tests/support/otlp.rs"]
 mod otlp;
 
+mod process;
+
 use std::process::Stdio;
 
 use otlp::{Receiver, Trace};
@@ -31,26 +33,6 @@ const PROCESSOR: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../processor-python/processor.py"
 );
-
-async fn start_router(system: &TestSystem) -> (Child, Lines<BufReader<ChildStdout>>) {
-    let mut router = Command::new(env!("CARGO_BIN_EXE_example-router"))
-        .args([
-            "--connection",
-            &format!("http://{}", system.addrs.connection),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(router.stdout.take().unwrap()).lines();
-    let ready = within("the router's ready line", lines.next_line())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(ready.starts_with("ready"), "{ready}");
-    (router, lines)
-}
 
 async fn start_processor(system: &TestSystem) -> (Child, Lines<BufReader<ChildStdout>>) {
     let mut processor = Command::new("python3")
@@ -85,7 +67,7 @@ async fn one_client_request_is_one_trace_across_every_hop() {
     telemetry::init_with(LogFormat::Json, "warn", &traces);
 
     let system = TestSystem::start().await;
-    let (_router, _router_out) = start_router(&system).await;
+    let (_router, _router_out) = process::start_router(&system).await;
     let (_processor, _processor_out) = start_processor(&system).await;
     let (mut client, connection_id) = system.connect_found("alice", "acme").await;
 
