@@ -268,6 +268,98 @@ async fn list_connections_pages_through_a_tenant() {
     unique.sort();
     unique.dedup();
     assert_eq!(unique.len(), 5, "every connection exactly once: {seen:?}");
+
+    // Tokens are opaque, and only good for the listing that issued them.
+    let first = connections
+        .list_connections(v1::ListConnectionsRequest {
+            tenant_id: "acme".into(),
+            user_id: String::new(),
+            page: Some(v1::PageRequest {
+                page_size: 2,
+                page_token: String::new(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        first
+            .connections
+            .iter()
+            .all(|c| !first.next_page_token.contains(&c.connection_id)),
+        "the token does not show the last id: {}",
+        first.next_page_token
+    );
+    let last_id = first.connections[1].connection_id.clone();
+    for (user_id, page_token) in [
+        ("user-1", first.next_page_token.clone()),
+        ("", "garbage".to_owned()),
+        ("", last_id),
+    ] {
+        let status = connections
+            .list_connections(v1::ListConnectionsRequest {
+                tenant_id: "acme".into(),
+                user_id: user_id.into(),
+                page: Some(v1::PageRequest {
+                    page_size: 2,
+                    page_token: page_token.clone(),
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{page_token}: {status:?}"
+        );
+        assert!(status.message().contains("page.page_token"), "{status:?}");
+    }
+}
+
+/// What a client library sends when handed a plain object for a
+/// `google.protobuf.Value`: a Value with no kind. Refused, and nothing is
+/// delivered; the next good message is the first the socket gets.
+#[tokio::test]
+async fn an_unset_value_payload_is_refused_and_not_delivered() {
+    let system = TestSystem::start().await;
+    let (mut client, id) = system.connect_found("alice", "acme").await;
+    let mut connections = system.connections().await;
+    let unset = Some(v1::Payload {
+        body: Some(v1::payload::Body::Json(prost_types::Value { kind: None })),
+    });
+    let status = connections
+        .send(v1::SendRequest {
+            connection_id: id.clone(),
+            payload: unset.clone(),
+            tenant_id: String::new(),
+            sequence: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("no kind set"), "{status:?}");
+    let status = connections
+        .broadcast(v1::BroadcastRequest {
+            target: Some(v1::broadcast_request::Target::Tenant(v1::TenantTarget {
+                tenant_id: "acme".into(),
+            })),
+            payload: unset,
+            tenant_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    connections
+        .send(v1::SendRequest {
+            connection_id: id,
+            payload: json_payload(json!({"n": 1})),
+            tenant_id: String::new(),
+            sequence: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(client.recv_json().await, json!({"n": 1}));
 }
 
 async fn refused(system: &TestSystem, url: String) -> (u16, serde_json::Value) {

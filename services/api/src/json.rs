@@ -75,6 +75,33 @@ pub fn depth(value: &serde_json::Value) -> usize {
     }
 }
 
+/// Why a protobuf `Value` from a caller cannot be taken as JSON, if it
+/// cannot: it nests deeper than [`MAX_DEPTH`], or it (or a value inside it)
+/// has no kind set. An unset `Value` is not JSON `null` (that is
+/// `null_value`); it is what a client library sends when it is handed a
+/// plain object where it expects a `Value` it built.
+pub fn unusable(value: &Value) -> Option<String> {
+    if has_unset(value) {
+        return Some(
+            "holds a google.protobuf.Value with no kind set (JSON null is `null_value`): \
+             build the Value with your library's JSON helper (e.g. Value.fromJavaScript, \
+             json_format.ParseDict) rather than passing a plain object"
+                .to_owned(),
+        );
+    }
+    (proto_depth(value) > MAX_DEPTH)
+        .then(|| format!("nests arrays and objects deeper than {MAX_DEPTH} levels"))
+}
+
+fn has_unset(value: &Value) -> bool {
+    match &value.kind {
+        None => true,
+        Some(Kind::ListValue(list)) => list.values.iter().any(has_unset),
+        Some(Kind::StructValue(s)) => s.fields.values().any(has_unset),
+        Some(_) => false,
+    }
+}
+
 /// How deeply a protobuf `Value` nests lists and structs, counted as the
 /// JSON it stands for.
 pub fn proto_depth(value: &Value) -> usize {

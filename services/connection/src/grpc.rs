@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 
 use crate::delivery::Broadcasted;
 use crate::error::ConnectionError;
-use crate::model::{ListQuery, connection_to_proto, optional_id, required_id};
+use crate::model::{ListQuery, connection_to_proto, optional_id, page_token, required_id};
 use crate::service::{BUILTIN_ACTIONS, BoxStream, ConnectionServer, ROUTER_QUEUE, Shared};
 use crate::topics::position_to_proto;
 
@@ -141,10 +141,9 @@ impl ConnectionService for ConnectionServer {
             .map_err(ConnectionError::from)?;
         let next_page_token = if records.len() > query.page_size {
             records.truncate(query.page_size);
-            records
-                .last()
-                .map(|r| r.connection_id.to_string())
-                .unwrap_or_default()
+            records.last().map_or_else(String::new, |r| {
+                page_token::after(&query.scope(), r.connection_id.as_str())
+            })
         } else {
             String::new()
         };

@@ -47,14 +47,16 @@ pub fn optional_id<T: From<String>>(
 }
 
 fn required_payload(payload: Option<v1::Payload>) -> Result<v1::Payload, ConnectionError> {
-    use streamer_api::json::{MAX_DEPTH, proto_depth};
-    match payload {
+    let unusable = match &payload {
         Some(v1::Payload {
             body: Some(v1::payload::Body::Json(value)),
-        }) if proto_depth(&value) > MAX_DEPTH => Err(ConnectionError::invalid(
-            "payload.json",
-            format!("nests arrays and objects deeper than {MAX_DEPTH} levels"),
-        )),
+        }) => streamer_api::json::unusable(value),
+        _ => None,
+    };
+    if let Some(why) = unusable {
+        return Err(ConnectionError::invalid("payload.json", why));
+    }
+    match payload {
         Some(p) if p.body.is_some() => Ok(p),
         _ => Err(ConnectionError::invalid(
             "payload",
@@ -288,6 +290,20 @@ pub struct SubscriptionQuery {
     pub after: Option<String>,
 }
 
+impl SubscriptionQuery {
+    /// The listing its page tokens belong to.
+    pub fn scope(&self) -> String {
+        match &self.of {
+            SubscriptionsOf::Topic(topic) => {
+                format!("subscribers\n{}\n{topic}", self.tenant_id)
+            }
+            SubscriptionsOf::Connection(id) => {
+                format!("subscriptions\n{}\n{id}", self.tenant_id)
+            }
+        }
+    }
+}
+
 impl TryFrom<v1::ListSubscriptionsRequest> for SubscriptionQuery {
     type Error = ConnectionError;
     fn try_from(r: v1::ListSubscriptionsRequest) -> Result<Self, Self::Error> {
@@ -305,12 +321,62 @@ impl TryFrom<v1::ListSubscriptionsRequest> for SubscriptionQuery {
                 ));
             }
         };
-        Ok(Self {
+        let mut query = Self {
             tenant_id: required_id("tenant_id", r.tenant_id)?,
             of,
             page_size: page_size(page.page_size)?,
-            after: optional_id("page.page_token", page.page_token)?,
-        })
+            after: None,
+        };
+        query.after = page_token::read(&query.scope(), &page.page_token)?;
+        Ok(query)
+    }
+}
+
+/// Page tokens: opaque to callers. A token holds the last item of its page
+/// and the listing it belongs to (tenant, and user, topic or connection),
+/// base64url-encoded; it is refused, INVALID_ARGUMENT, in another listing
+/// or when this service did not issue it. Not a secret, and not signed: a
+/// forged one can only start a listing the caller may read anyway at
+/// another place.
+pub mod page_token {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    use crate::error::ConnectionError;
+
+    const VERSION: &str = "1";
+
+    /// The token of the page after `last`, in the listing `scope`.
+    pub fn after(scope: &str, last: &str) -> String {
+        URL_SAFE_NO_PAD.encode(format!("{VERSION}\n{last}\n{scope}"))
+    }
+
+    /// The last item of the previous page, from a token of the listing
+    /// `scope` (empty: the first page).
+    pub fn read(scope: &str, token: &str) -> Result<Option<String>, ConnectionError> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let refused = || {
+            ConnectionError::invalid(
+                "page.page_token",
+                "is not a token of this listing: pass the previous page's `next_page_token` \
+                 unchanged, with the same tenant and filters",
+            )
+        };
+        let text = URL_SAFE_NO_PAD
+            .decode(token)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .ok_or_else(refused)?;
+        // Items and ids hold no control characters, so the newlines
+        // separate the parts unambiguously.
+        match text.splitn(3, '\n').collect::<Vec<_>>()[..] {
+            [VERSION, last, listing] if listing == scope && !last.is_empty() => {
+                Ok(Some(last.to_owned()))
+            }
+            _ => Err(refused()),
+        }
     }
 }
 
@@ -335,16 +401,29 @@ pub struct ListQuery {
     pub after: Option<ConnectionId>,
 }
 
+impl ListQuery {
+    /// The listing its page tokens belong to.
+    pub fn scope(&self) -> String {
+        let user = self.user_id.as_ref().map_or("", |u| u.as_str());
+        format!("connections\n{}\n{user}", self.tenant_id)
+    }
+}
+
 impl TryFrom<v1::ListConnectionsRequest> for ListQuery {
     type Error = ConnectionError;
     fn try_from(r: v1::ListConnectionsRequest) -> Result<Self, Self::Error> {
         let page = r.page.unwrap_or_default();
-        Ok(Self {
+        let mut query = Self {
             tenant_id: required_id("tenant_id", r.tenant_id)?,
             user_id: optional_id("user_id", r.user_id)?,
             page_size: page_size(page.page_size)?,
-            after: optional_id("page.page_token", page.page_token)?,
-        })
+            after: None,
+        };
+        query.after = page_token::read(&query.scope(), &page.page_token)?
+            .map(|last| optional_id("page.page_token", last))
+            .transpose()?
+            .flatten();
+        Ok(query)
     }
 }
 
@@ -446,6 +525,57 @@ pub fn connection_from_edge(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn page_tokens_are_opaque_and_read_only_in_their_own_listing() {
+        let token = page_token::after("connections\nacme\n", "c-42");
+        assert!(!token.contains("c-42"), "{token}");
+        assert_eq!(
+            page_token::read("connections\nacme\n", &token).unwrap(),
+            Some("c-42".to_owned())
+        );
+        assert_eq!(page_token::read("connections\nacme\n", "").unwrap(), None);
+        let foreign = [
+            // Another tenant's listing, another user's, garbage, a raw id.
+            page_token::read("connections\nglobex\n", &token),
+            page_token::read("connections\nacme\nalice", &token),
+            page_token::read("connections\nacme\n", "!!not base64!!"),
+            page_token::read("connections\nacme\n", "c-42"),
+            page_token::read(
+                "connections\nacme\n",
+                &page_token::after("connections\nacme\n", ""),
+            ),
+        ];
+        for refused in foreign {
+            let error = refused.unwrap_err().to_string();
+            assert!(error.contains("page.page_token"), "{error}");
+        }
+    }
+
+    #[test]
+    fn an_unset_value_anywhere_in_a_json_payload_is_refused() {
+        let unset = prost_types::Value { kind: None };
+        let nested = streamer_api::json::to_proto(serde_json::json!({"a": [1, 2]}));
+        let mut nested_unset = nested.clone();
+        if let Some(prost_types::value::Kind::StructValue(s)) = &mut nested_unset.kind {
+            s.fields.insert("b".into(), unset.clone());
+        }
+        for value in [unset, nested_unset] {
+            let error = required_payload(Some(v1::Payload {
+                body: Some(v1::payload::Body::Json(value)),
+            }))
+            .unwrap_err()
+            .to_string();
+            assert!(error.contains("payload.json"), "{error}");
+            assert!(error.contains("no kind set"), "{error}");
+        }
+        assert!(
+            required_payload(Some(v1::Payload {
+                body: Some(v1::payload::Body::Json(nested)),
+            }))
+            .is_ok()
+        );
+    }
+
     use super::*;
 
     fn payload() -> Option<v1::Payload> {

@@ -37,7 +37,7 @@ use streamer_core::trust::Caller;
 use crate::delivery::{Fanout, Selector};
 use crate::error::ConnectionError;
 use crate::model::{
-    PublishCommand, SubscribeCommand, Subscriber, SubscriptionQuery, SubscriptionsOf,
+    PublishCommand, SubscribeCommand, Subscriber, SubscriptionQuery, SubscriptionsOf, page_token,
 };
 use crate::service::ConnectionServer;
 
@@ -374,9 +374,12 @@ impl ConnectionServer {
         };
         let next = if page.len() > query.page_size {
             page.truncate(query.page_size);
-            page.last().map_or_else(String::new, |s| match &query.of {
-                SubscriptionsOf::Topic(_) => s.connection_id.to_string(),
-                SubscriptionsOf::Connection(_) => s.topic.clone(),
+            page.last().map_or_else(String::new, |s| {
+                let last = match &query.of {
+                    SubscriptionsOf::Topic(_) => s.connection_id.as_str(),
+                    SubscriptionsOf::Connection(_) => s.topic.as_str(),
+                };
+                page_token::after(&query.scope(), last)
             })
         } else {
             String::new()

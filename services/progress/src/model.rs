@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 use streamer_api::json::{
-    MAX_DEPTH, from_proto, object_to_struct, proto_depth, struct_depth, struct_to_object, to_proto,
+    MAX_DEPTH, from_proto, object_to_struct, struct_depth, struct_to_object, to_proto,
 };
 use streamer_api::v1;
 use streamer_core::ids::{ClientRequestId, ConnectionId, RequestId, TenantId, UserId};
@@ -58,8 +58,10 @@ fn object(
 /// A JSON value from the wire, within the one nesting rule.
 fn json(field: &'static str, v: Option<prost_types::Value>) -> Result<Value, ProgressError> {
     match v {
-        Some(v) if proto_depth(&v) > MAX_DEPTH => Err(too_deep(field)),
-        Some(v) => Ok(from_proto(v)),
+        Some(v) => match streamer_api::json::unusable(&v) {
+            Some(why) => Err(ProgressError::invalid(field, why)),
+            None => Ok(from_proto(v)),
+        },
         None => Ok(Value::Null),
     }
 }
@@ -450,5 +452,36 @@ mod tests {
         .unwrap();
         assert_eq!(ok.request_id, None);
         assert_eq!(ok.payload, Value::Null);
+    }
+
+    #[test]
+    fn an_unset_value_is_refused_not_taken_as_null() {
+        let unset = || Some(prost_types::Value { kind: None });
+        let error = Complete::try_from(v1::CompleteRequest {
+            id: "r1".into(),
+            processor_id: "p".into(),
+            result: unset(),
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("result"), "{error}");
+        assert!(error.contains("no kind set"), "{error}");
+        let error = Submit::try_from(v1::SubmitRequest {
+            connection_id: "c".into(),
+            action: "a".into(),
+            payload: unset(),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("payload"), "{error}");
+        // Absent is null; `null_value` is null.
+        let null = Complete::try_from(v1::CompleteRequest {
+            id: "r1".into(),
+            processor_id: "p".into(),
+            result: Some(streamer_api::json::to_proto(Value::Null)),
+        })
+        .unwrap();
+        assert_eq!(null.result, Value::Null);
     }
 }
