@@ -82,7 +82,7 @@ pub fn from_map(carrier: &TraceContext) -> Option<Context> {
 
 /// The remote parent carried in an incoming call's metadata, if any.
 pub fn from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<Context> {
-    valid(TraceContextPropagator::new().extract(&MetadataExtractor(metadata)))
+    extract(|key| metadata.get(key)?.to_str().ok())
 }
 
 /// The remote parent a client put in its frame's `metadata` (string
@@ -90,43 +90,42 @@ pub fn from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<Context>
 pub fn from_client_metadata(
     metadata: &serde_json::Map<String, serde_json::Value>,
 ) -> Option<Context> {
-    let carrier: TraceContext = ["traceparent", "tracestate"]
-        .into_iter()
-        .filter_map(|key| Some((key.to_owned(), metadata.get(key)?.as_str()?.to_owned())))
-        .collect();
-    if carrier.is_empty() {
-        return None;
-    }
-    from_map(&carrier)
+    extract(|key| metadata.get(key)?.as_str())
 }
 
 /// The remote parent an HTTP request carries in its `traceparent` (and
 /// `tracestate`) headers, if any.
 pub fn from_headers(headers: &http::HeaderMap) -> Option<Context> {
-    let carrier: TraceContext = ["traceparent", "tracestate"]
-        .into_iter()
-        .filter_map(|key| Some((key.to_owned(), headers.get(key)?.to_str().ok()?.to_owned())))
-        .collect();
-    if carrier.is_empty() {
-        return None;
-    }
-    from_map(&carrier)
+    extract(|key| headers.get(key)?.to_str().ok())
 }
 
 /// The same, from a frame's metadata as it crossed the Attach stream.
 pub fn from_struct(metadata: Option<&prost_types::Struct>) -> Option<Context> {
     let metadata = metadata?;
-    let carrier: TraceContext = ["traceparent", "tracestate"]
-        .into_iter()
-        .filter_map(|key| match metadata.fields.get(key)?.kind.as_ref()? {
-            prost_types::value::Kind::StringValue(s) => Some((key.to_owned(), s.clone())),
-            _ => None,
-        })
-        .collect();
-    if carrier.is_empty() {
-        return None;
+    extract(|key| match metadata.fields.get(key)?.kind.as_ref()? {
+        prost_types::value::Kind::StringValue(s) => Some(s.as_str()),
+        _ => None,
+    })
+}
+
+/// The remote parent `get` finds under the W3C keys, read in place (no
+/// copy of the carrier: this runs for every client frame).
+fn extract<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<Context> {
+    valid(TraceContextPropagator::new().extract(&Lookup(get, std::marker::PhantomData)))
+}
+
+/// A carrier read through a lookup function (whose answers borrow from
+/// something that outlives the carrier).
+struct Lookup<'a, F>(F, std::marker::PhantomData<&'a ()>);
+
+impl<'a, F: Fn(&str) -> Option<&'a str>> Extractor for Lookup<'a, F> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (self.0)(key)
     }
-    from_map(&carrier)
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent", "tracestate"]
+    }
 }
 
 fn valid(cx: Context) -> Option<Context> {
@@ -194,24 +193,6 @@ impl Injector for MetadataInjector<'_> {
         ) {
             self.0.insert(key, value);
         }
-    }
-}
-
-struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
-
-impl Extractor for MetadataExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|value| value.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|key| match key {
-                tonic::metadata::KeyRef::Ascii(key) => Some(key.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
     }
 }
 
