@@ -606,6 +606,13 @@ async fn spawn_processor(
         })
         .await?
         .into_inner();
+    // Load starts once the server says the processor is registered.
+    match work.next().await {
+        Some(Ok(v1::ClaimResponse {
+            item: Some(Item::Registered(_)),
+        })) => {}
+        other => anyhow::bail!("expected the processor's registration, got {other:?}"),
+    }
     Ok(tokio::spawn(async move {
         loop {
             let item = tokio::select! {
@@ -659,7 +666,7 @@ async fn run_request(
     let reports = futures::stream::iter(1..=updates).map(move |step| {
         let mut metadata = serde_json::Map::new();
         metadata.insert("sent_us".into(), Value::from(now_us()));
-        v1::ProgressReport {
+        v1::ReportRequest {
             id: id.clone(),
             processor_id: reporter.clone(),
             percentage: f64::from(step) * 100.0 / f64::from(updates),

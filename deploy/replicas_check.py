@@ -333,6 +333,7 @@ async def stored(deployment, client, request_id):
     try:
         found = await call(deployment.backend, deployment.at(progress), "streamer.v1.ProgressService/Get",
                            {"client": {"tenant_id": TENANT, "user_id": client.user, "request_id": request_id}})
+        found = found.get("request", {})
         return {k: found.get(k) for k in ("id", "status", "processorId", "attempts", "updatedAt")}
     except Exception as e:
         return repr(e)

@@ -50,9 +50,9 @@ async def receive(ws, wanted, seconds=10):
 receive.seen = []
 
 
-async def claimed(stream, request_id, seconds=10):
-    """The work item for `request_id` from grpcurl's output of a Claim stream
-    (one pretty-printed JSON object per message)."""
+async def claimed(stream, wanted, seconds=10):
+    """The first message of grpcurl's output of a Claim stream (one
+    pretty-printed JSON object per message) for which `wanted` holds."""
     decoder, text = json.JSONDecoder(), ""
     deadline = time.monotonic() + seconds
     while True:
@@ -66,9 +66,8 @@ async def claimed(stream, request_id, seconds=10):
             except ValueError:
                 break  # the rest of the object has not arrived yet
             text = text.lstrip()[end:]
-            work = item.get("work", {})
-            if work.get("requestId") == request_id:
-                return work
+            if wanted(item):
+                return item
 
 
 async def connection_ids(conn, service_token):
@@ -102,30 +101,30 @@ async def session(gateway, conn, progress, request_id):
         except Exception as e:
             report(False, "a Send to that connection reaches the client", [repr(e), f"received {receive.seen}"])
 
-        # A processor declares the action by opening its Claim stream; until
-        # ProgressService has seen it, the action is unknown (INVALID_ACTION)
-        # and the client asks again.
+        # A processor declares the action by opening its Claim stream; its
+        # first message says it is registered, and from then on the action
+        # is known: the client's one request is acknowledged, never refused.
         processor = await asyncio.create_subprocess_exec(
             *grpcurl_args(processor_token, {"processor_id": PROCESSOR, "actions": [ACTION]},
                           progress, "streamer.v1.ProgressService/Claim"),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
-            ack = None
-            for _ in range(50):
-                await ws.send(json.dumps({"action": ACTION, "id": request_id, "payload": {"pages": 2}}))
-                answer = await receive(ws, lambda m: m.get("request_id") == request_id)
-                if answer.get("type") == "acknowledgment":
-                    ack = answer
-                    break
-                if answer.get("error", {}).get("code") != "INVALID_ACTION":
-                    break
-                await asyncio.sleep(0.1)
-            if not report(ack is not None and ack.get("status") == "queued",
-                          f"the client's request {request_id} is acknowledged (queued)",
+            try:
+                first = await claimed(processor.stdout, lambda item: True)
+            except Exception as e:
+                first = repr(e)
+            if not report(isinstance(first, dict) and first.get("registered", {}).get("actions") == [ACTION],
+                          "the processor's Claim stream opens with its registration", [f"first message {first}"]):
+                return
+            await ws.send(json.dumps({"action": ACTION, "id": request_id, "payload": {"pages": 2}}))
+            ack = await receive(ws, lambda m: m.get("request_id") == request_id)
+            if not report(ack.get("type") == "acknowledgment" and ack.get("status") == "queued",
+                          f"the client's request {request_id}, sent once, is acknowledged (queued)",
                           [f"received {receive.seen}"]):
                 return
             try:
-                work = await claimed(processor.stdout, request_id)
+                work = (await claimed(processor.stdout,
+                                      lambda item: item.get("work", {}).get("requestId") == request_id))["work"]
             except Exception as e:
                 report(False, "a processor's Claim stream receives it", [repr(e)])
                 return

@@ -455,8 +455,8 @@ async fn no_edge_may_attach_under_api_gateways_edge_id() {
     let mut edges = EdgeServiceClient::connect(format!("http://{}", system.edge_address))
         .await
         .unwrap();
-    let hello = v1::EdgeEvent {
-        event: Some(v1::edge_event::Event::Hello(v1::EdgeHello {
+    let hello = v1::AttachRequest {
+        event: Some(v1::attach_request::Event::Hello(v1::EdgeHello {
             edge_id: APIGATEWAY_EDGE_ID.into(),
             ..Default::default()
         })),

@@ -286,14 +286,14 @@ async fn routers_processors_and_topics_reach_a_client_behind_api_gateway() {
     let mut connections = it.system.connections().await;
 
     // A router answers a sync action, with the token's identity.
-    let mut router = connections
-        .receive(v1::ReceiveRequest {
+    let mut router = support::receive(
+        &mut connections,
+        v1::ReceiveRequest {
             actions: vec!["echo".into()],
             router_id: "echo-router".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     client
         .send_json(json!({"action": "echo", "id": "e1", "payload": {"n": 1}}))
         .await;
@@ -318,12 +318,11 @@ async fn routers_processors_and_topics_reach_a_client_behind_api_gateway() {
     let progress = ProgressServiceClient::connect(format!("http://{}", it.system.addrs.progress))
         .await
         .unwrap();
-    let mut work = progress
-        .clone()
-        .claim(support::claim_request("worker", "report", 1, 30))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut work = support::claim(
+        &mut progress.clone(),
+        support::claim_request("worker", "report", 1, 30),
+    )
+    .await;
     client
         .send_json(json!({"action": "report", "id": "r1", "payload": {"pages": 2}}))
         .await;
@@ -335,7 +334,7 @@ async fn routers_processors_and_topics_reach_a_client_behind_api_gateway() {
     };
     let mut reporter = progress.clone();
     let request_id = request.id.clone();
-    let reports = (1..=2).map(move |step| v1::ProgressReport {
+    let reports = (1..=2).map(move |step| v1::ReportRequest {
         id: request_id.clone(),
         processor_id: "worker".into(),
         percentage: f64::from(step) * 50.0,

@@ -124,7 +124,9 @@ async fn connect_checks_the_token_and_records_where_api_gateway_holds_it() {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .connection
+        .unwrap();
     assert_eq!(record.edge_id, "apigateway");
     assert_eq!(record.client_ip, "198.51.100.7");
     let location = record.apigateway.unwrap();

@@ -36,7 +36,9 @@ async fn a_valid_token_connects_and_receives_a_send() {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .connection
+        .unwrap();
     let identity = record.identity.unwrap();
     assert_eq!(
         (identity.user_id.as_str(), identity.tenant_id.as_str()),

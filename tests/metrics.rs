@@ -469,14 +469,14 @@ async fn every_role_exports_every_family_and_each_moves_with_traffic() {
     assert_eq!(alice.recv_json().await, json!({"n": 2}));
 
     // An action a router answers.
-    let mut router = connections
-        .receive(v1::ReceiveRequest {
+    let mut router = support::receive(
+        &mut connections,
+        v1::ReceiveRequest {
             actions: vec!["echo".into()],
             router_id: "router".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     alice
         .send_json(json!({"action": "echo", "id": "e1", "payload": {"x": 1}}))
         .await;
@@ -496,16 +496,11 @@ async fn every_role_exports_every_family_and_each_moves_with_traffic() {
     // A request a processor runs: a burst of progress, then its result.
     let url = format!("http://{}", progress.at("grpc server listening"));
     let mut processor = ProgressServiceClient::connect(url).await.unwrap();
-    let mut work = processor
-        .claim(support::claim_request(
-            "processor",
-            "generate_report",
-            1,
-            30,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut work = support::claim(
+        &mut processor,
+        support::claim_request("processor", "generate_report", 1, 30),
+    )
+    .await;
     alice
         .send_json(json!({"action": "generate_report", "id": "r1", "payload": {}}))
         .await;
@@ -516,7 +511,7 @@ async fn every_role_exports_every_family_and_each_moves_with_traffic() {
         }
     };
     let id = request.id.clone();
-    let report = move |step: u32| v1::ProgressReport {
+    let report = move |step: u32| v1::ReportRequest {
         id: id.clone(),
         processor_id: "processor".into(),
         percentage: f64::from(step) * 10.0,
@@ -577,11 +572,11 @@ async fn every_role_exports_every_family_and_each_moves_with_traffic() {
 
     // A processor that takes work and never reports: its one-second lease
     // lapses.
-    let mut sleepy = processor
-        .claim(support::claim_request("sleepy", "export", 1, 1))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut sleepy = support::claim(
+        &mut processor,
+        support::claim_request("sleepy", "export", 1, 1),
+    )
+    .await;
     alice
         .send_json(json!({"action": "export", "id": "x1", "payload": {}}))
         .await;

@@ -217,7 +217,7 @@ async fn try_get(
             deliver_to_connection_id: String::new(),
         })
         .await
-        .map(tonic::Response::into_inner)
+        .map(|answer| answer.into_inner().request.unwrap_or_default())
 }
 
 #[tokio::test]

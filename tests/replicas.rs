@@ -506,8 +506,8 @@ async fn an_edge_that_vanishes_has_its_connections_removed_once_its_lease_lapses
                     v1::edge_service_client::EdgeServiceClient::connect(format!("http://{edge}"))
                         .await
                         .unwrap();
-                let hello = v1::EdgeEvent {
-                    event: Some(v1::edge_event::Event::Hello(v1::EdgeHello {
+                let hello = v1::AttachRequest {
+                    event: Some(v1::attach_request::Event::Hello(v1::EdgeHello {
                         edge_id: "ghost-edge".into(),
                         connections: ghost.clone(),
                         tokens: Default::default(),
@@ -617,11 +617,11 @@ async fn work_across_replicas(
 ) {
     let cluster = Cluster::start(1, 2, 1).await;
     let mut processor = cluster.progress(0).await;
-    let mut work = processor
-        .claim(support::claim_request("p0", ACTION, max_in_flight, 60))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut work = support::claim(
+        &mut processor,
+        support::claim_request("p0", ACTION, max_in_flight, 60),
+    )
+    .await;
     let (mut client, _) = cluster.connect(cluster.gateways[0], "alice").await;
     client
         .send_json(json!({"action": ACTION, "id": "job-1", "payload": {}}))
@@ -656,11 +656,8 @@ async fn a_submit_goes_on_to_another_progress_replica_when_one_is_gone() {
     cluster.restart_connection(0).await;
     cluster.wait_attached(cluster.gateways[0], 1).await;
     let mut processor = cluster.progress(0).await;
-    let mut work = processor
-        .claim(support::claim_request("p0", ACTION, 8, 60))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut work =
+        support::claim(&mut processor, support::claim_request("p0", ACTION, 8, 60)).await;
     // Progress replica 1 goes away: every other Submit meets it first.
     cluster.progress[1].shutdown.cancel();
     within(
@@ -706,11 +703,8 @@ async fn a_submit_goes_on_to_another_progress_replica_when_one_is_gone() {
 async fn work_held_on_a_replica_that_goes_away_is_taken_back_by_its_lease() {
     let cluster = Cluster::start(1, 2, 1).await;
     let mut first = cluster.progress(0).await;
-    let mut first_work = first
-        .claim(support::claim_request("p0", ACTION, 4, 2))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut first_work =
+        support::claim(&mut first, support::claim_request("p0", ACTION, 4, 2)).await;
     let (mut client, _) = cluster.connect(cluster.gateways[0], "alice").await;
     client
         .send_json(json!({"action": ACTION, "id": "job-1", "payload": {}}))
@@ -724,11 +718,8 @@ async fn work_held_on_a_replica_that_goes_away_is_taken_back_by_its_lease() {
     cluster.progress[0].shutdown.cancel();
     drop(first_work);
     let mut second = cluster.progress(1).await;
-    let mut second_work = second
-        .claim(support::claim_request("p1", ACTION, 4, 60))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut second_work =
+        support::claim(&mut second, support::claim_request("p1", ACTION, 4, 60)).await;
     let again = next_work(&mut second_work).await;
     assert_eq!(again.id, held.id);
     assert_eq!(again.attempts, 2, "handed out again after its lease lapsed");
@@ -749,21 +740,21 @@ async fn a_router_on_one_replica_gets_frames_from_every_connection() {
     let cluster = Cluster::start(2, 0, 2).await;
     // The router listens on replica 1 only.
     let mut router = cluster.connections(1).await;
-    let mut frames = router
-        .receive(v1::ReceiveRequest {
+    let mut frames = support::receive(
+        &mut router,
+        v1::ReceiveRequest {
             actions: vec!["echo".into()],
             router_id: "only-on-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     let mut clients = clients(&cluster).await;
     // Until every edge knows where the router is: a probe frame answered.
     for (user, (client, id)) in &mut clients {
         client
             .send_json(json!({"action": "echo", "id": format!("probe-{user}"), "payload": {}}))
             .await;
-        let frame = within("the probe at the router", frames.message())
+        let frame = within("the probe at the router", frames.next())
             .await
             .unwrap()
             .unwrap();
@@ -783,7 +774,7 @@ async fn a_router_on_one_replica_gets_frames_from_every_connection() {
     }
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..clients.len() * 3 {
-        let frame = within("a frame at the router", frames.message())
+        let frame = within("a frame at the router", frames.next())
             .await
             .unwrap()
             .unwrap();
@@ -841,7 +832,7 @@ async fn a_cancel_through_another_replica_reaches_the_processor_and_frees_its_sl
 
     // Replica 0 could not be told; the processor's next report tells it.
     let summary = processor
-        .report(tokio_stream::iter([v1::ProgressReport {
+        .report(tokio_stream::iter([v1::ReportRequest {
             id: held.id.clone(),
             processor_id: "p0".into(),
             percentage: 50.0,
@@ -1056,44 +1047,44 @@ impl v1::progress_service_server::ProgressService for SlowProgress {
 
     async fn report(
         &self,
-        _: tonic::Request<tonic::Streaming<v1::ProgressReport>>,
-    ) -> Result<tonic::Response<v1::ReportSummary>, tonic::Status> {
+        _: tonic::Request<tonic::Streaming<v1::ReportRequest>>,
+    ) -> Result<tonic::Response<v1::ReportResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("report"))
     }
 
     async fn complete(
         &self,
         _: tonic::Request<v1::CompleteRequest>,
-    ) -> Result<tonic::Response<v1::Request>, tonic::Status> {
+    ) -> Result<tonic::Response<v1::CompleteResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("complete"))
     }
 
     async fn fail(
         &self,
         _: tonic::Request<v1::FailRequest>,
-    ) -> Result<tonic::Response<v1::Request>, tonic::Status> {
+    ) -> Result<tonic::Response<v1::FailResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("fail"))
     }
 
     async fn cancel(
         &self,
         _: tonic::Request<v1::CancelRequest>,
-    ) -> Result<tonic::Response<v1::Request>, tonic::Status> {
+    ) -> Result<tonic::Response<v1::CancelResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("cancel"))
     }
 
     async fn get(
         &self,
         _: tonic::Request<v1::GetRequest>,
-    ) -> Result<tonic::Response<v1::Request>, tonic::Status> {
+    ) -> Result<tonic::Response<v1::GetResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("get"))
     }
 
-    type WatchStream = futures::stream::Empty<Result<v1::RequestUpdate, tonic::Status>>;
+    type WatchStream = futures::stream::Empty<Result<v1::WatchResponse, tonic::Status>>;
 
     async fn watch(
         &self,
-        _: tonic::Request<v1::GetRequest>,
+        _: tonic::Request<v1::WatchRequest>,
     ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
         Err(tonic::Status::unimplemented("watch"))
     }

@@ -27,17 +27,16 @@ async fn spawn_processor(
     let id = id.to_owned();
     let actions: Vec<String> = actions.iter().map(|a| a.to_string()).collect();
     let client = system.progress().await;
-    let mut work = client
-        .clone()
-        .claim(v1::ClaimRequest {
+    let mut work = support::claim(
+        &mut client.clone(),
+        v1::ClaimRequest {
             processor_id: id.clone(),
             actions,
             max_in_flight,
             lease_seconds: 30,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     tokio::spawn(async move {
         while let Some(Ok(item)) = work.next().await {
             let Some(Item::Work(request)) = item.item else {
@@ -49,7 +48,7 @@ async fn spawn_processor(
                 let reports = (1..=steps).map({
                     let id = id.clone();
                     let request_id = request.id.clone();
-                    move |step| v1::ProgressReport {
+                    move |step| v1::ReportRequest {
                         id: request_id.clone(),
                         processor_id: id.clone(),
                         percentage: f64::from(step) * 100.0 / f64::from(steps),
@@ -106,14 +105,14 @@ async fn a_routed_action_is_answered_by_its_router_and_routers_share_the_load() 
     let mut routers = Vec::new();
     for name in ["router-a", "router-b"] {
         routers.push(
-            connections
-                .receive(v1::ReceiveRequest {
+            support::receive(
+                &mut connections,
+                v1::ReceiveRequest {
                     actions: vec!["echo".into()],
                     router_id: name.into(),
-                })
-                .await
-                .unwrap()
-                .into_inner(),
+                },
+            )
+            .await,
         );
     }
     let (mut client, _) = system.connect_found("alice", "acme").await;
@@ -294,7 +293,9 @@ async fn nothing_is_lost_when_streamer_restarts_between_submit_and_complete() {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .request
+        .unwrap();
     assert_eq!(stored.status, v1::RequestStatus::Completed as i32);
     assert_eq!(stored.attempts, 1);
 }
@@ -392,11 +393,11 @@ async fn a_repeated_request_id_is_one_request() {
 
     // A processor receives it once.
     let mut progress = system.progress().await;
-    let mut work = progress
-        .claim(support::claim_request("solo", "generate_report", 10, 30))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut work = support::claim(
+        &mut progress,
+        support::claim_request("solo", "generate_report", 10, 30),
+    )
+    .await;
     let mut next_work = async || {
         let item = within("work", work.next()).await.unwrap().unwrap();
         let Some(Item::Work(request)) = item.item else {

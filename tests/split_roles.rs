@@ -207,11 +207,11 @@ async fn a_connection_service_restart_loses_neither_the_socket_nor_the_final_mes
 
     // A processor takes the client's request.
     let mut processor = roles.progress().await;
-    let mut work = processor
-        .claim(support::claim_request("p", "generate_report", 1, 60))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut work = support::claim(
+        &mut processor,
+        support::claim_request("p", "generate_report", 1, 60),
+    )
+    .await;
     let mut client = roles.connect_alice().await;
     client
         .send_json(json!({"action": "generate_report", "id": "r1", "payload": {}}))
@@ -363,11 +363,11 @@ async fn a_slow_edge_gets_each_message_to_the_client_exactly_once_in_order() {
         .pop()
         .unwrap();
     let mut progress_client = roles.progress().await;
-    let mut work = progress_client
-        .claim(support::claim_request("p", "generate_report", 1, 60))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut work = support::claim(
+        &mut progress_client,
+        support::claim_request("p", "generate_report", 1, 60),
+    )
+    .await;
 
     // 1. The acknowledgment: written once, though sent again and again.
     proxy.hold();
@@ -406,7 +406,7 @@ async fn a_slow_edge_gets_each_message_to_the_client_exactly_once_in_order() {
                 .await
         })
     };
-    tx.send(v1::ProgressReport {
+    tx.send(v1::ReportRequest {
         id: request.id.clone(),
         processor_id: "p".into(),
         percentage: 50.0,

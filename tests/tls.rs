@@ -223,7 +223,7 @@ async fn without_a_client_certificate_only_probes_answer() {
 
 #[tokio::test]
 async fn an_edge_certificate_attaches_only_under_its_own_name() {
-    use streamer_api::v1::{EdgeEvent, EdgeHello, edge_event::Event, edge_service_client};
+    use streamer_api::v1::{AttachRequest, EdgeHello, attach_request::Event, edge_service_client};
     let pki = Pki::new("Streamer test CA");
     let system = system(&pki).await;
     let trust = pki.trust("edge-b", &[Role::Edge], &[]);
@@ -231,7 +231,7 @@ async fn an_edge_certificate_attaches_only_under_its_own_name() {
     let endpoint = grpc::endpoint(&url, &trust).unwrap();
     let mut edges = edge_service_client::EdgeServiceClient::new(grpc::channel(&endpoint, &trust));
     let attach = |edge_id: &str| {
-        tokio_stream::iter([EdgeEvent {
+        tokio_stream::iter([AttachRequest {
             event: Some(Event::Hello(EdgeHello {
                 edge_id: edge_id.into(),
                 connections: Vec::new(),

@@ -182,8 +182,8 @@ async fn each_role_may_call_only_what_it_needs() {
     let processor = mint("reports", &[Role::Processor], None);
 
     // A backend cannot pose as an edge, a router or a processor.
-    let hello = v1::EdgeEvent {
-        event: Some(v1::edge_event::Event::Hello(v1::EdgeHello {
+    let hello = v1::AttachRequest {
+        event: Some(v1::attach_request::Event::Hello(v1::EdgeHello {
             edge_id: "billing".into(),
             connections: vec![],
             tokens: Default::default(),
@@ -218,7 +218,7 @@ async fn each_role_may_call_only_what_it_needs() {
         channel(system.addrs.connection).await,
         bearer(Some(&mint("edge-1", &[Role::Edge], None))),
     )
-    .attach(tokio_stream::iter(Vec::<v1::EdgeEvent>::new()))
+    .attach(tokio_stream::iter(Vec::<v1::AttachRequest>::new()))
     .await
     .unwrap_err();
     assert_eq!(public.code(), Code::Unimplemented, "{public:?}");
@@ -404,6 +404,14 @@ async fn a_processor_cannot_report_on_or_complete_work_another_credential_holds(
         .await
         .unwrap()
         .into_inner();
+    let Some(Ok(v1::ClaimResponse {
+        item: Some(Item::Registered(registered)),
+    })) = within("the registration", work.next()).await
+    else {
+        panic!("a Claim stream opens with its registration");
+    };
+    // Registered under the credential's holder, as its work will be held.
+    assert_eq!(registered.processor_id, "reports/worker-1");
     let admin = mint("admin", &[Role::Backend], None);
     progress(&system, Some(&admin))
         .await
@@ -476,12 +484,14 @@ async fn an_edge_cannot_take_over_another_edges_id_or_connections() {
         .await
         .unwrap()
         .into_inner()
+        .connection
+        .unwrap()
         .edge_id;
 
     // An edge credential cannot attach under another edge's id...
     let rogue = mint("rogue-edge", &[Role::Edge], None);
-    let hello = |edge_id: &str, connections: Vec<v1::Connection>| v1::EdgeEvent {
-        event: Some(v1::edge_event::Event::Hello(v1::EdgeHello {
+    let hello = |edge_id: &str, connections: Vec<v1::Connection>| v1::AttachRequest {
+        event: Some(v1::attach_request::Event::Hello(v1::EdgeHello {
             edge_id: edge_id.into(),
             connections,
             tokens: Default::default(),
@@ -520,8 +530,8 @@ async fn an_edge_cannot_take_over_another_edges_id_or_connections() {
         .await
         .unwrap()
         .into_inner();
-    tx.send(v1::EdgeEvent {
-        event: Some(v1::edge_event::Event::Opened(v1::ConnectionOpened {
+    tx.send(v1::AttachRequest {
+        event: Some(v1::attach_request::Event::Opened(v1::ConnectionOpened {
             connection: Some(stolen),
             token: system.token("alice", "acme"),
         })),
@@ -532,7 +542,7 @@ async fn an_edge_cannot_take_over_another_edges_id_or_connections() {
         .await
         .unwrap()
         .unwrap();
-    let Some(v1::edge_command::Command::Close(close)) = refused.command else {
+    let Some(v1::attach_response::Command::Close(close)) = refused.command else {
         panic!("expected a close, got {refused:?}");
     };
     assert_eq!(close.connection_id, alice_id);
@@ -552,7 +562,7 @@ async fn an_edge_cannot_take_over_another_edges_id_or_connections() {
 
 #[tokio::test]
 async fn an_edge_credential_cannot_announce_an_identity_without_its_token() {
-    use v1::edge_command::Command;
+    use v1::attach_response::Command;
     let system = system().await;
     let rogue = mint("rogue-edge", &[Role::Edge], None);
     let admin = mint("admin", &[Role::Backend], None);
@@ -567,8 +577,8 @@ async fn an_edge_credential_cannot_announce_an_identity_without_its_token() {
         identity: Some(identity),
         ..Default::default()
     };
-    let opened = |connection: v1::Connection, token: String| v1::EdgeEvent {
-        event: Some(v1::edge_event::Event::Opened(v1::ConnectionOpened {
+    let opened = |connection: v1::Connection, token: String| v1::AttachRequest {
+        event: Some(v1::attach_request::Event::Opened(v1::ConnectionOpened {
             connection: Some(connection),
             token,
         })),
@@ -576,8 +586,8 @@ async fn an_edge_credential_cannot_announce_an_identity_without_its_token() {
 
     // A hello that re-announces a connection nobody verified gets it closed.
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(v1::EdgeEvent {
-        event: Some(v1::edge_event::Event::Hello(v1::EdgeHello {
+    tx.send(v1::AttachRequest {
+        event: Some(v1::attach_request::Event::Hello(v1::EdgeHello {
             edge_id: "rogue-edge".into(),
             connections: vec![connection("carol-1", identity("carol", "acme", &[]))],
             tokens: [("carol-1".to_string(), "not a token".to_string())].into(),
@@ -642,7 +652,9 @@ async fn an_edge_credential_cannot_announce_an_identity_without_its_token() {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .connection
+        .unwrap();
     assert_eq!(
         recorded.identity.unwrap(),
         identity("bob", "globex", &["read", "write"])
@@ -662,9 +674,9 @@ async fn an_edge_credential_cannot_announce_an_identity_without_its_token() {
 
 /// The next command other than the router advertisement every stream gets.
 async fn next_command(
-    commands: &mut tonic::Streaming<v1::EdgeCommand>,
+    commands: &mut tonic::Streaming<v1::AttachResponse>,
     what: &str,
-) -> v1::edge_command::Command {
+) -> v1::attach_response::Command {
     loop {
         let command = within(what, commands.message())
             .await
@@ -672,7 +684,7 @@ async fn next_command(
             .unwrap()
             .command
             .unwrap();
-        if !matches!(command, v1::edge_command::Command::Routes(_)) {
+        if !matches!(command, v1::attach_response::Command::Routes(_)) {
             return command;
         }
     }

@@ -294,6 +294,13 @@ async fn spawn_soak_processor(
         })
         .await?
         .into_inner();
+    // Load starts once the server says the processor is registered.
+    match work.next().await {
+        Some(Ok(v1::ClaimResponse {
+            item: Some(Item::Registered(_)),
+        })) => {}
+        other => anyhow::bail!("expected the processor's registration, got {other:?}"),
+    }
     Ok(tokio::spawn(async move {
         loop {
             let item = tokio::select! {
@@ -356,7 +363,7 @@ async fn soak_request(
                     return None;
                 }
                 tokio::time::sleep(step).await;
-                let report = v1::ProgressReport {
+                let report = v1::ReportRequest {
                     id,
                     processor_id: reporter,
                     percentage: f64::from(k) * 100.0 / f64::from(REPORTS + 1),

@@ -26,7 +26,8 @@ How it works:
   with status 0.
 
 Output: one log line per event on stderr; `ready` on stdout once the first
-Claim stream is open (the server has registered the processor's actions).
+Claim stream says it is registered (its first message: from then on the
+server accepts the processor's actions).
 """
 
 from __future__ import annotations
@@ -244,30 +245,29 @@ class Processor:
                     call.cancel()
                     break
                 try:
-                    # Headers arrive once the server has registered us, so
-                    # from here on our actions are known and work can come.
-                    call.initial_metadata()
-                    if not call.done():
-                        event(
-                            logging.INFO,
-                            "claim stream open",
-                            actions=",".join(ACTIONS),
-                            max_in_flight=self.args.concurrency,
-                            lease_s=self.args.lease,
-                        )
-                        backoff.reset()
-                        if not announced:
-                            announced = True
-                            try:
-                                print("ready", flush=True)
-                            except BrokenPipeError:
-                                pass
                     for item in call:
                         kind = item.WhichOneof("item")
                         if kind == "work":
                             self.start(item.work)
                         elif kind == "cancelled":
                             self.cancelled(item.cancelled)
+                        elif kind == "registered":
+                            # The first message: from here on our actions
+                            # are known and work can come.
+                            event(
+                                logging.INFO,
+                                "claim stream open",
+                                actions=",".join(item.registered.actions),
+                                max_in_flight=item.registered.max_in_flight,
+                                lease_s=item.registered.lease_seconds,
+                            )
+                            backoff.reset()
+                            if not announced:
+                                announced = True
+                                try:
+                                    print("ready", flush=True)
+                                except BrokenPipeError:
+                                    pass
                     event(logging.WARNING, "claim stream ended by the server")
                 except grpc.RpcError as error:
                     if self.stopping.is_set():
@@ -417,7 +417,7 @@ class Processor:
                     break
                 done = page
                 reports.put(
-                    self.pb.ProgressReport(
+                    self.pb.ReportRequest(
                         id=job.request.id,
                         processor_id=self.args.id,
                         percentage=100.0 * page / pages,

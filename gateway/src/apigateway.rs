@@ -41,7 +41,7 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::json;
-use streamer_api::v1::{self, edge_event::Event};
+use streamer_api::v1::{self, attach_request::Event};
 use streamer_core::client::ErrorCode;
 use streamer_core::ids::{ClientRequestId, ConnectionId};
 

@@ -31,8 +31,8 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use prost::Message as _;
 use streamer_api::v1::{
-    self, DeliveryOutcome, DeliveryResult, EdgeCommand, EdgeEvent, edge_command::Command,
-    edge_event::Event, edge_service_client::EdgeServiceClient,
+    self, AttachRequest, AttachResponse, DeliveryOutcome, DeliveryResult, attach_request::Event,
+    attach_response::Command, edge_service_client::EdgeServiceClient,
 };
 use streamer_core::ids::{ConnectionId, EdgeId, TenantId, UserId};
 use streamer_core::shutdown::Shutdown;
@@ -172,7 +172,7 @@ pub struct Edge {
     subscribers: Mutex<Subscribers>,
     /// The open Attach streams' senders by replica address; empty while
     /// attached to no replica.
-    upstreams: RwLock<BTreeMap<SocketAddr, mpsc::Sender<EdgeEvent>>>,
+    upstreams: RwLock<BTreeMap<SocketAddr, mpsc::Sender<AttachRequest>>>,
     /// The actions each attached replica has routers for.
     routes: RwLock<HashMap<SocketAddr, std::collections::HashSet<String>>>,
     /// Registrations awaiting a replica's answer, with the replica asked.
@@ -263,7 +263,7 @@ impl Edge {
         &self,
         connection_id: &str,
         action: Option<&str>,
-    ) -> Option<(SocketAddr, mpsc::Sender<EdgeEvent>)> {
+    ) -> Option<(SocketAddr, mpsc::Sender<AttachRequest>)> {
         let rank = |address: &SocketAddr| {
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             (address, connection_id).hash(&mut hasher);
@@ -314,7 +314,7 @@ impl Edge {
     pub async fn emit(&self, event: Event) -> bool {
         let (connection_id, action) = Self::subject(&event);
         match self.upstream_for(connection_id, action) {
-            Some((_, tx)) => tx.send(EdgeEvent { event: Some(event) }).await.is_ok(),
+            Some((_, tx)) => tx.send(AttachRequest { event: Some(event) }).await.is_ok(),
             None => false,
         }
     }
@@ -730,7 +730,7 @@ impl Edge {
 
     /// Carries out a command that came down the stream of the replica at
     /// `address` (a report goes back up the same stream, `reply`).
-    fn apply(&self, command: Command, address: SocketAddr, reply: &mpsc::Sender<EdgeEvent>) {
+    fn apply(&self, command: Command, address: SocketAddr, reply: &mpsc::Sender<AttachRequest>) {
         match command {
             Command::Routes(routes) => {
                 write(&self.routes).insert(address, routes.actions.into_iter().collect());
@@ -888,7 +888,7 @@ impl Edge {
             let (tx, rx) = mpsc::channel(4096);
             let taken_at = prost_types::Timestamp::from(std::time::SystemTime::now());
             let (connections, tokens) = self.snapshot();
-            let hello = EdgeEvent {
+            let hello = AttachRequest {
                 event: Some(Event::Hello(v1::EdgeHello {
                     edge_id: self.edge_id.to_string(),
                     connections,
@@ -916,7 +916,7 @@ impl Edge {
                             () = stop.cancelled() => break,
                         };
                         match next {
-                            Ok(Some(EdgeCommand { command: Some(c) })) => {
+                            Ok(Some(AttachResponse { command: Some(c) })) => {
                                 self.apply(c, address, &tx);
                             }
                             Ok(Some(_)) => {}
@@ -957,8 +957,8 @@ impl Edge {
 }
 
 /// Queues an event on one stream without waiting (see [`Edge::emit_nowait`]).
-fn send_nowait(tx: &mpsc::Sender<EdgeEvent>, event: Event) -> bool {
-    match tx.try_send(EdgeEvent { event: Some(event) }) {
+fn send_nowait(tx: &mpsc::Sender<AttachRequest>, event: Event) -> bool {
+    match tx.try_send(AttachRequest { event: Some(event) }) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Closed(_)) => false,
         Err(mpsc::error::TrySendError::Full(event)) => {

@@ -249,10 +249,10 @@ mod tests {
             let parsed = parse(&frame, usize::MAX);
             proptest::prop_assert_eq!(parsed.is_ok(), wraps.len() <= json::MAX_DEPTH);
             if let Ok(parsed) = parsed {
-                let event = v1::EdgeEvent {
-                    event: Some(v1::edge_event::Event::Frame(parsed.into_inbound(&"c1".into(), Default::default()))),
+                let event = v1::AttachRequest {
+                    event: Some(v1::attach_request::Event::Frame(parsed.into_inbound(&"c1".into(), Default::default()))),
                 };
-                proptest::prop_assert!(v1::EdgeEvent::decode(event.encode_to_vec().as_slice()).is_ok());
+                proptest::prop_assert!(v1::AttachRequest::decode(event.encode_to_vec().as_slice()).is_ok());
             }
         }
 
@@ -269,11 +269,11 @@ mod tests {
                 frame["metadata"] = metadata;
             }
             if let Ok(parsed) = parse(&frame.to_string(), usize::MAX) {
-                let event = v1::EdgeEvent {
-                    event: Some(v1::edge_event::Event::Frame(parsed.into_inbound(&"c1".into(), Default::default()))),
+                let event = v1::AttachRequest {
+                    event: Some(v1::attach_request::Event::Frame(parsed.into_inbound(&"c1".into(), Default::default()))),
                 };
                 let bytes = event.encode_to_vec();
-                proptest::prop_assert!(v1::EdgeEvent::decode(bytes.as_slice()).is_ok());
+                proptest::prop_assert!(v1::AttachRequest::decode(bytes.as_slice()).is_ok());
             }
         }
     }

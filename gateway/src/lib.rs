@@ -629,7 +629,7 @@ async fn connect(
             let edge = failed_edge.clone();
             let id = failed_id.clone();
             tokio::spawn(async move {
-                edge.emit(v1::edge_event::Event::Closed(v1::ConnectionClosed {
+                edge.emit(v1::attach_request::Event::Closed(v1::ConnectionClosed {
                     connection_id: id.into(),
                     code: 1006,
                     reason: "upgrade failed".into(),

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::ws::Message;
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use streamer_api::v1::{self, edge_event::Event};
+use streamer_api::v1::{self, attach_request::Event};
 use tokio::time::Instant;
 
 use crate::edge::{Edge, Outbound, Registered, close_message};

@@ -320,3 +320,77 @@ pub fn json_payload(value: Value) -> Option<streamer_api::v1::Payload> {
         )),
     })
 }
+
+/// A router's `Receive` stream, past its registration: frames for its
+/// actions reach it from the moment [`receive`] returns.
+#[derive(Debug)]
+pub struct Router(tonic::Streaming<streamer_api::v1::ReceiveResponse>);
+
+impl Router {
+    /// The next frame a client sent (`None` when the stream ended).
+    pub async fn next(
+        &mut self,
+    ) -> Option<Result<streamer_api::v1::InboundMessage, tonic::Status>> {
+        use streamer_api::v1::receive_response::Event;
+        match self.0.next().await? {
+            Ok(streamer_api::v1::ReceiveResponse {
+                event: Some(Event::Message(message)),
+            }) => Some(Ok(message)),
+            Ok(other) => panic!("only the first message is a registration: {other:?}"),
+            Err(status) => Some(Err(status)),
+        }
+    }
+}
+
+/// Opens a router's `Receive` stream and waits for its registration.
+pub async fn receive(
+    client: &mut ConnectionServiceClient<Channel>,
+    request: streamer_api::v1::ReceiveRequest,
+) -> Router {
+    use streamer_api::v1::receive_response::Event;
+    let declared = request.actions.clone();
+    let mut stream = client
+        .receive(request)
+        .await
+        .expect("Receive opens")
+        .into_inner();
+    let first = within("the router's registration", stream.next()).await;
+    match first {
+        Some(Ok(streamer_api::v1::ReceiveResponse {
+            event: Some(Event::Registered(registered)),
+        })) => {
+            assert_eq!(
+                registered.actions, declared,
+                "the registration names the actions"
+            );
+        }
+        other => panic!("a Receive stream opens with its registration, got {other:?}"),
+    }
+    Router(stream)
+}
+
+/// Opens a processor's `Claim` stream and waits for its registration: its
+/// actions are accepted by `Submit` from the moment this returns.
+pub async fn claim(
+    client: &mut ProgressServiceClient<Channel>,
+    request: streamer_api::v1::ClaimRequest,
+) -> tonic::Streaming<streamer_api::v1::ClaimResponse> {
+    use streamer_api::v1::claim_response::Item;
+    let actions = request.actions.clone();
+    let mut stream = client
+        .claim(request)
+        .await
+        .expect("Claim opens")
+        .into_inner();
+    let first = within("the processor's registration", stream.next()).await;
+    match first {
+        Some(Ok(streamer_api::v1::ClaimResponse {
+            item: Some(Item::Registered(registered)),
+        })) => assert_eq!(
+            registered.actions, actions,
+            "the registration names the actions"
+        ),
+        other => panic!("a Claim stream opens with its registration, got {other:?}"),
+    }
+    stream
+}

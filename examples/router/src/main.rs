@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
+use streamer_api::v1::receive_response::Event;
 use streamer_api::v1::{self, InboundMessage, connection_service_client::ConnectionServiceClient};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -98,8 +99,16 @@ async fn serve(mut client: Client, router_id: &str) -> Result<(), tonic::Status>
         })
         .await?
         .into_inner();
-    println!("ready: {router_id} answers {ACTIONS:?}");
-    while let Some(mut frame) = frames.message().await? {
+    while let Some(event) = frames.message().await? {
+        let mut frame = match event.event {
+            // The first message: frames for ACTIONS reach this router now.
+            Some(Event::Registered(registered)) => {
+                println!("ready: {router_id} answers {:?}", registered.actions);
+                continue;
+            }
+            Some(Event::Message(frame)) => frame,
+            None => continue,
+        };
         let client = client.clone();
         tokio::spawn(async move {
             let connection_id = frame.connection_id.clone();

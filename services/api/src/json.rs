@@ -190,14 +190,14 @@ mod tests {
                 result: Some(value()),
                 ..Default::default()
             };
-            assert!(decodes(v1::EdgeEvent {
-                event: Some(v1::edge_event::Event::Frame(v1::InboundFrame {
+            assert!(decodes(v1::AttachRequest {
+                event: Some(v1::attach_request::Event::Frame(v1::InboundFrame {
                     payload: Some(value()),
                     ..Default::default()
                 })),
             }));
-            assert!(decodes(v1::EdgeCommand {
-                command: Some(v1::edge_command::Command::Deliver(v1::Deliver {
+            assert!(decodes(v1::AttachResponse {
+                command: Some(v1::attach_response::Command::Deliver(v1::Deliver {
                     payload: Some(v1::Payload {
                         body: Some(v1::payload::Body::Json(value())),
                     }),
@@ -211,7 +211,7 @@ mod tests {
             assert!(decodes(v1::ClaimResponse {
                 item: Some(v1::claim_response::Item::Work(request())),
             }));
-            assert!(decodes(v1::RequestUpdate {
+            assert!(decodes(v1::WatchResponse {
                 request: Some(request()),
             }));
         }

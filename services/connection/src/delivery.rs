@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::Value;
-use streamer_api::v1::{self, DeliveryOutcome, DeliveryResult, edge_command::Command};
+use streamer_api::v1::{self, DeliveryOutcome, DeliveryResult, attach_response::Command};
 use streamer_core::ids::{ConnectionId, EdgeId, TenantId};
 use streamer_core::store::{ConnectionRecord, now_ms};
 use streamer_core::trust::Caller;

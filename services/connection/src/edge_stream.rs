@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use streamer_api::v1::{
-    self, EdgeEvent, edge_command::Command, edge_event::Event, edge_service_server::EdgeService,
+    self, AttachRequest, attach_request::Event, attach_response::Command,
+    edge_service_server::EdgeService,
 };
 use streamer_core::ids::{ConnectionId, EdgeId};
 use streamer_core::store::{APIGATEWAY_EDGE_ID, ConnectionRecord, EdgeRecord, Heartbeat, now_ms};
@@ -172,7 +173,7 @@ impl ConnectionServer {
         }
     }
 
-    async fn run_edge(self, link: Arc<EdgeLink>, mut events: Streaming<EdgeEvent>) {
+    async fn run_edge(self, link: Arc<EdgeLink>, mut events: Streaming<AttachRequest>) {
         let edge_id = link.edge_id.clone();
         // Held while this edge may still send frames (see
         // `ConnectionServer::drain_on_shutdown`).
@@ -189,8 +190,8 @@ impl ConnectionServer {
                 () = self.shared.drain.drained.cancelled() => break,
             };
             let event = match event {
-                Ok(Some(EdgeEvent { event: Some(event) })) => event,
-                Ok(Some(EdgeEvent { event: None })) => continue,
+                Ok(Some(AttachRequest { event: Some(event) })) => event,
+                Ok(Some(AttachRequest { event: None })) => continue,
                 Ok(None) => break,
                 Err(status) => {
                     tracing::info!(edge_id = %edge_id, error = %status, "edge stream failed");
@@ -447,11 +448,11 @@ impl ConnectionServer {
 
 #[tonic::async_trait]
 impl EdgeService for ConnectionServer {
-    type AttachStream = BoxStream<v1::EdgeCommand>;
+    type AttachStream = BoxStream<v1::AttachResponse>;
 
     async fn attach(
         &self,
-        request: Request<Streaming<EdgeEvent>>,
+        request: Request<Streaming<AttachRequest>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         // A stopping replica takes no new edge (see `drain_on_shutdown`).
         if self.shared.shutdown.is_cancelled() {
@@ -460,7 +461,7 @@ impl EdgeService for ConnectionServer {
         let caller = Caller::of(&request);
         let mut events = request.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), events.message()).await {
-            Ok(Ok(Some(EdgeEvent {
+            Ok(Ok(Some(AttachRequest {
                 event: Some(Event::Hello(hello)),
             }))) => hello,
             _ => {

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use streamer_api::v1::{self, DeliveryOutcome, DeliveryResult, EdgeCommand, edge_command::Command};
+use streamer_api::v1::{
+    self, AttachResponse, DeliveryOutcome, DeliveryResult, attach_response::Command,
+};
 use streamer_core::ids::{ConnectionId, EdgeId, TenantId};
 use streamer_core::store::APIGATEWAY_EDGE_ID;
 use tokio::sync::{mpsc, oneshot};
@@ -20,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What flows down an Attach stream.
-pub type CommandSender = mpsc::Sender<Result<EdgeCommand, tonic::Status>>;
+pub type CommandSender = mpsc::Sender<Result<AttachResponse, tonic::Status>>;
 
 /// One attached edge.
 #[derive(Debug)]
@@ -174,7 +176,7 @@ impl EdgeLink {
         let delivery_id = next_delivery_id();
         let (tx, rx) = oneshot::channel();
         self.lock_pending().insert(delivery_id, tx);
-        let command = EdgeCommand {
+        let command = AttachResponse {
             command: Some(make(delivery_id)),
         };
         let sent = tokio::time::timeout(timeout, self.commands.send(Ok(command))).await;
@@ -256,7 +258,7 @@ impl EdgeLink {
     /// that calls this must keep reading the edge's events, or the edge and
     /// this service could each wait for the other's full queue.
     pub fn command_nowait(&self, command: Command) {
-        let command = EdgeCommand {
+        let command = AttachResponse {
             command: Some(command),
         };
         match self.commands.try_send(Ok(command)) {
@@ -289,7 +291,7 @@ impl EdgeLink {
 
     /// Queues a command that needs no answer.
     pub async fn command(&self, command: Command) -> bool {
-        let send = self.commands.send(Ok(EdgeCommand {
+        let send = self.commands.send(Ok(AttachResponse {
             command: Some(command),
         }));
         matches!(
@@ -408,7 +410,7 @@ mod tests {
         let link = registry.attach(EdgeId::from("edge-1"), false, tx);
         let edge = link.clone();
         tokio::spawn(async move {
-            let Some(Ok(EdgeCommand {
+            let Some(Ok(AttachResponse {
                 command: Some(Command::Deliver(deliver)),
             })) = commands.recv().await
             else {

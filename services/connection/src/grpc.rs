@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use streamer_api::v1::{
-    self, DeliveryOutcome, DeliveryResult, InboundMessage,
-    connection_service_server::ConnectionService,
+    self, DeliveryOutcome, DeliveryResult, connection_service_server::ConnectionService,
 };
 use streamer_core::ids::{ConnectionId, TenantId};
 use streamer_core::trace;
@@ -112,13 +111,15 @@ impl ConnectionService for ConnectionServer {
     async fn get_connection(
         &self,
         request: Request<v1::GetConnectionRequest>,
-    ) -> Result<Response<v1::Connection>, Status> {
+    ) -> Result<Response<v1::GetConnectionResponse>, Status> {
         let caller = Caller::of(&request);
         let r = request.into_inner();
         let id: ConnectionId = required_id("connection_id", r.connection_id)?;
         let tenant: Option<TenantId> = optional_id("tenant_id", r.tenant_id)?;
         let record = self.find(&id, tenant.as_ref(), &caller).await?;
-        Ok(Response::new(connection_to_proto(record)))
+        Ok(Response::new(v1::GetConnectionResponse {
+            connection: Some(connection_to_proto(record)),
+        }))
     }
 
     async fn list_connections(
@@ -253,7 +254,7 @@ impl ConnectionService for ConnectionServer {
         }))
     }
 
-    type ReceiveStream = BoxStream<InboundMessage>;
+    type ReceiveStream = BoxStream<v1::ReceiveResponse>;
 
     async fn receive(
         &self,
@@ -277,7 +278,9 @@ impl ConnectionService for ConnectionServer {
                 )
                 .into());
             }
-            actions.push(action);
+            if !actions.contains(&action) {
+                actions.push(action);
+            }
         }
         let router_id: String =
             optional_id("router_id", r.router_id)?.unwrap_or_else(|| "router".into());
@@ -302,8 +305,24 @@ impl ConnectionService for ConnectionServer {
                 tracing::info!(router_id = %self.2, "router detached");
             }
         }
+        let registered = v1::ReceiveResponse {
+            event: Some(v1::receive_response::Event::Registered(
+                v1::RouterRegistered {
+                    actions,
+                    router_id: router_id.clone(),
+                },
+            )),
+        };
         let guard = Unregister(self.shared.clone(), key, router_id);
-        let stream = ReceiverStream::new(rx)
+        let messages = ReceiverStream::new(rx).map(|item| {
+            item.map(|message| v1::ReceiveResponse {
+                event: Some(v1::receive_response::Event::Message(message)),
+            })
+        });
+        // The registration first: the router reads it only after this
+        // call returned, when its actions are in the table.
+        let stream = tokio_stream::once(Ok(registered))
+            .chain(messages)
             // Open while this replica drains: frames queued before it
             // began stopping may still be for this router.
             .take_until(self.shared.drain.drained.clone().cancelled_owned())

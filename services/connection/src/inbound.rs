@@ -9,7 +9,6 @@ use streamer_core::store::{ConnectionRecord, now_ms};
 use streamer_core::trace;
 use streamer_core::trust::Caller;
 use tokio::sync::mpsc;
-use tonic::Response;
 use tracing::Instrument as _;
 
 use crate::routers::RouteError;
@@ -282,19 +281,20 @@ impl ConnectionServer {
                 let (get, owner) = (get.clone(), owner.clone());
                 let again = std::mem::replace(&mut again, true);
                 async move {
-                    let found = client.get(get).await?.into_inner();
+                    let found = client.get(get).await?.into_inner().request;
+                    let found = found.unwrap_or_default();
                     let cancelled = found.status() == v1::RequestStatus::Cancelled;
                     if !cancel || (again && cancelled) {
                         return Ok(found);
                     }
-                    client
+                    let cancelled = client
                         .cancel(v1::CancelRequest {
                             id: found.id,
                             reason: "cancelled by the client".into(),
                             owner: Some(owner),
                         })
-                        .await
-                        .map(Response::into_inner)
+                        .await?;
+                    Ok(cancelled.into_inner().request.unwrap_or_default())
                 }
             })
             .await;

@@ -78,7 +78,11 @@ impl ConnectionDirectory {
             .await;
         match reply {
             Ok(connection) => {
-                let identity = connection.into_inner().identity.unwrap_or_default();
+                let identity = connection
+                    .into_inner()
+                    .connection
+                    .and_then(|c| c.identity)
+                    .unwrap_or_default();
                 if identity.user_id.is_empty() {
                     return Err(ProgressError::ConnectionService(format!(
                         "connection {:?} has no identity",

@@ -19,8 +19,9 @@ use tonic::{Request, Response, Status, Streaming};
 use streamer_core::trust::Caller;
 
 use crate::ProgressServer;
-use crate::error::ProgressError;
-use crate::model::{Cancel, Claim, Complete, Fail, Lookup, Report, Submit, request_to_proto};
+use crate::model::{
+    Cancel, Claim, Complete, Fail, Lookup, Refused, Report, Submit, request_to_proto,
+};
 
 /// A processor's id as the lifecycle knows it: `holder/id` for a caller
 /// that proved who it is, the id itself where nobody did (trust `none`).
@@ -29,6 +30,23 @@ fn qualified(caller: &Caller, processor_id: String) -> String {
         format!("{}/{processor_id}", caller.subject)
     } else {
         processor_id
+    }
+}
+
+/// How many requests a `Report` answer lists the refusals of.
+const MAX_LISTED_REJECTIONS: usize = 100;
+
+/// Counts a refused report under its request's entry, listing a new
+/// request while there is room (`ReportResponse.rejected` counts them all).
+fn note_rejection(rejections: &mut Vec<v1::ReportRejection>, id: &str, refused: Refused) {
+    if let Some(entry) = rejections.iter_mut().find(|r| r.id == id) {
+        entry.count += 1;
+    } else if rejections.len() < MAX_LISTED_REJECTIONS {
+        rejections.push(v1::ReportRejection {
+            id: id.to_owned(),
+            reason: v1::ReportRejectionReason::from(refused).into(),
+            count: 1,
+        });
     }
 }
 
@@ -80,32 +98,35 @@ impl ProgressService for ProgressServer {
 
     async fn report(
         &self,
-        request: Request<Streaming<v1::ProgressReport>>,
-    ) -> Result<Response<v1::ReportSummary>, Status> {
+        request: Request<Streaming<v1::ReportRequest>>,
+    ) -> Result<Response<v1::ReportResponse>, Status> {
         let caller = Caller::of(&request);
         // One context for the stream: each report is a child of it.
         let parent = trace::from_metadata(request.metadata());
         let mut reports = request.into_inner();
-        let mut summary = v1::ReportSummary::default();
+        let mut answer = v1::ReportResponse::default();
         while let Some(report) = reports.message().await? {
             let span =
                 tracing::info_span!("progress.report", otel.kind = "server", id = %report.id);
             trace::continue_from(&span, [parent.clone()]);
             let mut report: Report = report.try_into()?;
             report.processor_id = qualified(&caller, report.processor_id);
-            if self.lifecycle.report(report).instrument(span).await? {
-                summary.accepted += 1;
-            } else {
-                summary.rejected += 1;
+            let id = report.id.clone();
+            match self.lifecycle.report(report).instrument(span).await? {
+                None => answer.accepted += 1,
+                Some(refused) => {
+                    answer.rejected += 1;
+                    note_rejection(&mut answer.rejections, id.as_str(), refused);
+                }
             }
         }
-        Ok(Response::new(summary))
+        Ok(Response::new(answer))
     }
 
     async fn complete(
         &self,
         request: Request<v1::CompleteRequest>,
-    ) -> Result<Response<v1::Request>, Status> {
+    ) -> Result<Response<v1::CompleteResponse>, Status> {
         let caller = Caller::of(&request);
         let span = trace::server_span(
             &request,
@@ -114,13 +135,15 @@ impl ProgressService for ProgressServer {
         let mut cmd: Complete = request.into_inner().try_into()?;
         cmd.processor_id = qualified(&caller, cmd.processor_id);
         let record = self.lifecycle.complete(cmd).instrument(span).await?;
-        Ok(Response::new(request_to_proto(record)))
+        Ok(Response::new(v1::CompleteResponse {
+            request: Some(request_to_proto(record)),
+        }))
     }
 
     async fn fail(
         &self,
         request: Request<v1::FailRequest>,
-    ) -> Result<Response<v1::Request>, Status> {
+    ) -> Result<Response<v1::FailResponse>, Status> {
         let caller = Caller::of(&request);
         let span = trace::server_span(
             &request,
@@ -129,13 +152,15 @@ impl ProgressService for ProgressServer {
         let mut cmd: Fail = request.into_inner().try_into()?;
         cmd.processor_id = qualified(&caller, cmd.processor_id);
         let record = self.lifecycle.fail(cmd).instrument(span).await?;
-        Ok(Response::new(request_to_proto(record)))
+        Ok(Response::new(v1::FailResponse {
+            request: Some(request_to_proto(record)),
+        }))
     }
 
     async fn cancel(
         &self,
         request: Request<v1::CancelRequest>,
-    ) -> Result<Response<v1::Request>, Status> {
+    ) -> Result<Response<v1::CancelResponse>, Status> {
         let caller = Caller::of(&request);
         let span = trace::server_span(
             &request,
@@ -143,34 +168,34 @@ impl ProgressService for ProgressServer {
         );
         let cmd: Cancel = request.into_inner().try_into()?;
         let record = self.lifecycle.cancel(cmd, &caller).instrument(span).await?;
-        Ok(Response::new(request_to_proto(record)))
+        Ok(Response::new(v1::CancelResponse {
+            request: Some(request_to_proto(record)),
+        }))
     }
 
-    async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::Request>, Status> {
+    async fn get(
+        &self,
+        request: Request<v1::GetRequest>,
+    ) -> Result<Response<v1::GetResponse>, Status> {
         let caller = Caller::of(&request);
         let lookup: Lookup = request.into_inner().try_into()?;
         let record = self.lifecycle.get(lookup, &caller).await?;
-        Ok(Response::new(request_to_proto(record)))
+        Ok(Response::new(v1::GetResponse {
+            request: Some(request_to_proto(record)),
+        }))
     }
 
-    type WatchStream = BoxStream<v1::RequestUpdate>;
+    type WatchStream = BoxStream<v1::WatchResponse>;
 
     async fn watch(
         &self,
-        request: Request<v1::GetRequest>,
+        request: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = Caller::of(&request);
         let lookup: Lookup = request.into_inner().try_into()?;
-        if lookup.deliver_to.is_some() {
-            return Err(ProgressError::invalid(
-                "deliver_to_connection_id",
-                "is only accepted by Get",
-            )
-            .into());
-        }
         let rx = self.lifecycle.watch(lookup, &caller).await?;
         let stream = ReceiverStream::new(rx).map(|record| {
-            Ok(v1::RequestUpdate {
+            Ok(v1::WatchResponse {
                 request: Some(request_to_proto(record)),
             })
         });

@@ -38,7 +38,9 @@ use tokio_util::task::TaskTracker;
 use crate::ProgressConfig;
 use crate::connections::ConnectionDirectory;
 use crate::error::ProgressError;
-use crate::model::{self, Cancel, Claim, Complete, Fail, Lookup, Report, Selector, Submit};
+use crate::model::{
+    self, Cancel, Claim, Complete, Fail, Lookup, Refused, Report, Selector, Submit,
+};
 use crate::outbox::Outboxes;
 
 /// How often lapsed leases are looked for.
@@ -566,8 +568,22 @@ impl Lifecycle {
         if self.shutdown.is_cancelled() {
             return Err(ProgressError::ShuttingDown);
         }
+        // Bounded by the session itself: it is sent at most `max_in_flight`
+        // requests it has not finished, a cancellation for each, and the
+        // registration.
         let (tx, rx) = mpsc::unbounded_channel();
         let lease = cmd.lease.unwrap_or(self.config.default_lease);
+        // First on the stream; the processor reads it only after this call
+        // returned, when its actions are registered.
+        let registered = v1::ProcessorRegistered {
+            processor_id: cmd.processor_id.clone(),
+            actions: cmd.actions.clone(),
+            lease_seconds: u32::try_from(lease.as_secs()).unwrap_or(u32::MAX),
+            max_in_flight: u32::try_from(cmd.max_in_flight).unwrap_or(u32::MAX),
+        };
+        let _ = tx.send(v1::ClaimResponse {
+            item: Some(v1::claim_response::Item::Registered(registered)),
+        });
         let session_id = {
             let mut registry = self.registry();
             registry.next_session += 1;
@@ -652,7 +668,9 @@ impl Lifecycle {
         });
     }
 
-    pub async fn report(&self, cmd: Report) -> Result<bool, ProgressError> {
+    /// Records one progress update. A report the caller may not make is
+    /// refused without failing the caller's stream (`Ok(Some(why))`).
+    pub async fn report(&self, cmd: Report) -> Result<Option<Refused>, ProgressError> {
         let lease = {
             let registry = self.registry();
             registry
@@ -679,18 +697,15 @@ impl Lifecycle {
                 }))
             })
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(
-                ProgressError::RequestNotFound
-                | ProgressError::NotLeaseHolder { .. }
-                | ProgressError::AlreadyFinished { .. },
-            ) => {
-                self.no_longer_held(&cmd.id, &cmd.processor_id);
-                Ok(false)
-            }
-            Err(error) => Err(error),
-        }
+        let refused = match result {
+            Ok(_) => return Ok(None),
+            Err(ProgressError::RequestNotFound) => Refused::NotFound,
+            Err(ProgressError::NotLeaseHolder { .. }) => Refused::LeaseNotHeld,
+            Err(ProgressError::AlreadyFinished { .. }) => Refused::AlreadyFinished,
+            Err(error) => return Err(error),
+        };
+        self.no_longer_held(&cmd.id, &cmd.processor_id);
+        Ok(Some(refused))
     }
 
     /// After a Complete or Fail refused because the caller no longer holds

@@ -144,11 +144,14 @@ impl TryFrom<v1::ClaimRequest> for Claim {
                 format!("at most {MAX_ACTIONS} are allowed"),
             ));
         }
-        let actions = r
-            .actions
-            .into_iter()
-            .map(|a| name("actions", a))
-            .collect::<Result<Vec<String>, _>>()?;
+        // In the order declared, each once (at most MAX_ACTIONS: cheap).
+        let mut actions: Vec<String> = Vec::with_capacity(r.actions.len());
+        for action in r.actions {
+            let action = name("actions", action)?;
+            if !actions.contains(&action) {
+                actions.push(action);
+            }
+        }
         if r.max_in_flight > MAX_IN_FLIGHT {
             return Err(ProgressError::invalid(
                 "max_in_flight",
@@ -179,9 +182,9 @@ pub struct Report {
     pub metadata: Map<String, Value>,
 }
 
-impl TryFrom<v1::ProgressReport> for Report {
+impl TryFrom<v1::ReportRequest> for Report {
     type Error = ProgressError;
-    fn try_from(r: v1::ProgressReport) -> Result<Self, Self::Error> {
+    fn try_from(r: v1::ReportRequest) -> Result<Self, Self::Error> {
         // The negated range check also refuses NaN.
         if !(0.0..=100.0).contains(&r.percentage) {
             return Err(ProgressError::invalid("percentage", "must be 0..=100"));
@@ -201,6 +204,24 @@ pub struct Complete {
     pub id: RequestId,
     pub processor_id: String,
     pub result: Value,
+}
+
+/// Why a progress report was refused; the `Report` stream goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    NotFound,
+    AlreadyFinished,
+    LeaseNotHeld,
+}
+
+impl From<Refused> for v1::ReportRejectionReason {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::NotFound => Self::NotFound,
+            Refused::AlreadyFinished => Self::AlreadyFinished,
+            Refused::LeaseNotHeld => Self::LeaseNotHeld,
+        }
+    }
 }
 
 impl TryFrom<v1::CompleteRequest> for Complete {
@@ -311,6 +332,23 @@ impl TryFrom<v1::GetRequest> for Lookup {
     }
 }
 
+impl TryFrom<v1::WatchRequest> for Lookup {
+    type Error = ProgressError;
+    /// A watch names its request as `Get` does, and never moves delivery.
+    fn try_from(r: v1::WatchRequest) -> Result<Self, Self::Error> {
+        use v1::get_request::Selector as Get;
+        use v1::watch_request::Selector as Watch;
+        Self::try_from(v1::GetRequest {
+            selector: r.selector.map(|selector| match selector {
+                Watch::Id(id) => Get::Id(id),
+                Watch::Client(client) => Get::Client(client),
+            }),
+            owner: r.owner,
+            deliver_to_connection_id: String::new(),
+        })
+    }
+}
+
 pub(crate) fn status_to_proto(status: RequestStatus) -> v1::RequestStatus {
     match status {
         RequestStatus::Pending => v1::RequestStatus::Pending,
@@ -411,7 +449,7 @@ mod tests {
     #[test]
     fn report_percentage_must_be_in_range() {
         for pct in [-0.5, 100.5, f64::NAN] {
-            let err = Report::try_from(v1::ProgressReport {
+            let err = Report::try_from(v1::ReportRequest {
                 id: "r".into(),
                 processor_id: "p".into(),
                 percentage: pct,

@@ -115,14 +115,16 @@ impl ConnectionService for FakeConnections {
     async fn get_connection(
         &self,
         request: Request<v1::GetConnectionRequest>,
-    ) -> Result<Response<v1::Connection>, Status> {
+    ) -> Result<Response<v1::GetConnectionResponse>, Status> {
         let id = request.into_inner().connection_id;
         let identity = self.known.lock().unwrap().get(&id).cloned();
         match identity {
-            Some(identity) => Ok(Response::new(v1::Connection {
-                connection_id: id,
-                identity: Some(identity),
-                ..Default::default()
+            Some(identity) => Ok(Response::new(v1::GetConnectionResponse {
+                connection: Some(v1::Connection {
+                    connection_id: id,
+                    identity: Some(identity),
+                    ..Default::default()
+                }),
             })),
             None => Err(Status::not_found("no such connection")),
         }
@@ -163,7 +165,7 @@ impl ConnectionService for FakeConnections {
     ) -> Result<Response<v1::ListSubscriptionsResponse>, Status> {
         Err(Status::unimplemented("test"))
     }
-    type ReceiveStream = tokio_stream::Empty<Result<v1::InboundMessage, Status>>;
+    type ReceiveStream = tokio_stream::Empty<Result<v1::ReceiveResponse, Status>>;
     async fn receive(
         &self,
         _: Request<v1::ReceiveRequest>,
@@ -366,7 +368,7 @@ async fn claim(
     processor: &str,
     lease_seconds: u32,
 ) -> Streaming<v1::ClaimResponse> {
-    client
+    let mut stream = client
         .claim(v1::ClaimRequest {
             processor_id: processor.to_owned(),
             actions: vec!["report".to_owned()],
@@ -375,7 +377,17 @@ async fn claim(
         })
         .await
         .unwrap()
-        .into_inner()
+        .into_inner();
+    registered(&mut stream).await;
+    stream
+}
+
+/// Reads a Claim stream's first message, which must be its registration.
+async fn registered(stream: &mut Streaming<v1::ClaimResponse>) -> v1::ProcessorRegistered {
+    match next_item(stream).await {
+        v1::claim_response::Item::Registered(registered) => registered,
+        other => panic!("a Claim stream opens with its registration, got {other:?}"),
+    }
 }
 
 async fn next_item(stream: &mut Streaming<v1::ClaimResponse>) -> v1::claim_response::Item {
@@ -394,8 +406,8 @@ async fn next_work(stream: &mut Streaming<v1::ClaimResponse>) -> v1::Request {
     }
 }
 
-fn report(id: &str, processor: &str, percentage: f64) -> v1::ProgressReport {
-    v1::ProgressReport {
+fn report(id: &str, processor: &str, percentage: f64) -> v1::ReportRequest {
+    v1::ReportRequest {
         id: id.to_owned(),
         processor_id: processor.to_owned(),
         percentage,
@@ -416,7 +428,7 @@ async fn complete(
             result: Some(to_proto(json!({"url": "https://example.com/r.pdf"}))),
         })
         .await
-        .map(Response::into_inner)
+        .map(|answer| answer.into_inner().request.unwrap_or_default())
 }
 
 fn sequences(messages: &[Value]) -> Vec<u64> {
@@ -512,12 +524,19 @@ async fn unknown_action_is_failed_precondition_until_a_processor_declares_it() {
     let mut work = client
         .claim(v1::ClaimRequest {
             processor_id: "p1".into(),
-            actions: vec!["transcode".into()],
+            actions: vec!["transcode".into(), "transcode".into()],
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
+    // Once the stream says it is registered, the action is accepted: no
+    // retry, no wait.
+    let registration = registered(&mut work).await;
+    assert_eq!(registration.actions, ["transcode"], "each action once");
+    assert_eq!(registration.processor_id, "p1");
+    assert_eq!(registration.max_in_flight, 1, "the default");
+    assert_eq!(registration.lease_seconds, 30, "the default");
     let submitted = h.submit("c1", "transcode", "t-1").await.request.unwrap();
     assert_eq!(next_work(&mut work).await.id, submitted.id);
 }
@@ -776,12 +795,22 @@ async fn a_lapsed_lease_is_handed_out_again() {
     let summary = client
         .report(tokio_stream::iter(vec![
             report(&job.id, "p1", 50.0),
+            report(&job.id, "p1", 60.0),
             report(&job.id, "p2", 50.0),
         ]))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((summary.accepted, summary.rejected), (1, 1));
+    assert_eq!((summary.accepted, summary.rejected), (1, 2));
+    // The lapsed processor learns why: the lease is someone else's now.
+    assert_eq!(
+        summary.rejections,
+        [v1::ReportRejection {
+            id: job.id.clone(),
+            reason: v1::ReportRejectionReason::LeaseNotHeld.into(),
+            count: 2,
+        }]
+    );
 }
 
 #[tokio::test]
@@ -805,7 +834,9 @@ async fn the_last_lapsed_attempt_fails_with_timeout() {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .request
+        .unwrap();
     assert_eq!(got.status(), v1::RequestStatus::Failed);
     assert_eq!(got.error.unwrap().code, "TIMEOUT");
 }
@@ -830,12 +861,24 @@ async fn fail_retryable_requeues_then_final_failure_reaches_the_client() {
         }),
         retryable,
     };
-    let requeued = client.fail(error(true)).await.unwrap().into_inner();
+    let requeued = client
+        .fail(error(true))
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
     assert_eq!(requeued.status(), v1::RequestStatus::Pending);
     let again = next_work(&mut work).await;
     assert_eq!(again.attempts, 2);
 
-    let failed = client.fail(error(false)).await.unwrap().into_inner();
+    let failed = client
+        .fail(error(false))
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
     assert_eq!(failed.status(), v1::RequestStatus::Failed);
 
     let messages = h.until_final().await;
@@ -890,7 +933,9 @@ async fn cancel_tells_the_processor_and_the_client() {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .request
+        .unwrap();
     assert_eq!(cancelled.status(), v1::RequestStatus::Cancelled);
     match next_item(&mut work).await {
         v1::claim_response::Item::Cancelled(id) => assert_eq!(id, job.id),
@@ -906,11 +951,30 @@ async fn cancel_tells_the_processor_and_the_client() {
     let late = complete(&mut client, &job.id, "p1").await.unwrap_err();
     assert_eq!(late.code(), Code::FailedPrecondition);
     let summary = client
-        .report(tokio_stream::iter(vec![report(&job.id, "p1", 10.0)]))
+        .report(tokio_stream::iter(vec![
+            report(&job.id, "p1", 10.0),
+            report("no-such-request", "p1", 10.0),
+        ]))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(summary.rejected, 1);
+    assert_eq!(summary.rejected, 2);
+    let reasons: Vec<_> = summary
+        .rejections
+        .iter()
+        .map(|r| (r.id.as_str(), r.reason(), r.count))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            (
+                job.id.as_str(),
+                v1::ReportRejectionReason::AlreadyFinished,
+                1
+            ),
+            ("no-such-request", v1::ReportRejectionReason::NotFound, 1),
+        ]
+    );
 }
 
 #[tokio::test]
@@ -931,7 +995,13 @@ async fn get_never_reveals_another_users_request() {
         owner: Some(owner(user)),
         deliver_to_connection_id: String::new(),
     };
-    let mine = client.get(by_id("u1")).await.unwrap().into_inner();
+    let mine = client
+        .get(by_id("u1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
     assert_eq!(mine.id, request.id);
     assert_eq!(
         client.get(by_id("u2")).await.unwrap_err().code(),
@@ -947,7 +1017,14 @@ async fn get_never_reveals_another_users_request() {
         ..Default::default()
     };
     assert_eq!(
-        client.get(by_client("u1")).await.unwrap().into_inner().id,
+        client
+            .get(by_client("u1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .request
+            .unwrap()
+            .id,
         request.id
     );
     assert_eq!(
@@ -994,7 +1071,13 @@ async fn a_resumed_client_gets_the_same_final_message_again_marked_as_a_replay()
         owner: None,
         deliver_to_connection_id: connection.into(),
     };
-    let resumed = client.get(get("c1-again")).await.unwrap().into_inner();
+    let resumed = client
+        .get(get("c1-again"))
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
     assert_eq!(resumed.connection_id, "c1-again");
     // Moving where messages go is not a change of the request.
     assert_eq!(resumed.updated_at, done.updated_at);
@@ -1044,8 +1127,8 @@ async fn watch_streams_changes_until_the_request_finishes() {
     let mut client = h.client();
     let request = h.submit("c1", "report", "r1").await.request.unwrap();
     let mut updates = client
-        .watch(v1::GetRequest {
-            selector: Some(v1::get_request::Selector::Id(request.id.clone())),
+        .watch(v1::WatchRequest {
+            selector: Some(v1::watch_request::Selector::Id(request.id.clone())),
             ..Default::default()
         })
         .await
