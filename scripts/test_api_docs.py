@@ -69,20 +69,20 @@ message SendResponse {
   Item item = 1; // Trailing words.
 }
 
-// One item.
-message Item {
-  // Its name.
-  //
-  // A second paragraph.
-  string name = 1;
-}
-
 // Kinds of things.
 enum Kind {
   KIND_UNSPECIFIED = 0;
   // Small.
   KIND_SMALL = 1;
   KIND_LARGE = 2;
+}
+
+// One item.
+message Item {
+  // Its name.
+  //
+  // A second paragraph.
+  string name = 1;
 }
 """
 
@@ -191,10 +191,11 @@ class ApiDocsTest(unittest.TestCase):
         self.assertIn("| `KIND_SMALL` | 1 | Small. |", kind)
 
     def test_order_is_the_files(self):
+        # As declared: the enum Kind comes before the message Item.
         markdown, _ = self.generate()
         positions = [markdown.index(f'<a name="sample.v1.{name}"></a>')
                      for name in ("Sender", "SendRequest", "SendRequest.Inner",
-                                  "SendResponse", "Item", "Kind")]
+                                  "SendResponse", "Kind", "Item")]
         self.assertEqual(positions, sorted(positions))
 
     def test_undocumented_elements_are_reported_with_their_lines(self):
