@@ -9,6 +9,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
+use streamer_api::errors::reason_of;
 use streamer_api::v1::{
     self, claim_response::Item, connection_service_client::ConnectionServiceClient,
     edge_service_client::EdgeServiceClient, progress_service_client::ProgressServiceClient,
@@ -130,6 +131,13 @@ async fn a_call_without_a_valid_token_is_unauthenticated_and_probes_need_none() 
             Code::Unauthenticated,
             "{token:?}: {status:?}"
         );
+        // Told apart by the ErrorInfo's reason: none sent, or a bad one.
+        let reason = if token.is_none() {
+            "CREDENTIALS_MISSING"
+        } else {
+            "CREDENTIALS_INVALID"
+        };
+        assert_eq!(reason_of(&status).as_deref(), Some(reason), "{status:?}");
         let status = progress(&system, token)
             .await
             .get(v1::GetRequest {
@@ -231,6 +239,11 @@ async fn each_role_may_call_only_what_it_needs() {
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("backend"), "{status:?}");
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("ROLE_NOT_ALLOWED"),
+        "{status:?}"
+    );
     let status = progress(&system, Some(&processor))
         .await
         .get(v1::GetRequest {
@@ -324,6 +337,11 @@ async fn a_backend_bound_to_a_tenant_reaches_only_that_tenant() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("SCOPE_NOT_ALLOWED"),
+        "{status:?}"
+    );
 
     // Nor can it queue work on, or look up, another tenant's client.
     let mut requests = progress(&system, Some(&acme)).await;

@@ -55,10 +55,15 @@ impl<U: prost::Message + Default> Decoder for StreamerDecoder<U> {
             // prost names every enclosing field; the innermost reason is
             // the part worth reading.
             let reason = status.message().rsplit(": ").next().unwrap_or_default();
-            Status::invalid_argument(format!(
-                "the message cannot be decoded: {reason} (JSON values may nest at most {} levels)",
-                crate::json::MAX_DEPTH
-            ))
+            crate::errors::Failure::new(
+                tonic::Code::InvalidArgument,
+                crate::errors::Reason::MalformedMessage,
+                format!(
+                    "the message cannot be decoded: {reason} (JSON values may nest at most {} levels)",
+                    crate::json::MAX_DEPTH
+                ),
+            )
+            .into()
         })
     }
 

@@ -6,6 +6,7 @@
 //! benches. Keep it slim: no service logic lives here.
 
 pub mod codec;
+pub mod errors;
 pub mod json;
 
 /// Generated messages, clients and servers of package `streamer.v1`.

@@ -7,7 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
+use streamer_api::errors::{Failure, Reason};
 use streamer_core::store::StoreError;
+use tonic::Code;
 
 /// Why keys could not be loaded, created or used for signing.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +127,7 @@ fn list_paths(paths: &[PathBuf]) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// A field of the call is missing or out of range.
-    #[error("invalid {field}: {reason}")]
+    #[error("invalid argument `{field}`: {reason}")]
     InvalidArgument {
         /// The field, as the proto names it.
         field: &'static str,
@@ -158,9 +160,14 @@ impl From<StoreError> for AuthError {
 impl From<AuthError> for tonic::Status {
     fn from(error: AuthError) -> Self {
         let message = error.to_string();
-        match error {
-            AuthError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
-            AuthError::Store(_) => tonic::Status::unavailable(message),
-        }
+        let failure = match error {
+            AuthError::InvalidArgument { field, reason } => {
+                Failure::invalid_argument(field, reason)
+            }
+            AuthError::Store(_) => {
+                Failure::new(Code::Unavailable, Reason::StoreUnavailable, message)
+            }
+        };
+        failure.into()
     }
 }

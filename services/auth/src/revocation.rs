@@ -170,20 +170,26 @@ mod tests {
         assert_eq!(revoke.expires_at_ms, 1_700_000_000_250);
 
         let cases = [
-            (request("", at(1, 0)), "invalid jti: is required"),
+            (request("", at(1, 0)), "invalid argument `jti`: is required"),
             (
                 request(&"j".repeat(MAX_JTI_LEN + 1), at(1, 0)),
-                "invalid jti: must be at most 1024 bytes",
+                "invalid argument `jti`: must be at most 1024 bytes",
             ),
-            (request("abc", None), "invalid expires_at: is required"),
+            (
+                request("abc", None),
+                "invalid argument `expires_at`: is required",
+            ),
             (
                 request("abc", at(-5, 0)),
-                "invalid expires_at: must be in the future",
+                "invalid argument `expires_at`: must be in the future",
             ),
-            (request("abc", at(1, -1)), "invalid expires_at: nanos must"),
+            (
+                request("abc", at(1, -1)),
+                "invalid argument `expires_at`: nanos must",
+            ),
             (
                 request("abc", at(i64::MAX, 0)),
-                "invalid expires_at: is too far in the future",
+                "invalid argument `expires_at`: is too far in the future",
             ),
         ];
         for (request, expected) in cases {

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use streamer_api::errors::{Failure, Reason};
 use streamer_api::v1::{
     self, AttachRequest, attach_request::Event, attach_response::Command,
     edge_service_server::EdgeService,
@@ -101,9 +102,14 @@ impl ConnectionServer {
             Ok(Heartbeat::Extended) => {}
             Ok(Heartbeat::Started) => {
                 tracing::warn!(edge_id = %link.edge_id, "edge lease had lapsed; asking the edge to announce its connections again");
-                link.end(Status::unavailable(
-                    "this edge's lease lapsed: attach again and announce its connections",
-                ));
+                link.end(
+                    Failure::new(
+                        tonic::Code::Unavailable,
+                        Reason::DependencyUnavailable,
+                        "this edge's lease lapsed: attach again and announce its connections",
+                    )
+                    .into(),
+                );
             }
             Err(error) => {
                 tracing::warn!(edge_id = %link.edge_id, %error, "cannot renew edge lease");
@@ -403,8 +409,10 @@ impl ConnectionServer {
                 .verify_all(unknown)
                 .await
                 .map_err(|refusal| {
-                    Status::unavailable(format!(
-                        "cannot verify the connections this edge holds now: {refusal:?}"
+                    Status::from(Failure::new(
+                        tonic::Code::Unavailable,
+                        Reason::DependencyUnavailable,
+                        format!("cannot verify the connections this edge holds now: {refusal:?}"),
                     ))
                 })?;
         let mut restored = 0;
@@ -501,10 +509,12 @@ impl EdgeService for ConnectionServer {
             .map_err(ConnectionError::from)?;
         let apigateway = hello.apigateway;
         if apigateway && self.shared.config.apigateway.is_none() {
-            return Err(Status::failed_precondition(
+            return Err(ConnectionError::EdgeProtocol(
                 "this ConnectionService does not deliver through AWS API Gateway: start it with \
-                 --apigateway to accept API Gateway's integration",
-            ));
+                 --apigateway to accept API Gateway's integration"
+                    .into(),
+            )
+            .into());
         }
         let refused = self.reconcile(&edge_id, hello).await?;
         let (tx, rx) = mpsc::channel(EDGE_QUEUE);

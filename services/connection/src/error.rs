@@ -1,8 +1,10 @@
 //! Every way a ConnectionService call can fail, and the one place that
 //! decides which gRPC status each becomes.
 
+use streamer_api::errors::{Failure, Reason};
 use streamer_core::ids::ConnectionId;
 use streamer_core::store::StoreError;
+use tonic::Code;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
@@ -34,16 +36,34 @@ impl ConnectionError {
 impl From<ConnectionError> for tonic::Status {
     fn from(error: ConnectionError) -> Self {
         let message = error.to_string();
-        match error {
-            ConnectionError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
-            ConnectionError::NotFound(_) => tonic::Status::not_found(message),
-            ConnectionError::PermissionDenied(_) => tonic::Status::permission_denied(message),
-            ConnectionError::EdgeProtocol(_) => tonic::Status::failed_precondition(message),
-            ConnectionError::ShuttingDown | ConnectionError::Unavailable(_) => {
-                tonic::Status::unavailable(message)
+        let failure = match error {
+            ConnectionError::InvalidArgument { field, reason } => {
+                Failure::invalid_argument(field, reason)
             }
-            ConnectionError::Store(StoreError::Conflict) => tonic::Status::aborted(message),
-            ConnectionError::Store(_) => tonic::Status::unavailable(message),
-        }
+            ConnectionError::NotFound(_) => {
+                Failure::new(Code::NotFound, Reason::ConnectionNotFound, message)
+            }
+            ConnectionError::PermissionDenied(_) => {
+                Failure::new(Code::PermissionDenied, Reason::ScopeNotAllowed, message)
+            }
+            ConnectionError::EdgeProtocol(_) => Failure::new(
+                Code::FailedPrecondition,
+                Reason::EdgeProtocolViolation,
+                message,
+            ),
+            ConnectionError::ShuttingDown => {
+                Failure::new(Code::Unavailable, Reason::ShuttingDown, message)
+            }
+            ConnectionError::Unavailable(_) => {
+                Failure::new(Code::Unavailable, Reason::DependencyUnavailable, message)
+            }
+            ConnectionError::Store(StoreError::Conflict) => {
+                Failure::new(Code::Aborted, Reason::Contended, message)
+            }
+            ConnectionError::Store(_) => {
+                Failure::new(Code::Unavailable, Reason::StoreUnavailable, message)
+            }
+        };
+        failure.into()
     }
 }

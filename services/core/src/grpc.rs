@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
+use streamer_api::errors::{Failure, Reason};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::transport::{Channel, Endpoint};
@@ -547,9 +548,12 @@ impl<T: Clone + Send + Sync + 'static> Balanced<T> {
     {
         let replicas = self.in_turn();
         if replicas.is_empty() {
-            return Err(tonic::Status::unavailable(
+            return Err(Failure::new(
+                tonic::Code::Unavailable,
+                Reason::DependencyUnavailable,
                 "no replica of the service is known",
-            ));
+            )
+            .into());
         }
         let mut attempt = 0;
         loop {

@@ -26,8 +26,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use tonic::Status;
+use streamer_api::errors::{Failure, Reason};
 use tonic::metadata::AsciiMetadataValue;
+use tonic::{Code, Status};
 
 use crate::ids::{EdgeId, TenantId};
 use crate::tls::{PeerIdentity, Tls};
@@ -265,10 +266,10 @@ impl ServiceTokens {
         validation.set_required_spec_claims(&["exp", "aud", "sub"]);
         validation.leeway = 30;
         let claims = jsonwebtoken::decode::<ServiceClaims>(token, &self.decoding, &validation)
-            .map_err(|e| Status::unauthenticated(format!("invalid service token: {e}")))?
+            .map_err(|e| invalid_credentials(format!("invalid service token: {e}")))?
             .claims;
         if claims.sub.is_empty() || claims.roles.is_empty() {
-            return Err(Status::unauthenticated(
+            return Err(invalid_credentials(
                 "invalid service token: it names no holder or no role",
             ));
         }
@@ -477,9 +478,11 @@ impl Trust {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.strip_prefix("Bearer "))
                     .ok_or_else(|| {
-                        Status::unauthenticated(
+                        Status::from(Failure::new(
+                            Code::Unauthenticated,
+                            Reason::CredentialsMissing,
                             "a service token is required: send `authorization: Bearer <token>`",
-                        )
+                        ))
                     })?;
                 tokens.verify(token.trim())?
             }
@@ -491,25 +494,33 @@ impl Trust {
                 Some(PeerIdentity {
                     refusal: Some(why), ..
                 }) => {
-                    return Err(Status::unauthenticated(format!(
+                    return Err(invalid_credentials(format!(
                         "the client certificate grants nothing: {why}"
                     )));
                 }
                 _ => {
-                    return Err(Status::unauthenticated(
+                    return Err(Failure::new(
+                        Code::Unauthenticated,
+                        Reason::CredentialsMissing,
                         "a client certificate signed by the Streamer CA is required",
-                    ));
+                    )
+                    .into());
                 }
             },
         };
         if !roles.iter().any(|r| caller.roles.contains(r)) {
             let needed: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
-            return Err(Status::permission_denied(format!(
-                "{path} needs the role {}; this credential ({}) has {:?}",
-                needed.join(" or "),
-                caller.subject,
-                caller.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>()
-            )));
+            return Err(Failure::new(
+                Code::PermissionDenied,
+                Reason::RoleNotAllowed,
+                format!(
+                    "{path} needs the role {}; this credential ({}) has {:?}",
+                    needed.join(" or "),
+                    caller.subject,
+                    caller.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>()
+                ),
+            )
+            .into());
         }
         Ok(caller)
     }
@@ -612,9 +623,9 @@ impl CallCredentials {
         }
         let token = tokens
             .mint(&self.subject, &self.roles, None, SELF_TOKEN_TTL)
-            .map_err(|e| Status::internal(format!("cannot mint a service token: {e}")))?;
+            .map_err(|e| internal(format!("cannot mint a service token: {e}")))?;
         let value = AsciiMetadataValue::try_from(format!("Bearer {token}"))
-            .map_err(|e| Status::internal(format!("cannot send a service token: {e}")))?;
+            .map_err(|e| internal(format!("cannot send a service token: {e}")))?;
         *cached = Some((value.clone(), now + SELF_TOKEN_TTL.as_secs() / 2));
         Ok(Some(value))
     }
@@ -632,6 +643,16 @@ impl tonic::service::Interceptor for CallCredentials {
 /// A channel that presents this process's credential on every call.
 pub type AuthedChannel =
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, CallCredentials>;
+
+/// UNAUTHENTICATED: a credential was presented and is no good.
+fn invalid_credentials(message: impl Into<String>) -> Status {
+    Failure::new(Code::Unauthenticated, Reason::CredentialsInvalid, message).into()
+}
+
+/// INTERNAL: this process cannot do what it must (a broken deployment).
+fn internal(message: impl Into<String>) -> Status {
+    Failure::new(Code::Internal, Reason::Internal, message).into()
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,13 +1,15 @@
 //! The one error type of the service, and the one place that decides which
 //! gRPC status each case becomes.
 
+use streamer_api::errors::{Failure, Reason};
 use streamer_core::ids::{ConnectionId, RequestId};
 use streamer_core::store::{RequestStatus, StoreError};
+use tonic::Code;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgressError {
     /// A field of the call is missing or out of range.
-    #[error("invalid {field}: {reason}")]
+    #[error("invalid argument `{field}`: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
 
     /// No such request, or it belongs to someone else (the two are
@@ -90,18 +92,42 @@ impl From<StoreError> for ProgressError {
 impl From<ProgressError> for tonic::Status {
     fn from(error: ProgressError) -> Self {
         let message = error.to_string();
-        match error {
-            ProgressError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
-            ProgressError::RequestNotFound | ProgressError::ConnectionNotFound(_) => {
-                tonic::Status::not_found(message)
+        let failure = match error {
+            ProgressError::InvalidArgument { field, reason } => {
+                Failure::invalid_argument(field, reason)
             }
-            ProgressError::UnknownAction(_)
-            | ProgressError::AlreadyFinished { .. }
-            | ProgressError::NotLeaseHolder { .. } => tonic::Status::failed_precondition(message),
-            ProgressError::Contended(_) => tonic::Status::aborted(message),
-            ProgressError::Store(_)
-            | ProgressError::ConnectionService(_)
-            | ProgressError::ShuttingDown => tonic::Status::unavailable(message),
-        }
+            ProgressError::RequestNotFound => {
+                Failure::new(Code::NotFound, Reason::RequestNotFound, message)
+            }
+            ProgressError::ConnectionNotFound(_) => {
+                Failure::new(Code::NotFound, Reason::ConnectionNotFound, message)
+            }
+            ProgressError::UnknownAction(action) => {
+                Failure::new(Code::FailedPrecondition, Reason::ActionNotHandled, message)
+                    .with("action", action)
+            }
+            ProgressError::AlreadyFinished { id, status } => Failure::new(
+                Code::FailedPrecondition,
+                Reason::RequestAlreadyFinished,
+                message,
+            )
+            .with("id", id.as_str())
+            .with("status", status),
+            ProgressError::NotLeaseHolder { id, .. } => {
+                Failure::new(Code::FailedPrecondition, Reason::LeaseNotHeld, message)
+                    .with("id", id.as_str())
+            }
+            ProgressError::Contended(_) => Failure::new(Code::Aborted, Reason::Contended, message),
+            ProgressError::Store(_) => {
+                Failure::new(Code::Unavailable, Reason::StoreUnavailable, message)
+            }
+            ProgressError::ConnectionService(_) => {
+                Failure::new(Code::Unavailable, Reason::DependencyUnavailable, message)
+            }
+            ProgressError::ShuttingDown => {
+                Failure::new(Code::Unavailable, Reason::ShuttingDown, message)
+            }
+        };
+        failure.into()
     }
 }
