@@ -80,12 +80,13 @@ pub enum Access {
 }
 
 /// The one table: which roles may call each method, by its gRPC path.
-/// A method not listed needs any valid credential (and is then most likely
-/// UNIMPLEMENTED).
+/// A method not listed is refused to every role (a method added to the
+/// contract is closed until it is given its roles here; a test checks that
+/// every method of the contract is).
 pub fn access(path: &str) -> Access {
     use Role::*;
     let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
-        return Access::Roles(&[Edge, Router, Processor, Backend]);
+        return Access::Roles(&[]);
     };
     match (service, method) {
         ("grpc.health.v1.Health", _)
@@ -100,7 +101,8 @@ pub fn access(path: &str) -> Access {
         ("streamer.v1.ConnectionService", "Receive") => Access::Roles(&[Router]),
         (
             "streamer.v1.ConnectionService",
-            "Send" | "Broadcast" | "IsActive" | "GetConnection" | "ListConnections" | "Disconnect",
+            "Send" | "Broadcast" | "IsActive" | "GetConnection" | "ListConnections" | "Disconnect"
+            | "Subscribe" | "Unsubscribe" | "Publish" | "ListSubscriptions",
         ) => Access::Roles(&[Backend]),
         ("streamer.v1.ProgressService", "Claim" | "Report" | "Complete" | "Fail") => {
             Access::Roles(&[Processor])
@@ -108,7 +110,7 @@ pub fn access(path: &str) -> Access {
         ("streamer.v1.ProgressService", "Submit" | "Get" | "Watch" | "Cancel") => {
             Access::Roles(&[Backend])
         }
-        _ => Access::Roles(&[Edge, Router, Processor, Backend]),
+        _ => Access::Roles(&[]),
     }
 }
 
@@ -515,7 +517,11 @@ impl Trust {
                 Reason::RoleNotAllowed,
                 format!(
                     "{path} needs the role {}; this credential ({}) has {:?}",
-                    needed.join(" or "),
+                    if needed.is_empty() {
+                        "that no credential has (it is not part of the API)".to_owned()
+                    } else {
+                        needed.join(" or ")
+                    },
                     caller.subject,
                     caller.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>()
                 ),
@@ -693,6 +699,40 @@ mod tests {
         assert_eq!(
             access("/streamer.v1.ConnectionService/Send"),
             Access::Roles(&[Role::Backend])
+        );
+    }
+
+    #[test]
+    fn every_method_of_the_contract_is_given_its_roles() {
+        use prost::Message as _;
+        let set = prost_types::FileDescriptorSet::decode(streamer_api::FILE_DESCRIPTOR_SET)
+            .expect("the descriptor set decodes");
+        let mut methods = 0;
+        for file in set.file.iter().filter(|f| f.package() == "streamer.v1") {
+            for service in &file.service {
+                for method in &service.method {
+                    let path = format!("/streamer.v1.{}/{}", service.name(), method.name());
+                    methods += 1;
+                    assert_ne!(
+                        access(&path),
+                        Access::Roles(&[]),
+                        "{path} is refused to every role: give it its roles in `access`"
+                    );
+                }
+            }
+        }
+        assert!(
+            methods > 20,
+            "the contract's methods were found ({methods})"
+        );
+        assert_eq!(
+            access("/streamer.v1.ConnectionService/Publish"),
+            Access::Roles(&[Role::Backend])
+        );
+        assert_eq!(
+            access("/streamer.v1.ConnectionService/NoSuchMethod"),
+            Access::Roles(&[]),
+            "closed unless listed"
         );
     }
 
