@@ -268,6 +268,7 @@ async fn a_bad_token_is_refused_at_the_upgrade_with_its_reason() {
         };
         assert_eq!(response.status(), 401);
         let body: Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+        support::schema::assert_conforms("Unauthorized", &body);
         assert_eq!(body["reason"], reason);
     }
     assert!(it.stand_in.sockets.lock().unwrap().is_empty());

@@ -24,8 +24,9 @@ async fn a_valid_token_connects_and_receives_a_send() {
         .into_inner()
         .outcome;
     assert_eq!(outcome, DeliveryOutcome::Delivered as i32);
+    // A backend's payload arrives as it was written, whatever its shape.
     assert_eq!(
-        client.recv_json().await,
+        client.recv_backend_json().await,
         json!({"type": "response", "data": {"n": 1}})
     );
 
@@ -110,9 +111,9 @@ async fn received_broadcast(
             .send(send(id, json!({"kind": "marker"})))
             .await
             .unwrap();
-        let first = client.recv_json().await;
+        let first = client.recv_backend_json().await;
         if first["kind"] == "broadcast" {
-            assert_eq!(client.recv_json().await["kind"], "marker");
+            assert_eq!(client.recv_backend_json().await["kind"], "marker");
             reached.push(true);
         } else {
             assert_eq!(first["kind"], "marker");
@@ -361,7 +362,7 @@ async fn an_unset_value_payload_is_refused_and_not_delivered() {
         })
         .await
         .unwrap();
-    assert_eq!(client.recv_json().await, json!({"n": 1}));
+    assert_eq!(client.recv_backend_json().await, json!({"n": 1}));
 }
 
 async fn refused(system: &TestSystem, url: String) -> (u16, serde_json::Value) {
@@ -371,7 +372,9 @@ async fn refused(system: &TestSystem, url: String) -> (u16, serde_json::Value) {
             let status = response.status().as_u16();
             let body = response.body().clone().unwrap_or_default();
             let _ = system;
-            (status, serde_json::from_slice(&body).unwrap())
+            let body = serde_json::from_slice(&body).unwrap();
+            support::schema::assert_conforms("HttpRefusal", &body);
+            (status, body)
         }
         Err(other) => panic!("expected an HTTP refusal, got {other}"),
     }
@@ -489,6 +492,7 @@ async fn an_unreachable_control_plane_answers_503() {
     .unwrap();
     assert_eq!(status, 503, "{body}");
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    support::schema::assert_conforms("Unavailable", &body);
     assert_eq!(body["code"], "UNAVAILABLE");
     assert_eq!(
         http_get(&format!("http://{addr}/readyz")).await.unwrap().0,
@@ -757,7 +761,7 @@ async fn bad_frames_get_errors_and_the_socket_stays_open() {
         .send(send(&id, json!({"still": "here"})))
         .await
         .unwrap();
-    assert_eq!(client.recv_json().await, json!({"still": "here"}));
+    assert_eq!(client.recv_backend_json().await, json!({"still": "here"}));
 
     // A frame over the limit is refused as it arrives: the socket closes
     // with 1009 (message too big).

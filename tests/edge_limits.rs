@@ -18,10 +18,9 @@ async fn refused(request: tungstenite::handshake::client::Request) -> (u16, serd
     match tokio_tungstenite::connect_async(request).await {
         Err(tungstenite::Error::Http(response)) => {
             let body = response.body().clone().unwrap_or_default();
-            (
-                response.status().as_u16(),
-                serde_json::from_slice(&body).unwrap(),
-            )
+            let body = serde_json::from_slice(&body).unwrap();
+            support::schema::assert_conforms("HttpRefusal", &body);
+            (response.status().as_u16(), body)
         }
         Ok(_) => panic!("the upgrade was accepted"),
         Err(other) => panic!("expected an HTTP refusal, got {other}"),
@@ -82,7 +81,7 @@ async fn a_flooding_client_is_rate_limited_then_closed_and_others_are_not() {
         })
         .await
         .unwrap();
-    assert_eq!(calm.recv_json().await, json!({"calm": true}));
+    assert_eq!(calm.recv_backend_json().await, json!({"calm": true}));
 }
 
 #[tokio::test]
@@ -119,7 +118,7 @@ async fn past_the_connection_cap_new_clients_get_503_while_the_rest_keeps_workin
         })
         .await
         .unwrap();
-    assert_eq!(first.recv_json().await, json!({"still": "served"}));
+    assert_eq!(first.recv_backend_json().await, json!({"still": "served"}));
 
     // A socket that leaves makes room.
     second.close().await;
@@ -313,7 +312,7 @@ async fn a_socket_closes_when_its_token_expires_unless_the_client_refreshes_it()
         })
         .await
         .unwrap();
-    assert_eq!(bob.recv_json().await, json!({"still": "open"}));
+    assert_eq!(bob.recv_backend_json().await, json!({"still": "open"}));
 }
 
 #[tokio::test]

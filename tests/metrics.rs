@@ -455,7 +455,7 @@ async fn every_role_exports_every_family_and_each_moves_with_traffic() {
         .send(support::send(&alice_id, json!({"n": 1})))
         .await
         .unwrap();
-    assert_eq!(alice.recv_json().await, json!({"n": 1}));
+    assert_eq!(alice.recv_backend_json().await, json!({"n": 1}));
     connections
         .broadcast(v1::BroadcastRequest {
             target: Some(v1::broadcast_request::Target::Tenant(v1::TenantTarget {
@@ -466,7 +466,7 @@ async fn every_role_exports_every_family_and_each_moves_with_traffic() {
         })
         .await
         .unwrap();
-    assert_eq!(alice.recv_json().await, json!({"n": 2}));
+    assert_eq!(alice.recv_backend_json().await, json!({"n": 2}));
 
     // An action a router answers.
     let mut router = support::receive(
@@ -487,7 +487,7 @@ async fn every_role_exports_every_family_and_each_moves_with_traffic() {
     connections
         .send(support::send(
             &frame.connection_id,
-            json!({"type": "response", "request_id": frame.request_id}),
+            json!({"type": "response", "request_id": frame.request_id, "success": true, "data": null}),
         ))
         .await
         .unwrap();

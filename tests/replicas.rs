@@ -342,6 +342,12 @@ async fn next(client: &mut WsClient) -> serde_json::Value {
     within("a message", client.recv_json()).await
 }
 
+/// What `client` receives next, a payload a backend delivered with `Send`
+/// or `Broadcast` (whose shape is the backend's own).
+async fn next_delivered(client: &mut WsClient) -> serde_json::Value {
+    within("a message", client.recv_backend_json()).await
+}
+
 /// Nothing more arrives at `client` for a moment (after a marker sent
 /// through the same path, so anything sent before it has arrived).
 async fn nothing_more(cluster: &Cluster, user: &str, client: &mut WsClient, id: &str) {
@@ -353,7 +359,7 @@ async fn nothing_more(cluster: &Cluster, user: &str, client: &mut WsClient, id: 
         .into_inner();
     assert_eq!(sent.outcome(), v1::DeliveryOutcome::Delivered);
     assert_eq!(
-        next(client).await,
+        next_delivered(client).await,
         json!({"marker": user}),
         "no duplicate before the marker"
     );
@@ -387,8 +393,11 @@ async fn sends_and_broadcasts_through_either_replica_reach_each_socket_exactly_o
     }
     for (user, (client, id)) in &mut clients {
         for replica in 0..2 {
-            assert_eq!(next(client).await, json!({"to": user, "via": replica}));
-            assert_eq!(next(client).await, json!({"all": replica}));
+            assert_eq!(
+                next_delivered(client).await,
+                json!({"to": user, "via": replica})
+            );
+            assert_eq!(next_delivered(client).await, json!({"all": replica}));
         }
         nothing_more(&cluster, user, client, id).await;
     }
@@ -463,7 +472,11 @@ async fn a_replica_that_stops_takes_no_socket_with_it() {
     let broadcast = to_acme(&mut connections, json!({"after": "stop"})).await;
     assert_eq!(broadcast.delivered, 6, "{broadcast:?}");
     for (user, (client, id)) in &mut clients {
-        assert_eq!(next(client).await, json!({"after": "stop"}), "{user}");
+        assert_eq!(
+            next_delivered(client).await,
+            json!({"after": "stop"}),
+            "{user}"
+        );
         nothing_more(&cluster, user, client, id).await;
     }
 }

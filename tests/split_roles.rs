@@ -268,7 +268,7 @@ async fn a_connection_service_restart_loses_neither_the_socket_nor_the_final_mes
         })
         .await
         .unwrap();
-    assert_eq!(client.recv_json().await, json!({"still": "here"}));
+    assert_eq!(client.recv_backend_json().await, json!({"still": "here"}));
 
     // A socket that closes while the edge is detached is not left behind:
     // the next hello reconciles the records.
@@ -322,10 +322,11 @@ async fn retried_then_marker(
     let mut connections = connections.clone();
     tokio::spawn(async move { connections.send(send).await });
     loop {
-        let message = client.recv_json().await;
+        let message = client.recv_backend_json().await;
         if message == marker {
             return seen;
         }
+        support::schema::assert_conforms("ServerMessage", &message);
         seen.push(message);
     }
 }

@@ -102,7 +102,7 @@ async fn over_mutual_tls_the_edge_attaches_and_a_backend_certificate_delivers() 
         .unwrap()
         .into_inner();
     assert_eq!(outcome.outcome(), v1::DeliveryOutcome::Delivered);
-    let message = within("the delivery", client.recv_json()).await;
+    let message = within("the delivery", client.recv_backend_json()).await;
     assert_eq!(message, json!({"over": "tls"}));
 }
 

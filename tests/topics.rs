@@ -69,7 +69,7 @@ async fn nothing_more(connections: &mut Connections, client: &mut WsClient, conn
         .send(support::send(connection_id, json!({"marker": true})))
         .await
         .unwrap();
-    assert_eq!(client.recv_json().await, json!({"marker": true}));
+    assert_eq!(client.recv_backend_json().await, json!({"marker": true}));
 }
 
 /// A client whose token allows `topics`.

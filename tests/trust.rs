@@ -179,7 +179,7 @@ async fn a_call_without_a_valid_token_is_unauthenticated_and_probes_need_none() 
         .send(send(&id, json!({"hello": "alice"})))
         .await
         .unwrap();
-    assert_eq!(alice.recv_json().await, json!({"hello": "alice"}));
+    assert_eq!(alice.recv_backend_json().await, json!({"hello": "alice"}));
 }
 
 #[tokio::test]
@@ -393,15 +393,15 @@ async fn a_backend_bound_to_a_tenant_reaches_only_that_tenant() {
         .send(send(&alice_id, json!({"only": "alice"})))
         .await
         .unwrap();
-    assert_eq!(alice.recv_json().await, json!({"to": "both?"}));
-    assert_eq!(alice.recv_json().await, json!({"only": "alice"}));
+    assert_eq!(alice.recv_backend_json().await, json!({"to": "both?"}));
+    assert_eq!(alice.recv_backend_json().await, json!({"only": "alice"}));
     // ...and bob got nothing from it: the next thing he gets is this.
     connections(&system, Some(&admin))
         .await
         .send(send(&bob_id, json!({"fence": true})))
         .await
         .unwrap();
-    assert_eq!(bob.recv_json().await, json!({"fence": true}));
+    assert_eq!(bob.recv_backend_json().await, json!({"fence": true}));
 }
 
 #[tokio::test]
@@ -574,7 +574,7 @@ async fn an_edge_cannot_take_over_another_edges_id_or_connections() {
         .into_inner()
         .outcome();
     assert_eq!(outcome, v1::DeliveryOutcome::Delivered);
-    assert_eq!(alice.recv_json().await, json!({"still": "yours"}));
+    assert_eq!(alice.recv_backend_json().await, json!({"still": "yours"}));
     drop(tx);
 }
 

@@ -5,6 +5,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod proxy;
+pub mod schema;
 
 use std::future::Future;
 use std::time::Duration;
@@ -250,8 +251,20 @@ impl WsClient {
         self.ws.send(Message::Text(text.into())).await.unwrap();
     }
 
-    /// The next JSON message (pings and pongs skipped).
+    /// The next JSON message (pings and pongs skipped), one of the
+    /// protocol's server messages: the test fails, with the schema's
+    /// errors, when it is not a valid `ServerMessage` of
+    /// `docs/websocket.schema.json`.
     pub async fn recv_json(&mut self) -> Value {
+        let message = self.recv_backend_json().await;
+        schema::assert_conforms("ServerMessage", &message);
+        message
+    }
+
+    /// The next JSON message (pings and pongs skipped), not checked against
+    /// the protocol's schema: for a payload a backend delivered with `Send`
+    /// or `Broadcast`, whose shape is the backend's own.
+    pub async fn recv_backend_json(&mut self) -> Value {
         loop {
             let message = within("a websocket message", self.ws.next())
                 .await
