@@ -672,11 +672,11 @@ async fn a_real_system_writes_only_what_the_schema_allows() {
     .await;
     let mut seen = Seen::default();
     let mut progress_service = system.progress().await;
-    let mut work = progress_service
-        .claim(support::claim_request("p", "generate_report", 10, 30))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut work = support::claim(
+        &mut progress_service,
+        support::claim_request("p", "generate_report", 10, 30),
+    )
+    .await;
     let token = |user: &str| {
         system.mint(MintOptions {
             sub: user.into(),
@@ -812,7 +812,7 @@ async fn a_real_system_writes_only_what_the_schema_allows() {
     let request = next_work(&mut work).await;
     for (step, metadata) in [(1, Some(json!({"page": 1}))), (2, None)] {
         progress_service
-            .report(tokio_stream::iter([v1::ProgressReport {
+            .report(tokio_stream::iter([v1::ReportRequest {
                 id: request.id.clone(),
                 processor_id: "p".into(),
                 percentage: f64::from(step) * 50.0,
