@@ -24,7 +24,30 @@ export const protobufFileName = "google/protobuf/struct.proto";
  */
 export enum NullValue {
   /** NULL_VALUE - Null value. */
-  NULL_VALUE = 0,
+  NULL_VALUE = "NULL_VALUE",
+  UNRECOGNIZED = "UNRECOGNIZED",
+}
+
+export function nullValueFromJSON(object: any): NullValue {
+  switch (object) {
+    case 0:
+    case "NULL_VALUE":
+      return NullValue.NULL_VALUE;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return NullValue.UNRECOGNIZED;
+  }
+}
+
+export function nullValueToNumber(object: NullValue): number {
+  switch (object) {
+    case NullValue.NULL_VALUE:
+      return 0;
+    case NullValue.UNRECOGNIZED:
+    default:
+      return -1;
+  }
 }
 
 /**
@@ -259,7 +282,7 @@ export const Value: MessageFns<Value> & AnyValueWrapperFns = {
   encode(message: Value, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     switch (message.kind?.$case) {
       case "nullValue":
-        writer.uint32(8).int32(message.kind.nullValue);
+        writer.uint32(8).int32(nullValueToNumber(message.kind.nullValue));
         break;
       case "numberValue":
         writer.uint32(17).double(message.kind.numberValue);
@@ -298,7 +321,7 @@ export const Value: MessageFns<Value> & AnyValueWrapperFns = {
               break;
             }
 
-            message.kind = { $case: "nullValue", nullValue: reader.int32() as any };
+            message.kind = { $case: "nullValue", nullValue: nullValueFromJSON(reader.int32()) };
             continue;
           }
           case 2: {

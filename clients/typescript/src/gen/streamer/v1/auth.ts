@@ -26,37 +26,120 @@ export const protobufFileName = "streamer/v1/auth.proto";
 
 /** Why a token was refused. */
 export enum TokenFailure {
-  UNSPECIFIED = 0,
+  UNSPECIFIED = "TOKEN_FAILURE_UNSPECIFIED",
   /** MISSING - No token was presented. */
-  MISSING = 1,
+  MISSING = "TOKEN_FAILURE_MISSING",
   /** MALFORMED - Not a well-formed JWT: bad base64, bad JSON, wrong number of parts. */
-  MALFORMED = 2,
+  MALFORMED = "TOKEN_FAILURE_MALFORMED",
   /** BAD_SIGNATURE - The signature does not verify with the selected key. */
-  BAD_SIGNATURE = 3,
+  BAD_SIGNATURE = "TOKEN_FAILURE_BAD_SIGNATURE",
   /** EXPIRED - `exp` is in the past. */
-  EXPIRED = 4,
+  EXPIRED = "TOKEN_FAILURE_EXPIRED",
   /** NOT_YET_VALID - `nbf` is in the future, or `iat` is in the future. */
-  NOT_YET_VALID = 5,
+  NOT_YET_VALID = "TOKEN_FAILURE_NOT_YET_VALID",
   /** WRONG_ISSUER - `iss` differs from the configured issuer. */
-  WRONG_ISSUER = 6,
+  WRONG_ISSUER = "TOKEN_FAILURE_WRONG_ISSUER",
   /** WRONG_AUDIENCE - `aud` does not contain the configured audience. */
-  WRONG_AUDIENCE = 7,
+  WRONG_AUDIENCE = "TOKEN_FAILURE_WRONG_AUDIENCE",
   /** TENANT_NOT_ALLOWED - `tenant_id` is not in the configured allow-list. */
-  TENANT_NOT_ALLOWED = 8,
+  TENANT_NOT_ALLOWED = "TOKEN_FAILURE_TENANT_NOT_ALLOWED",
   /**
    * UNSUPPORTED_ALGORITHM - The header names an algorithm that is not accepted (`none`, HMAC, ...),
    * or one that does not match the selected key's type.
    */
-  UNSUPPORTED_ALGORITHM = 9,
+  UNSUPPORTED_ALGORITHM = "TOKEN_FAILURE_UNSUPPORTED_ALGORITHM",
   /** UNKNOWN_KEY - No configured key has the token's `kid`. */
-  UNKNOWN_KEY = 10,
+  UNKNOWN_KEY = "TOKEN_FAILURE_UNKNOWN_KEY",
   /** MISSING_CLAIM - A required claim (`sub`, `tenant_id`, `exp`) is missing or empty. */
-  MISSING_CLAIM = 11,
+  MISSING_CLAIM = "TOKEN_FAILURE_MISSING_CLAIM",
   /**
    * REVOKED - The token's `jti` was revoked with RevokeToken. Checked only once every
    * other rule passed.
    */
-  REVOKED = 12,
+  REVOKED = "TOKEN_FAILURE_REVOKED",
+  UNRECOGNIZED = "UNRECOGNIZED",
+}
+
+export function tokenFailureFromJSON(object: any): TokenFailure {
+  switch (object) {
+    case 0:
+    case "TOKEN_FAILURE_UNSPECIFIED":
+      return TokenFailure.UNSPECIFIED;
+    case 1:
+    case "TOKEN_FAILURE_MISSING":
+      return TokenFailure.MISSING;
+    case 2:
+    case "TOKEN_FAILURE_MALFORMED":
+      return TokenFailure.MALFORMED;
+    case 3:
+    case "TOKEN_FAILURE_BAD_SIGNATURE":
+      return TokenFailure.BAD_SIGNATURE;
+    case 4:
+    case "TOKEN_FAILURE_EXPIRED":
+      return TokenFailure.EXPIRED;
+    case 5:
+    case "TOKEN_FAILURE_NOT_YET_VALID":
+      return TokenFailure.NOT_YET_VALID;
+    case 6:
+    case "TOKEN_FAILURE_WRONG_ISSUER":
+      return TokenFailure.WRONG_ISSUER;
+    case 7:
+    case "TOKEN_FAILURE_WRONG_AUDIENCE":
+      return TokenFailure.WRONG_AUDIENCE;
+    case 8:
+    case "TOKEN_FAILURE_TENANT_NOT_ALLOWED":
+      return TokenFailure.TENANT_NOT_ALLOWED;
+    case 9:
+    case "TOKEN_FAILURE_UNSUPPORTED_ALGORITHM":
+      return TokenFailure.UNSUPPORTED_ALGORITHM;
+    case 10:
+    case "TOKEN_FAILURE_UNKNOWN_KEY":
+      return TokenFailure.UNKNOWN_KEY;
+    case 11:
+    case "TOKEN_FAILURE_MISSING_CLAIM":
+      return TokenFailure.MISSING_CLAIM;
+    case 12:
+    case "TOKEN_FAILURE_REVOKED":
+      return TokenFailure.REVOKED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return TokenFailure.UNRECOGNIZED;
+  }
+}
+
+export function tokenFailureToNumber(object: TokenFailure): number {
+  switch (object) {
+    case TokenFailure.UNSPECIFIED:
+      return 0;
+    case TokenFailure.MISSING:
+      return 1;
+    case TokenFailure.MALFORMED:
+      return 2;
+    case TokenFailure.BAD_SIGNATURE:
+      return 3;
+    case TokenFailure.EXPIRED:
+      return 4;
+    case TokenFailure.NOT_YET_VALID:
+      return 5;
+    case TokenFailure.WRONG_ISSUER:
+      return 6;
+    case TokenFailure.WRONG_AUDIENCE:
+      return 7;
+    case TokenFailure.TENANT_NOT_ALLOWED:
+      return 8;
+    case TokenFailure.UNSUPPORTED_ALGORITHM:
+      return 9;
+    case TokenFailure.UNKNOWN_KEY:
+      return 10;
+    case TokenFailure.MISSING_CLAIM:
+      return 11;
+    case TokenFailure.REVOKED:
+      return 12;
+    case TokenFailure.UNRECOGNIZED:
+    default:
+      return -1;
+  }
 }
 
 export interface ValidateTokenRequest {
@@ -342,7 +425,7 @@ export const Claims: MessageFns<Claims> = {
 };
 
 function createBaseValidateTokenResponse(): ValidateTokenResponse {
-  return { valid: false, claims: undefined, failure: 0, message: "" };
+  return { valid: false, claims: undefined, failure: TokenFailure.UNSPECIFIED, message: "" };
 }
 
 export const ValidateTokenResponse: MessageFns<ValidateTokenResponse> = {
@@ -353,8 +436,8 @@ export const ValidateTokenResponse: MessageFns<ValidateTokenResponse> = {
     if (message.claims !== undefined) {
       Claims.encode(message.claims, writer.uint32(18).fork()).join();
     }
-    if (message.failure !== 0) {
-      writer.uint32(24).int32(message.failure);
+    if (message.failure !== TokenFailure.UNSPECIFIED) {
+      writer.uint32(24).int32(tokenFailureToNumber(message.failure));
     }
     if (message.message !== "") {
       writer.uint32(34).string(message.message);
@@ -396,7 +479,7 @@ export const ValidateTokenResponse: MessageFns<ValidateTokenResponse> = {
               break;
             }
 
-            message.failure = reader.int32() as any;
+            message.failure = tokenFailureFromJSON(reader.int32());
             continue;
           }
           case 4: {
@@ -428,7 +511,7 @@ export const ValidateTokenResponse: MessageFns<ValidateTokenResponse> = {
     message.claims = (object.claims !== undefined && object.claims !== null)
       ? Claims.fromPartial(object.claims)
       : undefined;
-    message.failure = object.failure ?? 0;
+    message.failure = object.failure ?? TokenFailure.UNSPECIFIED;
     message.message = object.message ?? "";
     return message;
   },

@@ -30,25 +30,25 @@ export const protobufFileName = "streamer/v1/connection.proto";
 
 /** What happened to one delivery target. */
 export enum DeliveryOutcome {
-  UNSPECIFIED = 0,
+  UNSPECIFIED = "DELIVERY_OUTCOME_UNSPECIFIED",
   /**
    * DELIVERED - Written to the connection's outbound queue on its edge (or, for a
    * payload with a `sequence`, written there before: a retry is not written
    * again).
    */
-  DELIVERED = 1,
+  DELIVERED = "DELIVERY_OUTCOME_DELIVERED",
   /** NOT_FOUND - No such connection (or not in the requested tenant). */
-  NOT_FOUND = 2,
+  NOT_FOUND = "DELIVERY_OUTCOME_NOT_FOUND",
   /**
    * GONE - The connection was recorded but its socket is known to be gone (its
    * edge says it holds no such socket); the record has been removed.
    */
-  GONE = 3,
+  GONE = "DELIVERY_OUTCOME_GONE",
   /**
    * THROTTLED - The connection's outbound queue is full: it is a slow consumer and has
    * been closed (code 1008).
    */
-  THROTTLED = 4,
+  THROTTLED = "DELIVERY_OUTCOME_THROTTLED",
   /**
    * UNAVAILABLE - Not known: the connection's edge is detached for now, or did not
    * confirm the write in time. The payload may or may not have reached the
@@ -56,13 +56,66 @@ export enum DeliveryOutcome {
    * `sequence` (it is written at most once); a plain payload may then
    * arrive twice.
    */
-  UNAVAILABLE = 5,
+  UNAVAILABLE = "DELIVERY_OUTCOME_UNAVAILABLE",
   /**
    * REJECTED - Refused for good by the transport: over AWS API Gateway's 128 KB limit
    * for one message, or forbidden by it. The same payload sent again fails
    * the same way; the connection itself may still be there.
    */
-  REJECTED = 6,
+  REJECTED = "DELIVERY_OUTCOME_REJECTED",
+  UNRECOGNIZED = "UNRECOGNIZED",
+}
+
+export function deliveryOutcomeFromJSON(object: any): DeliveryOutcome {
+  switch (object) {
+    case 0:
+    case "DELIVERY_OUTCOME_UNSPECIFIED":
+      return DeliveryOutcome.UNSPECIFIED;
+    case 1:
+    case "DELIVERY_OUTCOME_DELIVERED":
+      return DeliveryOutcome.DELIVERED;
+    case 2:
+    case "DELIVERY_OUTCOME_NOT_FOUND":
+      return DeliveryOutcome.NOT_FOUND;
+    case 3:
+    case "DELIVERY_OUTCOME_GONE":
+      return DeliveryOutcome.GONE;
+    case 4:
+    case "DELIVERY_OUTCOME_THROTTLED":
+      return DeliveryOutcome.THROTTLED;
+    case 5:
+    case "DELIVERY_OUTCOME_UNAVAILABLE":
+      return DeliveryOutcome.UNAVAILABLE;
+    case 6:
+    case "DELIVERY_OUTCOME_REJECTED":
+      return DeliveryOutcome.REJECTED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return DeliveryOutcome.UNRECOGNIZED;
+  }
+}
+
+export function deliveryOutcomeToNumber(object: DeliveryOutcome): number {
+  switch (object) {
+    case DeliveryOutcome.UNSPECIFIED:
+      return 0;
+    case DeliveryOutcome.DELIVERED:
+      return 1;
+    case DeliveryOutcome.NOT_FOUND:
+      return 2;
+    case DeliveryOutcome.GONE:
+      return 3;
+    case DeliveryOutcome.THROTTLED:
+      return 4;
+    case DeliveryOutcome.UNAVAILABLE:
+      return 5;
+    case DeliveryOutcome.REJECTED:
+      return 6;
+    case DeliveryOutcome.UNRECOGNIZED:
+    default:
+      return -1;
+  }
 }
 
 /** A connection as the registry records it. */
@@ -752,7 +805,7 @@ export const Sequence: MessageFns<Sequence> = {
 };
 
 function createBaseDeliveryResult(): DeliveryResult {
-  return { connectionId: "", outcome: 0 };
+  return { connectionId: "", outcome: DeliveryOutcome.UNSPECIFIED };
 }
 
 export const DeliveryResult: MessageFns<DeliveryResult> = {
@@ -760,8 +813,8 @@ export const DeliveryResult: MessageFns<DeliveryResult> = {
     if (message.connectionId !== "") {
       writer.uint32(10).string(message.connectionId);
     }
-    if (message.outcome !== 0) {
-      writer.uint32(16).int32(message.outcome);
+    if (message.outcome !== DeliveryOutcome.UNSPECIFIED) {
+      writer.uint32(16).int32(deliveryOutcomeToNumber(message.outcome));
     }
     return writer;
   },
@@ -792,7 +845,7 @@ export const DeliveryResult: MessageFns<DeliveryResult> = {
               break;
             }
 
-            message.outcome = reader.int32() as any;
+            message.outcome = deliveryOutcomeFromJSON(reader.int32());
             continue;
           }
         }
@@ -813,7 +866,7 @@ export const DeliveryResult: MessageFns<DeliveryResult> = {
   fromPartial(object: DeepPartial<DeliveryResult>): DeliveryResult {
     const message = createBaseDeliveryResult();
     message.connectionId = object.connectionId ?? "";
-    message.outcome = object.outcome ?? 0;
+    message.outcome = object.outcome ?? DeliveryOutcome.UNSPECIFIED;
     return message;
   },
 };
@@ -914,13 +967,13 @@ export const SendRequest: MessageFns<SendRequest> = {
 };
 
 function createBaseSendResponse(): SendResponse {
-  return { outcome: 0 };
+  return { outcome: DeliveryOutcome.UNSPECIFIED };
 }
 
 export const SendResponse: MessageFns<SendResponse> = {
   encode(message: SendResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
-    if (message.outcome !== 0) {
-      writer.uint32(8).int32(message.outcome);
+    if (message.outcome !== DeliveryOutcome.UNSPECIFIED) {
+      writer.uint32(8).int32(deliveryOutcomeToNumber(message.outcome));
     }
     return writer;
   },
@@ -943,7 +996,7 @@ export const SendResponse: MessageFns<SendResponse> = {
               break;
             }
 
-            message.outcome = reader.int32() as any;
+            message.outcome = deliveryOutcomeFromJSON(reader.int32());
             continue;
           }
         }
@@ -963,7 +1016,7 @@ export const SendResponse: MessageFns<SendResponse> = {
   },
   fromPartial(object: DeepPartial<SendResponse>): SendResponse {
     const message = createBaseSendResponse();
-    message.outcome = object.outcome ?? 0;
+    message.outcome = object.outcome ?? DeliveryOutcome.UNSPECIFIED;
     return message;
   },
 };

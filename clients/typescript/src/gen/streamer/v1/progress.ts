@@ -31,30 +31,116 @@ export const protobufPackage = "streamer.v1";
 export const protobufFileName = "streamer/v1/progress.proto";
 
 export enum RequestStatus {
-  UNSPECIFIED = 0,
+  UNSPECIFIED = "REQUEST_STATUS_UNSPECIFIED",
   /** PENDING - Queued, waiting for a processor. */
-  PENDING = 1,
+  PENDING = "REQUEST_STATUS_PENDING",
   /** PROCESSING - Leased to a processor. */
-  PROCESSING = 2,
-  COMPLETED = 3,
-  FAILED = 4,
-  CANCELLED = 5,
+  PROCESSING = "REQUEST_STATUS_PROCESSING",
+  COMPLETED = "REQUEST_STATUS_COMPLETED",
+  FAILED = "REQUEST_STATUS_FAILED",
+  CANCELLED = "REQUEST_STATUS_CANCELLED",
+  UNRECOGNIZED = "UNRECOGNIZED",
+}
+
+export function requestStatusFromJSON(object: any): RequestStatus {
+  switch (object) {
+    case 0:
+    case "REQUEST_STATUS_UNSPECIFIED":
+      return RequestStatus.UNSPECIFIED;
+    case 1:
+    case "REQUEST_STATUS_PENDING":
+      return RequestStatus.PENDING;
+    case 2:
+    case "REQUEST_STATUS_PROCESSING":
+      return RequestStatus.PROCESSING;
+    case 3:
+    case "REQUEST_STATUS_COMPLETED":
+      return RequestStatus.COMPLETED;
+    case 4:
+    case "REQUEST_STATUS_FAILED":
+      return RequestStatus.FAILED;
+    case 5:
+    case "REQUEST_STATUS_CANCELLED":
+      return RequestStatus.CANCELLED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return RequestStatus.UNRECOGNIZED;
+  }
+}
+
+export function requestStatusToNumber(object: RequestStatus): number {
+  switch (object) {
+    case RequestStatus.UNSPECIFIED:
+      return 0;
+    case RequestStatus.PENDING:
+      return 1;
+    case RequestStatus.PROCESSING:
+      return 2;
+    case RequestStatus.COMPLETED:
+      return 3;
+    case RequestStatus.FAILED:
+      return 4;
+    case RequestStatus.CANCELLED:
+      return 5;
+    case RequestStatus.UNRECOGNIZED:
+    default:
+      return -1;
+  }
 }
 
 export enum ReportRejectionReason {
-  UNSPECIFIED = 0,
+  UNSPECIFIED = "REPORT_REJECTION_REASON_UNSPECIFIED",
   /** NOT_FOUND - No such request. */
-  NOT_FOUND = 1,
+  NOT_FOUND = "REPORT_REJECTION_REASON_NOT_FOUND",
   /**
    * ALREADY_FINISHED - The request already finished (completed, failed or cancelled): stop
    * working on it.
    */
-  ALREADY_FINISHED = 2,
+  ALREADY_FINISHED = "REPORT_REJECTION_REASON_ALREADY_FINISHED",
   /**
    * LEASE_NOT_HELD - Another processor holds the request's lease (this one's lapsed and the
    * request was handed out again): stop working on it.
    */
-  LEASE_NOT_HELD = 3,
+  LEASE_NOT_HELD = "REPORT_REJECTION_REASON_LEASE_NOT_HELD",
+  UNRECOGNIZED = "UNRECOGNIZED",
+}
+
+export function reportRejectionReasonFromJSON(object: any): ReportRejectionReason {
+  switch (object) {
+    case 0:
+    case "REPORT_REJECTION_REASON_UNSPECIFIED":
+      return ReportRejectionReason.UNSPECIFIED;
+    case 1:
+    case "REPORT_REJECTION_REASON_NOT_FOUND":
+      return ReportRejectionReason.NOT_FOUND;
+    case 2:
+    case "REPORT_REJECTION_REASON_ALREADY_FINISHED":
+      return ReportRejectionReason.ALREADY_FINISHED;
+    case 3:
+    case "REPORT_REJECTION_REASON_LEASE_NOT_HELD":
+      return ReportRejectionReason.LEASE_NOT_HELD;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ReportRejectionReason.UNRECOGNIZED;
+  }
+}
+
+export function reportRejectionReasonToNumber(object: ReportRejectionReason): number {
+  switch (object) {
+    case ReportRejectionReason.UNSPECIFIED:
+      return 0;
+    case ReportRejectionReason.NOT_FOUND:
+      return 1;
+    case ReportRejectionReason.ALREADY_FINISHED:
+      return 2;
+    case ReportRejectionReason.LEASE_NOT_HELD:
+      return 3;
+    case ReportRejectionReason.UNRECOGNIZED:
+    default:
+      return -1;
+  }
 }
 
 /** The last progress a processor reported. */
@@ -534,7 +620,7 @@ function createBaseRequest(): Request {
     action: "",
     payload: undefined,
     metadata: undefined,
-    status: 0,
+    status: RequestStatus.UNSPECIFIED,
     attempts: 0,
     progress: undefined,
     result: undefined,
@@ -571,8 +657,8 @@ export const Request: MessageFns<Request> = {
     if (message.metadata !== undefined) {
       Struct.encode(Struct.wrap(message.metadata), writer.uint32(58).fork()).join();
     }
-    if (message.status !== 0) {
-      writer.uint32(64).int32(message.status);
+    if (message.status !== RequestStatus.UNSPECIFIED) {
+      writer.uint32(64).int32(requestStatusToNumber(message.status));
     }
     if (message.attempts !== 0) {
       writer.uint32(72).uint32(message.attempts);
@@ -681,7 +767,7 @@ export const Request: MessageFns<Request> = {
               break;
             }
 
-            message.status = reader.int32() as any;
+            message.status = requestStatusFromJSON(reader.int32());
             continue;
           }
           case 9: {
@@ -793,7 +879,7 @@ export const Request: MessageFns<Request> = {
     message.action = object.action ?? "";
     message.payload = object.payload === undefined ? undefined : object.payload;
     message.metadata = object.metadata ?? undefined;
-    message.status = object.status ?? 0;
+    message.status = object.status ?? RequestStatus.UNSPECIFIED;
     message.attempts = object.attempts ?? 0;
     message.progress = (object.progress !== undefined && object.progress !== null)
       ? Progress.fromPartial(object.progress)
@@ -1522,7 +1608,7 @@ export const ReportResponse: MessageFns<ReportResponse> = {
 };
 
 function createBaseReportRejection(): ReportRejection {
-  return { id: "", reason: 0, count: 0 };
+  return { id: "", reason: ReportRejectionReason.UNSPECIFIED, count: 0 };
 }
 
 export const ReportRejection: MessageFns<ReportRejection> = {
@@ -1530,8 +1616,8 @@ export const ReportRejection: MessageFns<ReportRejection> = {
     if (message.id !== "") {
       writer.uint32(10).string(message.id);
     }
-    if (message.reason !== 0) {
-      writer.uint32(16).int32(message.reason);
+    if (message.reason !== ReportRejectionReason.UNSPECIFIED) {
+      writer.uint32(16).int32(reportRejectionReasonToNumber(message.reason));
     }
     if (message.count !== 0) {
       writer.uint32(24).uint64(message.count);
@@ -1565,7 +1651,7 @@ export const ReportRejection: MessageFns<ReportRejection> = {
               break;
             }
 
-            message.reason = reader.int32() as any;
+            message.reason = reportRejectionReasonFromJSON(reader.int32());
             continue;
           }
           case 3: {
@@ -1594,7 +1680,7 @@ export const ReportRejection: MessageFns<ReportRejection> = {
   fromPartial(object: DeepPartial<ReportRejection>): ReportRejection {
     const message = createBaseReportRejection();
     message.id = object.id ?? "";
-    message.reason = object.reason ?? 0;
+    message.reason = object.reason ?? ReportRejectionReason.UNSPECIFIED;
     message.count = object.count ?? 0;
     return message;
   },
