@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The TypeScript client's checks: install (npm ci, when node_modules is not
-# what package-lock.json says), the generated code is current, the package
-# and its tests type-check and build, and the tests pass, end to end against
-# a Streamer that scripts/with-streamer starts for them (the binary in
-# $STREAMER_BIN, by default target/debug/streamer).
+# what package-lock.json says); the generated code is current; the package,
+# its tests and README.md's examples type-check; and the tests pass, end to
+# end against a Streamer that scripts/with-streamer starts for them (the
+# binary in $STREAMER_BIN, by default target/debug/streamer).
 #
 # Quiet on success (one line); on failure, everything that was printed.
 set -euo pipefail
@@ -33,6 +33,7 @@ step "the generated-code check (npm run generate:check)" scripts/generate.sh --c
 rm -rf dist build-test
 step "the build (tsc)" node_modules/.bin/tsc -p tsconfig.json
 step "the tests' build (tsc)" node_modules/.bin/tsc -p tsconfig.test.json
+step "README.md's examples (type-check)" node scripts/check-readme.mjs
 step "the tests" "$root/scripts/with-streamer" node --test --test-reporter=tap --test-timeout=120000 build-test/
 
 passed="$(sed -n 's/^# pass \([0-9]*\)$/\1/p' "$log" | tail -1)"
