@@ -1,10 +1,22 @@
 import { Metadata, status as Status, type ServiceError } from "@grpc/grpc-js";
 import { BadRequest, ErrorInfo, RetryInfo } from "./gen/google/rpc/error_details";
 import { Status as RpcStatus } from "./gen/google/rpc/status";
+import type { ErrorReason } from "./gen/streamer/v1/common";
 import type { JsonObject } from "./json";
 
 /** The trailer gRPC servers put a serialized `google.rpc.Status` in. */
 export const STATUS_DETAILS_TRAILER = "grpc-status-details-bin";
+
+/**
+ * The reasons Streamer names in `ErrorInfo.reason`: the contract's
+ * `ErrorReason` values without their `ERROR_REASON_` prefix, e.g.
+ * `"CONNECTION_NOT_FOUND"`. New ones may be added: treat an unknown reason
+ * by its status code.
+ */
+export type ErrorReasonName = Exclude<
+  `${ErrorReason}` extends infer R ? (R extends `ERROR_REASON_${infer Name}` ? Name : never) : never,
+  "UNSPECIFIED"
+>;
 
 /** One invalid field of a request (`google.rpc.BadRequest.FieldViolation`). */
 export interface FieldViolation {
@@ -18,7 +30,7 @@ export interface FieldViolation {
 /** What Streamer attaches to an error in its `grpc-status-details-bin` trailer. */
 export interface StatusDetails {
   /** `google.rpc.ErrorInfo.reason`, e.g. `CONNECTION_NOT_FOUND`. */
-  reason?: string;
+  reason?: ErrorReasonName | (string & {});
   /** `google.rpc.ErrorInfo.domain`: `streamer.v1` for Streamer's own errors. */
   domain?: string;
   /** `google.rpc.ErrorInfo.metadata` (empty when none). */
@@ -94,7 +106,7 @@ export class StreamerError extends Error implements StatusDetails {
   readonly codeName: string;
   /** The server's message. */
   readonly details: string;
-  readonly reason?: string;
+  readonly reason?: ErrorReasonName | (string & {});
   readonly domain?: string;
   readonly metadata: Record<string, string>;
   readonly fieldViolations: FieldViolation[];

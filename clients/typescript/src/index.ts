@@ -14,7 +14,7 @@ export {
   StreamerError,
   toStreamerError,
 } from "./errors";
-export type { FieldViolation, StatusDetails } from "./errors";
+export type { ErrorReasonName, FieldViolation, StatusDetails } from "./errors";
 export { toJson } from "./json";
 export type { Json, JsonObject } from "./json";
 export type { CallOptions, ClientOptions } from "./transport";
@@ -32,4 +32,5 @@ export type {
 } from "./gen/streamer/v1/connection";
 export { ReportRejectionReason, RequestStatus } from "./gen/streamer/v1/progress";
 export type { ProcessorRegistered, Progress, Request, RequestError } from "./gen/streamer/v1/progress";
+export { ErrorReason } from "./gen/streamer/v1/common";
 export type { Identity } from "./gen/streamer/v1/common";

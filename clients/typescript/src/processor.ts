@@ -292,13 +292,20 @@ export class Processor {
     }
   }
 
-  /** Calls `call` again while it fails transiently (5 attempts in all). */
-  private async retrying<T>(call: () => Promise<T>): Promise<T> {
+  /**
+   * Calls `call` again while it fails transiently (5 attempts in all). A
+   * retry told REQUEST_ALREADY_FINISHED means an earlier attempt went
+   * through after all (its answer was lost): done.
+   */
+  private async retrying<T>(call: () => Promise<T>): Promise<T | undefined> {
     const backoff = new Backoff(200, 2_000);
     for (let attempt = 1; ; attempt++) {
       try {
         return await call();
       } catch (error) {
+        if (attempt > 1 && error instanceof StreamerError && error.reason === "REQUEST_ALREADY_FINISHED") {
+          return undefined;
+        }
         if (
           !(error instanceof StreamerError) ||
           !TRANSIENT.has(error.code) ||

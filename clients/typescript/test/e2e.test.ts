@@ -304,12 +304,20 @@ test("cancel from the client aborts the job's signal, and nothing more is sent",
     const request = await progress.get(ack.json.id);
     assert.equal(request.status, RequestStatus.CANCELLED);
     assert.equal(request.progress?.message, "started");
+    // What the job would have been told, had it completed.
+    await assert.rejects(progress.complete(request.id, "test-cancel", 1), (error: unknown) => {
+      assert.ok(error instanceof StreamerError);
+      assert.equal(error.code, GrpcStatus.FAILED_PRECONDITION);
+      assert.equal(error.reason, "REQUEST_ALREADY_FINISHED");
+      assert.equal(error.metadata.status, "cancelled");
+      return true;
+    });
   } finally {
     await processor.close();
   }
 });
 
-test("bad arguments reject with a StreamerError", async () => {
+test("refusals reject with a StreamerError carrying Streamer's reason", async () => {
   const invalid = await connections.send("", { x: 1 }).then(
     () => assert.fail("an empty connection id was accepted"),
     (error: unknown) => error,
@@ -317,7 +325,12 @@ test("bad arguments reject with a StreamerError", async () => {
   assert.ok(invalid instanceof StreamerError, String(invalid));
   assert.equal(invalid.code, GrpcStatus.INVALID_ARGUMENT);
   assert.equal(invalid.codeName, "INVALID_ARGUMENT");
-  assert.ok(invalid.reason === undefined || invalid.reason === "INVALID_ARGUMENT", invalid.reason);
+  assert.equal(invalid.reason, "INVALID_ARGUMENT");
+  assert.equal(invalid.domain, "streamer.v1");
+  assert.deepEqual(
+    invalid.fieldViolations.map((v) => v.field),
+    ["connection_id"],
+  );
 
   const missing = await connections.getConnection("no-such-connection").then(
     () => assert.fail("a connection that does not exist was found"),
@@ -325,13 +338,25 @@ test("bad arguments reject with a StreamerError", async () => {
   );
   assert.ok(missing instanceof StreamerError);
   assert.equal(missing.code, GrpcStatus.NOT_FOUND);
-  assert.ok(missing.reason === undefined || missing.reason === "CONNECTION_NOT_FOUND", missing.reason);
+  assert.equal(missing.reason, "CONNECTION_NOT_FOUND");
 
   await assert.rejects(progress.get("no-such-request"), (error: unknown) => {
     assert.ok(error instanceof StreamerError);
     assert.equal(error.code, GrpcStatus.NOT_FOUND);
+    assert.equal(error.reason, "REQUEST_NOT_FOUND");
     return true;
   });
+
+  const client = await connect();
+  await assert.rejects(
+    progress.submit({ connectionId: client.connectionId, action: uniqueAction("unhandled"), payload: 1 }),
+    (error: unknown) => {
+      assert.ok(error instanceof StreamerError);
+      assert.equal(error.code, GrpcStatus.FAILED_PRECONDITION);
+      assert.equal(error.reason, "ACTION_NOT_HANDLED");
+      return true;
+    },
+  );
 });
 
 test("a processor with no actions never becomes ready: ready rejects with the server's refusal", async () => {

@@ -13,6 +13,190 @@ export const protobufPackage = "streamer.v1";
 export const protobufFileName = "streamer/v1/common.proto";
 
 /**
+ * Why a call failed: every error status a Streamer service returns carries
+ * a `google.rpc.ErrorInfo` (in the `grpc-status-details-bin` trailer, as
+ * `google.rpc.Status.details`) whose `domain` is "streamer.v1" and whose
+ * `reason` is one of these names without the `ERROR_REASON_` prefix, e.g.
+ * "CONNECTION_NOT_FOUND". Branch on the reason, not on the message, which
+ * is for people. INVALID_ARGUMENT errors also carry a `google.rpc.BadRequest`
+ * naming the field; UNAVAILABLE, ABORTED and RESOURCE_EXHAUSTED errors carry
+ * a `google.rpc.RetryInfo` saying when to try again. New reasons may be
+ * added: treat an unknown one by its status code.
+ */
+export enum ErrorReason {
+  UNSPECIFIED = "ERROR_REASON_UNSPECIFIED",
+  /**
+   * INVALID_ARGUMENT - INVALID_ARGUMENT: a field is missing, malformed or out of range; the
+   * BadRequest's field violation names it (e.g. `page.page_token`).
+   */
+  INVALID_ARGUMENT = "ERROR_REASON_INVALID_ARGUMENT",
+  /**
+   * MALFORMED_MESSAGE - INVALID_ARGUMENT: the message itself could not be decoded (malformed
+   * protobuf, or JSON nested deeper than 24 levels).
+   */
+  MALFORMED_MESSAGE = "ERROR_REASON_MALFORMED_MESSAGE",
+  /**
+   * CREDENTIALS_MISSING - UNAUTHENTICATED: the call carries no credential (a service token or a
+   * client certificate, as the server's trust mode requires).
+   */
+  CREDENTIALS_MISSING = "ERROR_REASON_CREDENTIALS_MISSING",
+  /** CREDENTIALS_INVALID - UNAUTHENTICATED: the credential is invalid, expired or grants nothing. */
+  CREDENTIALS_INVALID = "ERROR_REASON_CREDENTIALS_INVALID",
+  /** ROLE_NOT_ALLOWED - PERMISSION_DENIED: the credential's roles do not include the method. */
+  ROLE_NOT_ALLOWED = "ERROR_REASON_ROLE_NOT_ALLOWED",
+  /**
+   * SCOPE_NOT_ALLOWED - PERMISSION_DENIED: the credential may not reach this tenant, or (for an
+   * edge) speak under this edge id.
+   */
+  SCOPE_NOT_ALLOWED = "ERROR_REASON_SCOPE_NOT_ALLOWED",
+  /** CONNECTION_NOT_FOUND - NOT_FOUND: no such connection (or not in the caller's tenant). */
+  CONNECTION_NOT_FOUND = "ERROR_REASON_CONNECTION_NOT_FOUND",
+  /**
+   * REQUEST_NOT_FOUND - NOT_FOUND: no such request (or another user's: the two are not told
+   * apart).
+   */
+  REQUEST_NOT_FOUND = "ERROR_REASON_REQUEST_NOT_FOUND",
+  /**
+   * ACTION_NOT_HANDLED - FAILED_PRECONDITION: no processor has declared the action (open a
+   * `Claim` stream for it first; its `registered` message says when).
+   */
+  ACTION_NOT_HANDLED = "ERROR_REASON_ACTION_NOT_HANDLED",
+  /**
+   * REQUEST_ALREADY_FINISHED - FAILED_PRECONDITION: the request already finished; ErrorInfo's metadata
+   * `status` says how ("completed", "failed", "cancelled"). Do not retry.
+   */
+  REQUEST_ALREADY_FINISHED = "ERROR_REASON_REQUEST_ALREADY_FINISHED",
+  /**
+   * LEASE_NOT_HELD - FAILED_PRECONDITION: the caller does not hold the request's lease (it
+   * lapsed and another processor holds it now): stop working on it.
+   */
+  LEASE_NOT_HELD = "ERROR_REASON_LEASE_NOT_HELD",
+  /** EDGE_PROTOCOL_VIOLATION - FAILED_PRECONDITION: an edge broke the Attach stream's protocol. */
+  EDGE_PROTOCOL_VIOLATION = "ERROR_REASON_EDGE_PROTOCOL_VIOLATION",
+  /** CONTENDED - ABORTED: the record kept changing under concurrent writers; retry. */
+  CONTENDED = "ERROR_REASON_CONTENDED",
+  /** STORE_UNAVAILABLE - UNAVAILABLE: the store did not answer; retry. */
+  STORE_UNAVAILABLE = "ERROR_REASON_STORE_UNAVAILABLE",
+  /**
+   * DEPENDENCY_UNAVAILABLE - UNAVAILABLE: another Streamer service (or a connection's edge) did not
+   * answer; retry.
+   */
+  DEPENDENCY_UNAVAILABLE = "ERROR_REASON_DEPENDENCY_UNAVAILABLE",
+  /** SHUTTING_DOWN - UNAVAILABLE: this replica is shutting down; retry on another. */
+  SHUTTING_DOWN = "ERROR_REASON_SHUTTING_DOWN",
+  /** INTERNAL - INTERNAL: a bug or a broken deployment; the message says what. */
+  INTERNAL = "ERROR_REASON_INTERNAL",
+  UNRECOGNIZED = "UNRECOGNIZED",
+}
+
+export function errorReasonFromJSON(object: any): ErrorReason {
+  switch (object) {
+    case 0:
+    case "ERROR_REASON_UNSPECIFIED":
+      return ErrorReason.UNSPECIFIED;
+    case 1:
+    case "ERROR_REASON_INVALID_ARGUMENT":
+      return ErrorReason.INVALID_ARGUMENT;
+    case 2:
+    case "ERROR_REASON_MALFORMED_MESSAGE":
+      return ErrorReason.MALFORMED_MESSAGE;
+    case 3:
+    case "ERROR_REASON_CREDENTIALS_MISSING":
+      return ErrorReason.CREDENTIALS_MISSING;
+    case 4:
+    case "ERROR_REASON_CREDENTIALS_INVALID":
+      return ErrorReason.CREDENTIALS_INVALID;
+    case 5:
+    case "ERROR_REASON_ROLE_NOT_ALLOWED":
+      return ErrorReason.ROLE_NOT_ALLOWED;
+    case 6:
+    case "ERROR_REASON_SCOPE_NOT_ALLOWED":
+      return ErrorReason.SCOPE_NOT_ALLOWED;
+    case 7:
+    case "ERROR_REASON_CONNECTION_NOT_FOUND":
+      return ErrorReason.CONNECTION_NOT_FOUND;
+    case 8:
+    case "ERROR_REASON_REQUEST_NOT_FOUND":
+      return ErrorReason.REQUEST_NOT_FOUND;
+    case 9:
+    case "ERROR_REASON_ACTION_NOT_HANDLED":
+      return ErrorReason.ACTION_NOT_HANDLED;
+    case 10:
+    case "ERROR_REASON_REQUEST_ALREADY_FINISHED":
+      return ErrorReason.REQUEST_ALREADY_FINISHED;
+    case 11:
+    case "ERROR_REASON_LEASE_NOT_HELD":
+      return ErrorReason.LEASE_NOT_HELD;
+    case 12:
+    case "ERROR_REASON_EDGE_PROTOCOL_VIOLATION":
+      return ErrorReason.EDGE_PROTOCOL_VIOLATION;
+    case 13:
+    case "ERROR_REASON_CONTENDED":
+      return ErrorReason.CONTENDED;
+    case 14:
+    case "ERROR_REASON_STORE_UNAVAILABLE":
+      return ErrorReason.STORE_UNAVAILABLE;
+    case 15:
+    case "ERROR_REASON_DEPENDENCY_UNAVAILABLE":
+      return ErrorReason.DEPENDENCY_UNAVAILABLE;
+    case 16:
+    case "ERROR_REASON_SHUTTING_DOWN":
+      return ErrorReason.SHUTTING_DOWN;
+    case 17:
+    case "ERROR_REASON_INTERNAL":
+      return ErrorReason.INTERNAL;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ErrorReason.UNRECOGNIZED;
+  }
+}
+
+export function errorReasonToNumber(object: ErrorReason): number {
+  switch (object) {
+    case ErrorReason.UNSPECIFIED:
+      return 0;
+    case ErrorReason.INVALID_ARGUMENT:
+      return 1;
+    case ErrorReason.MALFORMED_MESSAGE:
+      return 2;
+    case ErrorReason.CREDENTIALS_MISSING:
+      return 3;
+    case ErrorReason.CREDENTIALS_INVALID:
+      return 4;
+    case ErrorReason.ROLE_NOT_ALLOWED:
+      return 5;
+    case ErrorReason.SCOPE_NOT_ALLOWED:
+      return 6;
+    case ErrorReason.CONNECTION_NOT_FOUND:
+      return 7;
+    case ErrorReason.REQUEST_NOT_FOUND:
+      return 8;
+    case ErrorReason.ACTION_NOT_HANDLED:
+      return 9;
+    case ErrorReason.REQUEST_ALREADY_FINISHED:
+      return 10;
+    case ErrorReason.LEASE_NOT_HELD:
+      return 11;
+    case ErrorReason.EDGE_PROTOCOL_VIOLATION:
+      return 12;
+    case ErrorReason.CONTENDED:
+      return 13;
+    case ErrorReason.STORE_UNAVAILABLE:
+      return 14;
+    case ErrorReason.DEPENDENCY_UNAVAILABLE:
+      return 15;
+    case ErrorReason.SHUTTING_DOWN:
+      return 16;
+    case ErrorReason.INTERNAL:
+      return 17;
+    case ErrorReason.UNRECOGNIZED:
+    default:
+      return -1;
+  }
+}
+
+/**
  * A message body on its way to, or from, a WebSocket client.
  *
  * Most clients speak JSON: set `json` to any JSON value and it is written to
