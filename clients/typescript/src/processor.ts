@@ -15,7 +15,10 @@ import type { ProgressClient } from "./progress";
 
 /** Why a job's `signal` was aborted (its `reason`). */
 export type JobAbortKind =
-  /** The request was cancelled (`ClaimResponse.cancelled`). */
+  /**
+   * `ClaimResponse.cancelled`: the request was cancelled, or taken back from
+   * this processor (its lease lapsed).
+   */
   | "cancelled"
   /** Streamer refused a report: the request already finished. */
   | "already_finished"

@@ -142,8 +142,12 @@ export function tokenFailureToNumber(object: TokenFailure): number {
   }
 }
 
+/** ValidateToken: the token to judge. */
 export interface ValidateTokenRequest {
-  /** The compact JWT, with or without a leading "Bearer ". */
+  /**
+   * The compact JWT, with or without a leading "Bearer ". Empty is not an
+   * error: it is answered with TOKEN_FAILURE_MISSING.
+   */
   token: string;
 }
 
@@ -176,19 +180,27 @@ export interface Claims {
   topics: string[];
 }
 
+/**
+ * ValidateToken's verdict: the claims of a valid token, or the rule a
+ * refused one broke.
+ */
 export interface ValidateTokenResponse {
   /** True when every rule passed; then `claims` is set and `failure` is UNSPECIFIED. */
   valid: boolean;
-  /** Set when valid. */
+  /** Set when valid; unset otherwise. */
   claims?:
     | Claims
     | undefined;
   /** Set when not valid: which rule failed. */
   failure: TokenFailure;
-  /** A human-readable explanation of the failure, safe to show the client. */
+  /**
+   * A human-readable explanation of the failure, safe to show the client;
+   * empty when valid.
+   */
   message: string;
 }
 
+/** RevokeToken: the token id to refuse from now on, and until when. */
 export interface RevokeTokenRequest {
   /**
    * The `jti` claim of the token to revoke. Required; at most 1024 bytes.
@@ -637,6 +649,11 @@ export const RevokeTokenResponse: MessageFns<RevokeTokenResponse> = {
  * token with the PEM or JWKS files. Files are re-read when they change and
  * URLs re-fetched on a schedule and when a token names an unknown `kid`, so
  * keys rotate without a restart.
+ *
+ * In trust mode `token` or `mtls`, every RPC may also fail UNAUTHENTICATED
+ * (CREDENTIALS_MISSING, CREDENTIALS_INVALID) or PERMISSION_DENIED
+ * (ROLE_NOT_ALLOWED), and in every mode INVALID_ARGUMENT
+ * (MALFORMED_MESSAGE) when the request cannot be decoded.
  */
 export type AuthServiceService = typeof AuthServiceService;
 export const AuthServiceService = {
@@ -645,7 +662,10 @@ export const AuthServiceService = {
    * says `valid = false` and names the rule that failed, so callers handle
    * one shape. An empty token is answered with TOKEN_FAILURE_MISSING.
    * UNAVAILABLE means the verdict could not be reached (the revocation list
-   * could not be read): try again.
+   * could not be read): try again. Callers need the `edge` or `backend`
+   * role.
+   *
+   * Errors: UNAVAILABLE (STORE_UNAVAILABLE).
    */
   validateToken: {
     path: "/streamer.v1.AuthService/ValidateToken" as const,
@@ -664,6 +684,9 @@ export const AuthServiceService = {
    * Revoking a `jti` again is harmless; the later `expires_at` is kept.
    * INVALID_ARGUMENT for an empty or overlong `jti` and for a missing or
    * past `expires_at`. Callers need the `backend` role.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE
+   * (STORE_UNAVAILABLE).
    */
   revokeToken: {
     path: "/streamer.v1.AuthService/RevokeToken" as const,
@@ -682,7 +705,10 @@ export interface AuthServiceServer extends UntypedServiceImplementation {
    * says `valid = false` and names the rule that failed, so callers handle
    * one shape. An empty token is answered with TOKEN_FAILURE_MISSING.
    * UNAVAILABLE means the verdict could not be reached (the revocation list
-   * could not be read): try again.
+   * could not be read): try again. Callers need the `edge` or `backend`
+   * role.
+   *
+   * Errors: UNAVAILABLE (STORE_UNAVAILABLE).
    */
   validateToken: handleUnaryCall<ValidateTokenRequest, ValidateTokenResponse>;
   /**
@@ -692,6 +718,9 @@ export interface AuthServiceServer extends UntypedServiceImplementation {
    * Revoking a `jti` again is harmless; the later `expires_at` is kept.
    * INVALID_ARGUMENT for an empty or overlong `jti` and for a missing or
    * past `expires_at`. Callers need the `backend` role.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE
+   * (STORE_UNAVAILABLE).
    */
   revokeToken: handleUnaryCall<RevokeTokenRequest, RevokeTokenResponse>;
 }
@@ -702,7 +731,10 @@ export interface AuthServiceClient extends Client {
    * says `valid = false` and names the rule that failed, so callers handle
    * one shape. An empty token is answered with TOKEN_FAILURE_MISSING.
    * UNAVAILABLE means the verdict could not be reached (the revocation list
-   * could not be read): try again.
+   * could not be read): try again. Callers need the `edge` or `backend`
+   * role.
+   *
+   * Errors: UNAVAILABLE (STORE_UNAVAILABLE).
    */
   validateToken(
     request: ValidateTokenRequest,
@@ -726,6 +758,9 @@ export interface AuthServiceClient extends Client {
    * Revoking a `jti` again is harmless; the later `expires_at` is kept.
    * INVALID_ARGUMENT for an empty or overlong `jti` and for a missing or
    * past `expires_at`. Callers need the `backend` role.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE
+   * (STORE_UNAVAILABLE).
    */
   revokeToken(
     request: RevokeTokenRequest,

@@ -128,10 +128,14 @@ export interface Connection {
     | undefined;
   /** Which edge holds the socket. */
   edgeId: string;
+  /** When the edge accepted the socket. */
   connectedAt?:
     | Date
     | undefined;
-  /** Last inbound frame or delivery; the record expires 24 h after this. */
+  /**
+   * Last inbound frame or delivery (updated at most once a minute); the
+   * record expires 24 h after this.
+   */
   lastSeen?:
     | Date
     | undefined;
@@ -155,7 +159,12 @@ export interface Connection {
  * its WebSocket API, from which its management endpoint is made.
  */
 export interface ApiGatewayLocation {
+  /**
+   * The WebSocket API's domain name, e.g.
+   * `abc123.execute-api.eu-west-1.amazonaws.com`.
+   */
   domainName: string;
+  /** The API's stage, e.g. `prod`. */
   stage: string;
 }
 
@@ -177,11 +186,15 @@ export interface Sequence {
   number: number;
 }
 
+/** What happened to the delivery to one connection. */
 export interface DeliveryResult {
+  /** The connection, as targeted. */
   connectionId: string;
+  /** What happened to it. */
   outcome: DeliveryOutcome;
 }
 
+/** Send: which connection, and what to write to it. */
 export interface SendRequest {
   /** Required. */
   connectionId: string;
@@ -195,18 +208,23 @@ export interface SendRequest {
   sequence?: Sequence | undefined;
 }
 
+/** What became of a Send. */
 export interface SendResponse {
   /**
-   * DELIVERED, or GONE / THROTTLED / UNAVAILABLE. (A connection with no
-   * record is NOT_FOUND status.)
+   * DELIVERED, or GONE / THROTTLED / UNAVAILABLE / REJECTED (REJECTED only
+   * for a connection AWS API Gateway holds). (A connection with no record
+   * is NOT_FOUND status.)
    */
   outcome: DeliveryOutcome;
 }
 
+/** A broadcast target: a list of connections. */
 export interface ConnectionIds {
+  /** 1 to 10,000 connection ids; an id named twice gets the payload once. */
   ids: string[];
 }
 
+/** Every connection one user has open in one tenant. */
 export interface UserTarget {
   /** Required. */
   tenantId: string;
@@ -214,11 +232,13 @@ export interface UserTarget {
   userId: string;
 }
 
+/** Every connection of one tenant. */
 export interface TenantTarget {
   /** Required. */
   tenantId: string;
 }
 
+/** Broadcast: which connections, and what to write to each. */
 export interface BroadcastRequest {
   /** Exactly one target is required. */
   target?:
@@ -243,6 +263,7 @@ export interface BroadcastRequest {
   tenantId: string;
 }
 
+/** What became of a Broadcast. */
 export interface BroadcastResponse {
   /**
    * One result per connection targeted, for a `connections` target. User
@@ -258,22 +279,34 @@ export interface BroadcastResponse {
    * `rejected` count API Gateway's connections only.
    */
   delivered: number;
+  /**
+   * Connections with no record (or not in `tenant_id`); always 0 for a user
+   * or tenant target.
+   */
   notFound: number;
+  /** Connections whose socket was gone (their records are removed). */
   gone: number;
+  /** Slow consumers closed instead of written to (code 1008). */
   throttled: number;
+  /** Deliveries whose outcome is not known (see DELIVERY_OUTCOME_UNAVAILABLE). */
   unavailable: number;
+  /** Deliveries refused for good by AWS API Gateway. */
   rejected: number;
 }
 
+/** IsActive: which connection. */
 export interface IsActiveRequest {
   /** Required. */
   connectionId: string;
 }
 
+/** Whether the connection is open. */
 export interface IsActiveResponse {
+  /** True when the connection has a record and its edge is reachable. */
   active: boolean;
 }
 
+/** GetConnection: which connection. */
 export interface GetConnectionRequest {
   /** Required. */
   connectionId: string;
@@ -281,41 +314,66 @@ export interface GetConnectionRequest {
   tenantId: string;
 }
 
+/** The connection GetConnection asked for. */
 export interface GetConnectionResponse {
   /** The connection's record. */
   connection?: Connection | undefined;
 }
 
+/** ListConnections: which connections, and which page. */
 export interface ListConnectionsRequest {
   /** Required. */
   tenantId: string;
   /** Optional: only this user's connections. */
   userId: string;
+  /** Optional: unset is the first page of 100. */
   page?: PageRequest | undefined;
 }
 
+/** One page of a ListConnections. */
 export interface ListConnectionsResponse {
+  /**
+   * The page's connections, in connection-id order; empty when there are
+   * none.
+   */
   connections: Connection[];
   /** Pass as `page.page_token` for the next page; empty on the last page. */
   nextPageToken: string;
 }
 
+/** Disconnect: which connection, and what to tell its client. */
 export interface DisconnectRequest {
   /** Required. */
   connectionId: string;
-  /** Sent to the client in the close frame (at most 120 bytes are kept). */
+  /**
+   * Sent to the client in the close frame (at most 120 bytes are kept; a
+   * longer reason is cut on a character boundary). Optional.
+   */
   reason: string;
   /** Optional scope: when set, a connection of another tenant is NOT_FOUND. */
   tenantId: string;
 }
 
+/**
+ * Empty: when it arrives, the record is removed and the socket's edge, if
+ * attached, has been told to close it.
+ */
 export interface DisconnectResponse {
 }
 
+/** Receive: which actions the router answers. */
 export interface ReceiveRequest {
-  /** Required: the actions this router answers, e.g. ["echo", "health"]. */
+  /**
+   * Required: the actions this router answers, e.g. `["echo", "health"]`
+   * (at least one; repeats are dropped). The actions Streamer answers
+   * itself (`get_request`, `cancel_request`, `refresh`, `subscribe`,
+   * `unsubscribe`) are INVALID_ARGUMENT.
+   */
   actions: string[];
-  /** A name for this router, for logs and metrics. */
+  /**
+   * Optional: a name for this router, for logs and metrics (default
+   * "router"). At most 256 bytes.
+   */
   routerId: string;
 }
 
@@ -359,7 +417,10 @@ export interface InboundMessage {
     | any
     | undefined;
   /** The frame's `metadata` (empty when absent). */
-  metadata?: { [key: string]: any } | undefined;
+  metadata?:
+    | { [key: string]: any }
+    | undefined;
+  /** When the edge received the frame, by the edge's clock. */
   receivedAt?:
     | Date
     | undefined;
@@ -377,14 +438,14 @@ export interface InboundMessage_TraceContextEntry {
   value: string;
 }
 
-/**
- * A topic of a tenant: 1 to 256 bytes of UTF-8 without control characters,
- * by convention segments separated by `/` (`orders/42`).
- */
+/** Subscribe: which connections, to which topic. */
 export interface SubscribeRequest {
   /** Required: the tenant whose topic this is. */
   tenantId: string;
-  /** Required. */
+  /**
+   * Required: 1 to 256 bytes of UTF-8 without control characters, by
+   * convention segments separated by `/` (`orders/42`).
+   */
   topic: string;
   /** Exactly one target is required. */
   target?:
@@ -400,8 +461,12 @@ export interface SubscribeRequest {
     | undefined;
 }
 
+/** What a Subscribe did. */
 export interface SubscribeResponse {
-  /** The connections now subscribed (subscribing again changes nothing). */
+  /**
+   * The connections now subscribed (subscribing again changes nothing);
+   * empty for a user with no open connection.
+   */
   connectionIds: string[];
   /**
    * Where the topic stands: its epoch and the offset of its latest message.
@@ -410,19 +475,29 @@ export interface SubscribeResponse {
   position?: TopicPosition | undefined;
 }
 
+/** Unsubscribe: which connections, from which topic. */
 export interface UnsubscribeRequest {
   /** Required. */
   tenantId: string;
-  /** Required. */
+  /** Required: the topic, as subscribed. */
   topic: string;
   /** Exactly one target is required. */
-  target?: { $case: "connectionId"; connectionId: string } | //
-  /** Every connection of the user that is subscribed. */
-  { $case: "userId"; userId: string } | undefined;
+  target?:
+    | //
+    /** One connection of the tenant. */
+    { $case: "connectionId"; connectionId: string }
+    | //
+    /** Every connection of the user that is subscribed. */
+    { $case: "userId"; userId: string }
+    | undefined;
 }
 
+/** What an Unsubscribe did. */
 export interface UnsubscribeResponse {
-  /** The connections that were subscribed and no longer are. */
+  /**
+   * The connections that were subscribed and no longer are; empty when
+   * none was.
+   */
   connectionIds: string[];
 }
 
@@ -433,15 +508,17 @@ export interface UnsubscribeResponse {
  * is never taken for a current one.
  */
 export interface TopicPosition {
+  /** Opaque: compare it for equality only. */
   epoch: string;
   /** The latest message's offset; 0 before the first. */
   offset: number;
 }
 
+/** Publish: which topic, and what message. */
 export interface PublishRequest {
   /** Required. */
   tenantId: string;
-  /** Required. */
+  /** Required: the topic (see `SubscribeRequest.topic`). */
   topic: string;
   /**
    * Required: the message's `data`, as `json` (any JSON value) or `text`
@@ -454,11 +531,12 @@ export interface PublishRequest {
   /**
    * For topics whose slow consumers are conflated: while a socket is
    * behind, only the latest message of each key waits for it. Empty: the
-   * topic itself is the key.
+   * topic itself is the key. Ignored for other topics. At most 256 bytes.
    */
   key: string;
 }
 
+/** What a Publish reached. */
 export interface PublishResponse {
   /** The message's place in the topic. */
   position?:
@@ -477,6 +555,7 @@ export interface PublishResponse {
   unavailableEdges: number;
 }
 
+/** ListSubscriptions: whose subscriptions, and which page. */
 export interface ListSubscriptionsRequest {
   /** Required. */
   tenantId: string;
@@ -486,22 +565,33 @@ export interface ListSubscriptionsRequest {
     /** Every subscription of the topic, in connection-id order. */
     { $case: "topic"; topic: string }
     | //
-    /** Every subscription of the connection, in topic order (one page). */
+    /** Every subscription of the connection, in topic order. */
     { $case: "connectionId"; connectionId: string }
     | undefined;
+  /** Optional: unset is the first page of 100. */
   page?: PageRequest | undefined;
 }
 
+/** One connection's subscription to one topic. */
 export interface Subscription {
+  /** The topic, of the requested tenant. */
   topic: string;
+  /** The subscribed connection. */
   connectionId: string;
+  /** The connection's user. */
   userId: string;
+  /** When it was subscribed (by `Subscribe` or by the client). */
   subscribedAt?: Date | undefined;
 }
 
+/** One page of a ListSubscriptions. */
 export interface ListSubscriptionsResponse {
+  /** The page's subscriptions; empty when there are none. */
   subscriptions: Subscription[];
-  /** Set when there may be more: pass it as `page.page_token`. */
+  /**
+   * Set when there are more: pass it as `page.page_token`; empty on the
+   * last page.
+   */
   nextPageToken: string;
 }
 
@@ -3268,6 +3358,13 @@ export const ListSubscriptionsResponse: MessageFns<ListSubscriptionsResponse> = 
  * use the internal `EdgeService` of edge.proto, on a listener of its own.)
  * Every call that names a tenant only ever reaches that tenant's
  * connections.
+ *
+ * In trust mode `token` or `mtls`, every RPC may also fail UNAUTHENTICATED
+ * (CREDENTIALS_MISSING, CREDENTIALS_INVALID) or PERMISSION_DENIED
+ * (ROLE_NOT_ALLOWED); PERMISSION_DENIED (SCOPE_NOT_ALLOWED), where an RPC
+ * lists it, means the credential is bound to other tenants. In every mode,
+ * any RPC may fail INVALID_ARGUMENT (MALFORMED_MESSAGE) when the request
+ * cannot be decoded.
  */
 export type ConnectionServiceService = typeof ConnectionServiceService;
 export const ConnectionServiceService = {
@@ -3276,7 +3373,11 @@ export const ConnectionServiceService = {
    * NOT_FOUND when the connection does not exist (or belongs to another
    * tenant than `tenant_id`, when that is set). A payload sent with a
    * `sequence` is idempotent: retrying it after UNAVAILABLE (or after a
-   * timeout of this call) never writes it to the socket twice.
+   * timeout of this call) never writes it to the socket twice. A delivery
+   * that fails is an outcome in the answer, not an error.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
    */
   send: {
     path: "/streamer.v1.ConnectionService/Send" as const,
@@ -3290,7 +3391,12 @@ export const ConnectionServiceService = {
   /**
    * Delivers one payload to a list of connections, to every connection of a
    * user, or to every connection of a tenant. The answer names the outcome
-   * for each connection targeted.
+   * for each connection targeted (ids that are not found are NOT_FOUND
+   * outcomes, not an error).
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), PERMISSION_DENIED
+   * (SCOPE_NOT_ALLOWED, for a user or tenant target), UNAVAILABLE
+   * (STORE_UNAVAILABLE).
    */
   broadcast: {
     path: "/streamer.v1.ConnectionService/Broadcast" as const,
@@ -3301,7 +3407,15 @@ export const ConnectionServiceService = {
     responseSerialize: (value: BroadcastResponse): Buffer => Buffer.from(BroadcastResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): BroadcastResponse => BroadcastResponse.decode(value),
   },
-  /** Whether a connection is currently open. */
+  /**
+   * Whether a connection is currently open: it has a record and its edge is
+   * attached to the replica that answers (for a connection AWS API Gateway
+   * holds: API Gateway says it is there). An unknown connection is
+   * `active = false`, not NOT_FOUND.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE
+   * (STORE_UNAVAILABLE).
+   */
   isActive: {
     path: "/streamer.v1.ConnectionService/IsActive" as const,
     requestStream: false as const,
@@ -3311,7 +3425,12 @@ export const ConnectionServiceService = {
     responseSerialize: (value: IsActiveResponse): Buffer => Buffer.from(IsActiveResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): IsActiveResponse => IsActiveResponse.decode(value),
   },
-  /** One connection's record. NOT_FOUND when it does not exist. */
+  /**
+   * One connection's record. NOT_FOUND when it does not exist.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   getConnection: {
     path: "/streamer.v1.ConnectionService/GetConnection" as const,
     requestStream: false as const,
@@ -3325,6 +3444,9 @@ export const ConnectionServiceService = {
   /**
    * A tenant's connections, or one user's within a tenant, a page at a time,
    * in connection-id order.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), PERMISSION_DENIED
+   * (SCOPE_NOT_ALLOWED), UNAVAILABLE (STORE_UNAVAILABLE).
    */
   listConnections: {
     path: "/streamer.v1.ConnectionService/ListConnections" as const,
@@ -3337,7 +3459,14 @@ export const ConnectionServiceService = {
       Buffer.from(ListConnectionsResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ListConnectionsResponse => ListConnectionsResponse.decode(value),
   },
-  /** Closes a connection's socket with a reason and removes its record. */
+  /**
+   * Closes a connection's socket (close code 1000, with the reason) and
+   * removes its record. The record is removed even when the socket's edge
+   * cannot be told now.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   disconnect: {
     path: "/streamer.v1.ConnectionService/Disconnect" as const,
     requestStream: false as const,
@@ -3354,6 +3483,11 @@ export const ConnectionServiceService = {
    * the topics their token or the configured rules allow. A subscription
    * lasts until `Unsubscribe` or until its connection closes. NOT_FOUND
    * when the connection does not exist in the tenant.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), PERMISSION_DENIED (SCOPE_NOT_ALLOWED),
+   * UNAVAILABLE (STORE_UNAVAILABLE; DEPENDENCY_UNAVAILABLE when no targeted
+   * connection's edge confirmed the subscription).
    */
   subscribe: {
     path: "/streamer.v1.ConnectionService/Subscribe" as const,
@@ -3364,7 +3498,14 @@ export const ConnectionServiceService = {
     responseSerialize: (value: SubscribeResponse): Buffer => Buffer.from(SubscribeResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): SubscribeResponse => SubscribeResponse.decode(value),
   },
-  /** Ends subscriptions made by `Subscribe` or by the client. */
+  /**
+   * Ends subscriptions made by `Subscribe` or by the client. Unsubscribing
+   * a connection that is not subscribed is not an error.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), PERMISSION_DENIED (SCOPE_NOT_ALLOWED),
+   * UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   unsubscribe: {
     path: "/streamer.v1.ConnectionService/Unsubscribe" as const,
     requestStream: false as const,
@@ -3377,10 +3518,14 @@ export const ConnectionServiceService = {
   /**
    * Publishes a message to a topic of one tenant (never another tenant's
    * subscribers). The message gets the next offset of the topic and is
-   * kept in its recent history (see `TopicMessage`), so that a client that
-   * reconnects can recover what it missed; it is written to every
-   * subscribed socket as one text frame:
+   * kept in its recent history (by default the last 1,000 messages, none
+   * older than an hour), so that a client that reconnects can recover what
+   * it missed; it is written to every subscribed socket as one text frame:
    * `{"type":"message","topic":"orders/42","epoch":"…","offset":7,"data":…}`.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), PERMISSION_DENIED
+   * (SCOPE_NOT_ALLOWED), ABORTED (CONTENDED), UNAVAILABLE
+   * (STORE_UNAVAILABLE).
    */
   publish: {
     path: "/streamer.v1.ConnectionService/Publish" as const,
@@ -3391,7 +3536,13 @@ export const ConnectionServiceService = {
     responseSerialize: (value: PublishResponse): Buffer => Buffer.from(PublishResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): PublishResponse => PublishResponse.decode(value),
   },
-  /** The subscriptions of a topic, or of one connection, a page at a time. */
+  /**
+   * The subscriptions of a topic, or of one connection, a page at a time.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND, for a connection selector), PERMISSION_DENIED
+   * (SCOPE_NOT_ALLOWED), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   listSubscriptions: {
     path: "/streamer.v1.ConnectionService/ListSubscriptions" as const,
     requestStream: false as const,
@@ -3409,7 +3560,11 @@ export const ConnectionServiceService = {
    * exactly one of the routers that declared it (round robin). The first
    * message is `registered`: from then on, frames for the router's actions
    * reach it (and a client is never told INVALID_ACTION for them while
-   * the stream is open).
+   * the stream is open). A router whose credential is bound to tenants
+   * receives only those tenants' frames. The stream ends (OK) when the
+   * replica stops, after the frames it had already queued: open it again.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE (SHUTTING_DOWN).
    */
   receive: {
     path: "/streamer.v1.ConnectionService/Receive" as const,
@@ -3428,25 +3583,57 @@ export interface ConnectionServiceServer extends UntypedServiceImplementation {
    * NOT_FOUND when the connection does not exist (or belongs to another
    * tenant than `tenant_id`, when that is set). A payload sent with a
    * `sequence` is idempotent: retrying it after UNAVAILABLE (or after a
-   * timeout of this call) never writes it to the socket twice.
+   * timeout of this call) never writes it to the socket twice. A delivery
+   * that fails is an outcome in the answer, not an error.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
    */
   send: handleUnaryCall<SendRequest, SendResponse>;
   /**
    * Delivers one payload to a list of connections, to every connection of a
    * user, or to every connection of a tenant. The answer names the outcome
-   * for each connection targeted.
+   * for each connection targeted (ids that are not found are NOT_FOUND
+   * outcomes, not an error).
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), PERMISSION_DENIED
+   * (SCOPE_NOT_ALLOWED, for a user or tenant target), UNAVAILABLE
+   * (STORE_UNAVAILABLE).
    */
   broadcast: handleUnaryCall<BroadcastRequest, BroadcastResponse>;
-  /** Whether a connection is currently open. */
+  /**
+   * Whether a connection is currently open: it has a record and its edge is
+   * attached to the replica that answers (for a connection AWS API Gateway
+   * holds: API Gateway says it is there). An unknown connection is
+   * `active = false`, not NOT_FOUND.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE
+   * (STORE_UNAVAILABLE).
+   */
   isActive: handleUnaryCall<IsActiveRequest, IsActiveResponse>;
-  /** One connection's record. NOT_FOUND when it does not exist. */
+  /**
+   * One connection's record. NOT_FOUND when it does not exist.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   getConnection: handleUnaryCall<GetConnectionRequest, GetConnectionResponse>;
   /**
    * A tenant's connections, or one user's within a tenant, a page at a time,
    * in connection-id order.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), PERMISSION_DENIED
+   * (SCOPE_NOT_ALLOWED), UNAVAILABLE (STORE_UNAVAILABLE).
    */
   listConnections: handleUnaryCall<ListConnectionsRequest, ListConnectionsResponse>;
-  /** Closes a connection's socket with a reason and removes its record. */
+  /**
+   * Closes a connection's socket (close code 1000, with the reason) and
+   * removes its record. The record is removed even when the socket's edge
+   * cannot be told now.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   disconnect: handleUnaryCall<DisconnectRequest, DisconnectResponse>;
   /**
    * Subscribes a connection, or every connection a user has open, to a
@@ -3455,20 +3642,42 @@ export interface ConnectionServiceServer extends UntypedServiceImplementation {
    * the topics their token or the configured rules allow. A subscription
    * lasts until `Unsubscribe` or until its connection closes. NOT_FOUND
    * when the connection does not exist in the tenant.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), PERMISSION_DENIED (SCOPE_NOT_ALLOWED),
+   * UNAVAILABLE (STORE_UNAVAILABLE; DEPENDENCY_UNAVAILABLE when no targeted
+   * connection's edge confirmed the subscription).
    */
   subscribe: handleUnaryCall<SubscribeRequest, SubscribeResponse>;
-  /** Ends subscriptions made by `Subscribe` or by the client. */
+  /**
+   * Ends subscriptions made by `Subscribe` or by the client. Unsubscribing
+   * a connection that is not subscribed is not an error.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), PERMISSION_DENIED (SCOPE_NOT_ALLOWED),
+   * UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   unsubscribe: handleUnaryCall<UnsubscribeRequest, UnsubscribeResponse>;
   /**
    * Publishes a message to a topic of one tenant (never another tenant's
    * subscribers). The message gets the next offset of the topic and is
-   * kept in its recent history (see `TopicMessage`), so that a client that
-   * reconnects can recover what it missed; it is written to every
-   * subscribed socket as one text frame:
+   * kept in its recent history (by default the last 1,000 messages, none
+   * older than an hour), so that a client that reconnects can recover what
+   * it missed; it is written to every subscribed socket as one text frame:
    * `{"type":"message","topic":"orders/42","epoch":"…","offset":7,"data":…}`.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), PERMISSION_DENIED
+   * (SCOPE_NOT_ALLOWED), ABORTED (CONTENDED), UNAVAILABLE
+   * (STORE_UNAVAILABLE).
    */
   publish: handleUnaryCall<PublishRequest, PublishResponse>;
-  /** The subscriptions of a topic, or of one connection, a page at a time. */
+  /**
+   * The subscriptions of a topic, or of one connection, a page at a time.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND, for a connection selector), PERMISSION_DENIED
+   * (SCOPE_NOT_ALLOWED), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   listSubscriptions: handleUnaryCall<ListSubscriptionsRequest, ListSubscriptionsResponse>;
   /**
    * Server stream of the frames clients send, for a router. The router
@@ -3476,7 +3685,11 @@ export interface ConnectionServiceServer extends UntypedServiceImplementation {
    * exactly one of the routers that declared it (round robin). The first
    * message is `registered`: from then on, frames for the router's actions
    * reach it (and a client is never told INVALID_ACTION for them while
-   * the stream is open).
+   * the stream is open). A router whose credential is bound to tenants
+   * receives only those tenants' frames. The stream ends (OK) when the
+   * replica stops, after the frames it had already queued: open it again.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE (SHUTTING_DOWN).
    */
   receive: handleServerStreamingCall<ReceiveRequest, ReceiveResponse>;
 }
@@ -3487,7 +3700,11 @@ export interface ConnectionServiceClient extends Client {
    * NOT_FOUND when the connection does not exist (or belongs to another
    * tenant than `tenant_id`, when that is set). A payload sent with a
    * `sequence` is idempotent: retrying it after UNAVAILABLE (or after a
-   * timeout of this call) never writes it to the socket twice.
+   * timeout of this call) never writes it to the socket twice. A delivery
+   * that fails is an outcome in the answer, not an error.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
    */
   send(request: SendRequest, callback: (error: ServiceError | null, response: SendResponse) => void): ClientUnaryCall;
   send(
@@ -3504,7 +3721,12 @@ export interface ConnectionServiceClient extends Client {
   /**
    * Delivers one payload to a list of connections, to every connection of a
    * user, or to every connection of a tenant. The answer names the outcome
-   * for each connection targeted.
+   * for each connection targeted (ids that are not found are NOT_FOUND
+   * outcomes, not an error).
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), PERMISSION_DENIED
+   * (SCOPE_NOT_ALLOWED, for a user or tenant target), UNAVAILABLE
+   * (STORE_UNAVAILABLE).
    */
   broadcast(
     request: BroadcastRequest,
@@ -3521,7 +3743,15 @@ export interface ConnectionServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: BroadcastResponse) => void,
   ): ClientUnaryCall;
-  /** Whether a connection is currently open. */
+  /**
+   * Whether a connection is currently open: it has a record and its edge is
+   * attached to the replica that answers (for a connection AWS API Gateway
+   * holds: API Gateway says it is there). An unknown connection is
+   * `active = false`, not NOT_FOUND.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE
+   * (STORE_UNAVAILABLE).
+   */
   isActive(
     request: IsActiveRequest,
     callback: (error: ServiceError | null, response: IsActiveResponse) => void,
@@ -3537,7 +3767,12 @@ export interface ConnectionServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: IsActiveResponse) => void,
   ): ClientUnaryCall;
-  /** One connection's record. NOT_FOUND when it does not exist. */
+  /**
+   * One connection's record. NOT_FOUND when it does not exist.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   getConnection(
     request: GetConnectionRequest,
     callback: (error: ServiceError | null, response: GetConnectionResponse) => void,
@@ -3556,6 +3791,9 @@ export interface ConnectionServiceClient extends Client {
   /**
    * A tenant's connections, or one user's within a tenant, a page at a time,
    * in connection-id order.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), PERMISSION_DENIED
+   * (SCOPE_NOT_ALLOWED), UNAVAILABLE (STORE_UNAVAILABLE).
    */
   listConnections(
     request: ListConnectionsRequest,
@@ -3572,7 +3810,14 @@ export interface ConnectionServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ListConnectionsResponse) => void,
   ): ClientUnaryCall;
-  /** Closes a connection's socket with a reason and removes its record. */
+  /**
+   * Closes a connection's socket (close code 1000, with the reason) and
+   * removes its record. The record is removed even when the socket's edge
+   * cannot be told now.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   disconnect(
     request: DisconnectRequest,
     callback: (error: ServiceError | null, response: DisconnectResponse) => void,
@@ -3595,6 +3840,11 @@ export interface ConnectionServiceClient extends Client {
    * the topics their token or the configured rules allow. A subscription
    * lasts until `Unsubscribe` or until its connection closes. NOT_FOUND
    * when the connection does not exist in the tenant.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), PERMISSION_DENIED (SCOPE_NOT_ALLOWED),
+   * UNAVAILABLE (STORE_UNAVAILABLE; DEPENDENCY_UNAVAILABLE when no targeted
+   * connection's edge confirmed the subscription).
    */
   subscribe(
     request: SubscribeRequest,
@@ -3611,7 +3861,14 @@ export interface ConnectionServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: SubscribeResponse) => void,
   ): ClientUnaryCall;
-  /** Ends subscriptions made by `Subscribe` or by the client. */
+  /**
+   * Ends subscriptions made by `Subscribe` or by the client. Unsubscribing
+   * a connection that is not subscribed is not an error.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), PERMISSION_DENIED (SCOPE_NOT_ALLOWED),
+   * UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   unsubscribe(
     request: UnsubscribeRequest,
     callback: (error: ServiceError | null, response: UnsubscribeResponse) => void,
@@ -3630,10 +3887,14 @@ export interface ConnectionServiceClient extends Client {
   /**
    * Publishes a message to a topic of one tenant (never another tenant's
    * subscribers). The message gets the next offset of the topic and is
-   * kept in its recent history (see `TopicMessage`), so that a client that
-   * reconnects can recover what it missed; it is written to every
-   * subscribed socket as one text frame:
+   * kept in its recent history (by default the last 1,000 messages, none
+   * older than an hour), so that a client that reconnects can recover what
+   * it missed; it is written to every subscribed socket as one text frame:
    * `{"type":"message","topic":"orders/42","epoch":"…","offset":7,"data":…}`.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), PERMISSION_DENIED
+   * (SCOPE_NOT_ALLOWED), ABORTED (CONTENDED), UNAVAILABLE
+   * (STORE_UNAVAILABLE).
    */
   publish(
     request: PublishRequest,
@@ -3650,7 +3911,13 @@ export interface ConnectionServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: PublishResponse) => void,
   ): ClientUnaryCall;
-  /** The subscriptions of a topic, or of one connection, a page at a time. */
+  /**
+   * The subscriptions of a topic, or of one connection, a page at a time.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND, for a connection selector), PERMISSION_DENIED
+   * (SCOPE_NOT_ALLOWED), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   listSubscriptions(
     request: ListSubscriptionsRequest,
     callback: (error: ServiceError | null, response: ListSubscriptionsResponse) => void,
@@ -3672,7 +3939,11 @@ export interface ConnectionServiceClient extends Client {
    * exactly one of the routers that declared it (round robin). The first
    * message is `registered`: from then on, frames for the router's actions
    * reach it (and a client is never told INVALID_ACTION for them while
-   * the stream is open).
+   * the stream is open). A router whose credential is bound to tenants
+   * receives only those tenants' frames. The stream ends (OK) when the
+   * replica stops, after the frames it had already queued: open it again.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE (SHUTTING_DOWN).
    */
   receive(request: ReceiveRequest, options?: Partial<CallOptions>): ClientReadableStream<ReceiveResponse>;
   receive(

@@ -30,14 +30,27 @@ export const protobufPackage = "streamer.v1";
 
 export const protobufFileName = "streamer/v1/progress.proto";
 
+/**
+ * Where a request is in its lifecycle. COMPLETED, FAILED and CANCELLED are
+ * final: a request's status, result and error never change after them.
+ */
 export enum RequestStatus {
   UNSPECIFIED = "REQUEST_STATUS_UNSPECIFIED",
   /** PENDING - Queued, waiting for a processor. */
   PENDING = "REQUEST_STATUS_PENDING",
   /** PROCESSING - Leased to a processor. */
   PROCESSING = "REQUEST_STATUS_PROCESSING",
+  /** COMPLETED - Completed by its processor: `result` is set. */
   COMPLETED = "REQUEST_STATUS_COMPLETED",
+  /**
+   * FAILED - Failed for good: `error` is set, by the processor or by Streamer (code
+   * "TIMEOUT" or "PROCESSOR_LOST" once its attempts ran out).
+   */
   FAILED = "REQUEST_STATUS_FAILED",
+  /**
+   * CANCELLED - Cancelled with `Cancel` (or the client's `cancel_request`): `error` is
+   * set, with code "CANCELLED".
+   */
   CANCELLED = "REQUEST_STATUS_CANCELLED",
   UNRECOGNIZED = "UNRECOGNIZED",
 }
@@ -89,6 +102,7 @@ export function requestStatusToNumber(object: RequestStatus): number {
   }
 }
 
+/** Why a progress report was refused. */
 export enum ReportRejectionReason {
   UNSPECIFIED = "REPORT_REJECTION_REASON_UNSPECIFIED",
   /** NOT_FOUND - No such request. */
@@ -147,8 +161,13 @@ export function reportRejectionReasonToNumber(object: ReportRejectionReason): nu
 export interface Progress {
   /** 0..=100. */
   percentage: number;
+  /** The processor's text, e.g. "page 1 of 5"; may be empty. */
   message: string;
-  metadata?: { [key: string]: any } | undefined;
+  /** The processor's metadata; empty when it sent none. */
+  metadata?:
+    | { [key: string]: any }
+    | undefined;
+  /** When ProgressService recorded the update. */
   updatedAt?:
     | Date
     | undefined;
@@ -163,9 +182,23 @@ export interface Progress {
 
 /** Why a request failed. */
 export interface RequestError {
-  /** A stable, machine-readable code chosen by the processor, e.g. "TIMEOUT". */
+  /**
+   * A stable, machine-readable code chosen by the processor, e.g. "TIMEOUT".
+   * Streamer's own: "PROCESSING_FAILED" (a `Fail` that named no code),
+   * "CANCELLED", "TIMEOUT" (the leases kept lapsing) and "PROCESSOR_LOST"
+   * (the processor's stream ended), the last two once attempts ran out.
+   */
   code: string;
+  /**
+   * A human-readable explanation; "processing failed" when a `Fail` gave
+   * none, the reason (or "request cancelled") for a cancelled request.
+   */
   message: string;
+  /**
+   * Structured details, any JSON object; empty when there are none.
+   * Streamer's own: `reason` for a cancel given one, `attempts` for a
+   * failure after the attempts ran out.
+   */
   details?: { [key: string]: any } | undefined;
 }
 
@@ -175,15 +208,26 @@ export interface Request {
   id: string;
   /** The client's `id` for it (echoed to the client as `request_id`). */
   requestId: string;
-  /** The client's verified identity. */
+  /**
+   * The client's verified identity: its user and tenant (`permissions` and
+   * `topics` are always empty here).
+   */
   identity?:
     | Identity
     | undefined;
   /** The connection updates are delivered to (the latest one that asked). */
   connectionId: string;
+  /** The action, as submitted. */
   action: string;
-  payload?: any | undefined;
-  metadata?: { [key: string]: any } | undefined;
+  /** The client's payload, as submitted (JSON null when there was none). */
+  payload?:
+    | any
+    | undefined;
+  /** The client's metadata, as submitted; empty when there was none. */
+  metadata?:
+    | { [key: string]: any }
+    | undefined;
+  /** Where the request stands. */
   status: RequestStatus;
   /** How many times it has been handed to a processor. */
   attempts: number;
@@ -196,8 +240,17 @@ export interface Request {
     | any
     | undefined;
   /** Set when FAILED (or CANCELLED, with code "CANCELLED"). */
-  error?: RequestError | undefined;
-  createdAt?: Date | undefined;
+  error?:
+    | RequestError
+    | undefined;
+  /** When it was submitted. */
+  createdAt?:
+    | Date
+    | undefined;
+  /**
+   * When its state last changed (moving its delivery to another connection
+   * does not count).
+   */
   updatedAt?:
     | Date
     | undefined;
@@ -224,18 +277,31 @@ export interface Request_TraceContextEntry {
   value: string;
 }
 
+/** Submit: a client's request to queue, and the connection it came from. */
 export interface SubmitRequest {
   /** Required: the connection of the client that asked. */
   connectionId: string;
-  /** Required: the action, e.g. "generate_report". */
+  /** Required: the action, e.g. "generate_report". At most 256 bytes. */
   action: string;
-  /** The client's id for the request; generated when empty. */
+  /**
+   * The client's id for the request; generated (a UUID) when empty. At most
+   * 256 bytes.
+   */
   requestId: string;
-  payload?: any | undefined;
+  /**
+   * Optional: the request's input, any JSON value (unset: null), nested at
+   * most 24 levels.
+   */
+  payload?:
+    | any
+    | undefined;
+  /** Optional: the client's metadata, nested at most 24 levels. */
   metadata?: { [key: string]: any } | undefined;
 }
 
+/** The request Submit queued (or found already queued). */
 export interface SubmitResponse {
+  /** The request, PENDING when new. */
   request?:
     | Request
     | undefined;
@@ -243,17 +309,28 @@ export interface SubmitResponse {
   duplicate: boolean;
 }
 
+/** Claim: who the processor is, what it runs and how much it takes at once. */
 export interface ClaimRequest {
-  /** Required: a stable name for this processor instance. */
+  /**
+   * Required: a stable name for this processor instance. At most 256
+   * bytes.
+   */
   processorId: string;
-  /** Required: the actions it runs. */
+  /** Required: the actions it runs (1 to 256; repeats are dropped). */
   actions: string[];
-  /** How many requests it holds at once (default 1, at most 1000). */
+  /**
+   * How many requests it holds at once (0 means the default of 1; at most
+   * 1000).
+   */
   maxInFlight: number;
-  /** Lease length in seconds (default 30, 1..=3600). */
+  /**
+   * Lease length in seconds, 1..=3600; 0 means the server's default
+   * (`--lease-secs`, 30 unless configured).
+   */
   leaseSeconds: number;
 }
 
+/** One item of a processor's `Claim` stream. */
 export interface ClaimResponse {
   item?:
     | //
@@ -261,8 +338,9 @@ export interface ClaimResponse {
     { $case: "work"; work: Request }
     | //
     /**
-     * Stop working on this request (its server id): it was cancelled. Its
-     * later reports are refused.
+     * Stop working on this request (its server id): it was cancelled, or
+     * taken back from this processor (its lease lapsed and it was queued
+     * again or failed). Its later reports are refused.
      */
     { $case: "cancelled"; cancelled: string }
     | //
@@ -295,9 +373,11 @@ export interface ReportRequest {
   id: string;
   /** Required: the caller, which must hold the request's lease. */
   processorId: string;
-  /** 0..=100. */
+  /** 0..=100; anything else (NaN too) is INVALID_ARGUMENT. */
   percentage: number;
+  /** Optional: a text for the client, e.g. "page 1 of 5". */
   message: string;
+  /** Optional: metadata for the client, nested at most 24 levels. */
   metadata?: { [key: string]: any } | undefined;
 }
 
@@ -327,31 +407,46 @@ export interface ReportRejection {
   count: number;
 }
 
+/** Complete: which request, by whom, with what result. */
 export interface CompleteRequest {
   /** Required. */
   id: string;
   /** Required: the caller, which must hold the request's lease. */
   processorId: string;
+  /**
+   * The result the client receives, any JSON value (unset: null), nested
+   * at most 24 levels.
+   */
   result?: any | undefined;
 }
 
+/** Fail: which request, by whom, and why. */
 export interface FailRequest {
   /** Required. */
   id: string;
   /** Required: the caller, which must hold the request's lease. */
   processorId: string;
+  /**
+   * Why it failed, as the client will see it. Optional: an empty `code` is
+   * "PROCESSING_FAILED", an empty `message` "processing failed".
+   */
   error?:
     | RequestError
     | undefined;
-  /** Queue it again if attempts remain. */
+  /**
+   * Queue it again if attempts remain (`--max-attempts` hand-outs, 3
+   * unless configured); the error is then not recorded.
+   */
   retryable: boolean;
 }
 
+/** The request Complete finished. */
 export interface CompleteResponse {
   /** The request, now COMPLETED. */
   request?: Request | undefined;
 }
 
+/** The request Fail failed or queued again. */
 export interface FailResponse {
   /**
    * The request, now FAILED, or PENDING again when the failure was
@@ -360,21 +455,32 @@ export interface FailResponse {
   request?: Request | undefined;
 }
 
+/** Cancel: which request, and why. */
 export interface CancelRequest {
   /** Required. */
   id: string;
-  /** Optional: why. */
+  /**
+   * Optional: why. It becomes the `error.message` the client gets (empty:
+   * "request cancelled").
+   */
   reason: string;
-  /** Optional scope: the request must belong to this identity. */
+  /**
+   * Optional scope: the request must belong to this identity (its
+   * `user_id`, required when set, and its `tenant_id` must both match);
+   * another's is NOT_FOUND.
+   */
   owner?: Identity | undefined;
 }
 
+/** The request Cancel cancelled. */
 export interface CancelResponse {
   /** The request, now CANCELLED. */
   request?: Request | undefined;
 }
 
+/** Get: which request, and optionally where its updates go from now on. */
 export interface GetRequest {
+  /** Exactly one selector is required. */
   selector?:
     | //
     /** The server-assigned id. */
@@ -397,18 +503,25 @@ export interface GetRequest {
   deliverToConnectionId: string;
 }
 
+/** A request named as its client knows it: by its own id, within its user. */
 export interface ClientRequestRef {
+  /** The user's tenant. */
   tenantId: string;
+  /** Required: the user who submitted it. */
   userId: string;
+  /** Required: the client's id for the request (`Request.request_id`). */
   requestId: string;
 }
 
+/** The request Get asked for. */
 export interface GetResponse {
   /** The request's current state. */
   request?: Request | undefined;
 }
 
+/** Watch: which request. */
 export interface WatchRequest {
+  /** Exactly one selector is required. */
   selector?:
     | //
     /** The server-assigned id. */
@@ -423,9 +536,12 @@ export interface WatchRequest {
 
 /**
  * One state of a watched request: the first is its state when the watch
- * began; the last is its final state, after which the stream ends.
+ * began; the last is its final state, after which the stream ends. A
+ * stream that ends (OK) before a final state was cut short (the replica
+ * stopped, or could not re-read the request): watch again.
  */
 export interface WatchResponse {
+  /** The request as it is now. */
   request?: Request | undefined;
 }
 
@@ -2513,6 +2629,15 @@ export const WatchResponse: MessageFns<WatchResponse> = {
  * that asked receives `acknowledgment`, `progress` and exactly one final
  * `complete` or `error`, in that order. State is persisted, so a client that
  * reconnects can ask for it again.
+ *
+ * `Submit`, `Get`, `Watch` and `Cancel` are for backends (role `backend`),
+ * `Claim`, `Report`, `Complete` and `Fail` for processors (role
+ * `processor`). In trust mode `token` or `mtls`, every RPC may also fail
+ * UNAUTHENTICATED (CREDENTIALS_MISSING, CREDENTIALS_INVALID) or
+ * PERMISSION_DENIED (ROLE_NOT_ALLOWED); a credential bound to tenants
+ * finds other tenants' connections and requests NOT_FOUND. In every mode,
+ * any RPC may fail INVALID_ARGUMENT (MALFORMED_MESSAGE) when the request
+ * cannot be decoded.
  */
 export type ProgressServiceService = typeof ProgressServiceService;
 export const ProgressServiceService = {
@@ -2520,6 +2645,13 @@ export const ProgressServiceService = {
    * Queues a request for the client on `connection_id`, whose identity comes
    * from the connection's verified token. Idempotent on (user, `request_id`):
    * a repeat returns the existing request with `duplicate = true`.
+   * FAILED_PRECONDITION when no processor has declared the action on the
+   * replica that answers (see `Claim`).
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), FAILED_PRECONDITION (ACTION_NOT_HANDLED),
+   * ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE,
+   * DEPENDENCY_UNAVAILABLE, SHUTTING_DOWN).
    */
   submit: {
     path: "/streamer.v1.ProgressService/Submit" as const,
@@ -2535,9 +2667,15 @@ export const ProgressServiceService = {
    * actions it runs; each request it receives is leased to it until
    * `lease_expires_at`, renewed by every `Report`. Work whose lease lapses,
    * or whose processor's stream ends, is handed out again. The first
-   * message is `registered`: from then on, `Submit` accepts the
-   * processor's actions (never INVALID_ACTION / FAILED_PRECONDITION for
-   * them while the stream is open) and work for them reaches the stream.
+   * message is `registered`: from then on, `Submit` on the same replica
+   * accepts the processor's actions (never INVALID_ACTION /
+   * FAILED_PRECONDITION for them while the stream is open) and work for
+   * them reaches the stream. Another replica accepts them once one of its
+   * own processors declares them, or when its `--async-actions` lists
+   * them. The stream ends (OK) when the replica stops; the leases stay, so
+   * claim again (on another replica) and finish the work held.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE (SHUTTING_DOWN).
    */
   claim: {
     path: "/streamer.v1.ProgressService/Claim" as const,
@@ -2553,7 +2691,12 @@ export const ProgressServiceService = {
    * Reports the caller may not make (the request finished, was cancelled,
    * is leased to another processor, or does not exist) are not errors of
    * the stream: they are counted and listed in the answer, and the stream
-   * goes on.
+   * goes on. Each accepted report renews the request's lease. A malformed
+   * report (no `id`, a percentage out of range) ends the stream with
+   * INVALID_ARGUMENT; the reports accepted before it stand.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), ABORTED (CONTENDED),
+   * UNAVAILABLE (STORE_UNAVAILABLE).
    */
   report: {
     path: "/streamer.v1.ProgressService/Report" as const,
@@ -2569,6 +2712,10 @@ export const ProgressServiceService = {
    * Cancel wins; a later one gets FAILED_PRECONDITION with reason
    * `REQUEST_ALREADY_FINISHED`, and a caller that does not hold the lease
    * FAILED_PRECONDITION with reason `LEASE_NOT_HELD`.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), FAILED_PRECONDITION (REQUEST_ALREADY_FINISHED,
+   * LEASE_NOT_HELD), ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE).
    */
   complete: {
     path: "/streamer.v1.ProgressService/Complete" as const,
@@ -2582,6 +2729,10 @@ export const ProgressServiceService = {
   /**
    * Fails a request. A retryable failure is queued again while attempts
    * remain. Refused like `Complete`.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), FAILED_PRECONDITION (REQUEST_ALREADY_FINISHED,
+   * LEASE_NOT_HELD), ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE).
    */
   fail: {
     path: "/streamer.v1.ProgressService/Fail" as const,
@@ -2592,7 +2743,15 @@ export const ProgressServiceService = {
     responseSerialize: (value: FailResponse): Buffer => Buffer.from(FailResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): FailResponse => FailResponse.decode(value),
   },
-  /** Cancels a request that has not finished and tells its processor. */
+  /**
+   * Cancels a request that has not finished and tells its processor (a
+   * `cancelled` item on its `Claim` stream); the client gets the final
+   * `error`.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), FAILED_PRECONDITION (REQUEST_ALREADY_FINISHED),
+   * ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   cancel: {
     path: "/streamer.v1.ProgressService/Cancel" as const,
     requestStream: false as const,
@@ -2602,7 +2761,15 @@ export const ProgressServiceService = {
     responseSerialize: (value: CancelResponse): Buffer => Buffer.from(CancelResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): CancelResponse => CancelResponse.decode(value),
   },
-  /** A request's current state. */
+  /**
+   * A request's current state; optionally moves its delivery to a new
+   * connection (see `GetRequest.deliver_to_connection_id`).
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), ABORTED (CONTENDED, with
+   * `deliver_to_connection_id`), UNAVAILABLE (STORE_UNAVAILABLE;
+   * DEPENDENCY_UNAVAILABLE, with `deliver_to_connection_id`).
+   */
   get: {
     path: "/streamer.v1.ProgressService/Get" as const,
     requestStream: false as const,
@@ -2612,7 +2779,12 @@ export const ProgressServiceService = {
     responseSerialize: (value: GetResponse): Buffer => Buffer.from(GetResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): GetResponse => GetResponse.decode(value),
   },
-  /** The request's state now, then every change until it finishes. */
+  /**
+   * The request's state now, then every change until it finishes.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   watch: {
     path: "/streamer.v1.ProgressService/Watch" as const,
     requestStream: false as const,
@@ -2629,6 +2801,13 @@ export interface ProgressServiceServer extends UntypedServiceImplementation {
    * Queues a request for the client on `connection_id`, whose identity comes
    * from the connection's verified token. Idempotent on (user, `request_id`):
    * a repeat returns the existing request with `duplicate = true`.
+   * FAILED_PRECONDITION when no processor has declared the action on the
+   * replica that answers (see `Claim`).
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), FAILED_PRECONDITION (ACTION_NOT_HANDLED),
+   * ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE,
+   * DEPENDENCY_UNAVAILABLE, SHUTTING_DOWN).
    */
   submit: handleUnaryCall<SubmitRequest, SubmitResponse>;
   /**
@@ -2636,9 +2815,15 @@ export interface ProgressServiceServer extends UntypedServiceImplementation {
    * actions it runs; each request it receives is leased to it until
    * `lease_expires_at`, renewed by every `Report`. Work whose lease lapses,
    * or whose processor's stream ends, is handed out again. The first
-   * message is `registered`: from then on, `Submit` accepts the
-   * processor's actions (never INVALID_ACTION / FAILED_PRECONDITION for
-   * them while the stream is open) and work for them reaches the stream.
+   * message is `registered`: from then on, `Submit` on the same replica
+   * accepts the processor's actions (never INVALID_ACTION /
+   * FAILED_PRECONDITION for them while the stream is open) and work for
+   * them reaches the stream. Another replica accepts them once one of its
+   * own processors declares them, or when its `--async-actions` lists
+   * them. The stream ends (OK) when the replica stops; the leases stay, so
+   * claim again (on another replica) and finish the work held.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE (SHUTTING_DOWN).
    */
   claim: handleServerStreamingCall<ClaimRequest, ClaimResponse>;
   /**
@@ -2646,7 +2831,12 @@ export interface ProgressServiceServer extends UntypedServiceImplementation {
    * Reports the caller may not make (the request finished, was cancelled,
    * is leased to another processor, or does not exist) are not errors of
    * the stream: they are counted and listed in the answer, and the stream
-   * goes on.
+   * goes on. Each accepted report renews the request's lease. A malformed
+   * report (no `id`, a percentage out of range) ends the stream with
+   * INVALID_ARGUMENT; the reports accepted before it stand.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), ABORTED (CONTENDED),
+   * UNAVAILABLE (STORE_UNAVAILABLE).
    */
   report: handleClientStreamingCall<ReportRequest, ReportResponse>;
   /**
@@ -2654,18 +2844,47 @@ export interface ProgressServiceServer extends UntypedServiceImplementation {
    * Cancel wins; a later one gets FAILED_PRECONDITION with reason
    * `REQUEST_ALREADY_FINISHED`, and a caller that does not hold the lease
    * FAILED_PRECONDITION with reason `LEASE_NOT_HELD`.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), FAILED_PRECONDITION (REQUEST_ALREADY_FINISHED,
+   * LEASE_NOT_HELD), ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE).
    */
   complete: handleUnaryCall<CompleteRequest, CompleteResponse>;
   /**
    * Fails a request. A retryable failure is queued again while attempts
    * remain. Refused like `Complete`.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), FAILED_PRECONDITION (REQUEST_ALREADY_FINISHED,
+   * LEASE_NOT_HELD), ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE).
    */
   fail: handleUnaryCall<FailRequest, FailResponse>;
-  /** Cancels a request that has not finished and tells its processor. */
+  /**
+   * Cancels a request that has not finished and tells its processor (a
+   * `cancelled` item on its `Claim` stream); the client gets the final
+   * `error`.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), FAILED_PRECONDITION (REQUEST_ALREADY_FINISHED),
+   * ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   cancel: handleUnaryCall<CancelRequest, CancelResponse>;
-  /** A request's current state. */
+  /**
+   * A request's current state; optionally moves its delivery to a new
+   * connection (see `GetRequest.deliver_to_connection_id`).
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), ABORTED (CONTENDED, with
+   * `deliver_to_connection_id`), UNAVAILABLE (STORE_UNAVAILABLE;
+   * DEPENDENCY_UNAVAILABLE, with `deliver_to_connection_id`).
+   */
   get: handleUnaryCall<GetRequest, GetResponse>;
-  /** The request's state now, then every change until it finishes. */
+  /**
+   * The request's state now, then every change until it finishes.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   watch: handleServerStreamingCall<WatchRequest, WatchResponse>;
 }
 
@@ -2674,6 +2893,13 @@ export interface ProgressServiceClient extends Client {
    * Queues a request for the client on `connection_id`, whose identity comes
    * from the connection's verified token. Idempotent on (user, `request_id`):
    * a repeat returns the existing request with `duplicate = true`.
+   * FAILED_PRECONDITION when no processor has declared the action on the
+   * replica that answers (see `Claim`).
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (CONNECTION_NOT_FOUND), FAILED_PRECONDITION (ACTION_NOT_HANDLED),
+   * ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE,
+   * DEPENDENCY_UNAVAILABLE, SHUTTING_DOWN).
    */
   submit(
     request: SubmitRequest,
@@ -2695,9 +2921,15 @@ export interface ProgressServiceClient extends Client {
    * actions it runs; each request it receives is leased to it until
    * `lease_expires_at`, renewed by every `Report`. Work whose lease lapses,
    * or whose processor's stream ends, is handed out again. The first
-   * message is `registered`: from then on, `Submit` accepts the
-   * processor's actions (never INVALID_ACTION / FAILED_PRECONDITION for
-   * them while the stream is open) and work for them reaches the stream.
+   * message is `registered`: from then on, `Submit` on the same replica
+   * accepts the processor's actions (never INVALID_ACTION /
+   * FAILED_PRECONDITION for them while the stream is open) and work for
+   * them reaches the stream. Another replica accepts them once one of its
+   * own processors declares them, or when its `--async-actions` lists
+   * them. The stream ends (OK) when the replica stops; the leases stay, so
+   * claim again (on another replica) and finish the work held.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE (SHUTTING_DOWN).
    */
   claim(request: ClaimRequest, options?: Partial<CallOptions>): ClientReadableStream<ClaimResponse>;
   claim(
@@ -2710,7 +2942,12 @@ export interface ProgressServiceClient extends Client {
    * Reports the caller may not make (the request finished, was cancelled,
    * is leased to another processor, or does not exist) are not errors of
    * the stream: they are counted and listed in the answer, and the stream
-   * goes on.
+   * goes on. Each accepted report renews the request's lease. A malformed
+   * report (no `id`, a percentage out of range) ends the stream with
+   * INVALID_ARGUMENT; the reports accepted before it stand.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), ABORTED (CONTENDED),
+   * UNAVAILABLE (STORE_UNAVAILABLE).
    */
   report(callback: (error: ServiceError | null, response: ReportResponse) => void): ClientWritableStream<ReportRequest>;
   report(
@@ -2731,6 +2968,10 @@ export interface ProgressServiceClient extends Client {
    * Cancel wins; a later one gets FAILED_PRECONDITION with reason
    * `REQUEST_ALREADY_FINISHED`, and a caller that does not hold the lease
    * FAILED_PRECONDITION with reason `LEASE_NOT_HELD`.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), FAILED_PRECONDITION (REQUEST_ALREADY_FINISHED,
+   * LEASE_NOT_HELD), ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE).
    */
   complete(
     request: CompleteRequest,
@@ -2750,6 +2991,10 @@ export interface ProgressServiceClient extends Client {
   /**
    * Fails a request. A retryable failure is queued again while attempts
    * remain. Refused like `Complete`.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), FAILED_PRECONDITION (REQUEST_ALREADY_FINISHED,
+   * LEASE_NOT_HELD), ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE).
    */
   fail(request: FailRequest, callback: (error: ServiceError | null, response: FailResponse) => void): ClientUnaryCall;
   fail(
@@ -2763,7 +3008,15 @@ export interface ProgressServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: FailResponse) => void,
   ): ClientUnaryCall;
-  /** Cancels a request that has not finished and tells its processor. */
+  /**
+   * Cancels a request that has not finished and tells its processor (a
+   * `cancelled` item on its `Claim` stream); the client gets the final
+   * `error`.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), FAILED_PRECONDITION (REQUEST_ALREADY_FINISHED),
+   * ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   cancel(
     request: CancelRequest,
     callback: (error: ServiceError | null, response: CancelResponse) => void,
@@ -2779,7 +3032,15 @@ export interface ProgressServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: CancelResponse) => void,
   ): ClientUnaryCall;
-  /** A request's current state. */
+  /**
+   * A request's current state; optionally moves its delivery to a new
+   * connection (see `GetRequest.deliver_to_connection_id`).
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), ABORTED (CONTENDED, with
+   * `deliver_to_connection_id`), UNAVAILABLE (STORE_UNAVAILABLE;
+   * DEPENDENCY_UNAVAILABLE, with `deliver_to_connection_id`).
+   */
   get(request: GetRequest, callback: (error: ServiceError | null, response: GetResponse) => void): ClientUnaryCall;
   get(
     request: GetRequest,
@@ -2792,7 +3053,12 @@ export interface ProgressServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: GetResponse) => void,
   ): ClientUnaryCall;
-  /** The request's state now, then every change until it finishes. */
+  /**
+   * The request's state now, then every change until it finishes.
+   *
+   * Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+   * (REQUEST_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
+   */
   watch(request: WatchRequest, options?: Partial<CallOptions>): ClientReadableStream<WatchResponse>;
   watch(
     request: WatchRequest,
