@@ -371,7 +371,12 @@ export interface ProcessorRegistered {
 export interface ReportRequest {
   /** Required. */
   id: string;
-  /** Required: the caller, which must hold the request's lease. */
+  /**
+   * Required: the caller, which must hold the request's lease: the
+   * `processor_id` it declared in its `ClaimRequest` (with trust on, the
+   * server qualifies it by the credential's holder itself, as
+   * `ProcessorRegistered.processor_id` shows; send the declared one).
+   */
   processorId: string;
   /** 0..=100; anything else (NaN too) is INVALID_ARGUMENT. */
   percentage: number;
@@ -411,7 +416,12 @@ export interface ReportRejection {
 export interface CompleteRequest {
   /** Required. */
   id: string;
-  /** Required: the caller, which must hold the request's lease. */
+  /**
+   * Required: the caller, which must hold the request's lease: the
+   * `processor_id` it declared in its `ClaimRequest` (with trust on, the
+   * server qualifies it by the credential's holder itself, as
+   * `ProcessorRegistered.processor_id` shows; send the declared one).
+   */
   processorId: string;
   /**
    * The result the client receives, any JSON value (unset: null), nested
@@ -424,7 +434,12 @@ export interface CompleteRequest {
 export interface FailRequest {
   /** Required. */
   id: string;
-  /** Required: the caller, which must hold the request's lease. */
+  /**
+   * Required: the caller, which must hold the request's lease: the
+   * `processor_id` it declared in its `ClaimRequest` (with trust on, the
+   * server qualifies it by the credential's holder itself, as
+   * `ProcessorRegistered.processor_id` shows; send the declared one).
+   */
   processorId: string;
   /**
    * Why it failed, as the client will see it. Optional: an empty `code` is
