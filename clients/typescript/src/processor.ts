@@ -1,4 +1,4 @@
-import { type ClientReadableStream, type ClientWritableStream, status as GrpcStatus } from "@grpc/grpc-js";
+import { type ClientWritableStream, status as GrpcStatus } from "@grpc/grpc-js";
 import { Backoff, sleep } from "./backoff";
 import { describeFailure, HandlerError, StreamerError, toStreamerError } from "./errors";
 import type { Identity } from "./gen/streamer/v1/common";
@@ -12,6 +12,7 @@ import {
 } from "./gen/streamer/v1/progress";
 import { type Json, type JsonObject, toJson, toJsonObject } from "./json";
 import type { ProgressClient } from "./progress";
+import { RegisteredStream } from "./registered";
 
 /** Why a job's `signal` was aborted (its `reason`). */
 export type JobAbortKind =
@@ -105,12 +106,6 @@ export interface ProcessorOptions {
   reportWindowMs?: number;
 }
 
-const FATAL = new Set([
-  GrpcStatus.INVALID_ARGUMENT,
-  GrpcStatus.UNAUTHENTICATED,
-  GrpcStatus.PERMISSION_DENIED,
-  GrpcStatus.UNIMPLEMENTED,
-]);
 const TRANSIENT = new Set([GrpcStatus.UNAVAILABLE, GrpcStatus.DEADLINE_EXCEEDED]);
 /** How long a finished job waits for its last Report stream's answer. */
 const REPORT_CLOSE_TIMEOUT_MS = 10_000;
@@ -133,21 +128,49 @@ export class Processor {
 
   /** @internal */
   readonly stopping = new AbortController();
-  private call?: ClientReadableStream<ClaimResponse>;
   private readonly jobs = new Map<string, RunningJob>();
   private readonly inFlight = new Set<Promise<void>>();
-  private settleReady!: { resolve(value: ProcessorRegistered): void; reject(error: unknown): void };
-  private isReady = false;
 
   constructor(
     /** @internal */ readonly progress: ProgressClient,
     /** @internal */ readonly options: ProcessorOptions,
   ) {
-    this.ready = new Promise((resolve, reject) => {
-      this.settleReady = { resolve, reject };
+    const stream = new RegisteredStream<ClaimResponse, ProcessorRegistered>({
+      open: () =>
+        progress.raw.claim(
+          {
+            processorId: options.processorId,
+            actions: options.actions,
+            maxInFlight: options.maxInFlight ?? 0,
+            leaseSeconds: options.leaseSeconds ?? 0,
+          },
+          progress.transport.metadata(),
+        ),
+      registration: (response) =>
+        response.item?.$case === "registered" ? response.item.registered : undefined,
+      onMessage: (response) => {
+        const item = response.item;
+        if (item?.$case === "work") {
+          this.start(item.work);
+        } else if (item?.$case === "cancelled") {
+          this.jobs.get(item.cancelled)?.abort("cancelled");
+        }
+      },
+      onBroken: (error) => this.report(error),
+      onFatal: (error) => {
+        this.report(error);
+        this.stopping.abort();
+        for (const job of this.jobs.values()) {
+          job.abort("shutdown");
+        }
+      },
+      endedMessage: "the Claim stream ended; opening it again",
+      closedMessage: "the processor was closed before it was registered",
+      backoff: options.backoff,
+      stopping: this.stopping.signal,
     });
-    this.ready.catch(() => {});
-    this.done = this.run();
+    this.ready = stream.ready;
+    this.done = stream.done;
   }
 
   /** How many jobs are running now. */
@@ -161,7 +184,6 @@ export class Processor {
    */
   async close(): Promise<void> {
     this.stopping.abort();
-    this.call?.cancel();
     for (const job of this.jobs.values()) {
       job.abort("shutdown");
     }
@@ -176,65 +198,6 @@ export class Processor {
     } else {
       const about = job ? ` (action ${job.action}, request ${job.id})` : "";
       console.error(`streamer processor${about}:`, error instanceof Error ? error.message : error);
-    }
-  }
-
-  private async run(): Promise<void> {
-    const backoff = new Backoff(this.options.backoff?.initialMs, this.options.backoff?.capMs);
-    const options = this.options;
-    try {
-      while (!this.stopping.signal.aborted) {
-        const call = this.progress.raw.claim(
-          {
-            processorId: options.processorId,
-            actions: options.actions,
-            maxInFlight: options.maxInFlight ?? 0,
-            leaseSeconds: options.leaseSeconds ?? 0,
-          },
-          this.progress.transport.metadata(),
-        );
-        this.call = call;
-        if (this.stopping.signal.aborted) {
-          call.cancel();
-        }
-        const error = await new Promise<unknown>((resolve) => {
-          let failure: unknown;
-          call.on("data", (response: ClaimResponse) => {
-            const item = response.item;
-            if (item?.$case === "registered") {
-              backoff.reset();
-              if (!this.isReady) {
-                this.isReady = true;
-                this.settleReady.resolve(item.registered);
-              }
-            } else if (item?.$case === "work") {
-              this.start(item.work);
-            } else if (item?.$case === "cancelled") {
-              this.jobs.get(item.cancelled)?.abort("cancelled");
-            }
-          });
-          call.on("error", (e) => {
-            failure = toStreamerError(e);
-          });
-          call.on("status", () => resolve(failure));
-        });
-        if (this.stopping.signal.aborted) {
-          break;
-        }
-        if (error instanceof StreamerError && FATAL.has(error.code)) {
-          this.report(error);
-          throw error;
-        }
-        this.report(error ?? new Error("the Claim stream ended; opening it again"));
-        await sleep(backoff.next(), this.stopping.signal);
-      }
-      this.settleReady.reject(new Error("the processor was closed before it was registered"));
-    } catch (error) {
-      this.stopping.abort();
-      for (const job of this.jobs.values()) {
-        job.abort("shutdown");
-      }
-      this.settleReady.reject(error);
     }
   }
 

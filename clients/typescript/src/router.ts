@@ -1,10 +1,9 @@
-import { type ClientReadableStream, status as GrpcStatus } from "@grpc/grpc-js";
-import { Backoff, sleep } from "./backoff";
 import type { ConnectionsClient } from "./connections";
-import { describeFailure, HandlerError, StreamerError, toStreamerError } from "./errors";
+import { describeFailure, HandlerError } from "./errors";
 import type { Identity } from "./gen/streamer/v1/common";
 import type { InboundMessage, ReceiveResponse, RouterRegistered } from "./gen/streamer/v1/connection";
 import { type Json, type JsonObject, toJson } from "./json";
+import { RegisteredStream } from "./registered";
 
 /** A frame a client sent for one of the router's actions. */
 export interface InboundRequest {
@@ -51,14 +50,6 @@ export interface RouterOptions {
   backoff?: { initialMs?: number; capMs?: number };
 }
 
-/** Errors that another attempt cannot fix: the router stops. */
-const FATAL = new Set([
-  GrpcStatus.INVALID_ARGUMENT,
-  GrpcStatus.UNAUTHENTICATED,
-  GrpcStatus.PERMISSION_DENIED,
-  GrpcStatus.UNIMPLEMENTED,
-]);
-
 /**
  * A router: holds a `Receive` stream open (opening it again with capped,
  * jittered backoff when it breaks) and answers each frame with its handler.
@@ -76,27 +67,42 @@ export class Router {
   readonly done: Promise<void>;
 
   private readonly stopping = new AbortController();
-  private call?: ClientReadableStream<ReceiveResponse>;
   private readonly inFlight = new Set<Promise<void>>();
-  private settleReady!: { resolve(value: RouterRegistered): void; reject(error: unknown): void };
-  private isReady = false;
 
   constructor(
     private readonly connections: ConnectionsClient,
     private readonly options: RouterOptions,
   ) {
-    this.ready = new Promise((resolve, reject) => {
-      this.settleReady = { resolve, reject };
+    const stream = new RegisteredStream<ReceiveResponse, RouterRegistered>({
+      open: () =>
+        connections.raw.receive(
+          { actions: options.actions, routerId: options.routerId ?? "" },
+          connections.transport.metadata(),
+        ),
+      registration: (response) =>
+        response.event?.$case === "registered" ? response.event.registered : undefined,
+      onMessage: (response) => {
+        if (response.event?.$case === "message") {
+          this.dispatch(response.event.message);
+        }
+      },
+      onBroken: (error) => this.report(error),
+      onFatal: (error) => {
+        this.report(error);
+        this.stopping.abort();
+      },
+      endedMessage: "the Receive stream ended; opening it again",
+      closedMessage: "the router was closed before it was registered",
+      backoff: options.backoff,
+      stopping: this.stopping.signal,
     });
-    // Whoever does not await `ready` must not see an unhandled rejection.
-    this.ready.catch(() => {});
-    this.done = this.run();
+    this.ready = stream.ready;
+    this.done = stream.done;
   }
 
   /** Stops receiving, then waits for the handlers still running. */
   async close(): Promise<void> {
     this.stopping.abort();
-    this.call?.cancel();
     await this.done;
     await Promise.allSettled([...this.inFlight]);
   }
@@ -107,55 +113,6 @@ export class Router {
     } else {
       const about = request ? ` (action ${request.action}, request ${request.requestId})` : "";
       console.error(`streamer router${about}:`, error instanceof Error ? error.message : error);
-    }
-  }
-
-  private async run(): Promise<void> {
-    const backoff = new Backoff(this.options.backoff?.initialMs, this.options.backoff?.capMs);
-    const transport = this.connections.transport;
-    try {
-      while (!this.stopping.signal.aborted) {
-        const call = this.connections.raw.receive(
-          { actions: this.options.actions, routerId: this.options.routerId ?? "" },
-          transport.metadata(),
-        );
-        this.call = call;
-        if (this.stopping.signal.aborted) {
-          call.cancel();
-        }
-        const error = await new Promise<unknown>((resolve) => {
-          let failure: unknown;
-          call.on("data", (response: ReceiveResponse) => {
-            const event = response.event;
-            if (event?.$case === "registered") {
-              backoff.reset();
-              if (!this.isReady) {
-                this.isReady = true;
-                this.settleReady.resolve(event.registered);
-              }
-            } else if (event?.$case === "message") {
-              this.dispatch(event.message);
-            }
-          });
-          call.on("error", (e) => {
-            failure = toStreamerError(e);
-          });
-          call.on("status", () => resolve(failure));
-        });
-        if (this.stopping.signal.aborted) {
-          break;
-        }
-        if (error instanceof StreamerError && FATAL.has(error.code)) {
-          this.report(error);
-          throw error;
-        }
-        this.report(error ?? new Error("the Receive stream ended; opening it again"));
-        await sleep(backoff.next(), this.stopping.signal);
-      }
-      this.settleReady.reject(new Error("the router was closed before it was registered"));
-    } catch (error) {
-      this.stopping.abort();
-      this.settleReady.reject(error);
     }
   }
 
