@@ -713,6 +713,63 @@ async fn a_submit_goes_on_to_another_progress_replica_when_one_is_gone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_for_an_action_one_progress_replica_knows_is_never_refused() {
+    // An action no replica lists in --async-actions: only the processor's
+    // registration on replica 0 makes it known, there alone.
+    const CLAIMED: &str = "claimed_on_one_replica";
+    let mut cluster = Cluster::start(1, 2, 1).await;
+    let both = format!(
+        "http://{},http://{}",
+        cluster.progress[0].addr, cluster.progress[1].addr
+    );
+    cluster.replicas[0].config.progress_endpoint = Some(both);
+    cluster.restart_connection(0).await;
+    cluster.wait_attached(cluster.gateways[0], 1).await;
+    let mut processor = cluster.progress(0).await;
+    let mut work =
+        support::claim(&mut processor, support::claim_request("p0", CLAIMED, 8, 60)).await;
+    // Replica 1 alone refuses it...
+    let (mut client, connection_id) = cluster.connect(cluster.gateways[0], "alice").await;
+    let refused = cluster
+        .progress(1)
+        .await
+        .submit(v1::SubmitRequest {
+            connection_id,
+            action: CLAIMED.into(),
+            request_id: "direct".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        streamer_api::errors::reason_of(&refused).as_deref(),
+        Some("ACTION_NOT_HANDLED")
+    );
+    // ...yet every frame a client sends, whichever replica ConnectionService
+    // asks first (in turn), is queued and reaches the processor.
+    let jobs: Vec<String> = (1..=4).map(|n| format!("job-{n}")).collect();
+    for job in &jobs {
+        client
+            .send_json(json!({"action": CLAIMED, "id": job, "payload": {}}))
+            .await;
+    }
+    let mut acknowledged = Vec::new();
+    for _ in &jobs {
+        let message = next(&mut client).await;
+        assert_eq!(message["type"], "acknowledgment", "{message}");
+        acknowledged.push(message["request_id"].as_str().unwrap().to_owned());
+    }
+    acknowledged.sort();
+    assert_eq!(acknowledged, jobs, "each queued once");
+    let mut worked: Vec<String> = Vec::new();
+    for _ in &jobs {
+        worked.push(next_work(&mut work).await.request_id);
+    }
+    worked.sort();
+    assert_eq!(worked, jobs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_held_on_a_replica_that_goes_away_is_taken_back_by_its_lease() {
     let cluster = Cluster::start(1, 2, 1).await;
     let mut first = cluster.progress(0).await;

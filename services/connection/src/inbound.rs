@@ -3,6 +3,7 @@
 //! be routed is answered to the client.
 
 use serde_json::Value;
+use streamer_api::errors;
 use streamer_api::v1::{self, InboundMessage};
 use streamer_core::ids::{ClientRequestId, ConnectionId, EdgeId};
 use streamer_core::store::{ConnectionRecord, now_ms};
@@ -194,12 +195,24 @@ impl ConnectionServer {
             payload: message.payload,
             metadata: message.metadata,
         };
-        let submitted = progress
+        let mut submitted = progress
             .call(SUBMIT_ATTEMPTS, SUBMIT_FIRST_BACKOFF, |mut client| {
                 let submit = submit.clone();
                 async move { client.submit(trace::request(submit)).await }
             })
             .await;
+        // A replica knows the actions of its own processors (and of
+        // --async-actions): before telling the client that nothing runs the
+        // action, ask every replica once. A refused Submit changed nothing,
+        // and Submit is idempotent on the client's id.
+        if submitted.as_ref().is_err_and(action_not_handled) {
+            for mut client in progress.in_turn() {
+                submitted = client.submit(trace::request(submit.clone())).await;
+                if !submitted.as_ref().is_err_and(action_not_handled) {
+                    break;
+                }
+            }
+        }
         match submitted {
             // ProgressService acknowledges to the client itself, so the
             // acknowledgment is ordered before the request's progress.
@@ -312,4 +325,11 @@ impl ConnectionServer {
             }
         })
     }
+}
+
+/// Whether a Submit was refused because its replica knows no processor of
+/// the action.
+fn action_not_handled(status: &tonic::Status) -> bool {
+    errors::reason_of(status).as_deref()
+        == Some(errors::reason_name(errors::Reason::ActionNotHandled))
 }
