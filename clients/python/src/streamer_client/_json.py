@@ -62,6 +62,8 @@ def _fill(value: struct_pb2.Value, data: JSON, path: str) -> None:
         value.string_value = data
     elif isinstance(data, Mapping):
         _fill_struct(value.struct_value, data, path)
+    elif isinstance(data, struct_pb2.Value):  # already converted
+        value.CopyFrom(data)
     elif isinstance(data, (list, tuple)):
         items = value.list_value
         # An empty list must still set the kind.

@@ -313,6 +313,8 @@ class Processor(StreamLoop):
                 log.info("job no longer ours %s: %s", fields, error)
             else:
                 log.warning("job abandoned %s: %s", fields, error)
+        except Exception:  # noqa: BLE001 (a bug here must not vanish in the pool)
+            log.exception("job crashed %s", fields)
         finally:
             with self._lock:
                 if self._jobs.get(job.id) is job:
