@@ -13,11 +13,11 @@ from conftest import unique
 def test_send_reaches_the_socket(connections: Connections, open_client) -> None:
     client = open_client(unique("alice"))
 
-    outcome = connections.send(client.connection_id, {"type": "response", "data": {"hello": "you", "n": 3}})
+    outcome = connections.send(client.connection_id, {"type": "response", "data": {"hello": "you", "n": 3, "e": {}}})
 
     assert outcome is Outcome.DELIVERED
     frame = client.recv_json()
-    assert frame == {"type": "response", "data": {"hello": "you", "n": 3}}
+    assert frame == {"type": "response", "data": {"hello": "you", "n": 3, "e": {}}}
     assert isinstance(frame["data"]["n"], int)
 
 

@@ -61,6 +61,8 @@ def _fill(value: struct_pb2.Value, data: JSON, path: str) -> None:
     elif isinstance(data, str):
         value.string_value = data
     elif isinstance(data, Mapping):
+        # An empty object must still set the kind (a Value with none is refused).
+        value.struct_value.SetInParent()
         _fill_struct(value.struct_value, data, path)
     elif isinstance(data, struct_pb2.Value):  # already converted
         value.CopyFrom(data)
