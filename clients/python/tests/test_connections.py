@@ -47,6 +47,26 @@ def test_broadcast_to_a_user_reaches_each_of_its_sockets(connections: Connection
     assert other.recv_json() == {"marker": 1}
 
 
+def test_broadcast_to_a_tenant_reaches_its_sockets_only(connections: Connections, open_client, tenant) -> None:
+    first, second = open_client(unique("hana")), open_client(unique("ivan"))
+
+    result = connections.broadcast({"news": "for everyone"}, tenant_id=tenant)
+
+    assert result.delivered == 2
+    assert first.recv_json() == {"news": "for everyone"}
+    assert second.recv_json() == {"news": "for everyone"}
+
+
+def test_raw_stubs_are_there_too(connections: Connections, open_client) -> None:
+    from streamer_client._gen.streamer.v1 import connection_pb2
+
+    client = open_client(unique("jack"))
+
+    answer = connections.stub.IsActive(connection_pb2.IsActiveRequest(connection_id=client.connection_id), timeout=10)
+
+    assert answer.active is True
+
+
 def test_broadcast_to_connection_ids_names_each_outcome(connections: Connections, open_client, tenant) -> None:
     client = open_client(unique("dave"))
 

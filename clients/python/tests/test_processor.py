@@ -102,6 +102,30 @@ def test_a_cancel_from_the_client_sets_the_jobs_cancelled_event(progress: Progre
     assert not any(m.startswith(("job completed", "job no longer ours")) for m in messages), messages
 
 
+def test_a_cancel_from_a_backend_reaches_the_job(progress: Progress, open_client) -> None:
+    action = unique("long")
+    jobs = []
+    started = threading.Event()
+
+    def long(job: Job):
+        jobs.append(job)
+        started.set()
+        job.cancelled.wait(TIMEOUT)
+        return None
+
+    with start_processor(progress, {action: long}):
+        client = open_client(unique("kate"))
+        submitted = progress.submit(client.connection_id, action, request_id="r1")
+        assert started.wait(TIMEOUT)
+
+        cancelled = progress.cancel(submitted.request.id, "no longer needed")
+
+        assert jobs[0].cancelled.wait(TIMEOUT)
+    assert cancelled.status is RequestStatus.CANCELLED
+    assert cancelled.error is not None and cancelled.error.code == "CANCELLED"
+    assert jobs[0].cancel_reason == "cancelled"
+
+
 def test_a_failing_handler_fails_the_request(progress: Progress, open_client) -> None:
     action = unique("strict")
 

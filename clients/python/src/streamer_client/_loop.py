@@ -76,10 +76,15 @@ class StreamLoop:
 
     def run(self) -> None:
         """start(), then block until stop() is called (from another thread or
-        a signal handler) or the loop ends for good (its error is raised)."""
+        a signal handler), Ctrl-C, or the loop ends for good (its error is
+        raised)."""
         if self._thread is None:
             self.start()
-        self._ended.wait()
+        try:
+            self._ended.wait()
+        except KeyboardInterrupt:
+            self.stop()
+            return
         if self.error is not None:
             raise self.error
 
