@@ -21,8 +21,8 @@ fail() {
 }
 
 if [ ! -x "$VENV/bin/python" ]; then
-    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
-        || fail "Python 3.9 or newer is needed ($PYTHON is $("$PYTHON" --version 2>&1))"
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || fail "the tests need Python 3.11 or newer, as websockets 17.4 does ($PYTHON is $("$PYTHON" --version 2>&1))"
     "$PYTHON" -m venv "$VENV" >"$LOG" 2>&1 || fail "could not create $VENV"
 fi
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import grpc
 
@@ -61,6 +61,9 @@ def open_channel(target: str, tls: TlsOption) -> grpc.Channel:
     return grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
 
 
+_Client = TypeVar("_Client", bound="Base")
+
+
 class Base:
     """What every client has: a channel, a token, a default timeout."""
 
@@ -92,7 +95,7 @@ class Base:
         if self._owns_channel:
             self._channel.close()
 
-    def __enter__(self):  # type: ignore[no-untyped-def]
+    def __enter__(self: _Client) -> _Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -102,8 +105,13 @@ class Base:
         extra = tuple(trace_context.items()) if trace_context else ()
         return self._auth + extra
 
-    def _unary(self, method: Callable, request, trace_context: Optional[Mapping[str, str]] = None,
-               timeout: Optional[float] = None):  # type: ignore[no-untyped-def]
+    def _unary(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        trace_context: Optional[Mapping[str, str]] = None,
+        timeout: Optional[float] = None,
+    ) -> Any:
         try:
             return method(request, timeout=timeout if timeout is not None else self.timeout,
                           metadata=self._metadata(trace_context))

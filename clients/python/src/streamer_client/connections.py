@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import grpc
 
@@ -191,7 +191,8 @@ class Connections(Base):
 
     def is_active(self, connection_id: str) -> bool:
         """Whether the connection is open now."""
-        return self._unary(self.stub.IsActive, connection_pb2.IsActiveRequest(connection_id=connection_id)).active
+        response = self._unary(self.stub.IsActive, connection_pb2.IsActiveRequest(connection_id=connection_id))
+        return bool(response.active)
 
     def get_connection(self, connection_id: str, *, tenant_id: Optional[str] = None) -> Connection:
         """One connection's record (StreamerError NOT_FOUND when there is none)."""
@@ -223,7 +224,7 @@ class Connections(Base):
         self._unary(self.stub.Disconnect, request)
 
 
-def _target(connection_id: Optional[str], user_id: Optional[str]) -> dict:
+def _target(connection_id: Optional[str], user_id: Optional[str]) -> Dict[str, Optional[str]]:
     if (connection_id is None) == (user_id is None):
         raise ValueError("give exactly one of connection_id and user_id")
     return {"connection_id": connection_id} if connection_id is not None else {"user_id": user_id}

@@ -224,7 +224,7 @@ class Processor(StreamLoop):
         #: What the server registered (its ProcessorRegistered), once it did.
         self.registration: Optional[progress_pb2.ProcessorRegistered] = None
         self._jobs: Dict[str, Job] = {}
-        self._futures: List[Future] = []
+        self._futures: List["Future[None]"] = []
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="streamer-job")
 
     # -- the Claim stream --

@@ -131,17 +131,25 @@ class Progress(Base):
         return Request._from_pb(self._unary(self.stub.Fail, request, trace_context).request)
 
 
-def _select(request, id, tenant_id, user_id, request_id, owner) -> None:  # type: ignore[no-untyped-def]
-    client = (tenant_id, user_id, request_id)
+def _select(
+    request: Union[progress_pb2.GetRequest, progress_pb2.WatchRequest],
+    id: Optional[str],
+    tenant_id: Optional[str],
+    user_id: Optional[str],
+    request_id: Optional[str],
+    owner: Optional[Identity],
+) -> None:
     if id is not None:
-        if any(part is not None for part in client):
+        if tenant_id is not None or user_id is not None or request_id is not None:
             raise ValueError("give an id, or tenant_id, user_id and request_id, not both")
         request.id = id
         if owner is not None:
             request.owner.CopyFrom(owner._to_pb())
-    elif all(part is not None for part in client):
+    elif tenant_id is not None and user_id is not None and request_id is not None:
         if owner is not None:
             raise ValueError("owner scopes a lookup by id only")
-        request.client.tenant_id, request.client.user_id, request.client.request_id = client
+        request.client.tenant_id = tenant_id
+        request.client.user_id = user_id
+        request.client.request_id = request_id
     else:
         raise ValueError("give an id, or tenant_id, user_id and request_id")
