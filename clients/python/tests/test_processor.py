@@ -195,7 +195,7 @@ def test_a_report_refused_as_finished_cancels_the_job(progress: Progress, open_c
     def raced(job: Job):
         jobs.append(job)
         # Finished behind the job's back (another caller completed it)...
-        progress.complete(job.id, job._processor.processor_id, "by someone else")
+        progress.complete(job.id, job.processor_id, "by someone else")
         # ...so this report is refused as ALREADY_FINISHED.
         job.report(50, "half way")
         return "mine"

@@ -23,7 +23,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def examples() -> List[str]:
     found = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(found) == 6, "the README's examples changed: update this test"
+    assert len(found) == 7, "the README's examples changed: update this test"
     return [
         block.replace("127.0.0.1:50052", os.environ["STREAMER_CONNECTION_TARGET"])
         .replace("127.0.0.1:50053", os.environ["STREAMER_PROGRESS_TARGET"])
@@ -45,7 +45,8 @@ def received(socket: ClientConnection, count: int) -> List[Any]:
 
 
 def test_the_readme_examples_work_as_written() -> None:
-    connections_example, router_example, processor_example, progress_example, errors_example, raw_example = examples()
+    (connections_example, router_example, processor_example, progress_example, errors_example, aio_example,
+     raw_example) = examples()
     token = subprocess.run(
         [os.environ["STREAMER_BIN"], "token", "--data-dir", os.environ["STREAMER_DATA_DIR"],
          "--sub", "demo-user", "--tenant", "demo-tenant"],
@@ -97,6 +98,12 @@ def test_the_readme_examples_work_as_written() -> None:
             assert scope["progress"].get(scope["other"].request.id).status.value == "CANCELLED"
 
             exec(errors_example, scope)  # catches the NOT_FOUND it provokes
+
+            exec(aio_example, {})
+            # After the frames about r9 and r10 (the progress example's requests):
+            while (frame := received(second, 1)[0]) and "request_id" in frame:
+                pass
+            assert frame == {"hello": "from asyncio"}
 
             exec(raw_example, scope)
         finally:

@@ -6,6 +6,7 @@
 - `Router`: answer the frames clients send for some actions.
 - `Processor`: claim long-running requests and run them as `Job`s.
 - `StreamerError`: what every failed call raises, with Streamer's details.
+- `streamer_client.aio`: `Connections` and `Progress` on asyncio.
 
 JSON travels as plain Python values everywhere the contract has a
 google.protobuf.Value or Struct. JSON numbers travel as doubles: integers

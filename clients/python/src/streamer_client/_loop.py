@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import grpc
 
@@ -22,6 +22,9 @@ FATAL = {
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.UNIMPLEMENTED,
 }
+
+
+_Loop = TypeVar("_Loop", bound="StreamLoop")
 
 
 class StreamLoop:
@@ -56,7 +59,7 @@ class StreamLoop:
 
     # -- lifecycle --
 
-    def start(self, timeout: Optional[float] = 30.0) -> "StreamLoop":
+    def start(self: _Loop, timeout: Optional[float] = 30.0) -> _Loop:
         """Opens the stream in a background thread and returns once the
         server said it is registered: from then on, work for its actions
         reaches it. Raises TimeoutError when that takes longer than
@@ -100,7 +103,7 @@ class StreamLoop:
             self._thread.join(timeout)
         self._stopped(timeout)
 
-    def __enter__(self) -> "StreamLoop":
+    def __enter__(self: _Loop) -> _Loop:
         if self._thread is None:
             self.start()
         return self

@@ -63,15 +63,8 @@ class Connections(Base):
         pair, makes it idempotent: retried, it reaches the socket at most
         once. Returns DELIVERED, or GONE / THROTTLED / UNAVAILABLE; a
         connection with no record raises StreamerError NOT_FOUND."""
-        request = connection_pb2.SendRequest(
-            connection_id=connection_id, payload=to_payload(data), tenant_id=tenant_id or "",
-        )
-        if sequence is not None:
-            stream, number = sequence
-            request.sequence.stream = stream
-            request.sequence.number = number
-        response = self._unary(self.stub.Send, request, trace_context)
-        return Outcome._from_pb(response.outcome)
+        request = send_request(connection_id, data, tenant_id, sequence)
+        return Outcome._from_pb(self._unary(self.stub.Send, request, trace_context).outcome)
 
     def broadcast(
         self,
@@ -89,26 +82,7 @@ class Connections(Base):
         - `tenant_id=..., user_id=...`: every connection of the user;
         - `tenant_id=...` alone: every connection of the tenant.
         """
-        payload = to_payload(data)
-        if connection_ids is not None:
-            if user_id is not None:
-                raise ValueError("broadcast: give connection_ids or user_id, not both")
-            if isinstance(connection_ids, str):
-                raise TypeError("broadcast: connection_ids is a list of ids, not one id")
-            request = connection_pb2.BroadcastRequest(
-                connections=connection_pb2.ConnectionIds(ids=list(connection_ids)),
-                payload=payload, tenant_id=tenant_id or "",
-            )
-        elif tenant_id is None:
-            raise ValueError("broadcast: give connection_ids, or a tenant_id (with a user_id for one user)")
-        elif user_id is not None:
-            request = connection_pb2.BroadcastRequest(
-                user=connection_pb2.UserTarget(tenant_id=tenant_id, user_id=user_id), payload=payload,
-            )
-        else:
-            request = connection_pb2.BroadcastRequest(
-                tenant=connection_pb2.TenantTarget(tenant_id=tenant_id), payload=payload,
-            )
+        request = broadcast_request(data, connection_ids, user_id, tenant_id)
         return BroadcastResult._from_pb(self._unary(self.stub.Broadcast, request, trace_context))
 
     def publish(
@@ -127,15 +101,7 @@ class Connections(Base):
         request = connection_pb2.PublishRequest(
             tenant_id=tenant_id, topic=topic, payload=to_payload(data), key=key or "",
         )
-        response = self._unary(self.stub.Publish, request, trace_context)
-        return PublishResult(
-            epoch=response.position.epoch,
-            offset=response.position.offset,
-            delivered=response.delivered,
-            edges=response.edges,
-            throttled=response.throttled,
-            unavailable_edges=response.unavailable_edges,
-        )
+        return publish_result(self._unary(self.stub.Publish, request, trace_context))
 
     def subscribe(
         self,
@@ -147,9 +113,8 @@ class Connections(Base):
     ) -> SubscribeResult:
         """Subscribes one connection, or every connection a user has open
         now, to a topic of the tenant."""
-        request = connection_pb2.SubscribeRequest(tenant_id=tenant_id, topic=topic, **_target(connection_id, user_id))
-        response = self._unary(self.stub.Subscribe, request)
-        return SubscribeResult(tuple(response.connection_ids), response.position.epoch, response.position.offset)
+        request = connection_pb2.SubscribeRequest(tenant_id=tenant_id, topic=topic, **target(connection_id, user_id))
+        return subscribe_result(self._unary(self.stub.Subscribe, request))
 
     def unsubscribe(
         self,
@@ -160,7 +125,7 @@ class Connections(Base):
         user_id: Optional[str] = None,
     ) -> Tuple[str, ...]:
         """Ends subscriptions; returns the connections that were subscribed."""
-        request = connection_pb2.UnsubscribeRequest(tenant_id=tenant_id, topic=topic, **_target(connection_id, user_id))
+        request = connection_pb2.UnsubscribeRequest(tenant_id=tenant_id, topic=topic, **target(connection_id, user_id))
         return tuple(self._unary(self.stub.Unsubscribe, request).connection_ids)
 
     def list_subscriptions(
@@ -173,15 +138,9 @@ class Connections(Base):
     ) -> Iterator[Subscription]:
         """The subscriptions of a topic or of a connection, fetching pages
         as the iteration goes."""
-        if (topic is None) == (connection_id is None):
-            raise ValueError("list_subscriptions: give exactly one of topic and connection_id")
-        selector = {"topic": topic} if topic is not None else {"connection_id": connection_id}
         token = ""
         while True:
-            request = connection_pb2.ListSubscriptionsRequest(
-                tenant_id=tenant_id, page=common_pb2.PageRequest(page_size=page_size, page_token=token),
-                **selector,
-            )
+            request = list_subscriptions_request(tenant_id, topic, connection_id, page_size, token)
             response = self._unary(self.stub.ListSubscriptions, request)
             for subscription in response.subscriptions:
                 yield Subscription._from_pb(subscription)
@@ -207,10 +166,7 @@ class Connections(Base):
         iteration goes."""
         token = ""
         while True:
-            request = connection_pb2.ListConnectionsRequest(
-                tenant_id=tenant_id, user_id=user_id or "",
-                page=common_pb2.PageRequest(page_size=page_size, page_token=token),
-            )
+            request = list_connections_request(tenant_id, user_id, page_size, token)
             response = self._unary(self.stub.ListConnections, request)
             for connection in response.connections:
                 yield Connection._from_pb(connection)
@@ -224,7 +180,80 @@ class Connections(Base):
         self._unary(self.stub.Disconnect, request)
 
 
-def _target(connection_id: Optional[str], user_id: Optional[str]) -> Dict[str, Optional[str]]:
+# -- requests and answers, shared with the asyncio client --
+
+
+def send_request(
+    connection_id: str, data: Data, tenant_id: Optional[str], sequence: Optional[Sequence]
+) -> connection_pb2.SendRequest:
+    request = connection_pb2.SendRequest(
+        connection_id=connection_id, payload=to_payload(data), tenant_id=tenant_id or "",
+    )
+    if sequence is not None:
+        stream, number = sequence
+        request.sequence.stream = stream
+        request.sequence.number = number
+    return request
+
+
+def broadcast_request(
+    data: Data, connection_ids: Optional[Iterable[str]], user_id: Optional[str], tenant_id: Optional[str]
+) -> connection_pb2.BroadcastRequest:
+    payload = to_payload(data)
+    if connection_ids is not None:
+        if user_id is not None:
+            raise ValueError("broadcast: give connection_ids or user_id, not both")
+        if isinstance(connection_ids, str):
+            raise TypeError("broadcast: connection_ids is a list of ids, not one id")
+        return connection_pb2.BroadcastRequest(
+            connections=connection_pb2.ConnectionIds(ids=list(connection_ids)),
+            payload=payload, tenant_id=tenant_id or "",
+        )
+    if tenant_id is None:
+        raise ValueError("broadcast: give connection_ids, or a tenant_id (with a user_id for one user)")
+    if user_id is not None:
+        return connection_pb2.BroadcastRequest(
+            user=connection_pb2.UserTarget(tenant_id=tenant_id, user_id=user_id), payload=payload,
+        )
+    return connection_pb2.BroadcastRequest(tenant=connection_pb2.TenantTarget(tenant_id=tenant_id), payload=payload)
+
+
+def publish_result(response: connection_pb2.PublishResponse) -> PublishResult:
+    return PublishResult(
+        epoch=response.position.epoch,
+        offset=response.position.offset,
+        delivered=response.delivered,
+        edges=response.edges,
+        throttled=response.throttled,
+        unavailable_edges=response.unavailable_edges,
+    )
+
+
+def subscribe_result(response: connection_pb2.SubscribeResponse) -> SubscribeResult:
+    return SubscribeResult(tuple(response.connection_ids), response.position.epoch, response.position.offset)
+
+
+def list_subscriptions_request(
+    tenant_id: str, topic: Optional[str], connection_id: Optional[str], page_size: int, token: str
+) -> connection_pb2.ListSubscriptionsRequest:
+    if (topic is None) == (connection_id is None):
+        raise ValueError("list_subscriptions: give exactly one of topic and connection_id")
+    selector = {"topic": topic} if topic is not None else {"connection_id": connection_id}
+    return connection_pb2.ListSubscriptionsRequest(
+        tenant_id=tenant_id, page=common_pb2.PageRequest(page_size=page_size, page_token=token), **selector,
+    )
+
+
+def list_connections_request(
+    tenant_id: str, user_id: Optional[str], page_size: int, token: str
+) -> connection_pb2.ListConnectionsRequest:
+    return connection_pb2.ListConnectionsRequest(
+        tenant_id=tenant_id, user_id=user_id or "",
+        page=common_pb2.PageRequest(page_size=page_size, page_token=token),
+    )
+
+
+def target(connection_id: Optional[str], user_id: Optional[str]) -> Dict[str, Optional[str]]:
     if (connection_id is None) == (user_id is None):
         raise ValueError("give exactly one of connection_id and user_id")
     return {"connection_id": connection_id} if connection_id is not None else {"user_id": user_id}

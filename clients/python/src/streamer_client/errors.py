@@ -21,7 +21,8 @@ DETAILS_TRAILER = "grpc-status-details-bin"
 class StreamerError(grpc.RpcError):
     """A call to Streamer failed.
 
-    It is a `grpc.RpcError`, so code that catches those catches it too.
+    It is a `grpc.RpcError`, so code that catches those catches it too;
+    but `code` is an attribute here, not the method of a grpc.Call.
 
     Attributes:
         code: the gRPC status code (`grpc.StatusCode.NOT_FOUND`, ...).

@@ -63,6 +63,7 @@ class Job:
         action, payload, metadata, identity, connection_id: the request's.
         attempt: which attempt this is (1, 2, ...).
         request: the whole `Request`.
+        processor_id: the id of the processor running it.
         cancelled: a threading.Event set when the job must stop: the request
             was cancelled, handed out again, refused a report as finished or
             leased to another, or the processor is stopping. Once it is set
@@ -84,6 +85,8 @@ class Job:
         self.connection_id = self.request.connection_id
         self.attempt = self.request.attempts
         self.trace_context: Dict[str, str] = self.request.trace_context
+        #: The processor's id, for calls made about this job by hand.
+        self.processor_id = processor.processor_id
         self.cancelled = threading.Event()
         self.cancel_reason = ""
         self._reports: "Optional[queue.Queue[Optional[progress_pb2.ReportRequest]]]" = None

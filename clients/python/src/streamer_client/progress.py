@@ -51,10 +51,7 @@ class Progress(Base):
         acknowledgment, progress and outcome). Idempotent on (user,
         `request_id`): a repeat returns the existing request with
         `duplicate=True`; without a `request_id` one is generated."""
-        request = progress_pb2.SubmitRequest(
-            connection_id=connection_id, action=action, request_id=request_id or "",
-            payload=to_value(payload), metadata=to_struct(metadata),
-        )
+        request = submit_request(connection_id, action, payload, request_id, metadata)
         response = self._unary(self.stub.Submit, request, trace_context)
         return Submitted(Request._from_pb(response.request), response.duplicate)
 
@@ -73,7 +70,7 @@ class Progress(Base):
         `deliver_to_connection_id` sends its later updates (or its final
         message again) to that connection of the same user."""
         request = progress_pb2.GetRequest(deliver_to_connection_id=deliver_to_connection_id or "")
-        _select(request, id, tenant_id, user_id, request_id, owner)
+        select(request, id, tenant_id, user_id, request_id, owner)
         return Request._from_pb(self._unary(self.stub.Get, request).request)
 
     def watch(
@@ -90,7 +87,7 @@ class Progress(Base):
         state. Selected as in `get`. `timeout` bounds the whole watch (None:
         no bound)."""
         request = progress_pb2.WatchRequest()
-        _select(request, id, tenant_id, user_id, request_id, owner)
+        select(request, id, tenant_id, user_id, request_id, owner)
         call = self.stub.Watch(request, timeout=timeout, metadata=self._metadata())
         try:
             for response in call:
@@ -102,10 +99,7 @@ class Progress(Base):
 
     def cancel(self, id: str, reason: str = "", *, owner: Optional[Identity] = None) -> Request:
         """Cancels a request that has not finished (its processor is told)."""
-        request = progress_pb2.CancelRequest(id=id, reason=reason)
-        if owner is not None:
-            request.owner.CopyFrom(owner._to_pb())
-        return Request._from_pb(self._unary(self.stub.Cancel, request).request)
+        return Request._from_pb(self._unary(self.stub.Cancel, cancel_request(id, reason, owner)).request)
 
     # -- a processor's calls (Processor makes them for you) --
 
@@ -124,14 +118,39 @@ class Progress(Base):
     ) -> Request:
         """Fails a request whose lease `processor_id` holds; a `retryable`
         failure is queued again while attempts remain."""
-        request = progress_pb2.FailRequest(
-            id=id, processor_id=processor_id, retryable=retryable,
-            error=progress_pb2.RequestError(code=code, message=message, details=to_struct(details)),
-        )
+        request = fail_request(id, processor_id, code, message, details, retryable)
         return Request._from_pb(self._unary(self.stub.Fail, request, trace_context).request)
 
 
-def _select(
+# -- requests, shared with the asyncio client --
+
+
+def submit_request(
+    connection_id: str, action: str, payload: JSON, request_id: Optional[str], metadata: Optional[Mapping[str, JSON]]
+) -> progress_pb2.SubmitRequest:
+    return progress_pb2.SubmitRequest(
+        connection_id=connection_id, action=action, request_id=request_id or "",
+        payload=to_value(payload), metadata=to_struct(metadata),
+    )
+
+
+def cancel_request(id: str, reason: str, owner: Optional[Identity]) -> progress_pb2.CancelRequest:
+    request = progress_pb2.CancelRequest(id=id, reason=reason)
+    if owner is not None:
+        request.owner.CopyFrom(owner._to_pb())
+    return request
+
+
+def fail_request(
+    id: str, processor_id: str, code: str, message: str, details: Optional[Mapping[str, JSON]], retryable: bool
+) -> progress_pb2.FailRequest:
+    return progress_pb2.FailRequest(
+        id=id, processor_id=processor_id, retryable=retryable,
+        error=progress_pb2.RequestError(code=code, message=message, details=to_struct(details)),
+    )
+
+
+def select(
     request: Union[progress_pb2.GetRequest, progress_pb2.WatchRequest],
     id: Optional[str],
     tenant_id: Optional[str],
