@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Set, Union
 
 from ._gen.streamer.v1 import connection_pb2
 from ._json import JSON, to_value
@@ -92,6 +92,7 @@ class Router(StreamLoop):
             raise ValueError("Router: no actions")
         self.router_id = router_id
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="streamer-router")
+        self._running: Set["Future[None]"] = set()
 
     def _open(self) -> Any:
         request = connection_pb2.ReceiveRequest(actions=list(self.handlers), router_id=self.router_id)
@@ -103,11 +104,21 @@ class Router(StreamLoop):
             log.info("router %s registered for %s", item.registered.router_id, ",".join(item.registered.actions))
             return True
         if kind == "message":
-            self._pool.submit(self._handle, InboundMessage._from_pb(item.message))
+            future = self._pool.submit(self._handle, InboundMessage._from_pb(item.message))
+            with self._lock:
+                self._running.add(future)
+            future.add_done_callback(self._done)
         return False
 
+    def _done(self, future: "Future[None]") -> None:
+        with self._lock:
+            self._running.discard(future)
+
     def _stopped(self, timeout: Optional[float]) -> None:
-        self._pool.shutdown(wait=True)
+        with self._lock:
+            running = list(self._running)
+        wait(running, timeout=timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _handle(self, message: InboundMessage) -> None:
         handler = self.handlers.get(message.action)
