@@ -36,6 +36,11 @@ class AuthServiceStub:
     token with the PEM or JWKS files. Files are re-read when they change and
     URLs re-fetched on a schedule and when a token names an unknown `kid`, so
     keys rotate without a restart.
+
+    In trust mode `token` or `mtls`, every RPC may also fail UNAUTHENTICATED
+    (CREDENTIALS_MISSING, CREDENTIALS_INVALID) or PERMISSION_DENIED
+    (ROLE_NOT_ALLOWED), and in every mode INVALID_ARGUMENT
+    (MALFORMED_MESSAGE) when the request cannot be decoded.
     """
 
     def __init__(self, channel):
@@ -66,6 +71,11 @@ class AuthServiceServicer:
     token with the PEM or JWKS files. Files are re-read when they change and
     URLs re-fetched on a schedule and when a token names an unknown `kid`, so
     keys rotate without a restart.
+
+    In trust mode `token` or `mtls`, every RPC may also fail UNAUTHENTICATED
+    (CREDENTIALS_MISSING, CREDENTIALS_INVALID) or PERMISSION_DENIED
+    (ROLE_NOT_ALLOWED), and in every mode INVALID_ARGUMENT
+    (MALFORMED_MESSAGE) when the request cannot be decoded.
     """
 
     def ValidateToken(self, request, context):
@@ -73,7 +83,10 @@ class AuthServiceServicer:
         says `valid = false` and names the rule that failed, so callers handle
         one shape. An empty token is answered with TOKEN_FAILURE_MISSING.
         UNAVAILABLE means the verdict could not be reached (the revocation list
-        could not be read): try again.
+        could not be read): try again. Callers need the `edge` or `backend`
+        role.
+
+        Errors: UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,6 +99,9 @@ class AuthServiceServicer:
         Revoking a `jti` again is harmless; the later `expires_at` is kept.
         INVALID_ARGUMENT for an empty or overlong `jti` and for a missing or
         past `expires_at`. Callers need the `backend` role.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE
+        (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,6 +138,11 @@ class AuthService:
     token with the PEM or JWKS files. Files are re-read when they change and
     URLs re-fetched on a schedule and when a token names an unknown `kid`, so
     keys rotate without a restart.
+
+    In trust mode `token` or `mtls`, every RPC may also fail UNAUTHENTICATED
+    (CREDENTIALS_MISSING, CREDENTIALS_INVALID) or PERMISSION_DENIED
+    (ROLE_NOT_ALLOWED), and in every mode INVALID_ARGUMENT
+    (MALFORMED_MESSAGE) when the request cannot be decoded.
     """
 
     @staticmethod

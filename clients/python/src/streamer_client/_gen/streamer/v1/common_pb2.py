@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18streamer/v1/common.proto\x12\x0bstreamer.v1\x1a\x1cgoogle/protobuf/struct.proto\"[\n\x07Payload\x12&\n\x04json\x18\x01 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x10\n\x06\x62inary\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"S\n\x08Identity\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x13\n\x0bpermissions\x18\x03 \x03(\t\x12\x0e\n\x06topics\x18\x04 \x03(\t\"4\n\x0bPageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\tBO\n\x0f\x64\x65v.streamer.v1P\x01Z:github.com/streamer/streamer/gen/go/streamer/v1;streamerv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18streamer/v1/common.proto\x12\x0bstreamer.v1\x1a\x1cgoogle/protobuf/struct.proto\"[\n\x07Payload\x12&\n\x04json\x18\x01 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x10\n\x06\x62inary\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"S\n\x08Identity\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x13\n\x0bpermissions\x18\x03 \x03(\t\x12\x0e\n\x06topics\x18\x04 \x03(\t\"4\n\x0bPageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t*\x8f\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12\"\n\x1e\x45RROR_REASON_MALFORMED_MESSAGE\x10\x02\x12$\n ERROR_REASON_CREDENTIALS_MISSING\x10\x03\x12$\n ERROR_REASON_CREDENTIALS_INVALID\x10\x04\x12!\n\x1d\x45RROR_REASON_ROLE_NOT_ALLOWED\x10\x05\x12\"\n\x1e\x45RROR_REASON_SCOPE_NOT_ALLOWED\x10\x06\x12%\n!ERROR_REASON_CONNECTION_NOT_FOUND\x10\x07\x12\"\n\x1e\x45RROR_REASON_REQUEST_NOT_FOUND\x10\x08\x12#\n\x1f\x45RROR_REASON_ACTION_NOT_HANDLED\x10\t\x12)\n%ERROR_REASON_REQUEST_ALREADY_FINISHED\x10\n\x12\x1f\n\x1b\x45RROR_REASON_LEASE_NOT_HELD\x10\x0b\x12(\n$ERROR_REASON_EDGE_PROTOCOL_VIOLATION\x10\x0c\x12\x1a\n\x16\x45RROR_REASON_CONTENDED\x10\r\x12\"\n\x1e\x45RROR_REASON_STORE_UNAVAILABLE\x10\x0e\x12\'\n#ERROR_REASON_DEPENDENCY_UNAVAILABLE\x10\x0f\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10\x10\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x11\x42O\n\x0f\x64\x65v.streamer.v1P\x01Z:github.com/streamer/streamer/gen/go/streamer/v1;streamerv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'streamer.v1.common_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.streamer.v1P\001Z:github.com/streamer/streamer/gen/go/streamer/v1;streamerv1'
+  _globals['_ERRORREASON']._serialized_start=304
+  _globals['_ERRORREASON']._serialized_end=959
   _globals['_PAYLOAD']._serialized_start=71
   _globals['_PAYLOAD']._serialized_end=162
   _globals['_IDENTITY']._serialized_start=164

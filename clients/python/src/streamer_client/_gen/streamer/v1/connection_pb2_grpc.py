@@ -34,6 +34,13 @@ class ConnectionServiceStub:
     use the internal `EdgeService` of edge.proto, on a listener of its own.)
     Every call that names a tenant only ever reaches that tenant's
     connections.
+
+    In trust mode `token` or `mtls`, every RPC may also fail UNAUTHENTICATED
+    (CREDENTIALS_MISSING, CREDENTIALS_INVALID) or PERMISSION_DENIED
+    (ROLE_NOT_ALLOWED); PERMISSION_DENIED (SCOPE_NOT_ALLOWED), where an RPC
+    lists it, means the credential is bound to other tenants. In every mode,
+    any RPC may fail INVALID_ARGUMENT (MALFORMED_MESSAGE) when the request
+    cannot be decoded.
     """
 
     def __init__(self, channel):
@@ -107,6 +114,13 @@ class ConnectionServiceServicer:
     use the internal `EdgeService` of edge.proto, on a listener of its own.)
     Every call that names a tenant only ever reaches that tenant's
     connections.
+
+    In trust mode `token` or `mtls`, every RPC may also fail UNAUTHENTICATED
+    (CREDENTIALS_MISSING, CREDENTIALS_INVALID) or PERMISSION_DENIED
+    (ROLE_NOT_ALLOWED); PERMISSION_DENIED (SCOPE_NOT_ALLOWED), where an RPC
+    lists it, means the credential is bound to other tenants. In every mode,
+    any RPC may fail INVALID_ARGUMENT (MALFORMED_MESSAGE) when the request
+    cannot be decoded.
     """
 
     def Send(self, request, context):
@@ -114,7 +128,11 @@ class ConnectionServiceServicer:
         NOT_FOUND when the connection does not exist (or belongs to another
         tenant than `tenant_id`, when that is set). A payload sent with a
         `sequence` is idempotent: retrying it after UNAVAILABLE (or after a
-        timeout of this call) never writes it to the socket twice.
+        timeout of this call) never writes it to the socket twice. A delivery
+        that fails is an outcome in the answer, not an error.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+        (CONNECTION_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,14 +141,25 @@ class ConnectionServiceServicer:
     def Broadcast(self, request, context):
         """Delivers one payload to a list of connections, to every connection of a
         user, or to every connection of a tenant. The answer names the outcome
-        for each connection targeted.
+        for each connection targeted (ids that are not found are NOT_FOUND
+        outcomes, not an error).
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), PERMISSION_DENIED
+        (SCOPE_NOT_ALLOWED, for a user or tenant target), UNAVAILABLE
+        (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def IsActive(self, request, context):
-        """Whether a connection is currently open.
+        """Whether a connection is currently open: it has a record and its edge is
+        attached to the replica that answers (for a connection AWS API Gateway
+        holds: API Gateway says it is there). An unknown connection is
+        `active = false`, not NOT_FOUND.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE
+        (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,6 +167,9 @@ class ConnectionServiceServicer:
 
     def GetConnection(self, request, context):
         """One connection's record. NOT_FOUND when it does not exist.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+        (CONNECTION_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,13 +178,21 @@ class ConnectionServiceServicer:
     def ListConnections(self, request, context):
         """A tenant's connections, or one user's within a tenant, a page at a time,
         in connection-id order.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), PERMISSION_DENIED
+        (SCOPE_NOT_ALLOWED), UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Disconnect(self, request, context):
-        """Closes a connection's socket with a reason and removes its record.
+        """Closes a connection's socket (close code 1000, with the reason) and
+        removes its record. The record is removed even when the socket's edge
+        cannot be told now.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+        (CONNECTION_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,13 +205,23 @@ class ConnectionServiceServicer:
         the topics their token or the configured rules allow. A subscription
         lasts until `Unsubscribe` or until its connection closes. NOT_FOUND
         when the connection does not exist in the tenant.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+        (CONNECTION_NOT_FOUND), PERMISSION_DENIED (SCOPE_NOT_ALLOWED),
+        UNAVAILABLE (STORE_UNAVAILABLE; DEPENDENCY_UNAVAILABLE when no targeted
+        connection's edge confirmed the subscription).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Unsubscribe(self, request, context):
-        """Ends subscriptions made by `Subscribe` or by the client.
+        """Ends subscriptions made by `Subscribe` or by the client. Unsubscribing
+        a connection that is not subscribed is not an error.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+        (CONNECTION_NOT_FOUND), PERMISSION_DENIED (SCOPE_NOT_ALLOWED),
+        UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -180,10 +230,14 @@ class ConnectionServiceServicer:
     def Publish(self, request, context):
         """Publishes a message to a topic of one tenant (never another tenant's
         subscribers). The message gets the next offset of the topic and is
-        kept in its recent history (see `TopicMessage`), so that a client that
-        reconnects can recover what it missed; it is written to every
-        subscribed socket as one text frame:
+        kept in its recent history (by default the last 1,000 messages, none
+        older than an hour), so that a client that reconnects can recover what
+        it missed; it is written to every subscribed socket as one text frame:
         `{"type":"message","topic":"orders/42","epoch":"…","offset":7,"data":…}`.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), PERMISSION_DENIED
+        (SCOPE_NOT_ALLOWED), ABORTED (CONTENDED), UNAVAILABLE
+        (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,6 +245,10 @@ class ConnectionServiceServicer:
 
     def ListSubscriptions(self, request, context):
         """The subscriptions of a topic, or of one connection, a page at a time.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+        (CONNECTION_NOT_FOUND, for a connection selector), PERMISSION_DENIED
+        (SCOPE_NOT_ALLOWED), UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -202,7 +260,11 @@ class ConnectionServiceServicer:
         exactly one of the routers that declared it (round robin). The first
         message is `registered`: from then on, frames for the router's actions
         reach it (and a client is never told INVALID_ACTION for them while
-        the stream is open).
+        the stream is open). A router whose credential is bound to tenants
+        receives only those tenants' frames. The stream ends (OK) when the
+        replica stops, after the frames it had already queued: open it again.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE (SHUTTING_DOWN).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -282,6 +344,13 @@ class ConnectionService:
     use the internal `EdgeService` of edge.proto, on a listener of its own.)
     Every call that names a tenant only ever reaches that tenant's
     connections.
+
+    In trust mode `token` or `mtls`, every RPC may also fail UNAUTHENTICATED
+    (CREDENTIALS_MISSING, CREDENTIALS_INVALID) or PERMISSION_DENIED
+    (ROLE_NOT_ALLOWED); PERMISSION_DENIED (SCOPE_NOT_ALLOWED), where an RPC
+    lists it, means the credential is bound to other tenants. In every mode,
+    any RPC may fail INVALID_ARGUMENT (MALFORMED_MESSAGE) when the request
+    cannot be decoded.
     """
 
     @staticmethod

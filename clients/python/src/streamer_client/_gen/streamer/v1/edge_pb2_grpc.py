@@ -31,8 +31,9 @@ class EdgeServiceStub:
 
     Served by ConnectionService on a listener of its own (default port
     50054), apart from the public API, so that a network policy can let
-    only edges reach it; in trust mode `token` only the role `edge` may call
-    it, and an edge only under its own id. Backends never need it.
+    only edges reach it; in trust mode `token` or `mtls` only the role
+    `edge` may call it, and an edge only under its own id. Backends never
+    need it.
     """
 
     def __init__(self, channel):
@@ -53,8 +54,9 @@ class EdgeServiceServicer:
 
     Served by ConnectionService on a listener of its own (default port
     50054), apart from the public API, so that a network policy can let
-    only edges reach it; in trust mode `token` only the role `edge` may call
-    it, and an edge only under its own id. Backends never need it.
+    only edges reach it; in trust mode `token` or `mtls` only the role
+    `edge` may call it, and an edge only under its own id. Backends never
+    need it.
     """
 
     def Attach(self, request_iterator, context):
@@ -92,8 +94,9 @@ class EdgeService:
 
     Served by ConnectionService on a listener of its own (default port
     50054), apart from the public API, so that a network policy can let
-    only edges reach it; in trust mode `token` only the role `edge` may call
-    it, and an edge only under its own id. Backends never need it.
+    only edges reach it; in trust mode `token` or `mtls` only the role
+    `edge` may call it, and an edge only under its own id. Backends never
+    need it.
     """
 
     @staticmethod

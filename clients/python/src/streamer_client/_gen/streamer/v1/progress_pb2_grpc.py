@@ -34,6 +34,15 @@ class ProgressServiceStub:
     that asked receives `acknowledgment`, `progress` and exactly one final
     `complete` or `error`, in that order. State is persisted, so a client that
     reconnects can ask for it again.
+
+    `Submit`, `Get`, `Watch` and `Cancel` are for backends (role `backend`),
+    `Claim`, `Report`, `Complete` and `Fail` for processors (role
+    `processor`). In trust mode `token` or `mtls`, every RPC may also fail
+    UNAUTHENTICATED (CREDENTIALS_MISSING, CREDENTIALS_INVALID) or
+    PERMISSION_DENIED (ROLE_NOT_ALLOWED); a credential bound to tenants
+    finds other tenants' connections and requests NOT_FOUND. In every mode,
+    any RPC may fail INVALID_ARGUMENT (MALFORMED_MESSAGE) when the request
+    cannot be decoded.
     """
 
     def __init__(self, channel):
@@ -92,12 +101,28 @@ class ProgressServiceServicer:
     that asked receives `acknowledgment`, `progress` and exactly one final
     `complete` or `error`, in that order. State is persisted, so a client that
     reconnects can ask for it again.
+
+    `Submit`, `Get`, `Watch` and `Cancel` are for backends (role `backend`),
+    `Claim`, `Report`, `Complete` and `Fail` for processors (role
+    `processor`). In trust mode `token` or `mtls`, every RPC may also fail
+    UNAUTHENTICATED (CREDENTIALS_MISSING, CREDENTIALS_INVALID) or
+    PERMISSION_DENIED (ROLE_NOT_ALLOWED); a credential bound to tenants
+    finds other tenants' connections and requests NOT_FOUND. In every mode,
+    any RPC may fail INVALID_ARGUMENT (MALFORMED_MESSAGE) when the request
+    cannot be decoded.
     """
 
     def Submit(self, request, context):
         """Queues a request for the client on `connection_id`, whose identity comes
         from the connection's verified token. Idempotent on (user, `request_id`):
         a repeat returns the existing request with `duplicate = true`.
+        FAILED_PRECONDITION when no processor has declared the action on the
+        replica that answers (see `Claim`).
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+        (CONNECTION_NOT_FOUND), FAILED_PRECONDITION (ACTION_NOT_HANDLED),
+        ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE,
+        DEPENDENCY_UNAVAILABLE, SHUTTING_DOWN).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,9 +133,15 @@ class ProgressServiceServicer:
         actions it runs; each request it receives is leased to it until
         `lease_expires_at`, renewed by every `Report`. Work whose lease lapses,
         or whose processor's stream ends, is handed out again. The first
-        message is `registered`: from then on, `Submit` accepts the
-        processor's actions (never INVALID_ACTION / FAILED_PRECONDITION for
-        them while the stream is open) and work for them reaches the stream.
+        message is `registered`: from then on, `Submit` on the same replica
+        accepts the processor's actions (never INVALID_ACTION /
+        FAILED_PRECONDITION for them while the stream is open) and work for
+        them reaches the stream. Another replica accepts them once one of its
+        own processors declares them, or when its `--async-actions` lists
+        them. The stream ends (OK) when the replica stops; the leases stay, so
+        claim again (on another replica) and finish the work held.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), UNAVAILABLE (SHUTTING_DOWN).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,7 +152,12 @@ class ProgressServiceServicer:
         Reports the caller may not make (the request finished, was cancelled,
         is leased to another processor, or does not exist) are not errors of
         the stream: they are counted and listed in the answer, and the stream
-        goes on.
+        goes on. Each accepted report renews the request's lease. A malformed
+        report (no `id`, a percentage out of range) ends the stream with
+        INVALID_ARGUMENT; the reports accepted before it stand.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), ABORTED (CONTENDED),
+        UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,6 +168,10 @@ class ProgressServiceServicer:
         Cancel wins; a later one gets FAILED_PRECONDITION with reason
         `REQUEST_ALREADY_FINISHED`, and a caller that does not hold the lease
         FAILED_PRECONDITION with reason `LEASE_NOT_HELD`.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+        (REQUEST_NOT_FOUND), FAILED_PRECONDITION (REQUEST_ALREADY_FINISHED,
+        LEASE_NOT_HELD), ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,20 +180,36 @@ class ProgressServiceServicer:
     def Fail(self, request, context):
         """Fails a request. A retryable failure is queued again while attempts
         remain. Refused like `Complete`.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+        (REQUEST_NOT_FOUND), FAILED_PRECONDITION (REQUEST_ALREADY_FINISHED,
+        LEASE_NOT_HELD), ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Cancel(self, request, context):
-        """Cancels a request that has not finished and tells its processor.
+        """Cancels a request that has not finished and tells its processor (a
+        `cancelled` item on its `Claim` stream); the client gets the final
+        `error`.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+        (REQUEST_NOT_FOUND), FAILED_PRECONDITION (REQUEST_ALREADY_FINISHED),
+        ABORTED (CONTENDED), UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
-        """A request's current state.
+        """A request's current state; optionally moves its delivery to a new
+        connection (see `GetRequest.deliver_to_connection_id`).
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+        (REQUEST_NOT_FOUND), ABORTED (CONTENDED, with
+        `deliver_to_connection_id`), UNAVAILABLE (STORE_UNAVAILABLE;
+        DEPENDENCY_UNAVAILABLE, with `deliver_to_connection_id`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -161,6 +217,9 @@ class ProgressServiceServicer:
 
     def Watch(self, request, context):
         """The request's state now, then every change until it finishes.
+
+        Errors: INVALID_ARGUMENT (INVALID_ARGUMENT), NOT_FOUND
+        (REQUEST_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -225,6 +284,15 @@ class ProgressService:
     that asked receives `acknowledgment`, `progress` and exactly one final
     `complete` or `error`, in that order. State is persisted, so a client that
     reconnects can ask for it again.
+
+    `Submit`, `Get`, `Watch` and `Cancel` are for backends (role `backend`),
+    `Claim`, `Report`, `Complete` and `Fail` for processors (role
+    `processor`). In trust mode `token` or `mtls`, every RPC may also fail
+    UNAUTHENTICATED (CREDENTIALS_MISSING, CREDENTIALS_INVALID) or
+    PERMISSION_DENIED (ROLE_NOT_ALLOWED); a credential bound to tenants
+    finds other tenants' connections and requests NOT_FOUND. In every mode,
+    any RPC may fail INVALID_ARGUMENT (MALFORMED_MESSAGE) when the request
+    cannot be decoded.
     """
 
     @staticmethod
