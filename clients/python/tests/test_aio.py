@@ -46,7 +46,7 @@ def test_send_broadcast_and_publish_on_asyncio(open_client, tenant) -> None:
     assert client.recv_json() == {"n": 1}
     assert client.recv_json() == {"n": 2}
     assert client.recv_json()["data"] == {"n": 3}
-    assert missing.code is grpc.StatusCode.NOT_FOUND
+    assert (missing.code, missing.reason) == (grpc.StatusCode.NOT_FOUND, "CONNECTION_NOT_FOUND")
 
 
 def test_submit_and_watch_on_asyncio(open_client) -> None:

@@ -127,11 +127,9 @@ def test_a_bad_argument_raises_streamer_error(connections: Connections) -> None:
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT
     assert "connection_id" in error.message
     assert isinstance(error, grpc.RpcError)
-    # Once the server attaches rich details, they name the field.
-    if error.reason is not None:
-        assert error.reason == "INVALID_ARGUMENT"
-        assert error.domain == "streamer.v1"
-        assert any(field == "connection_id" for field, _ in error.field_violations)
+    assert (error.reason, error.domain) == ("INVALID_ARGUMENT", "streamer.v1")
+    assert [field for field, _ in error.field_violations] == ["connection_id"]
+    assert error.retry_delay is None
 
 
 def test_an_unknown_connection_is_not_found(connections: Connections) -> None:
@@ -139,5 +137,4 @@ def test_an_unknown_connection_is_not_found(connections: Connections) -> None:
         connections.get_connection("no-such-connection")
 
     assert raised.value.code is grpc.StatusCode.NOT_FOUND
-    if raised.value.reason is not None:
-        assert raised.value.reason == "CONNECTION_NOT_FOUND"
+    assert raised.value.reason == "CONNECTION_NOT_FOUND"

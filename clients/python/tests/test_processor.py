@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 import threading
 
+import grpc
 import pytest
 
-from streamer_client import Job, JobFailed, Processor, Progress, RequestStatus, Retryable
+from streamer_client import Job, JobFailed, Processor, Progress, RequestStatus, Retryable, StreamerError
 
 from conftest import TIMEOUT, unique
 
@@ -179,6 +180,11 @@ def test_submit_get_and_watch(progress: Progress, open_client) -> None:
     assert states[-1].status is RequestStatus.COMPLETED
     assert states[-1].result == {"sum": 7} and isinstance(states[-1].result["sum"], int)
     assert again.duplicate and again.request.id == submitted.request.id
+    with pytest.raises(StreamerError) as finished:
+        progress.cancel(submitted.request.id)
+    assert finished.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert finished.value.reason == "REQUEST_ALREADY_FINISHED"
+    assert finished.value.metadata.get("status") == "completed"
     by_client = progress.get(tenant_id=client.tenant_id, user_id=client.user_id, request_id="s1")
     assert by_client.id == submitted.request.id and by_client.finished
     # The client that the request was submitted for saw it too.
