@@ -80,7 +80,7 @@ def test_the_readme_examples_work_as_written() -> None:
             second.send(json.dumps({"action": "echo", "id": "2"}))
             assert received(second, 2) == [
                 {"type": "response", "request_id": "1", "success": True, "data": {"hi": 1}},
-                {"type": "response", "request_id": "2", "success": False,
+                {"type": "error", "request_id": "2",
                  "error": {"code": "BAD_REQUEST", "message": "say something"}},
             ]
 

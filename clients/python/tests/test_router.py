@@ -36,7 +36,7 @@ def test_the_router_answers_a_clients_frame(connections: Connections, open_clien
     assert message.identity.tenant_id == client.tenant_id
 
 
-def test_a_handlers_error_is_an_unsuccessful_response(connections: Connections, open_client) -> None:
+def test_a_handlers_error_is_an_error_message(connections: Connections, open_client) -> None:
     def handler(message: InboundMessage):
         if message.payload == "refuse":
             raise ActionError("NOT_ALLOWED", "not today", {"retry": False})
@@ -53,10 +53,10 @@ def test_a_handlers_error_is_an_unsuccessful_response(connections: Connections, 
         client.send_json({"action": actions[1], "id": "b", "payload": "crash"})
         crashed = client.recv_json()
 
-    assert refused == {"type": "response", "request_id": "a", "success": False,
+    assert refused == {"type": "error", "request_id": "a",
                        "error": {"code": "NOT_ALLOWED", "message": "not today", "details": {"retry": False}}}
     # "q" got no answer: the next one is b's.
-    assert crashed == {"type": "response", "request_id": "b", "success": False,
+    assert crashed == {"type": "error", "request_id": "b",
                        "error": {"code": "INTERNAL_ERROR", "message": "internal error"}}
 
 

@@ -28,8 +28,9 @@ export interface InboundRequest {
 /**
  * Answers one frame. What it returns (or resolves with) is the client's
  * `{"type":"response","request_id":...,"success":true,"data":...}`; what it
- * throws is `{"success":false,"error":{"code":...,"message":...}}`, with the
- * code of a `HandlerError` (otherwise `INTERNAL_ERROR`).
+ * throws is the protocol's error message,
+ * `{"type":"error","request_id":...,"error":{"code":...,"message":...}}`, with
+ * the code of a `HandlerError` (otherwise `INTERNAL_ERROR`).
  */
 export type RouterHandler = (request: InboundRequest) => unknown;
 
@@ -143,9 +144,8 @@ export class Router {
       }
       const failure = describeFailure(error, "INTERNAL_ERROR");
       response = {
-        type: "response",
+        type: "error",
         request_id: request.requestId,
-        success: false,
         error: {
           code: failure.code,
           message: failure.message,

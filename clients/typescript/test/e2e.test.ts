@@ -159,9 +159,8 @@ test("a router answers a client's frame; a HandlerError is a failed response", a
     client.send({ action, id: "2", payload: { fail: true } });
     const failed = await client.next((json) => json?.request_id === "2", "the failed response");
     assert.deepEqual(failed.json, {
-      type: "response",
+      type: "error",
       request_id: "2",
-      success: false,
       error: { code: "NOPE", message: "asked to fail", details: { why: "test" } },
     });
     assert.deepEqual(seen, [client.userId, client.userId]);

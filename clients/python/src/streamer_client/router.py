@@ -30,8 +30,9 @@ NO_REPLY: Any = _NoReply()
 
 class ActionError(Exception):
     """Raised by a router handler to answer the client
-    `{"type":"response","request_id":..,"success":false,"error":{"code":..,"message":..}}`
-    (with `details` when given)."""
+    `{"type":"error","request_id":..,"error":{"code":..,"message":..}}` (with
+    `details` when given): the WebSocket protocol's error message, with the
+    router's own code."""
 
     def __init__(self, code: str, message: str, details: Optional[Mapping[str, JSON]] = None) -> None:
         super().__init__(f"{code}: {message}")
@@ -55,8 +56,8 @@ class Router(StreamLoop):
     `actions` maps each action to its handler, or is a list of actions all
     handled by `handler`. A handler's return value is sent to the client as
     `{"type":"response","request_id":<the frame's id>,"success":true,"data":<it>}`;
-    an `ActionError` as `success: false` with its code and message, any
-    other exception as `success: false` with code INTERNAL_ERROR (and is
+    an `ActionError` as an `error` message with its code and message, any
+    other exception as an `error` with code INTERNAL_ERROR (and is
     logged); `NO_REPLY` sends nothing. The answer is sent with the frame's
     trace context, so it joins the client's trace.
 
@@ -122,23 +123,23 @@ class Router(StreamLoop):
 
     def _handle(self, message: InboundMessage) -> None:
         handler = self.handlers.get(message.action)
-        frame: Dict[str, Any] = {"type": "response", "request_id": message.request_id}
+        frame: Dict[str, Any]
         try:
             if handler is None:
                 raise ActionError("INVALID_ACTION", f"no handler for {message.action!r}")
             result = handler(message)
             if result is NO_REPLY:
                 return
-            frame.update(success=True, data=result)
+            frame = {"type": "response", "request_id": message.request_id, "success": True, "data": result}
             payload = to_value(frame)
         except ActionError as error:
-            frame.update(success=False, error=_error(error.code, error.message, error.details))
-            frame.pop("data", None)
+            frame = {"type": "error", "request_id": message.request_id,
+                     "error": _error(error.code, error.message, error.details)}
             payload = to_value(frame)
         except Exception:  # noqa: BLE001 (a handler's bug is the client's INTERNAL_ERROR)
             log.exception("router handler failed action=%s request=%s", message.action, message.request_id)
-            frame.update(success=False, error=_error("INTERNAL_ERROR", "internal error"))
-            frame.pop("data", None)
+            frame = {"type": "error", "request_id": message.request_id,
+                     "error": _error("INTERNAL_ERROR", "internal error")}
             payload = to_value(frame)
         try:
             self.connections.send(
