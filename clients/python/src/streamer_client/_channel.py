@@ -47,25 +47,39 @@ class TLS:
 TlsOption = Union[None, bool, TLS, grpc.ChannelCredentials]
 
 
-def open_channel(target: str, tls: TlsOption) -> grpc.Channel:
-    """A channel to `target` (host:port): plaintext when `tls` is None or
-    False, TLS with the system's roots when True, else as given."""
+def channel_credentials(tls: TlsOption) -> Optional[grpc.ChannelCredentials]:
+    """None for plaintext (`tls` None or False); the system's roots for
+    True; else as given."""
     if tls is None or tls is False:
-        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        return None
     if tls is True:
-        credentials = grpc.ssl_channel_credentials()
-    elif isinstance(tls, TLS):
-        credentials = tls.credentials()
-    else:
-        credentials = tls
+        return grpc.ssl_channel_credentials()
+    if isinstance(tls, TLS):
+        return tls.credentials()
+    return tls
+
+
+def open_channel(target: str, tls: TlsOption) -> grpc.Channel:
+    """A channel to `target` (host:port), as `channel_credentials` says."""
+    credentials = channel_credentials(tls)
+    if credentials is None:
+        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
     return grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+
+
+def bearer(token: Optional[str]) -> Tuple[Tuple[str, str], ...]:
+    """The metadata that carries a service token (none without one)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 _Client = TypeVar("_Client", bound="Base")
 
 
 class Base:
-    """What every client has: a channel, a token, a default timeout."""
+    """What every client has: a channel, a token, a default timeout, and
+    the stub its subclass names in `_stub_type`."""
+
+    _stub_type: Callable[[grpc.Channel], Any]
 
     def __init__(
         self,
@@ -81,10 +95,9 @@ class Base:
         else:
             self._channel = target
             self._owns_channel = False
-        self._auth: Tuple[Tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
-        )
+        self._auth = bearer(token)
         self.timeout = timeout
+        self.stub = type(self)._stub_type(self._channel)
 
     @property
     def channel(self) -> grpc.Channel:

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Optional, Tu
 import grpc
 import grpc.aio
 
-from ._channel import CHANNEL_OPTIONS, TLS, TlsOption
+from ._channel import CHANNEL_OPTIONS, TlsOption, bearer, channel_credentials
 from ._gen.streamer.v1 import connection_pb2, connection_pb2_grpc, progress_pb2, progress_pb2_grpc
 from ._json import JSON, to_value
 from .connections import (
@@ -55,18 +55,15 @@ _Client = TypeVar("_Client", bound="_Base")
 
 
 def open_channel(target: str, tls: TlsOption) -> grpc.aio.Channel:
-    if tls is None or tls is False:
+    credentials = channel_credentials(tls)
+    if credentials is None:
         return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-    if tls is True:
-        credentials = grpc.ssl_channel_credentials()
-    elif isinstance(tls, TLS):
-        credentials = tls.credentials()
-    else:
-        credentials = tls
     return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
 
 
 class _Base:
+    _stub_type: Callable[[grpc.aio.Channel], Any]
+
     def __init__(
         self,
         target: Union[str, grpc.aio.Channel],
@@ -81,8 +78,9 @@ class _Base:
         else:
             self._channel = target
             self._owns_channel = False
-        self._auth: Tuple[Tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._auth = bearer(token)
         self.timeout = timeout
+        self.stub = type(self)._stub_type(self._channel)
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -117,16 +115,8 @@ class _Base:
 class Connections(_Base):
     """ConnectionService, on asyncio: as `streamer_client.Connections`."""
 
-    def __init__(
-        self,
-        target: Union[str, grpc.aio.Channel],
-        *,
-        token: Optional[str] = None,
-        tls: TlsOption = None,
-        timeout: Optional[float] = 10.0,
-    ) -> None:
-        super().__init__(target, token=token, tls=tls, timeout=timeout)
-        self.stub = connection_pb2_grpc.ConnectionServiceStub(self._channel)
+    _stub_type = connection_pb2_grpc.ConnectionServiceStub
+    stub: connection_pb2_grpc.ConnectionServiceStub
 
     async def send(
         self,
@@ -218,16 +208,8 @@ class Connections(_Base):
 class Progress(_Base):
     """ProgressService, on asyncio: as `streamer_client.Progress`."""
 
-    def __init__(
-        self,
-        target: Union[str, grpc.aio.Channel],
-        *,
-        token: Optional[str] = None,
-        tls: TlsOption = None,
-        timeout: Optional[float] = 10.0,
-    ) -> None:
-        super().__init__(target, token=token, tls=tls, timeout=timeout)
-        self.stub = progress_pb2_grpc.ProgressServiceStub(self._channel)
+    _stub_type = progress_pb2_grpc.ProgressServiceStub
+    stub: progress_pb2_grpc.ProgressServiceStub
 
     async def submit(
         self,

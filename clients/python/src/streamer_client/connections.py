@@ -38,16 +38,8 @@ class Connections(Base):
     text, or `bytes` for a binary frame.
     """
 
-    def __init__(
-        self,
-        target: Union[str, grpc.Channel],
-        *,
-        token: Optional[str] = None,
-        tls: TlsOption = None,
-        timeout: Optional[float] = 10.0,
-    ) -> None:
-        super().__init__(target, token=token, tls=tls, timeout=timeout)
-        self.stub = connection_pb2_grpc.ConnectionServiceStub(self._channel)
+    _stub_type = connection_pb2_grpc.ConnectionServiceStub
+    stub: connection_pb2_grpc.ConnectionServiceStub
 
     def send(
         self,

@@ -26,16 +26,8 @@ class Progress(Base):
     call raises `StreamerError`.
     """
 
-    def __init__(
-        self,
-        target: Union[str, grpc.Channel],
-        *,
-        token: Optional[str] = None,
-        tls: TlsOption = None,
-        timeout: Optional[float] = 10.0,
-    ) -> None:
-        super().__init__(target, token=token, tls=tls, timeout=timeout)
-        self.stub = progress_pb2_grpc.ProgressServiceStub(self._channel)
+    _stub_type = progress_pb2_grpc.ProgressServiceStub
+    stub: progress_pb2_grpc.ProgressServiceStub
 
     def submit(
         self,
