@@ -610,6 +610,7 @@ async fn spawn_processor(
     match work.next().await {
         Some(Ok(v1::ClaimResponse {
             item: Some(Item::Registered(_)),
+            ..
         })) => {}
         other => anyhow::bail!("expected the processor's registration, got {other:?}"),
     }
@@ -622,6 +623,7 @@ async fn spawn_processor(
             let request = match item {
                 Some(Ok(v1::ClaimResponse {
                     item: Some(Item::Work(request)),
+                    ..
                 })) => request,
                 Some(Ok(_)) => continue,
                 Some(Err(status)) => {

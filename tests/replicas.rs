@@ -601,6 +601,7 @@ async fn next_work(work: &mut tonic::Streaming<v1::ClaimResponse>) -> v1::Reques
         match within("work", work.message()).await.unwrap() {
             Some(v1::ClaimResponse {
                 item: Some(Item::Work(request)),
+                ..
             }) => return request,
             Some(_) => continue,
             None => panic!("the Claim stream ended"),
@@ -917,6 +918,11 @@ async fn a_cancel_through_another_replica_reaches_the_processor_and_frees_its_sl
         .unwrap()
         .unwrap();
     assert_eq!(notice.item, Some(Item::Cancelled(held.id.clone())));
+    assert_eq!(
+        notice.cancel_reason(),
+        v1::CancelReason::Cancelled,
+        "cancelled, not taken back"
+    );
     // Its one slot is free again: the next request reaches it.
     client
         .send_json(json!({"action": ACTION, "id": "job-2", "payload": {}}))
@@ -964,6 +970,7 @@ fn spawn_processor(
                 match next {
                     Ok(Some(v1::ClaimResponse {
                         item: Some(Item::Work(request)),
+                        ..
                     })) => {
                         // A refusal (the lease went elsewhere) is fine.
                         let _ = client.complete(complete(&request.id, &id)).await;

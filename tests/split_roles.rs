@@ -192,6 +192,7 @@ impl SplitRoles {
 async fn next_work(work: &mut tonic::Streaming<v1::ClaimResponse>) -> v1::Request {
     let Some(Ok(v1::ClaimResponse {
         item: Some(Item::Work(request)),
+        ..
     })) = within("work", work.next()).await
     else {
         panic!("expected work");

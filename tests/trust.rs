@@ -424,6 +424,7 @@ async fn a_processor_cannot_report_on_or_complete_work_another_credential_holds(
         .into_inner();
     let Some(Ok(v1::ClaimResponse {
         item: Some(Item::Registered(registered)),
+        ..
     })) = within("the registration", work.next()).await
     else {
         panic!("a Claim stream opens with its registration");
@@ -444,6 +445,7 @@ async fn a_processor_cannot_report_on_or_complete_work_another_credential_holds(
     assert_eq!(alice.recv_json().await["type"], "acknowledgment");
     let Some(Ok(v1::ClaimResponse {
         item: Some(Item::Work(job)),
+        ..
     })) = within("work", work.next()).await
     else {
         panic!("expected work");

@@ -298,6 +298,7 @@ async fn spawn_soak_processor(
     match work.next().await {
         Some(Ok(v1::ClaimResponse {
             item: Some(Item::Registered(_)),
+            ..
         })) => {}
         other => anyhow::bail!("expected the processor's registration, got {other:?}"),
     }
@@ -310,6 +311,7 @@ async fn spawn_soak_processor(
             let request = match item {
                 Some(Ok(v1::ClaimResponse {
                     item: Some(Item::Work(request)),
+                    ..
                 })) => request,
                 Some(Ok(_)) => continue,
                 Some(Err(status)) => {

@@ -399,6 +399,7 @@ pub async fn claim(
     match first {
         Some(Ok(streamer_api::v1::ClaimResponse {
             item: Some(Item::Registered(registered)),
+            ..
         })) => assert_eq!(
             registered.actions, actions,
             "the registration names the actions"

@@ -93,12 +93,12 @@ def test_a_cancel_from_the_client_sets_the_jobs_cancelled_event(progress: Progre
             answers[frame["request_id"]] = frame
         assert finished.wait(TIMEOUT)
 
-    assert observed == {"cancelled": True, "reason": "cancelled", "report_sent": False}
+    assert observed == {"cancelled": True, "reason": "CANCELLED", "report_sent": False}
     assert answers["c1"]["success"] is True, answers
     assert answers["r1"]["type"] == "error" and answers["r1"]["error"]["details"]["status"] == "cancelled", answers
     assert progress.get(ack["id"]).status is RequestStatus.CANCELLED
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("job stopped reason=cancelled") for m in messages), messages
+    assert any(m.startswith("job stopped reason=CANCELLED") for m in messages), messages
     # It sent nothing after the cancel: no Complete was even tried.
     assert not any(m.startswith(("job completed", "job no longer ours")) for m in messages), messages
 
@@ -124,7 +124,7 @@ def test_a_cancel_from_a_backend_reaches_the_job(progress: Progress, open_client
         assert jobs[0].cancelled.wait(TIMEOUT)
     assert cancelled.status is RequestStatus.CANCELLED
     assert cancelled.error is not None and cancelled.error.code == "CANCELLED"
-    assert jobs[0].cancel_reason == "cancelled"
+    assert jobs[0].cancel_reason == "CANCELLED"
 
 
 def test_a_failing_handler_fails_the_request(progress: Progress, open_client) -> None:

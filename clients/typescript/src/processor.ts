@@ -3,6 +3,7 @@ import { Backoff, sleep } from "./backoff";
 import { describeFailure, HandlerError, StreamerError, toStreamerError } from "./errors";
 import type { Identity } from "./gen/streamer/v1/common";
 import {
+  CancelReason,
   type ClaimResponse,
   type ProcessorRegistered,
   ReportRejectionReason,
@@ -16,14 +17,13 @@ import { RegisteredStream } from "./registered";
 
 /** Why a job's `signal` was aborted (its `reason`). */
 export type JobAbortKind =
-  /**
-   * `ClaimResponse.cancelled`: the request was cancelled, or taken back from
-   * this processor (its lease lapsed).
-   */
+  /** The request was cancelled (`ClaimResponse.cancelled`, reason CANCELLED). */
   | "cancelled"
-  /** Streamer refused a report: the request already finished. */
+  /** This processor's lease lapsed and Streamer took the request back. */
+  | "lease_lapsed"
+  /** The request already finished without this job (a notice, or a refused report). */
   | "already_finished"
-  /** Streamer refused a report: another processor holds the request now. */
+  /** Another processor holds the request now (a notice, or a refused report). */
   | "lease_not_held"
   /** The same request was handed to this processor again; the new attempt runs. */
   | "superseded"
@@ -106,6 +106,13 @@ export interface ProcessorOptions {
   reportWindowMs?: number;
 }
 
+/** What each reason of a cancel notice aborts a job with (an unknown one: "cancelled"). */
+const ABORT_KIND: Partial<Record<CancelReason, JobAbortKind>> = {
+  [CancelReason.CANCELLED]: "cancelled",
+  [CancelReason.LEASE_LAPSED]: "lease_lapsed",
+  [CancelReason.FINISHED]: "already_finished",
+  [CancelReason.LEASE_NOT_HELD]: "lease_not_held",
+};
 const TRANSIENT = new Set([GrpcStatus.UNAVAILABLE, GrpcStatus.DEADLINE_EXCEEDED]);
 /** How long a finished job waits for its last Report stream's answer. */
 const REPORT_CLOSE_TIMEOUT_MS = 10_000;
@@ -153,7 +160,7 @@ export class Processor {
         if (item?.$case === "work") {
           this.start(item.work);
         } else if (item?.$case === "cancelled") {
-          this.jobs.get(item.cancelled)?.abort("cancelled");
+          this.jobs.get(item.cancelled)?.abort(ABORT_KIND[response.cancelReason] ?? "cancelled");
         }
       },
       onBroken: (error) => this.report(error),

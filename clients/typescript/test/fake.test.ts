@@ -30,6 +30,7 @@ import {
   type SendResponse,
 } from "@streamer/client/gen/streamer/v1/connection";
 import {
+  CancelReason,
   type ClaimRequest,
   type ClaimResponse,
   type CompleteRequest,
@@ -115,9 +116,9 @@ server.addService(ConnectionServiceService, {
 server.addService(ProgressServiceService, {
   claim(call: ServerWritableStream<ClaimRequest, ClaimResponse>) {
     const { processorId, actions, maxInFlight, leaseSeconds } = call.request;
-    call.write({ item: { $case: "registered", registered: { processorId, actions, maxInFlight, leaseSeconds } } });
+    call.write({ item: { $case: "registered", registered: { processorId, actions, maxInFlight, leaseSeconds } }, cancelReason: CancelReason.UNSPECIFIED });
     for (const request of work[processorId] ?? []) {
-      call.write({ item: { $case: "work", work: request } });
+      call.write({ item: { $case: "work", work: request }, cancelReason: CancelReason.UNSPECIFIED });
     }
   },
   report(call: ServerReadableStream<ReportRequest, ReportResponse>, callback: sendUnaryData<ReportResponse>) {

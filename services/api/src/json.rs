@@ -210,6 +210,7 @@ mod tests {
             }));
             assert!(decodes(v1::ClaimResponse {
                 item: Some(v1::claim_response::Item::Work(request())),
+                ..Default::default()
             }));
             assert!(decodes(v1::WatchResponse {
                 request: Some(request()),
@@ -221,6 +222,7 @@ mod tests {
                 payload: Some(to_proto(nested(4 * MAX_DEPTH, false))),
                 ..Default::default()
             })),
+            ..Default::default()
         };
         assert!(!decodes(too_deep));
     }

@@ -65,8 +65,8 @@ struct Effects {
     progress: bool,
     /// Queue the record's final message for the client.
     final_message: bool,
-    /// Tell this processor to stop working on the request.
-    stop_processor: Option<String>,
+    /// Tell this processor to stop working on the request, and why.
+    stop_processor: Option<(String, v1::CancelReason)>,
     /// The change only moves where the client's messages go: it is no
     /// change of the request, so `updated_at` (and with it the final
     /// message's timestamp) stays as it was.
@@ -77,7 +77,7 @@ impl Effects {
     fn none() -> Self {
         Self::default()
     }
-    fn final_message(stop_processor: Option<String>) -> Self {
+    fn final_message(stop_processor: Option<(String, v1::CancelReason)>) -> Self {
         Self {
             final_message: true,
             stop_processor,
@@ -430,10 +430,8 @@ impl Lifecycle {
     fn after_change(&self, record: &RequestRecord, effects: Effects) {
         {
             let mut registry = self.registry();
-            if let Some(processor_id) = &effects.stop_processor {
-                let notice = v1::ClaimResponse {
-                    item: Some(v1::claim_response::Item::Cancelled(record.id.to_string())),
-                };
+            if let Some((processor_id, reason)) = &effects.stop_processor {
+                let notice = cancel_notice(&record.id, *reason);
                 match registry.holds.get(&record.id) {
                     Some(hold) => {
                         if let Some(session) = registry.sessions.get(&hold.session) {
@@ -583,6 +581,7 @@ impl Lifecycle {
         };
         let _ = tx.send(v1::ClaimResponse {
             item: Some(v1::claim_response::Item::Registered(registered)),
+            ..Default::default()
         });
         let session_id = {
             let mut registry = self.registry();
@@ -697,33 +696,41 @@ impl Lifecycle {
                 }))
             })
             .await;
-        let refused = match result {
+        let error = match result {
             Ok(_) => return Ok(None),
-            Err(ProgressError::RequestNotFound) => Refused::NotFound,
-            Err(ProgressError::NotLeaseHolder { .. }) => Refused::LeaseNotHeld,
-            Err(ProgressError::AlreadyFinished { .. }) => Refused::AlreadyFinished,
-            Err(error) => return Err(error),
+            Err(error) => error,
         };
-        self.no_longer_held(&cmd.id, &cmd.processor_id);
+        let refused = match error {
+            ProgressError::RequestNotFound => Refused::NotFound,
+            ProgressError::NotLeaseHolder { .. } => Refused::LeaseNotHeld,
+            ProgressError::AlreadyFinished { .. } => Refused::AlreadyFinished,
+            error => return Err(error),
+        };
+        self.refused_holder(&error, &cmd.id, &cmd.processor_id);
         Ok(Some(refused))
     }
 
-    /// After a Complete or Fail refused because the caller no longer holds
-    /// the request: see [`Lifecycle::no_longer_held`].
+    /// After a Report, Complete or Fail refused because the caller no
+    /// longer holds the request: see [`Lifecycle::no_longer_held`].
     fn refused_holder(&self, error: &ProgressError, id: &RequestId, processor_id: &str) {
-        if matches!(
-            error,
-            ProgressError::NotLeaseHolder { .. } | ProgressError::AlreadyFinished { .. }
-        ) {
-            self.no_longer_held(id, processor_id);
-        }
+        let reason = match error {
+            ProgressError::NotLeaseHolder { .. } => v1::CancelReason::LeaseNotHeld,
+            ProgressError::AlreadyFinished { status, .. } if *status == "cancelled" => {
+                v1::CancelReason::Cancelled
+            }
+            ProgressError::AlreadyFinished { .. } | ProgressError::RequestNotFound => {
+                v1::CancelReason::Finished
+            }
+            _ => return,
+        };
+        self.no_longer_held(id, processor_id, reason);
     }
 
     /// A processor worked on a request that is no longer its own: cancelled
     /// or taken back through another replica, which could not tell this
     /// replica's stream. Tells the processor to stop now (as a cancel made
     /// here would have) and frees its slot.
-    fn no_longer_held(&self, id: &RequestId, processor_id: &str) {
+    fn no_longer_held(&self, id: &RequestId, processor_id: &str, reason: v1::CancelReason) {
         let mut registry = self.registry();
         let Some(hold) = registry.holds.get(id).copied() else {
             return;
@@ -731,9 +738,7 @@ impl Lifecycle {
         if let Some(session) = registry.sessions.get(&hold.session)
             && session.processor_id == processor_id
         {
-            let _ = session.tx.send(v1::ClaimResponse {
-                item: Some(v1::claim_response::Item::Cancelled(id.to_string())),
-            });
+            let _ = session.tx.send(cancel_notice(id, reason));
             registry.release_hold(id);
         }
     }
@@ -790,7 +795,8 @@ impl Lifecycle {
                 }
                 let stop = (r.status == RequestStatus::Processing)
                     .then(|| r.processor_id.clone())
-                    .flatten();
+                    .flatten()
+                    .map(|processor| (processor, v1::CancelReason::Cancelled));
                 let mut details = Map::new();
                 if !cmd.reason.is_empty() {
                     details.insert("reason".to_owned(), Value::from(cmd.reason.clone()));
@@ -1031,6 +1037,7 @@ impl Lifecycle {
                     item: Some(v1::claim_response::Item::Work(model::request_to_proto(
                         record.clone(),
                     ))),
+                    ..Default::default()
                 })
                 .is_ok()
             })
@@ -1250,6 +1257,14 @@ fn holds_lease(r: &RequestRecord, processor_id: &str) -> Result<(), ProgressErro
     Ok(())
 }
 
+/// Tells a processor to stop working on a request.
+fn cancel_notice(id: &RequestId, reason: v1::CancelReason) -> v1::ClaimResponse {
+    v1::ClaimResponse {
+        item: Some(v1::claim_response::Item::Cancelled(id.to_string())),
+        cancel_reason: reason.into(),
+    }
+}
+
 /// Takes a request back from its processor: queued again while attempts
 /// remain, else failed with `code`.
 fn requeue_or_fail(
@@ -1258,7 +1273,11 @@ fn requeue_or_fail(
     message: &str,
     tell_processor: bool,
 ) -> Effects {
-    let processor = r.processor_id.take().filter(|_| tell_processor);
+    let processor = r
+        .processor_id
+        .take()
+        .filter(|_| tell_processor)
+        .map(|processor| (processor, v1::CancelReason::LeaseLapsed));
     r.lease_expires_at_ms = None;
     if r.attempts < r.max_attempts {
         r.status = RequestStatus::Pending;

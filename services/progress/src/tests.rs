@@ -399,6 +399,20 @@ async fn next_item(stream: &mut Streaming<v1::ClaimResponse>) -> v1::claim_respo
         .unwrap()
 }
 
+/// The next message of a Claim stream, which must tell it to stop work:
+/// the request's id and why.
+async fn next_notice(stream: &mut Streaming<v1::ClaimResponse>) -> (String, v1::CancelReason) {
+    let notice = within("a cancel notice", stream.message())
+        .await
+        .unwrap()
+        .expect("claim stream ended");
+    let reason = notice.cancel_reason();
+    match notice.item {
+        Some(v1::claim_response::Item::Cancelled(id)) => (id, reason),
+        other => panic!("expected a cancel notice, got {other:?}"),
+    }
+}
+
 async fn next_work(stream: &mut Streaming<v1::ClaimResponse>) -> v1::Request {
     match next_item(stream).await {
         v1::claim_response::Item::Work(work) => work,
@@ -783,11 +797,11 @@ async fn a_lapsed_lease_is_handed_out_again() {
     let job = next_work(&mut first).await;
     let mut second = claim(&mut client, "p2", 30).await;
 
-    // p1 never reports: its one-second lease lapses.
-    match next_item(&mut first).await {
-        v1::claim_response::Item::Cancelled(id) => assert_eq!(id, job.id),
-        other => panic!("expected a cancelled notice, got {other:?}"),
-    }
+    // p1 never reports: its one-second lease lapses, and it is told why.
+    assert_eq!(
+        next_notice(&mut first).await,
+        (job.id.clone(), v1::CancelReason::LeaseLapsed)
+    );
     let again = next_work(&mut second).await;
     assert_eq!(again.id, job.id);
     assert_eq!(again.attempts, 2);
@@ -937,10 +951,10 @@ async fn cancel_tells_the_processor_and_the_client() {
         .request
         .unwrap();
     assert_eq!(cancelled.status(), v1::RequestStatus::Cancelled);
-    match next_item(&mut work).await {
-        v1::claim_response::Item::Cancelled(id) => assert_eq!(id, job.id),
-        other => panic!("expected a cancelled notice, got {other:?}"),
-    }
+    assert_eq!(
+        next_notice(&mut work).await,
+        (job.id.clone(), v1::CancelReason::Cancelled)
+    );
 
     let messages = h.until_final().await;
     let last = messages.last().unwrap();

@@ -68,8 +68,11 @@ class Job:
             was cancelled, handed out again, refused a report as finished or
             leased to another, or the processor is stopping. Once it is set
             the job sends nothing more, whatever the handler returns.
-        cancel_reason: why `cancelled` was set ("cancelled", "superseded",
-            "ALREADY_FINISHED", "LEASE_NOT_HELD", "stopping").
+        cancel_reason: why `cancelled` was set: what Streamer said on the
+            Claim stream ("CANCELLED", "LEASE_LAPSED", "FINISHED",
+            "LEASE_NOT_HELD", the `CancelReason` names without their
+            prefix), a refused report ("ALREADY_FINISHED",
+            "LEASE_NOT_HELD"), "superseded" or "stopping".
     """
 
     def __init__(self, processor: "Processor", request: progress_pb2.Request) -> None:
@@ -255,8 +258,12 @@ class Processor(StreamLoop):
             with self._lock:
                 job = self._jobs.get(item.cancelled)
             if job is not None:
-                log.info("job cancelled request=%s", item.cancelled)
-                job._cancel("cancelled")
+                # A server that names no reason means a cancel.
+                reason = progress_pb2.CancelReason.Name(
+                    item.cancel_reason or progress_pb2.CANCEL_REASON_CANCELLED
+                ).removeprefix("CANCEL_REASON_")
+                log.info("job cancelled request=%s reason=%s", item.cancelled, reason)
+                job._cancel(reason)
         return False
 
     def _start_job(self, request: progress_pb2.Request) -> None:

@@ -102,6 +102,71 @@ export function requestStatusToNumber(object: RequestStatus): number {
   }
 }
 
+/**
+ * Why a processor is told to stop working on a request
+ * (`ClaimResponse.cancelled`).
+ */
+export enum CancelReason {
+  UNSPECIFIED = "CANCEL_REASON_UNSPECIFIED",
+  /** CANCELLED - The request was cancelled (`Cancel`, or the client's `cancel_request`). */
+  CANCELLED = "CANCEL_REASON_CANCELLED",
+  /**
+   * LEASE_LAPSED - This processor's lease lapsed: the request was taken back, and is
+   * queued again (or failed, when no attempts remain).
+   */
+  LEASE_LAPSED = "CANCEL_REASON_LEASE_LAPSED",
+  /**
+   * FINISHED - The request already finished without this processor (completed or
+   * failed by another, through another replica).
+   */
+  FINISHED = "CANCEL_REASON_FINISHED",
+  /** LEASE_NOT_HELD - Another processor holds the request's lease now. */
+  LEASE_NOT_HELD = "CANCEL_REASON_LEASE_NOT_HELD",
+  UNRECOGNIZED = "UNRECOGNIZED",
+}
+
+export function cancelReasonFromJSON(object: any): CancelReason {
+  switch (object) {
+    case 0:
+    case "CANCEL_REASON_UNSPECIFIED":
+      return CancelReason.UNSPECIFIED;
+    case 1:
+    case "CANCEL_REASON_CANCELLED":
+      return CancelReason.CANCELLED;
+    case 2:
+    case "CANCEL_REASON_LEASE_LAPSED":
+      return CancelReason.LEASE_LAPSED;
+    case 3:
+    case "CANCEL_REASON_FINISHED":
+      return CancelReason.FINISHED;
+    case 4:
+    case "CANCEL_REASON_LEASE_NOT_HELD":
+      return CancelReason.LEASE_NOT_HELD;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return CancelReason.UNRECOGNIZED;
+  }
+}
+
+export function cancelReasonToNumber(object: CancelReason): number {
+  switch (object) {
+    case CancelReason.UNSPECIFIED:
+      return 0;
+    case CancelReason.CANCELLED:
+      return 1;
+    case CancelReason.LEASE_LAPSED:
+      return 2;
+    case CancelReason.FINISHED:
+      return 3;
+    case CancelReason.LEASE_NOT_HELD:
+      return 4;
+    case CancelReason.UNRECOGNIZED:
+    default:
+      return -1;
+  }
+}
+
 /** Why a progress report was refused. */
 export enum ReportRejectionReason {
   UNSPECIFIED = "REPORT_REJECTION_REASON_UNSPECIFIED",
@@ -350,6 +415,11 @@ export interface ClaimResponse {
      */
     { $case: "registered"; registered: ProcessorRegistered }
     | undefined;
+  /**
+   * Set with `cancelled`: why the processor must stop working on that
+   * request.
+   */
+  cancelReason: CancelReason;
 }
 
 /** The first message of a `Claim` stream. */
@@ -1368,7 +1438,7 @@ export const ClaimRequest: MessageFns<ClaimRequest> = {
 };
 
 function createBaseClaimResponse(): ClaimResponse {
-  return { item: undefined };
+  return { item: undefined, cancelReason: CancelReason.UNSPECIFIED };
 }
 
 export const ClaimResponse: MessageFns<ClaimResponse> = {
@@ -1383,6 +1453,9 @@ export const ClaimResponse: MessageFns<ClaimResponse> = {
       case "registered":
         ProcessorRegistered.encode(message.item.registered, writer.uint32(26).fork()).join();
         break;
+    }
+    if (message.cancelReason !== CancelReason.UNSPECIFIED) {
+      writer.uint32(32).int32(cancelReasonToNumber(message.cancelReason));
     }
     return writer;
   },
@@ -1424,6 +1497,14 @@ export const ClaimResponse: MessageFns<ClaimResponse> = {
             message.item = { $case: "registered", registered: ProcessorRegistered.decode(reader, reader.uint32()) };
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.cancelReason = cancelReasonFromJSON(reader.int32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1461,6 +1542,7 @@ export const ClaimResponse: MessageFns<ClaimResponse> = {
         break;
       }
     }
+    message.cancelReason = object.cancelReason ?? CancelReason.UNSPECIFIED;
     return message;
   },
 };

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from streamer_client._gen.streamer.v1 import common_pb2 as streamer_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astreamer/v1/progress.proto\x12\x0bstreamer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18streamer/v1/common.proto\"\x9c\x01\n\x08Progress\x12\x12\n\npercentage\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x05 \x01(\x04\"W\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12(\n\x07\x64\x65tails\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xb8\x05\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\'\n\x08identity\x18\x03 \x01(\x0b\x32\x15.streamer.v1.Identity\x12\x15\n\rconnection_id\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\'\n\x07payload\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\x08metadata\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x06status\x18\x08 \x01(\x0e\x32\x1a.streamer.v1.RequestStatus\x12\x10\n\x08\x61ttempts\x18\t \x01(\r\x12\'\n\x08progress\x18\n \x01(\x0b\x32\x15.streamer.v1.Progress\x12&\n\x06result\x18\x0b \x01(\x0b\x32\x16.google.protobuf.Value\x12(\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x19.streamer.v1.RequestError\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cprocessor_id\x18\x0f \x01(\t\x12\x34\n\x10lease_expires_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x11 \x01(\x04\x12=\n\rtrace_context\x18\x12 \x03(\x0b\x32&.streamer.v1.Request.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9e\x01\n\rSubmitRequest\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\'\n\x07payload\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"J\n\x0eSubmitResponse\x12%\n\x07request\x18\x01 \x01(\x0b\x32\x14.streamer.v1.Request\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"c\n\x0c\x43laimRequest\x12\x14\n\x0cprocessor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63tions\x18\x02 \x03(\t\x12\x15\n\rmax_in_flight\x18\x03 \x01(\r\x12\x15\n\rlease_seconds\x18\x04 \x01(\r\"\x8a\x01\n\rClaimResponse\x12$\n\x04work\x18\x01 \x01(\x0b\x32\x14.streamer.v1.RequestH\x00\x12\x13\n\tcancelled\x18\x02 \x01(\tH\x00\x12\x36\n\nregistered\x18\x03 \x01(\x0b\x32 .streamer.v1.ProcessorRegisteredH\x00\x42\x06\n\x04item\"j\n\x13ProcessorRegistered\x12\x14\n\x0cprocessor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63tions\x18\x02 \x03(\t\x12\x15\n\rlease_seconds\x18\x03 \x01(\r\x12\x15\n\rmax_in_flight\x18\x04 \x01(\r\"\x81\x01\n\rReportRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0cprocessor_id\x18\x02 \x01(\t\x12\x12\n\npercentage\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"f\n\x0eReportResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\x04\x12\x30\n\nrejections\x18\x03 \x03(\x0b\x32\x1c.streamer.v1.ReportRejection\"`\n\x0fReportRejection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\x06reason\x18\x02 \x01(\x0e\x32\".streamer.v1.ReportRejectionReason\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"[\n\x0f\x43ompleteRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0cprocessor_id\x18\x02 \x01(\t\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"l\n\x0b\x46\x61ilRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0cprocessor_id\x18\x02 \x01(\t\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.streamer.v1.RequestError\x12\x11\n\tretryable\x18\x04 \x01(\x08\"9\n\x10\x43ompleteResponse\x12%\n\x07request\x18\x01 \x01(\x0b\x32\x14.streamer.v1.Request\"5\n\x0c\x46\x61ilResponse\x12%\n\x07request\x18\x01 \x01(\x0b\x32\x14.streamer.v1.Request\"Q\n\rCancelRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12$\n\x05owner\x18\x03 \x01(\x0b\x32\x15.streamer.v1.Identity\"7\n\x0e\x43\x61ncelResponse\x12%\n\x07request\x18\x01 \x01(\x0b\x32\x14.streamer.v1.Request\"\x9f\x01\n\nGetRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12/\n\x06\x63lient\x18\x02 \x01(\x0b\x32\x1d.streamer.v1.ClientRequestRefH\x00\x12$\n\x05owner\x18\x03 \x01(\x0b\x32\x15.streamer.v1.Identity\x12 \n\x18\x64\x65liver_to_connection_id\x18\x04 \x01(\tB\n\n\x08selector\"J\n\x10\x43lientRequestRef\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"4\n\x0bGetResponse\x12%\n\x07request\x18\x01 \x01(\x0b\x32\x14.streamer.v1.Request\"\x7f\n\x0cWatchRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12/\n\x06\x63lient\x18\x02 \x01(\x0b\x32\x1d.streamer.v1.ClientRequestRefH\x00\x12$\n\x05owner\x18\x03 \x01(\x0b\x32\x15.streamer.v1.IdentityB\n\n\x08selector\"6\n\rWatchResponse\x12%\n\x07request\x18\x01 \x01(\x0b\x32\x14.streamer.v1.Request*\xc1\x01\n\rRequestStatus\x12\x1e\n\x1aREQUEST_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16REQUEST_STATUS_PENDING\x10\x01\x12\x1d\n\x19REQUEST_STATUS_PROCESSING\x10\x02\x12\x1c\n\x18REQUEST_STATUS_COMPLETED\x10\x03\x12\x19\n\x15REQUEST_STATUS_FAILED\x10\x04\x12\x1c\n\x18REQUEST_STATUS_CANCELLED\x10\x05*\xc1\x01\n\x15ReportRejectionReason\x12\'\n#REPORT_REJECTION_REASON_UNSPECIFIED\x10\x00\x12%\n!REPORT_REJECTION_REASON_NOT_FOUND\x10\x01\x12,\n(REPORT_REJECTION_REASON_ALREADY_FINISHED\x10\x02\x12*\n&REPORT_REJECTION_REASON_LEASE_NOT_HELD\x10\x03\x32\xa0\x04\n\x0fProgressService\x12\x41\n\x06Submit\x12\x1a.streamer.v1.SubmitRequest\x1a\x1b.streamer.v1.SubmitResponse\x12@\n\x05\x43laim\x12\x19.streamer.v1.ClaimRequest\x1a\x1a.streamer.v1.ClaimResponse0\x01\x12\x43\n\x06Report\x12\x1a.streamer.v1.ReportRequest\x1a\x1b.streamer.v1.ReportResponse(\x01\x12G\n\x08\x43omplete\x12\x1c.streamer.v1.CompleteRequest\x1a\x1d.streamer.v1.CompleteResponse\x12;\n\x04\x46\x61il\x12\x18.streamer.v1.FailRequest\x1a\x19.streamer.v1.FailResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.streamer.v1.CancelRequest\x1a\x1b.streamer.v1.CancelResponse\x12\x38\n\x03Get\x12\x17.streamer.v1.GetRequest\x1a\x18.streamer.v1.GetResponse\x12@\n\x05Watch\x12\x19.streamer.v1.WatchRequest\x1a\x1a.streamer.v1.WatchResponse0\x01\x42O\n\x0f\x64\x65v.streamer.v1P\x01Z:github.com/streamer/streamer/gen/go/streamer/v1;streamerv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astreamer/v1/progress.proto\x12\x0bstreamer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18streamer/v1/common.proto\"\x9c\x01\n\x08Progress\x12\x12\n\npercentage\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x05 \x01(\x04\"W\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12(\n\x07\x64\x65tails\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xb8\x05\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\'\n\x08identity\x18\x03 \x01(\x0b\x32\x15.streamer.v1.Identity\x12\x15\n\rconnection_id\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\'\n\x07payload\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\x08metadata\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x06status\x18\x08 \x01(\x0e\x32\x1a.streamer.v1.RequestStatus\x12\x10\n\x08\x61ttempts\x18\t \x01(\r\x12\'\n\x08progress\x18\n \x01(\x0b\x32\x15.streamer.v1.Progress\x12&\n\x06result\x18\x0b \x01(\x0b\x32\x16.google.protobuf.Value\x12(\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x19.streamer.v1.RequestError\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cprocessor_id\x18\x0f \x01(\t\x12\x34\n\x10lease_expires_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x11 \x01(\x04\x12=\n\rtrace_context\x18\x12 \x03(\x0b\x32&.streamer.v1.Request.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9e\x01\n\rSubmitRequest\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\'\n\x07payload\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"J\n\x0eSubmitResponse\x12%\n\x07request\x18\x01 \x01(\x0b\x32\x14.streamer.v1.Request\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"c\n\x0c\x43laimRequest\x12\x14\n\x0cprocessor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63tions\x18\x02 \x03(\t\x12\x15\n\rmax_in_flight\x18\x03 \x01(\r\x12\x15\n\rlease_seconds\x18\x04 \x01(\r\"\xbc\x01\n\rClaimResponse\x12$\n\x04work\x18\x01 \x01(\x0b\x32\x14.streamer.v1.RequestH\x00\x12\x13\n\tcancelled\x18\x02 \x01(\tH\x00\x12\x36\n\nregistered\x18\x03 \x01(\x0b\x32 .streamer.v1.ProcessorRegisteredH\x00\x12\x30\n\rcancel_reason\x18\x04 \x01(\x0e\x32\x19.streamer.v1.CancelReasonB\x06\n\x04item\"j\n\x13ProcessorRegistered\x12\x14\n\x0cprocessor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63tions\x18\x02 \x03(\t\x12\x15\n\rlease_seconds\x18\x03 \x01(\r\x12\x15\n\rmax_in_flight\x18\x04 \x01(\r\"\x81\x01\n\rReportRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0cprocessor_id\x18\x02 \x01(\t\x12\x12\n\npercentage\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"f\n\x0eReportResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\x04\x12\x30\n\nrejections\x18\x03 \x03(\x0b\x32\x1c.streamer.v1.ReportRejection\"`\n\x0fReportRejection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\x06reason\x18\x02 \x01(\x0e\x32\".streamer.v1.ReportRejectionReason\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"[\n\x0f\x43ompleteRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0cprocessor_id\x18\x02 \x01(\t\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"l\n\x0b\x46\x61ilRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0cprocessor_id\x18\x02 \x01(\t\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.streamer.v1.RequestError\x12\x11\n\tretryable\x18\x04 \x01(\x08\"9\n\x10\x43ompleteResponse\x12%\n\x07request\x18\x01 \x01(\x0b\x32\x14.streamer.v1.Request\"5\n\x0c\x46\x61ilResponse\x12%\n\x07request\x18\x01 \x01(\x0b\x32\x14.streamer.v1.Request\"Q\n\rCancelRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12$\n\x05owner\x18\x03 \x01(\x0b\x32\x15.streamer.v1.Identity\"7\n\x0e\x43\x61ncelResponse\x12%\n\x07request\x18\x01 \x01(\x0b\x32\x14.streamer.v1.Request\"\x9f\x01\n\nGetRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12/\n\x06\x63lient\x18\x02 \x01(\x0b\x32\x1d.streamer.v1.ClientRequestRefH\x00\x12$\n\x05owner\x18\x03 \x01(\x0b\x32\x15.streamer.v1.Identity\x12 \n\x18\x64\x65liver_to_connection_id\x18\x04 \x01(\tB\n\n\x08selector\"J\n\x10\x43lientRequestRef\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"4\n\x0bGetResponse\x12%\n\x07request\x18\x01 \x01(\x0b\x32\x14.streamer.v1.Request\"\x7f\n\x0cWatchRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12/\n\x06\x63lient\x18\x02 \x01(\x0b\x32\x1d.streamer.v1.ClientRequestRefH\x00\x12$\n\x05owner\x18\x03 \x01(\x0b\x32\x15.streamer.v1.IdentityB\n\n\x08selector\"6\n\rWatchResponse\x12%\n\x07request\x18\x01 \x01(\x0b\x32\x14.streamer.v1.Request*\xc1\x01\n\rRequestStatus\x12\x1e\n\x1aREQUEST_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16REQUEST_STATUS_PENDING\x10\x01\x12\x1d\n\x19REQUEST_STATUS_PROCESSING\x10\x02\x12\x1c\n\x18REQUEST_STATUS_COMPLETED\x10\x03\x12\x19\n\x15REQUEST_STATUS_FAILED\x10\x04\x12\x1c\n\x18REQUEST_STATUS_CANCELLED\x10\x05*\xa8\x01\n\x0c\x43\x61ncelReason\x12\x1d\n\x19\x43\x41NCEL_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43\x41NCEL_REASON_CANCELLED\x10\x01\x12\x1e\n\x1a\x43\x41NCEL_REASON_LEASE_LAPSED\x10\x02\x12\x1a\n\x16\x43\x41NCEL_REASON_FINISHED\x10\x03\x12 \n\x1c\x43\x41NCEL_REASON_LEASE_NOT_HELD\x10\x04*\xc1\x01\n\x15ReportRejectionReason\x12\'\n#REPORT_REJECTION_REASON_UNSPECIFIED\x10\x00\x12%\n!REPORT_REJECTION_REASON_NOT_FOUND\x10\x01\x12,\n(REPORT_REJECTION_REASON_ALREADY_FINISHED\x10\x02\x12*\n&REPORT_REJECTION_REASON_LEASE_NOT_HELD\x10\x03\x32\xa0\x04\n\x0fProgressService\x12\x41\n\x06Submit\x12\x1a.streamer.v1.SubmitRequest\x1a\x1b.streamer.v1.SubmitResponse\x12@\n\x05\x43laim\x12\x19.streamer.v1.ClaimRequest\x1a\x1a.streamer.v1.ClaimResponse0\x01\x12\x43\n\x06Report\x12\x1a.streamer.v1.ReportRequest\x1a\x1b.streamer.v1.ReportResponse(\x01\x12G\n\x08\x43omplete\x12\x1c.streamer.v1.CompleteRequest\x1a\x1d.streamer.v1.CompleteResponse\x12;\n\x04\x46\x61il\x12\x18.streamer.v1.FailRequest\x1a\x19.streamer.v1.FailResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.streamer.v1.CancelRequest\x1a\x1b.streamer.v1.CancelResponse\x12\x38\n\x03Get\x12\x17.streamer.v1.GetRequest\x1a\x18.streamer.v1.GetResponse\x12@\n\x05Watch\x12\x19.streamer.v1.WatchRequest\x1a\x1a.streamer.v1.WatchResponse0\x01\x42O\n\x0f\x64\x65v.streamer.v1P\x01Z:github.com/streamer/streamer/gen/go/streamer/v1;streamerv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,10 +38,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.streamer.v1P\001Z:github.com/streamer/streamer/gen/go/streamer/v1;streamerv1'
   _globals['_REQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_REQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_REQUESTSTATUS']._serialized_start=2935
-  _globals['_REQUESTSTATUS']._serialized_end=3128
-  _globals['_REPORTREJECTIONREASON']._serialized_start=3131
-  _globals['_REPORTREJECTIONREASON']._serialized_end=3324
+  _globals['_REQUESTSTATUS']._serialized_start=2985
+  _globals['_REQUESTSTATUS']._serialized_end=3178
+  _globals['_CANCELREASON']._serialized_start=3181
+  _globals['_CANCELREASON']._serialized_end=3349
+  _globals['_REPORTREJECTIONREASON']._serialized_start=3352
+  _globals['_REPORTREJECTIONREASON']._serialized_end=3545
   _globals['_PROGRESS']._serialized_start=133
   _globals['_PROGRESS']._serialized_end=289
   _globals['_REQUESTERROR']._serialized_start=291
@@ -57,37 +59,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLAIMREQUEST']._serialized_start=1316
   _globals['_CLAIMREQUEST']._serialized_end=1415
   _globals['_CLAIMRESPONSE']._serialized_start=1418
-  _globals['_CLAIMRESPONSE']._serialized_end=1556
-  _globals['_PROCESSORREGISTERED']._serialized_start=1558
-  _globals['_PROCESSORREGISTERED']._serialized_end=1664
-  _globals['_REPORTREQUEST']._serialized_start=1667
-  _globals['_REPORTREQUEST']._serialized_end=1796
-  _globals['_REPORTRESPONSE']._serialized_start=1798
-  _globals['_REPORTRESPONSE']._serialized_end=1900
-  _globals['_REPORTREJECTION']._serialized_start=1902
-  _globals['_REPORTREJECTION']._serialized_end=1998
-  _globals['_COMPLETEREQUEST']._serialized_start=2000
-  _globals['_COMPLETEREQUEST']._serialized_end=2091
-  _globals['_FAILREQUEST']._serialized_start=2093
-  _globals['_FAILREQUEST']._serialized_end=2201
-  _globals['_COMPLETERESPONSE']._serialized_start=2203
-  _globals['_COMPLETERESPONSE']._serialized_end=2260
-  _globals['_FAILRESPONSE']._serialized_start=2262
-  _globals['_FAILRESPONSE']._serialized_end=2315
-  _globals['_CANCELREQUEST']._serialized_start=2317
-  _globals['_CANCELREQUEST']._serialized_end=2398
-  _globals['_CANCELRESPONSE']._serialized_start=2400
-  _globals['_CANCELRESPONSE']._serialized_end=2455
-  _globals['_GETREQUEST']._serialized_start=2458
-  _globals['_GETREQUEST']._serialized_end=2617
-  _globals['_CLIENTREQUESTREF']._serialized_start=2619
-  _globals['_CLIENTREQUESTREF']._serialized_end=2693
-  _globals['_GETRESPONSE']._serialized_start=2695
-  _globals['_GETRESPONSE']._serialized_end=2747
-  _globals['_WATCHREQUEST']._serialized_start=2749
-  _globals['_WATCHREQUEST']._serialized_end=2876
-  _globals['_WATCHRESPONSE']._serialized_start=2878
-  _globals['_WATCHRESPONSE']._serialized_end=2932
-  _globals['_PROGRESSSERVICE']._serialized_start=3327
-  _globals['_PROGRESSSERVICE']._serialized_end=3871
+  _globals['_CLAIMRESPONSE']._serialized_end=1606
+  _globals['_PROCESSORREGISTERED']._serialized_start=1608
+  _globals['_PROCESSORREGISTERED']._serialized_end=1714
+  _globals['_REPORTREQUEST']._serialized_start=1717
+  _globals['_REPORTREQUEST']._serialized_end=1846
+  _globals['_REPORTRESPONSE']._serialized_start=1848
+  _globals['_REPORTRESPONSE']._serialized_end=1950
+  _globals['_REPORTREJECTION']._serialized_start=1952
+  _globals['_REPORTREJECTION']._serialized_end=2048
+  _globals['_COMPLETEREQUEST']._serialized_start=2050
+  _globals['_COMPLETEREQUEST']._serialized_end=2141
+  _globals['_FAILREQUEST']._serialized_start=2143
+  _globals['_FAILREQUEST']._serialized_end=2251
+  _globals['_COMPLETERESPONSE']._serialized_start=2253
+  _globals['_COMPLETERESPONSE']._serialized_end=2310
+  _globals['_FAILRESPONSE']._serialized_start=2312
+  _globals['_FAILRESPONSE']._serialized_end=2365
+  _globals['_CANCELREQUEST']._serialized_start=2367
+  _globals['_CANCELREQUEST']._serialized_end=2448
+  _globals['_CANCELRESPONSE']._serialized_start=2450
+  _globals['_CANCELRESPONSE']._serialized_end=2505
+  _globals['_GETREQUEST']._serialized_start=2508
+  _globals['_GETREQUEST']._serialized_end=2667
+  _globals['_CLIENTREQUESTREF']._serialized_start=2669
+  _globals['_CLIENTREQUESTREF']._serialized_end=2743
+  _globals['_GETRESPONSE']._serialized_start=2745
+  _globals['_GETRESPONSE']._serialized_end=2797
+  _globals['_WATCHREQUEST']._serialized_start=2799
+  _globals['_WATCHREQUEST']._serialized_end=2926
+  _globals['_WATCHRESPONSE']._serialized_start=2928
+  _globals['_WATCHRESPONSE']._serialized_end=2982
+  _globals['_PROGRESSSERVICE']._serialized_start=3548
+  _globals['_PROGRESSSERVICE']._serialized_end=4092
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,14 @@ class RequestStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REQUEST_STATUS_FAILED: _ClassVar[RequestStatus]
     REQUEST_STATUS_CANCELLED: _ClassVar[RequestStatus]
 
+class CancelReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CANCEL_REASON_UNSPECIFIED: _ClassVar[CancelReason]
+    CANCEL_REASON_CANCELLED: _ClassVar[CancelReason]
+    CANCEL_REASON_LEASE_LAPSED: _ClassVar[CancelReason]
+    CANCEL_REASON_FINISHED: _ClassVar[CancelReason]
+    CANCEL_REASON_LEASE_NOT_HELD: _ClassVar[CancelReason]
+
 class ReportRejectionReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REPORT_REJECTION_REASON_UNSPECIFIED: _ClassVar[ReportRejectionReason]
@@ -34,6 +42,11 @@ REQUEST_STATUS_PROCESSING: RequestStatus
 REQUEST_STATUS_COMPLETED: RequestStatus
 REQUEST_STATUS_FAILED: RequestStatus
 REQUEST_STATUS_CANCELLED: RequestStatus
+CANCEL_REASON_UNSPECIFIED: CancelReason
+CANCEL_REASON_CANCELLED: CancelReason
+CANCEL_REASON_LEASE_LAPSED: CancelReason
+CANCEL_REASON_FINISHED: CancelReason
+CANCEL_REASON_LEASE_NOT_HELD: CancelReason
 REPORT_REJECTION_REASON_UNSPECIFIED: ReportRejectionReason
 REPORT_REJECTION_REASON_NOT_FOUND: ReportRejectionReason
 REPORT_REJECTION_REASON_ALREADY_FINISHED: ReportRejectionReason
@@ -145,14 +158,16 @@ class ClaimRequest(_message.Message):
     def __init__(self, processor_id: _Optional[str] = ..., actions: _Optional[_Iterable[str]] = ..., max_in_flight: _Optional[int] = ..., lease_seconds: _Optional[int] = ...) -> None: ...
 
 class ClaimResponse(_message.Message):
-    __slots__ = ("work", "cancelled", "registered")
+    __slots__ = ("work", "cancelled", "registered", "cancel_reason")
     WORK_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REASON_FIELD_NUMBER: _ClassVar[int]
     work: Request
     cancelled: str
     registered: ProcessorRegistered
-    def __init__(self, work: _Optional[_Union[Request, _Mapping]] = ..., cancelled: _Optional[str] = ..., registered: _Optional[_Union[ProcessorRegistered, _Mapping]] = ...) -> None: ...
+    cancel_reason: CancelReason
+    def __init__(self, work: _Optional[_Union[Request, _Mapping]] = ..., cancelled: _Optional[str] = ..., registered: _Optional[_Union[ProcessorRegistered, _Mapping]] = ..., cancel_reason: _Optional[_Union[CancelReason, str]] = ...) -> None: ...
 
 class ProcessorRegistered(_message.Message):
     __slots__ = ("processor_id", "actions", "lease_seconds", "max_in_flight")
