@@ -77,6 +77,8 @@ const sent = counter(1);
 const finished = counter(2);
 /** The work the fake's Claim hands out, by processor id. */
 const work: Record<string, Request[]> = {};
+/** Per processor: the request ids its Claim stream is told to stop, right after its work. */
+const lapsed: Record<string, string[]> = {};
 
 function job(id: string, payload: unknown): Request {
   return Request.fromPartial({ id, requestId: `client-${id}`, action: "fake", payload, attempts: 1, traceContext: { traceparent: TRACEPARENT } });
@@ -119,6 +121,9 @@ server.addService(ProgressServiceService, {
     call.write({ item: { $case: "registered", registered: { processorId, actions, maxInFlight, leaseSeconds } }, cancelReason: CancelReason.UNSPECIFIED });
     for (const request of work[processorId] ?? []) {
       call.write({ item: { $case: "work", work: request }, cancelReason: CancelReason.UNSPECIFIED });
+    }
+    for (const id of lapsed[processorId] ?? []) {
+      call.write({ item: { $case: "cancelled", cancelled: id }, cancelReason: CancelReason.LEASE_LAPSED });
     }
   },
   report(call: ServerReadableStream<ReportRequest, ReportResponse>, callback: sendUnaryData<ReportResponse>) {
@@ -250,6 +255,42 @@ test("a processor: a refused report aborts its job (and nothing is sent after); 
     for (const report of seen.reports) {
       assert.deepEqual(report.metadata.get("traceparent"), [TRACEPARENT]);
     }
+  } finally {
+    await processor.close();
+    progress.close();
+  }
+});
+
+test("a processor told its lease lapsed aborts that job with kind lease_lapsed and sends nothing for it", async () => {
+  work["p2"] = [job("taken-back", { n: 1 })];
+  lapsed["p2"] = ["taken-back"];
+  const progress = new ProgressClient(target);
+  let reason: unknown;
+  let sawAbort!: () => void;
+  const aborted = new Promise<void>((resolve) => {
+    sawAbort = resolve;
+  });
+  const processor = progress.processor({
+    processorId: "p2",
+    actions: ["fake"],
+    handler: async (j) => {
+      await within(
+        new Promise((done) => j.signal.addEventListener("abort", done, { once: true })),
+        "the notice to abort the job",
+      );
+      reason = j.signal.reason;
+      sawAbort();
+      return "never completed";
+    },
+  });
+  try {
+    await within(aborted, "the job to be aborted");
+    // close() waits for the handler, so whatever it would send is sent by then.
+    await processor.close();
+    assert.ok(reason instanceof JobAborted);
+    assert.equal(reason.kind, "lease_lapsed");
+    assert.ok(!seen.completes.some((c) => c.request.id === "taken-back"), "no Complete for it");
+    assert.ok(!seen.fails.some((f) => f.request.id === "taken-back"), "no Fail for it");
   } finally {
     await processor.close();
     progress.close();
