@@ -392,8 +392,14 @@ mod tests {
                 .expect_err("invalid");
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
             assert!(
-                status.message().starts_with(&format!("invalid {field}")),
+                status
+                    .message()
+                    .starts_with(&format!("invalid argument `{field}`")),
                 "{status:?}"
+            );
+            assert_eq!(
+                streamer_api::errors::reason_of(&status).as_deref(),
+                Some("INVALID_ARGUMENT")
             );
         }
 
